@@ -1,0 +1,91 @@
+"""Local SGD / FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep
+Networks from Decentralized Data"): every ``sync_every`` inner steps the workers average their
+parameters, weighted by sample counts; each round a fraction ``C`` of workers takes part.
+
+Equal to DiLoCo with an outer SGD of lr 1 and no momentum. Workers drawn for a round after
+sitting one out first receive the current global parameters from a worker of the previous
+round (exact fp32, counted like every other byte).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from islands.algorithms.base import Algorithm, Worker
+from islands.codecs.cast import Identity
+from islands.collectives.butterfly import Group
+
+
+class LocalSGD(Algorithm):
+    """FedAvg / Local SGD.
+
+    Args:
+        sync_every: inner steps per round.
+        participation: FedAvg's C, fraction of workers drawn per round (from the seed).
+        weighting: ``"samples"`` (samples trained this round), ``"dataset"`` (partition
+            size, FedAvg's n_k) or ``"uniform"``.
+        seed: draws the participants of each round.
+    """
+
+    name = "local_sgd"
+
+    def __init__(self, sync_every: int, *, participation: float = 1.0,
+                 weighting: str = "samples", seed: int = 0) -> None:
+        super().__init__(sync_every)
+        if not 0 < participation <= 1:
+            raise ValueError(f"participation ({participation}) must be in (0, 1]")
+        if weighting not in ("samples", "dataset", "uniform"):
+            raise ValueError(f"weighting ({weighting!r}) must be samples, dataset or uniform")
+        self.participation = participation
+        self.weighting = weighting
+        self.seed = seed
+
+    def participants(self, round: int, workers: tuple[int, ...]) -> tuple[int, ...]:
+        if self.participation >= 1.0 or round < 0:
+            return workers
+        k = max(1, round_half_up(self.participation * len(workers)))
+        digest = hashlib.blake2b(f"{self.seed}/participants/{round}".encode(), digest_size=8)
+        rng = np.random.default_rng(int.from_bytes(digest.digest(), "big"))
+        return tuple(sorted(rng.choice(workers, size=k, replace=False).tolist()))
+
+    def begin_round(self, group: Group, workers: list[Worker], round: int) -> None:
+        if round == 0 or self.participation >= 1.0:
+            return
+        everyone = group.members
+        previous = self.participants(round - 1, everyone)
+        stale = tuple(w for w in self.participants(round, everyone) if w not in previous)
+        if not stale:
+            return
+        src = previous[0]
+        sub = Group(group.transport, (src, *stale))
+        by_id = {w.id: w for w in workers}
+        tensor = by_id[src].global_params if src in by_id else None
+        got = sub.broadcast(src, tensor, Identity(), stale, tag="state-sync")
+        for wid, flat in got.items():
+            by_id[wid].global_params = flat
+            by_id[wid].load_flat(flat)
+
+    def _weight(self, worker: Worker) -> float:
+        if self.weighting == "samples":
+            return float(worker.samples)
+        if self.weighting == "dataset":
+            return float(worker.dataset_bytes)
+        return 1.0
+
+    def sync(self, group: Group, workers: list[Worker], round: int) -> None:
+        params = {w.id: w.flat_params() for w in workers}
+        weights = {w.id: self._weight(w) for w in workers}
+        avg = group.all_reduce(params, codecs={w.id: w.codec for w in workers},
+                               weights=weights, tag="parameters")
+        for w in workers:
+            w.load_flat(avg[w.id])
+            w.global_params = avg[w.id]
+            w.samples = 0
+
+
+def round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+

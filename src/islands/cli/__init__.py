@@ -1,0 +1,1 @@
+"""The ``islands`` command line."""

@@ -1,0 +1,92 @@
+"""The codec interface: ``encode(tensor) -> Encoded`` and ``decode(Encoded) -> tensor``.
+
+A codec turns a flat float tensor into what crosses the wire and back. ``Encoded.nbytes`` is
+the exact wire size: every tensor it carries (payload, scales, indices) plus ``header_bytes``
+for any fixed metadata the codec needs. The collective adds its own per-message header
+(:data:`islands.collectives.butterfly.MESSAGE_HEADER_BYTES`) on top.
+
+Codecs may keep state per stream (error-feedback residuals, PowerSGD's warm-started Q): the
+``key`` passed to ``encode`` names the stream (e.g. ``"w2/pseudo-gradient/scatter"``; no round
+number, so state carries across rounds) and appears in errors; ``offset`` says where in the
+stream's flat vector the encoded slice starts (the butterfly encodes one shard at a time, and
+shard bounds change when membership does). One codec instance belongs to one worker.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from islands.core.errors import CodecError
+
+
+@dataclass
+class Encoded:
+    """What one encoded tensor puts on the wire.
+
+    Attributes:
+        tensors: the payload tensors, by role (``"values"``, ``"scales"``, ``"indices"``...).
+        numel: number of elements of the decoded tensor.
+        dtype: dtype of the decoded tensor.
+        header_bytes: fixed metadata bytes the codec sends besides ``tensors``.
+        meta: codec-private facts known to both sides (never counted: derivable from the
+            shared config or from ``numel``).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    numel: int
+    dtype: torch.dtype = torch.float32
+    header_bytes: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Exact wire size in bytes: payload tensors plus the codec's header."""
+        return self.header_bytes + sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def check_finite(x: torch.Tensor, key: str) -> None:
+    """Refuses NaN/Inf: such a value must never be encoded into the shared state."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise CodecError(f"tensor {key!r} holds {bad} NaN/Inf value(s) of {x.numel()}; "
+                         "refusing to encode it (check the learning rate or the data)")
+
+
+class Codec(ABC):
+    """Encodes flat float tensors for the wire. Subclasses implement ``_encode``/``decode``."""
+
+    name: str = "codec"
+
+    def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0) -> Encoded:
+        """Encodes ``x`` (any shape; flattened) after checking it is finite.
+
+        Args:
+            x: float tensor to send.
+            key: the stream's name: keys state of stateful codecs, names the tensor in errors.
+            offset: position of ``x`` in the stream's flat vector.
+        """
+        if not torch.is_floating_point(x):
+            raise CodecError(f"tensor {key!r} has dtype {x.dtype}; codecs take float tensors")
+        check_finite(x, key if not offset else f"{key}[{offset}:{offset + x.numel()}]")
+        return self._encode(x.reshape(-1), key, offset)
+
+    @abstractmethod
+    def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
+        """Encodes a finite 1-D tensor (the slice at ``offset`` of stream ``key``)."""
+
+    @abstractmethod
+    def decode(self, e: Encoded) -> torch.Tensor:
+        """Returns the 1-D tensor (``e.numel`` values, dtype ``e.dtype``) that ``e`` encodes."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Per-worker state that must survive a checkpoint (empty for stateless codecs)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return self.name

@@ -1,0 +1,1 @@
+"""Core types shared by every layer: errors and the run configuration. No torch.distributed."""

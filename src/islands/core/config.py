@@ -1,0 +1,512 @@
+"""Typed run configuration: frozen, keyword-only dataclasses loadable from TOML.
+
+A run is a :class:`RunConfig` built in Python, loaded from a TOML file with :func:`load_config`,
+and adjusted with dotted overrides (``algorithm.sync_every=100``). Every unknown key, wrong type
+or out-of-range value raises :class:`~islands.core.errors.ConfigError` naming the dotted key,
+the value and what is allowed, before anything runs. ``None`` means off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from islands.core.errors import ConfigError
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} ({value!r}) {rule}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Byte-level GPT (nanoGPT-like). Defaults stay under 2M parameters for 2 CPU cores.
+
+    Attributes:
+        n_layer: transformer blocks.
+        n_head: attention heads; must divide ``n_embd``.
+        n_embd: width of the residual stream.
+        block_size: context length in bytes.
+        dropout: dropout probability (0 keeps runs exactly reproducible on any device).
+    """
+
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "must be >= 1")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd,
+               f"must be a multiple of model.n_head ({self.n_head})")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the bytes come from and how they are split across workers.
+
+    Attributes:
+        corpus: ``"python-stdlib"`` (the ``.py`` files of the running Python's standard
+            library, no download) or a path to a text file or a folder of text files.
+        partition: ``"iid"``, ``"dirichlet"`` (label skew over source folders, see ``alpha``)
+            or ``"by_source"`` (each worker gets different files).
+        alpha: Dirichlet concentration for ``partition = "dirichlet"``; small is more skewed.
+        batch_size: sequences per worker per inner step.
+        val_fraction: share of files held out for validation (chosen by a hash of the path).
+        max_bytes: cap on corpus bytes read (None: all). Keeps start-up fast.
+        eval_batches: validation batches per evaluation.
+        chunk_bytes: granularity of partitioning; sampled windows never cross a chunk.
+    """
+
+    corpus: str = "python-stdlib"
+    partition: Literal["iid", "dirichlet", "by_source"] = "iid"
+    alpha: float = 0.5
+    batch_size: int = 8
+    val_fraction: float = 0.05
+    max_bytes: int | None = 8_000_000
+    eval_batches: int = 8
+    chunk_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        _check(self.alpha > 0, "data.alpha", self.alpha, "must be > 0")
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction,
+               "must be in (0, 1)")
+        _check(self.max_bytes is None or self.max_bytes >= 10_000, "data.max_bytes",
+               self.max_bytes, "must be >= 10000 or omitted for the whole corpus")
+        _check(self.eval_batches >= 1, "data.eval_batches", self.eval_batches, "must be >= 1")
+        _check(self.chunk_bytes >= 64, "data.chunk_bytes", self.chunk_bytes, "must be >= 64")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InnerConfig:
+    """The optimizer each worker runs locally for every inner step.
+
+    Attributes:
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        lr: peak learning rate.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        betas: AdamW betas.
+        momentum: SGD momentum (0: plain SGD).
+        warmup_steps: linear warm-up length in inner steps.
+        schedule: ``"constant"`` after warm-up, or ``"cosine"`` decay to ``min_lr_ratio``.
+        min_lr_ratio: final lr as a fraction of ``lr`` for the cosine schedule.
+        grad_clip: max global gradient norm (None: off).
+    """
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.0
+    warmup_steps: int = 20
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "inner.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "inner.weight_decay", self.weight_decay, "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "inner.betas", self.betas,
+               "must be two numbers in [0, 1)")
+        _check(0 <= self.momentum < 1, "inner.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "inner.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "inner.min_lr_ratio", self.min_lr_ratio,
+               "must be in [0, 1]")
+        _check(self.grad_clip is None or self.grad_clip > 0, "inner.grad_clip", self.grad_clip,
+               "must be > 0 or omitted (off)")
+
+
+ALGORITHMS = ("ddp", "local_sgd", "diloco")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    """Which member of the DiLoCo family runs, and how often workers synchronize.
+
+    Attributes:
+        name: ``"ddp"`` (gradient all-reduce every inner step), ``"local_sgd"`` (FedAvg:
+            average parameters every ``sync_every`` steps) or ``"diloco"``.
+        sync_every: inner steps per round (H). Ignored by ``ddp``, which syncs every step.
+        participation: FedAvg's C, the fraction of workers drawn for each round (local_sgd).
+        weighting: how local_sgd weights workers: ``"samples"`` (samples trained this round),
+            ``"dataset"`` (size of the worker's partition, FedAvg's n_k) or ``"uniform"``.
+    """
+
+    name: Literal["ddp", "local_sgd", "diloco"] = "diloco"
+    sync_every: int = 50
+    participation: float = 1.0
+    weighting: Literal["samples", "dataset", "uniform"] = "samples"
+
+    def __post_init__(self) -> None:
+        _check(self.sync_every >= 1, "algorithm.sync_every", self.sync_every, "must be >= 1")
+        _check(0 < self.participation <= 1, "algorithm.participation", self.participation,
+               "must be in (0, 1]")
+        _check(self.participation == 1.0 or self.name == "local_sgd", "algorithm.participation",
+               self.participation, "below 1 is only supported by algorithm.name = 'local_sgd'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OuterConfig:
+    """The outer optimizer DiLoCo applies to the global parameters, fed the pseudo-gradient.
+
+    Attributes:
+        optimizer: the name of any ``torch.optim`` optimizer (``"sgd"``, ``"adam"``, ...).
+        lr: outer learning rate.
+        momentum: momentum (SGD-like optimizers only).
+        nesterov: Nesterov momentum (SGD only).
+        kwargs: any further keyword arguments for the optimizer, as a TOML table.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import torch.optim
+
+        names = {n.lower(): n for n in dir(torch.optim)
+                 if isinstance(getattr(torch.optim, n), type)
+                 and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+                 and n != "Optimizer"}
+        _check(self.optimizer.lower() in names, "outer.optimizer", self.optimizer,
+               f"must name a torch.optim optimizer: one of {sorted(names)}")
+        _check(self.lr > 0, "outer.lr", self.lr, "must be > 0")
+        _check(0 <= self.momentum < 1, "outer.momentum", self.momentum, "must be in [0, 1)")
+        _check(not self.nesterov or self.momentum > 0, "outer.nesterov", self.nesterov,
+               "needs outer.momentum > 0 (set outer.nesterov = false for plain SGD)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodecConfig:
+    """How contributions are encoded on the wire (see ``islands.codecs``).
+
+    Settings that do not apply to the chosen codec are rejected, so a typo never silently
+    runs the wrong experiment.
+
+    Attributes:
+        name: codec name; ``identity`` (fp32), ``fp16``, ``bf16`` and the others registered in
+            ``islands.codecs.CODECS``.
+        block: values per scale for blockwise codecs (``int8``, ``int4``, ``fp4``).
+        fraction: share of values kept by ``topk``/``randomk``.
+        count: number of values kept by ``topk``/``randomk`` (instead of ``fraction``).
+        rank: rank of the ``powersgd`` approximation.
+        stochastic: stochastic rounding for quantizing codecs.
+        error_feedback: wrap the codec in error feedback (residual kept per worker).
+        entropy: follow the codec with a lossless entropy stage.
+    """
+
+    name: str = "identity"
+    block: int | None = None
+    fraction: float | None = None
+    count: int | None = None
+    rank: int | None = None
+    stochastic: bool | None = None
+    error_feedback: bool = False
+    entropy: bool = False
+
+    def __post_init__(self) -> None:
+        from islands.codecs import CODECS
+
+        _check(self.name in CODECS, "codec.name", self.name, f"must be one of {sorted(CODECS)}")
+        _check(self.block is None or self.block >= 1, "codec.block", self.block, "must be >= 1")
+        _check(self.fraction is None or 0 < self.fraction <= 1, "codec.fraction", self.fraction,
+               "must be in (0, 1]")
+        _check(self.count is None or self.count >= 1, "codec.count", self.count, "must be >= 1")
+        _check(self.rank is None or self.rank >= 1, "codec.rank", self.rank, "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerLink:
+    """Per-worker override of the network defaults.
+
+    Attributes:
+        id: worker index (0-based).
+        upload_bps: upload capacity in bits per second.
+        download_bps: download capacity in bits per second.
+        latency_s: one-way latency added to each message this worker sends.
+    """
+
+    id: int
+    upload_bps: float | None = None
+    download_bps: float | None = None
+    latency_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkConfig:
+    """The simulated network: per-worker upload/download caps and latency.
+
+    Attributes:
+        bandwidth_bps: default upload and download capacity of every worker, bits per second.
+        latency_s: default one-way latency of every message.
+        worker: per-worker overrides (``[[network.worker]]`` tables with ``id``).
+    """
+
+    bandwidth_bps: float = 100e6
+    latency_s: float = 0.05
+    worker: tuple[WorkerLink, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.bandwidth_bps > 0, "network.bandwidth_bps", self.bandwidth_bps, "must be > 0")
+        _check(self.latency_s >= 0, "network.latency_s", self.latency_s, "must be >= 0")
+        for i, w in enumerate(self.worker):
+            for name in ("upload_bps", "download_bps"):
+                v = getattr(w, name)
+                _check(v is None or v > 0, f"network.worker[{i}].{name}", v, "must be > 0")
+            _check(w.latency_s is None or w.latency_s >= 0, f"network.worker[{i}].latency_s",
+                   w.latency_s, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerCompute:
+    """Per-worker override of the compute cost model.
+
+    Attributes:
+        id: worker index (0-based).
+        step_time_s: virtual seconds this worker needs for one inner step.
+    """
+
+    id: int
+    step_time_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComputeConfig:
+    """The compute cost model that drives virtual time (deterministic by construction).
+
+    Attributes:
+        step_time_s: virtual seconds one inner step takes on every worker.
+        worker: per-worker overrides (``[[compute.worker]]`` tables with ``id``); a slow
+            worker is a config value.
+    """
+
+    step_time_s: float = 0.1
+    worker: tuple[WorkerCompute, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.step_time_s > 0, "compute.step_time_s", self.step_time_s, "must be > 0")
+        for i, w in enumerate(self.worker):
+            _check(w.step_time_s > 0, f"compute.worker[{i}].step_time_s", w.step_time_s,
+                   "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything that defines a run. A simulation is a pure function of this.
+
+    Attributes:
+        seed: the one seed; data order, initialization and sampling derive from it.
+        workers: number of workers.
+        steps: inner steps per worker.
+        device: ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"``.
+        eval_every: evaluate the global parameters every this many inner steps (and at the end).
+        name: a label for tables and plots (default: the algorithm's name).
+    """
+
+    seed: int = 0
+    workers: int = 4
+    steps: int = 500
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = 50
+    name: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 1, "workers", self.workers, "must be >= 1")
+        _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        _check(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")
+        for section, items in (("network", self.network.worker), ("compute", self.compute.worker)):
+            for i, w in enumerate(items):
+                _check(0 <= w.id < self.workers, f"{section}.worker[{i}].id", w.id,
+                       f"must name a worker in [0, {self.workers - 1}] (workers = {self.workers})")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.algorithm.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """Returns a validated copy with dotted-key overrides (``{"algorithm.name": "ddp"}``)."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return from_dict(data)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "omitted"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    if hint is float and isinstance(value, int):
+        return float(value)
+    if typing.get_origin(hint) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]!s} in {where}; "
+                          f"allowed: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+            continue
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key} ({value!r}) must be a list of tables ([[{key}]])")
+            kwargs[name] = tuple(_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+            continue
+        if not _type_ok(value, hint):
+            raise ConfigError(f"{key} ({value!r}) must be {_describe(hint)}")
+        kwargs[name] = _coerce(value, hint)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a missing required field such as `id`
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Builds and validates a :class:`RunConfig` from plain data (as parsed from TOML/JSON)."""
+    return _build(RunConfig, data, "")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: `algorithm.name=diloco`
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parses ``["algorithm.sync_every=100", "workers=8"]`` into ``{dotted key: value}``."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} must look like section.key=value, "
+                              "e.g. --set algorithm.sync_every=100")
+        out[key.strip()] = _parse_value(text.strip())
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Loads a TOML file (or the defaults), applies ``--set`` overrides and validates.
+
+    Args:
+        path: a TOML file, or None for the defaults.
+        overrides: ``key=value`` strings with dotted keys.
+        base: starting values under the file's (used by the main job).
+    """
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+        for key, value in _flatten(loaded).items():
+            _set_dotted(data, key, value)
+    for key, value in parse_overrides(overrides or []).items():
+        _set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "outer.kwargs":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

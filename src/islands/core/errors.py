@@ -1,0 +1,34 @@
+"""The small exception tree of islands.
+
+Every error a user can cause names what was wrong and how to fix it; internal invariants use
+``assert``. A communication failure inside a round raises :class:`RoundAborted` after the round
+has been rolled back, never a bare traceback from a thread.
+"""
+
+
+class IslandsError(Exception):
+    """Base class of every error raised on purpose by islands."""
+
+
+class ConfigError(IslandsError, ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+class DataError(IslandsError, ValueError):
+    """A corpus path is missing, empty or unreadable."""
+
+
+class CodecError(IslandsError, ValueError):
+    """A tensor cannot be encoded (NaN/Inf, wrong dtype) or a payload cannot be decoded."""
+
+
+class CommError(IslandsError):
+    """A transfer between workers failed (peer gone, timeout, malformed payload)."""
+
+
+class RoundAborted(CommError):
+    """A round was aborted and rolled back to the last committed global state."""
+
+
+class AuthError(CommError):
+    """A peer failed authentication."""

@@ -1,0 +1,135 @@
+"""Byte-level corpora that need no download.
+
+The default corpus is the ``.py`` files of the running Python's standard library: real text,
+on every machine. Any text file or folder of text files works too (``data.corpus = "path"``).
+Files are split into train and validation by a hash of their relative path, so the split is
+the same on every machine and every run. Users with internet access can load any Hugging Face
+``datasets`` text column with :func:`from_hf_dataset` and pass the resulting folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from islands.core.errors import DataError
+
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini",
+                 ".html", ".css", ".js", ".csv", ".tex", ".yaml", ".yml", ""}
+
+
+@dataclass(frozen=True)
+class Document:
+    """One source file: its relative path, its source group (top folder) and its bytes."""
+
+    path: str
+    source: str
+    data: bytes
+
+
+def _hash01(text: str) -> float:
+    """A stable number in [0, 1) from a string (sha1; not Python's salted hash)."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2**64
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _list_files(corpus: str) -> tuple[Path, list[Path]]:
+    if corpus == "python-stdlib":
+        root = stdlib_root()
+        files = [p for p in root.rglob("*.py")
+                 if "site-packages" not in p.parts and "dist-packages" not in p.parts]
+        return root, files
+    path = Path(corpus).expanduser()
+    if not path.exists():
+        raise DataError(f"data.corpus path {str(path)!r} does not exist "
+                        "(give a text file, a folder of text files, or 'python-stdlib')")
+    if path.is_file():
+        return path.parent, [path]
+    files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    return path, files
+
+
+def load_documents(corpus: str, max_bytes: int | None = None) -> list[Document]:
+    """Reads the corpus; with ``max_bytes``, a deterministic hashed sample of files up to it.
+
+    Returns the documents sorted by path.
+
+    Raises:
+        DataError: the path is missing or holds no readable text.
+    """
+    root, files = _list_files(corpus)
+    files = sorted(files, key=lambda p: _hash01(p.relative_to(root).as_posix()))
+    docs, total = [], 0
+    for p in files:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue  # unreadable file (permissions, broken link): skip, as a user would
+        if not data:
+            continue
+        rel = p.relative_to(root).as_posix()
+        source = rel.split("/")[0] if "/" in rel else "<top>"
+        docs.append(Document(rel, source, data))
+        total += len(data)
+    if not docs:
+        raise DataError(f"data.corpus {corpus!r} ({str(root)!r}) holds no non-empty text files")
+    return sorted(docs, key=lambda d: d.path)
+
+
+def split_train_val(docs: list[Document], val_fraction: float
+                    ) -> tuple[list[Document], list[Document]]:
+    """Splits by a hash of the path. A single-file corpus is split inside the file (tail)."""
+    if len(docs) == 1:
+        d = docs[0]
+        cut = int(len(d.data) * (1 - val_fraction))
+        return ([Document(d.path, d.source, d.data[:cut])],
+                [Document(d.path + "#val", d.source, d.data[cut:])])
+    val = [d for d in docs if _hash01("val:" + d.path) < val_fraction]
+    train = [d for d in docs if _hash01("val:" + d.path) >= val_fraction]
+    if not val:
+        val, train = train[-1:], train[:-1]
+    if not train:
+        raise DataError("the corpus is too small to hold out validation files; add files "
+                        "or lower data.val_fraction")
+    return train, val
+
+
+def concat(docs: list[Document]) -> tuple[torch.Tensor, list[tuple[int, int, str]]]:
+    """Joins documents into one uint8 stream; returns it and (start, end, source) per doc."""
+    spans, pieces, pos = [], [], 0
+    for d in docs:
+        pieces.append(d.data)
+        spans.append((pos, pos + len(d.data), d.source))
+        pos += len(d.data)
+    stream = torch.frombuffer(bytearray(b"".join(pieces)), dtype=torch.uint8)
+    return stream, spans
+
+
+def from_hf_dataset(name: str, out_dir: str | Path, *, split: str = "train",
+                    column: str = "text", max_docs: int | None = None) -> Path:
+    """Writes a Hugging Face ``datasets`` text column to a folder usable as ``data.corpus``.
+
+    Needs the ``datasets`` package and network access (not available in every environment).
+    """
+    try:
+        import datasets  # noqa: PLC0415 - optional dependency
+    except ImportError as e:  # pragma: no cover - optional
+        raise DataError("from_hf_dataset needs `pip install datasets`") from e
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = datasets.load_dataset(name, split=split)
+    for i, row in enumerate(ds):
+        if max_docs is not None and i >= max_docs:
+            break
+        (out / f"{i:08d}.txt").write_text(row[column])
+    return out

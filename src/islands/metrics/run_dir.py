@@ -1,0 +1,78 @@
+"""The run directory: results compared by files, not by scrolling logs.
+
+    DIR/config.json     the resolved config
+    DIR/metrics.jsonl   one line per round per participating worker
+    DIR/summary.json    the run's figures (see ``Simulation._summary``)
+    DIR/loss.png        eval loss against inner steps and against bytes sent
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from islands.core.errors import IslandsError
+
+
+def _clean(value):
+    """JSON has no NaN/Inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data) -> None:
+    """Writes atomically (temp file, then rename): a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise IslandsError(f"{str(run_dir)!r} is not a finished run directory "
+                           "(no summary.json); give the --out folder of `islands sim`")
+    return json.loads(path.read_text())
+
+
+class RunDir:
+    """Writes one run's directory.
+
+    Args:
+        path: the folder (created).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._metrics = None
+
+    def start(self, cfg) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.path / "config.json", cfg.to_dict())
+        self._metrics = open(self.path / "metrics.jsonl", "w")
+
+    def log_round(self, round, step, ids, losses, transport, sent0, recv0, clock, point) -> None:
+        for w in ids:
+            row = {"round": round, "step": step, "worker": w,
+                   "train_loss": sum(losses[w]) / len(losses[w]),
+                   "bytes_sent": transport.bytes_sent[w] - sent0[w],
+                   "bytes_received": transport.bytes_received[w] - recv0[w],
+                   "bytes_sent_cum": transport.bytes_sent[w],
+                   "virtual_time_s": clock.now[w]}
+            if point is not None:
+                row["eval_loss"] = point["eval_loss"]
+            self._metrics.write(json.dumps(_clean(row)) + "\n")
+
+    def finish(self, summary: dict) -> None:
+        self._metrics.close()
+        write_json(self.path / "summary.json", summary)
+        from islands.metrics.plots import plot_runs
+
+        plot_runs([summary], self.path / "loss.png", title=summary["name"])

@@ -1,0 +1,5 @@
+"""Small reference models."""
+
+from islands.models.gpt import GPT
+
+__all__ = ["GPT"]

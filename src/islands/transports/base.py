@@ -1,0 +1,58 @@
+"""The transport interface: one bulk exchange of messages between the workers of a group.
+
+A process drives some workers (the simulator: all of them; the real runtime: one). An
+``exchange`` takes every message whose sender is driven here, keyed ``(src, dst)``, and returns
+every message whose receiver is driven here. Collectives are built from exchanges, so the same
+collective code runs in one process or across machines.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from islands.codecs.base import Encoded
+
+
+@dataclass
+class Message:
+    """One payload in flight.
+
+    Attributes:
+        payload: the encoded tensor.
+        header_bytes: bytes of the collective's own header (shard, length, weight) counted
+            on the wire besides ``payload.nbytes``.
+        weight: the sender's aggregation weight (travels in the header).
+    """
+
+    payload: Encoded
+    header_bytes: int
+    weight: float = 1.0
+
+    @property
+    def nbytes(self) -> int:
+        return self.payload.nbytes + self.header_bytes
+
+
+class Transport(ABC):
+    """Moves messages between workers and counts every byte it moves."""
+
+    @property
+    @abstractmethod
+    def local(self) -> tuple[int, ...]:
+        """Ids of the workers driven by this process."""
+
+    @abstractmethod
+    def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
+                 phase: str) -> dict[tuple[int, int], Message]:
+        """Delivers messages among ``members``.
+
+        Args:
+            messages: every message sent by a local worker, keyed ``(src, dst)``; ``src == dst``
+                is a local hand-over and costs no bytes.
+            members: the workers taking part (all must call, in the real runtime).
+            phase: a label for logs and accounting (``"reduce-scatter"``, ``"all-gather"``).
+
+        Returns:
+            Every message addressed to a local worker, keyed ``(src, dst)``.
+        """
