@@ -60,17 +60,24 @@ def make_inner(model: torch.nn.Module, cfg: RunConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def initial_model(cfg: RunConfig, device: torch.device) -> GPT:
+    """The initial parameters every worker starts from (a function of the seed only)."""
+    torch.manual_seed(cfg.seed)
+    return GPT(cfg.model).to(device)
+
+
+def build_worker(cfg: RunConfig, data: ByteData, worker_id: int, base: GPT) -> Worker:
+    """One worker: a copy of ``base``, its inner optimizer and schedule, its own codec."""
+    model = copy.deepcopy(base)
+    opt, sched = make_inner(model, cfg)
+    return Worker(worker_id, model, opt, build_codec(cfg.codec), scheduler=sched,
+                  grad_clip=cfg.inner.grad_clip, dataset_bytes=data.worker_bytes(worker_id))
+
+
 def build_workers(cfg: RunConfig, data: ByteData, device: torch.device) -> list[Worker]:
     """Identical initial replicas (from the seed), each with its optimizer and codec."""
-    torch.manual_seed(cfg.seed)
-    base = GPT(cfg.model).to(device)
-    workers = []
-    for i in range(cfg.workers):
-        model = copy.deepcopy(base)
-        opt, sched = make_inner(model, cfg)
-        workers.append(Worker(i, model, opt, build_codec(cfg.codec), scheduler=sched,
-                              grad_clip=cfg.inner.grad_clip, dataset_bytes=data.worker_bytes(i)))
-    return workers
+    base = initial_model(cfg, device)
+    return [build_worker(cfg, data, i, base) for i in range(cfg.workers)]
 
 
 @torch.no_grad()
