@@ -20,10 +20,25 @@ from abc import ABC, abstractmethod
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from islands.codecs.base import Codec
 from islands.collectives.butterfly import Group
+
+
+@torch.no_grad()
+def copy_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copies consecutive slices of ``flat`` into ``tensors`` in place.
+
+    Unlike ``vector_to_parameters`` this never makes the tensors views of ``flat``: a worker's
+    parameters aliasing the global state would let inner steps silently rewrite it.
+    """
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+    assert offset == flat.numel(), (offset, flat.numel())
 
 
 class Worker:
@@ -59,18 +74,14 @@ class Worker:
         return parameters_to_vector(self.params).detach()
 
     def load_flat(self, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            vector_to_parameters(flat, self.params)
+        """Copies ``flat`` into the parameters (never aliases: ``flat`` stays untouched)."""
+        copy_into(flat, self.params)
 
     def flat_grads(self) -> torch.Tensor:
         return torch.cat([p.grad.reshape(-1) for p in self.params])
 
     def load_flat_grads(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
+        copy_into(flat, [p.grad for p in self.params])
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward and backward on one batch; returns the loss. Gradients stay in ``.grad``."""

@@ -47,6 +47,11 @@ class Encoded:
         return self.header_bytes + sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 (no copy when it already is): the codecs compute in float32."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def check_finite(x: torch.Tensor, key: str) -> None:
     """Refuses NaN/Inf: such a value must never be encoded into the shared state."""
     if x.numel() and not bool(torch.isfinite(x).all()):
@@ -80,6 +85,19 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, e: Encoded) -> torch.Tensor:
         """Returns the 1-D tensor (``e.numel`` values, dtype ``e.dtype``) that ``e`` encodes."""
+
+    def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
+        """Exact ``encode(x).nbytes`` for a float32 ``x`` of ``numel`` values at ``offset``.
+
+        ``None`` when the size depends on the values (e.g. after an entropy stage).
+        """
+        return None
+
+    def bind_layout(self, shapes: list[torch.Size]) -> None:
+        """Tells the codec the parameter shapes, in flat order, behind the streams it encodes.
+
+        Only layout-aware codecs (PowerSGD) use it; the default ignores it.
+        """
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Per-worker state that must survive a checkpoint (empty for stateless codecs)."""

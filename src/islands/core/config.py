@@ -8,6 +8,7 @@ the value and what is allowed, before anything runs. ``None`` means off.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import types
@@ -308,6 +309,43 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """The real multi-process runtime (``islands run`` / ``islands launch``); unused by ``sim``.
+
+    Attributes:
+        heartbeat_s: seconds between a worker's heartbeats to the coordinator.
+        heartbeat_timeout_s: a worker silent this long is dropped from the membership.
+        collective_timeout_s: a collective (or state transfer) waiting this long aborts.
+        join_timeout_s: the first round waits this long for ``workers`` workers, then starts
+            with those present.
+        round_deadline_s: after the first worker reaches a round's commit point, wait at most
+            this long for the others, then commit with those that arrived (None: wait for all
+            live workers; stragglers are reported in metrics).
+        checkpoint_every: write a checkpoint every this many rounds (None: only at the end
+            when ``checkpoint_dir`` is given on the command line).
+    """
+
+    heartbeat_s: float = 0.1
+    heartbeat_timeout_s: float = 1.0
+    collective_timeout_s: float = 30.0
+    join_timeout_s: float = 60.0
+    round_deadline_s: float | None = None
+    checkpoint_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_s", "heartbeat_timeout_s", "collective_timeout_s",
+                     "join_timeout_s"):
+            _check(getattr(self, name) > 0, f"runtime.{name}", getattr(self, name), "must be > 0")
+        _check(self.heartbeat_timeout_s > 2 * self.heartbeat_s, "runtime.heartbeat_timeout_s",
+               self.heartbeat_timeout_s,
+               f"must exceed 2 * runtime.heartbeat_s ({self.heartbeat_s}); raise it")
+        _check(self.round_deadline_s is None or self.round_deadline_s > 0,
+               "runtime.round_deadline_s", self.round_deadline_s, "must be > 0 or unset")
+        _check(self.checkpoint_every is None or self.checkpoint_every >= 1,
+               "runtime.checkpoint_every", self.checkpoint_every, "must be >= 1 or unset")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything that defines a run. A simulation is a pure function of this.
 
@@ -334,6 +372,7 @@ class RunConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "workers", self.workers, "must be >= 1")
@@ -401,6 +440,19 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def _none_spelling(value: Any, hint: Any) -> Any:
+    """TOML has no null: for settings that may be off, "off"/"none" (or false, where the
+    setting is not itself a bool) mean None."""
+    args = typing.get_args(hint)
+    if type(None) not in args:
+        return value
+    if isinstance(value, str) and value.lower() in ("off", "none"):
+        return None
+    if value is False and bool not in args:
+        return None
+    return value
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     if hint is float and isinstance(value, int):
         return float(value)
@@ -432,6 +484,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 raise ConfigError(f"{key} ({value!r}) must be a list of tables ([[{key}]])")
             kwargs[name] = tuple(_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
             continue
+        value = _none_spelling(value, hint)
         if not _type_ok(value, hint):
             raise ConfigError(f"{key} ({value!r}) must be {_describe(hint)}")
         kwargs[name] = _coerce(value, hint)
@@ -485,7 +538,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         overrides: ``key=value`` strings with dotted keys.
         base: starting values under the file's (used by the main job).
     """
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():

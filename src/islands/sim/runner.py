@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from islands.algorithms import Worker, build_algorithm
+from islands.algorithms.base import copy_into
 from islands.codecs import build_codec
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig
@@ -70,7 +71,9 @@ def build_worker(cfg: RunConfig, data: ByteData, worker_id: int, base: GPT) -> W
     """One worker: a copy of ``base``, its inner optimizer and schedule, its own codec."""
     model = copy.deepcopy(base)
     opt, sched = make_inner(model, cfg)
-    return Worker(worker_id, model, opt, build_codec(cfg.codec), scheduler=sched,
+    codec = build_codec(cfg.codec)
+    codec.bind_layout([p.shape for p in model.parameters() if p.requires_grad])
+    return Worker(worker_id, model, opt, codec, scheduler=sched,
                   grad_clip=cfg.inner.grad_clip, dataset_bytes=data.worker_bytes(worker_id))
 
 
@@ -83,7 +86,7 @@ def build_workers(cfg: RunConfig, data: ByteData, device: torch.device) -> list[
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, flat: torch.Tensor, batches, device) -> float:
     """Mean validation loss of the parameters ``flat`` (loaded into ``model``)."""
-    torch.nn.utils.vector_to_parameters(flat, [p for p in model.parameters()])
+    copy_into(flat, list(model.parameters()))
     model.eval()
     losses = [float(model(x.to(device), y.to(device))[1]) for x, y in batches]
     return sum(losses) / len(losses)

@@ -1,0 +1,86 @@
+"""The butterfly all-reduce: equals a plain mean, and its bytes follow 2(n-1)/n · S + headers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from islands.aggregators import mean
+from islands.codecs import Cast, Identity
+from islands.collectives.butterfly import MESSAGE_HEADER_BYTES, Group, shard_bounds
+from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
+
+
+def make_group(n: int, **net) -> tuple[Group, SimTransport]:
+    transport = SimTransport(n, NetworkModel(**net), VirtualClock(n))
+    return Group(transport, tuple(range(n))), transport
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+@pytest.mark.parametrize("numel", [1, 7, 100, 1001])
+def test_equals_plain_mean_and_bytes_formula(n, numel):
+    torch.manual_seed(n * 1000 + numel)
+    xs = {i: torch.randn(numel) for i in range(n)}
+    group, transport = make_group(n)
+    out = group.all_reduce(xs, codecs={i: Identity() for i in range(n)})
+    expected = torch.stack([xs[i] for i in range(n)]).mean(0)
+    for i in range(n):
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-6)
+        assert torch.equal(out[i], out[0])  # bit-identical on every worker
+    # Each worker sends its n-1 foreign shards, then its aggregated shard to n-1 others.
+    bounds = shard_bounds(numel, n)
+    for i in range(n):
+        own = bounds[i][1] - bounds[i][0]
+        payload = 4 * (numel - own) + 4 * own * (n - 1)
+        assert transport.bytes_sent[i] == payload + 2 * (n - 1) * MESSAGE_HEADER_BYTES
+        assert transport.bytes_received[i] == transport.bytes_sent[i]
+    total_payload = sum(transport.bytes_sent) - n * 2 * (n - 1) * MESSAGE_HEADER_BYTES
+    assert total_payload == 2 * (n - 1) * 4 * numel  # = n · 2(n-1)/n · S
+
+
+def test_bytes_per_worker_is_two_n_minus_one_over_n_of_encoded_size():
+    n, numel = 4, 4000  # divisible: every shard has 1000 values
+    group, transport = make_group(n)
+    group.all_reduce({i: torch.randn(numel) for i in range(n)},
+                     codecs={i: Cast(torch.float16) for i in range(n)})
+    encoded = 2 * numel
+    assert all(b == 2 * (n - 1) / n * encoded + 2 * (n - 1) * MESSAGE_HEADER_BYTES
+               for b in transport.bytes_sent)
+
+
+def test_weighted_mean_uses_header_weights():
+    group, _ = make_group(3)
+    xs = {0: torch.zeros(5), 1: torch.ones(5), 2: torch.full((5,), 4.0)}
+    out = group.all_reduce(xs, codecs={i: Identity() for i in range(3)},
+                           weights={0: 1.0, 1: 1.0, 2: 2.0})
+    torch.testing.assert_close(out[0], torch.full((5,), 9 / 4))
+    torch.testing.assert_close(mean(torch.stack(list(xs.values())), None), torch.full((5,), 5 / 3))
+
+
+def test_shard_plan_covers_everything():
+    for numel in range(0, 30):
+        for n in range(1, 10):
+            b = shard_bounds(numel, n)
+            assert b[0][0] == 0 and b[-1][1] == numel
+            assert all(b[j][1] == b[j + 1][0] for j in range(n - 1))
+            assert max(e - s for s, e in b) - min(e - s for s, e in b) <= 1
+
+
+def test_virtual_time_is_latency_plus_transfer():
+    n, numel = 2, 250_000  # 1 MB fp32
+    group, transport = make_group(n, bandwidth_bps=8e6, latency_s=0.05)  # 1 MB/s links
+    group.all_reduce({i: torch.randn(numel) for i in range(n)},
+                     codecs={i: Identity() for i in range(n)})
+    per_phase = 0.05 + (numel // 2 * 4 + MESSAGE_HEADER_BYTES) * 8 / 8e6
+    assert transport.clock.now == pytest.approx([2 * per_phase] * 2)
+
+
+def test_slow_uplink_slows_everyone():
+    n = 3
+    fast, _ = make_group(n)
+    slow_t = SimTransport(n, NetworkModel(overrides={1: {"upload_bps": 1e6}}), VirtualClock(n))
+    slow = Group(slow_t, tuple(range(n)))
+    xs = {i: torch.randn(30_000) for i in range(n)}
+    fast.all_reduce(xs, codecs={i: Identity() for i in range(n)})
+    slow.all_reduce(xs, codecs={i: Identity() for i in range(n)})
+    assert min(slow_t.clock.now) > 10 * max(fast.transport.clock.now)

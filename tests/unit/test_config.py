@@ -1,0 +1,85 @@
+"""Config loading: TOML, dotted overrides, and errors that name the key, value and rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from islands.core.config import RunConfig, load_config, parse_overrides
+from islands.core.errors import ConfigError
+
+
+def test_defaults_are_the_main_job_setup():
+    cfg = RunConfig()
+    assert (cfg.workers, cfg.steps, cfg.algorithm.name) == (4, 500, "diloco")
+    assert (cfg.network.bandwidth_bps, cfg.network.latency_s) == (100e6, 0.05)
+    assert (cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum, cfg.outer.nesterov) == (
+        "sgd", 0.7, 0.9, True)
+
+
+def test_toml_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('seed = 3\nworkers = 8\n[algorithm]\nname = "local_sgd"\nsync_every = 20\n'
+                    '[network]\nbandwidth_bps = 1e9\n[[network.worker]]\nid = 2\n'
+                    'upload_bps = 1e6\n[[compute.worker]]\nid = 1\nstep_time_s = 0.5\n')
+    cfg = load_config(path, ["algorithm.sync_every=100", "algorithm.name=diloco"])
+    assert cfg.seed == 3 and cfg.workers == 8
+    assert cfg.algorithm.sync_every == 100 and cfg.algorithm.name == "diloco"
+    assert cfg.network.bandwidth_bps == 1e9 and cfg.network.worker[0].upload_bps == 1e6
+    assert cfg.compute.worker[0].step_time_s == 0.5
+
+
+def test_int_accepted_for_float_and_resolved_config_roundtrips():
+    cfg = load_config(None, ["inner.lr=1", "outer.kwargs={dampening = 0.1}"])
+    assert isinstance(cfg.inner.lr, float) and cfg.outer.kwargs == {"dampening": 0.1}
+    from islands.core.config import from_dict
+
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("algorithm.sync_every=0", "algorithm.sync_every (0) must be >= 1"),
+    ("algorithm.name=adam", "algorithm.name ('adam') must be one of 'ddp', 'local_sgd', 'diloco'"),
+    ("workers=two", "workers ('two') must be int"),
+    ("workers=2.5", "workers (2.5) must be int"),
+    ("inner.lr=-1", "inner.lr (-1.0) must be > 0"),
+    ("algorithm.sync_every_steps=3", "unknown key algorithm.sync_every_steps"),
+    ("modle.n_layer=3", "unknown key modle"),
+    ("model.n_head=3", "model.n_embd (128) must be a multiple of model.n_head (3)"),
+    ("outer.optimizer=nesterov", "outer.optimizer ('nesterov') must name a torch.optim"),
+    ("codec.name=zip", "codec.name ('zip') must be one of"),
+    ("data.partition=random", "data.partition ('random') must be one of"),
+    ("algorithm.participation=0.5", "only supported by algorithm.name = 'local_sgd'"),
+    ("device=tpu", "device ('tpu') must be one of"),
+    ("network.worker=[{id = 9}]", "network.worker[0].id (9) must name a worker in [0, 3]"),
+    ("outer.momentum=0", "outer.nesterov (True) needs outer.momentum > 0"),
+])
+def test_bad_values_name_key_value_and_rule(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+
+
+def test_unknown_top_level_key_lists_allowed(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("wokers = 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key wokers .*allowed: .*workers"):
+        load_config(path)
+
+
+def test_missing_and_broken_files():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/run.toml")
+
+
+def test_invalid_toml(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("workers = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_override_syntax():
+    assert parse_overrides(["a.b=3", "c=x y", "d=[1, 2]"]) == {"a.b": 3, "c": "x y",
+                                                                "d": [1, 2]}
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        parse_overrides(["sync_every"])

@@ -1,0 +1,99 @@
+"""Corpora and partitions: deterministic, disjoint, skewed where asked, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from islands.core.config import DataConfig
+from islands.core.errors import DataError
+from islands.data import ByteData, load_documents
+from islands.data.corpus import split_train_val
+
+
+def data(**kw) -> ByteData:
+    workers = kw.pop("workers", 4)
+    seed = kw.pop("seed", 0)
+    return ByteData(DataConfig(max_bytes=400_000, **kw), workers=workers, block_size=32,
+                    seed=seed)
+
+
+def test_stdlib_corpus_is_real_python_and_split_by_file():
+    docs = load_documents("python-stdlib", 400_000)
+    assert all(d.path.endswith(".py") for d in docs)
+    train, val = split_train_val(docs, 0.1)
+    assert {d.path for d in train}.isdisjoint({d.path for d in val})
+    assert len(train) + len(val) == len(docs)
+    assert (train, val) == split_train_val(load_documents("python-stdlib", 400_000), 0.1)
+
+
+def test_batch_depends_only_on_seed_worker_step():
+    a, b = data(), data()
+    x1, y1 = a.train_batch(2, 17)
+    x2, y2 = b.train_batch(2, 17)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # next-byte targets
+    assert not torch.equal(x1, a.train_batch(2, 18)[0])
+    assert not torch.equal(x1, a.train_batch(1, 17)[0])
+    assert not torch.equal(x1, data(seed=1).train_batch(2, 17)[0])
+    assert x1.shape == (8, 32) and x1.dtype == torch.long
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "by_source"])
+def test_partitions_are_disjoint_and_cover(kind):
+    d = data(partition=kind)
+    parts = [set(p.tolist()) for p in d.parts]
+    assert all(parts) and sum(len(p) for p in parts) == len(d.starts)
+    assert set().union(*parts) == set(range(len(d.starts)))
+
+
+def test_iid_is_balanced_and_dirichlet_is_skewed():
+    iid = data(partition="iid", chunk_bytes=1024)
+    sizes = [iid.worker_bytes(w) for w in range(4)]
+    assert max(sizes) / min(sizes) < 1.05
+    skew = data(partition="dirichlet", alpha=0.1)
+    sizes = [skew.worker_bytes(w) for w in range(4)]
+    assert max(sizes) / min(sizes) > 1.5
+
+
+def test_by_source_gives_workers_different_files():
+    d = data(partition="by_source", chunk_bytes=1024)
+    starts = [d.starts[p] for p in d.parts]
+    # Contiguous runs of the path-ordered stream: worker w's chunks all precede worker w+1's.
+    assert all(starts[w].max() < starts[w + 1].min() for w in range(3))
+
+
+def test_text_file_and_folder_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world, " * 2000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("lorem ipsum " * 2000)
+    folder = ByteData(DataConfig(corpus=str(tmp_path), val_fraction=0.3, chunk_bytes=256),
+                      workers=2, block_size=16, seed=0)
+    assert folder.train_bytes + folder.val_bytes == 26_000 + 24_000
+    single = ByteData(DataConfig(corpus=str(tmp_path / "a.txt"), chunk_bytes=256),
+                      workers=2, block_size=16, seed=0)
+    assert single.val_bytes > 0 and single.train_bytes > 0
+
+
+def test_missing_corpus_names_the_path():
+    with pytest.raises(DataError, match=r"data.corpus path '/no/such/corpus' does not exist"):
+        load_documents("/no/such/corpus")
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="holds no non-empty text files"):
+        load_documents(str(tmp_path))
+
+
+def test_too_many_workers_for_the_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 3000)
+    with pytest.raises(DataError, match="chunks for 64 workers"):
+        ByteData(DataConfig(corpus=str(tmp_path / "a.txt"), chunk_bytes=1024), workers=64,
+                 block_size=16, seed=0)
+
+
+def test_validation_batches_fixed():
+    a, b = data().val_batches(), data().val_batches()
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
+    assert np.isfinite(len(a)) and len(a) == 8
