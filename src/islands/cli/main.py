@@ -11,10 +11,10 @@ import sys
 
 from rich.console import Console
 
-from islands.cli import sim_cmd
+from islands.cli import runtime_cmd, sim_cmd
 from islands.core.errors import IslandsError
 
-COMMANDS = [sim_cmd]
+COMMANDS = [sim_cmd, runtime_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,6 +69,7 @@ class RunDir:
             if point is not None:
                 row["eval_loss"] = point["eval_loss"]
             self._metrics.write(json.dumps(_clean(row)) + "\n")
+        self._metrics.flush()  # readable while the run goes on (tail -f)
 
     def finish(self, summary: dict) -> None:
         self._metrics.close()

@@ -1,0 +1,149 @@
+"""``islands coordinator | run | launch | status``: the real multi-process runtime.
+
+    islands coordinator --port P [--token-file F] [--config CONFIG] [--set k=v ...]
+    islands run CONFIG --coordinator HOST:P --worker-id NAME [--token-file F] [--out DIR]
+    islands run CONFIG                       (under torchrun: a fixed group, no coordinator)
+    islands launch CONFIG --workers N [--out DIR]      coordinator + N workers on this machine
+    islands status --coordinator HOST:P [--token-file F]
+
+Workers are started by ``launch`` as ``python -m islands.cli.runtime_cmd run ...``, which
+imports only what a worker needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+from islands.core.config import load_config
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("config", nargs="?", default=None, help="TOML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable (as `islands sim`)")
+    p.add_argument("--token-file", default=None, help="shared secret for the control plane")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("coordinator", help="start the rendezvous and membership service")
+    c.add_argument("--port", type=int, default=29400)
+    c.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
+    c.add_argument("--config", default=None, help="config whose [runtime] section applies")
+    _common(c, config=False)
+    c.set_defaults(func=cmd_coordinator)
+
+    r = sub.add_parser("run", help="run one worker (needs a coordinator, or torchrun)")
+    _common(r)
+    r.add_argument("--coordinator", default=None, metavar="HOST:PORT")
+    r.add_argument("--worker-id", default=None, help="worker index (default: $RANK)")
+    r.add_argument("--out", default=None, help="run directory (default: runs/<name>/w<id>; "
+                   "under torchrun, the job folder holding w<rank>/)")
+    r.add_argument("--checkpoint-dir", default=None, help="write checkpoints here")
+    r.add_argument("--resume", default=None, help="resume from this checkpoint")
+    r.add_argument("--host", default=None, help="address peers reach this worker at")
+    r.set_defaults(func=cmd_run)
+
+    la = sub.add_parser("launch", help="coordinator and N workers on this machine")
+    _common(la)
+    la.add_argument("--workers", type=int, default=None, help="number of workers")
+    la.add_argument("--out", default=None, help="launch folder (default: runs/<name>-launch)")
+    la.add_argument("--checkpoint-dir", default=None, help="workers write checkpoints here")
+    la.set_defaults(func=cmd_launch)
+
+    s = sub.add_parser("status", help="print a coordinator's members, epoch and last round")
+    s.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    s.add_argument("--token-file", default=None)
+    s.set_defaults(func=cmd_status)
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from islands.runtime.auth import load_token
+    from islands.runtime.launch import setup_logging, start_coordinator
+
+    setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    coord = start_coordinator(cfg, args.port, load_token(args.token_file), host=args.host)
+    print(f"coordinator listening on {args.host}:{coord.port}", flush=True)
+    try:
+        threading.Event().wait()
+    finally:
+        coord.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from islands.runtime.auth import load_token
+    from islands.runtime.launch import parse_worker_id, run_worker, setup_logging
+
+    setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    wid = parse_worker_id(args.worker_id if args.worker_id is not None
+                          else os.environ.get("RANK", "0"))
+    out = Path(args.out or f"runs/{cfg.label}")
+    if args.out is None or (args.coordinator is None and "WORLD_SIZE" in os.environ):
+        out = out / f"w{wid}"  # a job folder: one run directory per worker below it
+    summary = run_worker(cfg, wid, coordinator=args.coordinator,
+                         token=load_token(args.token_file), out_dir=out,
+                         checkpoint_dir=args.checkpoint_dir, resume=args.resume, host=args.host)
+    print(json.dumps({k: summary[k] for k in ("worker", "rounds_committed", "final_eval_loss",
+                                              "bytes_sent_total", "final_hash")}), flush=True)
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from islands.runtime.auth import load_token
+    from islands.runtime.launch import launch, setup_logging
+
+    setup_logging()
+    overrides = list(args.overrides) + ([f"workers={args.workers}"] if args.workers else [])
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out or f"runs/{cfg.label}-launch")
+
+    def argv_for(i: int, addr: str) -> list[str]:
+        argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "run"]
+        argv += [args.config] if args.config else []
+        for o in overrides:
+            argv += ["--set", o]
+        argv += ["--coordinator", addr, "--worker-id", str(i), "--out", str(out / f"w{i}")]
+        argv += ["--token-file", args.token_file] if args.token_file else []
+        argv += ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
+        return argv
+
+    merged = launch(cfg, out, argv_for, token=load_token(args.token_file))
+    print(json.dumps({k: merged[k] for k in ("algorithm", "workers", "rounds",
+                                             "final_eval_loss", "bytes_sent_total",
+                                             "final_hashes")}), flush=True)
+    print(f"launch folder: {out}/ (summary.json, w<i>/metrics.jsonl)", flush=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from islands.runtime.auth import load_token
+    from islands.runtime.launch import query_status
+
+    print(json.dumps(query_status(args.coordinator, load_token(args.token_file)), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A lean entry point for worker processes (no plotting imports)."""
+    from islands.core.errors import IslandsError
+
+    parser = argparse.ArgumentParser(prog="islands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except IslandsError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Atomic checkpoints of the shared state (and, optionally, of one worker's own state).
+
+A checkpoint is one ``safetensors`` file: the shared state under its own names
+(``global_params``, ``outer/...``), a worker's inner optimizer under ``inner/<i>/<name>`` and
+its codec under ``codec/<name>``, and JSON facts in the metadata (round, hash, the inner
+optimizer's param groups and lr schedule). It is written to a temp file in the same folder,
+fsynced, renamed over the target, and the folder is fsynced: a killed process leaves either
+the previous checkpoint or the new one, never a truncated file.
+
+Resuming from the checkpoints of every worker gives the same subsequent results as the run
+that wrote them; from the shared state alone, workers restart their inner optimizers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from islands.algorithms.base import Worker
+from islands.core.errors import ConfigError
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via temp file, fsync and rename (then fsyncs the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def worker_tensors(worker: Worker) -> tuple[dict[str, torch.Tensor], dict]:
+    """A worker's own state: inner optimizer, codec, lr schedule and step counter."""
+    sd = worker.inner.state_dict()
+    tensors = {f"inner/{i}/{k}": v for i, slot in sd["state"].items() for k, v in slot.items()
+               if torch.is_tensor(v)}
+    tensors.update({f"codec/{k}": v for k, v in worker.codec.state_dict().items()})
+    facts = {"param_groups": sd["param_groups"], "steps": worker.steps,
+             "scheduler": worker.scheduler.state_dict() if worker.scheduler else None}
+    return tensors, facts
+
+
+def restore_worker(worker: Worker, tensors: dict[str, torch.Tensor], facts: dict) -> None:
+    """Restores what :func:`worker_tensors` saved."""
+    state: dict[int, dict] = {}
+    for name, v in tensors.items():
+        if name.startswith("inner/"):
+            _, i, k = name.split("/", 2)
+            state.setdefault(int(i), {})[k] = v
+    worker.inner.load_state_dict({"state": state, "param_groups": facts["param_groups"]})
+    worker.codec.load_state_dict({k[len("codec/"):]: v for k, v in tensors.items()
+                                  if k.startswith("codec/")})
+    if worker.scheduler is not None and facts.get("scheduler"):
+        worker.scheduler.load_state_dict(facts["scheduler"])
+    worker.steps = int(facts["steps"])
+
+
+def save(path: str | Path, shared: dict[str, torch.Tensor], facts: dict,
+         worker: Worker | None = None) -> None:
+    """Writes a checkpoint atomically.
+
+    Args:
+        path: the ``.safetensors`` file.
+        shared: the shared state (``Algorithm.shared_state``).
+        facts: JSON-serializable facts (round, hash, ...).
+        worker: also save this worker's own state.
+    """
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in shared.items()}
+    meta = dict(facts)
+    if worker is not None:
+        own, own_facts = worker_tensors(worker)
+        tensors.update({k: v.detach().contiguous().cpu().clone() for k, v in own.items()})
+        meta["worker"] = own_facts
+    write_atomic(path, st_save(tensors, metadata={"islands": json.dumps(meta)}))
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a checkpoint: ``(tensors, facts)``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"checkpoint {str(p)!r} does not exist; give a file written by "
+                          "`islands run --checkpoint-dir`")
+    data = p.read_bytes()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["islands"])
+    except Exception as e:  # safetensors raises its own error types
+        raise ConfigError(f"checkpoint {str(p)!r} is not a valid islands checkpoint: {e}") \
+            from None
+    return tensors, meta
+
+
+def shared_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if k == "global_params" or k.startswith("outer/")}
+
+
+def worker_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if k.startswith(("inner/", "codec/"))}

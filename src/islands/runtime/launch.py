@@ -1,0 +1,125 @@
+"""Entry points of the real runtime: one worker, a coordinator, a local launch, a status query.
+
+``islands launch CONFIG --workers 4 --out runs/x`` starts a coordinator in this process and
+4 worker processes on this machine, streams their per-round log lines, and writes
+``runs/x/w<i>/`` (each worker's run directory) and the merged ``runs/x/summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from islands.core.config import RunConfig
+from islands.core.errors import CommError, ConfigError
+from islands.metrics.run_dir import read_summary, write_json
+from islands.runtime.auth import client_connect
+from islands.runtime.coordinator import Coordinator
+from islands.runtime.report import merge
+
+log = logging.getLogger("islands.launch")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s.%(msecs)03d %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def parse_worker_id(text: str) -> int:
+    """``"2"`` or ``"w2"`` -> 2: worker ids are indices into the config's workers."""
+    digits = text[1:] if text[:1].lower() == "w" else text
+    if not digits.isdigit():
+        raise ConfigError(f"--worker-id ({text!r}) must be a worker index such as 2 or w2")
+    return int(digits)
+
+
+def run_worker(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: bytes,
+               out_dir: str | Path | None, checkpoint_dir=None, resume=None,
+               host: str | None = None) -> dict:
+    """Runs one worker to the end: with a coordinator, or in a fixed torchrun group."""
+    from islands.runtime.membership import CoordinatorClient, FixedMembership
+    from islands.runtime.worker import RuntimeWorker, advertised_host
+    from islands.transports.dist import open_store
+
+    timeout = cfg.runtime.collective_timeout_s
+    if coordinator is None:
+        world = int(os.environ.get("WORLD_SIZE", "0"))
+        if not world:
+            raise ConfigError("give --coordinator HOST:PORT, or run under torchrun "
+                              "(which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = open_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           is_master=worker_id == 0 and not agent, timeout_s=timeout)
+        membership = FixedMembership(world)
+    else:
+        host = host or advertised_host(coordinator)
+        store = open_store(host, 0, is_master=True, timeout_s=timeout)
+        membership = CoordinatorClient(coordinator, token, worker_id, [host, store.port],
+                                       heartbeat_s=cfg.runtime.heartbeat_s,
+                                       reconnect_s=cfg.runtime.join_timeout_s)
+    worker = RuntimeWorker(cfg, worker_id, membership, store, token=token, out_dir=out_dir,
+                           checkpoint_dir=checkpoint_dir, resume=resume)
+    if coordinator is not None:
+        membership.on_live = worker.on_live
+    return worker.run()
+
+
+def start_coordinator(cfg: RunConfig, port: int, token: bytes, host: str = "0.0.0.0"
+                      ) -> Coordinator:
+    r = cfg.runtime
+    return Coordinator(host, port, token=token, heartbeat_timeout_s=r.heartbeat_timeout_s,
+                       deadline_s=r.round_deadline_s, join_timeout_s=r.join_timeout_s).start()
+
+
+def query_status(addr: str, token: bytes) -> dict:
+    """The coordinator's status (members, epoch, last round)."""
+    ch = client_connect(addr, token, {"role": "status"})
+    try:
+        ch.send({"op": "status"})
+        return ch.recv()
+    finally:
+        ch.close()
+
+
+def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str], list[str]], *,
+           token: bytes = b"", timeout_s: float | None = None) -> dict:
+    """Starts a coordinator here and ``cfg.workers`` worker processes; returns the merged summary.
+
+    Args:
+        cfg: the run's config.
+        out: the launch's folder (``w<i>/`` per worker, merged ``summary.json``).
+        argv_for: ``(worker id, coordinator address) -> command line`` of one worker.
+        token: the shared secret.
+        timeout_s: kill the workers after this long (None: wait).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    coord = start_coordinator(cfg, 0, token, host="127.0.0.1")
+    addr = f"127.0.0.1:{coord.port}"
+    # N workers share this machine's cores: one torch thread pool each, not N oversubscribed.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.workers)))}
+    procs = [subprocess.Popen(argv_for(i, addr), env=env) for i in range(cfg.workers)]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            left = None if deadline is None else max(0.1, deadline - time.monotonic())
+            p.wait(timeout=left)
+    except subprocess.TimeoutExpired:
+        raise CommError(f"launch: workers still running after {timeout_s} s; killed") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        coord.stop()
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        raise CommError(f"launch: workers {failed} exited with an error (see their log above)")
+    merged = merge([read_summary(out / f"w{i}") for i in range(cfg.workers)])
+    write_json(out / "summary.json", merged)
+    return merged

@@ -1,0 +1,171 @@
+"""A worker's view of the membership: the coordinator client, or a fixed group (torchrun).
+
+:class:`CoordinatorClient` keeps two authenticated connections to the coordinator: one for
+heartbeats (a thread, every ``heartbeat_s``; the coordinator drops the worker when it closes
+or falls silent) and one for the blocking round barriers. A lost coordinator is reconnected to
+for up to ``reconnect_s``; if it came back as a new instance (a restart), the request raises
+:class:`CoordinatorRestarted` so the worker aborts the round and re-enters at ``start``.
+
+:class:`FixedMembership` is the same interface for a fixed group (``torchrun``): every barrier
+returns everyone at once; a failure is fatal.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from typing import Callable
+
+from islands.core.errors import AuthError, CommError
+from islands.runtime.auth import Channel, client_connect
+
+
+class CoordinatorRestarted(CommError):
+    """The coordinator came back as a new instance: the round in flight is void."""
+
+
+class CoordinatorClient:
+    """Talks to the coordinator for one worker.
+
+    Args:
+        addr: ``host:port`` of the coordinator.
+        token: the shared secret.
+        worker: this worker's id.
+        store: ``[host, port]`` of this worker's rendezvous store (used when it leads an epoch).
+        heartbeat_s: seconds between heartbeats.
+        reconnect_s: how long to keep trying a lost coordinator.
+        on_live: called from the heartbeat thread with the set of live workers and the
+            ``time.monotonic()`` at which that heartbeat was sent.
+    """
+
+    def __init__(self, addr: str, token: bytes, worker: int, store: list, *,
+                 heartbeat_s: float = 0.1, reconnect_s: float = 30.0,
+                 on_live: Callable[[set[int], float], None] | None = None) -> None:
+        self.addr, self.token, self.worker, self.store = addr, token, worker, store
+        self.heartbeat_s = heartbeat_s
+        self.reconnect_s = reconnect_s
+        self.on_live = on_live
+        self.incarnation = secrets.token_hex(8)
+        self.instance: str | None = None
+        self._control: Channel | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def _connect(self, channel: str) -> Channel:
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                ch = client_connect(self.addr, self.token,
+                                    {"role": "worker", "id": self.worker, "channel": channel,
+                                     "incarnation": self.incarnation, "store": self.store})
+                ch.sock.settimeout(None)
+                return ch
+            except AuthError:
+                raise
+            except CommError:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise
+                time.sleep(0.1)
+
+    def start(self) -> CoordinatorClient:
+        """Connects both channels and starts the heartbeat thread."""
+        self._control = self._connect("control")
+        self.instance = self._control_instance()
+        threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat").start()
+        return self
+
+    def _control_instance(self) -> str | None:
+        return self.request_raw({"op": "hb"}).get("instance")
+
+    def request_raw(self, req: dict) -> dict:
+        with self._lock:
+            self._control.send(req)
+            reply = self._control.recv()
+        if reply.get("error"):
+            raise CommError(f"coordinator refused {req.get('op')}: {reply['error']}")
+        return reply
+
+    def request(self, op: str, **fields) -> dict:
+        """Sends one barrier request and waits for its result (reconnecting if needed).
+
+        Raises:
+            CoordinatorRestarted: the coordinator is a new instance, or it had dropped this
+                worker (a hang, a lost network); either way this worker re-registers under a
+                new incarnation and must re-enter at ``start`` as a joiner.
+        """
+        try:
+            return self.request_raw({"op": op, **fields})
+        except CommError as e:
+            if "dropped" in str(e) or "superseded" in str(e):
+                self.incarnation = secrets.token_hex(8)
+                self._control.close()
+                self._control = self._connect("control")
+                raise CoordinatorRestarted(f"this worker was dropped ({e}); rejoining") \
+                    from None
+            if "refused" in str(e):
+                raise
+        self._control.close()
+        self._control = self._connect("control")
+        instance = self._control_instance()
+        if instance != self.instance:
+            self.instance = instance
+            raise CoordinatorRestarted(f"coordinator restarted (instance {instance}); "
+                                       "the round in flight is aborted")
+        return self.request_raw({"op": op, **fields})
+
+    def _heartbeats(self) -> None:
+        ch = None
+        while not self._stop.is_set():
+            try:
+                if ch is None:
+                    ch = self._connect("heartbeat")
+                    ch.incarnation = self.incarnation
+                sent_at = time.monotonic()
+                ch.send({"op": "hb"})
+                reply = ch.recv()
+                if reply.get("error") or ch.incarnation != self.incarnation:
+                    raise CommError(reply.get("error", "re-registered"))
+                if self.on_live is not None and "live" in reply:
+                    self.on_live(set(reply["live"]), sent_at)
+            except CommError:
+                if ch is not None:
+                    ch.close()
+                ch = None
+            self._stop.wait(self.heartbeat_s)
+        if ch is not None:
+            ch.close()
+
+    def leave(self) -> None:
+        """Leaves the membership gracefully (the others continue without this worker)."""
+        try:
+            self.request_raw({"op": "leave"})
+        except CommError:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._control is not None:
+            self._control.close()
+
+
+class FixedMembership:
+    """A fixed group (``torchrun``): all ``world`` workers, one epoch, no failures tolerated."""
+
+    def __init__(self, world: int) -> None:
+        self.members = list(range(world))
+
+    def request(self, op: str, **fields) -> dict:
+        base = {"epoch": 1, "members": self.members, "prefix": "fixed/1", "store": None}
+        if op == "start":
+            return {**base, "round": fields["round"], "src": 0, "need_state": [],
+                    "hash": fields["hash"]}
+        if op == "ready":
+            return {**base, "left_out": []}
+        return {**base, "commit": bool(fields["ok"]), "hash": fields["hash"], "mismatched": []}
+
+    def leave(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,132 @@
+"""Helpers for the real-process tests: free ports, worker processes, a timeout on every test,
+and every process's stderr printed when a test fails (as torchft's manager_integ_test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TEST_TIMEOUT_S = 150
+
+# A tiny run: every integration test finishes in seconds on 2 cores.
+TINY = ["steps=20", "algorithm.sync_every=5", "model.n_layer=1", "model.n_embd=32",
+        "data.max_bytes=200000", "eval_every=10", "device=cpu", "data.eval_batches=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Procs:
+    """Starts processes with stderr captured to files; dumps them all on failure."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.items: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        err = self.tmp / f"{name}.{len(self.items)}.stderr"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(err, "w"), env=env,
+                             text=True)
+        p.started_unix = time.time()
+        self.items.append((name, p, err))
+        return p
+
+    def worker(self, i: int, addr: str, out: Path, overrides=(), extra=()) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "run"]
+        for o in [*TINY, *overrides]:
+            argv += ["--set", o]
+        argv += ["--coordinator", addr, "--worker-id", str(i), "--out", str(out / f"w{i}"),
+                 *extra]
+        return self.start(f"w{i}", argv)
+
+    def stderr(self, p: subprocess.Popen) -> str:
+        return next(e for _, q, e in self.items if q is p).read_text()
+
+    def dump(self) -> None:
+        for name, p, err in self.items:
+            print(f"\n===== {name} (pid {p.pid}, rc {p.poll()}) stderr =====")
+            print(err.read_text()[-6000:])
+
+    def stop_all(self) -> None:
+        for _, p, _ in self.items:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def wait_exit(p: subprocess.Popen, timeout_s: float = 90) -> int:
+    return p.wait(timeout=timeout_s)
+
+
+def wait_until(pred, timeout_s: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def procs(request, tmp_path):
+    """Worker processes of one test; killed at the end, their stderr printed on failure."""
+    ps = Procs(tmp_path)
+    yield ps
+    ps.stop_all()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is None or rep.failed:
+        ps.dump()
+
+
+@pytest.fixture(autouse=True)
+def _timeout():
+    """A hard timeout on every integration test (no plugin needed)."""
+    def fire(*_):
+        raise TimeoutError(f"integration test exceeded {TEST_TIMEOUT_S} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(TEST_TIMEOUT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def coordinator():
+    """An in-process coordinator on a free port (fast heartbeat timeout)."""
+    from islands.runtime.coordinator import Coordinator
+
+    def make(**kw):
+        c = Coordinator("127.0.0.1", 0, **{"heartbeat_timeout_s": 1.0, **kw}).start()
+        made.append(c)
+        return c
+
+    made = []
+    yield make
+    for c in made:
+        c.stop()
