@@ -22,6 +22,9 @@ class Identity(Codec):
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         return Encoded({"values": x.clone()}, numel=x.numel(), dtype=x.dtype)
 
+    def wire_bytes(self, numel: int, offset: int = 0) -> int:
+        return 4 * numel
+
     def decode(self, e: Encoded) -> torch.Tensor:
         return e.tensors["values"].clone()
 
@@ -46,6 +49,9 @@ class Cast(Codec):
                 raise CodecError(f"tensor {key!r} has |x| = {peak:.3g} > 65504, beyond fp16; "
                                  "use codec.name = 'bf16' or a scaled codec such as int8")
         return Encoded({"values": x.to(self.wire_dtype)}, numel=x.numel(), dtype=x.dtype)
+
+    def wire_bytes(self, numel: int, offset: int = 0) -> int:
+        return 2 * numel
 
     def decode(self, e: Encoded) -> torch.Tensor:
         return e.tensors["values"].to(e.dtype)

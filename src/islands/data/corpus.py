@@ -9,6 +9,7 @@ the same on every machine and every run. Users with internet access can load any
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from dataclasses import dataclass
@@ -60,11 +61,23 @@ def _list_files(corpus: str) -> tuple[Path, list[Path]]:
 def load_documents(corpus: str, max_bytes: int | None = None) -> list[Document]:
     """Reads the corpus; with ``max_bytes``, a deterministic hashed sample of files up to it.
 
-    Returns the documents sorted by path.
+    Returns the documents sorted by path (a fresh list; the bytes are read once per process
+    for the standard-library corpus, which does not change while Python runs).
 
     Raises:
         DataError: the path is missing or holds no readable text.
     """
+    if corpus == "python-stdlib":
+        return list(_stdlib_documents(max_bytes))
+    return _read_documents(corpus, max_bytes)
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_documents(max_bytes: int | None) -> tuple[Document, ...]:
+    return tuple(_read_documents("python-stdlib", max_bytes))
+
+
+def _read_documents(corpus: str, max_bytes: int | None) -> list[Document]:
     root, files = _list_files(corpus)
     files = sorted(files, key=lambda p: _hash01(p.relative_to(root).as_posix()))
     docs, total = [], 0

@@ -1,0 +1,122 @@
+"""Encode+decode throughput of every codec on one large flat tensor, beside a copy of the same
+tensor (the ceiling: a codec reads its input and writes a fresh output, as a copy does).
+
+Throughput is float32 bytes in (``4 · numel``) over the encode plus decode time, the best of
+``--repeats`` runs after a warm-up. The codecs are the ones ``[codec]`` builds; PowerSGD sees
+the tensor as one square-ish matrix.
+
+Run it:
+
+    python benchmarks/codecs_throughput.py                       # 64M elements, every codec
+    python benchmarks/codecs_throughput.py --numel 16000000 --codecs int8,int4,fp4
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/codecs_throughput.py  # PyTorch's huge-page allocator
+
+On CPU, touching the fresh pages of a large output can cost as much as the arithmetic: the
+``copy_`` row (into a preallocated tensor) shows the memory bandwidth without that cost, and
+``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch's CPU allocator) makes page faults cheaper for
+everyone alike. Writes ``bench-results/codecs_throughput.json`` (``--json`` to move it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from islands.codecs import build_codec
+from islands.core.config import CodecConfig
+
+# label -> CodecConfig fields
+CODECS: dict[str, dict] = {
+    "identity": {"name": "identity"},
+    "fp16": {"name": "fp16"},
+    "bf16": {"name": "bf16"},
+    "int8": {"name": "int8"},
+    "int8-stochastic": {"name": "int8", "stochastic": True},
+    "int4": {"name": "int4"},
+    "fp4": {"name": "fp4"},
+    "topk1%": {"name": "topk", "fraction": 0.01},
+    "randomk1%": {"name": "randomk", "fraction": 0.01},
+    "sign": {"name": "sign", "block": 256},
+    "powersgd4": {"name": "powersgd", "rank": 4},
+    "int8+zstd": {"name": "int8", "entropy": True},
+    "ef(int8)": {"name": "int8", "error_feedback": True},
+}
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    """Best wall time of ``fn`` over ``repeats`` runs after one warm-up, and its last result."""
+    out = fn()
+    best = math.inf
+    for _ in range(repeats):
+        del out
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def measure(label: str, x: torch.Tensor, repeats: int) -> dict:
+    codec = build_codec(CodecConfig(**CODECS[label]))
+    side = math.isqrt(x.numel())
+    while x.numel() % side:
+        side -= 1
+    codec.bind_layout([torch.Size([side, x.numel() // side])])
+    enc_s, e = best_time(lambda: codec.encode(x, key="w0/bench/scatter"), repeats)
+    dec_s, d = best_time(lambda: codec.decode(e), repeats)
+    gbps = 4 * x.numel() / (enc_s + dec_s) / 1e9
+    rel_err = float((d - x).norm() / x.norm())
+    return {"codec": label, "encode_s": enc_s, "decode_s": dec_s, "gb_per_s": gbps,
+            "wire_bytes": e.nbytes, "ratio": 4 * x.numel() / e.nbytes, "rel_l2_error": rel_err}
+
+
+def copies(x: torch.Tensor, repeats: int) -> list[dict]:
+    out = torch.empty_like(x)
+    rows = []
+    for label, fn in (("copy (clone)", x.clone), ("copy_ (preallocated)", lambda: out.copy_(x))):
+        t, _ = best_time(fn, repeats)
+        rows.append({"codec": label, "encode_s": t, "decode_s": 0.0,
+                     "gb_per_s": 4 * x.numel() / t / 1e9, "wire_bytes": 4 * x.numel(),
+                     "ratio": 1.0, "rel_l2_error": 0.0})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--numel", type=int, default=64 * 2**20)
+    p.add_argument("--codecs", default=",".join(CODECS), help="comma-separated labels")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default="bench-results/codecs_throughput.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
+
+    rows = copies(x, args.repeats)
+    print(f"{'codec':22} {'GB/s':>7} {'encode s':>9} {'decode s':>9} {'ratio':>7} {'rel err':>9}")
+    for r in rows:
+        print(f"{r['codec']:22} {r['gb_per_s']:7.2f} {r['encode_s']:9.4f} {'':>9}")
+    for label in args.codecs.split(","):
+        r = measure(label, x, args.repeats)
+        rows.append(r)
+        print(f"{label:22} {r['gb_per_s']:7.2f} {r['encode_s']:9.4f} {r['decode_s']:9.4f} "
+              f"{r['ratio']:6.2f}x {r['rel_l2_error']:9.2e}", flush=True)
+    env = {"numel": args.numel, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+           "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+           "load_average": os.getloadavg()}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    print(f"env: {env}\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Error feedback (Seide et al. 2014, "1-Bit Stochastic Gradient Descent"; Karimireddy et al.
+2019, "Error Feedback Fixes SignSGD and other Gradient Compression Schemes"): a wrapper that
+makes biased codecs (top-k, sign, low precision, PowerSGD) converge.
+
+Per stream (the ``key``), the worker keeps the residual ``r`` over the stream's whole flat
+vector, indexed by ``offset`` (it grows as needed; shard bounds may move when the membership
+does). Encoding ``x`` at ``offset`` sends ``C(x + r)`` and keeps ``r = (x + r) - D(C(x + r))``,
+so what was lost is sent later: after ``T`` rounds ``Σ decoded + r_T = Σ x`` (up to float32
+rounding). The residuals are part of the worker's state (:meth:`state_dict`).
+
+Wire size and error bound per message: the inner codec's. Decoding never uses the residual, so
+any worker decodes any other's payload.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from islands.codecs.base import Codec, Encoded, as_float32
+
+
+class ErrorFeedback(Codec):
+    """Keeps the inner codec's error per stream and adds it to the next tensor sent.
+
+    Args:
+        inner: the (usually biased) codec whose error is fed back.
+    """
+
+    def __init__(self, inner: Codec) -> None:
+        self.inner = inner
+        self.name = f"error_feedback({inner.name})"
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    def _residual(self, key: str, end: int) -> torch.Tensor:
+        r = self.residuals.get(key)
+        if r is None or r.numel() < end:
+            grown = torch.zeros(end)
+            if r is not None:
+                grown[:r.numel()] = r
+            r = self.residuals[key] = grown
+        return r
+
+    def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
+        n = x.numel()
+        r = self._residual(key, offset + n)[offset:offset + n]
+        corrected = as_float32(x) + r
+        # The inner codec checks corrected for NaN/Inf too (a residual could overflow).
+        e = self.inner.encode(corrected, key, offset)
+        r.copy_(corrected - self.inner.decode(e))
+        e.dtype = x.dtype  # decode in the caller's dtype
+        return e
+
+    def decode(self, e: Encoded) -> torch.Tensor:
+        return self.inner.decode(e)
+
+    def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
+        return self.inner.wire_bytes(numel, offset)
+
+    def bind_layout(self, shapes: list[torch.Size]) -> None:
+        self.inner.bind_layout(shapes)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"residual/{k}": r for k, r in sorted(self.residuals.items())}
+        state.update({f"inner/{k}": v for k, v in self.inner.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.residuals = {k.removeprefix("residual/"): v.clone() for k, v in state.items()
+                          if k.startswith("residual/")}
+        self.inner.load_state_dict({k.removeprefix("inner/"): v for k, v in state.items()
+                                    if k.startswith("inner/")})
+
+    def __repr__(self) -> str:
+        return f"error_feedback({self.inner!r})"

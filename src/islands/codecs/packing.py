@@ -1,0 +1,211 @@
+"""Vectorized building blocks shared by the quantizing and sparsifying codecs.
+
+Blockwise scales (a flat tensor cut into blocks of ``block`` values, the last one possibly
+shorter), nibble packing (two 4-bit codes per byte) and bit packing (``bits`` bits per
+integer, little-endian within a byte). Everything is a torch op over the whole flat buffer:
+no Python loop over blocks or elements.
+
+Cost note: on CPU, allocating a large tensor touches fresh pages, which can cost as much as the
+arithmetic; the helpers below allocate each output once and work on views.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import torch
+
+# Blocks whose absmax is below this floor use it as their absmax: keeps 1/scale finite for
+# denormal and all-zero blocks (the error bound then reads max(absmax, SCALE_FLOOR) / levels).
+SCALE_FLOOR = 1e-30
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def num_blocks(numel: int, block: int) -> int:
+    """Blocks (hence scales) needed for ``numel`` values: ``ceil(numel / block)``."""
+    return -(-numel // block)
+
+
+def split_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views a 1-D tensor as full blocks ``(numel // block, block)`` and a shorter tail."""
+    main = (x.numel() // block) * block
+    return x[:main].view(-1, block), x[main:]
+
+
+def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-block max |x| of a 1-D float32 tensor, floored at :data:`SCALE_FLOOR`.
+
+    Returns:
+        ``(num_blocks(numel, block),)`` float32.
+    """
+    rows, tail = split_blocks(x, block)
+    # amax and amin read x without materializing |x| (an extra 4 bytes per value).
+    peaks = [torch.maximum(rows.amax(1), rows.amin(1).neg())] if rows.numel() else []
+    if tail.numel():
+        peaks.append(tail.abs().amax().reshape(1))
+    if not peaks:
+        return torch.empty(0)
+    return torch.cat(peaks).clamp_min_(SCALE_FLOOR)
+
+
+def block_scales(absmax: torch.Tensor, levels: float) -> torch.Tensor:
+    """``absmax / levels``, nudged down where ``levels * scale`` would exceed ``absmax``.
+
+    The nudge guarantees that decoded values never exceed the block's absmax, so values near
+    the top of the fp32 range decode finite.
+    """
+    scales = absmax / levels
+    over = scales * levels > absmax
+    return torch.where(over, torch.nextafter(scales, torch.zeros_like(scales)), scales)
+
+
+def scale_blocks(x: torch.Tensor, factors: torch.Tensor, block: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Returns ``x * factors`` with one factor per block of ``x`` (1-D), as ``dtype``."""
+    if not x.is_floating_point():
+        # Integer codes: a vectorized convert then an in-place multiply is about twice as fast
+        # as one mixed-dtype multiply, with the same result (the codes convert exactly).
+        out = x.to(dtype)
+        out_rows, out_tail = split_blocks(out, block)
+        if out_rows.numel():
+            out_rows.mul_(factors[:out_rows.shape[0], None])
+        if out_tail.numel():
+            out_tail.mul_(factors[-1])
+        return out
+    out = torch.empty(x.numel(), dtype=dtype)
+    rows, tail = split_blocks(x, block)
+    out_rows, out_tail = split_blocks(out, block)
+    if rows.numel():
+        torch.mul(rows, factors[:rows.shape[0], None], out=out_rows)
+    if tail.numel():
+        torch.mul(tail, factors[-1], out=out_tail)
+    return out
+
+
+def round_(y: torch.Tensor, generator: torch.Generator | None, levels: int) -> torch.Tensor:
+    """Rounds ``y`` (within ``[-levels, levels]`` up to float error) in place: to nearest, or
+    stochastically (``floor(y + u)``, ``u ~ U[0, 1)``, then clamped to ``±levels``)."""
+    if generator is None:
+        return y.round_()
+    y.add_(torch.rand(y.shape, generator=generator)).floor_()
+    return y.clamp_(-levels, levels)
+
+
+def counters_state(calls: dict[tuple[str, int], int]) -> dict[str, torch.Tensor]:
+    """Per-(stream, offset) call counters as a state dict (``calls/<key>@<offset>``)."""
+    return {f"calls/{k}@{o}": torch.tensor(n) for (k, o), n in sorted(calls.items())}
+
+
+def counters_from_state(state: dict[str, torch.Tensor]) -> dict[tuple[str, int], int]:
+    """Inverse of :func:`counters_state`."""
+    calls = {}
+    for name, n in state.items():
+        key, _, off = name.removeprefix("calls/").rpartition("@")
+        calls[(key, int(off))] = int(n)
+    return calls
+
+
+class Rounding:
+    """Round-to-nearest, or stochastic rounding with a deterministic stream of random draws.
+
+    Args:
+        stochastic: draw ``u ~ U[0, 1)`` per value and round ``floor(y + u)`` (unbiased).
+        seed: with the key, offset and a per-(key, offset) call counter, seeds the draws, so
+            a simulation reproduces bit for bit.
+    """
+
+    def __init__(self, stochastic: bool, seed: int) -> None:
+        self.stochastic = stochastic
+        self.seed = seed
+        self._calls: dict[tuple[str, int], int] = {}
+
+    def __call__(self, y: torch.Tensor, levels: int, key: str, offset: int) -> torch.Tensor:
+        """Rounds ``y`` in place to integers in ``[-levels, levels]``."""
+        if not self.stochastic:
+            return round_(y, None, levels)
+        n = self._calls.get((key, offset), 0)
+        self._calls[(key, offset)] = n + 1
+        seed = stream_seed(self.seed, key, offset, y.numel(), n, shared=False)
+        return round_(y, torch.Generator().manual_seed(seed), levels)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The call counters, so a resumed run draws what an uninterrupted one would."""
+        return counters_state(self._calls)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._calls = counters_from_state(state)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Packs 4-bit codes (uint8 in [0, 16)) two per byte, the first in the low nibble.
+
+    Returns:
+        ``(ceil(n / 2),)`` uint8.
+    """
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    pairs = codes.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: ``(numel,)`` uint8 codes in [0, 16)."""
+    pairs = torch.stack([packed & 15, packed >> 4], dim=1)
+    return pairs.view(-1)[:numel]
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packs non-negative integers below ``2**bits`` into ``ceil(n * bits / 8)`` bytes."""
+    if bits == 1:
+        flat = values.to(torch.uint8)
+    else:
+        shifts = torch.arange(bits, dtype=values.dtype)
+        flat = ((values.reshape(-1, 1) >> shifts) & 1).to(torch.uint8).view(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``(count,)`` int64."""
+    flat = ((packed.reshape(-1, 1) & _BIT_WEIGHTS) != 0).view(-1)[:count * bits]
+    if bits == 1:
+        return flat.to(torch.int64)
+    weights = torch.ones(bits, dtype=torch.int64) << torch.arange(bits)
+    return (flat.view(count, bits).to(torch.int64) * weights).sum(1)
+
+
+def index_bits(numel: int) -> int:
+    """Bits needed for an index into ``numel`` values (at least 1)."""
+    return max(1, (numel - 1).bit_length())
+
+
+def kept_count(numel: int, fraction: float | None, count: int | None) -> int:
+    """Values a sparsifier keeps of ``numel``: ``count``, or ``ceil(fraction * numel)``."""
+    if numel == 0:
+        return 0
+    k = count if count is not None else math.ceil(fraction * numel)
+    return max(1, min(numel, k))
+
+
+_WORKER_PREFIX = re.compile(r"^w\d+/")
+_PHASE_SUFFIX = re.compile(r"/(scatter|gather)$")
+
+
+def stream_seed(seed: int, key: str, offset: int, numel: int, counter: int, *,
+                shared: bool) -> int:
+    """A deterministic 63-bit seed for one encode of one slice of a stream.
+
+    With ``shared``, the worker prefix (``w3/``) and the butterfly phase (``/scatter``,
+    ``/gather``) are dropped from ``key``, so with a stable membership every worker, and the
+    aggregating worker's re-encode, draw the same random choices in a round (random-k). Without
+    it each worker draws its own (stochastic rounding, whose errors should average out).
+    """
+    stream = _PHASE_SUFFIX.sub("", _WORKER_PREFIX.sub("", key)) if shared else key
+    digest = hashlib.blake2b(f"{seed}|{stream}|{offset}|{numel}|{counter}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -1,0 +1,73 @@
+"""Top-k sparsification (Aji & Heafield 2017, "Sparse Communication for Distributed Gradient
+Descent"; with error feedback, Stich et al. 2018, "Sparsified SGD with Memory").
+
+Sends the ``k`` values of largest magnitude of each encoded tensor and their indices. ``k`` is
+``count``, or ``ceil(fraction * numel)`` (at least 1, at most ``numel``); in the butterfly both
+apply per shard. Indices are sorted and bit-packed at ``b = max(1, ceil(log2 numel))`` bits
+each, values stay float32.
+
+Wire size: ``4 k + ceil(k b / 8)`` bytes.
+Error bound: exact on the kept values, the others decode to 0, each at most the k-th largest
+magnitude; ``||x - x̂||² <= (1 - k / numel) ||x||²``. Biased: pair it with error feedback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from islands.codecs.base import Codec, Encoded, as_float32
+from islands.codecs.packing import index_bits, kept_count, pack_bits, unpack_bits
+
+
+def check_sparsity(fraction: float | None, count: int | None) -> None:
+    """Exactly one of ``fraction`` (in (0, 1]) and ``count`` (>= 1) must be given."""
+    if (fraction is None) == (count is None):
+        raise ValueError(f"give exactly one of fraction ({fraction}) and count ({count})")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"fraction ({fraction}) must be in (0, 1]")
+    if count is not None and count < 1:
+        raise ValueError(f"count ({count}) must be >= 1")
+
+
+def scatter(numel: int, indices: torch.Tensor, values: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """A dense ``(numel,)`` tensor of zeros holding ``values`` at ``indices``."""
+    out = torch.zeros(numel, dtype=torch.float32)
+    out[indices] = values
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+class TopK(Codec):
+    """The ``k`` largest-magnitude values, with bit-packed indices.
+
+    Args:
+        fraction: share of the values kept (per encoded tensor).
+        count: number of values kept (instead of ``fraction``).
+    """
+
+    name = "topk"
+
+    def __init__(self, fraction: float | None = None, *, count: int | None = None) -> None:
+        check_sparsity(fraction, count)
+        self.fraction = fraction
+        self.count = count
+
+    def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
+        dtype, x = x.dtype, as_float32(x)
+        n = x.numel()
+        k = kept_count(n, self.fraction, self.count)
+        idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+        return Encoded({"values": x[idx], "indices": pack_bits(idx, index_bits(n))},
+                       numel=n, dtype=dtype, meta={"k": k})
+
+    def decode(self, e: Encoded) -> torch.Tensor:
+        k = e.meta["k"]
+        idx = unpack_bits(e.tensors["indices"], index_bits(e.numel), k)
+        return scatter(e.numel, idx, e.tensors["values"], e.dtype)
+
+    def wire_bytes(self, numel: int, offset: int = 0) -> int:
+        k = kept_count(numel, self.fraction, self.count)
+        return 4 * k + -(-k * index_bits(numel) // 8)
+
+    def __repr__(self) -> str:
+        return f"topk({self.fraction if self.count is None else f'count={self.count}'})"
