@@ -5,6 +5,7 @@ virtual time on a 100 Mbit/s, 50 ms network.
 Run it:
     .venv/bin/python benchmarks/diloco_vs_ddp.py                 # full grid (~25 min on 2 cores)
     .venv/bin/python benchmarks/diloco_vs_ddp.py --steps 100     # quick look
+    .venv/bin/python benchmarks/diloco_vs_ddp.py --algorithms diloco   # without LocalSGD
     .venv/bin/python benchmarks/diloco_vs_ddp.py --device cuda   # on a GPU
 
 Prints one table and writes JSON (``--json``, default bench-results/diloco_vs_ddp.json) and a
@@ -27,13 +28,14 @@ from islands.metrics.plots import plot_runs
 from islands.sim.runner import resolve_device, simulate
 
 
-def grid(workers: list[int], sync_every: list[int]) -> list[tuple[str, list[str]]]:
+def grid(workers: list[int], sync_every: list[int], algorithms: list[str]
+         ) -> list[tuple[str, list[str]]]:
     """(label, overrides) for every run of the benchmark."""
     runs = [("single", ["workers=1", "algorithm.name=ddp"])]
     for n in workers:
         runs.append((f"ddp-{n}w", [f"workers={n}", "algorithm.name=ddp"]))
         for h in sync_every:
-            for algo in ("diloco", "local_sgd"):
+            for algo in algorithms:
                 runs.append((f"{algo}-{n}w-H{h}", [f"workers={n}", f"algorithm.name={algo}",
                                                     f"algorithm.sync_every={h}"]))
     return runs
@@ -50,6 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--sync-every", type=int, nargs="+", default=[50, 100])
+    parser.add_argument("--algorithms", nargs="+", default=["diloco", "local_sgd"],
+                        choices=["diloco", "local_sgd"], help="compared with DDP and single")
     parser.add_argument("--steps", type=int, default=None, help="inner steps (default: 500)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", default="bench-results/diloco_vs_ddp.json")
@@ -58,7 +62,7 @@ def main() -> None:
     common = [f"device={args.device}"] + ([f"steps={args.steps}"] if args.steps else [])
     console = make_console()
     summaries = []
-    runs = grid(args.workers, args.sync_every)
+    runs = grid(args.workers, args.sync_every, args.algorithms)
     started = time.perf_counter()
     for i, (label, overrides) in enumerate(runs, 1):
         cfg = load_config(None, [*common, *overrides, f"name='{label}'"])

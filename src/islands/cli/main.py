@@ -1,7 +1,11 @@
-"""``islands``: the command line.
+"""islands: train one network on many poorly connected machines (simulated or for real).
 
     islands sim [CONFIG] [--set k=v ...] [--out DIR]   simulate (no CONFIG: the main job)
     islands compare RUN_DIR ... [--out PNG]            side-by-side table and combined plot
+    islands coordinator --port P [--token-file F]      membership service of the real runtime
+    islands run CONFIG --coordinator HOST:P --worker-id NAME [--token-file F]
+    islands launch CONFIG --workers N [--out DIR]      coordinator and N workers on this machine
+    islands status --coordinator HOST:P                members, epoch, last round
 """
 
 from __future__ import annotations

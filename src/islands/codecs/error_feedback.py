@@ -31,10 +31,10 @@ class ErrorFeedback(Codec):
         self.name = f"error_feedback({inner.name})"
         self.residuals: dict[str, torch.Tensor] = {}
 
-    def _residual(self, key: str, end: int) -> torch.Tensor:
+    def _residual(self, key: str, end: int, device: torch.device) -> torch.Tensor:
         r = self.residuals.get(key)
         if r is None or r.numel() < end:
-            grown = torch.zeros(end)
+            grown = torch.zeros(end, device=device)
             if r is not None:
                 grown[:r.numel()] = r
             r = self.residuals[key] = grown
@@ -42,7 +42,7 @@ class ErrorFeedback(Codec):
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         n = x.numel()
-        r = self._residual(key, offset + n)[offset:offset + n]
+        r = self._residual(key, offset + n, x.device)[offset:offset + n]
         corrected = as_float32(x) + r
         # The inner codec checks corrected for NaN/Inf too (a residual could overflow).
         e = self.inner.encode(corrected, key, offset)

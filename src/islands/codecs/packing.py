@@ -47,7 +47,7 @@ def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
     if tail.numel():
         peaks.append(tail.abs().amax().reshape(1))
     if not peaks:
-        return torch.empty(0)
+        return torch.empty(0, device=x.device)
     return torch.cat(peaks).clamp_min_(SCALE_FLOOR)
 
 
@@ -75,7 +75,7 @@ def scale_blocks(x: torch.Tensor, factors: torch.Tensor, block: int,
         if out_tail.numel():
             out_tail.mul_(factors[-1])
         return out
-    out = torch.empty(x.numel(), dtype=dtype)
+    out = torch.empty(x.numel(), dtype=dtype, device=x.device)
     rows, tail = split_blocks(x, block)
     out_rows, out_tail = split_blocks(out, block)
     if rows.numel():
@@ -90,7 +90,7 @@ def round_(y: torch.Tensor, generator: torch.Generator | None, levels: int) -> t
     stochastically (``floor(y + u)``, ``u ~ U[0, 1)``, then clamped to ``±levels``)."""
     if generator is None:
         return y.round_()
-    y.add_(torch.rand(y.shape, generator=generator)).floor_()
+    y.add_(torch.rand(y.shape, generator=generator).to(y.device)).floor_()
     return y.clamp_(-levels, levels)
 
 
@@ -162,20 +162,21 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 1:
         flat = values.to(torch.uint8)
     else:
-        shifts = torch.arange(bits, dtype=values.dtype)
+        shifts = torch.arange(bits, dtype=values.dtype, device=values.device)
         flat = ((values.reshape(-1, 1) >> shifts) & 1).to(torch.uint8).view(-1)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``(count,)`` int64."""
-    flat = ((packed.reshape(-1, 1) & _BIT_WEIGHTS) != 0).view(-1)[:count * bits]
+    flat = ((packed.reshape(-1, 1) & _BIT_WEIGHTS.to(packed.device)) != 0).view(-1)[:count * bits]
     if bits == 1:
         return flat.to(torch.int64)
-    weights = torch.ones(bits, dtype=torch.int64) << torch.arange(bits)
+    weights = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(
+        bits, device=packed.device)
     return (flat.view(count, bits).to(torch.int64) * weights).sum(1)
 
 

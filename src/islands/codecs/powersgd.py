@@ -95,16 +95,17 @@ class PowerSGD(Codec):
             state = f"{key}@{name}"
             q = self.q.get(state)
             if q is None:
-                q = self._initial_q(name, cols, rank)
+                q = self._initial_q(name, cols, rank).to(x.device)
             p = torch.linalg.qr(m @ q).Q  # (rows, rank), orthonormal columns
             q = m.T @ p  # (cols, rank)
             if bool(q.abs().sum() > 0):  # an all-zero M would freeze the warm start at 0
                 self.q[state] = q
             ps.append(p.reshape(-1))
             qs.append(q.reshape(-1))
-        tensors = {"raw": torch.cat(raw) if raw else torch.empty(0),
-                   "p": torch.cat(ps) if ps else torch.empty(0),
-                   "q": torch.cat(qs) if qs else torch.empty(0)}
+        none = torch.empty(0, device=x.device)
+        tensors = {"raw": torch.cat(raw) if raw else none,
+                   "p": torch.cat(ps) if ps else none,
+                   "q": torch.cat(qs) if qs else none}
         return Encoded(tensors, numel=x.numel(), dtype=dtype, meta={"plan": plan})
 
     def decode(self, e: Encoded) -> torch.Tensor:
