@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,18 +45,26 @@ def stdlib_root() -> Path:
 def _list_files(corpus: str) -> tuple[Path, list[Path]]:
     if corpus == "python-stdlib":
         root = stdlib_root()
-        files = [p for p in root.rglob("*.py")
-                 if "site-packages" not in p.parts and "dist-packages" not in p.parts]
-        return root, files
+        return root, _walk(root, (".py",), skip={"site-packages", "dist-packages"})
     path = Path(corpus).expanduser()
     if not path.exists():
         raise DataError(f"data.corpus path {str(path)!r} does not exist "
                         "(give a text file, a folder of text files, or 'python-stdlib')")
     if path.is_file():
         return path.parent, [path]
-    files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-    return path, files
+    return path, _walk(path, tuple(TEXT_SUFFIXES), skip=set())
+
+
+def _walk(root: Path, suffixes: tuple[str, ...], skip: set[str]) -> list[Path]:
+    """Files under ``root`` with one of ``suffixes``, never entering hidden folders, caches
+    or ``skip`` (pruned, not filtered: the stdlib's site-packages can hold gigabytes)."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip and d != "__pycache__"
+                   and not d.startswith(".")]
+        found.extend(Path(folder, n) for n in names
+                     if not n.startswith(".") and Path(n).suffix.lower() in suffixes)
+    return found
 
 
 def load_documents(corpus: str, max_bytes: int | None = None) -> list[Document]:
