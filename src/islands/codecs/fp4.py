@@ -51,14 +51,15 @@ class FP4(Codec):
         scales = block_scales(block_absmax(x, self.block), float(GRID[-1]))
         y = scale_blocks(x, 1.0 / scales, self.block)
         # Nearest grid point of |y|: ties go to the smaller magnitude.
-        codes = torch.bucketize(y.abs(), MIDPOINTS).to(torch.uint8)
+        codes = torch.bucketize(y.abs(), MIDPOINTS.to(y.device)).to(torch.uint8)
         codes |= (y < 0).to(torch.uint8) << 3
         return Encoded({"values": pack_nibbles(codes), "scales": scales}, numel=x.numel(),
                        dtype=dtype, meta={"block": self.block})
 
     def decode(self, e: Encoded) -> torch.Tensor:
         codes = unpack_nibbles(e.tensors["values"], e.numel)
-        out = scale_blocks(VALUES[codes.long()], e.tensors["scales"], e.meta["block"])
+        out = scale_blocks(VALUES.to(codes.device)[codes.long()], e.tensors["scales"],
+                           e.meta["block"])
         return out if e.dtype == torch.float32 else out.to(e.dtype)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int:
