@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 
-from tests.integration.conftest import TINY, metrics, wait_until
+from tests.integration.conftest import metrics, wait_until
 
 LONG = ["workers=3", "steps=5000", "runtime.heartbeat_s=0.1", "runtime.heartbeat_timeout_s=1.0"]
 

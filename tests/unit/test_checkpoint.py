@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from islands.algorithms import DiLoCo
-from islands.codecs.cast import Identity
 from islands.algorithms.base import Worker
+from islands.codecs.cast import Identity
 from islands.core.errors import ConfigError
 from islands.runtime import checkpoint, state
 

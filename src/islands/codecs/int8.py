@@ -24,8 +24,6 @@ from islands.codecs.packing import (
     scale_blocks,
 )
 
-LEVELS = 127
-
 
 class Int8(Codec):
     """int8 values with one float32 absmax scale per block.
@@ -37,6 +35,7 @@ class Int8(Codec):
     """
 
     name = "int8"
+    levels = 127  # codes -levels..levels
 
     def __init__(self, block: int = 256, *, stochastic: bool = False, seed: int = 0) -> None:
         if block < 1:
@@ -47,18 +46,29 @@ class Int8(Codec):
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         dtype, x = x.dtype, as_float32(x)
-        scales = block_scales(block_absmax(x, self.block), LEVELS)
+        scales = block_scales(block_absmax(x, self.block), self.levels)
         y = scale_blocks(x, 1.0 / scales, self.block)
-        q = self.round(y, LEVELS, key, offset).to(torch.int8)
-        return Encoded({"values": q, "scales": scales}, numel=x.numel(), dtype=dtype,
+        codes = self._pack(self.round(y, self.levels, key, offset))
+        return Encoded({"values": codes, "scales": scales}, numel=x.numel(), dtype=dtype,
                        meta={"block": self.block})
 
     def decode(self, e: Encoded) -> torch.Tensor:
-        out = scale_blocks(e.tensors["values"], e.tensors["scales"], e.meta["block"])
+        q = self._unpack(e.tensors["values"], e.numel)
+        out = scale_blocks(q, e.tensors["scales"], e.meta["block"])
         return out if e.dtype == torch.float32 else out.to(e.dtype)
 
+    def _pack(self, rounded: torch.Tensor) -> torch.Tensor:
+        """Rounded codes (float, in -levels..levels) to the wire: one int8 each."""
+        return rounded.to(torch.int8)
+
+    def _unpack(self, values: torch.Tensor, numel: int) -> torch.Tensor:
+        return values
+
+    def _payload_bytes(self, numel: int) -> int:
+        return numel
+
     def wire_bytes(self, numel: int, offset: int = 0) -> int:
-        return numel + 4 * num_blocks(numel, self.block)
+        return self._payload_bytes(numel) + 4 * num_blocks(numel, self.block)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.round.state_dict()
@@ -67,4 +77,4 @@ class Int8(Codec):
         self.round.load_state_dict(state)
 
     def __repr__(self) -> str:
-        return f"int8(block={self.block}{', stochastic' if self.stochastic else ''})"
+        return f"{self.name}(block={self.block}{', stochastic' if self.stochastic else ''})"

@@ -1,8 +1,9 @@
 """A small byte-level GPT, after nanoGPT's ``model.py`` (Karpathy): pre-norm blocks, causal
 self-attention through ``scaled_dot_product_attention``, tied input/output embeddings.
 
-Vocabulary: the 256 byte values. The default config (3 layers, width 128, context 64) has about 0.63M
-parameters, small enough that the main job trains 13 worker-runs on 2 CPU cores in minutes.
+Vocabulary: the 256 byte values. The default config (3 layers, width 128, context 64) has
+about 0.63M parameters, small enough that the main job trains 13 worker-runs on 2 CPU cores in
+minutes.
 """
 
 from __future__ import annotations
