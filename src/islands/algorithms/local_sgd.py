@@ -9,13 +9,12 @@ round (exact fp32, counted like every other byte).
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from islands.algorithms.base import Algorithm, Worker
 from islands.codecs.cast import Identity
 from islands.collectives.butterfly import Group
+from islands.core.seeding import derive_seed
 
 
 class LocalSGD(Algorithm):
@@ -46,8 +45,7 @@ class LocalSGD(Algorithm):
         if self.participation >= 1.0 or round < 0:
             return workers
         k = max(1, round_half_up(self.participation * len(workers)))
-        digest = hashlib.blake2b(f"{self.seed}/participants/{round}".encode(), digest_size=8)
-        rng = np.random.default_rng(int.from_bytes(digest.digest(), "big"))
+        rng = np.random.default_rng(derive_seed(self.seed, "participants", round))
         return tuple(sorted(rng.choice(workers, size=k, replace=False).tolist()))
 
     def begin_round(self, group: Group, workers: list[Worker], round: int) -> None:

@@ -11,11 +11,12 @@ arithmetic; the helpers below allocate each output once and work on views.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 
 import torch
+
+from islands.core.seeding import derive_seed
 
 # Blocks whose absmax is below this floor use it as their absmax: keeps 1/scale finite for
 # denormal and all-zero blocks (the error bound then reads max(absmax, SCALE_FLOOR) / levels).
@@ -207,6 +208,4 @@ def stream_seed(seed: int, key: str, offset: int, numel: int, counter: int, *,
     it each worker draws its own (stochastic rounding, whose errors should average out).
     """
     stream = _PHASE_SUFFIX.sub("", _WORKER_PREFIX.sub("", key)) if shared else key
-    digest = hashlib.blake2b(f"{seed}|{stream}|{offset}|{numel}|{counter}".encode(),
-                             digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return derive_seed(seed, stream, offset, numel, counter)

@@ -15,19 +15,13 @@ compared on identical data.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 
 from islands.core.config import DataConfig
 from islands.core.errors import DataError
+from islands.core.seeding import derive_seed
 from islands.data.corpus import concat, load_documents, split_train_val
-
-
-def _seed_of(*parts: int | str) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
 def make_chunks(spans: list[tuple[int, int, str]], total: int, chunk_bytes: int, min_len: int
@@ -45,7 +39,7 @@ def make_chunks(spans: list[tuple[int, int, str]], total: int, chunk_bytes: int,
 def partition(n_chunks: int, sources: list[str], lengths: np.ndarray, workers: int,
               kind: str, alpha: float, seed: int) -> list[np.ndarray]:
     """Returns, per worker, the indices of its chunks (sorted)."""
-    rng = np.random.default_rng(_seed_of(seed, "partition", kind))
+    rng = np.random.default_rng(derive_seed(seed, "partition", kind))
     if n_chunks < workers:
         raise DataError(f"the corpus yields {n_chunks} chunks for {workers} workers; use a "
                         "larger corpus, a smaller data.chunk_bytes, or fewer workers")
@@ -125,7 +119,7 @@ class ByteData:
 
     def train_batch(self, worker: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of ``worker`` at inner ``step``: (x, y), each (batch_size, block_size)."""
-        g = torch.Generator().manual_seed(_seed_of(self.seed, "batch", worker, step))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "batch", worker, step))
         mine = self.parts[worker]
         pick = torch.from_numpy(mine)[torch.randint(len(mine), (self.cfg.batch_size,),
                                                      generator=g)]
@@ -135,7 +129,7 @@ class ByteData:
 
     def val_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fixed validation batches (same for every algorithm and run with this seed)."""
-        g = torch.Generator().manual_seed(_seed_of(self.seed, "val"))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "val"))
         n = self.cfg.eval_batches * self.cfg.batch_size
         starts = torch.randint(len(self.val) - self.block_size - 1, (n,), generator=g)
         x, y = self._windows(self.val, starts)
