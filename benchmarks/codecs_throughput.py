@@ -1,9 +1,17 @@
 """Encode+decode throughput of every codec on one large flat tensor, beside a copy of the same
-tensor (the ceiling: a codec reads its input and writes a fresh output, as a copy does).
+tensor (the ceiling: a codec reads its input and writes an output, as a copy does).
 
 Throughput is float32 bytes in (``4 · numel``) over the encode plus decode time, the best of
-``--repeats`` runs after a warm-up. The codecs are the ones ``[codec]`` builds; PowerSGD sees
-the tensor as one square-ish matrix.
+``--repeats`` runs after a warm-up, measured two ways:
+
+* ``GB/s into``: decoding into a buffer that already exists (``Codec.decode_into``), as the
+  butterfly all-reduce does (the rows it aggregates, the result it returns); the ceiling is a
+  ``copy_`` into a preallocated tensor.
+* ``GB/s new``: decoding into a freshly allocated tensor (``Codec.decode``); the ceiling is a
+  ``clone``. On CPU the first touch of fresh pages can cost more than the arithmetic.
+
+The encoder always allocates its wire buffers fresh. The codecs are the ones ``[codec]``
+builds; PowerSGD sees the tensor as one square-ish matrix.
 
 Run it:
 
@@ -11,8 +19,6 @@ Run it:
     python benchmarks/codecs_throughput.py --numel 16000000 --codecs int8,int4,fp4
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/codecs_throughput.py  # PyTorch's huge-page allocator
 
-On CPU, touching the fresh pages of a large output can cost as much as the arithmetic: the
-``copy_`` row (into a preallocated tensor) shows the memory bandwidth without that cost, and
 ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch's CPU allocator) makes page faults cheaper for
 everyone alike. Writes ``bench-results/codecs_throughput.json`` (``--json`` to move it).
 """
@@ -70,21 +76,22 @@ def measure(label: str, x: torch.Tensor, repeats: int) -> dict:
     codec.bind_layout([torch.Size([side, x.numel() // side])])
     enc_s, e = best_time(lambda: codec.encode(x, key="w0/bench/scatter"), repeats)
     dec_s, d = best_time(lambda: codec.decode(e), repeats)
+    out = torch.empty_like(x)
+    into_s, _ = best_time(lambda: codec.decode_into(e, out), repeats)
     gbps = 4 * x.numel() / (enc_s + dec_s) / 1e9
     rel_err = float((d - x).norm() / x.norm())
     return {"codec": label, "encode_s": enc_s, "decode_s": dec_s, "gb_per_s": gbps,
+            "decode_into_s": into_s, "gb_per_s_into": 4 * x.numel() / (enc_s + into_s) / 1e9,
             "wire_bytes": e.nbytes, "ratio": 4 * x.numel() / e.nbytes, "rel_l2_error": rel_err}
 
 
 def copies(x: torch.Tensor, repeats: int) -> list[dict]:
     out = torch.empty_like(x)
-    rows = []
-    for label, fn in (("copy (clone)", x.clone), ("copy_ (preallocated)", lambda: out.copy_(x))):
-        t, _ = best_time(fn, repeats)
-        rows.append({"codec": label, "encode_s": t, "decode_s": 0.0,
-                     "gb_per_s": 4 * x.numel() / t / 1e9, "wire_bytes": 4 * x.numel(),
-                     "ratio": 1.0, "rel_l2_error": 0.0})
-    return rows
+    fresh, _ = best_time(x.clone, repeats)
+    into, _ = best_time(lambda: out.copy_(x), repeats)
+    return [{"codec": "copy", "encode_s": 0.0, "decode_s": fresh, "decode_into_s": into,
+             "gb_per_s": 4 * x.numel() / fresh / 1e9, "gb_per_s_into": 4 * x.numel() / into / 1e9,
+             "wire_bytes": 4 * x.numel(), "ratio": 1.0, "rel_l2_error": 0.0}]
 
 
 def main() -> None:
@@ -100,13 +107,13 @@ def main() -> None:
     x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
 
     rows = copies(x, args.repeats)
-    print(f"{'codec':22} {'GB/s':>7} {'encode s':>9} {'decode s':>9} {'ratio':>7} {'rel err':>9}")
-    for r in rows:
-        print(f"{r['codec']:22} {r['gb_per_s']:7.2f} {r['encode_s']:9.4f} {'':>9}")
+    print(f"{'codec':16} {'GB/s into':>9} {'GB/s new':>8} {'encode s':>9} {'dec into s':>10} "
+          f"{'dec new s':>9} {'ratio':>7} {'rel err':>9}")
     for label in args.codecs.split(","):
-        r = measure(label, x, args.repeats)
-        rows.append(r)
-        print(f"{label:22} {r['gb_per_s']:7.2f} {r['encode_s']:9.4f} {r['decode_s']:9.4f} "
+        rows.append(measure(label, x, args.repeats))
+    for r in rows:
+        print(f"{r['codec']:16} {r['gb_per_s_into']:9.2f} {r['gb_per_s']:8.2f} "
+              f"{r['encode_s']:9.4f} {r['decode_into_s']:10.4f} {r['decode_s']:9.4f} "
               f"{r['ratio']:6.2f}x {r['rel_l2_error']:9.2e}", flush=True)
     env = {"numel": args.numel, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),

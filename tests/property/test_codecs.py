@@ -219,3 +219,45 @@ def test_nan_inf_is_refused_naming_the_tensor(name, bad):
 def test_integer_tensors_are_refused(name):
     with pytest.raises(CodecError, match="float tensors"):
         make(name).encode(torch.arange(5), key="k")
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+@given(data=vectors, offset=st.integers(0, 200))
+def test_decode_into_writes_what_decode_returns(name, data, offset):
+    x = torch.from_numpy(data)
+    e = make(name).encode(x, key="w0/t/scatter", offset=offset)
+    rows = torch.full((3, x.numel()), 7.0)  # the collective decodes into rows of a buffer
+    got = make(name).decode_into(e, rows[1])
+    assert got.data_ptr() == rows[1].data_ptr()
+    assert torch.equal(rows[1], make(name).decode(e))
+    assert bool((rows[0] == 7).all() and (rows[2] == 7).all())  # nothing written elsewhere
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@given(data=hnp.arrays(np.float32, st.integers(0, 700), elements=finite32))
+def test_encoding_in_pieces_equals_encoding_at_once(name, data):
+    """The quantizers work in cache-sized pieces; the pieces' seams change nothing."""
+    import islands.codecs.int8 as int8_module
+
+    x = torch.from_numpy(data)
+    saved = int8_module.CHUNK
+    try:
+        int8_module.CHUNK = 1 << 20
+        whole = make(name).encode(x, key="k")
+        int8_module.CHUNK = 40  # pieces of one (int8) or two (int4) blocks
+        pieces = make(name).encode(x, key="k")
+        assert all(torch.equal(whole.tensors[k], pieces.tensors[k]) for k in whole.tensors)
+        assert torch.equal(make(name).decode(pieces), make(name).decode(whole))
+    finally:
+        int8_module.CHUNK = saved
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int8-stochastic"])
+def test_nan_in_a_later_piece_is_refused(name, monkeypatch):
+    import islands.codecs.int8 as int8_module
+
+    monkeypatch.setattr(int8_module, "CHUNK", 64)
+    x = torch.randn(1000)
+    x[900] = float("nan")
+    with pytest.raises(CodecError, match=r"w1/delta\[5:1005\].*1 NaN/Inf"):
+        make(name).encode(x, key="w1/delta", offset=5)

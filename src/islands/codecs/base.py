@@ -62,10 +62,18 @@ def check_finite(x: torch.Tensor, key: str) -> None:
                          "refusing to encode it (check the learning rate or the data)")
 
 
+def tensor_name(key: str, offset: int, numel: int) -> str:
+    """How errors name a slice of a stream: ``key`` or ``key[offset:offset + numel]``."""
+    return key if not offset else f"{key}[{offset}:{offset + numel}]"
+
+
 class Codec(ABC):
     """Encodes flat float tensors for the wire. Subclasses implement ``_encode``/``decode``."""
 
     name: str = "codec"
+    # True when ``_encode`` itself refuses NaN/Inf (with :func:`check_finite`'s error), from
+    # values it reads anyway, sparing ``encode`` a separate pass over the tensor.
+    checks_finite: bool = False
 
     def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0) -> Encoded:
         """Encodes ``x`` (any shape; flattened) after checking it is finite.
@@ -77,7 +85,8 @@ class Codec(ABC):
         """
         if not torch.is_floating_point(x):
             raise CodecError(f"tensor {key!r} has dtype {x.dtype}; codecs take float tensors")
-        check_finite(x, key if not offset else f"{key}[{offset}:{offset + x.numel()}]")
+        if not self.checks_finite:
+            check_finite(x, tensor_name(key, offset, x.numel()))
         return self._encode(x.reshape(-1), key, offset)
 
     @abstractmethod
@@ -87,6 +96,14 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, e: Encoded) -> torch.Tensor:
         """Returns the 1-D tensor (``e.numel`` values, dtype ``e.dtype``) that ``e`` encodes."""
+
+    def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        """Decodes ``e`` into ``out`` (1-D, ``e.numel`` values) and returns ``out``.
+
+        The collective decodes into buffers it already holds; codecs that can write there
+        directly (the blockwise quantizers) override this to skip a fresh allocation.
+        """
+        return out.copy_(self.decode(e))
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
         """Exact ``encode(x).nbytes`` for a float32 ``x`` of ``numel`` values at ``offset``.

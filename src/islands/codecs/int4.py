@@ -33,11 +33,14 @@ class Int4(Int8):
     def __init__(self, block: int = 64, *, stochastic: bool = False, seed: int = 0) -> None:
         super().__init__(block, stochastic=stochastic, seed=seed)
 
-    def _pack(self, rounded: torch.Tensor) -> torch.Tensor:
-        return pack_nibbles(rounded.add_(self.levels + 1).to(torch.uint8))
+    wire_dtype = torch.uint8
 
-    def _unpack(self, values: torch.Tensor, numel: int) -> torch.Tensor:
-        return unpack_nibbles(values, numel).to(torch.int8).sub_(self.levels + 1)
+    def _pack_into(self, rounded: torch.Tensor, values: torch.Tensor, a: int, b: int) -> None:
+        values[a // 2:-(-b // 2)] = pack_nibbles(rounded.add_(self.levels + 1).to(torch.uint8))
+
+    def _unpack(self, values: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        codes = unpack_nibbles(values[a // 2:-(-b // 2)], b - a)
+        return codes.to(torch.int8).sub_(self.levels + 1)
 
     def _payload_bytes(self, numel: int) -> int:
         return -(-numel // 2)

@@ -64,19 +64,22 @@ def block_scales(absmax: torch.Tensor, levels: float) -> torch.Tensor:
 
 
 def scale_blocks(x: torch.Tensor, factors: torch.Tensor, block: int,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Returns ``x * factors`` with one factor per block of ``x`` (1-D), as ``dtype``."""
+                 dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Returns ``x * factors`` with one factor per block of ``x`` (1-D), as ``dtype``, written
+    into ``out`` (1-D, ``x.numel()`` values) when given."""
     if not x.is_floating_point():
         # Integer codes: a vectorized convert then an in-place multiply is about twice as fast
         # as one mixed-dtype multiply, with the same result (the codes convert exactly).
-        out = x.to(dtype)
+        out = x.to(dtype) if out is None else out.copy_(x)
         out_rows, out_tail = split_blocks(out, block)
         if out_rows.numel():
             out_rows.mul_(factors[:out_rows.shape[0], None])
         if out_tail.numel():
             out_tail.mul_(factors[-1])
         return out
-    out = torch.empty(x.numel(), dtype=dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.numel(), dtype=dtype, device=x.device)
     rows, tail = split_blocks(x, block)
     out_rows, out_tail = split_blocks(out, block)
     if rows.numel():
@@ -125,12 +128,17 @@ class Rounding:
 
     def __call__(self, y: torch.Tensor, levels: int, key: str, offset: int) -> torch.Tensor:
         """Rounds ``y`` in place to integers in ``[-levels, levels]``."""
+        return round_(y, self.generator(key, offset, y.numel()), levels)
+
+    def generator(self, key: str, offset: int, numel: int) -> torch.Generator | None:
+        """The draws for one encode of ``numel`` values (None: round to nearest). A caller
+        rounding in pieces passes each piece, in order, to :func:`round_` with it."""
         if not self.stochastic:
-            return round_(y, None, levels)
+            return None
         n = self._calls.get((key, offset), 0)
         self._calls[(key, offset)] = n + 1
-        seed = stream_seed(self.seed, key, offset, y.numel(), n, shared=False)
-        return round_(y, torch.Generator().manual_seed(seed), levels)
+        return torch.Generator().manual_seed(
+            stream_seed(self.seed, key, offset, numel, n, shared=False))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The call counters, so a resumed run draws what an uninterrupted one would."""

@@ -72,6 +72,7 @@ class Group:
         """
         assert set(contributions) == set(self.local), (sorted(contributions), self.local)
         numel = next(iter(contributions.values())).numel()
+        device = next(iter(contributions.values())).device
         bounds = shard_bounds(numel, len(self.members))
         owner = dict(zip(self.members, bounds))
 
@@ -89,7 +90,10 @@ class Group:
         for j in self.local:
             a = owner[j][0]
             msgs = [incoming[(i, j)] for i in self.members]
-            stacked = torch.stack([codecs[j].decode(m.payload) for m in msgs])
+            first = msgs[0].payload
+            stacked = torch.empty((len(msgs), first.numel), dtype=first.dtype, device=device)
+            for row, m in zip(stacked, msgs):  # decode straight into the rows
+                codecs[j].decode_into(m.payload, row)
             wts = None if weights is None else torch.tensor([m.weight for m in msgs],
                                                            dtype=torch.float64)
             reduced = aggregator(stacked, wts)
@@ -100,8 +104,11 @@ class Group:
 
         out = {}
         for k in self.local:
-            parts = [codecs[k].decode(incoming[(j, k)].payload) for j in self.members]
-            out[k] = torch.cat(parts) if parts else torch.empty(0)
+            out[k] = torch.empty(numel, dtype=incoming[(self.members[0], k)].payload.dtype,
+                                 device=device)
+            for j in self.members:  # each owner's reduced shard, into its place
+                a, b = owner[j]
+                codecs[k].decode_into(incoming[(j, k)].payload, out[k][a:b])
         return out
 
     def broadcast(self, src: int, tensor: torch.Tensor | None, codec: Codec,
