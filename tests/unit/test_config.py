@@ -52,6 +52,7 @@ def test_int_accepted_for_float_and_resolved_config_roundtrips():
     ("device=tpu", "device ('tpu') must be one of"),
     ("network.worker=[{id = 9}]", "network.worker[0].id (9) must name a worker in [0, 3]"),
     ("outer.momentum=0", "outer.nesterov (True) needs outer.momentum > 0"),
+    ("init.warm_start_steps=-5", "init.warm_start_steps (-5) must be >= 0 (0: no warm start)"),
 ])
 def test_bad_values_name_key_value_and_rule(override, fragment):
     with pytest.raises(ConfigError) as e:

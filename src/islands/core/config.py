@@ -136,6 +136,25 @@ ALGORITHMS = ("ddp", "local_sgd", "diloco")
 
 
 @dataclass(frozen=True, kw_only=True)
+class InitConfig:
+    """Where every worker's parameters start.
+
+    Attributes:
+        warm_start_steps: before the run, one model trains alone this many steps (the inner
+            optimizer at a constant lr after its warm-up, on all the training data, with its
+            own batch stream) and every worker of every algorithm starts from the result, as
+            the DiLoCo paper starts from a pretrained checkpoint. 0: start from the random
+            initialization of the seed. Not counted in ``steps``, bytes or virtual time.
+    """
+
+    warm_start_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.warm_start_steps >= 0, "init.warm_start_steps", self.warm_start_steps,
+               "must be >= 0 (0: no warm start)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class AlgorithmConfig:
     """Which member of the DiLoCo family runs, and how often workers synchronize.
 
@@ -367,6 +386,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
