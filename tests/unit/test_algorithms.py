@@ -111,7 +111,7 @@ def test_slow_worker_is_a_config_value():
 def test_warm_start_is_shared_deterministic_and_trained():
     """Every algorithm starts from the same warm-started parameters: the seed's initialization
     trained ``init.warm_start_steps`` steps alone; recomputed from scratch, bit-identical."""
-    import islands.sim.runner as runner
+    from islands.sim import runner
 
     warm = ["steps=4", "eval_every=4", "init.warm_start_steps=30"]
     runs = {algo: Simulation(tiny_config(*warm, f"algorithm.name={algo}",
