@@ -113,8 +113,12 @@ def main() -> None:
         "aborted_attempts": sum(s["aborted_attempts"] for s in churn["summaries"].values()),
         "baseline_final_loss": loss(base), "churn_final_loss": loss(churn),
         "round_s_median": sorted(r["round_s"] for r in survivors[0])[len(survivors[0]) // 2],
-        "rejoin_setup_note": "rejoin_s includes the process start (import torch), data and "
-                             "model set-up, the end of the round in flight and one round",
+        "rejoined_as_observer": bool(rows(root / "churn" / "w2")[0].get("observer")),
+        "survivor_round_s_when_healing": max(
+            (r["round_s"] for rs in survivors for r in rs if r.get("observers")), default=None),
+        "rejoin_setup_note": "rejoin_s runs from the restarted process's start (import torch, "
+                             "data, model) to its first committed round: the round in flight, "
+                             "joined as a weight-0 observer, or else the next round",
     }
     print(json.dumps(figures, indent=2))
     if args.json:

@@ -1,9 +1,11 @@
-"""DiLoCo against DDP (and LocalSGD, and one worker alone) on the main job's setup, at 4 and 8
-workers with sync_every 50 and 100: final eval loss, bytes per worker, traffic reduction, and
-virtual time on a 100 Mbit/s, 50 ms network.
+"""DiLoCo against DDP (and LocalSGD, and one worker alone) on the main job's setup (400 inner
+steps from a shared 1000-step warm start), at 4 and 8 workers with sync_every 50 and 100:
+final eval loss, bytes per worker, traffic reduction, and virtual time on a 100 Mbit/s, 50 ms
+network.
 
 Run it:
-    .venv/bin/python benchmarks/diloco_vs_ddp.py                 # full grid (~25 min on 2 cores)
+    .venv/bin/python benchmarks/diloco_vs_ddp.py                 # full grid (~15 min on 2 cores)
+    .venv/bin/python benchmarks/diloco_vs_ddp.py --warm-start-steps 0 --steps 500   # cold start
     .venv/bin/python benchmarks/diloco_vs_ddp.py --steps 100     # quick look
     .venv/bin/python benchmarks/diloco_vs_ddp.py --algorithms diloco   # without LocalSGD
     .venv/bin/python benchmarks/diloco_vs_ddp.py --device cuda   # on a GPU
@@ -25,6 +27,7 @@ import torch
 from islands.core.config import load_config
 from islands.metrics.compare import comparison_rows, make_console, render_table
 from islands.metrics.plots import plot_runs
+from islands.sim.main_job import MAIN_JOB_SETUP
 from islands.sim.runner import resolve_device, simulate
 
 
@@ -54,12 +57,17 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, nargs="+", default=[50, 100])
     parser.add_argument("--algorithms", nargs="+", default=["diloco", "local_sgd"],
                         choices=["diloco", "local_sgd"], help="compared with DDP and single")
-    parser.add_argument("--steps", type=int, default=None, help="inner steps (default: 500)")
+    parser.add_argument("--steps", type=int, default=MAIN_JOB_SETUP["steps"],
+                        help="inner steps per worker (default: the main job's)")
+    parser.add_argument("--warm-start-steps", type=int,
+                        default=MAIN_JOB_SETUP["init"]["warm_start_steps"],
+                        help="steps of the shared warm start (default: the main job's; 0: none)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", default="bench-results/diloco_vs_ddp.json")
     args = parser.parse_args()
 
-    common = [f"device={args.device}"] + ([f"steps={args.steps}"] if args.steps else [])
+    common = [f"device={args.device}", f"steps={args.steps}",
+              f"init.warm_start_steps={args.warm_start_steps}"]
     console = make_console()
     summaries = []
     runs = grid(args.workers, args.sync_every, args.algorithms)

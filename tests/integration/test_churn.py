@@ -68,7 +68,8 @@ def test_kill_restart_leave_and_hostile_peers(tmp_path, procs, coordinator):
     ws[2] = procs.worker(2, addr, out, LONG, tok)
     wait_until(lambda: last_round(out / "w2") >= 0, 60, "the restarted worker's first commit")
     first = metrics(out / "w2")[0]
-    print(f"stall {stall:.2f} s; rejoin {first['commit_unix'] - ws[2].started_unix:.2f} s")
+    print(f"stall {stall:.2f} s; rejoin {first['commit_unix'] - ws[2].started_unix:.2f} s "
+          f"({'healed into the round in flight' if first['observer'] else 'at a boundary'})")
     assert first["participants"] == [0, 1, 2]
 
     # 3. Hostile peers: refused with a log line, training continues.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from islands.sim.runner import Simulation
@@ -129,3 +130,58 @@ def test_warm_start_is_shared_deterministic_and_trained():
     assert all(torch.equal(a, b) for a, b in zip(cached, again))
     other = runner.warm_start(tiny_config("init.warm_start_steps=31"), torch.device("cpu"))
     assert not all(torch.equal(a, b) for a, b in zip(cached, other))
+
+
+@pytest.mark.parametrize("algo", ["diloco", "local_sgd"])
+def test_an_observer_changes_nothing_and_ends_with_the_same_state(algo):
+    # (local_sgd weighs uniformly here: by samples an untrained worker weighs 0 anyway)
+    """A worker healing into a round (holding the committed state, trained nothing) takes
+    part with weight 0: the round's result is the other members' alone, and it ends the
+    round with their shared state."""
+    from islands.algorithms import build_algorithm
+    from islands.collectives.butterfly import Group
+    from islands.data import ByteData
+    from islands.runtime.state import digest
+    from islands.sim.runner import build_workers
+    from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
+
+    cfg = tiny_config("workers=3", f"algorithm.name={algo}", "algorithm.sync_every=3",
+                      *(["algorithm.weighting=uniform"] if algo == "local_sgd" else []))
+    data = ByteData(cfg.data, workers=3, block_size=cfg.model.block_size, seed=cfg.seed)
+
+    def round_with(members, observers):
+        torch.manual_seed(0)
+        workers, algorithm = build_workers(cfg, data, torch.device("cpu")), build_algorithm(cfg)
+        for w in workers:
+            algorithm.attach(w)
+        for step in range(3):
+            for w in workers[:2]:
+                w.backward(*data.train_batch(w.id, step))
+                w.apply()
+        transport = SimTransport(3, NetworkModel.from_config(cfg.network), VirtualClock(3))
+        active = [workers[i] for i in members]
+        algorithm.sync(Group(transport, members), active, 0, observers=observers)
+        return [algorithm.shared_state(w) for w in active]
+
+    alone = round_with((0, 1), ())
+    observed = round_with((0, 1, 2), (2,))
+    torch.testing.assert_close(observed[0]["global_params"], alone[0]["global_params"],
+                               rtol=1e-6, atol=1e-7)
+    assert len({digest(s) for s in observed}) == 1
+    assert not torch.equal(observed[0]["global_params"], round_with((0, 1, 2), ())[0][
+        "global_params"])  # without weight 0 the untrained worker would drag the mean
+
+
+@pytest.mark.parametrize("algo", ["ddp", "diloco", "local_sgd"])
+def test_a_fresh_workers_state_hash_is_its_initial_parameters(algo):
+    """A joiner reports its hash before its optimizers exist (they are built while it waits):
+    that hash must be the one its built state has."""
+    from islands.runtime.state import digest
+    from islands.runtime.worker import RuntimeWorker
+
+    w = RuntimeWorker(tiny_config(f"algorithm.name={algo}", "workers=2"), 1, membership=None,
+                      store=None)
+    w._setup()
+    early = w._hash()
+    w._built()
+    assert early == w._fresh_hash == digest(w.algorithm.shared_state(w.worker)) == w._hash()

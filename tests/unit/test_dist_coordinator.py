@@ -84,3 +84,66 @@ def test_hash_majority_names_the_workers_to_repair(coord):
 def test_requests_without_a_connection_fail_cleanly():
     with pytest.raises(CommError, match="cannot connect"):
         client_connect("127.0.0.1:1", b"", {"role": "status"}, timeout_s=1)
+
+
+def _ask(chs: dict, reqs: dict) -> dict:
+    """Sends each worker's request at once (barriers block) and collects the replies."""
+    out = {}
+
+    def one(wid):
+        chs[wid].send(reqs[wid])
+        out[wid] = chs[wid].recv()
+
+    ts = [threading.Thread(target=one, args=(w,)) for w in reqs]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert set(out) == set(reqs), "a barrier did not release"
+    return out
+
+
+def test_a_joiner_heals_into_the_round_in_flight_as_an_observer(coord):
+    chs = {0: _worker(coord, 0), 1: _worker(coord, 1)}
+    first = _ask(chs, {w: {"op": "start", "round": 4, "hash": "h", "wait_for": 2} for w in chs})
+    assert first[0]["members"] == [0, 1]
+    # round 4 is in flight; worker 2 arrives asking to heal: answered at once, not held
+    chs[2] = _worker(coord, 2)
+    chs[2].send({"op": "start", "round": 0, "hash": "fresh", "wait_for": 1, "heal": True})
+    healed = chs[2].recv()
+    assert healed == {"heal": True, "round": 4, "src": 0, "members": [0, 1, 2]}
+    # the members' ready waits for the observer and names it, with who sends it the state
+    ready = _ask(chs, {0: {"op": "ready", "round": 4, "attempt": 0, "members": [0, 1]},
+                       1: {"op": "ready", "round": 4, "attempt": 0, "members": [0, 1]},
+                       2: {"op": "ready", "round": 4, "attempt": 0, "members": [0, 1, 2]}})
+    assert all(r["members"] == [0, 1, 2] and r["observers"] == [2] for r in ready.values())
+    assert ready[0]["heal"] == {"src": 0, "dsts": [2]}
+    commit = _ask(chs, {w: {"op": "commit", "round": 4, "attempt": 0, "ok": True, "hash": "g",
+                            "members": [0, 1, 2]} for w in chs})
+    assert all(c["commit"] and c["mismatched"] == [] for c in commit.values())
+    # once the round committed nothing is in flight: a healing joiner waits at start
+    chs[3] = _worker(coord, 3)
+    nxt = _ask(chs, {w: {"op": "start", "round": 5 if w < 3 else 0, "hash": "g" if w < 3
+                         else "fresh", "wait_for": 1, "heal": w == 3} for w in chs})
+    assert "heal" not in nxt[3] and nxt[3]["need_state"] == [3] and nxt[3]["round"] == 5
+
+
+def test_no_healing_once_the_round_in_flight_passed_ready(coord):
+    chs = {0: _worker(coord, 0), 1: _worker(coord, 1)}
+    _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 2} for w in chs})
+    _ask(chs, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1]} for w in chs})
+    chs[2] = _worker(coord, 2)
+    holder = {}
+    t = threading.Thread(target=lambda: (chs[2].send(
+        {"op": "start", "round": 0, "hash": "h", "wait_for": 1, "heal": True}),
+        holder.update(r=chs[2].recv())))
+    t.start()
+    t.join(0.5)
+    assert "r" not in holder  # held at the next start, not healed into round 0
+    _ask({w: chs[w] for w in (0, 1)},
+         {w: {"op": "commit", "round": 0, "attempt": 0, "ok": True, "hash": "g",
+              "members": [0, 1]} for w in (0, 1)})
+    nxt = _ask({w: chs[w] for w in (0, 1)},
+               {w: {"op": "start", "round": 1, "hash": "g", "wait_for": 1} for w in (0, 1)})
+    t.join(10)
+    assert nxt[0]["members"] == [0, 1, 2] and holder["r"]["need_state"] == [2]

@@ -131,8 +131,19 @@ class Algorithm(ABC):
         """Runs between backward and the optimizer step of every inner step."""
 
     @abstractmethod
-    def sync(self, group: Group, workers: list[Worker], round: int) -> None:
-        """The round's collective: runs after the round's inner steps on its participants."""
+    def sync(self, group: Group, workers: list[Worker], round: int,
+             observers: tuple[int, ...] = ()) -> None:
+        """The round's collective: runs after the round's inner steps on its participants.
+
+        Args:
+            observers: members of ``group`` that joined mid-round (they hold the committed
+                state and trained nothing): they take part with weight 0 and end the round
+                with the same shared state as everyone. Only when :meth:`can_observe`.
+        """
+
+    def can_observe(self) -> bool:
+        """Whether a worker can join a round in flight as a weight-0 observer."""
+        return False
 
     def global_state(self, worker: Worker) -> torch.Tensor:
         """The committed global parameters as this worker holds them (flat, fp32)."""

@@ -25,7 +25,8 @@ class DDP(Algorithm):
         for w in workers:
             w.load_flat_grads(reduced[w.id])
 
-    def sync(self, group: Group, workers: list[Worker], round: int) -> None:
+    def sync(self, group: Group, workers: list[Worker], round: int,
+             observers: tuple[int, ...] = ()) -> None:
         """Nothing to do: replicas stay identical because they apply identical gradients."""
 
     def global_state(self, worker: Worker) -> torch.Tensor:

@@ -45,16 +45,22 @@ class DiLoCo(Algorithm):
         worker.global_params = nn.Parameter(worker.flat_params().clone())
         worker.outer = self.outer_factory([worker.global_params])
 
-    def sync(self, group: Group, workers: list[Worker], round: int) -> None:
+    def sync(self, group: Group, workers: list[Worker], round: int,
+             observers: tuple[int, ...] = ()) -> None:
         deltas = {w.id: w.global_params.detach() - w.flat_params() for w in workers}
+        # with observers every member weighs (0 or 1), so all aggregate alike
+        weights = {w.id: float(w.id not in observers) for w in workers} if observers else None
         avg = group.all_reduce(deltas, codecs={w.id: w.codec for w in workers},
-                               tag="pseudo-gradient")
+                               weights=weights, tag="pseudo-gradient")
         for w in workers:
             w.global_params.grad = avg[w.id]
             w.outer.step()
             w.outer.zero_grad(set_to_none=True)
             w.load_flat(w.global_params.detach())
             w.samples = 0
+
+    def can_observe(self) -> bool:
+        return True
 
     def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
         state = {"global_params": self.global_state(worker)}

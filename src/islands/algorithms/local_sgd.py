@@ -72,9 +72,13 @@ class LocalSGD(Algorithm):
             return float(worker.dataset_bytes)
         return 1.0
 
-    def sync(self, group: Group, workers: list[Worker], round: int) -> None:
+    def can_observe(self) -> bool:
+        return self.participation >= 1.0  # a sampled round has no place for extra members
+
+    def sync(self, group: Group, workers: list[Worker], round: int,
+             observers: tuple[int, ...] = ()) -> None:
         params = {w.id: w.flat_params() for w in workers}
-        weights = {w.id: self._weight(w) for w in workers}
+        weights = {w.id: 0.0 if w.id in observers else self._weight(w) for w in workers}
         avg = group.all_reduce(params, codecs={w.id: w.codec for w in workers},
                                weights=weights, tag="parameters")
         for w in workers:

@@ -11,8 +11,13 @@ another. Each round passes three barriers, as torchft's quorum and ``should_comm
   ``join_timeout_s``). The result names the round, the members, and who must receive the
   committed state from whom (joiners, workers left behind, hash mismatches: repaired from
   the majority).
+  A joiner that asks to ``heal`` while a round is in flight (its ``ready`` not yet released)
+  is answered at once and joins *that* round as an observer, as torchft's healing replicas
+  do: at ``ready`` it receives the committed state from a member, then takes part in the
+  collective with weight 0 and commits the round with the others.
 * ``ready``: after the inner steps. Released when every member is there, or when
   ``deadline_s`` has passed since the first arrival (stragglers are left out of the round).
+  The result names the round's observers and who sends them the state (``heal``).
 * ``commit``: after the collective. The round commits only if every member reported success;
   otherwise the survivors retry the collective in a new epoch. Reported hashes are compared.
 
@@ -86,6 +91,9 @@ class Coordinator:
         self.hash_mismatches = 0
         self._barriers: dict[tuple, Barrier] = {}
         self._open_start: Barrier | None = None
+        # the round between its start and its commit: {"round", "members", "src", "joiners",
+        # "open"} (open: its first ready not yet released, so a joiner may still heal into it)
+        self._in_flight: dict | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -256,6 +264,9 @@ class Coordinator:
             log.warning("worker %d: malformed request refused: %s", wid, why)
             return {"error": why}
         if op == "start":
+            healed = self._heal_into_round(wid, req)
+            if healed is not None:
+                return healed
             if self._open_start is None:
                 self._open_start = Barrier("start", ("start", time.monotonic()), None)
             b = self._open_start
@@ -266,6 +277,9 @@ class Coordinator:
                 # the first arrival declares the members it expects (its epoch's, or the
                 # ready barrier's result): this survives a coordinator restart.
                 expected = frozenset(int(i) for i in req.get("members", ()))
+                f = self._in_flight
+                if op == "ready" and f is not None and f["round"] == key[1]:
+                    expected |= f["joiners"]  # observers admitted before the first arrival
                 b = self._barriers[key] = Barrier(op, key, expected)
                 self._gc()
         b.arrivals[wid] = req
@@ -312,6 +326,22 @@ class Coordinator:
                 "prefix": f"{self.instance}/{self.epoch}",
                 "store": leader.store if leader else None}
 
+    def _heal_into_round(self, wid: int, req: dict) -> dict | None:
+        """Admits a healing joiner into the round in flight (None: it waits for the next)."""
+        f = self._in_flight
+        if not req.get("heal") or f is None or not f["open"] or wid in f["members"]:
+            return None
+        ready = self._barriers.get(("ready", f["round"], 0))
+        if ready is not None and ready.result is not None:
+            return None
+        f["joiners"].add(wid)
+        if ready is not None:
+            ready.expected = ready.expected | {wid}
+        log.info("worker %d heals into round %d (in flight, members %s)", wid, f["round"],
+                 sorted(f["members"]))
+        return {"heal": True, "round": f["round"], "src": f["src"],
+                "members": sorted(f["members"] | f["joiners"])}
+
     def _release_start(self, b: Barrier, here: set[int]) -> dict:
         reports = {i: b.arrivals[i] for i in here}
         top = max(int(r["round"]) for r in reports.values())
@@ -326,6 +356,8 @@ class Coordinator:
                 log.warning("worker %d: shared-state hash mismatch at round %d; repairing "
                             "from worker %d (majority)", i, top, good[0])
         out = self._new_epoch(tuple(sorted(here)))
+        self._in_flight = {"round": top, "members": frozenset(here), "src": good[0],
+                           "joiners": set(), "open": True}
         return {**out, "round": top, "src": good[0], "need_state": stale, "hash": majority}
 
     def _release_ready(self, b: Barrier, here: set[int]) -> dict:
@@ -333,7 +365,16 @@ class Coordinator:
         left_out = sorted(b.expected - here)
         if left_out:
             log.warning("round %d: committing without %s (deadline or gone)", b.key[1], left_out)
-        return {**self._new_epoch(members), "left_out": left_out}
+        out = {**self._new_epoch(members), "left_out": left_out}
+        f = self._in_flight
+        if f is not None and f["round"] == b.key[1]:
+            f["open"] = False
+            observers = sorted(f["joiners"] & here)
+            senders = sorted(here - f["joiners"])
+            if observers and senders:
+                src = f["src"] if f["src"] in senders else senders[0]
+                out.update(observers=observers, heal={"src": src, "dsts": observers})
+        return out
 
     def _release_commit(self, b: Barrier, here: set[int]) -> dict:
         ok = here == set(b.expected) and all(b.arrivals[i].get("ok") for i in here)
@@ -343,6 +384,8 @@ class Coordinator:
                             and b.arrivals[i].get("hash") != majority)
         if ok:
             self.last_round = max(self.last_round, b.key[1])
+            if self._in_flight is not None and self._in_flight["round"] == b.key[1]:
+                self._in_flight = None
             if mismatched:
                 self.hash_mismatches += len(mismatched)
                 log.warning("round %d: hash mismatch on %s", b.key[1], mismatched)

@@ -24,6 +24,7 @@ import logging
 import math
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,19 +103,44 @@ class RuntimeWorker:
     # --- setup -----------------------------------------------------------------------------
 
     def _setup(self) -> None:
+        """Everything but the optimizers; :meth:`_build` makes those, in a background thread
+        unless resuming. Building the first ``torch.optim`` optimizer of a process imports
+        ``torch._dynamo`` (over a second of CPU), so a joiner does it while it waits for the
+        coordinator and for the round in flight, not before."""
         cfg = self.cfg
         self.device = resolve_device(cfg.device)
         self.data = ByteData(cfg.data, workers=cfg.workers, block_size=cfg.model.block_size,
                              seed=cfg.seed)
-        base = initial_model(cfg, self.device)
-        self.worker = build_worker(cfg, self.data, self.me, base)
+        self._base = initial_model(cfg, self.device)
         self.algorithm = build_algorithm(cfg)
-        self.algorithm.attach(self.worker)
-        self.eval_model = copy.deepcopy(self.worker.model)
+        self.eval_model = copy.deepcopy(self._base)
         self.val = self.data.val_batches()
         self.round = 0
+        # the shared state of a fresh worker is its initial parameters (no outer state yet)
+        self._fresh_hash = state.digest({"global_params": torch.cat(
+            [p.detach().reshape(-1) for p in self._base.parameters()])})
+        self._builder, self._build_error = None, None
         if self.resume:
+            self._build()
             self._resume(self.resume)
+        else:
+            self._builder = threading.Thread(target=self._build, daemon=True, name="build")
+            self._builder.start()
+
+    def _build(self) -> None:
+        try:
+            self.worker = build_worker(self.cfg, self.data, self.me, self._base)
+            self.algorithm.attach(self.worker)
+        except BaseException as e:  # re-raised by _built() on the main thread
+            self._build_error = e
+
+    def _built(self) -> None:
+        """Waits for :meth:`_build` (a no-op once done)."""
+        if self._builder is not None:
+            self._builder.join()
+            self._builder = None
+        if self._build_error is not None:
+            raise self._build_error
 
     def _resume(self, path) -> None:
         tensors, facts = checkpoint.load(path)
@@ -193,6 +219,7 @@ class RuntimeWorker:
             self.membership.leave()
         finally:
             self.membership.close()
+        self._built()
         summary = self._summary(rounds, time.perf_counter() - started)
         self.final_params = self.algorithm.global_state(self.worker).clone()
         if self.out:
@@ -203,14 +230,19 @@ class RuntimeWorker:
         self.leaving = True
 
     def _hash(self) -> str:
+        if self._builder is not None:  # still building: the state is the fresh one
+            return self._fresh_hash
         return state.digest(self.algorithm.shared_state(self.worker))
 
     def _start(self) -> dict:
         # wait_for only holds a coordinator's very first barrier: the job's start (all
         # workers), or its restart (the members of the last epoch).
         res = self.membership.request("start", round=self.round, hash=self._hash(),
-                                      wait_for=self._wait_for)
+                                      wait_for=self._wait_for, heal=self._may_heal())
         self._wait_for = 1
+        if res.get("heal"):
+            return res
+        self._built()
         self._join_epoch(res)
         if res["need_state"]:
             self._receive_or_send(res)
@@ -219,6 +251,56 @@ class RuntimeWorker:
             if res["round"] == 0:
                 self.curve.append(self._eval_point(0))
         return res
+
+    def _may_heal(self) -> bool:
+        """Whether to ask to join the round in flight as an observer: a fresh worker (not
+        resumed, never committed) whose algorithm can take a weight-0 member."""
+        return (self.stats.first_commit_unix is None and not self.resume
+                and self.algorithm.can_observe())
+
+    def _heal(self, res: dict, rounds: int) -> None:
+        """Joins the round in flight as an observer: receives the committed state at its
+        ``ready``, contributes nothing (weight 0) to its collective, and commits it."""
+        r, r0 = res["round"], time.perf_counter()
+        if not hasattr(self, "_t0"):
+            self._t0 = r0
+        sent0, recv0 = self.transport.bytes_sent, self.transport.bytes_received
+        try:
+            outcome = self._sync(r, tuple(res["members"]), None, observer=True)
+        except (Excluded, CoordinatorRestarted, CommError) as e:
+            # still at round 0: the next start finds this worker behind and sends the state
+            log.warning("worker %d: healing into round %d failed (%s); joining at the next "
+                        "round instead", self.me, r, e)
+            return
+        self._fast_forward(r + 1)
+        self.round = r + 1
+        self.stats.joined_round = r
+        self._committed(r, rounds, outcome, [], r0, time.perf_counter(), sent0, recv0,
+                        observer=True)
+
+    def _receive_heal(self, r: int, ready: dict, snap: dict, local: torch.Tensor
+                      ) -> tuple[dict, torch.Tensor]:
+        """At a ``ready`` that heals observers: the source sends the committed state (the
+        round has not changed it yet), each observer installs it. Returns (snap, local)."""
+        heal = ready["heal"]
+        src, dsts = heal["src"], heal["dsts"]
+        if self.me != src and self.me not in dsts:
+            return snap, local
+        mine = self.algorithm.shared_state(self.worker) if self.me == src else None
+        before, t0 = self.transport.bytes_received, time.perf_counter()
+        got = state.transfer(self.transport, tuple(ready["members"]), src, dsts, mine)
+        if got is None:
+            return snap, local
+        state.check(got, self.algorithm.shared_state(self.worker), src)
+        state.load(self.algorithm, self.worker, got)
+        self._fast_forward(r)
+        self.stats.state_transfers += 1
+        self.stats.state_bytes += self.transport.bytes_received - before
+        self.stats.state_transfer_s += time.perf_counter() - t0
+        log.info("worker %d: received the shared state of round %d from worker %d while "
+                 "healing (%d bytes in %.3f s)", self.me, r, src,
+                 self.transport.bytes_received - before, time.perf_counter() - t0)
+        return state.snapshot(self.algorithm, self.worker), self.worker.flat_params().clone()
 
     def _receive_or_send(self, res: dict) -> None:
         src, dsts = res["src"], res["need_state"]
@@ -248,9 +330,11 @@ class RuntimeWorker:
 
     def _round(self, rounds: int) -> None:
         r0 = time.perf_counter()
-        snap = state.snapshot(self.algorithm, self.worker)
+        snap = None if self._builder is not None else state.snapshot(self.algorithm, self.worker)
         try:
             res = self._start()
+            if res.get("heal"):
+                return self._heal(res, rounds)
             r = self.round
             if r >= rounds:
                 return
@@ -272,6 +356,11 @@ class RuntimeWorker:
             self._abort(snap, reset_params=True, why=str(e))
             return
         self.round = r + 1
+        self._committed(r, rounds, outcome, losses, r0, t_sync, sent0, recv0)
+
+    def _committed(self, r: int, rounds: int, outcome: dict, losses: list[float], r0: float,
+                   t_sync: float, sent0: int, recv0: int, observer: bool = False) -> None:
+        """Records a committed round: metrics row, evaluation, checkpoint."""
         now = time.perf_counter()
         if self.stats.first_commit_unix is None:
             self.stats.first_commit_unix = time.time()
@@ -280,6 +369,7 @@ class RuntimeWorker:
                "attempts": outcome.get("attempts", 1), "hash": outcome.get("hash"),
                "hash_ok": self.me not in outcome.get("mismatched", []),
                "left_out": outcome.get("left_out", []), "epoch": self.epoch,
+               "observers": outcome.get("observers", []), "observer": observer,
                "inner_s": t_sync - r0, "sync_s": now - t_sync, "round_s": now - r0,
                "commit_unix": time.time()}
         if self.out:
@@ -303,22 +393,39 @@ class RuntimeWorker:
         self.stats.compute_s += time.perf_counter() - t0
         return losses
 
-    def _sync(self, r: int, ids: tuple[int, ...], snap: dict) -> dict:
-        """The round's collective with commit/abort; retries with the survivors."""
+    def _sync(self, r: int, ids: tuple[int, ...], snap: dict, observer: bool = False) -> dict:
+        """The round's collective with commit/abort; retries with the survivors.
+
+        Args:
+            observer: this worker heals into the round: it must receive the committed state
+                at ``ready`` and contributes with weight 0.
+        """
+        members, attempt, ready = list(ids), 0, None
+        if observer:  # wait for the members' inner steps while the optimizers are built
+            ready = self.membership.request("ready", round=r, attempt=0, members=members)
+            self._built()
+            snap = state.snapshot(self.algorithm, self.worker)
         local = self.worker.flat_params().clone()
         samples, codec_state = self.worker.samples, copy.deepcopy(self.worker.codec.state_dict())
-        members, attempt = list(ids), 0
         while True:
-            ready = self.membership.request("ready", round=r, attempt=attempt, members=members)
+            if ready is None:
+                ready = self.membership.request("ready", round=r, attempt=attempt,
+                                                members=members)
             if self.me not in ready["members"]:
                 raise Excluded(f"round {r}: left out ({ready.get('left_out')})")
+            if observer and self.me not in ready.get("heal", {}).get("dsts", []):
+                raise Excluded(f"round {r}: no member left to heal from")
             self._join_epoch(ready)
-            log.info("worker %d: round %d collective starts with %s", self.me, r,
-                     ready["members"])
+            log.info("worker %d: round %d collective starts with %s%s", self.me, r,
+                     ready["members"], f" (observers {ready['observers']})"
+                     if ready.get("observers") else "")
             ok, why = True, ""
             try:
+                if ready.get("heal"):
+                    snap, local = self._receive_heal(r, ready, snap, local)
                 self.algorithm.sync(Group(self.transport, tuple(ready["members"])),
-                                    [self.worker], r)
+                                    [self.worker], r,
+                                    observers=tuple(ready.get("observers", ())))
             except CommError as e:
                 ok, why = False, str(e)
             h = self._hash() if ok else None
@@ -328,7 +435,8 @@ class RuntimeWorker:
                 if self.me in res["mismatched"]:
                     log.warning("worker %d: round %d hash %s differs from the majority %s; "
                                 "repair at the next round", self.me, r, h, res["hash"])
-                return {**res, "attempts": attempt + 1, "left_out": ready.get("left_out", [])}
+                return {**res, "attempts": attempt + 1, "left_out": ready.get("left_out", []),
+                        "observers": ready.get("observers", [])}
             self.stats.aborted_attempts += 1
             log.warning("worker %d: round %d attempt %d aborted%s; restored, retrying with %s",
                         self.me, r, attempt, f" ({why})" if why else "", res["members"])
@@ -336,10 +444,11 @@ class RuntimeWorker:
             self.worker.load_flat(local)
             self.worker.samples = samples
             self.worker.codec.load_state_dict(copy.deepcopy(codec_state))
-            members, attempt = res["members"], attempt + 1
+            members, attempt, ready = res["members"], attempt + 1, None
 
-    def _abort(self, snap: dict, *, reset_params: bool, why: str) -> None:
-        state.load(self.algorithm, self.worker, snap, reset_params=reset_params)
+    def _abort(self, snap: dict | None, *, reset_params: bool, why: str) -> None:
+        if snap is not None:  # None: failed before this fresh worker was even built
+            state.load(self.algorithm, self.worker, snap, reset_params=reset_params)
         log.warning("worker %d: round %d aborted (%s); parameters restored to the last "
                     "committed global state", self.me, self.round, why)
 
