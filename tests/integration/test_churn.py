@@ -136,7 +136,7 @@ def test_kill_during_a_collective(tmp_path, procs, coordinator):
     it enters a collective. The survivors abort that attempt, restore, and commit the round
     without it; no partial reduction survives (every hash agrees)."""
     big = ["workers=3", "steps=5000", "algorithm.sync_every=1", "model.n_layer=2",
-           "model.n_embd=384", "model.n_head=4"]
+           "model.n_embd=512", "model.n_head=4"]  # collectives long enough to land a kill in
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "run"
