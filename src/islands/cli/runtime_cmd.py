@@ -93,7 +93,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                          checkpoint_dir=args.checkpoint_dir, resume=args.resume, host=args.host)
     print(json.dumps({k: summary[k] for k in ("worker", "rounds_committed", "final_eval_loss",
                                               "bytes_sent_total", "final_hash")}), flush=True)
+    exit_now(0)
     return 0
+
+
+def exit_now(code: int) -> None:
+    """Ends a worker process whose results are all written, skipping interpreter teardown.
+
+    A worker that lived through an aborted collective keeps the process groups of old epochs
+    with work that will never complete (they cannot be destroyed safely while it is pending).
+    Destroying them at interpreter exit can make gloo call ``std::terminate`` (SIGABRT) after
+    the run has finished cleanly, so once the run directory, logs and stdout are flushed the
+    process leaves with ``os._exit``.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
