@@ -131,7 +131,7 @@ class RuntimeWorker:
         try:
             self.worker = build_worker(self.cfg, self.data, self.me, self._base)
             self.algorithm.attach(self.worker)
-        except BaseException as e:  # re-raised by _built() on the main thread
+        except BaseException as e:  # noqa: BLE001 (re-raised by _built() on the main thread)
             self._build_error = e
 
     def _built(self) -> None:
