@@ -170,9 +170,13 @@ def test_round_deadline_commits_without_a_straggler(tmp_path, procs, coordinator
     coord = coordinator(deadline_s=0.5, heartbeat_timeout_s=10.0)
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "run"
-    over = ["workers=2", "steps=5000"]
+    over = ["workers=2", "steps=5000", "algorithm.sync_every=50"]  # rounds of ~0.5 s
     ws = {i: procs.worker(i, addr, out, over) for i in range(2)}
     wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 2, 90, "round 2")
+    # pause it inside a round's inner steps: once the next round started (with both; a
+    # worker paused before reaching start would hold the start barrier, not miss a deadline)
+    done = last_round(out / "w1")
+    wait_until(lambda: (coord.status()["round_in_flight"] or -1) > done, 30, "the next round")
     ws[1].send_signal(signal.SIGSTOP)
     t_stop = time.time()
     wait_until(lambda: any(r["left_out"] == [1] for r in commits_after(out / "w0", t_stop)),

@@ -128,7 +128,9 @@ class Coordinator:
             return {"instance": self.instance, "epoch": self.epoch,
                     "members": sorted(self.current),
                     "live": sorted(i for i, m in self.members.items() if m.alive),
-                    "last_round": self.last_round, "refused_connections": self.refused,
+                    "last_round": self.last_round,
+                    "round_in_flight": self._in_flight["round"] if self._in_flight else None,
+                    "refused_connections": self.refused,
                     "hash_mismatches": self.hash_mismatches}
 
     # --- connections ---------------------------------------------------------------------
