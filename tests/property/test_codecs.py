@@ -14,51 +14,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from islands.codecs import (
-    FP4,
-    Cast,
-    Entropy,
-    ErrorFeedback,
-    Identity,
-    Int4,
-    Int8,
-    PowerSGD,
-    RandomK,
-    Sign,
-    TopK,
-)
+from islands.codecs import Entropy, ErrorFeedback
 from islands.core.errors import CodecError
+from tests.codec_cases import FACTORIES
+from tests.codec_cases import make as make_for
 
 LAYOUT = [torch.Size([12, 20]), torch.Size([20]), torch.Size([16, 8, 2]), torch.Size([7])]
 LAYOUT_NUMEL = sum(math.prod(s) for s in LAYOUT)
 
-# name -> a fresh codec (one per worker in real use, hence factories)
-FACTORIES = {
-    "identity": Identity,
-    "fp16": lambda: Cast(torch.float16),
-    "bf16": lambda: Cast(torch.bfloat16),
-    "int8": lambda: Int8(block=32),
-    "int8-stochastic": lambda: Int8(block=32, stochastic=True),
-    "int4": lambda: Int4(block=16),
-    "int4-stochastic": lambda: Int4(block=16, stochastic=True),
-    "fp4": lambda: FP4(block=16),
-    "topk": lambda: TopK(0.1),
-    "topk-count": lambda: TopK(count=5),
-    "randomk": lambda: RandomK(0.25),
-    "sign": Sign,
-    "sign-block": lambda: Sign(block=8),
-    "powersgd": lambda: PowerSGD(2),
-    "ef-topk": lambda: ErrorFeedback(TopK(0.1)),
-    "ef-sign": lambda: ErrorFeedback(Sign()),
-    "entropy-int8": lambda: Entropy(Int8(block=32)),
-    "entropy-ef-powersgd": lambda: Entropy(ErrorFeedback(PowerSGD(2))),
-}
-
 
 def make(name: str):
-    codec = FACTORIES[name]()
-    codec.bind_layout(LAYOUT)
-    return codec
+    return make_for(name, LAYOUT)
 
 
 def ulp(x: torch.Tensor) -> torch.Tensor:

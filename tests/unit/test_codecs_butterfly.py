@@ -7,51 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from islands.codecs import (
-    FP4,
-    Cast,
-    Entropy,
-    ErrorFeedback,
-    Identity,
-    Int4,
-    Int8,
-    PowerSGD,
-    RandomK,
-    Sign,
-    TopK,
-)
+from islands.codecs import ErrorFeedback, PowerSGD, TopK
 from islands.collectives.butterfly import MESSAGE_HEADER_BYTES, Group, shard_bounds
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
+from tests.codec_cases import FACTORIES, make
 
 LAYOUT = [torch.Size([30, 20]), torch.Size([20]), torch.Size([10, 37])]
 NUMEL = 30 * 20 + 20 + 10 * 37
 
-FACTORIES = {
-    "identity": Identity,
-    "fp16": lambda: Cast(torch.float16),
-    "bf16": lambda: Cast(torch.bfloat16),
-    "int8": lambda: Int8(block=64),
-    "int8-stochastic": lambda: Int8(block=64, stochastic=True),
-    "int4": lambda: Int4(block=32),
-    "fp4": lambda: FP4(block=32),
-    "topk": lambda: TopK(0.05),
-    "randomk": lambda: RandomK(0.1),
-    "sign": lambda: Sign(block=128),
-    "powersgd": lambda: PowerSGD(3),
-    "ef-topk": lambda: ErrorFeedback(TopK(0.05)),
-    "ef-powersgd": lambda: ErrorFeedback(PowerSGD(2)),
-    "entropy-int8": lambda: Entropy(Int8()),
-    "entropy-ef-sign": lambda: Entropy(ErrorFeedback(Sign())),
-}
-
 
 def codecs_for(name: str, n: int) -> dict:
-    out = {}
-    for i in range(n):
-        c = FACTORIES[name]()
-        c.bind_layout(LAYOUT)
-        out[i] = c
-    return out
+    return {i: make(name, LAYOUT) for i in range(n)}
 
 
 @pytest.mark.parametrize("n", [1, 3, 4])
@@ -98,7 +64,7 @@ def test_randomk_shared_seed_keeps_the_aggregate_exact_in_the_gather():
     kept = out[0] != 0
     exact = torch.stack(list(xs.values())).mean(0)
     torch.testing.assert_close(out[0][kept], exact[kept], rtol=0, atol=1e-6)
-    assert abs(int(kept.sum()) - round(0.1 * NUMEL)) <= n
+    assert abs(int(kept.sum()) - round(0.25 * NUMEL)) <= n
 
 
 def test_error_feedback_residual_survives_a_state_dict_round_trip():

@@ -91,8 +91,7 @@ class Coordinator:
         self.hash_mismatches = 0
         self._barriers: dict[tuple, Barrier] = {}
         self._open_start: Barrier | None = None
-        # the round between its start and its commit: {"round", "members", "src", "joiners",
-        # "open"} (open: its first ready not yet released, so a joiner may still heal into it)
+        # the round between its start and its commit: {"round", "members", "src", "joiners"}
         self._in_flight: dict | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -331,11 +330,11 @@ class Coordinator:
     def _heal_into_round(self, wid: int, req: dict) -> dict | None:
         """Admits a healing joiner into the round in flight (None: it waits for the next)."""
         f = self._in_flight
-        if not req.get("heal") or f is None or not f["open"] or wid in f["members"]:
+        if not req.get("heal") or f is None or wid in f["members"]:
             return None
         ready = self._barriers.get(("ready", f["round"], 0))
         if ready is not None and ready.result is not None:
-            return None
+            return None  # its collective is formed: too late to take part
         f["joiners"].add(wid)
         if ready is not None:
             ready.expected = ready.expected | {wid}
@@ -359,7 +358,7 @@ class Coordinator:
                             "from worker %d (majority)", i, top, good[0])
         out = self._new_epoch(tuple(sorted(here)))
         self._in_flight = {"round": top, "members": frozenset(here), "src": good[0],
-                           "joiners": set(), "open": True}
+                           "joiners": set()}
         return {**out, "round": top, "src": good[0], "need_state": stale, "hash": majority}
 
     def _release_ready(self, b: Barrier, here: set[int]) -> dict:
@@ -370,7 +369,6 @@ class Coordinator:
         out = {**self._new_epoch(members), "left_out": left_out}
         f = self._in_flight
         if f is not None and f["round"] == b.key[1]:
-            f["open"] = False
             observers = sorted(f["joiners"] & here)
             senders = sorted(here - f["joiners"])
             if observers and senders:

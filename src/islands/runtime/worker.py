@@ -283,50 +283,45 @@ class RuntimeWorker:
         """At a ``ready`` that heals observers: the source sends the committed state (the
         round has not changed it yet), each observer installs it. Returns (snap, local)."""
         heal = ready["heal"]
-        src, dsts = heal["src"], heal["dsts"]
-        if self.me != src and self.me not in dsts:
+        if not self._exchange_state(ready["members"], heal["src"], heal["dsts"], r,
+                                    " while healing"):
             return snap, local
+        return state.snapshot(self.algorithm, self.worker), self.worker.flat_params().clone()
+
+    def _receive_or_send(self, res: dict) -> None:
+        """At ``start``: joiners, workers left behind and hash mismatches get the state."""
+        repair = self.round == res["round"]  # same round, different hash
+        if not self._exchange_state(res["members"], res["src"], res["need_state"],
+                                    res["round"], ""):
+            return
+        if repair:
+            self.stats.hash_mismatches += 1
+            log.warning("worker %d: shared state differed from the majority; repaired from "
+                        "worker %d", self.me, res["src"])
+        self.round = res["round"]
+
+    def _exchange_state(self, members, src: int, dsts, r: int, why: str) -> bool:
+        """``src`` streams its shared state (of committed round ``r``) to ``dsts``; a receiver
+        checks and installs it and puts its lr schedule at round ``r``. Returns whether this
+        worker received it."""
+        if self.me != src and self.me not in dsts:
+            return False
         mine = self.algorithm.shared_state(self.worker) if self.me == src else None
         before, t0 = self.transport.bytes_received, time.perf_counter()
-        got = state.transfer(self.transport, tuple(ready["members"]), src, dsts, mine)
+        got = state.transfer(self.transport, tuple(members), src, list(dsts), mine)
+        dt = time.perf_counter() - t0  # the exchange only (includes waiting for the source)
         if got is None:
-            return snap, local
+            return False
         state.check(got, self.algorithm.shared_state(self.worker), src)
         state.load(self.algorithm, self.worker, got)
         self._fast_forward(r)
         self.stats.state_transfers += 1
         self.stats.state_bytes += self.transport.bytes_received - before
-        self.stats.state_transfer_s += time.perf_counter() - t0
-        log.info("worker %d: received the shared state of round %d from worker %d while "
-                 "healing (%d bytes in %.3f s)", self.me, r, src,
-                 self.transport.bytes_received - before, time.perf_counter() - t0)
-        return state.snapshot(self.algorithm, self.worker), self.worker.flat_params().clone()
-
-    def _receive_or_send(self, res: dict) -> None:
-        src, dsts = res["src"], res["need_state"]
-        if self.me != src and self.me not in dsts:
-            return
-        before = self.transport.bytes_received
-        mine = self.algorithm.shared_state(self.worker) if self.me == src else None
-        t0 = time.perf_counter()
-        got = state.transfer(self.transport, tuple(res["members"]), src, dsts, mine)
-        dt = time.perf_counter() - t0  # the exchange only (includes waiting for the source)
-        if got is None:
-            return
-        state.check(got, self.algorithm.shared_state(self.worker), src)
-        state.load(self.algorithm, self.worker, got)
-        if self.round == res["round"]:
-            self.stats.hash_mismatches += 1
-            log.warning("worker %d: shared state differed from the majority; repaired from "
-                        "worker %d", self.me, src)
-        self._fast_forward(res["round"])
-        self.round = res["round"]
-        self.stats.state_transfers += 1
-        self.stats.state_bytes += self.transport.bytes_received - before
         self.stats.state_transfer_s += dt
-        log.info("worker %d: received the shared state of round %d from worker %d "
-                 "(%d bytes in %.3f s)", self.me, res["round"], src,
+        log.info("worker %d: received the shared state of round %d from worker %d%s "
+                 "(%d bytes in %.3f s)", self.me, r, src, why,
                  self.transport.bytes_received - before, dt)
+        return True
 
     def _round(self, rounds: int) -> None:
         r0 = time.perf_counter()

@@ -69,8 +69,10 @@ def initial_model(cfg: RunConfig, device: torch.device) -> GPT:
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model).to(device)
     if cfg.init.warm_start_steps:
-        copy_into(torch.cat([w.reshape(-1) for w in warm_start(cfg, device)]),
-                  list(model.parameters()))
+        trained = warm_start(cfg, device)
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), trained, strict=True):
+                p.copy_(w)
     return model
 
 
