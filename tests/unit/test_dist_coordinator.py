@@ -121,14 +121,17 @@ def test_a_joiner_heals_into_the_round_in_flight_as_an_observer(coord):
     commit = _ask(chs, {w: {"op": "commit", "round": 4, "attempt": 0, "ok": True, "hash": "g",
                             "members": [0, 1, 2]} for w in chs})
     assert all(c["commit"] and c["mismatched"] == [] for c in commit.values())
-    # once the round committed nothing is in flight: a healing joiner waits at start
-    chs[3] = _worker(coord, 3)
+    # at a round boundary a healing joiner observes the round that starts; one that does
+    # not ask to heal (DDP, a resumed worker) receives the state at start and trains it
+    chs[3], chs[4] = _worker(coord, 3), _worker(coord, 4)
     nxt = _ask(chs, {w: {"op": "start", "round": 5 if w < 3 else 0, "hash": "g" if w < 3
                          else "fresh", "wait_for": 1, "heal": w == 3} for w in chs})
-    assert "heal" not in nxt[3] and nxt[3]["need_state"] == [3] and nxt[3]["round"] == 5
+    assert nxt[3] == {"heal": True, "round": 5, "src": 0, "members": [0, 1, 2, 3, 4]}
+    assert nxt[0]["members"] == [0, 1, 2, 4] and nxt[0]["need_state"] == [4]
+    assert nxt[4] == nxt[0] and nxt[0]["healing"] == [3]
 
 
-def test_no_healing_once_the_round_in_flight_passed_ready(coord):
+def test_too_late_for_the_round_in_flight_heals_into_the_next(coord):
     chs = {0: _worker(coord, 0), 1: _worker(coord, 1)}
     _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 2} for w in chs})
     _ask(chs, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1]} for w in chs})
@@ -146,4 +149,5 @@ def test_no_healing_once_the_round_in_flight_passed_ready(coord):
     nxt = _ask({w: chs[w] for w in (0, 1)},
                {w: {"op": "start", "round": 1, "hash": "g", "wait_for": 1} for w in (0, 1)})
     t.join(10)
-    assert nxt[0]["members"] == [0, 1, 2] and holder["r"]["need_state"] == [2]
+    assert nxt[0]["members"] == [0, 1] and nxt[0]["healing"] == [2]
+    assert holder["r"] == {"heal": True, "round": 1, "src": 0, "members": [0, 1, 2]}

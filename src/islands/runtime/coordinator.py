@@ -14,7 +14,8 @@ another. Each round passes three barriers, as torchft's quorum and ``should_comm
   A joiner that asks to ``heal`` while a round is in flight (its ``ready`` not yet released)
   is answered at once and joins *that* round as an observer, as torchft's healing replicas
   do: at ``ready`` it receives the committed state from a member, then takes part in the
-  collective with weight 0 and commits the round with the others.
+  collective with weight 0 and commits the round with the others. One that asks at a round
+  boundary observes the round that starts (``healing`` in the result), the same way.
 * ``ready``: after the inner steps. Released when every member is there, or when
   ``deadline_s`` has passed since the first arrival (stragglers are left out of the round).
   The result names the round's observers and who sends them the state (``heal``).
@@ -287,6 +288,9 @@ class Coordinator:
         self._check()
         while b.result is None and not self._stop.is_set():
             self._cond.wait(0.05)
+        if b.result is not None and wid in b.result.get("healing", ()):
+            return self._heal_reply(b.result["round"], b.result["src"],
+                                    set(b.result["members"]) | set(b.result["healing"]))
         return b.result or {"error": "coordinator stopping"}
 
     def _gc(self) -> None:
@@ -340,8 +344,12 @@ class Coordinator:
             ready.expected = ready.expected | {wid}
         log.info("worker %d heals into round %d (in flight, members %s)", wid, f["round"],
                  sorted(f["members"]))
-        return {"heal": True, "round": f["round"], "src": f["src"],
-                "members": sorted(f["members"] | f["joiners"])}
+        return self._heal_reply(f["round"], f["src"], f["members"] | f["joiners"])
+
+    @staticmethod
+    def _heal_reply(round: int, src: int, members) -> dict:
+        """What a healing joiner hears: the round it observes, its source, the members."""
+        return {"heal": True, "round": round, "src": src, "members": sorted(members)}
 
     def _release_start(self, b: Barrier, here: set[int]) -> dict:
         reports = {i: b.arrivals[i] for i in here}
@@ -356,10 +364,16 @@ class Coordinator:
                 self.hash_mismatches += 1
                 log.warning("worker %d: shared-state hash mismatch at round %d; repairing "
                             "from worker %d (majority)", i, top, good[0])
-        out = self._new_epoch(tuple(sorted(here)))
-        self._in_flight = {"round": top, "members": frozenset(here), "src": good[0],
-                           "joiners": set()}
-        return {**out, "round": top, "src": good[0], "need_state": stale, "hash": majority}
+        # joiners behind that asked to heal observe this round, as if they came mid-round:
+        # they receive the state at its ready, so the members need not wait for them now
+        healing = sorted(i for i in stale if reports[i].get("heal")
+                         and int(reports[i]["round"]) < top)
+        members = set(here) - set(healing)
+        out = self._new_epoch(tuple(sorted(members)))
+        self._in_flight = {"round": top, "members": frozenset(members), "src": good[0],
+                           "joiners": set(healing)}
+        return {**out, "round": top, "src": good[0], "hash": majority, "healing": healing,
+                "need_state": [i for i in stale if i not in healing]}
 
     def _release_ready(self, b: Barrier, here: set[int]) -> dict:
         members = tuple(sorted(here))
