@@ -12,7 +12,8 @@ import torch
 
 from islands.core.config import load_config
 from islands.runtime import checkpoint, state
-from islands.sim.runner import initial_model
+from islands.engine import initial_model
+from islands.tasks import build_task
 from tests.integration.conftest import TINY, free_port, metrics, wait_until
 from tests.integration.test_churn import assert_hashes_agree, last_round
 
@@ -20,8 +21,8 @@ from tests.integration.test_churn import assert_hashes_agree, last_round
 def test_hash_repair_and_brand_new_join(tmp_path, procs, coordinator):
     over = ["workers=4", "steps=5000"]
     cfg = load_config(None, [*TINY, *over])
-    flat = torch.nn.utils.parameters_to_vector(initial_model(cfg, torch.device("cpu"))
-                                               .parameters()).detach()
+    model = initial_model(cfg, build_task(cfg), torch.device("cpu"))
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     bad = tmp_path / "diverged.safetensors"  # worker 2 starts from different parameters
     checkpoint.save(bad, {"global_params": flat + 0.01}, {"round": 0, "worker_id": -1})
     # the first round waits for workers 0-2 (up to 8 s for a 4th, which comes later)

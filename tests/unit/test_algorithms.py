@@ -112,7 +112,8 @@ def test_slow_worker_is_a_config_value():
 def test_warm_start_is_shared_deterministic_and_trained():
     """Every algorithm starts from the same warm-started parameters: the seed's initialization
     trained ``init.warm_start_steps`` steps alone; recomputed from scratch, bit-identical."""
-    from islands.sim import runner
+    from islands.engine import build
+    from islands.tasks import build_task
 
     warm = ["steps=4", "eval_every=4", "init.warm_start_steps=30"]
     runs = {algo: Simulation(tiny_config(*warm, f"algorithm.name={algo}",
@@ -124,12 +125,14 @@ def test_warm_start_is_shared_deterministic_and_trained():
     assert start["ddp"] < cold["eval_loss"] - 0.5  # 30 steps from ~5.5 nats
 
     cfg = tiny_config(*warm)
-    cached = [p.clone() for p in runner.warm_start(cfg, torch.device("cpu"))]
-    runner._WARM_STARTS.clear()
-    again = runner.warm_start(cfg, torch.device("cpu"))
-    assert all(torch.equal(a, b) for a, b in zip(cached, again))
-    other = runner.warm_start(tiny_config("init.warm_start_steps=31"), torch.device("cpu"))
-    assert not all(torch.equal(a, b) for a, b in zip(cached, other))
+    cpu = torch.device("cpu")
+    cached = {k: v.clone() for k, v in build.warm_start(cfg, build_task(cfg), cpu).items()}
+    build._WARM_STARTS.clear()
+    again = build.warm_start(cfg, build_task(cfg), cpu)
+    assert all(torch.equal(cached[k], again[k]) for k in cached)
+    other_cfg = tiny_config("init.warm_start_steps=31")
+    other = build.warm_start(other_cfg, build_task(other_cfg), cpu)
+    assert not all(torch.equal(cached[k], other[k]) for k in cached)
 
 
 @pytest.mark.parametrize("algo", ["diloco", "local_sgd"])
@@ -140,27 +143,31 @@ def test_an_observer_changes_nothing_and_ends_with_the_same_state(algo):
     round with their shared state."""
     from islands.algorithms import build_algorithm
     from islands.collectives.butterfly import Group
-    from islands.data import ByteData
+    from islands.engine import Engine, attach, build_worker, initial_model
     from islands.runtime.state import digest
-    from islands.sim.runner import build_workers
+    from islands.tasks import build_task, to_device
     from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 
     cfg = tiny_config("workers=3", f"algorithm.name={algo}", "algorithm.sync_every=3",
                       *(["algorithm.weighting=uniform"] if algo == "local_sgd" else []))
-    data = ByteData(cfg.data, workers=3, block_size=cfg.model.block_size, seed=cfg.seed)
+    task = build_task(cfg)
+    data = task.data(3, cfg.seed, cfg.data)
 
     def round_with(members, observers):
-        torch.manual_seed(0)
-        workers, algorithm = build_workers(cfg, data, torch.device("cpu")), build_algorithm(cfg)
+        base, algorithm = initial_model(cfg, task, torch.device("cpu")), build_algorithm(cfg)
+        workers = [build_worker(cfg, i, base, data_size=data.size(i)) for i in range(3)]
         for w in workers:
-            algorithm.attach(w)
+            attach(algorithm, w)
         for step in range(3):
             for w in workers[:2]:
-                w.backward(*data.train_batch(w.id, step))
+                w.backward(task.loss, to_device(data.batch(w.id, step), "cpu"), 4)
                 w.apply()
-        transport = SimTransport(3, NetworkModel.from_config(cfg.network), VirtualClock(3))
+        clock = VirtualClock(3)
+        transport = SimTransport(3, NetworkModel.from_config(cfg.network), clock)
+        engine = Engine(cfg, algorithm, transport, workers, task=task, partition=data,
+                        device=torch.device("cpu"), clock=clock)
         active = [workers[i] for i in members]
-        algorithm.sync(Group(transport, members), active, 0, observers=observers)
+        engine.end_round(Group(transport, members), active, observers)
         return [algorithm.shared_state(w) for w in active]
 
     alone = round_with((0, 1), ())
@@ -181,7 +188,8 @@ def test_a_fresh_workers_state_hash_is_its_initial_parameters(algo):
 
     w = RuntimeWorker(tiny_config(f"algorithm.name={algo}", "workers=2"), 1, membership=None,
                       store=None)
-    w._setup()
-    early = w._hash()
-    w._built()
-    assert early == w._fresh_hash == digest(w.algorithm.shared_state(w.worker)) == w._hash()
+    w.setup()
+    early = w.member.hash()
+    w.member._built()
+    m = w.member
+    assert early == m._fresh_hash == digest(w.engine.algorithm.shared_state(m.worker)) == m.hash()

@@ -6,6 +6,7 @@ import pytest
 
 from islands.core.config import RunConfig, load_config, parse_overrides
 from islands.core.errors import ConfigError
+from islands.engine import check_config
 
 
 def test_defaults_are_the_main_job_setup():
@@ -53,11 +54,34 @@ def test_int_accepted_for_float_and_resolved_config_roundtrips():
     ("network.worker=[{id = 9}]", "network.worker[0].id (9) must name a worker in [0, 3]"),
     ("outer.momentum=0", "outer.nesterov (True) needs outer.momentum > 0"),
     ("init.warm_start_steps=-5", "init.warm_start_steps (-5) must be >= 0 (0: no warm start)"),
+    ("aggregator.name=median", "aggregator.name ('median') must be one of ['mean']"),
+    ("task.name=gpt", "task.name ('gpt') must be one of ['byte_gpt', 'digits_cnn'] or an import"),
+    ("task.name='nowhere_pkg.tasks:make'", "cannot import 'nowhere_pkg.tasks'"),
+    ("task.name='islands.tasks:no_such'", "module 'islands.tasks' has no attribute 'no_such'"),
+    ("task.name='islands.tasks:to_device'", "the factory raised TypeError"),
+    ("task.name='islands.core.seeding:derive_seed'", "returned int, not an islands.tasks.Task"),
+    ("task.kwargs={channels = 8}", "task.kwargs ({'channels': 8}) do not apply to task 'byte_gpt'"),
 ])
 def test_bad_values_name_key_value_and_rule(override, fragment):
+    """Everything is refused before anything runs: by the loader (types, ranges) or by
+    check_config, which builds each named component once (codec, aggregator, task)."""
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        check_config(load_config(None, [override]))
     assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.n_layer=2", "model.n_layer (2) configures the byte_gpt task's GPT; task "
+                        "'digits_cnn' does not read it"),
+    ("data.corpus='/tmp'", "data.corpus ('/tmp') configures the byte_gpt task's corpus"),
+    ("task.kwargs={channels = 0}", "the factory raised ValueError: channels (0) must be >= 1"),
+])
+def test_settings_the_task_does_not_read_are_refused(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        check_config(load_config(None, ["task.name=digits_cnn", override]))
+    assert fragment in str(e.value)
+    check_config(load_config(None, ["task.name=digits_cnn", "data.partition=dirichlet",
+                                    "data.batch_size=32"]))  # the keys every task reads
 
 
 def test_unknown_top_level_key_lists_allowed(tmp_path):

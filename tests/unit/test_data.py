@@ -29,13 +29,13 @@ def test_stdlib_corpus_is_real_python_and_split_by_file():
 
 def test_batch_depends_only_on_seed_worker_step():
     a, b = data(), data()
-    x1, y1 = a.train_batch(2, 17)
-    x2, y2 = b.train_batch(2, 17)
+    x1, y1 = a.batch(2, 17)
+    x2, y2 = b.batch(2, 17)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert torch.equal(x1[:, 1:], y1[:, :-1])  # next-byte targets
-    assert not torch.equal(x1, a.train_batch(2, 18)[0])
-    assert not torch.equal(x1, a.train_batch(1, 17)[0])
-    assert not torch.equal(x1, data(seed=1).train_batch(2, 17)[0])
+    assert not torch.equal(x1, a.batch(2, 18)[0])
+    assert not torch.equal(x1, a.batch(1, 17)[0])
+    assert not torch.equal(x1, data(seed=1).batch(2, 17)[0])
     assert x1.shape == (8, 32) and x1.dtype == torch.long
 
 
@@ -49,10 +49,10 @@ def test_partitions_are_disjoint_and_cover(kind):
 
 def test_iid_is_balanced_and_dirichlet_is_skewed():
     iid = data(partition="iid", chunk_bytes=1024)
-    sizes = [iid.worker_bytes(w) for w in range(4)]
+    sizes = [iid.size(w) for w in range(4)]
     assert max(sizes) / min(sizes) < 1.05
     skew = data(partition="dirichlet", alpha=0.1)
-    sizes = [skew.worker_bytes(w) for w in range(4)]
+    sizes = [skew.size(w) for w in range(4)]
     assert max(sizes) / min(sizes) > 1.5
 
 

@@ -1,5 +1,5 @@
-"""The layout shows the architecture: imports point one way, and only transports/ imports
-torch.distributed (STYLE.md)."""
+"""The layout shows the architecture: imports point one way, every package is covered, and
+only transports/ imports torch.distributed (STYLE.md, DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,26 @@ from pathlib import Path
 import islands
 
 ROOT = Path(islands.__file__).parent
-# A package may import from itself and from those listed (directly or transitively lower).
+_BELOW_ENGINE = {"core", "codecs", "aggregators", "transports", "collectives", "algorithms",
+                 "tasks", "data", "models", "metrics", "engine"}
+# A package may import from itself and from those listed (directly or transitively lower):
+#   core <- codecs, aggregators <- transports <- collectives <- algorithms <- engine
+#        <- sim, runtime <- cli;  tasks, models, data sit beside codecs; metrics beside them.
 ALLOWED = {
-    "core": {"core", "codecs"},  # config validates codec names against the registry
+    "core": {"core"},
     "codecs": {"core", "codecs"},
     "aggregators": {"core", "aggregators"},
     "data": {"core", "data"},
     "models": {"core", "models"},
+    "tasks": {"core", "data", "models", "tasks"},
+    "metrics": {"core", "metrics"},
     "transports": {"core", "codecs", "aggregators", "transports"},
     "collectives": {"core", "codecs", "aggregators", "transports", "collectives"},
     "algorithms": {"core", "codecs", "aggregators", "transports", "collectives", "algorithms"},
-    "metrics": {"core", "metrics"},
+    "engine": _BELOW_ENGINE,
+    "sim": _BELOW_ENGINE | {"sim"},
+    "runtime": _BELOW_ENGINE | {"runtime"},
+    "cli": _BELOW_ENGINE | {"sim", "runtime", "cli"},
 }
 
 
@@ -33,25 +42,40 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
-def test_only_transports_import_torch_distributed():
-    offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
-                 if p.relative_to(ROOT).parts[0] != "transports"
-                 and any(n.startswith("torch.distributed") for n in imports_of(p))]
-    assert offenders == []
+def violations(package: str, names: set[str]) -> list[str]:
+    """The imports of ``names`` that a module of ``package`` may not make."""
+    return sorted(n for n in names if n.startswith("islands.")
+                  and n.split(".")[1] not in ALLOWED[package])
+
+
+def test_every_package_has_a_rule():
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(ALLOWED)
+
+
+def test_the_rule_catches_the_layer_breaks_that_matter():
+    assert violations("runtime", {"islands.sim.runner"}) == ["islands.sim.runner"]
+    assert violations("core", {"islands.codecs"}) == ["islands.codecs"]
+    assert violations("algorithms", {"islands.engine"}) == ["islands.engine"]
+    assert violations("tasks", {"islands.algorithms.base"}) == ["islands.algorithms.base"]
+    assert violations("engine", {"islands.core.config", "islands.tasks"}) == []
 
 
 def test_imports_point_one_way():
     bad = []
     for p in ROOT.rglob("*.py"):
-        package = p.relative_to(ROOT).parts[0]
-        if package not in ALLOWED:
+        rel = p.relative_to(ROOT)
+        if len(rel.parts) == 1:  # islands/__init__.py: the public API re-exports any layer
             continue
-        for name in imports_of(p):
-            if name.startswith("islands."):
-                target = name.split(".")[1]
-                if target not in ALLOWED[package]:
-                    bad.append(f"{p.relative_to(ROOT)} imports {name}")
+        bad += [f"{rel} imports {n}" for n in violations(rel.parts[0], imports_of(p))]
     assert bad == []
+
+
+def test_only_transports_import_torch_distributed():
+    offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+                 if p.relative_to(ROOT).parts[0] != "transports"
+                 and any(n.startswith("torch.distributed") for n in imports_of(p))]
+    assert offenders == []
 
 
 def test_every_module_imports():

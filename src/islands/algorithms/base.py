@@ -1,34 +1,50 @@
 """The worker and the algorithm interface shared by every member of the DiLoCo family.
 
 A :class:`Worker` is one model replica with its inner optimizer, its codec and its copy of the
-committed global state. An :class:`Algorithm` decides what workers contribute, when, and how
-they apply what comes back. Algorithms are written over *the workers this process drives*: the
-simulator drives all of them, the real runtime one, and both call the same methods:
+committed global state. An :class:`Algorithm` never calls a collective itself; it says
+
+* **contribute**: what each worker puts into the round's collectives (a flat tensor, its
+  weight, a tag; :class:`Contribution`), and
+* **apply**: what the worker does with the reduced results (an outer optimizer step, a load),
+
+and the engine (``islands.engine``) issues the collectives with the worker's codec and the
+algorithm's aggregator, gets back handles, waits on them (now at once; the overlapped variants
+will wait later) and calls ``apply``. The simulator drives all workers in one process, the
+real runtime one per process; both go through the same engine:
 
     for each round r:
-        algorithm.begin_round(group_of_all, workers, r)     # e.g. refresh stale workers
+        algorithm.begin_round(group_of_all, workers, r)    # e.g. refresh stale workers
         for each of the round's inner steps:
-            worker.backward(x, y) for each participant
-            algorithm.after_backward(group, participants)   # DDP reduces gradients here
+            worker.backward(loss, batch) for each participant
+            if algorithm.syncs_gradients: contribute -> reduce -> apply   (DDP)
             worker.apply() for each participant
-        algorithm.sync(group, participants, r)              # the round's collective
+        if not algorithm.syncs_gradients: contribute -> reduce -> apply   (the round's sync)
+
+Model state beyond parameters: persistent buffers (BatchNorm's running statistics) are part of
+every sync (the engine averages them with the contribution's weights, exact fp32) and of the
+shared state; parameters with ``requires_grad=False`` are never sent.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parameters_to_vector
 
+from islands.aggregators import mean
 from islands.codecs.base import Codec
-from islands.collectives.butterfly import Group
+
+Aggregator = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @torch.no_grad()
 def copy_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    """Copies consecutive slices of ``flat`` into ``tensors`` in place.
+    """Copies consecutive slices of ``flat`` into ``tensors`` in place (cast to their dtype;
+    rounded for integer tensors such as BatchNorm's ``num_batches_tracked``).
 
     Unlike ``vector_to_parameters`` this never makes the tensors views of ``flat``: a worker's
     parameters aliasing the global state would let inner steps silently rewrite it.
@@ -36,9 +52,17 @@ def copy_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
+        piece = flat[offset:offset + n].view_as(t)
+        t.copy_(piece if t.is_floating_point() else piece.round())
         offset += n
     assert offset == flat.numel(), (offset, flat.numel())
+
+
+def persistent_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers saved in ``state_dict`` (running statistics), in registration order;
+    non-persistent buffers (constant masks, caches) are not model state and never synced."""
+    keys = set(model.state_dict(keep_vars=True))
+    return [b for name, b in model.named_buffers() if name in keys]
 
 
 class Worker:
@@ -51,21 +75,22 @@ class Worker:
         codec: its codec (may hold per-worker state such as error-feedback residuals).
         scheduler: optional lr scheduler stepped once per inner step.
         grad_clip: max gradient norm, or None.
-        dataset_bytes: size of the worker's data partition (FedAvg's n_k).
+        data_size: size of the worker's data partition (FedAvg's n_k).
     """
 
     def __init__(self, id: int, model: nn.Module, inner: torch.optim.Optimizer, codec: Codec,
-                 *, scheduler=None, grad_clip: float | None = None,
-                 dataset_bytes: int = 0) -> None:
+                 *, scheduler=None, grad_clip: float | None = None, data_size: int = 0) -> None:
         self.id = id
         self.model = model
         self.inner = inner
         self.codec = codec
         self.scheduler = scheduler
         self.grad_clip = grad_clip
-        self.dataset_bytes = dataset_bytes
+        self.data_size = data_size
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.buffers = persistent_buffers(model)
         self.global_params: torch.Tensor | None = None  # committed global state, flat
+        self.global_buffers: torch.Tensor | None = None  # committed buffers, flat fp32
         self.outer: torch.optim.Optimizer | None = None
         self.samples = 0  # samples trained since the last sync
         self.steps = 0  # inner steps taken in total
@@ -78,18 +103,33 @@ class Worker:
         copy_into(flat, self.params)
 
     def flat_grads(self) -> torch.Tensor:
-        return torch.cat([p.grad.reshape(-1) for p in self.params])
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.params])
 
     def load_flat_grads(self, flat: torch.Tensor) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         copy_into(flat, [p.grad for p in self.params])
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward and backward on one batch; returns the loss. Gradients stay in ``.grad``."""
+    def flat_buffers(self) -> torch.Tensor | None:
+        """The persistent buffers as one fp32 vector (None: the model has none)."""
+        if not self.buffers:
+            return None
+        return torch.cat([b.detach().reshape(-1).float() for b in self.buffers])
+
+    def load_flat_buffers(self, flat: torch.Tensor) -> None:
+        copy_into(flat, self.buffers)
+
+    def backward(self, loss_fn: Callable[[nn.Module, object], torch.Tensor], batch,
+                 samples: int) -> float:
+        """Forward and backward of ``loss_fn(model, batch)``; returns the loss. Gradients stay
+        in ``.grad``; ``samples`` counts toward FedAvg's sample weights."""
         self.model.train()
-        _, loss = self.model(x, y)
+        loss = loss_fn(self.model, batch)
         self.inner.zero_grad(set_to_none=False)
         loss.backward()
-        self.samples += x.shape[0]
+        self.samples += samples
         return float(loss.detach())
 
     def apply(self) -> None:
@@ -102,19 +142,43 @@ class Worker:
         self.steps += 1
 
 
+@dataclass
+class Contribution:
+    """What one worker puts into one collective of a sync.
+
+    Attributes:
+        tensor: flat 1-D tensor, the same length on every worker.
+        weight: aggregation weight (None: the plain mean, every worker alike; then every
+            worker of the collective must give None).
+        tag: names the stream (keys codec state such as error-feedback residuals).
+    """
+
+    tensor: torch.Tensor
+    weight: float | None = None
+    tag: str = "all-reduce"
+
+
 class Algorithm(ABC):
-    """A member of the DiLoCo family. Subclasses set ``name`` and implement :meth:`sync`.
+    """A member of the DiLoCo family. Subclasses set ``name`` and implement
+    :meth:`contribute` and :meth:`apply`.
 
     Args:
         sync_every: inner steps per round (H).
+        aggregator: combines each shard's contributions (see ``islands.aggregators``).
+
+    Attributes:
+        syncs_gradients: the sync runs between backward and the optimizer step of every
+            inner step (DDP), not once at the end of the round.
     """
 
     name = "algorithm"
+    syncs_gradients = False
 
-    def __init__(self, sync_every: int) -> None:
+    def __init__(self, sync_every: int, *, aggregator: Aggregator = mean) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every ({sync_every}) must be >= 1")
         self.sync_every = sync_every
+        self.aggregator = aggregator
 
     def attach(self, worker: Worker) -> None:
         """Prepares a worker's algorithm state (called once, before the first round)."""
@@ -124,22 +188,23 @@ class Algorithm(ABC):
         """The workers that train in ``round`` (all of them unless overridden)."""
         return workers
 
-    def begin_round(self, group: Group, workers: list[Worker], round: int) -> None:
+    def begin_round(self, group, workers: list[Worker], round: int) -> None:
         """Runs before a round's inner steps, on the group of all workers."""
 
-    def after_backward(self, group: Group, workers: list[Worker]) -> None:
-        """Runs between backward and the optimizer step of every inner step."""
-
     @abstractmethod
-    def sync(self, group: Group, workers: list[Worker], round: int,
-             observers: tuple[int, ...] = ()) -> None:
-        """The round's collective: runs after the round's inner steps on its participants.
+    def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
+                   ) -> list[Contribution]:
+        """What ``worker`` puts into this sync's collectives, in order.
 
         Args:
-            observers: members of ``group`` that joined mid-round (they hold the committed
-                state and trained nothing): they take part with weight 0 and end the round
-                with the same shared state as everyone. Only when :meth:`can_observe`.
+            observers: members of the collective that joined mid-round (they hold the
+                committed state and trained nothing): they must weigh 0, and every member
+                then gives a weight so all aggregate alike. Only when :meth:`can_observe`.
         """
+
+    @abstractmethod
+    def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
+        """Applies the reduced results (one per contribution, in order) to ``worker``."""
 
     def can_observe(self) -> bool:
         """Whether a worker can join a round in flight as a weight-0 observer."""
@@ -152,4 +217,7 @@ class Algorithm(ABC):
 
     def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
         """Everything that must be identical on every worker after a committed round."""
-        return {"global_params": self.global_state(worker)}
+        state = {"global_params": self.global_state(worker)}
+        if worker.global_buffers is not None:
+            state["global_buffers"] = worker.global_buffers
+        return state

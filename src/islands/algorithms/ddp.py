@@ -6,28 +6,29 @@ from __future__ import annotations
 
 import torch
 
-from islands.algorithms.base import Algorithm, Worker
-from islands.collectives.butterfly import Group
+from islands.algorithms.base import Algorithm, Contribution, Worker
 
 
 class DDP(Algorithm):
-    """Gradient all-reduce every inner step (the baseline every paper compares against)."""
+    """Gradient all-reduce every inner step (the baseline every paper compares against).
+
+    Args:
+        aggregator: combines each shard's gradients (default: the mean).
+    """
 
     name = "ddp"
+    syncs_gradients = True
 
-    def __init__(self) -> None:
-        super().__init__(sync_every=1)
+    def __init__(self, **kwargs) -> None:
+        super().__init__(sync_every=1, **kwargs)
 
-    def after_backward(self, group: Group, workers: list[Worker]) -> None:
-        grads = {w.id: w.flat_grads() for w in workers}
-        reduced = group.all_reduce(grads, codecs={w.id: w.codec for w in workers},
-                                   tag="gradient")
-        for w in workers:
-            w.load_flat_grads(reduced[w.id])
+    def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
+                   ) -> list[Contribution]:
+        return [Contribution(worker.flat_grads(), tag="gradient")]
 
-    def sync(self, group: Group, workers: list[Worker], round: int,
-             observers: tuple[int, ...] = ()) -> None:
-        """Nothing to do: replicas stay identical because they apply identical gradients."""
+    def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
+        """Replicas stay identical because they apply identical gradients."""
+        worker.load_flat_grads(reduced[0])
 
     def global_state(self, worker: Worker) -> torch.Tensor:
         return worker.flat_params()

@@ -16,8 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from islands.algorithms.base import Algorithm, Worker
-from islands.collectives.butterfly import Group
+from islands.algorithms.base import Algorithm, Contribution, Worker
 
 OuterFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -33,37 +32,38 @@ class DiLoCo(Algorithm):
     Args:
         sync_every: inner steps per round (H).
         outer: builds the outer optimizer from the (single, flat) global parameter.
+        aggregator: combines each shard's pseudo-gradients (default: the mean).
     """
 
     name = "diloco"
 
-    def __init__(self, sync_every: int, *, outer: OuterFactory = nesterov_sgd) -> None:
-        super().__init__(sync_every)
+    def __init__(self, sync_every: int, *, outer: OuterFactory = nesterov_sgd, **kwargs) -> None:
+        super().__init__(sync_every, **kwargs)
         self.outer_factory = outer
 
     def attach(self, worker: Worker) -> None:
         worker.global_params = nn.Parameter(worker.flat_params().clone())
         worker.outer = self.outer_factory([worker.global_params])
 
-    def sync(self, group: Group, workers: list[Worker], round: int,
-             observers: tuple[int, ...] = ()) -> None:
-        deltas = {w.id: w.global_params.detach() - w.flat_params() for w in workers}
+    def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
+                   ) -> list[Contribution]:
         # with observers every member weighs (0 or 1), so all aggregate alike
-        weights = {w.id: float(w.id not in observers) for w in workers} if observers else None
-        avg = group.all_reduce(deltas, codecs={w.id: w.codec for w in workers},
-                               weights=weights, tag="pseudo-gradient")
-        for w in workers:
-            w.global_params.grad = avg[w.id]
-            w.outer.step()
-            w.outer.zero_grad(set_to_none=True)
-            w.load_flat(w.global_params.detach())
-            w.samples = 0
+        weight = float(worker.id not in observers) if observers else None
+        delta = worker.global_params.detach() - worker.flat_params()
+        return [Contribution(delta, weight, tag="pseudo-gradient")]
+
+    def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
+        worker.global_params.grad = reduced[0]
+        worker.outer.step()
+        worker.outer.zero_grad(set_to_none=True)
+        worker.load_flat(worker.global_params.detach())
+        worker.samples = 0
 
     def can_observe(self) -> bool:
         return True
 
     def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
-        state = {"global_params": self.global_state(worker)}
+        state = super().shared_state(worker)
         for k, v in sorted(worker.outer.state[worker.global_params].items()):
             if torch.is_tensor(v):
                 state[f"outer/{k}"] = v

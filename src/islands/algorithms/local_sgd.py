@@ -10,8 +10,9 @@ round (exact fp32, counted like every other byte).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from islands.algorithms.base import Algorithm, Worker
+from islands.algorithms.base import Algorithm, Contribution, Worker
 from islands.codecs.cast import Identity
 from islands.collectives.butterfly import Group
 from islands.core.seeding import derive_seed
@@ -26,13 +27,14 @@ class LocalSGD(Algorithm):
         weighting: ``"samples"`` (samples trained this round), ``"dataset"`` (partition
             size, FedAvg's n_k) or ``"uniform"``.
         seed: draws the participants of each round.
+        aggregator: combines each shard's parameters (default: the weighted mean).
     """
 
     name = "local_sgd"
 
     def __init__(self, sync_every: int, *, participation: float = 1.0,
-                 weighting: str = "samples", seed: int = 0) -> None:
-        super().__init__(sync_every)
+                 weighting: str = "samples", seed: int = 0, **kwargs) -> None:
+        super().__init__(sync_every, **kwargs)
         if not 0 < participation <= 1:
             raise ValueError(f"participation ({participation}) must be in (0, 1]")
         if weighting not in ("samples", "dataset", "uniform"):
@@ -59,32 +61,38 @@ class LocalSGD(Algorithm):
         src = previous[0]
         sub = Group(group.transport, (src, *stale))
         by_id = {w.id: w for w in workers}
-        tensor = by_id[src].global_params if src in by_id else None
-        got = sub.broadcast(src, tensor, Identity(), stale, tag="state-sync")
+        have = by_id.get(src)
+        got = sub.broadcast(src, have.global_params if have else None, Identity(), stale,
+                            tag="state-sync")
         for wid, flat in got.items():
             by_id[wid].global_params = flat
             by_id[wid].load_flat(flat)
+        if next(iter(by_id.values())).global_buffers is not None:  # BatchNorm statistics
+            got = sub.broadcast(src, have.global_buffers if have else None, Identity(), stale,
+                                tag="state-sync/buffers")
+            for wid, flat in got.items():
+                by_id[wid].global_buffers = flat
+                by_id[wid].load_flat_buffers(flat)
 
     def _weight(self, worker: Worker) -> float:
         if self.weighting == "samples":
             return float(worker.samples)
         if self.weighting == "dataset":
-            return float(worker.dataset_bytes)
+            return float(worker.data_size)
         return 1.0
 
     def can_observe(self) -> bool:
         return self.participation >= 1.0  # a sampled round has no place for extra members
 
-    def sync(self, group: Group, workers: list[Worker], round: int,
-             observers: tuple[int, ...] = ()) -> None:
-        params = {w.id: w.flat_params() for w in workers}
-        weights = {w.id: 0.0 if w.id in observers else self._weight(w) for w in workers}
-        avg = group.all_reduce(params, codecs={w.id: w.codec for w in workers},
-                               weights=weights, tag="parameters")
-        for w in workers:
-            w.load_flat(avg[w.id])
-            w.global_params = avg[w.id]
-            w.samples = 0
+    def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
+                   ) -> list[Contribution]:
+        weight = 0.0 if worker.id in observers else self._weight(worker)
+        return [Contribution(worker.flat_params(), weight, tag="parameters")]
+
+    def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
+        worker.load_flat(reduced[0])
+        worker.global_params = reduced[0]
+        worker.samples = 0
 
 
 def round_half_up(x: float) -> int:

@@ -65,8 +65,10 @@ def build_codec(cfg) -> Codec:
     """Returns a fresh codec for one worker from a :class:`~islands.core.config.CodecConfig`.
 
     Raises:
-        ConfigError: a setting that does not apply to the codec was given.
+        ConfigError: an unknown name, or a setting that does not apply to the codec.
     """
+    if cfg.name not in CODECS:
+        raise ConfigError(f"codec.name ({cfg.name!r}) must be one of {sorted(CODECS)}")
     factory, accepted = CODECS[cfg.name]
     for opt in _OPTIONAL:
         if getattr(cfg, opt) is not None and opt not in accepted:

@@ -14,6 +14,11 @@ all-reduce, ``bytes_sent = Σ_{j≠i} enc(shard_j) + (n-1) · enc(agg_i) + 2 (n-
 
 Quantization error enters twice (once per phase); the aggregating member uses the decoded
 re-encoded shard too, so every member ends with bit-identical results.
+
+Every received payload is checked before it is aggregated or used: its length must be the
+shard's, its dtype a float, its wire size the codec's (when the codec knows it) and it must
+decode; otherwise :class:`~islands.core.errors.CommError` names the sender, in either
+transport, and the round aborts instead of crashing an honest worker.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Callable
 import torch
 
 from islands.aggregators import mean
-from islands.codecs.base import Codec
+from islands.codecs.base import Codec, Encoded
+from islands.core.errors import CommError
 from islands.transports.base import Message, Transport
 
 MESSAGE_HEADER_BYTES = 16
@@ -40,6 +46,38 @@ def shard_bounds(numel: int, n: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+class Work:
+    """A collective in flight: :meth:`wait` returns ``{local worker: result}``.
+
+    Collectives complete when issued for now; the handle is where overlapped algorithms will
+    wait later.
+    """
+
+    def __init__(self, result: dict[int, torch.Tensor]) -> None:
+        self._result = result
+
+    def wait(self) -> dict[int, torch.Tensor]:
+        return self._result
+
+
+def _decode_checked(codec: Codec, payload: Encoded, out: torch.Tensor, offset: int,
+                    sender: int, what: str) -> None:
+    """Decodes ``payload`` into ``out`` after checking it fits; refusals name ``sender``."""
+    n = out.numel()
+    if payload.numel != n or not payload.dtype.is_floating_point:
+        raise CommError(f"{what}: payload from worker {sender} holds {payload.numel} values of "
+                        f"{payload.dtype}, expected {n} floats; refused")
+    want = codec.wire_bytes(n, offset)
+    if want is not None and payload.nbytes != want:
+        raise CommError(f"{what}: payload from worker {sender} is {payload.nbytes} bytes, "
+                        f"its codec sends {want} for {n} values; refused")
+    try:
+        codec.decode_into(payload, out)
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise CommError(f"{what}: payload from worker {sender} does not decode "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]}); refused") from None
 
 
 class Group:
@@ -61,7 +99,15 @@ class Group:
     def all_reduce(self, contributions: dict[int, torch.Tensor], *, codecs: dict[int, Codec],
                    aggregator: Aggregator = mean, weights: dict[int, float] | None = None,
                    tag: str = "all-reduce") -> dict[int, torch.Tensor]:
-        """Reduces one flat tensor per member; returns the result for each local member.
+        """:meth:`start_all_reduce`, waited on."""
+        return self.start_all_reduce(contributions, codecs=codecs, aggregator=aggregator,
+                                     weights=weights, tag=tag).wait()
+
+    def start_all_reduce(self, contributions: dict[int, torch.Tensor], *,
+                         codecs: dict[int, Codec], aggregator: Aggregator = mean,
+                         weights: dict[int, float] | None = None, tag: str = "all-reduce"
+                         ) -> Work:
+        """Reduces one flat tensor per member; the handle gives each local member's result.
 
         Args:
             contributions: {local worker: 1-D tensor}, all of the same length.
@@ -90,10 +136,10 @@ class Group:
         for j in self.local:
             a = owner[j][0]
             msgs = [incoming[(i, j)] for i in self.members]
-            first = msgs[0].payload
-            stacked = torch.empty((len(msgs), first.numel), dtype=first.dtype, device=device)
-            for row, m in zip(stacked, msgs):  # decode straight into the rows
-                codecs[j].decode_into(m.payload, row)
+            stacked = torch.empty((len(msgs), owner[j][1] - a), dtype=contributions[j].dtype,
+                                  device=device)
+            for i, row, m in zip(self.members, stacked, msgs):  # decode straight into rows
+                _decode_checked(codecs[j], m.payload, row, a, i, f"{tag}/reduce-scatter")
             wts = None if weights is None else torch.tensor([m.weight for m in msgs],
                                                            dtype=torch.float64)
             reduced = aggregator(stacked, wts)
@@ -104,12 +150,12 @@ class Group:
 
         out = {}
         for k in self.local:
-            out[k] = torch.empty(numel, dtype=incoming[(self.members[0], k)].payload.dtype,
-                                 device=device)
+            out[k] = torch.empty(numel, dtype=contributions[k].dtype, device=device)
             for j in self.members:  # each owner's reduced shard, into its place
                 a, b = owner[j]
-                codecs[k].decode_into(incoming[(j, k)].payload, out[k][a:b])
-        return out
+                _decode_checked(codecs[k], incoming[(j, k)].payload, out[k][a:b], a, j,
+                                f"{tag}/all-gather")
+        return Work(out)
 
     def broadcast(self, src: int, tensor: torch.Tensor | None, codec: Codec,
                   dsts: tuple[int, ...], tag: str = "broadcast") -> dict[int, torch.Tensor]:

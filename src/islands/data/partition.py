@@ -41,8 +41,9 @@ def partition(n_chunks: int, sources: list[str], lengths: np.ndarray, workers: i
     """Returns, per worker, the indices of its chunks (sorted)."""
     rng = np.random.default_rng(derive_seed(seed, "partition", kind))
     if n_chunks < workers:
-        raise DataError(f"the corpus yields {n_chunks} chunks for {workers} workers; use a "
-                        "larger corpus, a smaller data.chunk_bytes, or fewer workers")
+        raise DataError(f"the training data yields {n_chunks} chunks for {workers} workers; "
+                        "use more data (a larger corpus, or a smaller data.chunk_bytes) or "
+                        "fewer workers")
     if kind == "iid":
         order = rng.permutation(n_chunks)
         parts = [order[w::workers] for w in range(workers)]
@@ -108,7 +109,7 @@ class ByteData:
         self.train_bytes = len(self.train)
         self.val_bytes = len(self.val)
 
-    def worker_bytes(self, worker: int) -> int:
+    def size(self, worker: int) -> int:
         """Bytes in a worker's partition (FedAvg's n_k)."""
         return int(self.lengths[self.parts[worker]].sum())
 
@@ -117,7 +118,7 @@ class ByteData:
         batch = data[idx].long()  # (B, T+1)
         return batch[:, :-1], batch[:, 1:]
 
-    def train_batch(self, worker: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, worker: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of ``worker`` at inner ``step``: (x, y), each (batch_size, block_size)."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, "batch", worker, step))
         mine = self.parts[worker]

@@ -1,8 +1,8 @@
 """The run directory: results compared by files, not by scrolling logs.
 
     DIR/config.json     the resolved config
-    DIR/metrics.jsonl   one line per round per participating worker
-    DIR/summary.json    the run's figures (see ``Simulation._summary``)
+    DIR/metrics.jsonl   one line per round per member worker (``islands.engine.Engine.row``)
+    DIR/summary.json    the run's figures (``islands.engine.Engine.summary``)
     DIR/loss.png        eval loss against inner steps and against bytes sent
 """
 
@@ -43,37 +43,34 @@ def read_summary(run_dir: str | Path) -> dict:
 
 
 class RunDir:
-    """Writes one run's directory.
+    """Writes one run's directory: the one writer of ``metrics.jsonl`` and ``summary.json``
+    for the simulator and the real runtime alike.
 
     Args:
-        path: the folder (created).
+        path: the folder (created by :meth:`start`).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._metrics = None
 
-    def start(self, cfg) -> None:
+    def start(self, cfg, *, append: bool = False) -> None:
+        """Creates the folder, writes ``config.json`` and opens ``metrics.jsonl``
+        (``append``: keep the rows of an earlier life of this worker)."""
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / "config.json", cfg.to_dict())
-        self._metrics = open(self.path / "metrics.jsonl", "w")
+        self._metrics = open(self.path / "metrics.jsonl", "a" if append else "w")
 
-    def log_round(self, round, step, ids, losses, transport, sent0, recv0, clock, point) -> None:
-        for w in ids:
-            row = {"round": round, "step": step, "worker": w,
-                   "train_loss": sum(losses[w]) / len(losses[w]),
-                   "bytes_sent": transport.bytes_sent[w] - sent0[w],
-                   "bytes_received": transport.bytes_received[w] - recv0[w],
-                   "bytes_sent_cum": transport.bytes_sent[w],
-                   "virtual_time_s": clock.now[w]}
-            if point is not None:
-                row["eval_loss"] = point["eval_loss"]
-            self._metrics.write(json.dumps(_clean(row)) + "\n")
-        self._metrics.flush()  # readable while the run goes on (tail -f)
+    def log(self, row: dict) -> None:
+        """Appends one row (flushed: readable while the run goes on, ``tail -f``)."""
+        self._metrics.write(json.dumps(_clean(row)) + "\n")
+        self._metrics.flush()
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: dict, *, plot: bool = True) -> None:
+        """Writes ``summary.json`` and (``plot``) ``loss.png``."""
         self._metrics.close()
         write_json(self.path / "summary.json", summary)
-        from islands.metrics.plots import plot_runs
+        if plot:
+            from islands.metrics.plots import plot_runs
 
-        plot_runs([summary], self.path / "loss.png", title=summary["name"])
+            plot_runs([summary], self.path / "loss.png", title=summary["name"])

@@ -1,5 +1,6 @@
-"""Small reference models."""
+"""Small reference models: a byte-level GPT and a CNN for 8x8 digits."""
 
+from islands.models.cnn import DigitsCNN
 from islands.models.gpt import GPT
 
-__all__ = ["GPT"]
+__all__ = ["DigitsCNN", "GPT"]

@@ -105,7 +105,8 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def shared_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in tensors.items() if k == "global_params" or k.startswith("outer/")}
+    return {k: v for k, v in tensors.items()
+            if k in ("global_params", "global_buffers") or k.startswith("outer/")}
 
 
 def worker_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -39,34 +39,54 @@ def parse_worker_id(text: str) -> int:
     return int(digits)
 
 
-def run_worker(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: bytes,
-               out_dir: str | Path | None, checkpoint_dir=None, resume=None,
-               host: str | None = None) -> dict:
-    """Runs one worker to the end: with a coordinator, or in a fixed torchrun group."""
+def fixed_world(cfg: RunConfig) -> int:
+    """The world size of a fixed group started by torchrun; it must be the config's workers."""
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if not world:
+        raise ConfigError("give --coordinator HOST:PORT, or run under torchrun "
+                          "(which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+    if world != cfg.workers:
+        raise ConfigError(f"torchrun started {world} processes (WORLD_SIZE) but the config "
+                          f"has workers = {cfg.workers}: the run would differ from the one "
+                          f"configured; pass --nproc-per-node {cfg.workers} or --set "
+                          f"workers={world}")
+    return world
+
+
+def connect(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: bytes,
+            host: str | None = None):
+    """This worker's membership (not yet started) and rendezvous store: a coordinator's
+    client and a store this worker hosts, or a fixed torchrun group and its store."""
     from islands.runtime.membership import CoordinatorClient, FixedMembership
-    from islands.runtime.worker import RuntimeWorker, advertised_host
+    from islands.runtime.worker import advertised_host
     from islands.transports.dist import open_store
 
     timeout = cfg.runtime.collective_timeout_s
     if coordinator is None:
-        world = int(os.environ.get("WORLD_SIZE", "0"))
-        if not world:
-            raise ConfigError("give --coordinator HOST:PORT, or run under torchrun "
-                              "(which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+        world = fixed_world(cfg)
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         store = open_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                            is_master=worker_id == 0 and not agent, timeout_s=timeout)
-        membership = FixedMembership(world)
-    else:
-        host = host or advertised_host(coordinator)
-        store = open_store(host, 0, is_master=True, timeout_s=timeout)
-        membership = CoordinatorClient(coordinator, token, worker_id, [host, store.port],
-                                       heartbeat_s=cfg.runtime.heartbeat_s,
-                                       reconnect_s=cfg.runtime.join_timeout_s)
+        return FixedMembership(world), store
+    host = host or advertised_host(coordinator)
+    store = open_store(host, 0, is_master=True, timeout_s=timeout)
+    membership = CoordinatorClient(coordinator, token, worker_id, [host, store.port],
+                                   heartbeat_s=cfg.runtime.heartbeat_s,
+                                   reconnect_s=cfg.runtime.join_timeout_s)
+    return membership, store
+
+
+def run_worker(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: bytes,
+               out_dir: str | Path | None, checkpoint_dir=None, resume=None,
+               host: str | None = None) -> dict:
+    """Runs one worker to the end: with a coordinator, or in a fixed torchrun group."""
+    from islands.runtime.worker import RuntimeWorker, check_worker_id
+
+    check_worker_id(cfg, worker_id)
+    membership, store = connect(cfg, worker_id, coordinator=coordinator, token=token, host=host)
     worker = RuntimeWorker(cfg, worker_id, membership, store, token=token, out_dir=out_dir,
                            checkpoint_dir=checkpoint_dir, resume=resume)
-    if coordinator is not None:
-        membership.on_live = worker.on_live
+    membership.on_live = worker.on_live
     return worker.run()
 
 

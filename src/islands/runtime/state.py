@@ -1,7 +1,8 @@
 """The shared state of a run: hashing it, snapshotting it, and streaming it to joiners.
 
-The shared state is ``Algorithm.shared_state(worker)``: the global parameters and the outer
-optimizer state, what must be identical on every worker after a committed round. Its hash
+The shared state is ``Algorithm.shared_state(worker)``: the global parameters, the model's
+synced buffers (BatchNorm statistics) and the outer optimizer state, what must be identical on
+every worker after a committed round. Its hash
 (SHA-256 over names, dtypes, shapes and bytes, in name order) is compared across workers every
 round. A joiner, a worker left behind, or one whose hash disagrees with the majority receives
 it from a live worker over the process group (:func:`transfer`), never through the coordinator;
@@ -45,6 +46,10 @@ def load(algorithm: Algorithm, worker: Worker, state: dict[str, torch.Tensor],
         reset_params: also load the global parameters into the model (a joiner, an abort).
     """
     flat = state["global_params"].detach().clone()
+    if "global_buffers" in state:
+        worker.global_buffers = state["global_buffers"].detach().clone()
+        if reset_params:
+            worker.load_flat_buffers(worker.global_buffers)
     if isinstance(worker.global_params, nn.Parameter):
         with torch.no_grad():
             worker.global_params.copy_(flat)
@@ -70,11 +75,15 @@ def check(received: dict[str, torch.Tensor], template: dict[str, torch.Tensor],
                         f"{None if g is None else (tuple(g.shape), g.dtype)} does not match "
                         f"{(tuple(want.shape), want.dtype)} (same config on every worker?)")
     for k, v in received.items():
-        if k != "global_params" and not k.startswith("outer/"):
+        if k not in ("global_params", "global_buffers") and not k.startswith("outer/"):
             raise CommError(f"state from worker {src}: unexpected entry {k!r}")
         if k in template and (v.shape != template[k].shape or v.dtype != template[k].dtype):
             raise CommError(f"state from worker {src}: {k} has shape {tuple(v.shape)}, "
                             f"expected {tuple(template[k].shape)}")
+    if ("global_buffers" in template) != ("global_buffers" in received):
+        raise CommError(f"state from worker {src}: global_buffers "
+                        f"{'missing' if 'global_buffers' in template else 'unexpected'} "
+                        "(same model on every worker?)")
 
 
 def transfer(transport: Transport, members: tuple[int, ...], src: int, dsts: list[int],

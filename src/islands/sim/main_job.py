@@ -16,7 +16,8 @@ from islands.core.config import load_config
 from islands.metrics.compare import compare, make_console
 from islands.metrics.run_dir import write_json
 from islands.sim.progress import run_with_progress
-from islands.sim.runner import resolve_device, warm_start
+from islands.engine import resolve_device, warm_start
+from islands.tasks import build_task
 
 # What every run of the main job shares, on top of the defaults (4 workers, 100 Mbit/s, 50 ms):
 # 400 inner steps each, from one shared warm start of 1000 steps of a single worker (as the
@@ -47,7 +48,7 @@ def main_job(out_dir: str | Path, overrides: list[str] | None = None,
         if warm and not summaries:
             t0 = time.perf_counter()
             with console.status(f"warm start: {warm} steps of one worker, shared by every run"):
-                warm_start(cfg, resolve_device(cfg.device))
+                warm_start(cfg, build_task(cfg), resolve_device(cfg.device))
             console.print(f"warm start: {warm} steps of one worker in "
                           f"{time.perf_counter() - t0:.0f} s, shared by every run")
         console.print(f"[bold]{name}[/]: {cfg.workers} worker(s), {cfg.steps} inner steps, "

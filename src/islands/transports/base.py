@@ -43,6 +43,14 @@ class Transport(ABC):
         """Ids of the workers driven by this process."""
 
     @abstractmethod
+    def sent(self, worker: int) -> int:
+        """Bytes a local worker has sent so far (``Message.nbytes``, headers included)."""
+
+    @abstractmethod
+    def received(self, worker: int) -> int:
+        """Bytes a local worker has received so far."""
+
+    @abstractmethod
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
                  phase: str) -> dict[tuple[int, int], Message]:
         """Delivers messages among ``members``.

@@ -149,6 +149,14 @@ class DistTransport(Transport):
     def local(self) -> tuple[int, ...]:
         return (self.worker,)
 
+    def sent(self, worker: int) -> int:
+        assert worker == self.worker, (worker, self.worker)
+        return self.bytes_sent
+
+    def received(self, worker: int) -> int:
+        assert worker == self.worker, (worker, self.worker)
+        return self.bytes_received
+
     def use_group(self, group: dist.ProcessGroup, members: tuple[int, ...]) -> None:
         """Switches to ``group``, whose rank ``i`` is worker ``sorted(members)[i]``."""
         if self.group is not None:

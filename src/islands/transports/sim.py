@@ -67,6 +67,9 @@ class VirtualClock:
         self.now[worker] += seconds
         self.compute_s[worker] += seconds
 
+    def time_s(self, worker: int) -> float:
+        return self.now[worker]
+
     def barrier(self, members: tuple[int, ...], duration_s: float) -> None:
         """All ``members`` wait for the last one, then spend ``duration_s`` together."""
         start = max(self.now[m] for m in members)
@@ -103,6 +106,12 @@ class SimTransport(Transport):
     @property
     def local(self) -> tuple[int, ...]:
         return tuple(range(self.workers))
+
+    def sent(self, worker: int) -> int:
+        return self.bytes_sent[worker]
+
+    def received(self, worker: int) -> int:
+        return self.bytes_received[worker]
 
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
                  phase: str) -> dict[tuple[int, int], Message]:

@@ -1,0 +1,18 @@
+"""The engine: the one round loop (inner steps, contribute -> reduce -> apply, evaluation,
+metrics, run directory) that the simulator and the real runtime both drive, and the builders
+of a run's pieces from its config."""
+
+from islands.engine.build import (
+    attach,
+    build_worker,
+    check_config,
+    fresh_state,
+    initial_model,
+    make_inner,
+    resolve_device,
+    warm_start,
+)
+from islands.engine.loop import Driver, Engine, RoundPlan, Sync, WallClock
+
+__all__ = ["Driver", "Engine", "RoundPlan", "Sync", "WallClock", "attach", "build_worker",
+           "check_config", "fresh_state", "initial_model", "make_inner", "resolve_device", "warm_start"]

@@ -1,0 +1,157 @@
+"""Building a run's pieces from its config: the task, the device, the workers' initial model,
+inner optimizers and codecs, the shared warm start; and :func:`check_config`, which builds each
+component once so a bad setting fails before anything runs, naming its key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import torch
+import torch.nn as nn
+
+from islands.algorithms import Algorithm, Worker, build_aggregator
+from islands.codecs import build_codec
+from islands.core.config import DataConfig, ModelConfig, RunConfig
+from islands.core.errors import ConfigError
+from islands.core.seeding import derive_seed
+from islands.tasks import Task, build_task, to_device
+
+# [data] keys only the byte_gpt task reads (every task gets partition, alpha, batch_size)
+_CORPUS_KEYS = ("corpus", "val_fraction", "max_bytes", "eval_batches", "chunk_bytes")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda when available; asking for cuda without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device ('cuda') is not available on this machine; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
+    """Builds every component a config names once (task, codec, aggregator, device) and
+    refuses settings the chosen task does not read; returns the task.
+
+    Raises:
+        ConfigError: naming the key, the value and the fix.
+    """
+    build_codec(cfg.codec)
+    build_aggregator(cfg.aggregator)
+    resolve_device(cfg.device)
+    task = task if task is not None else build_task(cfg)
+    if "model" not in task.reads:
+        for key, value in _changed(cfg.model, ModelConfig()):
+            raise ConfigError(f"model.{key} ({value!r}) configures the byte_gpt task's GPT; "
+                              f"task {task.name!r} does not read it: remove it (settings of "
+                              "your own model go in [task.kwargs])")
+    if "data" not in task.reads:
+        for key, value in _changed(cfg.data, DataConfig()):
+            if key in _CORPUS_KEYS:
+                raise ConfigError(f"data.{key} ({value!r}) configures the byte_gpt task's "
+                                  f"corpus; task {task.name!r} does not read it: remove it")
+    return task
+
+
+def _changed(section, defaults) -> list[tuple[str, object]]:
+    return [(k, v) for k, v in vars(section).items() if v != getattr(defaults, k)]
+
+
+def make_inner(model: nn.Module, cfg: RunConfig):
+    """The inner optimizer (decay on matrices only, as nanoGPT) and its lr schedule."""
+    c = cfg.inner
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": c.weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    if c.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas)
+    else:
+        opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
+
+    def factor(step: int) -> float:
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - c.warmup_steps) / max(1, cfg.steps - c.warmup_steps))
+        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def initial_model(cfg: RunConfig, task: Task, device: torch.device, *,
+                  task_key: str | None = None) -> nn.Module:
+    """The model every worker starts from: the task's model built right after seeding torch
+    with the run's seed, trained ``init.warm_start_steps`` steps when a warm start is asked
+    for (so a function of the config and the task).
+
+    Args:
+        task_key: identifies the task for the warm-start cache (default: its config).
+    """
+    torch.manual_seed(cfg.seed)
+    model = task.model().to(device)
+    if cfg.init.warm_start_steps:
+        model.load_state_dict(warm_start(cfg, task, device, task_key=task_key))
+    return model
+
+
+# (seed, task, model, data, inner, init, device) -> warm-start state: the runs of one process
+# (the main job's four, a benchmark's grid) train the shared warm start once.
+_WARM_STARTS: dict[str, tuple[Task, dict[str, torch.Tensor]]] = {}
+
+
+def warm_start(cfg: RunConfig, task: Task, device: torch.device, *,
+               task_key: str | None = None) -> dict[str, torch.Tensor]:
+    """The model's state after ``init.warm_start_steps`` steps of one worker alone.
+
+    The inner optimizer runs at a constant lr after its warm-up (a pretraining that stops
+    partway, not one that decayed into a minimum), on all the training data, with a batch
+    stream of its own (seed-derived, so it never replays the batches of the run's workers).
+    The validation data is never seen. Cached per process.
+    """
+    d = cfg.to_dict()
+    key = json.dumps([d[k] for k in ("seed", "task", "model", "data", "inner", "init")]
+                     + [str(device), task_key], sort_keys=True, default=str)
+    if key not in _WARM_STARTS:
+        steps = cfg.init.warm_start_steps
+        pre = cfg.replace(**{"workers": 1, "steps": steps, "inner.schedule": "constant",
+                             "init.warm_start_steps": 0})
+        data = task.data(1, derive_seed(cfg.seed, "warm-start"), pre.data)
+        worker = build_worker(pre, 0, initial_model(pre, task, device), data_size=0)
+        for step in range(steps):
+            batch = to_device(data.batch(0, step), device)
+            worker.backward(task.loss, batch, task.batch_size(batch))
+            worker.apply()
+        state = {k: v.detach().clone() for k, v in worker.model.state_dict().items()}
+        _WARM_STARTS[key] = (task, state)  # the task is kept so its id is never reused
+    return _WARM_STARTS[key][1]
+
+
+def build_worker(cfg: RunConfig, worker_id: int, base: nn.Module, *, data_size: int) -> Worker:
+    """One worker: a copy of ``base``, its inner optimizer and schedule, its own codec."""
+    model = copy.deepcopy(base)
+    opt, sched = make_inner(model, cfg)
+    codec = build_codec(cfg.codec)
+    codec.bind_layout([p.shape for p in model.parameters() if p.requires_grad])
+    return Worker(worker_id, model, opt, codec, scheduler=sched,
+                  grad_clip=cfg.inner.grad_clip, data_size=data_size)
+
+
+def fresh_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The shared state of a worker of ``model`` before any round (what
+    ``Algorithm.shared_state`` gives once it is built and attached: no outer state yet)."""
+    probe = Worker(-1, model, None, None)
+    state = {"global_params": probe.flat_params()}
+    if probe.buffers:
+        state["global_buffers"] = probe.flat_buffers()
+    return state
+
+
+def attach(algorithm: Algorithm, worker: Worker) -> None:
+    """Prepares ``worker`` for ``algorithm``: its global state, and its committed buffers."""
+    algorithm.attach(worker)
+    flat = worker.flat_buffers()
+    worker.global_buffers = None if flat is None else flat.clone()

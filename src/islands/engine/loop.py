@@ -1,0 +1,329 @@
+"""The one round loop: what the simulator and the real runtime both drive.
+
+An :class:`Engine` holds the workers this process drives (all of them in the simulator, one in
+the runtime) and runs a round as
+
+    algorithm.begin_round  ->  inner steps (task batches, the algorithm's per-step sync)
+    ->  contribute -> reduce -> apply (the round's sync, through the driver)
+    ->  evaluation when due  ->  one metrics.jsonl row per local member  ->  summary.json
+
+A *driver* decides what the engine cannot: which round comes next and with which members,
+and how the round's sync is carried out. The simulator's driver takes every round in order
+with everyone; the runtime's passes the coordinator's barriers, transfers state to joiners,
+and wraps the sync in commit/abort (:mod:`islands.runtime.member`). A communication failure
+(:class:`~islands.core.errors.CommError`) anywhere in a round goes to ``driver.abort``.
+
+The same row and summary writers serve both worlds (``metrics.jsonl`` and ``summary.json``
+have one schema; the runtime adds its own fields to each).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from islands.algorithms import Algorithm, Contribution, Worker
+from islands.algorithms.base import copy_into, persistent_buffers
+from islands.codecs import Identity
+from islands.collectives.butterfly import Group, Work
+from islands.core.config import RunConfig
+from islands.core.errors import CommError
+from islands.metrics.run_dir import RunDir
+from islands.tasks import Partition, Task, to_device
+from islands.transports.base import Transport
+
+
+class WallClock:
+    """The real runtime's clock: seconds since the first inner step, compute time measured."""
+
+    def __init__(self, workers: tuple[int, ...]) -> None:
+        self.compute_s = dict.fromkeys(workers, 0.0)
+        self.comm_s = dict.fromkeys(workers, 0.0)
+        self._t0: float | None = None
+
+    def compute(self, worker: int, seconds: float) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter() - seconds
+        self.compute_s[worker] += seconds
+
+    def time_s(self, worker: int) -> float:
+        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+
+    @property
+    def makespan_s(self) -> float:
+        return self.time_s(0)
+
+    def utilization(self) -> float:
+        span = self.makespan_s
+        return sum(self.compute_s.values()) / (len(self.compute_s) * span) if span > 0 else 1.0
+
+
+@dataclass
+class RoundPlan:
+    """One round as the driver sets it.
+
+    Attributes:
+        round: the round's index.
+        members: the workers of the round (metrics rows are written for the local ones).
+        participants: those that train and take part in the sync.
+        everyone: the group ``algorithm.begin_round`` runs on.
+        info: whatever the driver needs back in :meth:`Driver.sync` / ``abort``.
+    """
+
+    round: int
+    members: tuple[int, ...]
+    participants: tuple[int, ...]
+    everyone: Group
+    info: dict = field(default_factory=dict)
+
+
+class Driver(Protocol):
+    def next_round(self, engine: Engine) -> RoundPlan | None:
+        """The next round to train (None: the run is over)."""
+
+    def sync(self, engine: Engine, plan: RoundPlan, losses: dict[int, list[float]]
+             ) -> dict[str, Any]:
+        """Carries out the round's sync (``engine.end_round``); returns extra row fields."""
+
+    def abort(self, engine: Engine, plan: RoundPlan, error: CommError) -> None:
+        """The round failed: restore what it changed."""
+
+    def committed(self, engine: Engine, plan: RoundPlan, point: dict | None) -> None:
+        """The round is done (after its row is written)."""
+
+
+class Sync:
+    """A sync in flight: :meth:`wait` waits for its collectives and applies the results."""
+
+    def __init__(self, works: list[Work], apply: Callable[[list[dict]], None]) -> None:
+        self._works, self._apply = works, apply
+
+    def wait(self) -> None:
+        self._apply([w.wait() for w in self._works])
+
+
+class Engine:
+    """The round loop of one run over the workers this process drives.
+
+    Args:
+        cfg: the run's config.
+        algorithm: the algorithm (workers already attached with :func:`engine.attach`).
+        transport: moves the collectives' messages (and counts their bytes).
+        workers: the local workers, built from the same initial model.
+        task: trains and evaluates (None: the user's own loop; no :meth:`train`).
+        partition: the task's training data for ``cfg.workers`` workers.
+        device: where batches go.
+        clock: a ``VirtualClock`` (simulator) or :class:`WallClock` (runtime).
+        step_time_s: virtual seconds per inner step of each worker (None: measured).
+        eval_model: a copy of the model the evaluation loads the global state into.
+        out: the run directory to write (None: nowhere).
+    """
+
+    def __init__(self, cfg: RunConfig, algorithm: Algorithm, transport: Transport,
+                 workers: list[Worker], *, task: Task | None, partition: Partition | None,
+                 device: torch.device, clock, step_time_s: dict[int, float] | None = None,
+                 eval_model: torch.nn.Module | None = None, out: RunDir | None = None) -> None:
+        self.cfg, self.algorithm, self.transport = cfg, algorithm, transport
+        self.workers, self.task, self.partition = workers, task, partition
+        self.device, self.clock, self.step_time_s = device, clock, step_time_s
+        self.eval_model, self.out = eval_model, out
+        self.rounds = math.ceil(cfg.steps / algorithm.sync_every)
+        self.curve: list[dict] = []
+        self.last_loss = float("nan")
+        self._exact = Identity()  # buffers travel as exact fp32
+
+    # --- a round's pieces ------------------------------------------------------------------
+
+    def steps_of(self, r: int) -> range:
+        H = self.algorithm.sync_every
+        return range(r * H, min(self.cfg.steps, (r + 1) * H))
+
+    def local(self, ids) -> list[Worker]:
+        """The local workers among ``ids``, in id order."""
+        return [w for w in self.workers if w.id in ids]
+
+    def train(self, r: int, participants: tuple[int, ...]) -> dict[int, list[float]]:
+        """The round's inner steps for the local participants; returns their losses."""
+        active = self.local(participants)
+        group = Group(self.transport, participants)
+        losses: dict[int, list[float]] = {w.id: [] for w in active}
+        for step in self.steps_of(r):
+            for w in active:
+                t0 = time.perf_counter()
+                batch = to_device(self.partition.batch(w.id, step), self.device)
+                losses[w.id].append(w.backward(self.task.loss, batch,
+                                               self.task.batch_size(batch)))
+                self.clock.compute(w.id, time.perf_counter() - t0 if self.step_time_s is None
+                                   else self.step_time_s[w.id])
+            self.step(group, active)
+        return losses
+
+    def step(self, group: Group, workers: list[Worker]) -> None:
+        """The end of an inner step: the per-step sync (DDP), then each optimizer step."""
+        if self.algorithm.syncs_gradients:
+            self.start_sync(group, workers).wait()
+        for w in workers:
+            w.apply()
+
+    def end_round(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = ()
+                  ) -> None:
+        """The round's sync (nothing for an algorithm that syncs gradients every step)."""
+        if not self.algorithm.syncs_gradients:
+            self.start_sync(group, workers, observers).wait()
+
+    def start_sync(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = ()
+                   ) -> Sync:
+        """Contribute -> reduce: issues one collective per contribution (and one for the
+        model's buffers, averaged with the first contribution's weights, exact fp32)."""
+        plans = {w.id: self.algorithm.contribute(w, observers) for w in workers}
+        for w in workers:
+            flat = w.flat_buffers()
+            if flat is not None:
+                plans[w.id].append(Contribution(flat, plans[w.id][0].weight, tag="buffers"))
+        count = len(plans[workers[0].id])
+        works = []
+        for k in range(count):
+            items = {wid: p[k] for wid, p in plans.items()}
+            exact = items[workers[0].id].tag == "buffers"
+            weights = (None if items[workers[0].id].weight is None
+                       else {wid: c.weight for wid, c in items.items()})
+            works.append(group.start_all_reduce(
+                {wid: c.tensor for wid, c in items.items()},
+                codecs={w.id: self._exact if exact else w.codec for w in workers},
+                aggregator=self.algorithm.aggregator, weights=weights,
+                tag=items[workers[0].id].tag))
+        has_buffers = workers[0].buffers != []
+
+        def apply(results: list[dict]) -> None:
+            mine = results[:-1] if has_buffers else results
+            for w in workers:
+                self.algorithm.apply(w, [res[w.id] for res in mine])
+                if has_buffers:
+                    w.global_buffers = results[-1][w.id]
+                    w.load_flat_buffers(w.global_buffers)
+
+        return Sync(works, apply)
+
+    # --- evaluation and metrics ------------------------------------------------------------
+
+    def eval_due(self, r: int) -> bool:
+        steps, every = self.steps_of(r), self.cfg.eval_every
+        return steps.stop // every > steps.start // every or r == self.rounds - 1
+
+    @torch.no_grad()
+    def evaluate(self, worker: Worker, step: int) -> dict:
+        """The task's metrics of ``worker``'s global state (parameters and buffers)."""
+        m = self.eval_model
+        copy_into(self.algorithm.global_state(worker), [p for p in m.parameters()
+                                                        if p.requires_grad])
+        if worker.global_buffers is not None:
+            copy_into(worker.global_buffers, persistent_buffers(m))
+        m.eval()
+        metrics = self.task.evaluate(m)
+        if "eval_loss" not in metrics:
+            raise ValueError(f"task {self.task.name!r}: evaluate() must return 'eval_loss' "
+                             f"(got {sorted(metrics)})")
+        return {"step": step, "worker": worker.id, **{k: float(v) for k, v in metrics.items()},
+                "bytes_sent_per_worker": self.sent_per_worker(),
+                "virtual_time_s": self.clock.makespan_s}
+
+    def sent_per_worker(self) -> float:
+        return sum(self.transport.sent(w.id) for w in self.workers) / len(self.workers)
+
+    def marks(self) -> dict[int, tuple[int, int]]:
+        """Bytes sent and received so far by each local worker (a row's starting point)."""
+        return {w.id: (self.transport.sent(w.id), self.transport.received(w.id))
+                for w in self.workers}
+
+    def record(self, r: int, members: tuple[int, ...], losses: dict[int, list[float]],
+               marks: dict[int, tuple[int, int]], extra: dict | None = None,
+               evaluate: bool = True) -> dict | None:
+        """After a committed round: the evaluation when due, one row per local member."""
+        trained = [sum(v) / len(v) for v in losses.values() if v]
+        if trained:
+            self.last_loss = sum(trained) / len(trained)
+        point = None
+        local = self.local(members)
+        if evaluate and local and self.eval_due(r):
+            fresh = next((w for w in local if losses.get(w.id)), local[0])
+            point = self.evaluate(fresh, self.steps_of(r).stop)
+            self.curve.append(point)
+        if self.out is not None:
+            for w in local:
+                self.out.log(self.row(r, w, losses.get(w.id, []), marks[w.id], point, extra))
+        return point
+
+    def row(self, r: int, worker: Worker, losses: list[float], mark: tuple[int, int],
+            point: dict | None, extra: dict | None) -> dict:
+        """One ``metrics.jsonl`` line (the runtime adds its fields in ``extra``)."""
+        sent, received = self.transport.sent(worker.id), self.transport.received(worker.id)
+        row = {"round": r, "step": worker.steps, "worker": worker.id,
+               "train_loss": sum(losses) / len(losses) if losses else None,
+               "bytes_sent": sent - mark[0], "bytes_received": received - mark[1],
+               "bytes_sent_cum": sent, "virtual_time_s": self.clock.time_s(worker.id)}
+        if point is not None:
+            row.update({k: v for k, v in point.items() if k not in _POINT_FACTS})
+        return {**row, **(extra or {})}
+
+    def summary(self, wall_s: float) -> dict:
+        """The ``summary.json`` figures of the local workers."""
+        cfg, t, clock = self.cfg, self.transport, self.clock
+        ids = [w.id for w in self.workers]
+        sent = [t.sent(i) for i in ids]
+        final = self.curve[-1] if self.curve else {}
+        span = clock.makespan_s
+        return {
+            "name": cfg.label, "task": self.task.name if self.task else cfg.task.name,
+            "algorithm": cfg.algorithm.name, "workers": cfg.workers, "steps": cfg.steps,
+            "rounds": self.rounds, "sync_every": self.algorithm.sync_every,
+            "codec": cfg.codec.name, "aggregator": cfg.aggregator.name,
+            "params": sum(p.numel() for p in self.workers[0].params),
+            "final_eval_loss": final.get("eval_loss"),
+            **{f"final_eval_{k}": v for k, v in final.items()
+               if k not in _POINT_FACTS and k != "eval_loss"},
+            "final_train_loss": self.last_loss,
+            "bytes_sent_per_worker": sum(sent) / len(ids),
+            "bytes_received_per_worker": sum(t.received(i) for i in ids) / len(ids),
+            "bytes_sent_by_worker": sent, "bytes_sent_total": sum(sent),
+            "virtual_time_s": span, "compute_utilization": clock.utilization(),
+            "compute_s_by_worker": [clock.compute_s[i] for i in ids],
+            "idle_s_by_worker": [max(0.0, span - clock.compute_s[i] - clock.comm_s[i])
+                                 for i in ids],
+            "eval_curve": self.curve, "wall_time_s": wall_s, "seed": cfg.seed,
+        }
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self, driver: Driver, on_round: Callable[[dict], None] | None = None) -> dict:
+        """Runs rounds while the driver hands them out; returns the summary figures (the
+        caller writes them, with its own fields)."""
+        started = time.perf_counter()
+        while (plan := driver.next_round(self)) is not None:
+            r = plan.round
+            if r == 0 and not self.curve and self.local(plan.members):
+                self.curve.append(self.evaluate(self.local(plan.members)[0], 0))
+            marks = self.marks()
+            try:
+                self.algorithm.begin_round(plan.everyone, self.local(plan.everyone.members), r)
+                losses = self.train(r, plan.participants)
+                extra = driver.sync(self, plan, losses)
+            except CommError as e:
+                driver.abort(self, plan, e)
+                continue
+            point = self.record(r, plan.members, losses, marks, extra)
+            driver.committed(self, plan, point)
+            if on_round is not None:
+                on_round({"round": r + 1, "rounds": self.rounds, "step": self.steps_of(r).stop,
+                          "train_loss": self.last_loss,
+                          "eval_loss": self.curve[-1]["eval_loss"] if self.curve else None,
+                          "bytes_sent_per_worker": self.sent_per_worker()})
+        return self.summary(time.perf_counter() - started)
+
+
+# facts of an evaluation point that are not metrics
+_POINT_FACTS = ("step", "worker", "bytes_sent_per_worker", "virtual_time_s")

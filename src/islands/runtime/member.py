@@ -1,0 +1,420 @@
+"""One worker's side of the real runtime's round protocol: the engine's driver.
+
+Each round passes the coordinator's three barriers (see :mod:`islands.runtime.coordinator`):
+
+1. ``start``: learn the round and the members; joiners and workers whose state hash disagrees
+   receive the committed shared state from a live worker (:func:`state.transfer`); a fresh
+   worker may instead heal into the round in flight as a weight-0 observer.
+2. the engine's inner steps, then ``ready``: the members of the collective (stragglers past
+   the deadline and dead workers left out; a new epoch builds a new process group).
+3. the engine's sync (contribute -> reduce -> apply), then ``commit`` with the new state's
+   hash. If any member failed, everyone restores the shared state (no partial reduction is
+   ever kept) and the survivors retry the collective with their local parameters.
+
+:class:`Member` implements :class:`islands.engine.Driver`; ``islands run`` drives it through
+``Engine.run`` with the task's batches, the drop-in loop (:mod:`islands.runtime.join`) calls
+the same methods from the user's own ``trainer.step()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from islands.algorithms import Worker
+from islands.collectives.butterfly import Group
+from islands.core.config import RunConfig
+from islands.core.errors import CommError
+from islands.engine import Engine, RoundPlan
+from islands.runtime import checkpoint, state
+from islands.runtime.auth import derive
+from islands.runtime.membership import CoordinatorRestarted
+from islands.transports.dist import DistTransport, new_group, open_store
+
+log = logging.getLogger("islands.worker")
+
+
+class Excluded(CommError):
+    """This worker was left out of the round (deadline or dropped); it rejoins at start."""
+
+
+@dataclass
+class Stats:
+    """What a worker counts beyond bytes."""
+
+    aborted_attempts: int = 0
+    excluded_rounds: int = 0
+    state_transfers: int = 0
+    state_bytes: int = 0
+    state_transfer_s: float = 0.0
+    hash_mismatches: int = 0
+    first_commit_unix: float | None = None
+    joined_round: int | None = None
+    events: list = field(default_factory=list)
+
+
+class Member:
+    """Drives one worker through the runtime's rounds (an :class:`~islands.engine.Driver`).
+
+    Args:
+        cfg: the run's config (the same on every worker).
+        me: this worker's id.
+        membership: a started-on-demand ``CoordinatorClient`` or a ``FixedMembership``.
+        store: this worker's rendezvous store.
+        transport: its :class:`DistTransport`.
+        engine: the engine whose (single) worker :meth:`build` provides.
+        build: builds and attaches this worker (the optimizers: ``torch._dynamo`` is imported
+            by the first one a process builds, over a second of CPU).
+        fresh: the shared state of this worker before any round (its hash is reported while
+            the worker is still being built).
+        background: build in a background thread while waiting at the coordinator.
+        token: the shared secret (derives each epoch's store prefix).
+        checkpoint_dir: where checkpoints go (None: none).
+    """
+
+    def __init__(self, cfg: RunConfig, me: int, membership, store, transport: DistTransport,
+                 engine: Engine, build: Callable[[], Worker], fresh: dict[str, torch.Tensor],
+                 *, background: bool, token: bytes = b"",
+                 checkpoint_dir: str | Path | None = None) -> None:
+        self.cfg, self.me, self.membership, self.store = cfg, me, membership, store
+        self.transport, self.engine, self.token = transport, engine, token
+        self.algorithm = engine.algorithm
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.stats = Stats()
+        self.round = 0
+        self.epoch = self._prefix = None
+        self.leaving = False
+        self.resumed = False
+        self._wait_for = cfg.workers
+        self._fresh_hash = state.digest(fresh)
+        self._snap: dict | None = None
+        self._build_fn, self._build_error = build, None
+        self._builder = None
+        if background:
+            self._builder = threading.Thread(target=self._build, daemon=True, name="build")
+            self._builder.start()
+        else:
+            self._build()
+            self._built()
+
+    # --- the worker, built in the background ----------------------------------------------
+
+    def _build(self) -> None:
+        try:
+            self.engine.workers = [self._build_fn()]
+        except BaseException as e:  # noqa: BLE001 (re-raised by _built() on the main thread)
+            self._build_error = e
+
+    def _built(self) -> None:
+        """Waits for the build (a no-op once done)."""
+        if self._builder is not None:
+            self._builder.join()
+            self._builder = None
+        if self._build_error is not None:
+            raise self._build_error
+
+    @property
+    def worker(self) -> Worker:
+        return self.engine.workers[0]
+
+    def hash(self) -> str:
+        if self._builder is not None:  # still building: the state is the fresh one
+            return self._fresh_hash
+        return state.digest(self.algorithm.shared_state(self.worker))
+
+    def resume(self, path) -> None:
+        """Loads a checkpoint of the shared state (and this worker's own state, if it is its)."""
+        tensors, facts = checkpoint.load(path)
+        shared = checkpoint.shared_part(tensors)
+        state.check(shared, state.snapshot(self.algorithm, self.worker), src=self.me)
+        state.load(self.algorithm, self.worker, shared)
+        if "worker" in facts and facts.get("worker_id") == self.me:
+            checkpoint.restore_worker(self.worker, checkpoint.worker_part(tensors),
+                                      facts["worker"])
+        else:
+            self.fast_forward(int(facts["round"]))
+        self.round, self.resumed = int(facts["round"]), True
+        log.info("worker %d resumed from %s at round %d", self.me, path, self.round)
+
+    def fast_forward(self, round: int) -> None:
+        """Puts a fresh worker's lr schedule where the run is (a joiner, a resume)."""
+        H = self.algorithm.sync_every
+        while self.worker.steps < min(self.cfg.steps, round * H):
+            if self.worker.scheduler is not None:
+                self.worker.scheduler.step()
+            self.worker.steps += 1
+
+    # --- epochs and liveness ---------------------------------------------------------------
+
+    def _join_epoch(self, res: dict) -> None:
+        """Builds the process group of a new epoch (leader's store, secret-derived prefix)."""
+        if res["epoch"] == self.epoch and res["prefix"] == self._prefix:
+            return
+        members = tuple(sorted(res["members"]))
+        if self.me not in members:
+            raise Excluded(f"not a member of epoch {res['epoch']}")
+        store = self.store
+        if res.get("store") and members[0] != self.me:
+            store = open_store(res["store"][0], int(res["store"][1]), is_master=False,
+                               timeout_s=self.cfg.runtime.collective_timeout_s)
+        prefix = f"{res['prefix']}/{derive(self.token, res['prefix'])}/"
+        t0 = time.perf_counter()
+        group = new_group(store, prefix, members.index(self.me), len(members),
+                          self.cfg.runtime.collective_timeout_s)
+        self.transport.use_group(group, members)
+        self.epoch, self._prefix = res["epoch"], res["prefix"]
+        log.info("worker %d: epoch %d with members %s (group formed in %.3f s)", self.me,
+                 res["epoch"], list(members), time.perf_counter() - t0)
+
+    def on_live(self, live: set[int], sent_at: float) -> None:
+        """Heartbeat thread: a member of the current group is gone, abort its exchanges.
+
+        A reply to a heartbeat sent before the group formed is stale (it may predate a
+        joiner's registration) and is ignored.
+        """
+        if sent_at < self.transport.group_since:
+            return
+        gone = set(self.transport.ranks) - live
+        if gone and not self.transport.abort_event.is_set():
+            log.warning("worker %d: members %s gone; aborting the exchange in flight", self.me,
+                        sorted(gone))
+            self.transport.abort_event.set()
+
+    # --- the driver ------------------------------------------------------------------------
+
+    def next_round(self, engine: Engine) -> RoundPlan | None:
+        """Passes ``start`` (healing, state transfers) until a round is there to train."""
+        while self.round < engine.rounds and not self.leaving:
+            t0 = time.perf_counter()
+            self._snap = None if self._builder is not None else state.snapshot(
+                self.algorithm, self.worker)
+            try:
+                res = self._start()
+                if res.get("heal"):
+                    self._heal(res)
+                    continue
+            except CommError as e:  # Excluded, CoordinatorRestarted, a failed transfer
+                self.abort(engine, None, e)
+                continue
+            r = self.round
+            if r >= engine.rounds:
+                return None
+            self._snap = state.snapshot(self.algorithm, self.worker)
+            members = tuple(sorted(res["members"]))
+            return RoundPlan(r, (self.me,), self.algorithm.participants(r, members),
+                             Group(self.transport, members), info={"t0": t0})
+        return None
+
+    def sync(self, engine: Engine, plan: RoundPlan, losses) -> dict:
+        """The round's sync under ``ready``/``commit``; returns the row's runtime fields."""
+        t_sync = time.perf_counter()
+        outcome = (self._sync(plan.round, plan.participants, self._snap)
+                   if self.me in plan.participants else {"members": list(plan.participants)})
+        self.round = plan.round + 1
+        return self._row(plan.round, outcome, plan.info["t0"], t_sync)
+
+    def abort(self, engine: Engine, plan: RoundPlan | None, error: CommError) -> None:
+        """Restores the last committed shared state; an exclusion is counted."""
+        if isinstance(error, CoordinatorRestarted):
+            self._wait_for = max(1, len(self.transport.ranks))
+        if isinstance(error, (Excluded, CoordinatorRestarted)):
+            self.stats.excluded_rounds += 1
+        if self._snap is not None:  # None: failed before this fresh worker was even built
+            state.load(self.algorithm, self.worker, self._snap, reset_params=True)
+        log.warning("worker %d: round %d aborted (%s); parameters restored to the last "
+                    "committed global state", self.me, self.round, error)
+
+    def committed(self, engine: Engine, plan: RoundPlan | None, point: dict | None) -> None:
+        if self.stats.first_commit_unix is None:
+            self.stats.first_commit_unix = time.time()
+        self._maybe_checkpoint(self.round - 1, engine.rounds)
+
+    # --- start: joining, healing, repairs --------------------------------------------------
+
+    def _start(self) -> dict:
+        # wait_for only holds a coordinator's very first barrier: the job's start (all
+        # workers), or its restart (the members of the last epoch).
+        res = self.membership.request("start", round=self.round, hash=self.hash(),
+                                      wait_for=self._wait_for, heal=self._may_heal())
+        self._wait_for = 1
+        if res.get("heal"):
+            return res
+        self._built()
+        self._join_epoch(res)
+        if res["need_state"]:
+            self._receive_or_send(res)
+        if self.stats.joined_round is None:
+            self.stats.joined_round = res["round"]
+        return res
+
+    def _may_heal(self) -> bool:
+        """Whether to ask to join the round in flight as an observer: a fresh worker (not
+        resumed, never committed) whose algorithm can take a weight-0 member."""
+        return (self.stats.first_commit_unix is None and not self.resumed
+                and self.algorithm.can_observe())
+
+    def _heal(self, res: dict) -> None:
+        """Joins the round in flight as an observer: receives the committed state at its
+        ``ready``, contributes nothing (weight 0) to its collective, and commits it."""
+        r, r0 = res["round"], time.perf_counter()
+        marks = {self.me: (self.transport.bytes_sent, self.transport.bytes_received)}
+        try:
+            outcome = self._sync(r, tuple(res["members"]), None, observer=True)
+        except CommError as e:  # Excluded, CoordinatorRestarted, a failed collective
+            # still at round 0: the next start finds this worker behind and sends the state
+            log.warning("worker %d: healing into round %d failed (%s); joining at the next "
+                        "round instead", self.me, r, e)
+            return
+        self.fast_forward(r + 1)
+        self.round = r + 1
+        self.stats.joined_round = r
+        extra = self._row(r, outcome, r0, time.perf_counter(), observer=True)
+        point = self.engine.record(r, (self.me,), {}, marks, extra)
+        self.committed(self.engine, None, point)
+
+    def _receive_heal(self, r: int, ready: dict, snap: dict, local: torch.Tensor
+                      ) -> tuple[dict, torch.Tensor]:
+        """At a ``ready`` that heals observers: the source sends the committed state (the
+        round has not changed it yet), each observer installs it. Returns (snap, local)."""
+        heal = ready["heal"]
+        if not self._exchange_state(ready["members"], heal["src"], heal["dsts"], r,
+                                    " while healing"):
+            return snap, local
+        return state.snapshot(self.algorithm, self.worker), self.worker.flat_params().clone()
+
+    def _receive_or_send(self, res: dict) -> None:
+        """At ``start``: joiners, workers left behind and hash mismatches get the state."""
+        repair = self.round == res["round"]  # same round, different hash
+        if not self._exchange_state(res["members"], res["src"], res["need_state"],
+                                    res["round"], ""):
+            return
+        if repair:
+            self.stats.hash_mismatches += 1
+            log.warning("worker %d: shared state differed from the majority; repaired from "
+                        "worker %d", self.me, res["src"])
+        self.round = res["round"]
+
+    def _exchange_state(self, members, src: int, dsts, r: int, why: str) -> bool:
+        """``src`` streams its shared state (of committed round ``r``) to ``dsts``; a receiver
+        checks and installs it and puts its lr schedule at round ``r``. Returns whether this
+        worker received it."""
+        if self.me != src and self.me not in dsts:
+            return False
+        mine = self.algorithm.shared_state(self.worker) if self.me == src else None
+        before, t0 = self.transport.bytes_received, time.perf_counter()
+        got = state.transfer(self.transport, tuple(members), src, list(dsts), mine)
+        dt = time.perf_counter() - t0  # the exchange only (includes waiting for the source)
+        if got is None:
+            return False
+        state.check(got, self.algorithm.shared_state(self.worker), src)
+        state.load(self.algorithm, self.worker, got)
+        self.fast_forward(r)
+        self.stats.state_transfers += 1
+        self.stats.state_bytes += self.transport.bytes_received - before
+        self.stats.state_transfer_s += dt
+        log.info("worker %d: received the shared state of round %d from worker %d%s "
+                 "(%d bytes in %.3f s)", self.me, r, src, why,
+                 self.transport.bytes_received - before, dt)
+        return True
+
+    # --- ready, the collective, commit -----------------------------------------------------
+
+    def _sync(self, r: int, ids: tuple[int, ...], snap: dict | None,
+              observer: bool = False) -> dict:
+        """The round's collective with commit/abort; retries with the survivors.
+
+        Args:
+            observer: this worker heals into the round: it must receive the committed state
+                at ``ready`` and contributes with weight 0.
+        """
+        members, attempt, ready = list(ids), 0, None
+        if observer:  # wait for the members' inner steps while the optimizers are built
+            ready = self.membership.request("ready", round=r, attempt=0, members=members)
+            self._built()
+            snap = state.snapshot(self.algorithm, self.worker)
+        local = self.worker.flat_params().clone()
+        samples, codec_state = self.worker.samples, copy.deepcopy(self.worker.codec.state_dict())
+        while True:
+            if ready is None:
+                ready = self.membership.request("ready", round=r, attempt=attempt,
+                                                members=members)
+            if self.me not in ready["members"]:
+                raise Excluded(f"round {r}: left out ({ready.get('left_out')})")
+            if observer and self.me not in ready.get("heal", {}).get("dsts", []):
+                raise Excluded(f"round {r}: no member left to heal from")
+            self._join_epoch(ready)
+            log.info("worker %d: round %d collective starts with %s%s", self.me, r,
+                     ready["members"], f" (observers {ready['observers']})"
+                     if ready.get("observers") else "")
+            ok, why = True, ""
+            try:
+                if ready.get("heal"):
+                    snap, local = self._receive_heal(r, ready, snap, local)
+                self.engine.end_round(Group(self.transport, tuple(ready["members"])),
+                                      [self.worker], tuple(ready.get("observers", ())))
+            except CommError as e:
+                ok, why = False, str(e)
+            h = self.hash() if ok else None
+            res = self.membership.request("commit", round=r, attempt=attempt, ok=ok, hash=h,
+                                          members=ready["members"])
+            if res["commit"]:
+                if self.me in res["mismatched"]:
+                    log.warning("worker %d: round %d hash %s differs from the majority %s; "
+                                "repair at the next round", self.me, r, h, res["hash"])
+                return {**res, "attempts": attempt + 1, "left_out": ready.get("left_out", []),
+                        "observers": ready.get("observers", [])}
+            self.stats.aborted_attempts += 1
+            log.warning("worker %d: round %d attempt %d aborted%s; restored, retrying with %s",
+                        self.me, r, attempt, f" ({why})" if why else "", res["members"])
+            state.load(self.algorithm, self.worker, snap, reset_params=False)
+            self.worker.load_flat(local)
+            self.worker.samples = samples
+            self.worker.codec.load_state_dict(copy.deepcopy(codec_state))
+            members, attempt, ready = res["members"], attempt + 1, None
+
+    def _row(self, r: int, outcome: dict, r0: float, t_sync: float,
+             observer: bool = False) -> dict:
+        """The runtime's fields of a committed round's ``metrics.jsonl`` row."""
+        now = time.perf_counter()
+        hash_ok = self.me not in outcome.get("mismatched", [])
+        log.info("round %d | worker %d | members %s | committed | sent %d B | inner %.2f s | "
+                 "sync %.3f s | attempts %d | hash %s%s", r, self.me, outcome["members"],
+                 self.transport.bytes_sent, t_sync - r0, now - t_sync,
+                 outcome.get("attempts", 1), (outcome.get("hash") or "-")[:12],
+                 "" if hash_ok else " MISMATCH")
+        return {"participants": outcome["members"], "committed": True,
+                "attempts": outcome.get("attempts", 1), "hash": outcome.get("hash"),
+                "hash_ok": hash_ok, "left_out": outcome.get("left_out", []),
+                "epoch": self.epoch, "observers": outcome.get("observers", []),
+                "observer": observer, "inner_s": t_sync - r0, "sync_s": now - t_sync,
+                "round_s": now - r0, "commit_unix": time.time()}
+
+    # --- checkpoints and the summary -------------------------------------------------------
+
+    def _maybe_checkpoint(self, r: int, rounds: int) -> None:
+        every = self.cfg.runtime.checkpoint_every
+        if self.checkpoint_dir is None:
+            return
+        if (every and (r + 1) % every == 0) or r == rounds - 1:
+            facts = {"round": r + 1, "hash": self.hash(), "worker_id": self.me,
+                     "seed": self.cfg.seed}
+            checkpoint.save(self.checkpoint_dir / f"w{self.me}" / f"round-{r + 1}.safetensors",
+                            self.algorithm.shared_state(self.worker), facts, self.worker)
+
+    def summary_fields(self) -> dict:
+        """The runtime's fields of ``summary.json`` (beside the engine's)."""
+        s, t = self.stats, self.transport
+        return {"worker": self.me, "rounds_committed": self.round,
+                "wire_bytes_sent": t.wire_bytes_sent,
+                "aborted_attempts": s.aborted_attempts, "excluded_rounds": s.excluded_rounds,
+                "state_transfers": s.state_transfers, "state_bytes": s.state_bytes,
+                "state_transfer_s": s.state_transfer_s, "hash_mismatches": s.hash_mismatches,
+                "joined_round": s.joined_round, "first_commit_unix": s.first_commit_unix,
+                "final_hash": self.hash()}

@@ -1,0 +1,82 @@
+"""Tasks: the seam between the user's ML and islands (see :mod:`islands.tasks.base`).
+
+Built-ins: ``byte_gpt`` (a byte-level GPT on text) and ``digits_cnn`` (a CNN with BatchNorm on
+scikit-learn's 8x8 digits). A user's task comes by import path (``[task] name =
+"mypkg.tasks:make_task"`` with ``[task.kwargs]`` passed to the factory), or as an object:
+``islands.simulate(cfg, task=my_task)``. :func:`from_dataset` and :func:`from_loader` build one
+from a model, a loss and a Dataset or a DataLoader factory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from islands.core.config import RunConfig
+from islands.core.errors import ConfigError
+from islands.tasks.base import Batch, Partition, Task, to_device
+from islands.tasks.byte_gpt import ByteGPT
+from islands.tasks.dataset import DatasetTask, IndexPartition, from_dataset, from_loader
+from islands.tasks.digits_cnn import make_digits_cnn
+
+
+def _import_factory(path: str) -> Any:
+    """``"pkg.mod:attr"`` or ``"dir/file.py:attr"`` -> the attribute."""
+    module_name, _, attr = path.rpartition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"task.name ({path!r}) must look like 'module:factory'")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name).expanduser().resolve()
+            if not file.is_file():
+                raise ConfigError(f"task.name ({path!r}): the file {str(file)!r} does not "
+                                  "exist")
+            spec = importlib.util.spec_from_file_location(f"islands_task_{file.stem}", file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's module failed to import: say which key and why
+        raise ConfigError(f"task.name ({path!r}): cannot import {module_name!r}: "
+                          f"{type(e).__name__}: {e} (is it on PYTHONPATH, or run from its "
+                          "folder?)") from e
+    if not hasattr(module, attr):
+        raise ConfigError(f"task.name ({path!r}): module {module_name!r} has no attribute "
+                          f"{attr!r}")
+    return getattr(module, attr)
+
+
+def build_task(cfg: RunConfig) -> Task:
+    """The task a config names, built with its ``[task.kwargs]``.
+
+    Raises:
+        ConfigError: an unknown name, an import that fails, a factory that raises or returns
+            something that is not a task; each names ``task.name``.
+    """
+    name, kwargs = cfg.task.name, dict(cfg.task.kwargs)
+    if name == "byte_gpt":
+        if kwargs:
+            raise ConfigError(f"task.kwargs ({kwargs}) do not apply to task 'byte_gpt': "
+                              "configure it with [model] and [data]")
+        return ByteGPT(cfg.model, cfg.data, cfg.seed)
+    factory = make_digits_cnn if name == "digits_cnn" else _import_factory(name)
+    try:
+        task = factory(**kwargs)
+    except Exception as e:  # the user's factory: report it against the config key
+        raise ConfigError(f"task.name ({name!r}) with task.kwargs {kwargs}: the factory "
+                          f"raised {type(e).__name__}: {e}") from e
+    if not isinstance(task, Task):
+        raise ConfigError(f"task.name ({name!r}): the factory returned "
+                          f"{type(task).__name__}, not an islands.tasks.Task; subclass it or "
+                          "return islands.tasks.from_dataset(...)")
+    return task
+
+
+__all__ = ["Batch", "ByteGPT", "DatasetTask", "IndexPartition", "Partition", "Task",
+           "build_task", "from_dataset", "from_loader", "make_digits_cnn", "to_device"]
