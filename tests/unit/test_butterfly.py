@@ -84,3 +84,42 @@ def test_slow_uplink_slows_everyone():
     fast.all_reduce(xs, codecs={i: Identity() for i in range(n)})
     slow.all_reduce(xs, codecs={i: Identity() for i in range(n)})
     assert min(slow_t.clock.now) > 10 * max(fast.transport.clock.now)
+
+
+class _Liar(Identity):
+    """A worker whose payloads are malformed in one way (what a buggy or hostile peer sends)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def _encode(self, x, key, offset):
+        e = super()._encode(x, key, offset)
+        if self.how == "short":  # one value fewer than the shard, and it says so
+            e.tensors["values"], e.numel = e.tensors["values"][:-1], e.numel - 1
+        elif self.how == "dtype":  # claims to decode to integers
+            e.dtype = torch.int32
+        elif self.how == "size":  # the right numel in the header, too few bytes behind it
+            e.tensors["values"] = e.tensors["values"][:-1]
+        elif self.how == "garbage":  # the right size, but not what the codec decodes
+            e.tensors = {"other": e.tensors["values"]}
+        return e
+
+
+@pytest.mark.parametrize("how, words", [("short", "holds 49 values"), ("dtype", "torch.int32"),
+                                        ("size", "its codec sends 200"),
+                                        ("garbage", "does not decode")])
+def test_a_malformed_payload_is_refused_before_aggregation_naming_the_sender(how, words):
+    from islands.core.errors import CommError
+
+    calls = []
+
+    def aggregator(stacked, weights=None):
+        calls.append(stacked)
+        return mean(stacked, weights)
+
+    group, _ = make_group(3)
+    xs = {i: torch.randn(150) for i in range(3)}
+    codecs = {0: Identity(), 1: _Liar(how), 2: Identity()}
+    with pytest.raises(CommError, match=f"payload from worker 1 .*{words}|{words}.*refused"):
+        group.all_reduce(xs, codecs=codecs, aggregator=aggregator)
+    assert calls == []  # refused before any aggregation

@@ -122,13 +122,17 @@ class Engine:
         step_time_s: virtual seconds per inner step of each worker (None: measured).
         eval_model: a copy of the model the evaluation loads the global state into.
         out: the run directory to write (None: nowhere).
+        evaluate: ``evaluate(model) -> {"eval_loss": ...}`` (default: the task's; None
+            without a task: no evaluation).
     """
 
     def __init__(self, cfg: RunConfig, algorithm: Algorithm, transport: Transport,
                  workers: list[Worker], *, task: Task | None, partition: Partition | None,
                  device: torch.device, clock, step_time_s: dict[int, float] | None = None,
-                 eval_model: torch.nn.Module | None = None, out: RunDir | None = None) -> None:
+                 eval_model: torch.nn.Module | None = None, out: RunDir | None = None,
+                 evaluate: Callable[[torch.nn.Module], dict] | None = None) -> None:
         self.cfg, self.algorithm, self.transport = cfg, algorithm, transport
+        self.evaluator = evaluate or (task.evaluate if task is not None else None)
         self.workers, self.task, self.partition = workers, task, partition
         self.device, self.clock, self.step_time_s = device, clock, step_time_s
         self.eval_model, self.out = eval_model, out
@@ -224,10 +228,9 @@ class Engine:
         if worker.global_buffers is not None:
             copy_into(worker.global_buffers, persistent_buffers(m))
         m.eval()
-        metrics = self.task.evaluate(m)
+        metrics = self.evaluator(m)
         if "eval_loss" not in metrics:
-            raise ValueError(f"task {self.task.name!r}: evaluate() must return 'eval_loss' "
-                             f"(got {sorted(metrics)})")
+            raise ValueError(f"evaluate() must return 'eval_loss' (got {sorted(metrics)})")
         return {"step": step, "worker": worker.id, **{k: float(v) for k, v in metrics.items()},
                 "bytes_sent_per_worker": self.sent_per_worker(),
                 "virtual_time_s": self.clock.makespan_s}
@@ -249,7 +252,7 @@ class Engine:
             self.last_loss = sum(trained) / len(trained)
         point = None
         local = self.local(members)
-        if evaluate and local and self.eval_due(r):
+        if evaluate and self.evaluator is not None and local and self.eval_due(r):
             fresh = next((w for w in local if losses.get(w.id)), local[0])
             point = self.evaluate(fresh, self.steps_of(r).stop)
             self.curve.append(point)
@@ -278,7 +281,7 @@ class Engine:
         final = self.curve[-1] if self.curve else {}
         span = clock.makespan_s
         return {
-            "name": cfg.label, "task": self.task.name if self.task else cfg.task.name,
+            "name": cfg.label, "task": self.task.name if self.task else "own loop",
             "algorithm": cfg.algorithm.name, "workers": cfg.workers, "steps": cfg.steps,
             "rounds": self.rounds, "sync_every": self.algorithm.sync_every,
             "codec": cfg.codec.name, "aggregator": cfg.aggregator.name,
@@ -305,7 +308,8 @@ class Engine:
         started = time.perf_counter()
         while (plan := driver.next_round(self)) is not None:
             r = plan.round
-            if r == 0 and not self.curve and self.local(plan.members):
+            if (r == 0 and not self.curve and self.evaluator is not None
+                    and self.local(plan.members)):
                 self.curve.append(self.evaluate(self.local(plan.members)[0], 0))
             marks = self.marks()
             try:

@@ -77,28 +77,33 @@ class Simulation:
         self.out = RunDir(out_dir) if out_dir is not None else None
         self.on_round = on_round
 
-    def run(self) -> dict:
+    def build(self) -> Engine:
+        """Wires the run: data, the initial model, workers, network, clock and engine."""
         cfg, task = self.cfg, self.task
         device = resolve_device(cfg.device)
         partition = task.data(cfg.workers, cfg.seed, cfg.data)
         base = initial_model(cfg, task, device, task_key=self._task_key)
         algorithm = build_algorithm(cfg)
-        workers = [build_worker(cfg, i, base, data_size=partition.size(i))
-                   for i in range(cfg.workers)]
-        for w in workers:
+        self.workers = [build_worker(cfg, i, base, data_size=partition.size(i))
+                        for i in range(cfg.workers)]
+        for w in self.workers:
             attach(algorithm, w)
         clock = VirtualClock(cfg.workers)
         transport = SimTransport(cfg.workers, NetworkModel.from_config(cfg.network), clock)
         step_time = {w.id: w.step_time_s for w in cfg.compute.worker}
-        engine = Engine(cfg, algorithm, transport, workers, task=task, partition=partition,
-                        device=device, clock=clock,
-                        step_time_s={i: step_time.get(i, cfg.compute.step_time_s)
-                                     for i in range(cfg.workers)},
-                        eval_model=copy.deepcopy(base), out=self.out)
+        return Engine(cfg, algorithm, transport, self.workers, task=task, partition=partition,
+                      device=device, clock=clock,
+                      step_time_s={i: step_time.get(i, cfg.compute.step_time_s)
+                                   for i in range(cfg.workers)},
+                      eval_model=copy.deepcopy(base), out=self.out)
+
+    def run(self) -> dict:
+        engine = self.build()
         if self.out:
-            self.out.start(cfg)
-        summary = engine.run(_EveryRound(Group(transport, tuple(range(cfg.workers)))),
-                             self.on_round)
+            self.out.start(self.cfg)
+        everyone = Group(engine.transport, tuple(range(self.cfg.workers)))
+        summary = engine.run(_EveryRound(everyone), self.on_round)
+        algorithm, workers = engine.algorithm, self.workers
         self.final_params = algorithm.global_state(workers[engine.curve[-1]["worker"]]).clone()
         self.shared_states = [algorithm.shared_state(w) for w in workers]
         if self.out:

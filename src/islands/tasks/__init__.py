@@ -39,6 +39,10 @@ def _import_factory(path: str) -> Any:
             sys.modules[spec.name] = module
             spec.loader.exec_module(module)
         else:
+            # as `python -m` and ASGI servers do: the current folder is importable, so
+            # `islands sim` finds mypkg/ where the user stands (and workers launched there)
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
             module = importlib.import_module(module_name)
     except ConfigError:
         raise

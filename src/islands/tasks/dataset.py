@@ -46,7 +46,9 @@ def labels_of(dataset: Dataset) -> np.ndarray | None:
         labels = [dataset[i][1] for i in range(len(dataset))]
     except (TypeError, IndexError, KeyError):
         return None
-    if all(isinstance(y, int) or (torch.is_tensor(y) and y.dim() == 0) for y in labels):
+    if all((isinstance(y, int) and not isinstance(y, bool))
+           or (torch.is_tensor(y) and y.dim() == 0 and not y.is_floating_point())
+           for y in labels):
         return np.asarray([int(y) for y in labels])
     return None
 

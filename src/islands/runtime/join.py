@@ -1,0 +1,246 @@
+"""The drop-in: islands under the user's own training loop, one worker per process.
+
+Users keep their model, optimizer, data loader and loop and add a few lines:
+
+    with islands.join("coordinator-host:29400", token_file="secret.txt",
+                      config="run.toml") as job:
+        trainer = job.wrap(model, optimizer)     # algorithm, codec, H from the config
+        for batch in loader:
+            loss_fn(model, batch).backward()
+            trainer.step()                       # inner step; every H steps the outer sync
+            if trainer.done:
+                break
+
+``trainer.step()`` replaces ``optimizer.step()`` and ``zero_grad()``: it clips (``[inner]
+grad_clip``), steps the optimizer (and the scheduler, if given), and at the end of each round
+runs the sync with everything ``islands run`` has: coordinator membership, commit/abort,
+state transfer to joiners, healing, the per-round hash check, checkpoints. A restarted process
+that runs the same script rejoins: before its first forward pass it holds the committed state.
+Without a coordinator it runs under ``torchrun`` (a fixed group; the world size must be the
+config's ``workers``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from islands.algorithms import Worker, build_algorithm
+from islands.codecs import build_codec
+from islands.collectives.butterfly import Group
+from islands.core.config import RunConfig, load_config
+from islands.core.errors import CommError, ConfigError
+from islands.engine import Engine, WallClock, attach, fresh_state
+from islands.metrics.run_dir import RunDir
+from islands.runtime import checkpoint, state
+from islands.runtime.auth import load_token
+from islands.runtime.launch import connect, parse_worker_id
+from islands.runtime.member import Member
+from islands.runtime.worker import check_worker_id
+from islands.transports.dist import DistTransport
+
+log = logging.getLogger("islands.worker")
+
+
+def join(coordinator: str | None = None, *, config: str | Path | RunConfig | None = None,
+         overrides: list[str] | None = None, worker_id: int | str | None = None,
+         token: str | bytes | None = None, token_file: str | Path | None = None,
+         out: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+         host: str | None = None) -> Job:
+    """Joins a run as one worker (use as a context manager; see the module's example).
+
+    Args:
+        coordinator: ``host:port`` of ``islands coordinator`` (None: under torchrun).
+        config: a TOML path or a :class:`RunConfig` (the same on every worker).
+        overrides: ``--set``-style dotted overrides (``["algorithm.sync_every=100"]``).
+        worker_id: this worker's id (default: ``$RANK``).
+        token: the shared secret, or ``token_file`` holding it.
+        out: this worker's run directory (default: ``runs/<name>/w<id>``).
+        checkpoint_dir: write checkpoints here (``[runtime] checkpoint_every``).
+        host: the address peers reach this worker at (default: the route to the coordinator).
+    """
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides or [])
+    if isinstance(config, RunConfig) and overrides:
+        cfg = load_config(None, overrides, base=config.to_dict())
+    if cfg.algorithm.participation < 1:
+        raise ConfigError(f"algorithm.participation ({cfg.algorithm.participation}) below 1 "
+                          "is not supported by the drop-in loop (every worker trains every "
+                          "round); use islands run")
+    raw = worker_id if worker_id is not None else os.environ.get("RANK")
+    if raw is None:
+        raise ConfigError("join(worker_id=...) is needed (or $RANK, as torchrun sets it)")
+    me = parse_worker_id(str(raw))
+    check_worker_id(cfg, me)
+    secret = token.encode() if isinstance(token, str) else token
+    if secret is None:
+        secret = load_token(token_file)
+    return Job(cfg, me, coordinator=coordinator, token=secret,
+               out=Path(out) if out else Path("runs") / cfg.label / f"w{me}",
+               checkpoint_dir=checkpoint_dir, host=host)
+
+
+class Job:
+    """A worker's membership in a run; :meth:`wrap` the model and optimizer to train.
+
+    Construct with :func:`join`. Entering connects to the coordinator (or the torchrun
+    group); leaving writes the run directory (``metrics.jsonl``, ``summary.json``,
+    ``final.safetensors``) and leaves the membership, so the others go on without it.
+    """
+
+    def __init__(self, cfg: RunConfig, me: int, *, coordinator: str | None, token: bytes,
+                 out: Path, checkpoint_dir, host: str | None) -> None:
+        self.cfg, self.me, self.coordinator, self.token = cfg, me, coordinator, token
+        self.out, self.checkpoint_dir, self.host = RunDir(out), checkpoint_dir, host
+        self.trainer: Trainer | None = None
+        self.membership = self.store = None
+
+    def __enter__(self) -> Job:
+        self.started = time.perf_counter()
+        self.membership, self.store = connect(self.cfg, self.me, coordinator=self.coordinator,
+                                              token=self.token, host=self.host)
+        if hasattr(self.membership, "start"):
+            self.membership.start()
+        self.out.start(self.cfg, append=True)
+        return self
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, scheduler=None,
+             evaluate: Callable[[nn.Module], dict] | None = None) -> Trainer:
+        """The trainer of this worker: ``trainer.step()`` after each backward.
+
+        Args:
+            model: the user's model; every worker must build it identically (same seed).
+            optimizer: its inner optimizer (state kept across rounds, never synchronized).
+            scheduler: an lr scheduler stepped once per inner step.
+            evaluate: ``evaluate(model) -> {"eval_loss": ..., ...}`` on held-out data, run
+                on the global state when ``eval_every`` says (in ``metrics.jsonl``).
+        """
+        if self.trainer is not None:
+            raise RuntimeError("this job already wraps a model; one trainer per worker")
+        if self.membership is None:
+            raise RuntimeError("use join(...) as a context manager: with islands.join(...) "
+                               "as job: trainer = job.wrap(model, optimizer)")
+        self.trainer = Trainer(self, model, optimizer, scheduler, evaluate)
+        return self.trainer
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.trainer is not None and exc_type is None:
+                self.membership.leave()
+                self.trainer.finish(time.perf_counter() - self.started)
+        finally:
+            self.membership.close()
+
+
+class Trainer:
+    """Drives one worker from the user's loop (see :meth:`step`). Built by :meth:`Job.wrap`."""
+
+    def __init__(self, job: Job, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler, evaluate) -> None:
+        cfg, me = job.cfg, job.me
+        self.job, self.cfg = job, cfg
+        codec = build_codec(cfg.codec)
+        codec.bind_layout([p.shape for p in model.parameters() if p.requires_grad])
+        worker = Worker(me, model, optimizer, codec, scheduler=scheduler,
+                        grad_clip=cfg.inner.grad_clip, data_size=1)
+        algorithm = build_algorithm(cfg)
+        attach(algorithm, worker)
+        device = next(model.parameters()).device
+        self.transport = DistTransport(me, cfg.runtime.collective_timeout_s)
+        self.engine = Engine(cfg, algorithm, self.transport, [worker], task=None,
+                             partition=None, device=device, clock=WallClock((me,)),
+                             eval_model=copy.deepcopy(model) if evaluate else None,
+                             out=job.out, evaluate=evaluate)
+        self.member = Member(cfg, me, job.membership, job.store, self.transport, self.engine,
+                             lambda: worker, fresh_state(model), background=False,
+                             token=job.token, checkpoint_dir=job.checkpoint_dir)
+        job.membership.on_live = self.member.on_live
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self.member, "leaving", True))
+        self.done = False
+        self._plan = None
+        self._begin()
+
+    @property
+    def round(self) -> int:
+        """The round this worker is in (the next to commit)."""
+        return self.member.round
+
+    @property
+    def inner_step(self) -> int:
+        """The run's inner step this worker takes next (a joiner starts where the run is)."""
+        return self.member.worker.steps
+
+    def _begin(self) -> None:
+        """Passes the next round's ``start`` (a joiner receives the state here, before its
+        first forward pass); sets :attr:`done` when the run is over."""
+        engine = self.engine
+        while not self.done:
+            plan = self.member.next_round(engine)
+            if plan is None:
+                self.done = True
+                return
+            self._marks, self._losses, self._steps = engine.marks(), [], 0
+            try:
+                engine.algorithm.begin_round(plan.everyone, engine.workers, plan.round)
+            except CommError as e:
+                self.member.abort(engine, plan, e)
+                continue
+            if plan.round == 0 and not engine.curve and engine.evaluator is not None:
+                engine.curve.append(engine.evaluate(self.member.worker, 0))
+            self._plan = plan
+            return
+
+    def step(self, loss: float | torch.Tensor | None = None, samples: int = 1) -> None:
+        """One inner step with the gradients in ``.grad``: clip, optimizer (and scheduler)
+        step, zero the gradients; at the round's end, the sync (commit or abort).
+
+        Args:
+            loss: this step's training loss, for ``metrics.jsonl`` (optional).
+            samples: samples in this step's batch (``local_sgd``'s sample weights).
+        """
+        if self.done:
+            return
+        plan, engine, worker = self._plan, self.engine, self.member.worker
+        t0 = time.perf_counter()
+        worker.samples += samples
+        try:
+            engine.step(Group(self.transport, plan.participants), [worker])
+        except CommError as e:  # a per-step collective (DDP) failed: the round is void
+            self.member.abort(engine, plan, e)
+            self._begin()
+            return
+        finally:
+            worker.inner.zero_grad(set_to_none=True)
+        engine.clock.compute(worker.id, time.perf_counter() - t0)
+        if loss is not None:
+            self._losses.append(float(loss))
+        self._steps += 1
+        if self._steps < len(engine.steps_of(plan.round)):
+            return
+        try:
+            extra = self.member.sync(engine, plan, {worker.id: self._losses})
+        except CommError as e:
+            self.member.abort(engine, plan, e)
+        else:
+            point = engine.record(plan.round, plan.members, {worker.id: self._losses},
+                                  self._marks, extra)
+            self.member.committed(engine, plan, point)
+        self._begin()
+
+    def finish(self, wall_s: float) -> dict:
+        """Writes this worker's run directory; returns its summary."""
+        engine, member = self.engine, self.member
+        summary = {**engine.summary(wall_s), **member.summary_fields()}
+        shared = engine.algorithm.shared_state(member.worker)
+        checkpoint.save(self.job.out.path / "final.safetensors", shared,
+                        {"round": member.round, "hash": state.digest(shared),
+                         "worker_id": member.me})
+        self.job.out.finish(summary, plot=False)
+        return summary

@@ -1,0 +1,184 @@
+"""Tasks: the digits CNN and a user's task train in the simulator; buffers are synced by the
+documented rule, frozen parameters never sent; the helpers' data is deterministic and dealt by
+the partitioners; the aggregator named in the config reaches the collective."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+import islands
+from islands.core.config import DataConfig
+from islands.core.errors import DataError
+from islands.collectives.butterfly import Group
+from islands.sim.runner import Simulation
+from tests.conftest import tiny_config
+
+USER = ["task.name='tests.user_task:make_task'", "data.batch_size=16", "device='cpu'"]
+DIGITS = ["task.name=digits_cnn", "data.batch_size=32", "data.partition=dirichlet",
+          "data.alpha=0.5", "device='cpu'"]
+
+
+@pytest.mark.parametrize("algo", ["ddp", "local_sgd", "diloco"])
+def test_digits_buffers_are_identical_on_every_worker_after_a_sync(algo):
+    """BatchNorm's running statistics drift apart during local steps (each worker sees other
+    labels); after the sync every worker holds the same mean, in its shared state and in its
+    model's BatchNorm layers."""
+    cfg = islands.load_config(None, [*DIGITS, "workers=3", "steps=3", "eval_every=3",
+                                     "algorithm.sync_every=3", f"algorithm.name={algo}"])
+    engine = Simulation(cfg).build()
+    workers = engine.workers
+
+    def buffers(w):
+        return torch.cat([b.reshape(-1).float() for b in w.model.buffers()])
+
+    if algo == "ddp":  # synced at every step: look inside the first one
+        for w in workers:
+            w.backward(engine.task.loss, engine.partition.batch(w.id, 0), 32)
+        before = [buffers(w) for w in workers]
+        engine.step(Group(engine.transport, (0, 1, 2)), workers)
+    else:
+        engine.train(0, (0, 1, 2))
+        before = [buffers(w) for w in workers]
+        engine.end_round(Group(engine.transport, (0, 1, 2)), workers)
+    after = [buffers(w) for w in workers]
+    assert not torch.equal(before[0], before[1])  # they did drift apart
+    assert all(torch.equal(a, after[0]) for a in after)
+    mean = torch.stack(before).mean(dim=0)  # the rule: the plain mean here (diloco, ddp)
+    if algo != "local_sgd":  # (local_sgd weighs by samples: equal here, so the same mean)
+        torch.testing.assert_close(after[0], mean, rtol=1e-6, atol=1e-6)
+    states = [engine.algorithm.shared_state(w) for w in workers]
+    assert all(torch.equal(s["global_buffers"], after[0]) for s in states)
+
+
+def test_digits_cnn_reports_accuracy():
+    s = islands.simulate(islands.load_config(None, [*DIGITS, "workers=2", "steps=20",
+                                                    "algorithm.sync_every=10",
+                                                    "eval_every=10"]))
+    assert 0 < s["final_eval_accuracy"] <= 1 and math.isfinite(s["final_eval_loss"])
+    assert [sorted(p) for p in s["eval_curve"]][0] == sorted(
+        ["step", "worker", "eval_loss", "accuracy", "bytes_sent_per_worker", "virtual_time_s"])
+
+
+def test_frozen_parameters_are_never_sent_and_buffers_are_counted():
+    cfg = islands.load_config(None, [*USER, "workers=2", "steps=4", "algorithm.sync_every=2",
+                                     "eval_every=4"])
+    sim = Simulation(cfg)
+    s = sim.run()
+    model = sim.workers[0].model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    buffers = sum(b.numel() for b in model.buffers())
+    assert sum(p.numel() for p in frozen) == 72 and s["params"] == trainable
+    # per sync and worker: two all-reduces (parameters, buffers), each sending half of the
+    # fp32 values (2(n-1)/n with n = 2) and 2(n-1) = 2 headers of 16 bytes
+    per_sync = (trainable * 4 + 2 * 16) + (buffers * 4 + 2 * 16)
+    assert s["bytes_sent_per_worker"] == 2 * per_sync
+    from islands.engine import initial_model
+
+    start = initial_model(cfg, sim.task, torch.device("cpu"))
+    assert torch.equal(frozen[0], start[0].weight)  # never changed
+    assert not torch.equal(model[1].weight, start[1].weight)  # while the rest trained
+
+
+def test_user_task_by_import_path_trains_under_every_algorithm(tmp_path):
+    losses = {}
+    for algo in ("ddp", "local_sgd", "diloco"):
+        s = islands.simulate(islands.load_config(None, [
+            *USER, "workers=2", "steps=100", "algorithm.sync_every=5", "eval_every=50",
+            f"algorithm.name={algo}", "task.kwargs={hidden = 12}", "inner.lr=0.01"]),
+            tmp_path / algo)
+        losses[algo] = s["final_eval_loss"]
+        assert s["task"] == "user_mlp" and s["final_eval_accuracy"] > 0.6  # 4 classes
+        assert s["eval_curve"][-1]["eval_loss"] < s["eval_curve"][0]["eval_loss"]
+        assert "accuracy" in (tmp_path / algo / "metrics.jsonl").read_text()
+    file_form = islands.simulate(islands.load_config(None, [
+        *USER, "task.name='tests/user_task.py:make_task'", "workers=2", "steps=100",
+        "algorithm.sync_every=5", "eval_every=50", "task.kwargs={hidden = 12}",
+        "inner.lr=0.01"]))
+    assert file_form["final_eval_loss"] == losses["diloco"]
+
+
+def test_a_task_object_from_python():
+    from tests.user_task import make_task
+
+    task = make_task()
+    cfg = islands.load_config(None, ["workers=2", "steps=10", "algorithm.sync_every=5",
+                                     "data.batch_size=8", "device='cpu'"])
+    a = islands.simulate(cfg, task=task)
+    b = islands.simulate(cfg, task=make_task())
+    a.pop("wall_time_s"), b.pop("wall_time_s")
+    assert a == b and a["task"] == "user_mlp"
+
+
+def test_dataset_partitions_deal_every_index_and_skew_by_label():
+    x, y = torch.randn(400, 3), torch.arange(400) % 4
+    task = islands.from_dataset(nn.Linear(3, 4), TensorDataset(x, y), TensorDataset(x, y),
+                                criterion=nn.CrossEntropyLoss())
+    for kind in ("iid", "dirichlet", "by_source"):
+        part = task.data(4, 0, DataConfig(partition=kind, alpha=0.1, batch_size=8))
+        dealt = np.concatenate(part.parts)
+        assert sorted(dealt.tolist()) == list(range(400))
+    skew = task.data(4, 0, DataConfig(partition="dirichlet", alpha=0.1, batch_size=8))
+    label_sets = [set(y[p].tolist()) for p in skew.parts]
+    assert min(len(s) for s in label_sets) < 4  # some worker misses some labels
+    iid = task.data(4, 0, DataConfig(batch_size=8))
+    assert all(set(y[p].tolist()) == {0, 1, 2, 3} for p in iid.parts)
+
+
+def test_dataset_batches_are_a_function_of_seed_worker_step_and_cover_each_epoch():
+    x, y = torch.arange(40.0)[:, None], torch.zeros(40, dtype=torch.long)
+    task = islands.from_dataset(nn.Linear(1, 2), TensorDataset(x, y), TensorDataset(x, y),
+                                criterion=nn.CrossEntropyLoss())
+    a, b = (task.data(2, 7, DataConfig(batch_size=4)) for _ in range(2))
+    assert torch.equal(a.batch(1, 3)[0], b.batch(1, 3)[0])
+    assert not torch.equal(a.batch(1, 3)[0], task.data(2, 8, DataConfig(batch_size=4))
+                           .batch(1, 3)[0])
+    # 20 items per worker, batches of 4: steps 0-4 are one epoch, a permutation of the share
+    seen = torch.cat([a.batch(0, s)[0] for s in range(5)]).reshape(-1)
+    assert sorted(seen.tolist()) == sorted(x[a.parts[0]].reshape(-1).tolist())
+
+
+def test_dirichlet_without_labels_is_a_clear_error():
+    data = [torch.randn(3) for _ in range(50)]  # items without labels
+    task = islands.from_dataset(nn.Linear(3, 1), data, data, loss=lambda m, b: m(b).mean())
+    with pytest.raises(DataError, match="needs the training labels: pass labels="):
+        task.data(2, 0, DataConfig(partition="dirichlet"))
+
+
+def test_loader_factory_is_deterministic_and_rewinds():
+    x = torch.arange(32.0)[:, None]
+
+    def loader(worker, workers, seed):
+        g = torch.Generator().manual_seed(seed * 100 + worker)
+        return torch.utils.data.DataLoader(TensorDataset(x[worker::workers]), batch_size=4,
+                                           shuffle=True, generator=g)
+
+    task = islands.from_loader(nn.Linear(1, 1), loader, [(x,)],
+                               loss=lambda m, b: m(b[0]).pow(2).mean())
+    part = task.data(2, 3, DataConfig())
+    forward = [part.batch(1, s)[0].clone() for s in range(9)]  # crosses two epochs
+    assert torch.equal(part.batch(1, 2)[0], forward[2])  # rewound: rebuilt and skipped ahead
+    assert part.size(1) == 16
+
+
+def test_the_configured_aggregator_reaches_the_collective(monkeypatch):
+    from islands import aggregators
+    from islands.aggregators import mean
+
+    calls = []
+
+    def spy(stacked, weights=None):
+        calls.append(stacked.shape)
+        return mean(stacked, weights)
+
+    monkeypatch.setitem(aggregators.AGGREGATORS, "spy", spy)
+    s = islands.simulate(tiny_config("workers=2", "steps=4", "algorithm.sync_every=2",
+                                     "aggregator.name=spy"))
+    assert len(calls) == 2 * 2 and all(c[0] == 2 for c in calls)  # 2 rounds x 2 shards
+    assert s["aggregator"] == "spy"
