@@ -34,11 +34,11 @@ class Procs:
         self.tmp = tmp
         self.items: list[tuple[str, subprocess.Popen, Path]] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen:
         err = self.tmp / f"{name}.{len(self.items)}.stderr"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(err, "w"), env=env,
-                             text=True)
+                             text=True, cwd=cwd)
         p.started_unix = time.time()
         self.items.append((name, p, err))
         return p

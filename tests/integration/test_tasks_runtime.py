@@ -130,3 +130,18 @@ def test_dropin_survives_a_sigkill_and_restart(tmp_path, procs, coordinator):
     print(f"final eval loss: {calm:.4f} without the kill, {kill:.4f} with it")
     assert abs(kill / calm - 1) < 0.02
     assert runs["kill"][2]["state_transfers"] >= 1 and runs["kill"][2]["rounds_committed"] == 60
+
+
+def test_the_dropin_digits_example_runs_under_torchrun(tmp_path, procs):
+    """examples/dropin_digits.py as a user runs it: two ranks, one shared state at the end."""
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "examples" / "dropin_digits.py"
+    argv = [sys.prefix + "/bin/torchrun", "--nproc-per-node", "2", "--master-port",
+            str(free_port()), str(example), "--steps", "50"]
+    p = procs.start("torchrun", argv, cwd=tmp_path)
+    assert p.wait(timeout=120) == 0
+    runs = [json.loads((tmp_path / "runs" / "dropin_digits" / f"w{i}" / "summary.json")
+                       .read_text()) for i in range(2)]
+    assert runs[0]["final_hash"] == runs[1]["final_hash"] and runs[0]["rounds_committed"] == 2
+    assert runs[0]["final_eval_accuracy"] > 0.5

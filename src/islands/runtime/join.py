@@ -220,7 +220,7 @@ class Trainer:
             worker.inner.zero_grad(set_to_none=True)
         engine.clock.compute(worker.id, time.perf_counter() - t0)
         if loss is not None:
-            self._losses.append(float(loss))
+            self._losses.append(float(loss.detach() if torch.is_tensor(loss) else loss))
         self._steps += 1
         if self._steps < len(engine.steps_of(plan.round)):
             return
