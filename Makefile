@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/islands sim --out runs/main
+	$(BIN)/islands demo --out runs/main
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

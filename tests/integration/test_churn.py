@@ -22,6 +22,11 @@ def commits_after(run_dir, t: float) -> list[dict]:
     return [r for r in metrics(run_dir) if r["commit_unix"] > t]
 
 
+def _rounds_after(run_dir, round: int) -> list[dict]:
+    """Rows of rounds later than ``round`` (those a dead worker cannot have taken part in)."""
+    return [r for r in metrics(run_dir) if r["round"] > round]
+
+
 def assert_hashes_agree(dirs) -> None:
     by_round: dict[int, set] = {}
     for d in dirs:
@@ -54,15 +59,21 @@ def test_kill_restart_leave_and_hostile_peers(tmp_path, procs, coordinator):
     ws = {i: procs.worker(i, addr, out, LONG, tok) for i in range(3)}
     wait_until(lambda: min(last_round(out / f"w{i}") for i in range(3)) >= 3, 90, "round 3")
 
-    # 1. SIGKILL worker 2: the survivors commit their next round within 2 s.
+    # 1. SIGKILL worker 2: the survivors go on without it, no round lost or repeated
+    #    (how long they stall is measured by benchmarks/churn.py, not asserted here).
     ws[2].send_signal(signal.SIGKILL)
     t_kill = time.time()
     ws[2].wait()
+    killed_last = last_round(out / "w2")
     (out / "w2").rename(out / "w2-killed")
-    wait_until(lambda: all(commits_after(out / f"w{i}", t_kill) for i in (0, 1)), 30,
-               "a commit by the survivors")
-    stall = max(commits_after(out / f"w{i}", t_kill)[0]["commit_unix"] for i in (0, 1)) - t_kill
-    assert stall < 2.0, f"survivors stalled {stall:.2f} s after the kill"
+    wait_until(lambda: all(_rounds_after(out / f"w{i}", killed_last) for i in (0, 1)), 30,
+               "a round of the survivors")
+    for i in (0, 1):
+        rounds = [r["round"] for r in metrics(out / f"w{i}")]
+        assert rounds == list(range(len(rounds))), rounds  # every round once, in order
+        assert _rounds_after(out / f"w{i}", killed_last)[0]["participants"] == [0, 1]
+    stall = max(_rounds_after(out / f"w{i}", killed_last)[0]["commit_unix"]
+                for i in (0, 1)) - t_kill
 
     # 2. Restart it: it receives the state from a live peer and commits.
     ws[2] = procs.worker(2, addr, out, LONG, tok)
@@ -147,16 +158,19 @@ def test_kill_during_a_collective(tmp_path, procs, coordinator):
                "worker 2 entering a collective")
     ws[2].send_signal(signal.SIGKILL)
     t_kill = time.time()
-    wait_until(lambda: all(commits_after(out / f"w{i}", t_kill) for i in (0, 1)), 30,
-               "a commit by the survivors")
-    first = [commits_after(out / f"w{i}", t_kill)[0] for i in (0, 1)]
+    ws[2].wait()
+    killed_last = last_round(out / "w2")
+    wait_until(lambda: all(_rounds_after(out / f"w{i}", killed_last) for i in (0, 1)), 30,
+               "a round of the survivors")
+    first = [_rounds_after(out / f"w{i}", killed_last)[0] for i in (0, 1)]
     stall = max(r["commit_unix"] for r in first) - t_kill
     aborted = "aborted" in procs.stderr(ws[0]) + procs.stderr(ws[1])
     print(f"stall {stall:.2f} s; attempt aborted mid-collective: {aborted}; "
           f"attempts {[r['attempts'] for r in first]}")
-    assert first[0]["participants"] == [0, 1] or first[0]["round"] <= last_round(out / "w2")
+    # the next round is committed by the survivors alone (none skipped)
+    assert [r["participants"] for r in first] == [[0, 1], [0, 1]]
+    assert first[0]["round"] == killed_last + 1
     assert aborted, "the kill did not land inside a collective"
-    assert stall < 2.0
     for i in (0, 1):
         ws[i].send_signal(signal.SIGTERM)
     assert ws[0].wait(timeout=30) == 0 and ws[1].wait(timeout=30) == 0

@@ -96,3 +96,29 @@ def test_validation_batches_fixed():
     a, b = data().val_batches(), data().val_batches()
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
     assert len(a) == 8 and all(x.shape == (8, 32) for x, _ in a)
+
+
+def test_binary_files_in_a_folder_are_skipped_with_a_warning(tmp_path):
+    from islands.core.errors import IslandsWarning
+
+    (tmp_path / "a.txt").write_text("hello world, " * 2000)
+    (tmp_path / "tool.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 40)
+    with pytest.warns(IslandsWarning, match=r"skipped 1 binary file\(s\).*tool.txt"):
+        docs = load_documents(str(tmp_path))
+    assert [d.path for d in docs] == ["a.txt"]
+
+
+def test_a_binary_file_as_the_corpus_is_an_error(tmp_path):
+    exe = tmp_path / "program"
+    exe.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 40)
+    with pytest.raises(DataError, match="is a binary file, not text"):
+        load_documents(str(exe))
+
+
+def test_a_folder_of_unread_extensions_says_which_are_read(tmp_path):
+    for i in range(3):
+        (tmp_path / f"page{i}.xml").write_text("<p>text</p>" * 100)
+    (tmp_path / "data.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"extensions \.xml \(3\), \.parquet \(1\); the ones "
+                                        r"read are .*\.md.*\.py.*\.txt"):
+        load_documents(str(tmp_path))

@@ -13,12 +13,30 @@ from islands.core.errors import ConfigError
 
 
 def outer_factory(cfg):
-    """Builds the outer optimizer factory from an :class:`~islands.core.config.OuterConfig`."""
+    """Builds the outer optimizer factory from an :class:`~islands.core.config.OuterConfig`.
+
+    Raises:
+        ConfigError: a setting the chosen optimizer would ignore (``momentum`` or
+            ``nesterov`` with anything but SGD) or refuse (a keyword in ``outer.kwargs``).
+    """
     names = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)}
     cls = names[cfg.optimizer.lower()]
     kwargs = {"lr": cfg.lr, **cfg.kwargs}
     if cls is torch.optim.SGD:
         kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    else:
+        defaults = type(cfg)()
+        for key in ("momentum", "nesterov"):
+            if getattr(cfg, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"outer.{key} ({getattr(cfg, key)!r}) is used by outer.optimizer = 'sgd' "
+                    f"only; {cls.__name__} would ignore it. Remove it, or give {cls.__name__}'s "
+                    "own settings in [outer.kwargs] (e.g. betas = [0.9, 0.95] for adam)")
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"outer.kwargs ({dict(cfg.kwargs)}) are refused by "
+                          f"torch.optim.{cls.__name__}: {e}") from None
     return lambda params: cls(params, **kwargs)
 
 
@@ -40,5 +58,12 @@ def build_algorithm(cfg) -> Algorithm:
     return DiLoCo(a.sync_every, outer=outer_factory(cfg.outer), aggregator=agg)
 
 
+def check_algorithm(cfg) -> None:
+    """Builds what the algorithm section names once (refusing settings it would ignore)."""
+    build_aggregator(cfg.aggregator)
+    if cfg.algorithm.name == "diloco":
+        outer_factory(cfg.outer)
+
+
 __all__ = ["Algorithm", "Contribution", "DDP", "DiLoCo", "LocalSGD", "Worker",
-           "build_aggregator", "build_algorithm", "nesterov_sgd", "outer_factory"]
+           "build_aggregator", "build_algorithm", "check_algorithm", "nesterov_sgd", "outer_factory"]

@@ -1,6 +1,7 @@
 """islands: train one network on many poorly connected machines (simulated or for real).
 
-    islands sim [CONFIG] [--set k=v ...] [--out DIR]   simulate (no CONFIG: the main job)
+    islands sim [CONFIG] [--set k=v ...] [--out DIR]   simulate one run (no CONFIG: defaults)
+    islands demo [--set k=v ...] [--out DIR]           the main job: four runs and a table
     islands compare RUN_DIR ... [--out PNG]            side-by-side table and combined plot
     islands coordinator --port P [--token-file F]      membership service of the real runtime
     islands run CONFIG --coordinator HOST:P --worker-id NAME [--token-file F]
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from rich.console import Console
+from rich.markup import escape
 
 from islands.cli import runtime_cmd, sim_cmd
-from islands.core.errors import IslandsError
+from islands.core.errors import IslandsError, IslandsWarning
 
 COMMANDS = [sim_cmd, runtime_cmd]
 
@@ -29,15 +32,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stderr() -> Console:
+    return Console(stderr=True, soft_wrap=True)  # no line breaks inside a message
+
+
+def show_warnings() -> None:
+    """Prints islands' warnings as one line on stderr (``warning: ...``), other warnings as
+    Python does."""
+    default = warnings.showwarning
+    if getattr(default, "islands", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, IslandsWarning):
+            _stderr().print(f"[bold yellow]warning:[/] {escape(str(message))}",
+                            highlight=False)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show.islands = True
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    show_warnings()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except IslandsError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        _stderr().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; finished runs are on disk")
+        _stderr().print("interrupted; finished runs are on disk")
         return 130
 
 

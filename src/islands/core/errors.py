@@ -32,3 +32,7 @@ class RoundAborted(CommError):
 
 class AuthError(CommError):
     """A peer failed authentication."""
+
+
+class IslandsWarning(UserWarning):
+    """Something a user would want to know before trusting a run (it still runs)."""

@@ -13,12 +13,14 @@ import functools
 import hashlib
 import os
 import sysconfig
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from islands.core.errors import DataError
+from islands.core.errors import DataError, IslandsWarning
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini",
                  ".html", ".css", ".js", ".csv", ".tex", ".yaml", ".yml", ""}
@@ -45,26 +47,47 @@ def stdlib_root() -> Path:
 def _list_files(corpus: str) -> tuple[Path, list[Path]]:
     if corpus == "python-stdlib":
         root = stdlib_root()
-        return root, _walk(root, (".py",), skip={"site-packages", "dist-packages"})
+        return root, _walk(root, (".py",), skip={"site-packages", "dist-packages"})[0]
     path = Path(corpus).expanduser()
     if not path.exists():
         raise DataError(f"data.corpus path {str(path)!r} does not exist "
                         "(give a text file, a folder of text files, or 'python-stdlib')")
     if path.is_file():
         return path.parent, [path]
-    return path, _walk(path, tuple(TEXT_SUFFIXES), skip=set())
+    found, others = _walk(path, tuple(TEXT_SUFFIXES), skip=set())
+    if not found and others:
+        shown = ", ".join(f"{s or '(none)'} ({n})" for s, n in others.most_common(5))
+        raise DataError(f"data.corpus folder {str(path)!r} holds no file that is read: its "
+                        f"files have the extensions {shown}; the ones read are "
+                        f"{', '.join(sorted(s for s in TEXT_SUFFIXES if s))} and none (give "
+                        "one file's path to read it whatever its extension)")
+    return path, found
 
 
-def _walk(root: Path, suffixes: tuple[str, ...], skip: set[str]) -> list[Path]:
-    """Files under ``root`` with one of ``suffixes``, never entering hidden folders, caches
-    or ``skip`` (pruned, not filtered: the stdlib's site-packages can hold gigabytes)."""
-    found = []
+def _walk(root: Path, suffixes: tuple[str, ...], skip: set[str]
+          ) -> tuple[list[Path], Counter]:
+    """Files under ``root`` with one of ``suffixes`` (and a count of the other extensions),
+    never entering hidden folders, caches or ``skip`` (pruned, not filtered: the stdlib's
+    site-packages can hold gigabytes)."""
+    found, others = [], Counter()
     for folder, dirs, names in os.walk(root):
         dirs[:] = [d for d in dirs if d not in skip and d != "__pycache__"
                    and not d.startswith(".")]
-        found.extend(Path(folder, n) for n in names
-                     if not n.startswith(".") and Path(n).suffix.lower() in suffixes)
-    return found
+        for n in names:
+            if n.startswith("."):
+                continue
+            suffix = Path(n).suffix.lower()
+            if suffix in suffixes:
+                found.append(Path(folder, n))
+            else:
+                others[suffix] += 1
+    return found, others
+
+
+def is_binary(data: bytes) -> bool:
+    """Whether bytes look like a binary file rather than text: a NUL byte in the first 8 KB
+    (git's test; no text encoding in use puts NUL in text)."""
+    return b"\0" in data[:8192]
 
 
 def load_documents(corpus: str, max_bytes: int | None = None) -> list[Document]:
@@ -89,7 +112,7 @@ def _stdlib_documents(max_bytes: int | None) -> tuple[Document, ...]:
 def _read_documents(corpus: str, max_bytes: int | None) -> list[Document]:
     root, files = _list_files(corpus)
     files = sorted(files, key=lambda p: _hash01(p.relative_to(root).as_posix()))
-    docs, total = [], 0
+    docs, total, binary = [], 0, []
     for p in files:
         if max_bytes is not None and total >= max_bytes:
             break
@@ -99,10 +122,20 @@ def _read_documents(corpus: str, max_bytes: int | None) -> list[Document]:
             continue  # unreadable file (permissions, broken link): skip, as a user would
         if not data:
             continue
+        if is_binary(data):
+            binary.append(p)
+            continue
         rel = p.relative_to(root).as_posix()
         source = rel.split("/")[0] if "/" in rel else "<top>"
         docs.append(Document(rel, source, data))
         total += len(data)
+    if binary and not docs:
+        raise DataError(f"data.corpus {corpus!r}: {str(binary[0])!r} is a binary file, not "
+                        "text (a NUL byte in its first 8 KB); give text files")
+    if binary:
+        warnings.warn(IslandsWarning(
+            f"data.corpus {corpus!r}: skipped {len(binary)} binary file(s) (a NUL byte in the "
+            f"first 8 KB), e.g. {str(binary[0])!r}"), stacklevel=2)
     if not docs:
         raise DataError(f"data.corpus {corpus!r} ({str(root)!r}) holds no non-empty text files")
     return sorted(docs, key=lambda d: d.path)

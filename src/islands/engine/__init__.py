@@ -10,9 +10,12 @@ from islands.engine.build import (
     initial_model,
     make_inner,
     resolve_device,
+    resolve_threads,
+    threads,
     warm_start,
 )
 from islands.engine.loop import Driver, Engine, RoundPlan, Sync, WallClock
 
 __all__ = ["Driver", "Engine", "RoundPlan", "Sync", "WallClock", "attach", "build_worker",
-           "check_config", "fresh_state", "initial_model", "make_inner", "resolve_device", "warm_start"]
+           "check_config", "fresh_state", "initial_model", "make_inner", "resolve_device",
+           "resolve_threads", "threads", "warm_start"]

@@ -5,17 +5,19 @@ component once so a bad setting fails before anything runs, naming its key.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 
-from islands.algorithms import Algorithm, Worker, build_aggregator
+from islands.algorithms import Algorithm, Worker, check_algorithm
 from islands.codecs import build_codec
 from islands.core.config import DataConfig, ModelConfig, RunConfig
-from islands.core.errors import ConfigError
+from islands.core.errors import ConfigError, IslandsWarning
 from islands.core.seeding import derive_seed
 from islands.tasks import Task, build_task, to_device
 
@@ -32,6 +34,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_threads(cfg: RunConfig, device: torch.device) -> int:
+    """The CPU thread count ``threads`` asks for (``auto``: 1 on the CPU, torch's default on a
+    GPU; see :class:`~islands.core.config.RunConfig`)."""
+    if cfg.threads != "auto":
+        return int(cfg.threads)
+    return 1 if device.type == "cpu" else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def threads(cfg: RunConfig, device: torch.device):
+    """Runs the block with :func:`resolve_threads` torch threads, then restores the count."""
+    before, wanted = torch.get_num_threads(), resolve_threads(cfg, device)
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     """Builds every component a config names once (task, codec, aggregator, device) and
     refuses settings the chosen task does not read; returns the task.
@@ -40,8 +61,14 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
         ConfigError: naming the key, the value and the fix.
     """
     build_codec(cfg.codec)
-    build_aggregator(cfg.aggregator)
+    check_algorithm(cfg)
     resolve_device(cfg.device)
+    a = cfg.algorithm
+    if a.name != "ddp" and a.sync_every > cfg.steps:
+        warnings.warn(IslandsWarning(
+            f"algorithm.sync_every ({a.sync_every}) > steps ({cfg.steps}): no round of "
+            f"{a.sync_every} inner steps completes; the run is one shortened round of "
+            f"{cfg.steps} steps ending in the only sync"), stacklevel=2)
     task = task if task is not None else build_task(cfg)
     if "model" not in task.reads:
         for key, value in _changed(cfg.model, ModelConfig()):
@@ -114,7 +141,8 @@ def warm_start(cfg: RunConfig, task: Task, device: torch.device, *,
     """
     d = cfg.to_dict()
     key = json.dumps([d[k] for k in ("seed", "task", "model", "data", "inner", "init")]
-                     + [str(device), task_key], sort_keys=True, default=str)
+                     + [str(device), task_key, torch.get_num_threads()], sort_keys=True,
+                     default=str)  # (the thread count changes the float sums)
     if key not in _WARM_STARTS:
         steps = cfg.init.warm_start_steps
         pre = cfg.replace(**{"workers": 1, "steps": steps, "inner.schedule": "constant",

@@ -137,7 +137,8 @@ class Engine:
         self.device, self.clock, self.step_time_s = device, clock, step_time_s
         self.eval_model, self.out = eval_model, out
         self.rounds = math.ceil(cfg.steps / algorithm.sync_every)
-        self.curve: list[dict] = []
+        self.curve: list[dict] = []  # evaluations of the global state
+        self.train_curve: list[dict] = []  # the mean train loss of every round trained here
         self.last_loss = float("nan")
         self._exact = Identity()  # buffers travel as exact fp32
 
@@ -250,6 +251,10 @@ class Engine:
         trained = [sum(v) / len(v) for v in losses.values() if v]
         if trained:
             self.last_loss = sum(trained) / len(trained)
+            self.train_curve.append({"round": r, "step": self.steps_of(r).stop,
+                                     "train_loss": self.last_loss,
+                                     "bytes_sent_per_worker": self.sent_per_worker(),
+                                     "virtual_time_s": self.clock.makespan_s})
         point = None
         local = self.local(members)
         if evaluate and self.evaluator is not None and local and self.eval_due(r):
@@ -297,7 +302,9 @@ class Engine:
             "compute_s_by_worker": [clock.compute_s[i] for i in ids],
             "idle_s_by_worker": [max(0.0, span - clock.compute_s[i] - clock.comm_s[i])
                                  for i in ids],
-            "eval_curve": self.curve, "wall_time_s": wall_s, "seed": cfg.seed,
+            "eval_curve": self.curve, "train_curve": self.train_curve,
+            "wall_time_s": wall_s, "seed": cfg.seed,
+            "threads": torch.get_num_threads(),
         }
 
     # --- the loop --------------------------------------------------------------------------

@@ -121,10 +121,8 @@ def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str], list[str]],
     out.mkdir(parents=True, exist_ok=True)
     coord = start_coordinator(cfg, 0, token, host="127.0.0.1")
     addr = f"127.0.0.1:{coord.port}"
-    # N workers share this machine's cores: one torch thread pool each, not N oversubscribed.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.workers)))}
-    procs = [subprocess.Popen(argv_for(i, addr), env=env) for i in range(cfg.workers)]
+    # each worker sets its torch threads from the config's `threads` (auto: 1 on the CPU)
+    procs = [subprocess.Popen(argv_for(i, addr)) for i in range(cfg.workers)]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         for p in procs:
@@ -142,4 +140,7 @@ def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str], list[str]],
         raise CommError(f"launch: workers {failed} exited with an error (see their log above)")
     merged = merge([read_summary(out / f"w{i}") for i in range(cfg.workers)])
     write_json(out / "summary.json", merged)
+    from islands.metrics.plots import plot_runs  # matplotlib: only in the launching process
+
+    plot_runs([merged], out / "loss.png", title=f"{merged['name']} (islands launch)")
     return merged

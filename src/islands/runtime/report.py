@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # taken from the lowest worker: the same on every worker of a run that ended well
 _SHARED = ("name", "task", "algorithm", "workers", "steps", "rounds", "sync_every", "codec",
-           "aggregator", "params", "eval_curve", "seed")
+           "aggregator", "params", "eval_curve", "train_curve", "seed", "threads")
 
 
 def merge(summaries: list[dict]) -> dict:

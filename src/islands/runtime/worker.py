@@ -33,6 +33,7 @@ from islands.engine import (
     fresh_state,
     initial_model,
     resolve_device,
+    resolve_threads,
 )
 from islands.metrics.run_dir import RunDir
 from islands.runtime import checkpoint, state
@@ -81,6 +82,7 @@ class RuntimeWorker:
         cfg, me = self.cfg, self.me
         task = check_config(cfg)
         device = resolve_device(cfg.device)
+        torch.set_num_threads(resolve_threads(cfg, device))  # this process runs one worker
         partition = task.data(cfg.workers, cfg.seed, cfg.data)
         base = initial_model(cfg, task, device)
         algorithm = build_algorithm(cfg)

@@ -1,8 +1,9 @@
 """The main job: DDP, DiLoCo and LocalSGD with 4 workers, and one worker training alone, on
 the default corpus and model with the same inner steps each; then the comparison table.
 
-Run it: ``islands sim`` (no config) or ``make demo``. ``--set`` overrides apply to every run
-(``islands sim --set steps=100`` for a quick look).
+Run it: ``islands demo`` or ``make demo``. ``--set`` overrides apply to every run
+(``islands demo --set steps=100`` for a quick look), except those that would erase what the
+rows compare (:data:`FIXED_BY_THE_DEMO`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from islands.core.config import load_config
+from islands.core.config import load_config, parse_overrides
+from islands.core.errors import ConfigError
+from islands.engine import check_config, resolve_device, threads, warm_start
 from islands.metrics.compare import compare, make_console
 from islands.metrics.run_dir import write_json
 from islands.sim.progress import run_with_progress
-from islands.engine import resolve_device, warm_start
 from islands.tasks import build_task
 
 # What every run of the main job shares, on top of the defaults (4 workers, 100 Mbit/s, 50 ms):
@@ -25,6 +27,10 @@ from islands.tasks import build_task
 # initialization, 500 steps are too few for DiLoCo to catch up with DDP's 4x larger effective
 # batch: ``islands sim --set init.warm_start_steps=0 --set steps=500`` shows the cold start.
 MAIN_JOB_SETUP = {"steps": 400, "init": {"warm_start_steps": 1000}}
+
+# The keys that make the rows differ: an override of one would run every row alike under the
+# rows' old labels (four copies of one configuration), so the demo refuses it.
+FIXED_BY_THE_DEMO = ("workers", "algorithm.name", "name")
 
 # name -> overrides on top of MAIN_JOB_SETUP
 MAIN_JOB_RUNS = {
@@ -39,16 +45,26 @@ def main_job(out_dir: str | Path, overrides: list[str] | None = None,
              console: Console | None = None, progress: bool = True) -> list[dict]:
     """Runs the four runs into ``out_dir/<name>`` and prints and saves the comparison."""
     console = console or make_console()
+    for key in parse_overrides(overrides or []):
+        if key in FIXED_BY_THE_DEMO:
+            raise ConfigError(
+                f"islands demo compares ddp, diloco and local_sgd with 4 workers and one worker "
+                f"alone: --set {key}=... would give every row the same {key} under the rows' "
+                f"own labels. For one run of your own, use `islands sim --set {key}=...`")
     out = Path(out_dir)
     configs = {name: load_config(None, overrides, base={**MAIN_JOB_SETUP, **base, "name": name})
-               for name, base in MAIN_JOB_RUNS.items()}  # validate all before running any
+               for name, base in MAIN_JOB_RUNS.items()}
+    for cfg in configs.values():  # every run is checked before any runs
+        check_config(cfg)
     summaries = []
     for name, cfg in configs.items():
         warm = cfg.init.warm_start_steps
         if warm and not summaries:
             t0 = time.perf_counter()
-            with console.status(f"warm start: {warm} steps of one worker, shared by every run"):
-                warm_start(cfg, build_task(cfg), resolve_device(cfg.device))
+            device = resolve_device(cfg.device)
+            with console.status(f"warm start: {warm} steps of one worker, shared by every run"), \
+                    threads(cfg, device):
+                warm_start(cfg, build_task(cfg), device)
             console.print(f"warm start: {warm} steps of one worker in "
                           f"{time.perf_counter() - t0:.0f} s, shared by every run")
         console.print(f"[bold]{name}[/]: {cfg.workers} worker(s), {cfg.steps} inner steps, "

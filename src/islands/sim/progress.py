@@ -15,23 +15,26 @@ from rich.progress import (
 )
 
 from islands.metrics.compare import human_bytes
-from islands.sim.runner import simulate
+from islands.sim.runner import Simulation
 
 
 def run_with_progress(cfg, out_dir: str | Path | None, *, console: Console | None = None,
-                      enabled: bool = True) -> dict:
-    """Runs :func:`simulate` with a live bar (disabled: silent)."""
+                      enabled: bool = True, task=None) -> dict:
+    """Runs a simulation with a live bar (disabled: silent). The config is checked before the
+    bar appears, so a bad setting prints only its error."""
     if not enabled:
-        return simulate(cfg, out_dir)
+        return Simulation(cfg, out_dir, task=task).run()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("rounds  loss {task.fields[loss]}  sent {task.fields[sent]}/worker"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(cfg.label, total=None, loss="—", sent="0 B")
+    bar = Progress(*columns, console=console, transient=False)
+    row = bar.add_task(cfg.label, total=None, loss="—", sent="0 B")
 
-        def on_round(p: dict) -> None:
-            loss = p["eval_loss"] if p["eval_loss"] is not None else p["train_loss"]
-            bar.update(task, completed=p["round"], total=p["rounds"], loss=f"{loss:.3f}",
-                       sent=human_bytes(p["bytes_sent_per_worker"]))
+    def on_round(p: dict) -> None:
+        loss = p["eval_loss"] if p["eval_loss"] is not None else p["train_loss"]
+        bar.update(row, completed=p["round"], total=p["rounds"], loss=f"{loss:.3f}",
+                   sent=human_bytes(p["bytes_sent_per_worker"]))
 
-        return simulate(cfg, out_dir, on_round=on_round)
+    sim = Simulation(cfg, out_dir, on_round, task=task)
+    with bar:
+        return sim.run()

@@ -26,6 +26,7 @@ from islands.engine import (
     check_config,
     initial_model,
     resolve_device,
+    threads,
 )
 from islands.metrics.run_dir import RunDir
 from islands.tasks import Task
@@ -98,6 +99,10 @@ class Simulation:
                       eval_model=copy.deepcopy(base), out=self.out)
 
     def run(self) -> dict:
+        with threads(self.cfg, resolve_device(self.cfg.device)):
+            return self._run()
+
+    def _run(self) -> dict:
         engine = self.build()
         if self.out:
             self.out.start(self.cfg)
