@@ -25,8 +25,8 @@ def test_hash_repair_and_brand_new_join(tmp_path, procs, coordinator):
     flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     bad = tmp_path / "diverged.safetensors"  # worker 2 starts from different parameters
     checkpoint.save(bad, {"global_params": flat + 0.01}, {"round": 0, "worker_id": -1})
-    # the first round waits for workers 0-2 (up to 8 s for a 4th, which comes later)
-    coord = coordinator(join_timeout_s=8.0)
+    # the first round waits for workers 0-2 (up to 4 s for a 4th, which comes later)
+    coord = coordinator(join_timeout_s=4.0)
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "run"
     ws = {i: procs.worker(i, addr, out, over) for i in (0, 1)}

@@ -108,3 +108,16 @@ def test_override_syntax():
                                                                 "d": [1, 2]}
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         parse_overrides(["sync_every"])
+
+
+def test_a_torchrun_world_size_other_than_workers_is_refused(monkeypatch):
+    from islands.runtime.launch import fixed_world
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fixed_world(load_config(None, ["workers=2"])) == 2
+    with pytest.raises(ConfigError, match=r"torchrun started 2 processes \(WORLD_SIZE\) but the "
+                                          r"config has workers = 3"):
+        fixed_world(load_config(None, ["workers=3"]))
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="give --coordinator HOST:PORT, or run under torchrun"):
+        fixed_world(load_config(None, ["workers=3"]))

@@ -14,7 +14,8 @@ from islands.runtime.coordinator import Coordinator
 
 @pytest.fixture
 def coord():
-    c = Coordinator("127.0.0.1", 0, token=b"tok", heartbeat_timeout_s=1.0).start()
+    c = Coordinator("127.0.0.1", 0, token=b"tok", heartbeat_timeout_s=1.0,
+                    handshake_timeout_s=0.5).start()
     yield c
     c.stop()
 

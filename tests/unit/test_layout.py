@@ -84,3 +84,12 @@ def test_every_module_imports():
     for p in ROOT.rglob("*.py"):
         rel = p.relative_to(ROOT.parent).with_suffix("")
         importlib.import_module(".".join(rel.parts).removesuffix(".__init__"))
+
+
+def test_unit_tests_start_no_processes():
+    """Real processes belong in tests/integration/ (the unit folder stays fast)."""
+    unit = Path(__file__).parent
+    starters = ("subprocess", "multiprocessing", "Popen", "os.fork")
+    offenders = [p.name for p in unit.glob("*.py") if p.name != Path(__file__).name
+                 and any(s in p.read_text() for s in starters)]
+    assert offenders == []

@@ -72,17 +72,19 @@ class Coordinator:
         heartbeat_timeout_s: drop a worker silent this long.
         deadline_s: the ``ready`` barrier's straggler deadline (None: wait for all).
         join_timeout_s: how long ``wait_for`` may hold a start barrier.
+        handshake_timeout_s: a new connection that has not authenticated by then is closed.
     """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 29400, *, token: bytes = b"",
                  heartbeat_timeout_s: float = 1.0, deadline_s: float | None = None,
-                 join_timeout_s: float = 60.0) -> None:
+                 join_timeout_s: float = 60.0, handshake_timeout_s: float = 2.0) -> None:
         if heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s ({heartbeat_timeout_s}) must be > 0")
         self.host, self.port, self.token = host, port, token
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.deadline_s = deadline_s
         self.join_timeout_s = join_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
         self.instance = secrets.token_hex(4)
         self.members: dict[int, Member] = {}
         self.epoch = 0
@@ -145,7 +147,7 @@ class Coordinator:
             threading.Thread(target=self._serve, args=(conn, addr), daemon=True).start()
 
     def _serve(self, conn: socket.socket, addr) -> None:
-        ch = Channel(conn, timeout_s=2.0)  # the handshake must be quick
+        ch = Channel(conn, timeout_s=self.handshake_timeout_s)  # the handshake must be quick
         try:
             hello = server_handshake(ch, self.token)
             wid = hello.get("id")
