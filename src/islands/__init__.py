@@ -17,6 +17,7 @@ from islands.core.errors import (
                                  ConfigError,
                                  DataError,
                                  IslandsError,
+                                 PeerRefused,
                                  RoundAborted,
 )
 from islands.sim.runner import simulate
@@ -25,7 +26,8 @@ from islands.tasks import Task, from_dataset, from_loader
 __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "AuthError", "CodecError", "CommError", "ConfigError", "Contribution",
-           "DDP", "DataError", "DiLoCo", "IslandsError", "LocalSGD", "RoundAborted",
+           "DDP", "DataError", "DiLoCo", "IslandsError", "LocalSGD", "PeerRefused",
+           "RoundAborted",
            "RunConfig", "Task", "Worker", "from_dataset", "from_loader", "join", "load_config",
            "simulate", "tasks"]
 

@@ -17,8 +17,8 @@ re-encoded shard too, so every member ends with bit-identical results.
 
 Every received payload is checked before it is aggregated or used: its length must be the
 shard's, its dtype a float, its wire size the codec's (when the codec knows it) and it must
-decode; otherwise :class:`~islands.core.errors.CommError` names the sender, in either
-transport, and the round aborts instead of crashing an honest worker.
+decode; otherwise :class:`~islands.core.errors.PeerRefused` (a ``CommError``) names the
+sender, in either transport, and the round aborts instead of crashing an honest worker.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from islands.aggregators import mean
 from islands.codecs.base import Codec, Encoded
-from islands.core.errors import CommError
+from islands.core.errors import PeerRefused
 from islands.transports.base import Message, Transport
 
 MESSAGE_HEADER_BYTES = 16
@@ -67,17 +67,18 @@ def _decode_checked(codec: Codec, payload: Encoded, out: torch.Tensor, offset: i
     """Decodes ``payload`` into ``out`` after checking it fits; refusals name ``sender``."""
     n = out.numel()
     if payload.numel != n or not payload.dtype.is_floating_point:
-        raise CommError(f"{what}: payload from worker {sender} holds {payload.numel} values of "
-                        f"{payload.dtype}, expected {n} floats; refused")
+        raise PeerRefused(f"{what}: payload from worker {sender} holds {payload.numel} values "
+                          f"of {payload.dtype}, expected {n} floats; refused", sender)
     want = codec.wire_bytes(n, offset)
     if want is not None and payload.nbytes != want:
-        raise CommError(f"{what}: payload from worker {sender} is {payload.nbytes} bytes, "
-                        f"its codec sends {want} for {n} values; refused")
+        raise PeerRefused(f"{what}: payload from worker {sender} is {payload.nbytes} bytes, "
+                          f"its codec sends {want} for {n} values; refused", sender)
     try:
         codec.decode_into(payload, out)
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise CommError(f"{what}: payload from worker {sender} does not decode "
-                        f"({type(e).__name__}: {str(e).splitlines()[0]}); refused") from None
+        raise PeerRefused(f"{what}: payload from worker {sender} does not decode "
+                          f"({type(e).__name__}: {str(e).splitlines()[0]}); refused",
+                          sender) from None
 
 
 class Group:

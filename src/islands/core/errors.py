@@ -26,6 +26,20 @@ class CommError(IslandsError):
     """A transfer between workers failed (peer gone, timeout, malformed payload)."""
 
 
+class PeerRefused(CommError):
+    """A peer's message was refused (malformed, wrong length or dtype, non-finite, not
+    decodable). ``sender`` names the peer to blame, so the round can be retried without it.
+
+    Args:
+        message: what was wrong.
+        sender: the worker whose message it was.
+    """
+
+    def __init__(self, message: str, sender: int) -> None:
+        super().__init__(message)
+        self.sender = sender
+
+
 class RoundAborted(CommError):
     """A round was aborted and rolled back to the last committed global state."""
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from islands.codecs.base import Encoded
-from islands.core.errors import CommError
+from islands.core.errors import CommError, PeerRefused
 from islands.transports.base import Message, Transport
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -113,13 +113,13 @@ def unpack(buf: torch.Tensor, peer: int) -> Message:
                           header_bytes=int(header["eh"]), meta=dict(header["meta"]))
         msg = Message(payload, int(header["hb"]), weight=float(header["w"]))
     except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
-        raise CommError(f"malformed message from worker {peer}: {e}") from None
+        raise PeerRefused(f"malformed message from worker {peer}: {e}", peer) from None
     for name, t in tensors.items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            raise CommError(f"message from worker {peer}: tensor {name!r} holds NaN/Inf; "
-                            "refused")
+            raise PeerRefused(f"message from worker {peer}: tensor {name!r} holds NaN/Inf; "
+                              "refused", peer)
     if payload.numel < 0 or not math.isfinite(msg.weight):
-        raise CommError(f"message from worker {peer}: bad numel or weight; refused")
+        raise PeerRefused(f"message from worker {peer}: bad numel or weight; refused", peer)
     return msg
 
 
@@ -184,7 +184,7 @@ class DistTransport(Transport):
         for p in peers:
             n = int(sizes_in[p])
             if not 0 <= n <= MAX_MESSAGE_BYTES:
-                raise CommError(f"{phase}: worker {p} announced {n} bytes; refused")
+                raise PeerRefused(f"{phase}: worker {p} announced {n} bytes; refused", p)
             if n:
                 recv_bufs[p] = torch.empty(n, dtype=torch.uint8)
         self._transfer([(b, p) for p, b in bufs.items()],
