@@ -3,7 +3,8 @@
 Reports the survivors' stall (kill to their next committed round), the restarted worker's
 time from process start to its first committed round, the state-transfer rate it saw, the
 final eval loss against the same run without failure, and the rounds whose shared-state
-hashes differed between participants.
+hashes differed between participants; beside them, the floor of ``rejoin_s`` measured in the
+same run: the time a fresh process takes to import the runtime (median of 3).
 
 Run it: ``python benchmarks/churn.py --json churn.json`` (about 2 minutes on 2 cores).
 """
@@ -78,6 +79,17 @@ def run(out: Path, kill_round: int | None) -> dict:
     return facts
 
 
+def import_s(repeats: int = 3) -> float:
+    """Median seconds for a fresh process to import the runtime (torch included)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import islands.runtime.worker"], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def mismatched_rounds(dirs: list[Path]) -> int:
     by_round: dict[int, set] = {}
     for d in dirs:
@@ -103,6 +115,7 @@ def main() -> None:
     figures = {
         "stall_s": stall - kill,
         "rejoin_s": w2["first_commit_unix"] - restart,
+        "import_runtime_s": import_s(),
         "state_transfer_mb_per_s": (w2["state_bytes"] / 1e6) / max(w2["state_transfer_s"], 1e-9),
         "state_bytes": w2["state_bytes"],
         "final_loss_ratio": loss(churn) / loss(base),

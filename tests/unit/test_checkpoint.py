@@ -51,3 +51,47 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
         checkpoint.load(path)
     with pytest.raises(ConfigError, match="does not exist"):
         checkpoint.load(tmp_path / "missing.safetensors")
+
+
+def _saved(tmp_path, **facts):
+    algo, w = _worker()
+    shared = algo.shared_state(w)
+    path = tmp_path / "ck.safetensors"
+    checkpoint.save(path, shared, {"round": 3, "hash": state.digest(shared), **facts}, w)
+    return path
+
+
+def test_a_resume_is_verified_against_its_hash_its_values_and_the_runs_rounds(tmp_path):
+    path = _saved(tmp_path)
+    tensors, facts = checkpoint.load(path)
+    checkpoint.verify(path, checkpoint.shared_part(tensors), facts, rounds=10)  # good
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # flip bits in the tensor bytes
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(data))
+    tensors, facts = checkpoint.load(bad)
+    with pytest.raises(ConfigError, match="hashes to .* its metadata says .*: the file is "
+                                          "corrupt"):
+        checkpoint.verify(bad, checkpoint.shared_part(tensors), facts, rounds=10)
+    tensors, facts = checkpoint.load(path)
+    with pytest.raises(ConfigError, match=r"round 999 in its metadata is outside this run's "
+                                          r"rounds 0..10"):
+        checkpoint.verify(path, checkpoint.shared_part(tensors), {**facts, "round": 999}, 10)
+    nan = {k: v.clone() for k, v in checkpoint.shared_part(tensors).items()}
+    nan["global_params"][0] = float("nan")
+    with pytest.raises(ConfigError, match="global_params holds NaN/Inf"):
+        checkpoint.verify(path, nan, {**facts, "hash": state.digest(nan)}, 10)
+    with pytest.raises(ConfigError, match="no shared-state hash or round"):
+        checkpoint.verify(path, checkpoint.shared_part(tensors), {"round": 3}, 10)
+
+
+def test_old_checkpoints_are_pruned_and_temp_files_of_a_killed_write_removed(tmp_path):
+    algo, w = _worker()
+    for r in range(1, 6):
+        checkpoint.save_round(tmp_path, r, algo.shared_state(w), {"round": r}, None, keep=2)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["round-4.safetensors",
+                                                          "round-5.safetensors"]
+    (tmp_path / ".round-6.safetensors.tmp.1234").write_bytes(b"half a file")
+    assert checkpoint.clean_temp(tmp_path) == 1
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["round-4.safetensors",
+                                                          "round-5.safetensors"]

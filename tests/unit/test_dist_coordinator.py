@@ -20,10 +20,12 @@ def coord():
     c.stop()
 
 
-def _worker(c: Coordinator, wid: int, token: bytes = b"tok"):
+def _worker(c: Coordinator, wid: int, token: bytes = b"tok", fp: dict | None = None,
+            incarnation: str | None = None):
     return client_connect(f"127.0.0.1:{c.port}", token,
                           {"role": "worker", "id": wid, "channel": "control",
-                           "incarnation": f"i{wid}", "store": ["127.0.0.1", 1000 + wid]})
+                           "incarnation": incarnation or f"i{wid}",
+                           "store": ["127.0.0.1", 1000 + wid], "fingerprint": fp or {}})
 
 
 def test_bad_token_garbage_and_silence_are_refused(coord):
@@ -152,3 +154,161 @@ def test_too_late_for_the_round_in_flight_heals_into_the_next(coord):
     t.join(10)
     assert nxt[0]["members"] == [0, 1] and nxt[0]["healing"] == [2]
     assert holder["r"] == {"heal": True, "round": 1, "src": 0, "members": [0, 1, 2]}
+
+
+def test_a_joiner_with_another_config_is_refused_naming_the_key_and_both_values(coord):
+    job = {"seed": 0, "model.n_embd": 128, "algorithm.sync_every": 50, "model.shapes": "a1"}
+    _worker(coord, 0, fp=job)  # the first worker sets the job's fingerprint
+    with pytest.raises(AuthError, match=r"model.n_embd is 128 in the job and 64 here"):
+        _worker(coord, 1, fp={**job, "model.n_embd": 64, "model.shapes": "b2"})
+    with pytest.raises(AuthError, match=r"algorithm.sync_every is 50 in the job and 5 here"):
+        _worker(coord, 2, fp={**job, "algorithm.sync_every": 5})
+    with pytest.raises(AuthError, match=r"seed is 0 in the job and 1 here"):
+        _worker(coord, 3, fp={**job, "seed": 1})
+    _worker(coord, 4, fp=dict(job))  # the same config joins
+    st = coord.status()
+    assert st["live"] == [0, 4] and len(st["refused_joins"]) == 3
+    assert "model.n_embd" in st["refused_joins"][0]["why"]
+
+
+def test_a_coordinator_config_fingerprint_is_the_jobs_and_learns_derived_keys():
+    from islands.core.config import load_config
+    from islands.runtime.fingerprint import config_fingerprint
+
+    job = config_fingerprint(load_config(None, ["codec.name=int8"]))
+    c = Coordinator("127.0.0.1", 0, token=b"tok", fingerprint=job).start()
+    try:
+        mine = config_fingerprint(load_config(None, ["threads=2", "device=cpu"]))
+        with pytest.raises(AuthError, match=r"codec.name is 'int8' in the job and 'identity'"):
+            _worker(c, 0, fp={**mine, "model.shapes": "x", "rounds": 10})
+        _worker(c, 1, fp={**job, "model.shapes": "x", "rounds": 10})  # threads may differ
+        assert c.fingerprint["rounds"] == 10  # learned from the first worker
+        with pytest.raises(AuthError, match="model.shapes is 'x' in the job and 'y' here"):
+            _worker(c, 2, fp={**job, "model.shapes": "y", "rounds": 10})
+    finally:
+        c.stop()
+
+
+def test_a_second_process_cannot_take_a_live_workers_id(coord):
+    live = _worker(coord, 0, incarnation="first")
+    with pytest.raises(AuthError, match="worker id 0 is held by a live process"):
+        _worker(coord, 0, incarnation="second")
+    live.send({"op": "hb"})
+    assert live.recv()["live"] == [0]  # the live one keeps its place
+    import time
+
+    time.sleep(1.2)  # past heartbeat_timeout_s without a heartbeat: it may be replaced
+    _worker(coord, 0, incarnation="second")
+    live.send({"op": "hb"})
+    assert "superseded" in live.recv()["error"]
+
+
+def test_a_refused_contribution_excludes_its_sender_from_the_retry_and_the_run(coord):
+    chs = {w: _worker(coord, w) for w in range(3)}
+    _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
+    _ask(chs, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2]} for w in chs})
+    blame = {"worker": 1, "why": "payload from worker 1 holds 49 values"}
+    out = _ask(chs, {0: {"op": "commit", "round": 0, "attempt": 0, "ok": False, "hash": None,
+                         "members": [0, 1, 2], "blame": blame},
+                     1: {"op": "commit", "round": 0, "attempt": 0, "ok": True, "hash": "x",
+                         "members": [0, 1, 2]},
+                     2: {"op": "commit", "round": 0, "attempt": 0, "ok": False, "hash": None,
+                         "members": [0, 1, 2], "blame": blame}})
+    assert not out[0]["commit"] and out[0]["members"] == [0, 2]
+    assert out[0]["excluded"] == [{"worker": 1, "by": 0, "round": 0,
+                                   "why": "payload from worker 1 holds 49 values"}]
+    chs[1].send({"op": "ready", "round": 0, "attempt": 1, "members": [0, 2]})
+    reply = chs[1].recv()
+    assert reply.get("removed") and "worker 0 refused its contribution" in reply["error"]
+    assert coord.status()["excluded"]["1"]["by"] == 0
+    retry = _ask({w: chs[w] for w in (0, 2)},
+                 {w: {"op": "ready", "round": 0, "attempt": 1, "members": [0, 2]}
+                  for w in (0, 2)})
+    assert retry[0]["members"] == [0, 2]
+
+
+def test_a_round_that_keeps_failing_gives_up_instead_of_looping():
+    c = Coordinator("127.0.0.1", 0, token=b"tok", max_attempts=3).start()
+    try:
+        chs = {w: _worker(c, w) for w in range(2)}
+        _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 2} for w in chs})
+        for attempt in range(3):
+            _ask(chs, {w: {"op": "ready", "round": 0, "attempt": attempt, "members": [0, 1]}
+                       for w in chs})
+            out = _ask(chs, {w: {"op": "commit", "round": 0, "attempt": attempt, "ok": False,
+                                 "why": "network", "members": [0, 1]} for w in chs})
+            assert not out[0]["commit"]
+        assert "round 0 failed 3 attempts with the same members [0, 1]" in out[0]["fatal"]
+    finally:
+        c.stop()
+
+
+def test_with_a_deadline_a_straggler_holds_neither_ready_nor_the_next_start():
+    c = Coordinator("127.0.0.1", 0, token=b"tok", deadline_s=0.3, heartbeat_timeout_s=30).start()
+    try:
+        chs = {w: _worker(c, w) for w in range(3)}
+        _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
+        fast = {w: chs[w] for w in (0, 1)}
+        ready = _ask(fast, {w: {"op": "ready", "round": 0, "attempt": 0,
+                                "members": [0, 1, 2]} for w in fast})
+        assert ready[0]["members"] == [0, 1] and ready[0]["left_out"] == [2]
+        _ask(fast, {w: {"op": "commit", "round": 0, "attempt": 0, "ok": True, "hash": "g",
+                        "members": [0, 1]} for w in fast})
+        # worker 2 is still computing round 0: the next start does not wait for it
+        nxt = _ask(fast, {w: {"op": "start", "round": 1, "hash": "g", "wait_for": 1}
+                          for w in fast})
+        assert nxt[0]["members"] == [0, 1]
+        assert c.status()["round_in_flight"] == 1
+    finally:
+        c.stop()
+
+
+def test_a_worker_behind_a_finished_job_is_told_so():
+    c = Coordinator("127.0.0.1", 0, token=b"tok", fingerprint={"rounds": 1}).start()
+    try:
+        chs = {w: _worker(c, w, fp={"rounds": 1}) for w in range(2)}
+        _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 2} for w in chs})
+        _ask(chs, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1]} for w in chs})
+        _ask(chs, {w: {"op": "commit", "round": 0, "attempt": 0, "ok": True, "hash": "g",
+                       "members": [0, 1]} for w in chs})
+        late = _worker(c, 2, fp={"rounds": 1})
+        late.send({"op": "start", "round": 0, "hash": "h", "wait_for": 1})
+        assert late.recv() == {"finished": True, "last_round": 0}
+    finally:
+        c.stop()
+
+
+def test_two_workers_with_two_states_of_one_round_keep_the_lowest_ids(coord):
+    chs = {w: _worker(coord, w) for w in (3, 5)}
+    out = _ask(chs, {3: {"op": "start", "round": 2, "hash": "three", "wait_for": 2},
+                     5: {"op": "start", "round": 2, "hash": "five", "wait_for": 2}})
+    assert out[3]["src"] == 3 and out[3]["hash"] == "three" and out[3]["need_state"] == [5]
+
+
+def test_a_port_in_use_and_no_token_beyond_loopback_are_one_line_each(coord):
+    from islands.core.config import RunConfig
+    from islands.core.errors import ConfigError
+    from islands.runtime.launch import start_coordinator
+
+    with pytest.raises(CommError, match=rf"cannot listen on 127.0.0.1:{coord.port}: .*in use"):
+        Coordinator("127.0.0.1", coord.port).start()
+    with pytest.raises(ConfigError, match="no --token-file: anyone who can reach 0.0.0.0"):
+        start_coordinator(RunConfig(), 0, b"", host="0.0.0.0")
+    start_coordinator(RunConfig(), 0, b"", host="0.0.0.0", insecure=True).stop()
+    start_coordinator(RunConfig(), 0, b"", host="127.0.0.1").stop()  # loopback: no token ok
+
+
+def test_status_watch_flags_a_stuck_round(capsys):
+    from islands.runtime.watch import is_stuck, watch
+
+    st = {"instance": "abc", "members": [0, 1], "live": [0], "epoch": 3, "round_in_flight": 7,
+          "round_in_flight_s": 9.0, "median_round_s": 1.0, "last_round": 6,
+          "last_commit_unix": None, "excluded": {"1": {"by": 0, "round": 5, "why": "NaN"}},
+          "refused_joins": [], "hash_mismatches": 0}
+    assert is_stuck(st, 5.0) and not is_stuck({**st, "round_in_flight_s": 2.0}, 5.0)
+    from rich.console import Console
+
+    watch(lambda: st, interval_s=0, count=2, console=Console(width=200))
+    printed = capsys.readouterr().out
+    assert printed.count("coordinator abc") == 2
+    assert "STUCK" in printed and "1 (gone)" in printed and "by worker 0 at round 5: NaN" in printed

@@ -3,6 +3,7 @@ butterfly gives the simulator's result and byte counts."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -56,3 +57,41 @@ def test_garbage_on_a_store_port_does_not_break_the_store():
     client.set("k", "v")
     assert server.get("k") == b"v"
     silent.close()
+
+
+def test_replaced_groups_are_released_so_threads_and_files_stay_bounded():
+    """Twenty epochs of two in-process ranks: each replaced gloo group (its threads and
+    sockets) is released, not kept for the life of the process."""
+    import threading
+
+    from islands.transports.dist import DistTransport, new_group, open_store
+
+    server = open_store("127.0.0.1", 0, is_master=True, timeout_s=10)
+    transports = [DistTransport(r, timeout_s=10) for r in range(2)]
+
+    def epoch(e: int) -> None:
+        groups = [None, None]
+
+        def form(r):
+            store = open_store("127.0.0.1", server.port, is_master=False, timeout_s=10)
+            groups[r] = new_group(store, f"e{e}/", r, 2, 10)
+
+        ts = [threading.Thread(target=form, args=(r,)) for r in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        for r in range(2):
+            transports[r].use_group(groups[r], (0, 1))
+
+    def counts() -> tuple[int, int]:
+        return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
+
+    for e in range(3):
+        epoch(e)
+    before = counts()
+    for e in range(3, 23):
+        epoch(e)
+    after = counts()
+    assert after[0] - before[0] <= 4, (before, after)  # files: not ~8 per epoch
+    assert after[1] - before[1] <= 4, (before, after)  # threads: not ~4 per epoch

@@ -58,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     show_warnings()
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
     except IslandsError as e:
         _stderr().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         _stderr().print("interrupted; finished runs are on disk")
-        return 130
+        code = 130
+    if args.command == "run":  # a worker never tears its process groups down at exit
+        runtime_cmd.exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

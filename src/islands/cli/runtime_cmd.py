@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -34,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("coordinator", help="start the rendezvous and membership service")
     c.add_argument("--port", type=int, default=29400)
     c.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
+    c.add_argument("--insecure", action="store_true",
+                   help="allow no --token-file on an address beyond loopback")
     c.add_argument("--config", default=None, help="config whose [runtime] section applies")
     _common(c, config=False)
     c.set_defaults(func=cmd_coordinator)
@@ -56,31 +59,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     la.add_argument("--checkpoint-dir", default=None, help="workers write checkpoints here")
     la.set_defaults(func=cmd_launch)
 
-    s = sub.add_parser("status", help="print a coordinator's members, epoch and last round")
+    s = sub.add_parser("status", help="a coordinator's members, epoch, rounds, exclusions")
     s.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     s.add_argument("--token-file", default=None)
+    s.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    s.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    s.add_argument("--stuck", type=float, default=5.0,
+                   help="flag a round in flight longer than this many median rounds")
+    s.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
     s.set_defaults(func=cmd_status)
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from islands.runtime.auth import load_token
+    from islands.runtime.fingerprint import config_fingerprint
     from islands.runtime.launch import setup_logging, start_coordinator
 
     setup_logging()
     cfg = load_config(args.config, args.overrides)
-    coord = start_coordinator(cfg, args.port, load_token(args.token_file), host=args.host)
+    # with a config, the job's fingerprint is the coordinator's (else the first worker's)
+    fp = config_fingerprint(cfg) if args.config or args.overrides else None
+    coord = start_coordinator(cfg, args.port, load_token(args.token_file), host=args.host,
+                              fingerprint=fp, insecure=args.insecure)
     print(f"coordinator listening on {args.host}:{coord.port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        threading.Event().wait()
+        stop.wait()
     finally:
         coord.stop()
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """One worker; exits 0 when done or asked to stop (SIGTERM, from any state), 2 on a bad
+    setting, 3 when it cannot go on in the run (excluded, or the job finished without it)."""
     from islands.runtime.auth import load_token
     from islands.runtime.launch import parse_worker_id, run_worker, setup_logging
 
+    stopping = threading.Event()  # first: SIGTERM is honoured from here on
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     setup_logging()
     cfg = load_config(args.config, args.overrides)
     wid = parse_worker_id(args.worker_id if args.worker_id is not None
@@ -90,9 +108,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = out / f"w{wid}"  # a job folder: one run directory per worker below it
     summary = run_worker(cfg, wid, coordinator=args.coordinator,
                          token=load_token(args.token_file), out_dir=out,
-                         checkpoint_dir=args.checkpoint_dir, resume=args.resume, host=args.host)
+                         checkpoint_dir=args.checkpoint_dir, resume=args.resume, host=args.host,
+                         stopping=stopping)
     print(json.dumps({k: summary[k] for k in ("worker", "rounds_committed", "final_eval_loss",
                                               "bytes_sent_total", "final_hash")}), flush=True)
+    if summary.get("removed"):
+        print(f"error: {summary['removed']}", file=sys.stderr, flush=True)
+        exit_now(3)
     exit_now(0)
     return 0
 
@@ -145,22 +167,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     from islands.runtime.auth import load_token
     from islands.runtime.launch import query_status
 
-    print(json.dumps(query_status(args.coordinator, load_token(args.token_file)), indent=2))
+    token = load_token(args.token_file)
+    if not args.watch:
+        print(json.dumps(query_status(args.coordinator, token), indent=2))
+        return 0
+    from islands.runtime.watch import watch
+
+    watch(lambda: query_status(args.coordinator, token), interval_s=args.interval,
+          factor=args.stuck, count=args.count)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A lean entry point for worker processes (no plotting imports)."""
+    """A lean entry point for worker processes (no plotting imports). Every exit of a worker
+    goes through :func:`exit_now` (no interpreter teardown of process groups)."""
     from islands.core.errors import IslandsError
 
     parser = argparse.ArgumentParser(prog="islands")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
     except IslandsError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 (a bug: its traceback, then a clean exit status)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if args.command == "run":
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -375,11 +375,16 @@ class RuntimeConfig:
         collective_timeout_s: a collective (or state transfer) waiting this long aborts.
         join_timeout_s: the first round waits this long for ``workers`` workers, then starts
             with those present.
-        round_deadline_s: after the first worker reaches a round's commit point, wait at most
-            this long for the others, then commit with those that arrived (None: wait for all
-            live workers; stragglers are reported in metrics).
+        round_deadline_s: after the first worker reaches a round's ``start`` or its commit
+            point (``ready``), wait at most this long for the others, then go on with those
+            that arrived; a worker left out catches up from the committed state at a later
+            round (None: wait for all live workers).
         checkpoint_every: write a checkpoint every this many rounds (None: only at the end
             when ``checkpoint_dir`` is given on the command line).
+        keep_checkpoints: how many of a worker's newest checkpoints to keep (None: all).
+        max_attempts: attempts of one round with the same members before the run fails
+            instead of retrying forever (a member blamed for a refused contribution is
+            excluded at once, which is a change of members).
     """
 
     heartbeat_s: float = 0.1
@@ -388,6 +393,8 @@ class RuntimeConfig:
     join_timeout_s: float = 60.0
     round_deadline_s: float | None = None
     checkpoint_every: int | None = None
+    keep_checkpoints: int | None = 3
+    max_attempts: int = 5
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "heartbeat_timeout_s", "collective_timeout_s",
@@ -400,6 +407,9 @@ class RuntimeConfig:
                "runtime.round_deadline_s", self.round_deadline_s, "must be > 0 or unset")
         _check(self.checkpoint_every is None or self.checkpoint_every >= 1,
                "runtime.checkpoint_every", self.checkpoint_every, "must be >= 1 or unset")
+        _check(self.keep_checkpoints is None or self.keep_checkpoints >= 1,
+               "runtime.keep_checkpoints", self.keep_checkpoints, "must be >= 1 or unset (all)")
+        _check(self.max_attempts >= 1, "runtime.max_attempts", self.max_attempts, "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -418,7 +428,9 @@ class RunConfig:
             (two threads on 2 cores are 1.4x faster on an idle machine and 6x slower when
             another process is busy) and keeps results the same on machines with other core
             counts (the thread count changes the order of float sums); on a GPU, torch's
-            default. Changing it changes results in the last bits, not their meaning.
+            default. ``"torch"``: leave torch's own setting alone (all cores, MKL choosing
+            its threads per call; what islands did before ``threads`` existed). Changing it
+            changes results in the last bits, not their meaning.
     """
 
     seed: int = 0
@@ -427,7 +439,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = 50
     name: str | None = None
-    threads: int | Literal["auto"] = "auto"
+    threads: int | Literal["auto", "torch"] = "auto"
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -445,8 +457,8 @@ class RunConfig:
         _check(self.workers >= 1, "workers", self.workers, "must be >= 1")
         _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
         _check(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")
-        _check(self.threads == "auto" or self.threads >= 1, "threads", self.threads,
-               "must be >= 1 or 'auto'")
+        _check(self.threads in ("auto", "torch") or self.threads >= 1, "threads", self.threads,
+               "must be >= 1, 'auto' or 'torch'")
         for section, items in (("network", self.network.worker), ("compute", self.compute.worker)):
             for i, w in enumerate(items):
                 _check(0 <= w.id < self.workers, f"{section}.worker[{i}].id", w.id,

@@ -40,6 +40,10 @@ class PeerRefused(CommError):
         self.sender = sender
 
 
+class Stopping(CommError):
+    """This worker was asked to stop (SIGTERM) while it waited on a peer or the coordinator."""
+
+
 class RoundAborted(CommError):
     """A round was aborted and rolled back to the last committed global state."""
 

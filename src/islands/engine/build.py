@@ -34,9 +34,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_threads(cfg: RunConfig, device: torch.device) -> int:
+def resolve_threads(cfg: RunConfig, device: torch.device) -> int | None:
     """The CPU thread count ``threads`` asks for (``auto``: 1 on the CPU, torch's default on a
-    GPU; see :class:`~islands.core.config.RunConfig`)."""
+    GPU; ``torch``: None, leave torch alone; see :class:`~islands.core.config.RunConfig`)."""
+    if cfg.threads == "torch":
+        return None
     if cfg.threads != "auto":
         return int(cfg.threads)
     return 1 if device.type == "cpu" else torch.get_num_threads()
@@ -46,11 +48,13 @@ def resolve_threads(cfg: RunConfig, device: torch.device) -> int:
 def threads(cfg: RunConfig, device: torch.device):
     """Runs the block with :func:`resolve_threads` torch threads, then restores the count."""
     before, wanted = torch.get_num_threads(), resolve_threads(cfg, device)
-    torch.set_num_threads(wanted)
+    if wanted is not None:
+        torch.set_num_threads(wanted)
     try:
-        yield wanted
+        yield torch.get_num_threads()
     finally:
-        torch.set_num_threads(before)
+        if wanted is not None:
+            torch.set_num_threads(before)
 
 
 def check_config(cfg: RunConfig, task: Task | None = None) -> Task:

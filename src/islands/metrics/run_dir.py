@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from islands.core.errors import IslandsError
+from islands.core.errors import ConfigError, IslandsError
 
 
 def _clean(value):
@@ -32,6 +32,24 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def check_writable(path: str | Path, what: str) -> Path:
+    """Creates the folder ``path`` and proves it takes a file, before any work is done.
+
+    Raises:
+        ConfigError: naming ``what`` (the flag) and the path, when it cannot be written.
+    """
+    path = Path(path)
+    probe = path / f".islands-write-test.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what} {str(path)!r} cannot be written: {e.strerror or e}; "
+                          "give a folder you can write to") from None
+    return path
 
 
 def read_summary(run_dir: str | Path) -> dict:

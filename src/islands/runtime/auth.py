@@ -18,9 +18,10 @@ import json
 import os
 import secrets
 import socket
+import threading
 from pathlib import Path
 
-from islands.core.errors import AuthError, CommError, ConfigError
+from islands.core.errors import AuthError, CommError, ConfigError, Stopping
 
 MAX_LINE_BYTES = 1 << 16
 
@@ -67,14 +68,32 @@ class Channel:
         except OSError as e:
             raise CommError(f"send failed: {e}") from None
 
-    def recv(self) -> dict:
+    def recv(self, stop: threading.Event | None = None) -> dict:
+        """The next message. With ``stop``, a blocking read wakes every 0.2 s and gives up
+        (:class:`Stopping`) once ``stop`` is set."""
+        if stop is None:
+            return self._recv(None)
+        before = self.sock.gettimeout()
+        self.sock.settimeout(0.2)
+        try:
+            return self._recv(stop)
+        finally:
+            self.sock.settimeout(before)
+
+    def _recv(self, stop: threading.Event | None) -> dict:
         while b"\n" not in self._buf:
             if len(self._buf) > MAX_LINE_BYTES:
                 raise CommError(f"line longer than {MAX_LINE_BYTES} bytes")
             try:
                 chunk = self.sock.recv(65536)
-            except (OSError, socket.timeout) as e:
-                raise CommError(f"read failed: {e or 'timed out'}") from None
+            except socket.timeout:
+                if stop is None:
+                    raise CommError("read failed: timed out") from None
+                if stop.is_set():
+                    raise Stopping("asked to stop while waiting on the coordinator") from None
+                continue
+            except OSError as e:
+                raise CommError(f"read failed: {e}") from None
             if not chunk:
                 raise CommError("connection closed")
             self._buf += chunk

@@ -8,13 +8,17 @@ fsynced, renamed over the target, and the folder is fsynced: a killed process le
 the previous checkpoint or the new one, never a truncated file.
 
 Resuming from the checkpoints of every worker gives the same subsequent results as the run
-that wrote them; from the shared state alone, workers restart their inner optimizers.
+that wrote them; from the shared state alone, workers restart their inner optimizers. A resume
+is verified first (:func:`verify`): the shared state must hash to the hash the metadata holds,
+be finite, and name a round the run has. A folder keeps the newest ``keep`` checkpoints of a
+worker (:func:`save_round`); temp files a killed writer left are removed (:func:`clean_temp`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -111,3 +115,57 @@ def shared_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def worker_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if k.startswith(("inner/", "codec/"))}
+
+
+def verify(path: str | Path, shared: dict[str, torch.Tensor], facts: dict, rounds: int) -> None:
+    """Refuses a checkpoint whose shared state is not what its metadata says.
+
+    Raises:
+        ConfigError: the hash is missing or differs (corrupt bytes), a value is NaN/Inf, or
+            the round is outside ``[0, rounds]``.
+    """
+    from islands.runtime.state import digest  # state imports this module's neighbours
+
+    name = str(path)
+    if "hash" not in facts or "round" not in facts:
+        raise ConfigError(f"checkpoint {name!r} has no shared-state hash or round in its "
+                          "metadata, so it cannot be verified; resume from a checkpoint "
+                          "written by `islands run --checkpoint-dir`")
+    got = digest(shared)
+    if got != facts["hash"]:
+        raise ConfigError(f"checkpoint {name!r}: its shared state hashes to {got[:12]}, its "
+                          f"metadata says {str(facts['hash'])[:12]}: the file is corrupt; "
+                          "resume from another checkpoint")
+    for key, t in shared.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"checkpoint {name!r}: {key} holds NaN/Inf; not resuming from it")
+    r = facts["round"]
+    if not isinstance(r, int) or not 0 <= r <= rounds:
+        raise ConfigError(f"checkpoint {name!r}: round {r!r} in its metadata is outside this "
+                          f"run's rounds 0..{rounds}; a checkpoint of another run?")
+
+
+_ROUND_FILE = re.compile(r"round-(\d+)\.safetensors")
+
+
+def save_round(folder: Path, r: int, shared: dict[str, torch.Tensor], facts: dict,
+               worker: Worker | None, keep: int | None) -> Path:
+    """Writes ``folder/round-<r>.safetensors`` and removes all but the newest ``keep``."""
+    path = folder / f"round-{r}.safetensors"
+    save(path, shared, facts, worker)
+    if keep is not None:
+        rounds = sorted((int(m.group(1)), f) for f in folder.iterdir()
+                        if (m := _ROUND_FILE.fullmatch(f.name)))
+        for _, old in rounds[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def clean_temp(folder: Path) -> int:
+    """Removes the temp files (``.NAME.tmp.PID``) a killed writer left; returns how many."""
+    if not folder.is_dir():
+        return 0
+    stale = [f for f in folder.iterdir() if f.name.startswith(".") and ".tmp." in f.name]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)

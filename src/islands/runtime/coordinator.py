@@ -22,6 +22,17 @@ another. Each round passes three barriers, as torchft's quorum and ``should_comm
 * ``commit``: after the collective. The round commits only if every member reported success;
   otherwise the survivors retry the collective in a new epoch. Reported hashes are compared.
 
+The coordinator refuses, at the handshake, a worker whose config fingerprint differs from the
+job's (:mod:`islands.runtime.fingerprint`) and a second process claiming the id of a worker
+that is alive (heartbeat within ``heartbeat_timeout_s``). A member whose contribution another
+member refused (``PeerRefused``: malformed, non-finite, undecodable; or its own contribution
+failed to encode) is *excluded*: the round is retried without it, the exclusion is recorded
+(``status()``, ``metrics.jsonl``), and the excluded process is told why; it can come back only
+as a new process (a clean restart). A round that fails ``max_attempts`` times without a change
+of members fails the run instead of looping. With ``deadline_s`` the ``start`` barrier too
+releases that long after its first arrival, so a straggler holds nobody back; once the job's
+last round is committed, a worker still behind is told the job finished without it.
+
 Whenever a result's members differ from the current ones the epoch advances; workers build a
 fresh process group per epoch (store prefix ``instance/epoch``). A worker is dropped when its
 heartbeat connection closes (a crash) or stays silent ``heartbeat_timeout_s`` (a hang, a lost
@@ -35,11 +46,14 @@ import secrets
 import socket
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
+from statistics import median
 
 from islands.core.errors import AuthError, CommError
 from islands.runtime.auth import Channel, server_handshake
+from islands.runtime.fingerprint import refusal
+from islands.runtime.rounds import Barrier, RoundRules
 
 log = logging.getLogger("islands.coordinator")
 
@@ -52,17 +66,7 @@ class Member:
     alive: bool = True
 
 
-@dataclass
-class Barrier:
-    kind: str
-    key: tuple
-    expected: frozenset | None  # None: every live worker (start)
-    opened: float = field(default_factory=time.monotonic)
-    arrivals: dict = field(default_factory=dict)
-    result: dict | None = None
-
-
-class Coordinator:
+class Coordinator(RoundRules):
     """The membership service. Construct, then :meth:`start` (or use as a context manager).
 
     Args:
@@ -73,11 +77,15 @@ class Coordinator:
         deadline_s: the ``ready`` barrier's straggler deadline (None: wait for all).
         join_timeout_s: how long ``wait_for`` may hold a start barrier.
         handshake_timeout_s: a new connection that has not authenticated by then is closed.
+        fingerprint: the job's config fingerprint (None: the first worker's).
+        max_attempts: attempts of one round without a change of members before the run
+            fails (it never loops).
     """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 29400, *, token: bytes = b"",
                  heartbeat_timeout_s: float = 1.0, deadline_s: float | None = None,
-                 join_timeout_s: float = 60.0, handshake_timeout_s: float = 2.0) -> None:
+                 join_timeout_s: float = 60.0, handshake_timeout_s: float = 2.0,
+                 fingerprint: dict | None = None, max_attempts: int = 5) -> None:
         if heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s ({heartbeat_timeout_s}) must be > 0")
         self.host, self.port, self.token = host, port, token
@@ -85,6 +93,12 @@ class Coordinator:
         self.deadline_s = deadline_s
         self.join_timeout_s = join_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
+        self.fingerprint = dict(fingerprint or {})
+        self.max_attempts = max_attempts
+        self.excluded: dict[int, dict] = {}  # worker -> {"by", "why", "round"}
+        self.refusals: deque = deque(maxlen=20)  # the latest refused joins, with why
+        self._commits: deque = deque(maxlen=50)  # (round, unix time, seconds the round took)
+        self._behind: set[int] = set()  # left out of a round, still computing it
         self.instance = secrets.token_hex(4)
         self.members: dict[int, Member] = {}
         self.epoch = 0
@@ -104,7 +118,12 @@ class Coordinator:
         """Binds the port and starts the accept and liveness threads."""
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((self.host, self.port))
+        try:
+            self._sock.bind((self.host, self.port))
+        except OSError as e:
+            self._sock.close()
+            raise CommError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e} "
+                            "(another coordinator on that port? choose --port)") from None
         self._sock.listen(128)
         self.port = self._sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True, name="accept").start()
@@ -126,12 +145,22 @@ class Coordinator:
         self.stop()
 
     def status(self) -> dict:
+        """Members, epoch, the round in flight and for how long, the last commit, the
+        median round time, exclusions and refused joins."""
         with self._cond:
+            f, now = self._in_flight, time.monotonic()
+            last = self._commits[-1] if self._commits else None
             return {"instance": self.instance, "epoch": self.epoch,
                     "members": sorted(self.current),
                     "live": sorted(i for i, m in self.members.items() if m.alive),
                     "last_round": self.last_round,
-                    "round_in_flight": self._in_flight["round"] if self._in_flight else None,
+                    "round_in_flight": f["round"] if f else None,
+                    "round_in_flight_s": now - f["since"] if f else None,
+                    "last_commit_unix": last[1] if last else None,
+                    "median_round_s": median(c[2] for c in self._commits) if self._commits
+                    else None,
+                    "excluded": {str(w): e for w, e in sorted(self.excluded.items())},
+                    "refused_joins": list(self.refusals),
                     "refused_connections": self.refused,
                     "hash_mismatches": self.hash_mismatches}
 
@@ -158,6 +187,10 @@ class Coordinator:
                 if not (isinstance(store, list) and len(store) == 2
                         and isinstance(store[0], str) and isinstance(store[1], int)):
                     raise CommError(f"hello with a malformed store address ({store!r})")
+            if hello.get("role") == "worker":
+                why = self._register(wid, hello)
+                if why is not None:
+                    raise CommError(why)
         except (AuthError, CommError) as e:
             with self._cond:
                 self.refused += 1
@@ -171,8 +204,6 @@ class Coordinator:
         ch.send({"ok": True, "instance": self.instance})
         ch.sock.settimeout(None)
         try:
-            if hello.get("role") == "worker":
-                self._register(wid, hello)
             while True:
                 req = ch.recv()
                 ch.send(self._handle(hello, req))
@@ -183,18 +214,42 @@ class Coordinator:
             if hello.get("role") == "worker" and hello.get("channel") == "heartbeat":
                 self._drop(wid, hello.get("incarnation"), "connection closed")
 
-    def _register(self, wid: int, hello: dict) -> None:
+    def _register(self, wid: int, hello: dict) -> str | None:
+        """Registers a worker's connection; returns why it is refused (None: accepted)."""
         with self._cond:
-            m = self.members.get(wid)
-            if m is None or m.incarnation != hello.get("incarnation"):
-                if m is not None and m.alive:
-                    log.info("worker %d restarted (new incarnation)", wid)
-                self.members[wid] = Member(str(hello.get("incarnation")),
-                                           list(hello.get("store", [])), time.monotonic())
-                log.info("worker %d joined from store %s", wid, hello.get("store"))
-            else:
-                m.last_seen = time.monotonic()
+            m, now = self.members.get(wid), time.monotonic()
+            incarnation = str(hello.get("incarnation"))
+            if m is not None and m.incarnation == incarnation:
+                m.last_seen = now
+                return None
+            if m is not None and m.alive and now - m.last_seen <= self.heartbeat_timeout_s:
+                why = (f"worker id {wid} is held by a live process (its last heartbeat "
+                       f"{now - m.last_seen:.2f} s ago); give this one another --worker-id, "
+                       "or stop that one first")
+                self.refusals.append({"worker": wid, "why": why})
+                return why
+            why = self._check_fingerprint(hello.get("fingerprint"))
+            if why is not None:
+                self.refusals.append({"worker": wid, "why": why})
+                return why
+            if m is not None and m.alive:
+                log.info("worker %d restarted (new incarnation)", wid)
+            self.excluded.pop(wid, None)  # a clean restart may come back
+            self.members[wid] = Member(incarnation, list(hello.get("store", [])), now)
+            log.info("worker %d joined from store %s", wid, hello.get("store"))
             self._cond.notify_all()
+            return None
+
+    def _check_fingerprint(self, fp) -> str | None:
+        """Refuses a fingerprint that differs from the job's; learns the job's keys it lacks
+        (the first worker's, or the derived ones a coordinator's own config cannot give)."""
+        if not isinstance(fp, dict):
+            return "hello without a config fingerprint (an older islands?); upgrade the worker"
+        why = refusal(self.fingerprint, fp)
+        if why is None:
+            for k, v in fp.items():
+                self.fingerprint.setdefault(k, v)
+        return why
 
     def _drop(self, wid: int, incarnation, why: str) -> None:
         with self._cond:
@@ -230,6 +285,11 @@ class Coordinator:
             if m is None or m.incarnation != hello.get("incarnation"):
                 return {"error": "superseded by a newer incarnation of this worker"}
             m.last_seen = time.monotonic()
+            if wid in self.excluded:
+                e = self.excluded[wid]
+                return {"error": f"excluded from the run at round {e['round']}: worker "
+                                 f"{e['by']} refused its contribution ({e['why']}); fix the "
+                                 "cause and restart it to rejoin", "removed": True}
             if not m.alive and op != "leave":
                 return {"error": "dropped from the membership; restart to rejoin"}
             if op == "hb":
@@ -268,6 +328,10 @@ class Coordinator:
             log.warning("worker %d: malformed request refused: %s", wid, why)
             return {"error": why}
         if op == "start":
+            self._behind.discard(wid)
+            rounds = self.fingerprint.get("rounds")
+            if isinstance(rounds, int) and self.last_round >= rounds - 1:
+                return {"finished": True, "last_round": self.last_round}
             healed = self._heal_into_round(wid, req)
             if healed is not None:
                 return healed
@@ -288,8 +352,11 @@ class Coordinator:
                 self._gc()
         b.arrivals[wid] = req
         self._check()
-        while b.result is None and not self._stop.is_set():
+        member = self.members[wid]
+        while b.result is None and not self._stop.is_set() and member.alive:
             self._cond.wait(0.05)
+        if b.result is None and not member.alive:  # it left or was dropped meanwhile
+            return {"error": "dropped from the membership while waiting; restart to rejoin"}
         if b.result is not None and wid in b.result.get("healing", ()):
             return self._heal_reply(b.result["round"], b.result["src"],
                                     set(b.result["members"]) | set(b.result["healing"]))
@@ -298,116 +365,3 @@ class Coordinator:
     def _gc(self) -> None:
         while len(self._barriers) > 64:
             self._barriers.pop(next(iter(self._barriers)))
-
-    def _check(self) -> None:
-        live = {i for i, m in self.members.items() if m.alive}
-        now = time.monotonic()
-        b = self._open_start
-        if b is not None and b.result is None:
-            here = live & set(b.arrivals)
-            need = max((int(r.get("wait_for", 1)) for i, r in b.arrivals.items() if i in here),
-                       default=1) if self.epoch == 0 else 1  # only this instance's first
-            waited = now - b.opened
-            if here and live <= here and (len(here) >= need or waited > self.join_timeout_s):
-                b.result = self._release_start(b, here)
-                self._open_start = None
-        # a worker back at `start` (it aborted its round) is no longer awaited elsewhere
-        at_start = set(self._open_start.arrivals) if self._open_start is not None else set()
-        for b in list(self._barriers.values()):
-            if b.result is not None:
-                continue
-            here = live & set(b.arrivals)
-            waiting = (b.expected & live) - here - at_start
-            late = (b.kind == "ready" and self.deadline_s is not None and here
-                    and now - b.opened > self.deadline_s)
-            if not waiting or late:
-                b.result = (self._release_ready(b, here) if b.kind == "ready"
-                            else self._release_commit(b, here))
-
-    def _new_epoch(self, members: tuple[int, ...]) -> dict:
-        if members != self.current:
-            self.epoch += 1
-            self.current = members
-        leader = self.members[members[0]] if members else None
-        return {"epoch": self.epoch, "members": list(members),
-                "prefix": f"{self.instance}/{self.epoch}",
-                "store": leader.store if leader else None}
-
-    def _heal_into_round(self, wid: int, req: dict) -> dict | None:
-        """Admits a healing joiner into the round in flight (None: it waits for the next)."""
-        f = self._in_flight
-        if not req.get("heal") or f is None or wid in f["members"]:
-            return None
-        ready = self._barriers.get(("ready", f["round"], 0))
-        if ready is not None and ready.result is not None:
-            return None  # its collective is formed: too late to take part
-        f["joiners"].add(wid)
-        if ready is not None:
-            ready.expected = ready.expected | {wid}
-        log.info("worker %d heals into round %d (in flight, members %s)", wid, f["round"],
-                 sorted(f["members"]))
-        return self._heal_reply(f["round"], f["src"], f["members"] | f["joiners"])
-
-    @staticmethod
-    def _heal_reply(round: int, src: int, members) -> dict:
-        """What a healing joiner hears: the round it observes, its source, the members."""
-        return {"heal": True, "round": round, "src": src, "members": sorted(members)}
-
-    def _release_start(self, b: Barrier, here: set[int]) -> dict:
-        reports = {i: b.arrivals[i] for i in here}
-        top = max(int(r["round"]) for r in reports.values())
-        hashes = Counter(r["hash"] for r in reports.values() if int(r["round"]) == top)
-        majority = hashes.most_common(1)[0][0]
-        good = sorted(i for i, r in reports.items()
-                      if int(r["round"]) == top and r["hash"] == majority)
-        stale = sorted(set(here) - set(good))
-        for i in stale:
-            if int(reports[i]["round"]) == top:
-                self.hash_mismatches += 1
-                log.warning("worker %d: shared-state hash mismatch at round %d; repairing "
-                            "from worker %d (majority)", i, top, good[0])
-        # joiners behind that asked to heal observe this round, as if they came mid-round:
-        # they receive the state at its ready, so the members need not wait for them now
-        healing = sorted(i for i in stale if reports[i].get("heal")
-                         and int(reports[i]["round"]) < top)
-        members = set(here) - set(healing)
-        out = self._new_epoch(tuple(sorted(members)))
-        self._in_flight = {"round": top, "members": frozenset(members), "src": good[0],
-                           "joiners": set(healing)}
-        return {**out, "round": top, "src": good[0], "hash": majority, "healing": healing,
-                "need_state": [i for i in stale if i not in healing]}
-
-    def _release_ready(self, b: Barrier, here: set[int]) -> dict:
-        members = tuple(sorted(here))
-        left_out = sorted(b.expected - here)
-        if left_out:
-            log.warning("round %d: committing without %s (deadline or gone)", b.key[1], left_out)
-        out = {**self._new_epoch(members), "left_out": left_out}
-        f = self._in_flight
-        if f is not None and f["round"] == b.key[1]:
-            observers = sorted(f["joiners"] & here)
-            senders = sorted(here - f["joiners"])
-            if observers and senders:
-                src = f["src"] if f["src"] in senders else senders[0]
-                out.update(observers=observers, heal={"src": src, "dsts": observers})
-        return out
-
-    def _release_commit(self, b: Barrier, here: set[int]) -> dict:
-        ok = here == set(b.expected) and all(b.arrivals[i].get("ok") for i in here)
-        hashes = Counter(b.arrivals[i].get("hash") for i in here if b.arrivals[i].get("ok"))
-        majority = hashes.most_common(1)[0][0] if hashes else None
-        mismatched = sorted(i for i in here if b.arrivals[i].get("ok")
-                            and b.arrivals[i].get("hash") != majority)
-        if ok:
-            self.last_round = max(self.last_round, b.key[1])
-            if self._in_flight is not None and self._in_flight["round"] == b.key[1]:
-                self._in_flight = None
-            if mismatched:
-                self.hash_mismatches += len(mismatched)
-                log.warning("round %d: hash mismatch on %s", b.key[1], mismatched)
-            return {"commit": True, "hash": majority, "mismatched": mismatched,
-                    "epoch": self.epoch, "members": sorted(here)}
-        log.warning("round %d attempt %d aborted (members %s, arrived %s)", b.key[1], b.key[2],
-                    sorted(b.expected), sorted(here))
-        return {"commit": False, "hash": majority, "mismatched": mismatched,
-                "epoch": self.epoch, "members": sorted(here)}

@@ -153,7 +153,7 @@ class Trainer:
         algorithm = build_algorithm(cfg)
         attach(algorithm, worker)
         device = next(model.parameters()).device
-        if cfg.threads != "auto":  # the user's process: only an explicit setting changes it
+        if isinstance(cfg.threads, int):  # the user's process: only a count changes it
             torch.set_num_threads(int(cfg.threads))
         self.transport = DistTransport(me, cfg.runtime.collective_timeout_s)
         self.engine = Engine(cfg, algorithm, self.transport, [worker], task=None,

@@ -7,19 +7,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from islands.core.config import RunConfig
 from islands.core.errors import CommError, ConfigError
-from islands.metrics.run_dir import read_summary, write_json
+from islands.metrics.run_dir import check_writable, read_summary, write_json
 from islands.runtime.auth import client_connect
 from islands.runtime.coordinator import Coordinator
+from islands.runtime.fingerprint import config_fingerprint
 from islands.runtime.report import merge
 
 log = logging.getLogger("islands.launch")
@@ -54,7 +58,7 @@ def fixed_world(cfg: RunConfig) -> int:
 
 
 def connect(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: bytes,
-            host: str | None = None):
+            host: str | None = None, stopping: threading.Event | None = None):
     """This worker's membership (not yet started) and rendezvous store: a coordinator's
     client and a store this worker hosts, or a fixed torchrun group and its store."""
     from islands.runtime.membership import CoordinatorClient, FixedMembership
@@ -72,29 +76,61 @@ def connect(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: b
     store = open_store(host, 0, is_master=True, timeout_s=timeout)
     membership = CoordinatorClient(coordinator, token, worker_id, [host, store.port],
                                    heartbeat_s=cfg.runtime.heartbeat_s,
-                                   reconnect_s=cfg.runtime.join_timeout_s)
+                                   reconnect_s=cfg.runtime.join_timeout_s, stopping=stopping)
     return membership, store
 
 
 def run_worker(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: bytes,
                out_dir: str | Path | None, checkpoint_dir=None, resume=None,
-               host: str | None = None) -> dict:
-    """Runs one worker to the end: with a coordinator, or in a fixed torchrun group."""
+               host: str | None = None, stopping: threading.Event | None = None) -> dict:
+    """Runs one worker to the end: with a coordinator, or in a fixed torchrun group.
+
+    Args:
+        stopping: set by the caller's SIGTERM handler: the worker leaves promptly from any
+            state (waiting to join, in a barrier, in a collective).
+    """
     from islands.runtime.worker import RuntimeWorker, check_worker_id
 
     check_worker_id(cfg, worker_id)
-    membership, store = connect(cfg, worker_id, coordinator=coordinator, token=token, host=host)
+    for path, what in ((out_dir, "--out"), (checkpoint_dir, "--checkpoint-dir")):
+        if path is not None:  # before any training: a bad path fails now, not at the end
+            check_writable(path, what)
+    membership, store = connect(cfg, worker_id, coordinator=coordinator, token=token, host=host,
+                                stopping=stopping)
     worker = RuntimeWorker(cfg, worker_id, membership, store, token=token, out_dir=out_dir,
-                           checkpoint_dir=checkpoint_dir, resume=resume)
+                           checkpoint_dir=checkpoint_dir, resume=resume, stopping=stopping)
     membership.on_live = worker.on_live
     return worker.run()
 
 
-def start_coordinator(cfg: RunConfig, port: int, token: bytes, host: str = "0.0.0.0"
-                      ) -> Coordinator:
+def start_coordinator(cfg: RunConfig, port: int, token: bytes, host: str = "0.0.0.0", *,
+                      fingerprint: dict | None = None, insecure: bool = False) -> Coordinator:
+    """Starts a coordinator with the config's ``[runtime]`` settings.
+
+    Args:
+        fingerprint: the job's config fingerprint (None: learned from the first worker).
+        insecure: allow an empty token on an address beyond loopback.
+
+    Raises:
+        ConfigError: no token while listening beyond loopback, without ``insecure``.
+        CommError: the port cannot be bound (one line naming it).
+    """
+    if not token and not insecure and not is_loopback(host):
+        raise ConfigError(f"no --token-file: anyone who can reach {host}:{port} could join the "
+                          "run and send it data. Give --token-file FILE (a random secret "
+                          "shared by the workers), bind --host 127.0.0.1, or pass --insecure "
+                          "on a network you trust")
     r = cfg.runtime
     return Coordinator(host, port, token=token, heartbeat_timeout_s=r.heartbeat_timeout_s,
-                       deadline_s=r.round_deadline_s, join_timeout_s=r.join_timeout_s).start()
+                       deadline_s=r.round_deadline_s, join_timeout_s=r.join_timeout_s,
+                       fingerprint=fingerprint, max_attempts=r.max_attempts).start()
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 def query_status(addr: str, token: bytes) -> dict:
@@ -119,7 +155,8 @@ def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str], list[str]],
         timeout_s: kill the workers after this long (None: wait).
     """
     out.mkdir(parents=True, exist_ok=True)
-    coord = start_coordinator(cfg, 0, token, host="127.0.0.1")
+    coord = start_coordinator(cfg, 0, token, host="127.0.0.1",
+                              fingerprint=config_fingerprint(cfg))
     addr = f"127.0.0.1:{coord.port}"
     # each worker sets its torch threads from the config's `threads` (auto: 1 on the CPU)
     procs = [subprocess.Popen(argv_for(i, addr)) for i in range(cfg.workers)]

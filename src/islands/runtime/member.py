@@ -31,11 +31,11 @@ import torch
 from islands.algorithms import Worker
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig
-from islands.core.errors import CommError
+from islands.core.errors import CodecError, CommError, ConfigError, PeerRefused, Stopping
 from islands.engine import Engine, RoundPlan
 from islands.runtime import checkpoint, state
 from islands.runtime.auth import derive
-from islands.runtime.membership import CoordinatorRestarted
+from islands.runtime.membership import CoordinatorRestarted, Removed
 from islands.transports.dist import DistTransport, new_group, open_store
 
 log = logging.getLogger("islands.worker")
@@ -57,7 +57,8 @@ class Stats:
     hash_mismatches: int = 0
     first_commit_unix: float | None = None
     joined_round: int | None = None
-    events: list = field(default_factory=list)
+    rounds_committed: int = 0  # rounds this worker took part in and committed
+    excluded_members: list = field(default_factory=list)  # who was excluded, by whom, why
 
 
 class Member:
@@ -77,20 +78,25 @@ class Member:
         background: build in a background thread while waiting at the coordinator.
         token: the shared secret (derives each epoch's store prefix).
         checkpoint_dir: where checkpoints go (None: none).
+        stopping: set on SIGTERM (shared with the membership client and the transport): every
+            wait gives up, the round in flight aborts, and the worker leaves.
     """
 
     def __init__(self, cfg: RunConfig, me: int, membership, store, transport: DistTransport,
                  engine: Engine, build: Callable[[], Worker], fresh: dict[str, torch.Tensor],
                  *, background: bool, token: bytes = b"",
-                 checkpoint_dir: str | Path | None = None) -> None:
+                 checkpoint_dir: str | Path | None = None,
+                 stopping: threading.Event | None = None) -> None:
         self.cfg, self.me, self.membership, self.store = cfg, me, membership, store
         self.transport, self.engine, self.token = transport, engine, token
         self.algorithm = engine.algorithm
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_dir = Path(checkpoint_dir) / f"w{me}" if checkpoint_dir else None
+        if self.checkpoint_dir is not None and checkpoint.clean_temp(self.checkpoint_dir):
+            log.info("worker %d: removed temp files a killed checkpoint write left", me)
+        self.stopping = stopping or threading.Event()
         self.stats = Stats()
         self.round = 0
         self.epoch = self._prefix = None
-        self.leaving = False
         self.resumed = False
         self._wait_for = cfg.workers
         self._fresh_hash = state.digest(fresh)
@@ -133,7 +139,12 @@ class Member:
         """Loads a checkpoint of the shared state (and this worker's own state, if it is its)."""
         tensors, facts = checkpoint.load(path)
         shared = checkpoint.shared_part(tensors)
-        state.check(shared, state.snapshot(self.algorithm, self.worker), src=self.me)
+        checkpoint.verify(path, shared, facts, self.engine.rounds)
+        try:
+            state.check(shared, state.snapshot(self.algorithm, self.worker), src=self.me)
+        except CommError as e:
+            raise ConfigError(f"checkpoint {str(path)!r} does not fit this run's model: "
+                              f"{e}") from None
         state.load(self.algorithm, self.worker, shared)
         if "worker" in facts and facts.get("worker_id") == self.me:
             checkpoint.restore_worker(self.worker, checkpoint.worker_part(tensors),
@@ -166,12 +177,37 @@ class Member:
                                timeout_s=self.cfg.runtime.collective_timeout_s)
         prefix = f"{res['prefix']}/{derive(self.token, res['prefix'])}/"
         t0 = time.perf_counter()
-        group = new_group(store, prefix, members.index(self.me), len(members),
-                          self.cfg.runtime.collective_timeout_s)
+        group = self._form(lambda: new_group(store, prefix, members.index(self.me),
+                                             len(members), self.cfg.runtime.collective_timeout_s))
         self.transport.use_group(group, members)
         self.epoch, self._prefix = res["epoch"], res["prefix"]
         log.info("worker %d: epoch %d with members %s (group formed in %.3f s)", self.me,
                  res["epoch"], list(members), time.perf_counter() - t0)
+
+    def _form(self, make: Callable):
+        """Runs ``make`` (a blocking group formation) in a thread; a SIGTERM meanwhile gives
+        up at once (the thread is left to its own timeout)."""
+        out: dict = {}
+
+        def run() -> None:
+            try:
+                out["group"] = make()
+            except BaseException as e:  # noqa: BLE001 (re-raised on this thread below)
+                out["error"] = e
+
+        t = threading.Thread(target=run, daemon=True, name="form group")
+        t.start()
+        while t.is_alive():
+            t.join(0.05)
+            if self.stopping.is_set():
+                raise Stopping("asked to stop while forming a process group")
+        if "error" in out:
+            raise out["error"]
+        return out["group"]
+
+    def stop(self) -> None:
+        """Asks the worker to leave (SIGTERM): every wait in progress gives up."""
+        self.stopping.set()
 
     def on_live(self, live: set[int], sent_at: float) -> None:
         """Heartbeat thread: a member of the current group is gone, abort its exchanges.
@@ -191,7 +227,7 @@ class Member:
 
     def next_round(self, engine: Engine) -> RoundPlan | None:
         """Passes ``start`` (healing, state transfers) until a round is there to train."""
-        while self.round < engine.rounds and not self.leaving:
+        while self.round < engine.rounds and not self.stopping.is_set():
             t0 = time.perf_counter()
             self._snap = None if self._builder is not None else state.snapshot(
                 self.algorithm, self.worker)
@@ -226,6 +262,8 @@ class Member:
             self._wait_for = max(1, len(self.transport.ranks))
         if isinstance(error, (Excluded, CoordinatorRestarted)):
             self.stats.excluded_rounds += 1
+        if isinstance(error, Stopping):
+            self.stopping.set()
         if self._snap is not None:  # None: failed before this fresh worker was even built
             state.load(self.algorithm, self.worker, self._snap, reset_params=True)
         log.warning("worker %d: round %d aborted (%s); parameters restored to the last "
@@ -234,6 +272,8 @@ class Member:
     def committed(self, engine: Engine, plan: RoundPlan | None, point: dict | None) -> None:
         if self.stats.first_commit_unix is None:
             self.stats.first_commit_unix = time.time()
+        if plan is None or self.me in plan.participants:  # (None: an observer round)
+            self.stats.rounds_committed += 1
         self._maybe_checkpoint(self.round - 1, engine.rounds)
 
     # --- start: joining, healing, repairs --------------------------------------------------
@@ -244,6 +284,10 @@ class Member:
         res = self.membership.request("start", round=self.round, hash=self.hash(),
                                       wait_for=self._wait_for, heal=self._may_heal())
         self._wait_for = 1
+        if res.get("finished"):
+            raise Removed(f"the job finished (last round committed: {res['last_round']}) "
+                          f"without this worker, which holds round {self.round} of "
+                          f"{self.engine.rounds}; nothing is left to do")
         if res.get("heal"):
             return res
         self._built()
@@ -353,17 +397,27 @@ class Member:
             log.info("worker %d: round %d collective starts with %s%s", self.me, r,
                      ready["members"], f" (observers {ready['observers']})"
                      if ready.get("observers") else "")
-            ok, why = True, ""
+            ok, why, blame = True, "", None
             try:
                 if ready.get("heal"):
                     snap, local = self._receive_heal(r, ready, snap, local)
                 self.engine.end_round(Group(self.transport, tuple(ready["members"])),
                                       [self.worker], tuple(ready.get("observers", ())))
+            except Stopping:
+                raise
+            except PeerRefused as e:  # a peer's contribution (or our own, unsendable)
+                ok, why, blame = False, str(e), {"worker": e.sender, "why": str(e)}
+            except CodecError as e:  # our own contribution cannot be encoded (NaN, range)
+                ok, why = False, str(e)
+                blame = {"worker": self.me, "why": f"its own contribution: {e}"}
             except CommError as e:
                 ok, why = False, str(e)
             h = self.hash() if ok else None
             res = self.membership.request("commit", round=r, attempt=attempt, ok=ok, hash=h,
-                                          members=ready["members"])
+                                          members=ready["members"], why=why, blame=blame)
+            self._note_exclusions(res)
+            if res.get("fatal"):
+                raise Removed(res["fatal"])
             if res["commit"]:
                 if self.me in res["mismatched"]:
                     log.warning("worker %d: round %d hash %s differs from the majority %s; "
@@ -379,6 +433,17 @@ class Member:
             self.worker.codec.load_state_dict(copy.deepcopy(codec_state))
             members, attempt, ready = res["members"], attempt + 1, None
 
+    def _note_exclusions(self, res: dict) -> None:
+        """Records the members the coordinator excluded; this one, if it is among them,
+        leaves the run (``Removed``: it may come back only as a new process)."""
+        for e in res.get("excluded", []):
+            self.stats.excluded_members.append(e)
+            log.warning("worker %d: worker %s excluded at round %s by worker %s: %s", self.me,
+                        e["worker"], e["round"], e["by"], e["why"])
+            if e["worker"] == self.me:
+                raise Removed(f"excluded from the run at round {e['round']}: worker {e['by']} "
+                              f"refused this worker's contribution ({e['why']})")
+
     def _row(self, r: int, outcome: dict, r0: float, t_sync: float,
              observer: bool = False) -> dict:
         """The runtime's fields of a committed round's ``metrics.jsonl`` row."""
@@ -389,7 +454,8 @@ class Member:
                  self.transport.bytes_sent, t_sync - r0, now - t_sync,
                  outcome.get("attempts", 1), (outcome.get("hash") or "-")[:12],
                  "" if hash_ok else " MISMATCH")
-        return {"participants": outcome["members"], "committed": True,
+        excluded, self.stats.excluded_members = self.stats.excluded_members, []
+        return {"participants": outcome["members"], "committed": True, "excluded": excluded,
                 "attempts": outcome.get("attempts", 1), "hash": outcome.get("hash"),
                 "hash_ok": hash_ok, "left_out": outcome.get("left_out", []),
                 "epoch": self.epoch, "observers": outcome.get("observers", []),
@@ -405,13 +471,15 @@ class Member:
         if (every and (r + 1) % every == 0) or r == rounds - 1:
             facts = {"round": r + 1, "hash": self.hash(), "worker_id": self.me,
                      "seed": self.cfg.seed}
-            checkpoint.save(self.checkpoint_dir / f"w{self.me}" / f"round-{r + 1}.safetensors",
-                            self.algorithm.shared_state(self.worker), facts, self.worker)
+            checkpoint.save_round(self.checkpoint_dir, r + 1,
+                                  self.algorithm.shared_state(self.worker), facts, self.worker,
+                                  self.cfg.runtime.keep_checkpoints)
 
     def summary_fields(self) -> dict:
         """The runtime's fields of ``summary.json`` (beside the engine's)."""
         s, t = self.stats, self.transport
-        return {"worker": self.me, "rounds_committed": self.round,
+        return {"worker": self.me, "rounds_committed": s.rounds_committed,
+                "last_round": self.round - 1,
                 "wire_bytes_sent": t.wire_bytes_sent,
                 "aborted_attempts": s.aborted_attempts, "excluded_rounds": s.excluded_rounds,
                 "state_transfers": s.state_transfers, "state_bytes": s.state_bytes,

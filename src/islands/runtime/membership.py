@@ -17,12 +17,17 @@ import threading
 import time
 from typing import Callable
 
-from islands.core.errors import AuthError, CommError
+from islands.core.errors import AuthError, CommError, IslandsError, Stopping
 from islands.runtime.auth import Channel, client_connect
 
 
 class CoordinatorRestarted(CommError):
     """The coordinator came back as a new instance: the round in flight is void."""
+
+
+class Removed(IslandsError):
+    """This worker cannot go on in the run: excluded (its contribution was refused), the
+    job finished without it, or a round failed for good. Not a ``CommError``: no retry."""
 
 
 class CoordinatorClient:
@@ -37,15 +42,22 @@ class CoordinatorClient:
         reconnect_s: how long to keep trying a lost coordinator.
         on_live: called from the heartbeat thread with the set of live workers and the
             ``time.monotonic()`` at which that heartbeat was sent.
+        fingerprint: this worker's config fingerprint (:mod:`islands.runtime.fingerprint`).
+        stopping: set by SIGTERM: a request waiting on the coordinator gives up at once
+            (:class:`Stopping`) instead of holding the process.
     """
 
     def __init__(self, addr: str, token: bytes, worker: int, store: list, *,
                  heartbeat_s: float = 0.1, reconnect_s: float = 30.0,
-                 on_live: Callable[[set[int], float], None] | None = None) -> None:
+                 on_live: Callable[[set[int], float], None] | None = None,
+                 fingerprint: dict | None = None,
+                 stopping: threading.Event | None = None) -> None:
         self.addr, self.token, self.worker, self.store = addr, token, worker, store
         self.heartbeat_s = heartbeat_s
         self.reconnect_s = reconnect_s
         self.on_live = on_live
+        self.fingerprint = fingerprint or {}
+        self.stopping = stopping or threading.Event()
         self.incarnation = secrets.token_hex(8)
         self.instance: str | None = None
         self._control: Channel | None = None
@@ -58,12 +70,16 @@ class CoordinatorClient:
             try:
                 ch = client_connect(self.addr, self.token,
                                     {"role": "worker", "id": self.worker, "channel": channel,
-                                     "incarnation": self.incarnation, "store": self.store})
+                                     "incarnation": self.incarnation, "store": self.store,
+                                     "fingerprint": self.fingerprint})
                 ch.sock.settimeout(None)
                 return ch
             except AuthError:
                 raise
             except CommError:
+                if self.stopping.is_set():
+                    raise Stopping("asked to stop while connecting to the coordinator") \
+                        from None
                 if time.monotonic() > deadline or self._stop.is_set():
                     raise
                 time.sleep(0.1)
@@ -81,7 +97,9 @@ class CoordinatorClient:
     def request_raw(self, req: dict) -> dict:
         with self._lock:
             self._control.send(req)
-            reply = self._control.recv()
+            reply = self._control.recv(stop=self.stopping)
+        if reply.get("removed"):
+            raise Removed(reply["error"])
         if reply.get("error"):
             raise CommError(f"coordinator refused {req.get('op')}: {reply['error']}")
         return reply
@@ -96,6 +114,8 @@ class CoordinatorClient:
         """
         try:
             return self.request_raw({"op": op, **fields})
+        except Stopping:
+            raise
         except CommError as e:
             if "dropped" in str(e) or "superseded" in str(e):
                 self.incarnation = secrets.token_hex(8)
@@ -137,9 +157,21 @@ class CoordinatorClient:
             ch.close()
 
     def leave(self) -> None:
-        """Leaves the membership gracefully (the others continue without this worker)."""
+        """Leaves the membership gracefully (the others continue without this worker).
+
+        On a connection of its own: the control connection may still be held by a barrier
+        this worker gave up waiting on (SIGTERM).
+        """
         try:
-            self.request_raw({"op": "leave"})
+            ch = client_connect(self.addr, self.token,
+                                {"role": "worker", "id": self.worker, "channel": "leave",
+                                 "incarnation": self.incarnation, "store": self.store,
+                                 "fingerprint": self.fingerprint}, timeout_s=2.0)
+            try:
+                ch.send({"op": "leave"})
+                ch.recv()
+            finally:
+                ch.close()
         except CommError:
             pass
 

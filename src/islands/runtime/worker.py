@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 
 from islands.algorithms import build_algorithm
 from islands.core.config import RunConfig
-from islands.core.errors import ConfigError
+from islands.core.errors import ConfigError, Stopping
 from islands.engine import (
     Engine,
     WallClock,
@@ -37,7 +37,9 @@ from islands.engine import (
 )
 from islands.metrics.run_dir import RunDir
 from islands.runtime import checkpoint, state
+from islands.runtime.fingerprint import fingerprint
 from islands.runtime.member import Member
+from islands.runtime.membership import Removed
 from islands.transports.dist import DistTransport
 
 log = logging.getLogger("islands.worker")
@@ -67,13 +69,17 @@ class RuntimeWorker:
 
     def __init__(self, cfg: RunConfig, worker_id: int, membership, store, *, token: bytes = b"",
                  out_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-                 resume: str | Path | None = None) -> None:
+                 resume: str | Path | None = None,
+                 stopping: threading.Event | None = None) -> None:
         check_worker_id(cfg, worker_id)
         self.cfg, self.me, self.membership, self.store = cfg, worker_id, membership, store
         self.token, self.checkpoint_dir, self.resume = token, checkpoint_dir, resume
         self.out = RunDir(out_dir) if out_dir is not None else None
-        self.transport = DistTransport(worker_id, cfg.runtime.collective_timeout_s)
+        self.stopping = stopping or threading.Event()
+        self.transport = DistTransport(worker_id, cfg.runtime.collective_timeout_s,
+                                       stopping=self.stopping)
         self.member: Member | None = None
+        self.removed: str | None = None  # why this worker could not go on (exit status 3)
         self.final_params: torch.Tensor | None = None
 
     def setup(self) -> None:
@@ -82,7 +88,8 @@ class RuntimeWorker:
         cfg, me = self.cfg, self.me
         task = check_config(cfg)
         device = resolve_device(cfg.device)
-        torch.set_num_threads(resolve_threads(cfg, device))  # this process runs one worker
+        if (count := resolve_threads(cfg, device)) is not None:  # one worker per process
+            torch.set_num_threads(count)
         partition = task.data(cfg.workers, cfg.seed, cfg.data)
         base = initial_model(cfg, task, device)
         algorithm = build_algorithm(cfg)
@@ -95,9 +102,14 @@ class RuntimeWorker:
             attach(algorithm, w)
             return w
 
+        if hasattr(self.membership, "fingerprint"):  # checked by the coordinator at join
+            self.membership.fingerprint = fingerprint(
+                cfg, base, rounds=self.engine.rounds,
+                data_sizes=[partition.size(w) for w in range(cfg.workers)])
         self.member = Member(cfg, me, self.membership, self.store, self.transport, self.engine,
                              build, fresh_state(base), background=not self.resume,
-                             token=self.token, checkpoint_dir=self.checkpoint_dir)
+                             token=self.token, checkpoint_dir=self.checkpoint_dir,
+                             stopping=self.stopping)
         if self.resume:
             self.member.resume(self.resume)
 
@@ -111,22 +123,27 @@ class RuntimeWorker:
         started, started_unix = time.perf_counter(), time.time()
         self.setup()
         member = self.member
-        signal.signal(signal.SIGTERM, lambda *_: setattr(member, "leaving", True))
-        if hasattr(self.membership, "start"):
-            self.membership.start()
         if self.out:
             self.out.start(self.cfg, append=True)
         log.info("worker %d set up in %.2f s; joining", self.me, time.perf_counter() - started)
         try:
+            if hasattr(self.membership, "start"):
+                self.membership.start()
             self.engine.run(member)
-            if member.leaving:
-                log.info("worker %d leaves at round %d", self.me, member.round)
-            self.membership.leave()
+            if self.stopping.is_set():
+                log.info("worker %d leaves at round %d (asked to stop)", self.me, member.round)
+        except Removed as e:
+            self.removed = str(e)
+            log.error("worker %d stops: %s", self.me, e)
+        except Stopping:
+            log.info("worker %d asked to stop before joining", self.me)
         finally:
+            self.membership.leave()
             self.membership.close()
         member._built()
         summary = {**self.engine.summary(time.perf_counter() - started),
-                   **member.summary_fields(), "started_unix": started_unix}
+                   **member.summary_fields(), "started_unix": started_unix,
+                   "removed": self.removed}
         algorithm, worker = self.engine.algorithm, member.worker
         self.final_params = algorithm.global_state(worker).clone()
         if self.out:

@@ -15,8 +15,11 @@ message with ``src != dst``) in ``bytes_sent``/``bytes_received``; the serializa
 is counted apart in ``wire_bytes_sent`` for comparison with the kernel's counters.
 
 Waiting is a polling loop so that a membership change seen by the heartbeat thread
-(``abort_event``) or ``timeout_s`` ends a blocked exchange with :class:`CommError` instead of a
-hang. Groups whose work was abandoned that way are kept alive, never destroyed mid-flight.
+(``abort_event``), a SIGTERM (``stopping``) or ``timeout_s`` ends a blocked exchange with
+:class:`CommError` instead of a hang. A group replaced by a new epoch's is released at once
+when no wait is pending on it (its gloo threads and sockets go with it); one whose exchange
+was abandoned mid-flight is kept until that wait ends (the group's own timeout), never
+destroyed under pending work, so threads and open files stay bounded.
 
 This is the only module of islands that imports ``torch.distributed``.
 """
@@ -34,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from islands.codecs.base import Encoded
-from islands.core.errors import CommError, PeerRefused
+from islands.core.errors import CommError, PeerRefused, Stopping
 from islands.transports.base import Message, Transport
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -131,11 +134,13 @@ class DistTransport(Transport):
         timeout_s: an exchange waiting longer than this raises :class:`CommError`.
     """
 
-    def __init__(self, worker: int, timeout_s: float = 30.0) -> None:
+    def __init__(self, worker: int, timeout_s: float = 30.0, *,
+                 stopping: threading.Event | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s ({timeout_s}) must be > 0")
         self.worker = worker
         self.timeout_s = timeout_s
+        self.stopping = stopping or threading.Event()
         self.group: dist.ProcessGroup | None = None
         self.ranks: dict[int, int] = {}
         self.abort_event = threading.Event()
@@ -143,7 +148,9 @@ class DistTransport(Transport):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.wire_bytes_sent = 0
-        self._abandoned: list[dist.ProcessGroup] = []
+        self._waits: list[threading.Thread] = []  # wait threads on the current group
+        # replaced groups with a wait still pending on them: (group, its wait threads)
+        self._abandoned: list[tuple[dist.ProcessGroup, list[threading.Thread]]] = []
 
     @property
     def local(self) -> tuple[int, ...]:
@@ -158,9 +165,13 @@ class DistTransport(Transport):
         return self.bytes_received
 
     def use_group(self, group: dist.ProcessGroup, members: tuple[int, ...]) -> None:
-        """Switches to ``group``, whose rank ``i`` is worker ``sorted(members)[i]``."""
-        if self.group is not None:
-            self._abandoned.append(self.group)  # may hold abandoned work: never destroyed
+        """Switches to ``group``, whose rank ``i`` is worker ``sorted(members)[i]``; the old
+        group is released now, or once the wait pending on it ends."""
+        pending = [t for t in self._waits if t.is_alive()]
+        if self.group is not None and pending:
+            self._abandoned.append((self.group, pending))
+        self._abandoned = [(g, ts) for g, ts in self._abandoned if any(t.is_alive() for t in ts)]
+        self._waits = []
         self.group = group
         self.ranks = {m: i for i, m in enumerate(sorted(members))}
         self.group_since = time.monotonic()
@@ -223,11 +234,15 @@ class DistTransport(Transport):
                 errors.append(e)
             done.set()
 
-        threading.Thread(target=wait_all, daemon=True, name=f"wait {phase}").start()
+        waiter = threading.Thread(target=wait_all, daemon=True, name=f"wait {phase}")
+        waiter.start()
+        self._waits = [t for t in self._waits if t.is_alive()] + [waiter]
         deadline = time.monotonic() + self.timeout_s
         while not done.wait(0.002):
             if self.abort_event.is_set():
                 raise CommError(f"{phase}: aborted, the membership changed mid-exchange")
+            if self.stopping.is_set():
+                raise Stopping(f"{phase}: asked to stop (SIGTERM)")
             if time.monotonic() > deadline:
                 raise CommError(f"{phase}: no answer within {self.timeout_s:g} s "
                                 "(runtime.collective_timeout_s)")

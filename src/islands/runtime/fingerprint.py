@@ -1,0 +1,89 @@
+"""The config fingerprint: what must be the same on every worker of a run, checked at join.
+
+A worker sends it in its hello; the coordinator holds the job's (from its own ``--config``,
+or else from the first worker that registers) and refuses a worker whose fingerprint differs,
+naming the first differing key and both values. Two workers with different models, algorithms,
+codecs or data would otherwise fail later, in the state transfer or as a silently different
+run.
+
+Everything in the config is in it, except what may differ per worker: ``threads``, ``device``,
+``name``, ``eval_every``, ``[runtime]``, ``[network]`` and ``[compute]`` (simulator-only), and
+``data.corpus`` (the path may differ between machines; the data must not, so the sizes of every
+worker's share are in it). Derived facts are added: the model's parameter and buffer shapes
+(a user's task may build its model from code the config does not show) and the number of
+rounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from islands.core.config import RunConfig
+
+# keys (dotted prefixes) a worker may set differently from the others
+MAY_DIFFER = ("threads", "device", "name", "eval_every", "runtime.", "network.", "compute.",
+              "data.corpus")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and not prefix.endswith("kwargs."):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _shapes(model: torch.nn.Module) -> str:
+    """A short digest of the model's parameter and buffer names, shapes, dtypes and which
+    parameters train."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{p.requires_grad};".encode())
+    for name, b in model.named_buffers():
+        h.update(f"{name}|{tuple(b.shape)}|{b.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The must-match settings of a config, flat and JSON-safe (dotted keys, in its order)."""
+    flat = _flatten(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    return {k: v for k, v in flat.items()
+            if not any(k == m or (m.endswith(".") and k.startswith(m)) for m in MAY_DIFFER)}
+
+
+def fingerprint(cfg: RunConfig, model: torch.nn.Module, *, rounds: int,
+                data_sizes: list[int] | None = None) -> dict[str, Any]:
+    """A worker's fingerprint: :func:`config_fingerprint`, then the derived
+    ``model.shapes``, ``data.sizes`` and ``rounds``."""
+    out = config_fingerprint(cfg)
+    out["model.shapes"] = _shapes(model)
+    if data_sizes is not None:
+        out["data.sizes"] = list(data_sizes)
+    out["rounds"] = rounds
+    return out
+
+
+def first_difference(job: dict[str, Any], mine: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first key of ``job`` (in its order) where ``mine`` differs: ``(key, the job's
+    value, mine)``, or None when they agree. Keys only ``mine`` has are not compared: the
+    coordinator learns them (its own config has no model shapes)."""
+    for key, a in job.items():
+        b = mine.get(key, "<missing>")
+        if a != b:
+            return key, a, b
+    return None
+
+
+def refusal(job: dict[str, Any], mine: dict[str, Any]) -> str | None:
+    """Why a worker with fingerprint ``mine`` cannot join ``job`` (None: it can)."""
+    diff = first_difference(job, mine)
+    if diff is None:
+        return None
+    key, a, b = diff
+    return (f"config differs from the job's: {key} is {a!r} in the job and {b!r} here "
+            f"(every worker needs the same config, except {', '.join(MAY_DIFFER)})")

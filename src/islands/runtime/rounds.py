@@ -1,0 +1,186 @@
+"""How the coordinator's barriers release: who the members of a round are, who receives the
+state from whom, who is left out or excluded, and when a round commits (see
+:mod:`islands.runtime.coordinator` for the protocol). A mixin of :class:`Coordinator`, kept
+apart because these rules are the protocol's substance and the connection handling is not.
+Every method runs with the coordinator's lock held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+log = logging.getLogger("islands.coordinator")
+
+
+@dataclass
+class Barrier:
+    kind: str
+    key: tuple
+    expected: frozenset | None  # None: every live worker (start)
+    opened: float = field(default_factory=time.monotonic)
+    arrivals: dict = field(default_factory=dict)
+    result: dict | None = None
+
+
+class RoundRules:
+    """The release rules of the ``start``, ``ready`` and ``commit`` barriers."""
+
+    def _check(self) -> None:
+        live = {i for i, m in self.members.items() if m.alive}
+        now = time.monotonic()
+        b = self._open_start
+        if b is not None and b.result is None:
+            here = live & set(b.arrivals)
+            first = self.epoch == 0  # this instance's first barrier: the job's (re)start
+            need = max((int(r.get("wait_for", 1)) for i, r in b.arrivals.items() if i in here),
+                       default=1) if first else 1
+            waited = now - b.opened
+            # a straggler left out of the last round is still computing it: don't wait
+            awaited = live - (set() if first else self._behind)
+            late = (not first and self.deadline_s is not None and waited > self.deadline_s)
+            if here and (awaited <= here or late) and (len(here) >= need
+                                                       or waited > self.join_timeout_s):
+                b.result = self._release_start(b, here)
+                self._open_start = None
+        # a worker back at `start` (it aborted its round) is no longer awaited elsewhere
+        at_start = set(self._open_start.arrivals) if self._open_start is not None else set()
+        for b in list(self._barriers.values()):
+            if b.result is not None:
+                continue
+            here = live & set(b.arrivals)
+            waiting = (b.expected & live) - here - at_start
+            late = (b.kind == "ready" and self.deadline_s is not None and here
+                    and now - b.opened > self.deadline_s)
+            if not waiting or late:
+                b.result = (self._release_ready(b, here) if b.kind == "ready"
+                            else self._release_commit(b, here))
+
+    def _new_epoch(self, members: tuple[int, ...]) -> dict:
+        if members != self.current:
+            self.epoch += 1
+            self.current = members
+        leader = self.members[members[0]] if members else None
+        return {"epoch": self.epoch, "members": list(members),
+                "prefix": f"{self.instance}/{self.epoch}",
+                "store": leader.store if leader else None}
+
+    def _heal_into_round(self, wid: int, req: dict) -> dict | None:
+        """Admits a healing joiner into the round in flight (None: it waits for the next)."""
+        f = self._in_flight
+        if not req.get("heal") or f is None or wid in f["members"]:
+            return None
+        ready = self._barriers.get(("ready", f["round"], 0))
+        if ready is not None and ready.result is not None:
+            return None  # its collective is formed: too late to take part
+        f["joiners"].add(wid)
+        if ready is not None:
+            ready.expected = ready.expected | {wid}
+        log.info("worker %d heals into round %d (in flight, members %s)", wid, f["round"],
+                 sorted(f["members"]))
+        return self._heal_reply(f["round"], f["src"], f["members"] | f["joiners"])
+
+    @staticmethod
+    def _heal_reply(round: int, src: int, members) -> dict:
+        """What a healing joiner hears: the round it observes, its source, the members."""
+        return {"heal": True, "round": round, "src": src, "members": sorted(members)}
+
+    def _release_start(self, b: Barrier, here: set[int]) -> dict:
+        reports = {i: b.arrivals[i] for i in here}
+        top = max(int(r["round"]) for r in reports.values())
+        hashes = Counter(r["hash"] for r in reports.values() if int(r["round"]) == top)
+        # the majority; in a tie (two workers, two states) the lowest worker id's, logged
+        most = max(hashes.values())
+        tied = {h for h, n in hashes.items() if n == most}
+        majority = next(r["hash"] for i, r in sorted(reports.items())
+                        if int(r["round"]) == top and r["hash"] in tied)
+        if len(tied) > 1:
+            log.warning("round %d: %d states tie with %d worker(s) each; keeping the lowest "
+                        "worker id's", top, len(tied), most)
+        good = sorted(i for i, r in reports.items()
+                      if int(r["round"]) == top and r["hash"] == majority)
+        stale = sorted(set(here) - set(good))
+        for i in stale:
+            if int(reports[i]["round"]) == top:
+                self.hash_mismatches += 1
+                log.warning("worker %d: shared-state hash mismatch at round %d; repairing "
+                            "from worker %d (majority)", i, top, good[0])
+        # joiners behind that asked to heal observe this round, as if they came mid-round:
+        # they receive the state at its ready, so the members need not wait for them now
+        healing = sorted(i for i in stale if reports[i].get("heal")
+                         and int(reports[i]["round"]) < top)
+        members = set(here) - set(healing)
+        out = self._new_epoch(tuple(sorted(members)))
+        self._in_flight = {"round": top, "members": frozenset(members), "src": good[0],
+                           "joiners": set(healing), "since": time.monotonic()}
+        return {**out, "round": top, "src": good[0], "hash": majority, "healing": healing,
+                "need_state": [i for i in stale if i not in healing]}
+
+    def _release_ready(self, b: Barrier, here: set[int]) -> dict:
+        members = tuple(sorted(here))
+        left_out = sorted(b.expected - here)
+        if left_out:
+            log.warning("round %d: committing without %s (deadline or gone)", b.key[1], left_out)
+            self._behind |= set(left_out)
+        out = {**self._new_epoch(members), "left_out": left_out}
+        f = self._in_flight
+        if f is not None and f["round"] == b.key[1]:
+            observers = sorted(f["joiners"] & here)
+            senders = sorted(here - f["joiners"])
+            if observers and senders:
+                src = f["src"] if f["src"] in senders else senders[0]
+                out.update(observers=observers, heal={"src": src, "dsts": observers})
+        return out
+
+    def _release_commit(self, b: Barrier, here: set[int]) -> dict:
+        r, attempt = b.key[1], b.key[2]
+        ok = here == set(b.expected) and all(b.arrivals[i].get("ok") for i in here)
+        hashes = Counter(b.arrivals[i].get("hash") for i in here if b.arrivals[i].get("ok"))
+        majority = hashes.most_common(1)[0][0] if hashes else None
+        mismatched = sorted(i for i in here if b.arrivals[i].get("ok")
+                            and b.arrivals[i].get("hash") != majority)
+        out = {"hash": majority, "mismatched": mismatched, "epoch": self.epoch}
+        if ok:
+            self.last_round = max(self.last_round, r)
+            f = self._in_flight
+            if f is not None and f["round"] == r:
+                self._commits.append((r, time.time(), time.monotonic() - f["since"]))
+                self._in_flight = None
+            if mismatched:
+                self.hash_mismatches += len(mismatched)
+                log.warning("round %d: hash mismatch on %s", r, mismatched)
+            return {**out, "commit": True, "members": sorted(here)}
+        excluded = self._blame(b, here)
+        members = sorted(here - set(excluded))
+        log.warning("round %d attempt %d aborted (members %s, arrived %s%s)", r, attempt,
+                    sorted(b.expected), sorted(here),
+                    f"; excluded {sorted(excluded)}" if excluded else "")
+        if not excluded and members == sorted(b.expected) and attempt + 1 >= self.max_attempts:
+            whys = sorted({str(b.arrivals[i].get("why")) for i in here
+                           if not b.arrivals[i].get("ok")})
+            fatal = (f"round {r} failed {attempt + 1} attempts with the same members "
+                     f"{members} ({'; '.join(whys)}); giving up instead of retrying forever")
+            log.error("%s", fatal)
+            return {**out, "commit": False, "members": members, "fatal": fatal}
+        return {**out, "commit": False, "members": members,
+                "excluded": [{"worker": w, **self.excluded[w]} for w in sorted(excluded)]}
+
+    def _blame(self, b: Barrier, here: set[int]) -> set[int]:
+        """The members whose contribution was refused in this attempt, as reported by their
+        peers (or by themselves, when their own contribution could not be encoded): excluded
+        from the run and from the retry."""
+        blamed: dict[int, dict] = {}
+        for reporter in sorted(here):
+            blame = b.arrivals[reporter].get("blame")
+            if isinstance(blame, dict) and blame.get("worker") in b.expected:
+                blamed.setdefault(int(blame["worker"]), {"by": reporter, "round": b.key[1],
+                                                         "why": str(blame.get("why"))[:300]})
+        for w, info in blamed.items():
+            self.excluded[w] = info
+            if w in self.members:
+                self.members[w].alive = False
+            log.warning("worker %d excluded at round %d: worker %d refused its contribution "
+                        "(%s)", w, info["round"], info["by"], info["why"])
+        return set(blamed)

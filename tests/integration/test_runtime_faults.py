@@ -1,0 +1,191 @@
+"""What operators get wrong, and one bad peer, with real processes: a joiner with another
+config, a worker sending malformed payloads, a straggler under a round deadline, a corrupt
+resume, bad output paths, a wrong token, and SIGTERM while waiting or in a collective."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+from islands.runtime import checkpoint, state
+from tests.integration.conftest import TINY, metrics, wait_until
+from tests.integration.test_churn import last_round
+
+LONG = ["steps=5000", "runtime.heartbeat_s=0.1", "runtime.heartbeat_timeout_s=1.0"]
+
+
+def _run_argv(addr: str, wid: int, out, overrides=(), extra=()) -> list[str]:
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "run"]
+    for o in [*TINY, *overrides]:
+        argv += ["--set", o]
+    return argv + ["--coordinator", addr, "--worker-id", str(wid), "--out", str(out), *extra]
+
+
+def test_joiners_with_another_config_are_refused_at_once_and_the_job_goes_on(tmp_path, procs,
+                                                                            coordinator):
+    coord = coordinator(join_timeout_s=1.0)
+    addr = f"127.0.0.1:{coord.port}"
+    out = tmp_path / "run"
+    good = ["workers=5", *LONG]
+    ws = {i: procs.worker(i, addr, out, good) for i in (0, 1)}
+    wait_until(lambda: min(last_round(out / f"w{i}") for i in (0, 1)) >= 2, 90, "round 2")
+    bad = {2: "model.n_embd=64", 3: "algorithm.sync_every=7", 4: "codec.name=int8"}
+    joiners = {i: procs.worker(i, addr, out, [*good, o]) for i, o in bad.items()}
+    r0 = last_round(out / "w0")
+    for i, p in joiners.items():
+        assert p.wait(timeout=60) == 2, i
+    err = {i: procs.stderr(p) for i, p in joiners.items()}
+    assert "model.n_embd is 32 in the job and 64 here" in err[2]
+    assert "algorithm.sync_every is 5 in the job and 7 here" in err[3]
+    assert "codec.name is 'identity' in the job and 'int8' here" in err[4]
+    assert "terminate called" not in "".join(err.values())
+    wait_until(lambda: last_round(out / "w0") >= r0 + 2, 30, "rounds after the refusals")
+    assert len(coord.status()["refused_joins"]) == 3
+    assert {r["participants"] == [0, 1] for r in metrics(out / "w0")} == {True}
+    for p in ws.values():
+        p.send_signal(signal.SIGTERM)
+    assert all(p.wait(timeout=30) == 0 for p in ws.values())
+
+
+def test_a_worker_sending_refused_payloads_is_excluded_named_and_never_retried(tmp_path, procs,
+                                                                               coordinator):
+    coord = coordinator()
+    addr = f"127.0.0.1:{coord.port}"
+    out = tmp_path / "run"
+    over = ["workers=3", *LONG]
+    ws = {i: procs.worker(i, addr, out, over) for i in (0, 1)}
+    liar = procs.start("liar", [sys.executable, "tests/integration/liar_worker.py",
+                                *_run_argv(addr, 2, out / "w2", over)[4:]])
+    assert liar.wait(timeout=90) == 3
+    assert "excluded from the run at round" in procs.stderr(liar)
+    excluded = coord.status()["excluded"]["2"]
+    assert excluded["by"] in (0, 1) and "payload from worker 2" in excluded["why"]
+    r = last_round(out / "w0")
+    wait_until(lambda: last_round(out / "w0") >= r + 3, 30, "rounds without the liar")
+    rows = metrics(out / "w0")
+    named = [e for row in rows for e in row["excluded"]]
+    assert [e["worker"] for e in named] == [2]  # recorded once, in the round it happened
+    assert max(row["attempts"] for row in rows) <= 2  # the retry without it, no livelock
+    for p in ws.values():
+        p.send_signal(signal.SIGTERM)
+    assert all(p.wait(timeout=30) == 0 for p in ws.values())
+
+
+def test_a_straggler_under_a_deadline_holds_nobody_and_ends_when_the_job_does(tmp_path, procs,
+                                                                              coordinator):
+    coord = coordinator(deadline_s=0.5, heartbeat_timeout_s=10.0)
+    addr = f"127.0.0.1:{coord.port}"
+    out = tmp_path / "run"
+    over = ["workers=2", "steps=1000", "algorithm.sync_every=50", "runtime.heartbeat_s=0.1",
+            "runtime.heartbeat_timeout_s=10.0", "runtime.round_deadline_s=0.5"]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(2)}
+    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 1, 90, "round 1")
+    stop = threading.Event()
+
+    def duty_cycle():  # worker 1 runs a third of the time: 3x slower
+        while not stop.is_set() and ws[1].poll() is None:
+            ws[1].send_signal(signal.SIGSTOP)
+            time.sleep(0.3)
+            ws[1].send_signal(signal.SIGCONT)
+            time.sleep(0.15)
+
+    cycler = threading.Thread(target=duty_cycle)
+    cycler.start()
+    try:
+        assert ws[0].wait(timeout=120) == 0
+        t_done = time.time()
+        code = ws[1].wait(timeout=60)
+    finally:
+        stop.set()
+        cycler.join()
+        if ws[1].poll() is None:
+            ws[1].send_signal(signal.SIGCONT)
+    ended = time.time() - t_done
+    s0, s1 = (json.loads((out / f"w{i}" / "summary.json").read_text()) for i in range(2))
+    print(f"straggler ended {ended:.1f} s after the job (exit {code}); rounds committed: "
+          f"fast {s0['rounds_committed']}, straggler {s1['rounds_committed']}")
+    alone = [r for r in metrics(out / "w0") if r["participants"] == [0]]
+    assert alone, "the fast worker never went on without the straggler"
+    assert s1["rounds_committed"] < s0["rounds_committed"] == 20
+    if code != 0:  # behind when the job finished: a clear message, never a loop
+        assert code == 3 and "the job finished" in procs.stderr(ws[1])
+
+
+def test_a_corrupt_resume_bad_paths_and_a_wrong_token_fail_before_training(tmp_path, procs,
+                                                                          coordinator):
+    from islands.core.config import load_config
+    from islands.engine import initial_model
+    from islands.tasks import build_task
+
+    cfg = load_config(None, [*TINY, "workers=2"])
+    flat = torch.nn.utils.parameters_to_vector(
+        initial_model(cfg, build_task(cfg), torch.device("cpu")).parameters()).detach()
+    good = tmp_path / "good.safetensors"
+    checkpoint.save(good, {"global_params": flat}, {"round": 1, "hash": state.digest(
+        {"global_params": flat}), "worker_id": -1})
+    data = bytearray(good.read_bytes())
+    data[-7] ^= 0x40
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    (tmp_path / "a-file").write_text("not a folder")
+    coord = coordinator(token=b"right")
+    (tmp_path / "wrong").write_text("wrong\n")
+    nowhere = "127.0.0.1:1"  # none of these get as far as the coordinator
+    cases = {
+        "corrupt resume": (_run_argv(nowhere, 0, tmp_path / "r1", ["workers=2"],
+                                     ["--resume", str(flipped)]), "the file is corrupt"),
+        "checkpoint dir": (_run_argv(nowhere, 0, tmp_path / "r2", ["workers=2"],
+                                     ["--checkpoint-dir", str(tmp_path / "a-file" / "ck")]),
+                           "--checkpoint-dir"),
+        "out": (_run_argv(nowhere, 0, "/proc/x", ["workers=2"]), "--out '/proc/x' cannot be"),
+        "token": (_run_argv(f"127.0.0.1:{coord.port}", 0, tmp_path / "r4", ["workers=2"],
+                            ["--token-file", str(tmp_path / "wrong")]), "bad token"),
+    }
+    started = {name: procs.start(name.replace(" ", "-"), argv)
+               for name, (argv, _) in cases.items()}
+    for name, p in started.items():
+        assert p.wait(timeout=60) == 2, name
+        err = procs.stderr(p)
+        assert cases[name][1] in err and "Traceback" not in err, (name, err[-500:])
+        assert "terminate called" not in err, name
+    assert not (tmp_path / "r1" / "summary.json").exists()
+
+
+def test_sigterm_is_honoured_while_waiting_to_join_and_in_a_collective(tmp_path, procs,
+                                                                       coordinator):
+    coord = coordinator()
+    addr = f"127.0.0.1:{coord.port}"
+    lonely = procs.worker(0, addr, tmp_path / "wait", ["workers=2", *LONG])
+    wait_until(lambda: 0 in coord.status()["live"], 60, "the worker registering")
+    time.sleep(0.5)  # it waits at the first start for a second worker that never comes
+    t0 = time.time()
+    lonely.send_signal(signal.SIGTERM)
+    assert lonely.wait(timeout=30) == 0
+    waited = time.time() - t0
+
+    coord2 = coordinator()
+    addr2 = f"127.0.0.1:{coord2.port}"
+    big = ["workers=2", "steps=5000", "algorithm.sync_every=1", "model.n_layer=2",
+           "model.n_embd=512", "model.n_head=4"]
+    out = tmp_path / "big"
+    ws = {i: procs.worker(i, addr2, out, big) for i in range(2)}
+    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 1, 90, "round 1")
+    seen = procs.stderr(ws[1]).count("collective starts")
+    wait_until(lambda: procs.stderr(ws[1]).count("collective starts") > seen, 30,
+               "worker 1 entering a collective")
+    t1 = time.time()
+    ws[1].send_signal(signal.SIGTERM)
+    assert ws[1].wait(timeout=30) == 0
+    in_collective = time.time() - t1
+    print(f"SIGTERM honoured in {waited:.2f} s while waiting to join, {in_collective:.2f} s "
+          "in a collective")
+    r = last_round(out / "w0")
+    wait_until(lambda: last_round(out / "w0") > r, 30, "worker 0 going on alone")
+    assert metrics(out / "w0")[-1]["participants"] == [0]
+    ws[0].send_signal(signal.SIGTERM)
+    assert ws[0].wait(timeout=30) == 0
