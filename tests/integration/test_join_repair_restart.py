@@ -24,7 +24,9 @@ def test_hash_repair_and_brand_new_join(tmp_path, procs, coordinator):
     model = initial_model(cfg, build_task(cfg), torch.device("cpu"))
     flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     bad = tmp_path / "diverged.safetensors"  # worker 2 starts from different parameters
-    checkpoint.save(bad, {"global_params": flat + 0.01}, {"round": 0, "worker_id": -1})
+    diverged = {"global_params": flat + 0.01}  # (a valid checkpoint of another state)
+    checkpoint.save(bad, diverged, {"round": 0, "hash": state.digest(diverged),
+                                    "worker_id": -1})
     # the first round waits for workers 0-2 (up to 4 s for a 4th, which comes later)
     coord = coordinator(join_timeout_s=4.0)
     addr = f"127.0.0.1:{coord.port}"
@@ -78,7 +80,8 @@ def test_stop_and_resume_gives_identical_results(tmp_path, procs, coordinator):
     over = ["workers=2", "steps=30"]
     full, part, ck = tmp_path / "full", tmp_path / "part", tmp_path / "ck"
     c1 = coordinator()
-    ws = [procs.worker(i, f"127.0.0.1:{c1.port}", full, over + ["runtime.checkpoint_every=1"],
+    ws = [procs.worker(i, f"127.0.0.1:{c1.port}", full,
+                       over + ["runtime.checkpoint_every=1", "runtime.keep_checkpoints=off"],
                        ["--checkpoint-dir", str(ck)]) for i in range(2)]
     assert all(p.wait(timeout=90) == 0 for p in ws)
     c2 = coordinator()

@@ -99,14 +99,17 @@ def test_dropin_survives_a_sigkill_and_restart(tmp_path, procs, coordinator):
     """3 processes of the user's loop; one is SIGKILLed mid-run and restarted: the run
     finishes, every round's hashes agree, and the final eval loss is within 2% of the same
     run without the kill (the simulator's, which the drop-in equals when nothing fails)."""
+    # enough data that no worker's share is missed for long, and steps long enough that a
+    # restart (process start, imports: seconds on a loaded machine) is a part of the run
     overrides = [*USER, "workers=3", "steps=600", "algorithm.sync_every=10",
-                 "algorithm.name=diloco", "eval_every=100"]
+                 "algorithm.name=diloco", "eval_every=100", "data.batch_size=64",
+                 "task.kwargs={samples = 20000, hidden = 256}"]
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "kill"
     ws = {i: _dropin(procs, i, addr, out, overrides) for i in range(3)}
     _, calm = _sim(overrides)  # while the workers start
-    wait_until(lambda: last_round(out / "w2") >= 10, 90, "round 10")
+    wait_until(lambda: last_round(out / "w2") >= 5, 90, "round 5")
     ws[2].send_signal(signal.SIGKILL)
     ws[2].wait()
     (out / "w2").rename(out / "w2-killed")
@@ -126,7 +129,8 @@ def test_dropin_survives_a_sigkill_and_restart(tmp_path, procs, coordinator):
     kill = runs[0]["final_eval_loss"]
     print(f"final eval loss: {calm['final_eval_loss']:.4f} without the kill, {kill:.4f} with it")
     assert abs(kill / calm["final_eval_loss"] - 1) < 0.02
-    assert runs[2]["state_transfers"] >= 1 and runs[2]["rounds_committed"] == 60
+    assert runs[2]["state_transfers"] >= 1 and runs[2]["last_round"] == 59
+    assert runs[2]["rounds_committed"] == 60 - first["round"]  # the rounds it took part in
 
 
 def test_the_dropin_digits_example_runs_under_torchrun(tmp_path, procs):

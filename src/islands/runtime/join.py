@@ -26,6 +26,7 @@ import copy
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +40,13 @@ from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig, load_config
 from islands.core.errors import CommError, ConfigError
 from islands.engine import Engine, WallClock, attach, fresh_state
-from islands.metrics.run_dir import RunDir
+from islands.metrics.run_dir import RunDir, check_writable
 from islands.runtime import checkpoint, state
 from islands.runtime.auth import load_token
 from islands.runtime.launch import connect, parse_worker_id
+from islands.runtime.fingerprint import fingerprint
 from islands.runtime.member import Member
+from islands.runtime.membership import Removed
 from islands.runtime.worker import check_worker_id
 from islands.transports.dist import DistTransport
 
@@ -101,13 +104,14 @@ class Job:
         self.out, self.checkpoint_dir, self.host = RunDir(out), checkpoint_dir, host
         self.trainer: Trainer | None = None
         self.membership = self.store = None
+        self.stopping = threading.Event()  # SIGTERM: leave from any wait
 
     def __enter__(self) -> Job:
         self.started = time.perf_counter()
+        self.out.path = check_writable(self.out.path, "join(out=...)")
         self.membership, self.store = connect(self.cfg, self.me, coordinator=self.coordinator,
-                                              token=self.token, host=self.host)
-        if hasattr(self.membership, "start"):
-            self.membership.start()
+                                              token=self.token, host=self.host,
+                                              stopping=self.stopping)
         self.out.start(self.cfg, append=True)
         return self
 
@@ -137,6 +141,8 @@ class Job:
                 self.trainer.finish(time.perf_counter() - self.started)
         finally:
             self.membership.close()
+        if exc_type is None and self.trainer is not None and self.trainer.removed is not None:
+            raise self.trainer.removed
 
 
 class Trainer:
@@ -155,17 +161,23 @@ class Trainer:
         device = next(model.parameters()).device
         if isinstance(cfg.threads, int):  # the user's process: only a count changes it
             torch.set_num_threads(int(cfg.threads))
-        self.transport = DistTransport(me, cfg.runtime.collective_timeout_s)
+        self.transport = DistTransport(me, cfg.runtime.collective_timeout_s,
+                                       stopping=job.stopping)
         self.engine = Engine(cfg, algorithm, self.transport, [worker], task=None,
                              partition=None, device=device, clock=WallClock((me,)),
                              eval_model=copy.deepcopy(model) if evaluate else None,
                              out=job.out, evaluate=evaluate)
         self.member = Member(cfg, me, job.membership, job.store, self.transport, self.engine,
                              lambda: worker, fresh_state(model), background=False,
-                             token=job.token, checkpoint_dir=job.checkpoint_dir)
+                             token=job.token, checkpoint_dir=job.checkpoint_dir,
+                             stopping=job.stopping)
         job.membership.on_live = self.member.on_live
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self.member, "leaving", True))
+        signal.signal(signal.SIGTERM, lambda *_: job.stopping.set())
+        if hasattr(job.membership, "start"):  # the coordinator checks the model's fingerprint
+            job.membership.fingerprint = fingerprint(cfg, model, rounds=self.engine.rounds)
+            job.membership.start()
         self.done = False
+        self.removed: Removed | None = None
         self._plan = None
         self._begin()
 
@@ -184,7 +196,11 @@ class Trainer:
         first forward pass); sets :attr:`done` when the run is over."""
         engine = self.engine
         while not self.done:
-            plan = self.member.next_round(engine)
+            try:
+                plan = self.member.next_round(engine)
+            except Removed as e:
+                self._remove(e)
+                return
             if plan is None:
                 self.done = True
                 return
@@ -228,6 +244,9 @@ class Trainer:
             return
         try:
             extra = self.member.sync(engine, plan, {worker.id: self._losses})
+        except Removed as e:
+            self._remove(e)
+            return
         except CommError as e:
             self.member.abort(engine, plan, e)
         else:
@@ -236,10 +255,18 @@ class Trainer:
             self.member.committed(engine, plan, point)
         self._begin()
 
+    def _remove(self, why: Removed) -> None:
+        """This worker cannot go on (excluded, or the job finished without it): the loop
+        ends (:attr:`done`), and leaving the ``with`` block raises ``why`` once the run
+        directory is written."""
+        log.error("worker %d stops: %s", self.member.me, why)
+        self.removed, self.done = why, True
+
     def finish(self, wall_s: float) -> dict:
         """Writes this worker's run directory; returns its summary."""
         engine, member = self.engine, self.member
-        summary = {**engine.summary(wall_s), **member.summary_fields()}
+        summary = {**engine.summary(wall_s), **member.summary_fields(),
+                   "removed": None if self.removed is None else str(self.removed)}
         shared = engine.algorithm.shared_state(member.worker)
         checkpoint.save(self.job.out.path / "final.safetensors", shared,
                         {"round": member.round, "hash": state.digest(shared),

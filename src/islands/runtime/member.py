@@ -351,14 +351,20 @@ class Member:
         worker received it."""
         if self.me != src and self.me not in dsts:
             return False
-        mine = self.algorithm.shared_state(self.worker) if self.me == src else None
+        mine = None
+        if self.me == src:  # the shared state, and the inner moments a fresh joiner adopts
+            mine = {**self.algorithm.shared_state(self.worker), **state.inner_state(self.worker)}
         before, t0 = self.transport.bytes_received, time.perf_counter()
         got = state.transfer(self.transport, tuple(members), src, list(dsts), mine)
         dt = time.perf_counter() - t0  # the exchange only (includes waiting for the source)
         if got is None:
             return False
-        state.check(got, self.algorithm.shared_state(self.worker), src)
-        state.load(self.algorithm, self.worker, got)
+        inner = {k: v for k, v in got.items() if k.startswith("inner/")}
+        shared = {k: v for k, v in got.items() if not k.startswith("inner/")}
+        state.check(shared, self.algorithm.shared_state(self.worker), src)
+        state.load(self.algorithm, self.worker, shared)
+        if state.adopt_inner(self.worker, inner):
+            log.info("worker %d: adopted worker %d's inner optimizer moments", self.me, src)
         self.fast_forward(r)
         self.stats.state_transfers += 1
         self.stats.state_bytes += self.transport.bytes_received - before

@@ -162,6 +162,8 @@ class CoordinatorClient:
         On a connection of its own: the control connection may still be held by a barrier
         this worker gave up waiting on (SIGTERM).
         """
+        if self._control is None:  # never joined
+            return
         try:
             ch = client_connect(self.addr, self.token,
                                 {"role": "worker", "id": self.worker, "channel": "leave",

@@ -86,6 +86,34 @@ def check(received: dict[str, torch.Tensor], template: dict[str, torch.Tensor],
                         "(same model on every worker?)")
 
 
+def inner_state(worker: Worker) -> dict[str, torch.Tensor]:
+    """The worker's inner optimizer moments as ``inner/<param>/<name>`` tensors (sent to a
+    joiner beside the shared state; never part of it or of its hash)."""
+    sd = worker.inner.state_dict()["state"]
+    return {f"inner/{i}/{k}": v for i, slot in sd.items() for k, v in slot.items()
+            if torch.is_tensor(v)}
+
+
+def adopt_inner(worker: Worker, tensors: dict[str, torch.Tensor]) -> bool:
+    """Starts a fresh inner optimizer from a peer's moments (:func:`inner_state`), as torchft
+    hands a healing replica its peer's optimizer state: with empty moments Adam's first steps
+    are sign-like lr-sized jumps in every coordinate, which DiLoCo's outer momentum carries
+    on. Returns whether it adopted them (not when this worker already has moments of its own,
+    or the peer's do not fit its optimizer)."""
+    if worker.inner.state or not tensors:
+        return False
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for name, v in tensors.items():
+        _, i, k = name.split("/", 2)
+        slots.setdefault(int(i), {})[k] = v.clone()
+    groups = worker.inner.state_dict()["param_groups"]
+    try:
+        worker.inner.load_state_dict({"state": slots, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError):
+        return False
+    return True
+
+
 def transfer(transport: Transport, members: tuple[int, ...], src: int, dsts: list[int],
              state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     """Streams ``state`` from ``src`` to ``dsts`` (every one of them calls this).
