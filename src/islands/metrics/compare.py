@@ -45,6 +45,7 @@ def comparison_rows(summaries: list[dict], labels: list[str] | None = None,
         rows.append({
             "label": label, "name": s["name"], "algorithm": s["algorithm"],
             "workers": s["workers"], "steps": s["steps"], "sync_every": s["sync_every"],
+            **({"ddp_steps": s["ddp_steps"]} if s.get("ddp_steps") else {}),
             "codec": s["codec"], "final_eval_loss": s["final_eval_loss"],
             **{k: v for k, v in s.items() if k.startswith("final_eval_") and k != "final_eval_loss"},
             "baseline": labels[b] if b is not None else None,
@@ -63,6 +64,16 @@ def comparison_rows(summaries: list[dict], labels: list[str] | None = None,
             "wall_time_s": s["wall_time_s"],
         })
     return rows
+
+
+def describe_h(sync_every, ddp_steps: int | None = None) -> str:
+    """H for a table: ``50``; a schedule as ``10,25@100,50@200`` (H, then H@from-step); a
+    data-parallel phase first as ``dp50+``."""
+    if isinstance(sync_every, int):
+        h = str(sync_every)
+    else:
+        h = ",".join(str(v) if step == 0 else f"{v}@{step}" for step, v in sync_every)
+    return f"dp{ddp_steps}+{h}" if ddp_steps else h
 
 
 def human_bytes(n: float) -> str:
@@ -94,7 +105,8 @@ def render_table(rows: list[dict], title: str = "comparison", console: Console |
                          no_wrap=True)
     for r in rows:
         table.add_row(
-            r["label"], str(r["workers"]), str(r["sync_every"]), r["codec"],
+            r["label"], str(r["workers"]), describe_h(r["sync_every"], r.get("ddp_steps")),
+            r["codec"],
             f"{r['final_eval_loss']:.4f}",
             *[_metric(r.get(m)) for m in metrics],
             "—" if r["loss_vs_baseline"] is None else f"{100 * r['loss_vs_baseline']:+.1f}%",
