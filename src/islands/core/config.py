@@ -89,7 +89,9 @@ class DataConfig:
 
     Attributes:
         corpus: ``"python-stdlib"`` (the ``.py`` files of the running Python's standard
-            library, no download) or a path to a text file or a folder of text files.
+            library, no download), ``"python-docs"`` (English prose: the Python reference
+            topics pydoc shows, shipped with CPython, about 465 kB) or a path to a text file
+            or a folder of text files.
         partition: ``"iid"``, ``"dirichlet"`` (label skew: over source folders for text, over
             labels for a labelled dataset; see ``alpha``) or ``"by_source"`` (each worker
             gets different files, or a contiguous run of the dataset).
