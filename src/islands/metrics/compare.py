@@ -33,17 +33,20 @@ def comparison_rows(summaries: list[dict], labels: list[str] | None = None,
             run with as many workers, if any).
     """
     labels = labels or [s["name"] for s in summaries]
-    ddp = {s["workers"]: i for i, s in enumerate(summaries)
-           if s["algorithm"] == "ddp" and s["workers"] > 1}
+    ddp, ddp_seed = {}, {}  # the DDP run with as many workers (and the same seed, if any)
+    for i, s in enumerate(summaries):
+        if s["algorithm"] == "ddp" and s["workers"] > 1:
+            ddp[s["workers"]] = ddp_seed[s["workers"], s.get("seed")] = i
     rows = []
     for s, label in zip(summaries, labels):
-        b = baseline if baseline is not None else ddp.get(s["workers"])
+        d = ddp_seed.get((s["workers"], s.get("seed")), ddp.get(s["workers"]))
+        b = baseline if baseline is not None else d
         base = summaries[b] if b is not None else None
-        d = ddp.get(s["workers"])
         same_ddp = summaries[d] if d is not None else None
         sent = s["bytes_sent_per_worker"]
         rows.append({
             "label": label, "name": s["name"], "algorithm": s["algorithm"],
+            "seed": s.get("seed"),
             "workers": s["workers"], "steps": s["steps"], "sync_every": s["sync_every"],
             **({"ddp_steps": s["ddp_steps"]} if s.get("ddp_steps") else {}),
             "codec": s["codec"], "final_eval_loss": s["final_eval_loss"],
