@@ -56,6 +56,8 @@ def test_random_draws_are_seeded_in_range_and_typed():
     ({"baseline": ["algorithm.name=nope"]}, "--baseline algorithm.name=nope: algorithm.name"),
     ({"jobs": "many"}, "--jobs ('many') must be 'auto' or a number >= 1"),
     ({"seeds": 0}, "--seeds (0) must be >= 1"),
+    ({"by": ["workers=2,4"], "grid": ["workers=8"]}, "workers is in --by and in --grid"),
+    ({"by": ["workers"]}, "--by 'workers' must look like key=v1,v2,..."),
 ])
 def test_errors_name_the_flag_and_the_fix(tmp_path, kwargs, words):
     with pytest.raises(ConfigError) as e:
@@ -131,3 +133,48 @@ def test_report_marks_the_best_point_and_compares_with_the_baseline(tmp_path):
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert saved["best"] == "b" and len(saved["runs"]) == 8
     assert Path(tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_by_cells_give_each_cell_its_baseline_and_its_best(tmp_path):
+    pts = space.in_cells({"workers": ["2", "4"]}, space.points(
+        space.parse_grid(["outer.lr=0.5,1.0"]), [], 0, 0),
+        space.baseline_point(["algorithm.name=ddp"]))
+    assert [(p.name, p.baseline) for p in pts] == [
+        ("workers=2/baseline", True), ("workers=2/outer.lr=0.5", False),
+        ("workers=2/outer.lr=1.0", False), ("workers=4/baseline", True),
+        ("workers=4/outer.lr=0.5", False), ("workers=4/outer.lr=1.0", False)]
+    assert pts[3].sets == ("workers=4", "algorithm.name=ddp") and pts[3].own == pts[3].sets[1:]
+    runs = runner.plan(None, BASE, pts, 1, tmp_path)
+    assert runs[3].config["workers"] == 4 and runs[3].config["algorithm"]["name"] == "ddp"
+    assert runs[4].dir == tmp_path / "workers=4" / "outer.lr=0.5" / "seed0"
+    loss = {"baseline": 2.0, "outer.lr=0.5": 1.5, "outer.lr=1.0": 1.8}
+    for run in runs:  # the best differs between the cells
+        value = loss[run.point.name.split("/")[1]] + (0.5 if run.point.name.endswith(
+            "0.5") and run.point.cell == "workers=4" else 0)
+        run.status, run.summary = "done", {"final_eval_loss": value, "virtual_time_s": 1.0,
+                                           "bytes_sent_per_worker": 1.0, "eval_curve": []}
+    rows = report.point_rows(runs)
+    assert [r["point"] for r in rows if r["best"]] == ["workers=2/outer.lr=0.5",
+                                                        "workers=4/outer.lr=1.0"]
+    assert rows[4]["loss_vs_baseline"] == pytest.approx(0.0)  # 2.0 against the cell's 2.0
+
+
+def test_listed_points_are_recipes_and_min_traffic_bounds_the_best(tmp_path):
+    pts = space.parse_points(["", "algorithm.ddp_steps=8 algorithm.sync_every=[[0, 4], [8, 2]]"])
+    assert pts[0].sets == () and pts[0].name == "base"
+    assert pts[1].sets == ("algorithm.ddp_steps=8", "algorithm.sync_every=[[0, 4], [8, 2]]")
+    with pytest.raises(ConfigError, match="--point 'outer.lr' must be key=value sets"):
+        space.parse_points(["outer.lr"])
+    with pytest.raises(ConfigError, match="--min-traffic .* give --baseline too"):
+        sweep(None, sets=BASE, min_traffic=25, out=tmp_path, console=make_console(),
+              dry_run=True)
+    base, a, b = (space.Point(("algorithm.name=ddp",), "baseline", baseline=True),
+                  space.Point(("x=1",), "a"), space.Point(("x=2",), "b"))
+    runs = []
+    for p, loss, sent in ((base, 2.0, 100.0), (a, 1.8, 10.0), (b, 1.9, 2.0)):
+        run = runner.Run(p, 0, tmp_path / p.name, [], {}, 1, 1, status="done")
+        run.summary = {"final_eval_loss": loss, "virtual_time_s": 1.0,
+                       "bytes_sent_per_worker": sent, "eval_curve": []}
+        runs.append(run)
+    assert [r["best"] for r in report.point_rows(runs)] == [False, True, False]
+    assert [r["best"] for r in report.point_rows(runs, 25)] == [False, False, True]

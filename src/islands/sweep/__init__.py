@@ -5,8 +5,9 @@ seeds in parallel processes, resumable, ending in one table, ``sweep.json`` and 
         --grid algorithm.sync_every=25,50 --seeds 3 --baseline algorithm.name=ddp --out runs/s
     islands sweep examples/diloco.toml --random outer.lr=0.3:1.5 \\
         --random inner.lr=1e-3:1e-2:log --trials 12 --seeds 2
+    islands sweep --grid outer.lr=0.7,1.0 --by workers=4,8 --baseline algorithm.name=ddp
 
-Layout: ``OUT/<point>/seed<k>/`` is an ``islands sim`` run directory (plus ``run.log``);
+Layout: ``OUT/[<cell>/]<point>/seed<k>/`` is an ``islands sim`` run directory (plus ``run.log``);
 ``OUT/sweep.json`` and ``OUT/sweep.png`` summarize. Run the same command again and the
 finished runs are skipped, so a sweep interrupted (Ctrl-C, a reboot) or widened (a value
 added) costs only what is new.
@@ -38,8 +39,10 @@ from islands.sweep.runner import Run, auto_jobs
 
 
 def sweep(config: str | None, *, grid: list[str] = (), random: list[str] = (),
+          point: list[str] = (), min_traffic: float | None = None,
           trials: int = 8, search_seed: int = 0, seeds: int = 1, sets: list[str] = (),
-          baseline: list[str] = (), out: str | Path = "runs/sweep", jobs: str | int = "auto",
+          baseline: list[str] = (), by: list[str] = (), out: str | Path = "runs/sweep",
+          jobs: str | int = "auto",
           console: Console, progress: bool = True, dry_run: bool = False) -> list[dict]:
     """Plans, runs (what is not finished) and reports a sweep; returns the points' rows.
 
@@ -47,10 +50,15 @@ def sweep(config: str | None, *, grid: list[str] = (), random: list[str] = (),
         config: the base TOML config (None: the defaults).
         grid: ``key=v1,v2,...`` items.
         random: ``key=lo:hi[:log]`` items, drawn ``trials`` times from ``search_seed``.
+        point: points listed whole, each ``"k=v k2=v2"`` ("" : the base config).
+        min_traffic: only points sending at most 1/``min_traffic`` of the baseline's bytes
+            per worker may be the best (a budget such as 25x less than DDP).
         seeds: runs per point, seeds counting up from the config's ``seed``.
         sets: ``key=value`` overrides for every run.
         baseline: ``key=value`` sets of an extra point compared with every other
             (``algorithm.name=ddp``), run over the same seeds.
+        by: ``key=v1,v2,...`` items: the whole sweep, baseline included, runs in each cell
+            of their product; comparisons and the best point are per cell.
         out: the sweep's folder.
         jobs: processes at once (``"auto"``: the cores divided by each run's threads).
         dry_run: print the plan, run nothing.
@@ -62,14 +70,25 @@ def sweep(config: str | None, *, grid: list[str] = (), random: list[str] = (),
     if seeds < 1:
         raise ConfigError(f"--seeds ({seeds}) must be >= 1")
     parsed_grid, ranges = space.parse_grid(list(grid)), space.parse_random(list(random))
-    for key in [*parsed_grid, *(r.key for r in ranges)]:
-        if key == "seed":
-            raise ConfigError("--grid/--random seed=...: seeds come from --seeds N (each "
-                              "point runs seeds config.seed .. config.seed + N - 1)")
-    points = space.points(parsed_grid, ranges, trials, search_seed)
-    base_point = space.baseline_point(list(baseline))
-    if base_point is not None:
-        points = [base_point, *points]
+    cells = space.parse_grid(list(by), flag="--by")
+    keys = [*cells, *parsed_grid, *(r.key for r in ranges)]
+    if "seed" in keys:
+        raise ConfigError("--grid/--random/--by seed=...: seeds come from --seeds N (each "
+                          "point runs seeds config.seed .. config.seed + N - 1)")
+    twice = next((k for k in cells if k in keys[len(cells):]), None)
+    if twice:
+        raise ConfigError(f"{twice} is in --by and in --grid/--random; give it once")
+    listed = space.parse_points(list(point))
+    searched = (space.points(parsed_grid, ranges, trials, search_seed)
+                if parsed_grid or ranges or not listed else [])
+    names = [p.name for p in searched + listed]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--point {next(n for n in names if names.count(n) > 1)!r} is also "
+                          "a point of the grid (or listed twice); give it once")
+    if min_traffic is not None and not baseline:
+        raise ConfigError(f"--min-traffic ({min_traffic}) compares with the baseline: give "
+                          "--baseline too (e.g. --baseline algorithm.name=ddp)")
+    points = space.in_cells(cells, searched + listed, space.baseline_point(list(baseline)))
     out = Path(out)
     runs = runner.plan(config, list(sets), points, seeds, out)
     n_jobs = _jobs(jobs, config, list(sets))
@@ -81,12 +100,13 @@ def sweep(config: str | None, *, grid: list[str] = (), random: list[str] = (),
             console.print(f"{run.status:8} {run.dir}", highlight=False)
         return []
     runner.execute(runs, n_jobs, console, progress)
-    rows = report.point_rows(runs)
+    rows = report.point_rows(runs, min_traffic)
     report.render(rows, console, title=f"sweep: {out} ({seeds} seed(s) per point)")
     report.write(rows, runs, out, {
         "config": config, "sets": list(sets), "grid": list(grid), "random": list(random),
         "trials": trials if random else None, "search_seed": search_seed if random else None,
-        "seeds": seeds, "baseline": list(baseline)})
+        "seeds": seeds, "baseline": list(baseline), "by": list(by), "point": list(point),
+        "min_traffic": min_traffic})
     _say_best(rows, runs, out, console)
     return rows
 
@@ -105,9 +125,10 @@ def _jobs(jobs: str | int, config: str | None, sets: list[str]) -> int:
 
 def _say_best(rows: list[dict], runs: list[Run], out: Path, console: Console) -> None:
     failed = [r for r in runs if r.status == "failed"]
-    best = next((r for r in rows if r["best"]), None)
-    if best is not None:
-        console.print(f"best: {best['point']} (" + ", ".join(best["sets"]) + ")")
+    for best in (r for r in rows if r["best"]):
+        cell = f" in {best['cell']}" if best["cell"] else ""
+        console.print(f"best{cell}: {report.label(best).removeprefix('★ ')}",
+                      highlight=False)
     if failed:
         console.print(f"{len(failed)} run(s) failed (their run.log says why); run the same "
                       "command again to retry them")

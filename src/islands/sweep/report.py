@@ -20,13 +20,21 @@ from islands.metrics.seeds import mean_std, plus_minus  # noqa: E402
 from islands.sweep.runner import Run  # noqa: E402
 
 
-def point_rows(runs: list[Run]) -> list[dict]:
-    """One row per point, in sweep order; the best (lowest mean eval loss among the points
-    that are not the baseline and lost no seed) has ``best = True``."""
+def point_rows(runs: list[Run], min_traffic: float | None = None) -> list[dict]:
+    """One row per point, in sweep order; the best of each cell (lowest mean eval loss among
+    the points that are not the baseline, lost no seed and, with ``min_traffic``, send at most
+    1/``min_traffic`` of the baseline's bytes) has ``best = True``."""
     by_point: dict[str, list[Run]] = {}
     for run in runs:
         by_point.setdefault(run.point.name, []).append(run)
     rows = [_row(group) for group in by_point.values()]
+    for cell in dict.fromkeys(r["cell"] for r in rows):
+        _compare([r for r in rows if r["cell"] == cell], min_traffic)
+    return rows
+
+
+def _compare(rows: list[dict], min_traffic: float | None) -> None:
+    """Within one cell: each point against the cell's baseline, and the best marked."""
     base = next((r for r in rows if r["baseline"] and r["final_eval_loss_mean"] is not None),
                 None)
     for r in rows:
@@ -37,10 +45,11 @@ def point_rows(runs: list[Run]) -> list[dict]:
             base["bytes_sent_per_worker"] / r["bytes_sent_per_worker"]
             if ok and r["bytes_sent_per_worker"] else None)
     candidates = [r for r in rows if not r["baseline"] and not r["failed"]
-                  and r["final_eval_loss_mean"] is not None]
+                  and r["final_eval_loss_mean"] is not None and (
+                      min_traffic is None
+                      or (r["traffic_reduction_vs_baseline"] or 0) >= min_traffic)]
     if candidates:
         min(candidates, key=lambda r: r["final_eval_loss_mean"])["best"] = True
-    return rows
 
 
 def _row(group: list[Run]) -> dict:
@@ -53,7 +62,8 @@ def _row(group: list[Run]) -> dict:
 
     walls = [r.wall_s for r in group if r.wall_s is not None]
     point = group[0].point
-    return {"point": point.name, "sets": list(point.sets), "baseline": point.baseline,
+    return {"point": point.name, "sets": list(point.sets), "own": list(point.own),
+            "cell": point.cell, "baseline": point.baseline,
             "seeds": [r.seed for r in group], "finished": len(done),
             "failed": [r.seed for r in group if r.status == "failed"],
             "final_eval_loss_mean": mean, "final_eval_loss_std": std,
@@ -67,6 +77,9 @@ def _row(group: list[Run]) -> dict:
 def render(rows: list[dict], console: Console, title: str) -> None:
     """The table: a row per point, the best marked ★."""
     table = Table(title=title)
+    cells = any(r["cell"] for r in rows)
+    if cells:
+        table.add_column("cell", overflow="fold")
     for col in ("point", "seeds", "eval loss (mean ± std)", "vs baseline", "sent/worker",
                 "traffic ÷", "virtual time", "wall/run"):
         table.add_column(col, justify="left" if col == "point" else "right",
@@ -75,7 +88,7 @@ def render(rows: list[dict], console: Console, title: str) -> None:
         loss = ("—" if r["final_eval_loss_mean"] is None
                 else plus_minus(r["final_eval_loss_mean"], r["final_eval_loss_std"]))
         seeds = f"{r['finished']}/{len(r['seeds'])}" + (" ✗" if r["failed"] else "")
-        table.add_row(label(r), seeds, loss,
+        table.add_row(*([r["cell"]] if cells else []), label(r), seeds, loss,
             "—" if r["loss_vs_baseline"] is None else f"{100 * r['loss_vs_baseline']:+.1f}%",
             "—" if r["bytes_sent_per_worker"] is None else human_bytes(r["bytes_sent_per_worker"]),
             "—" if r["traffic_reduction_vs_baseline"] is None
@@ -87,16 +100,17 @@ def render(rows: list[dict], console: Console, title: str) -> None:
 
 def label(row: dict) -> str:
     """A point as its sets (``baseline: algorithm.name=ddp``), the best marked ★."""
-    sets = ", ".join(row["sets"]) or "(the base config)"
+    sets = ", ".join(row["own"]) or "(the base config)"
     return ("★ " if row["best"] else "") + ("baseline: " if row["baseline"] else "") + sets
 
 
 def write(rows: list[dict], runs: list[Run], out: Path, facts: dict) -> None:
     """``sweep.json`` (the facts of the sweep, every point's row, every run) and
     ``sweep.png``."""
-    best = next((r for r in rows if r["best"]), None)
+    best = {r["cell"]: r["point"] for r in rows if r["best"]}
     write_json(out / "sweep.json", {
-        **facts, "best": best["point"] if best else None, "points": rows,
+        **facts, "best": best.get("") if not any(best) else None, "best_by_cell": best,
+        "points": rows,
         "runs": [{"point": r.point.name, "seed": r.seed, "dir": str(r.dir), "status": r.status,
                   "final_eval_loss": r.summary.get("final_eval_loss") if r.summary else None,
                   "error": r.error} for r in runs]})
@@ -125,7 +139,7 @@ def plot(rows: list[dict], runs: list[Run], path: Path) -> None:
             left.plot(r["final_eval_loss_mean"], y, "*", color="red", ms=14, zorder=5)
         if r["baseline"]:
             left.axvline(r["final_eval_loss_mean"], ls="--", color="gray")
-    left.set_yticks(ys, [_short(label(r)) for r in shown], fontsize=7)
+    left.set_yticks(ys, [_short(_where(r) + label(r)) for r in shown], fontsize=7)
     left.invert_yaxis()
     left.set(xlabel="final eval loss (mean ± std over seeds)", title="points")
     for i, r in enumerate(shown):
@@ -143,11 +157,12 @@ def plot(rows: list[dict], runs: list[Run], path: Path) -> None:
     for run in runs:
         if run.summary is not None:
             by_point.setdefault(run.point.name, []).append(run.summary)
-    names = {r["point"]: label(r) for r in rows}
+    named = {r["point"]: r for r in rows}
     for i, (name, summaries) in enumerate(by_point.items()):
         steps, losses = mean_curve(summaries)
-        right.plot(steps, losses, color=f"C{i % 10}", label=_short(names[name]),
-                   ls="--" if name == "baseline" else "-")
+        row = named[name]
+        right.plot(steps, losses, color=f"C{i % 10}", label=_short(_where(row) + label(row)),
+                   ls="--" if row["baseline"] else "-")
     right.set(xlabel="inner steps", ylabel="eval loss (mean over seeds)", title="curves")
     if by_point:
         right.legend(fontsize=6)
@@ -156,6 +171,10 @@ def plot(rows: list[dict], runs: list[Run], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _where(row: dict) -> str:
+    return f"[{row['cell']}] " if row["cell"] else ""
 
 
 def _short(name: str) -> str:

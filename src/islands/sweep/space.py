@@ -1,5 +1,8 @@
 """The points of a sweep: a grid over ``--grid key=v1,v2,...`` values, random draws from
-``--random key=lo:hi[:log]`` ranges (seeded), or both (each trial crossed with the grid).
+``--random key=lo:hi[:log]`` ranges (seeded), or both (each trial crossed with the grid), and
+points listed whole (``--point 'k=v k2=v2'``: a recipe is several keys at once); all
+of them, and the ``--baseline`` point, in each cell of ``--by key=v1,v2,...`` values (a
+setting the baseline must follow, such as ``workers`` or ``data.corpus``).
 
 Values are TOML, as ``--set`` takes them, so a point may set a list:
 ``--grid 'algorithm.sync_every=50,[[0,10],[100,25],[200,50]]'`` is two values (commas inside
@@ -24,18 +27,27 @@ class Point:
     """One configuration of the sweep (before seeds).
 
     Attributes:
-        sets: the point's own ``key=value`` overrides, in flag order.
-        name: its folder name under the sweep's ``--out`` (readable, unique).
-        baseline: whether it is the sweep's ``--baseline`` point.
+        sets: the point's ``key=value`` overrides, in flag order (its cell's first).
+        name: its folder under the sweep's ``--out`` (readable, unique; ``cell/point``).
+        baseline: whether it is its cell's ``--baseline`` point.
+        cell: the name of its ``--by`` cell ("" without ``--by``).
+        cell_sets: the sets it has from its cell (the start of ``sets``).
     """
 
     sets: tuple[str, ...]
     name: str
     baseline: bool = False
+    cell: str = ""
+    cell_sets: tuple[str, ...] = ()
+
+    @property
+    def own(self) -> tuple[str, ...]:
+        """The sets that are the point's own, not its cell's."""
+        return self.sets[len(self.cell_sets):]
 
 
-def split_values(text: str) -> list[str]:
-    """Splits ``v1,v2,...`` at commas outside brackets and quotes."""
+def split_values(text: str, seps: str = ",") -> list[str]:
+    """Splits ``v1,v2,...`` at ``seps`` outside brackets and quotes."""
     out, depth, quote, current = [], 0, None, ""
     for ch in text:
         if quote:
@@ -46,7 +58,7 @@ def split_values(text: str) -> list[str]:
             depth += 1
         elif ch in "]}":
             depth -= 1
-        elif ch == "," and depth == 0:
+        elif ch in seps and depth == 0:
             out.append(current.strip())
             current = ""
             continue
@@ -55,16 +67,32 @@ def split_values(text: str) -> list[str]:
     return out
 
 
-def parse_grid(items: list[str]) -> dict[str, list[str]]:
+def parse_points(items: list[str]) -> list[Point]:
+    """``--point`` items: each a bundle of ``key=value`` sets (separated by spaces or ``;``
+    outside brackets), one point; an empty item is the base config."""
+    out = []
+    for item in items:
+        sets = tuple(s for s in split_values(item, " ;") if s)
+        try:
+            parse_overrides(list(sets))
+        except ConfigError:
+            raise ConfigError(f"--point {item!r} must be key=value sets separated by spaces, "
+                              "e.g. --point 'algorithm.ddp_steps=8 outer.lr=1.0' (or '' for "
+                              "the base config)") from None
+        out.append(Point(sets, folder_name(sets)))
+    return out
+
+
+def parse_grid(items: list[str], flag: str = "--grid") -> dict[str, list[str]]:
     """``["outer.lr=0.5,0.7"]`` -> ``{"outer.lr": ["0.5", "0.7"]}`` (values as written)."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, text = item.partition("=")
         values = split_values(text) if sep else []
         if not sep or not key.strip() or not all(values):
-            raise ConfigError(f"--grid {item!r} must look like key=v1,v2,... "
-                              "e.g. --grid outer.lr=0.5,0.7,1.0")
-        _once(grid, key.strip(), "--grid")
+            raise ConfigError(f"{flag} {item!r} must look like key=v1,v2,... "
+                              f"e.g. {flag} outer.lr=0.5,0.7,1.0")
+        _once(grid, key.strip(), flag)
         grid[key.strip()] = values
     return grid
 
@@ -153,6 +181,21 @@ def baseline_point(items: list[str]) -> Point | None:
         return None
     parse_overrides(items)  # the shape key=value, with the --set message
     return Point(tuple(items), "baseline", baseline=True)
+
+
+def in_cells(by: dict[str, list[str]], points: list[Point], baseline: Point | None
+             ) -> list[Point]:
+    """Every point (the baseline first) in every ``--by`` cell: the product of the ``--by``
+    values, which apply to the baseline too (a DDP baseline per worker count, per corpus)."""
+    cells = [tuple(f"{k}={v}" for k, v in zip(by, values))
+             for values in itertools.product(*by.values())]
+    out = []
+    for cell in cells:
+        cell_name = folder_name(cell) if cell else ""
+        for p in ([baseline] if baseline else []) + points:
+            out.append(Point(cell + p.sets, f"{cell_name}/{p.name}" if cell else p.name,
+                             p.baseline, cell_name, cell))
+    return out
 
 
 def folder_name(sets: tuple[str, ...]) -> str:
