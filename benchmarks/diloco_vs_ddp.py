@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from islands.core.config import load_config
+from islands.engine import resolve_threads
 from islands.metrics.compare import comparison_rows, make_console, render_table
 from islands.metrics.plots import plot_runs
 from islands.metrics.seeds import render_seed_table, seed_rows
 from islands.sim.main_job import MAIN_JOB_SETUP
-from islands.engine import resolve_threads
 from islands.sim.runner import resolve_device, simulate
 
 

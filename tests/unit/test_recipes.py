@@ -36,7 +36,7 @@ def test_h_schedule_rounds_follow_it():
 
 
 def test_h_schedule_in_a_run_summary_rows_and_evaluations(tmp_path):
-    sim, s = run("workers=2", "steps=30", "eval_every=10", SCHEDULE)
+    _, s = run("workers=2", "steps=30", "eval_every=10", SCHEDULE)
     assert s["rounds"] == 6 and s["sync_every"] == [[0, 4], [10, 6], [20, 10]]
     assert [p["step"] for p in s["train_curve"]] == [4, 8, 12, 18, 24, 30]
     assert [p["step"] for p in s["eval_curve"]] == [0, 12, 24, 30]  # rounds crossing 10, 20
@@ -143,8 +143,8 @@ def test_observers_are_refused_where_they_could_not_tell_the_round():
 
 
 @pytest.mark.parametrize("bad, words", [
-    ("algorithm.sync_every=[[5, 10]]", "algorithm.sync_every ([[5, 10]]) must be a number or "
-                                       "[[step, H], ...] pairs starting at step 0"),
+    ("algorithm.sync_every=[[5, 10]]", ("algorithm.sync_every ([[5, 10]]) must be a number or "
+                                        "[[step, H], ...] pairs starting at step 0")),
     ("algorithm.sync_every=[[0, 10], [0, 5]]", "needs each step larger than the one before"),
     ("algorithm.sync_every=[[0, 0]]", "algorithm.sync_every ([[0, 0]]) needs every H >= 1"),
     ("algorithm.sync_every=[[0, 2.5]]", "must be int or a list of [int, int]"),

@@ -69,26 +69,11 @@ def sweep(config: str | None, *, grid: list[str] = (), random: list[str] = (),
     """
     if seeds < 1:
         raise ConfigError(f"--seeds ({seeds}) must be >= 1")
-    parsed_grid, ranges = space.parse_grid(list(grid)), space.parse_random(list(random))
-    cells = space.parse_grid(list(by), flag="--by")
-    keys = [*cells, *parsed_grid, *(r.key for r in ranges)]
-    if "seed" in keys:
-        raise ConfigError("--grid/--random/--by seed=...: seeds come from --seeds N (each "
-                          "point runs seeds config.seed .. config.seed + N - 1)")
-    twice = next((k for k in cells if k in keys[len(cells):]), None)
-    if twice:
-        raise ConfigError(f"{twice} is in --by and in --grid/--random; give it once")
-    listed = space.parse_points(list(point))
-    searched = (space.points(parsed_grid, ranges, trials, search_seed)
-                if parsed_grid or ranges or not listed else [])
-    names = [p.name for p in searched + listed]
-    if len(set(names)) < len(names):
-        raise ConfigError(f"--point {next(n for n in names if names.count(n) > 1)!r} is also "
-                          "a point of the grid (or listed twice); give it once")
     if min_traffic is not None and not baseline:
         raise ConfigError(f"--min-traffic ({min_traffic}) compares with the baseline: give "
                           "--baseline too (e.g. --baseline algorithm.name=ddp)")
-    points = space.in_cells(cells, searched + listed, space.baseline_point(list(baseline)))
+    points = all_points(list(grid), list(random), list(point), trials, search_seed,
+                        list(baseline), list(by))
     out = Path(out)
     runs = runner.plan(config, list(sets), points, seeds, out)
     n_jobs = _jobs(jobs, config, list(sets))
@@ -109,6 +94,29 @@ def sweep(config: str | None, *, grid: list[str] = (), random: list[str] = (),
         "min_traffic": min_traffic})
     _say_best(rows, runs, out, console)
     return rows
+
+
+def all_points(grid: list[str], random: list[str], point: list[str], trials: int,
+               search_seed: int, baseline: list[str], by: list[str]) -> list[space.Point]:
+    """Every point of the sweep (the flags' meaning is :func:`sweep`'s), each key given once
+    and never ``seed``."""
+    parsed_grid, ranges = space.parse_grid(grid), space.parse_random(random)
+    cells = space.parse_grid(by, flag="--by")
+    keys = [*cells, *parsed_grid, *(r.key for r in ranges)]
+    if "seed" in keys:
+        raise ConfigError("--grid/--random/--by seed=...: seeds come from --seeds N (each "
+                          "point runs seeds config.seed .. config.seed + N - 1)")
+    twice = next((k for k in cells if k in keys[len(cells):]), None)
+    if twice:
+        raise ConfigError(f"{twice} is in --by and in --grid/--random; give it once")
+    listed = space.parse_points(point)
+    searched = (space.points(parsed_grid, ranges, trials, search_seed)
+                if parsed_grid or ranges or not listed else [])
+    names = [p.name for p in searched + listed]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--point {next(n for n in names if names.count(n) > 1)!r} is also "
+                          "a point of the grid (or listed twice); give it once")
+    return space.in_cells(cells, searched + listed, space.baseline_point(baseline))
 
 
 def _jobs(jobs: str | int, config: str | None, sets: list[str]) -> int:

@@ -157,10 +157,9 @@ def execute(runs: list[Run], jobs: int, console: Console, progress: bool = True)
                 while todo and len(running) < jobs:
                     run = todo.pop(0)
                     run.dir.mkdir(parents=True, exist_ok=True)
-                    log = open(run.dir / "run.log", "w")
-                    p = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, stdin=subprocess.DEVNULL)
-                    log.close()
+                    with open(run.dir / "run.log", "w") as log:  # the child keeps its copy
+                        p = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT,
+                                             env=env, stdin=subprocess.DEVNULL)
                     task = bar.add_task(f"{run.point.name} seed {run.seed}", total=run.rounds,
                                         note="rounds")
                     running[p.pid] = (run, p, task, time.perf_counter())

@@ -112,7 +112,7 @@ class Range:
         x = rng.uniform(lo, hi)
         x = math.exp(x) if self.log else x
         if self.integer:
-            return str(int(round(x)))
+            return str(round(x))
         return f"{float(f'{x:.4g}')!r}"  # 4 significant digits: readable, stable folder names
 
 
@@ -155,7 +155,7 @@ def points(grid: dict[str, list[str]], ranges: list[Range], trials: int,
     single point, the base config, when neither is)."""
     both = set(grid) & {r.key for r in ranges}
     if both:
-        raise ConfigError(f"{sorted(both)[0]} is in both --grid and --random; give it once")
+        raise ConfigError(f"{min(both)} is in both --grid and --random; give it once")
     if ranges and trials < 1:
         raise ConfigError(f"--trials ({trials}) must be >= 1 with --random")
     rng = random.Random(search_seed)
