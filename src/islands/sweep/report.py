@@ -75,11 +75,14 @@ def _row(group: list[Run]) -> dict:
 
 
 def render(rows: list[dict], console: Console, title: str) -> None:
-    """The table: a row per point, the best marked ★."""
+    """The table, one per ``--by`` cell: a row per point, the best marked ★."""
+    for cell in dict.fromkeys(r["cell"] for r in rows):
+        _table([r for r in rows if r["cell"] == cell], console,
+               f"{title}: {cell}" if cell else title)
+
+
+def _table(rows: list[dict], console: Console, title: str) -> None:
     table = Table(title=title)
-    cells = any(r["cell"] for r in rows)
-    if cells:
-        table.add_column("cell", overflow="fold")
     for col in ("point", "seeds", "eval loss (mean ± std)", "vs baseline", "sent/worker",
                 "traffic ÷", "virtual time", "wall/run"):
         table.add_column(col, justify="left" if col == "point" else "right",
@@ -88,7 +91,7 @@ def render(rows: list[dict], console: Console, title: str) -> None:
         loss = ("—" if r["final_eval_loss_mean"] is None
                 else plus_minus(r["final_eval_loss_mean"], r["final_eval_loss_std"]))
         seeds = f"{r['finished']}/{len(r['seeds'])}" + (" ✗" if r["failed"] else "")
-        table.add_row(*([r["cell"]] if cells else []), label(r), seeds, loss,
+        table.add_row(label(r), seeds, loss,
             "—" if r["loss_vs_baseline"] is None else f"{100 * r['loss_vs_baseline']:+.1f}%",
             "—" if r["bytes_sent_per_worker"] is None else human_bytes(r["bytes_sent_per_worker"]),
             "—" if r["traffic_reduction_vs_baseline"] is None
@@ -125,56 +128,61 @@ def mean_curve(summaries: list[dict]) -> tuple[list[int], list[float]]:
 
 
 def plot(rows: list[dict], runs: list[Run], path: Path) -> None:
-    """Left: each point's mean ± std final eval loss (the best red, the baseline a dashed
-    line). Middle: mean eval loss against bytes sent per worker. Right: each point's mean
-    eval-loss curve over inner steps."""
-    shown = [r for r in rows if r["final_eval_loss_mean"] is not None]
-    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(17, 4.8),
-                                           gridspec_kw={"width_ratios": [1.3, 1, 1]})
-    ys = list(range(len(shown)))
-    left.errorbar([r["final_eval_loss_mean"] for r in shown], ys,
-                  xerr=[r["final_eval_loss_std"] or 0 for r in shown], fmt="o", capsize=3)
-    for y, r in zip(ys, shown):
-        if r["best"]:
-            left.plot(r["final_eval_loss_mean"], y, "*", color="red", ms=14, zorder=5)
-        if r["baseline"]:
-            left.axvline(r["final_eval_loss_mean"], ls="--", color="gray")
-    left.set_yticks(ys, [_short(_where(r) + label(r)) for r in shown], fontsize=7)
-    left.invert_yaxis()
-    left.set(xlabel="final eval loss (mean ± std over seeds)", title="points")
-    for i, r in enumerate(shown):
-        mid.errorbar(r["bytes_sent_per_worker"], r["final_eval_loss_mean"],
-                     yerr=r["final_eval_loss_std"] or 0, fmt="*" if r["best"] else "o",
-                     color="red" if r["best"] else f"C{i % 10}", capsize=3)
-    sent = [r["bytes_sent_per_worker"] for r in shown]
-    if sent and min(sent) > 0:
-        mid.set_xscale("log")
-    else:  # a single worker sends nothing: 0 stays on the axis
-        mid.set_xscale("symlog", linthresh=min((b for b in sent if b), default=1.0))
-    mid.set(xlabel="bytes sent per worker (mean)", ylabel="final eval loss",
-            title="loss by bytes on the wire")
-    by_point: dict[str, list[dict]] = {}
+    """One row of panels per ``--by`` cell. Left: each point's mean ± std final eval loss
+    (the best a red star, the baseline a dashed line). Middle: mean eval loss against bytes
+    sent per worker. Right: each point's mean eval-loss curve over inner steps."""
+    cells = list(dict.fromkeys(r["cell"] for r in rows))
+    fig, axes = plt.subplots(len(cells), 3, figsize=(17, 4.8 * len(cells)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    summaries: dict[str, list[dict]] = {}
     for run in runs:
         if run.summary is not None:
-            by_point.setdefault(run.point.name, []).append(run.summary)
-    named = {r["point"]: r for r in rows}
-    for i, (name, summaries) in enumerate(by_point.items()):
-        steps, losses = mean_curve(summaries)
-        row = named[name]
-        right.plot(steps, losses, color=f"C{i % 10}", label=_short(_where(row) + label(row)),
-                   ls="--" if row["baseline"] else "-")
-    right.set(xlabel="inner steps", ylabel="eval loss (mean over seeds)", title="curves")
-    if by_point:
-        right.legend(fontsize=6)
-    for ax in (left, mid, right):
-        ax.grid(alpha=0.3)
+            summaries.setdefault(run.point.name, []).append(run.summary)
+    for cell, (left, mid, right) in zip(cells, axes):
+        shown = [r for r in rows if r["cell"] == cell and r["final_eval_loss_mean"] is not None]
+        _points_panel(left, shown, cell)
+        _bytes_panel(mid, shown)
+        for i, r in enumerate(shown):
+            steps, losses = mean_curve(summaries.get(r["point"], []))
+            right.plot(steps, losses, color=f"C{i % 10}", label=_short(label(r)),
+                       ls="--" if r["baseline"] else "-")
+        right.set(xlabel="inner steps", ylabel="eval loss (mean over seeds)", title="curves")
+        if shown:
+            right.legend(fontsize=6)
+        for ax in (left, mid, right):
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _where(row: dict) -> str:
-    return f"[{row['cell']}] " if row["cell"] else ""
+def _points_panel(ax, shown: list[dict], cell: str) -> None:
+    ys = list(range(len(shown)))
+    ax.errorbar([r["final_eval_loss_mean"] for r in shown], ys,
+                xerr=[r["final_eval_loss_std"] or 0 for r in shown], fmt="o", capsize=3)
+    for y, r in zip(ys, shown):
+        if r["best"]:
+            ax.plot(r["final_eval_loss_mean"], y, "*", color="red", ms=14, zorder=5)
+        if r["baseline"]:
+            ax.axvline(r["final_eval_loss_mean"], ls="--", color="gray")
+    ax.set_yticks(ys, [_short(label(r)) for r in shown], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="final eval loss (mean ± std over seeds)",
+           title=f"points: {cell}" if cell else "points")
+
+
+def _bytes_panel(ax, shown: list[dict]) -> None:
+    for i, r in enumerate(shown):
+        ax.errorbar(r["bytes_sent_per_worker"], r["final_eval_loss_mean"],
+                    yerr=r["final_eval_loss_std"] or 0, fmt="*" if r["best"] else "o",
+                    color="red" if r["best"] else f"C{i % 10}", capsize=3)
+    sent = [r["bytes_sent_per_worker"] for r in shown]
+    if sent and min(sent) > 0:
+        ax.set_xscale("log")
+    else:  # a single worker sends nothing: 0 stays on the axis
+        ax.set_xscale("symlog", linthresh=min((b for b in sent if b), default=1.0))
+    ax.set(xlabel="bytes sent per worker (mean)", ylabel="final eval loss",
+           title="loss by bytes on the wire")
 
 
 def _short(name: str) -> str:
