@@ -87,8 +87,11 @@ def main() -> None:
               f"init.warm_start_steps={args.warm_start_steps}", *args.overrides]
     console = make_console()
     summaries, configs = [], []
-    runs = [(label, seed, overrides) for label, overrides in
-            grid(args.workers, args.sync_every, args.algorithms) for seed in range(args.seeds)]
+    # a DiLoCo run with --set-diloco is labelled a recipe (its H may not be the label's)
+    runs = [(f"{label}+recipe" if args.diloco and "algorithm.name=diloco" in overrides
+             else label, seed, overrides)
+            for label, overrides in grid(args.workers, args.sync_every, args.algorithms)
+            for seed in range(args.seeds)]
     started = time.perf_counter()
     for i, (label, seed, overrides) in enumerate(runs, 1):
         extra = args.diloco if "algorithm.name=diloco" in overrides else []
