@@ -28,6 +28,8 @@ def test_grid_values_are_toml_and_commas_in_brackets_do_not_split():
     assert pts[1].name == "outer.lr=0.5,algorithm.sync_every=0-10_100-25"
     assert len({p.name for p in pts}) == 4
     assert space.points({}, [], 0, 0)[0].name == "base"
+    paths = space.points(space.parse_grid(["data.corpus='a/b','ab'"]), [], 0, 0)
+    assert paths[0].name == "data.corpus=ab" and paths[1].name.startswith("data.corpus=ab~")
 
 
 def test_random_draws_are_seeded_in_range_and_typed():

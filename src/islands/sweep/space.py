@@ -163,14 +163,16 @@ def points(grid: dict[str, list[str]], ranges: list[Range], trials: int,
         else [[]]
     combos = [[f"{k}={v}" for k, v in zip(grid, values)]
               for values in itertools.product(*grid.values())]
-    out, names = [], set()
+    out, seen = [], {}
     for drawn in draws:
         for combo in combos:
             sets = tuple(combo + drawn)
-            name = folder_name(sets)
-            if name in names:  # two random draws alike after rounding: one run suffices
+            if sets in seen.values():  # two random draws alike after rounding: one suffices
                 continue
-            names.add(name)
+            name = folder_name(sets)
+            if name in seen:  # values that differ only in characters a folder name drops
+                name = f"{name}~{hashlib.sha1(','.join(sets).encode()).hexdigest()[:8]}"
+            seen[name] = sets
             out.append(Point(sets, name))
     return out
 
