@@ -75,12 +75,19 @@ def _dropin(procs, i, addr, out, overrides):
     return procs.start(f"dropin{i}", argv)
 
 
+# a recipe: a data-parallel phase, an H schedule, outer lr and momentum schedules
+RECIPE = ["algorithm.name=diloco", "algorithm.ddp_steps=4",
+          "algorithm.sync_every=[[0, 3], [10, 6]]", "outer.lr=[[0, 0.3], [2, 0.7]]",
+          "outer.momentum=[[0, 0.0], [2, 0.9]]"]
+
+
 def test_dropin_loop_with_two_processes_matches_the_simulator(tmp_path, procs, coordinator):
-    """The user's loop under diloco and ddp, side by side, each against the simulator."""
+    """The user's loop under diloco, ddp and a DiLoCo recipe, side by side, each against the
+    simulator."""
     runs = {}
-    for algo in ("diloco", "ddp"):
+    for algo, extra in (("diloco", []), ("ddp", ["algorithm.name=ddp"]), ("recipe", RECIPE)):
         overrides = [*USER, "workers=2", "steps=20", "algorithm.sync_every=5",
-                     f"algorithm.name={algo}", "runtime.heartbeat_timeout_s=5.0"]
+                     "algorithm.name=diloco", *extra, "runtime.heartbeat_timeout_s=5.0"]
         coord = coordinator(heartbeat_timeout_s=5.0)
         ws = [_dropin(procs, i, f"127.0.0.1:{coord.port}", tmp_path / algo, overrides)
               for i in range(2)]

@@ -122,3 +122,19 @@ def test_a_folder_of_unread_extensions_says_which_are_read(tmp_path):
     with pytest.raises(DataError, match=r"extensions \.xml \(3\), \.parquet \(1\); the ones "
                                         r"read are .*\.md.*\.py.*\.txt"):
         load_documents(str(tmp_path))
+
+
+def test_python_docs_corpus_is_english_prose_shipped_with_python():
+    docs = load_documents("python-docs")
+    assert len(docs) > 50 and sum(len(d.data) for d in docs) > 300_000
+    assert all(d.path.endswith(".txt") for d in docs)
+    assert any(d.path == "assert/0.txt" and b"assert" in d.data for d in docs)
+    assert {d.source for d in docs} >= {"atom", "bltin"}  # by topic family
+    few = load_documents("python-docs", 50_000)
+    assert 50_000 <= sum(len(d.data) for d in few) < 200_000
+    train, val = split_train_val(docs, 0.05)
+    assert {d.path for d in train}.isdisjoint({d.path for d in val})
+    assert sum(len(d.data) for d in val) > 10_000  # enough to evaluate on
+    d = ByteData(DataConfig(corpus="python-docs"), workers=4, block_size=32, seed=0)
+    x, _ = d.batch(0, 0)
+    assert x.shape == (8, 32)

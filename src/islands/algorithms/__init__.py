@@ -9,6 +9,7 @@ from islands.algorithms.base import Aggregator, Algorithm, Contribution, Worker
 from islands.algorithms.ddp import DDP
 from islands.algorithms.diloco import DiLoCo, nesterov_sgd
 from islands.algorithms.local_sgd import LocalSGD
+from islands.algorithms.schedule import largest, outer_schedule, value_at
 from islands.core.errors import ConfigError
 
 
@@ -21,9 +22,11 @@ def outer_factory(cfg):
     """
     names = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)}
     cls = names[cfg.optimizer.lower()]
-    kwargs = {"lr": cfg.lr, **cfg.kwargs}
+    # a schedule's first value builds the optimizer (DiLoCo rewrites it before each outer
+    # step); a momentum ramp from 0 builds with its largest, as Nesterov needs momentum > 0
+    kwargs = {"lr": value_at(cfg.lr, 0), **cfg.kwargs}
     if cls is torch.optim.SGD:
-        kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+        kwargs.update(momentum=largest(cfg.momentum), nesterov=cfg.nesterov)
     else:
         defaults = type(cfg)()
         for key in ("momentum", "nesterov"):
@@ -55,7 +58,9 @@ def build_algorithm(cfg) -> Algorithm:
     if a.name == "local_sgd":
         return LocalSGD(a.sync_every, participation=a.participation, weighting=a.weighting,
                         seed=cfg.seed, aggregator=agg)
-    return DiLoCo(a.sync_every, outer=outer_factory(cfg.outer), aggregator=agg)
+    return DiLoCo(a.sync_every, outer=outer_factory(cfg.outer), aggregator=agg,
+                  ddp_steps=a.ddp_steps,
+                  outer_schedule=outer_schedule(lr=cfg.outer.lr, momentum=cfg.outer.momentum))
 
 
 def check_algorithm(cfg) -> None:

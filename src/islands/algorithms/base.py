@@ -12,13 +12,15 @@ algorithm's aggregator, gets back handles, waits on them (now at once; the overl
 will wait later) and calls ``apply``. The simulator drives all workers in one process, the
 real runtime one per process; both go through the same engine:
 
+    bounds = algorithm.round_bounds(steps)                  # once: where each round starts
     for each round r:
         algorithm.begin_round(group_of_all, workers, r)    # e.g. refresh stale workers
-        for each of the round's inner steps:
+        for each of the round's inner steps s:
             worker.backward(loss, batch) for each participant
-            if algorithm.syncs_gradients: contribute -> reduce -> apply   (DDP)
+            if algorithm.syncs_gradients_at(s): contribute -> reduce -> apply   (DDP)
             worker.apply() for each participant
-        if not algorithm.syncs_gradients: contribute -> reduce -> apply   (the round's sync)
+        if the round's last step synced gradients: algorithm.after_gradient_round(worker)
+        else: contribute -> reduce -> apply                 (the round's sync)
 
 Model state beyond parameters: persistent buffers (BatchNorm's running statistics) are part of
 every sync (the engine averages them with the contribution's weights, exact fp32) and of the
@@ -36,6 +38,8 @@ import torch.nn as nn
 from torch.nn.utils import parameters_to_vector
 
 from islands.aggregators import mean
+from islands.algorithms import schedule
+from islands.algorithms.schedule import SyncEvery
 from islands.codecs.base import Codec
 
 Aggregator = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -163,22 +167,37 @@ class Algorithm(ABC):
     :meth:`contribute` and :meth:`apply`.
 
     Args:
-        sync_every: inner steps per round (H).
+        sync_every: inner steps per round (H): an int, or an H schedule ``[[step, H], ...]``
+            (see :mod:`islands.algorithms.schedule`).
         aggregator: combines each shard's contributions (see ``islands.aggregators``).
 
     Attributes:
         syncs_gradients: the sync runs between backward and the optimizer step of every
-            inner step (DDP), not once at the end of the round.
+            inner step (DDP), not once at the end of the round; :meth:`syncs_gradients_at`
+            may say so for some steps only (a data-parallel phase).
     """
 
     name = "algorithm"
     syncs_gradients = False
 
-    def __init__(self, sync_every: int, *, aggregator: Aggregator = mean) -> None:
-        if sync_every < 1:
-            raise ValueError(f"sync_every ({sync_every}) must be >= 1")
+    def __init__(self, sync_every: SyncEvery, *, aggregator: Aggregator = mean) -> None:
+        schedule.check_sync_every(sync_every)
         self.sync_every = sync_every
         self.aggregator = aggregator
+
+    def syncs_gradients_at(self, step: int) -> bool:
+        """Whether inner step ``step`` (0-based, of the run) all-reduces gradients between
+        backward and the optimizer step; such a step is a round of its own."""
+        return self.syncs_gradients
+
+    def round_bounds(self, steps: int) -> list[int]:
+        """The inner step each round starts at, then ``steps`` (the engine asks once)."""
+        return schedule.round_bounds(steps, self.sync_every, self.syncs_gradients_at)
+
+    def after_gradient_round(self, worker: Worker) -> None:
+        """After a round whose step all-reduced gradients (no round sync): every replica
+        holds the same parameters, which an algorithm with its own copy of the global state
+        takes as committed (nothing is sent)."""
 
     def attach(self, worker: Worker) -> None:
         """Prepares a worker's algorithm state (called once, before the first round)."""

@@ -7,6 +7,13 @@ parameters ``θ``, from which every worker restarts.
 As in torchft's ``local_sgd.DiLoCo``, the outer optimizer is any ``torch.optim`` optimizer fed
 the pseudo-gradient through ``.grad``; each worker holds its own identical copy of ``θ`` and of
 the outer optimizer state, so any worker can hand the state to a joiner.
+
+Recipes for training from scratch (Charles et al. 2025 tune H and the outer lr per scale; the
+DiLoCo papers sync more often early): an H schedule (``sync_every`` as ``[[step, H], ...]``),
+schedules of the outer optimizer's settings per outer step (written into its param group before
+each outer step, so the optimizer stays any ``torch.optim`` one), and a data-parallel phase
+(``ddp_steps``): the first inner steps all-reduce gradients as DDP does, and the outer
+rounds start from the parameters that phase reaches.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from islands.algorithms.base import Algorithm, Contribution, Worker
+from islands.algorithms.schedule import SyncEvery
 
 OuterFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -30,37 +38,75 @@ class DiLoCo(Algorithm):
     """Inner steps locally, outer optimizer on the averaged pseudo-gradient.
 
     Args:
-        sync_every: inner steps per round (H).
+        sync_every: inner steps per round (H), or an H schedule ``[[step, H], ...]``.
         outer: builds the outer optimizer from the (single, flat) global parameter.
         aggregator: combines each shard's pseudo-gradients (default: the mean).
+        ddp_steps: the first ``ddp_steps`` inner steps all-reduce gradients (each a round of
+            its own, as DDP); 0: off.
+        outer_schedule: ``outer_step -> {param-group key: value}`` (e.g. ``{"lr": 0.35}``),
+            applied before each outer step; the first round after the data-parallel phase is
+            outer step 0 (None: the optimizer's own settings throughout).
     """
 
     name = "diloco"
 
-    def __init__(self, sync_every: int, *, outer: OuterFactory = nesterov_sgd, **kwargs) -> None:
+    def __init__(self, sync_every: SyncEvery, *, outer: OuterFactory = nesterov_sgd,
+                 ddp_steps: int = 0,
+                 outer_schedule: Callable[[int], dict[str, float]] | None = None,
+                 **kwargs) -> None:
         super().__init__(sync_every, **kwargs)
+        if ddp_steps < 0:
+            raise ValueError(f"ddp_steps ({ddp_steps}) must be >= 0")
         self.outer_factory = outer
+        self.ddp_steps = ddp_steps
+        self.outer_schedule = outer_schedule
+
+    def syncs_gradients_at(self, step: int) -> bool:
+        return step < self.ddp_steps
 
     def attach(self, worker: Worker) -> None:
         worker.global_params = nn.Parameter(worker.flat_params().clone())
         worker.outer = self.outer_factory([worker.global_params])
 
+    def begin_round(self, group, workers: list[Worker], round: int) -> None:
+        # The data-parallel phase's steps are one round each, so outer step k is round
+        # ddp_steps + k on every worker, joiners included (no counter to hand over).
+        if self.outer_schedule is None or round < self.ddp_steps:
+            return
+        settings = self.outer_schedule(round - self.ddp_steps)
+        for w in workers:
+            for g in w.outer.param_groups:
+                g.update(settings)
+
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:
+        if self.syncs_gradients_at(worker.steps):  # the data-parallel phase: as DDP
+            return [Contribution(worker.flat_grads(), tag="gradient")]
         # with observers every member weighs (0 or 1), so all aggregate alike
         weight = float(worker.id not in observers) if observers else None
         delta = worker.global_params.detach() - worker.flat_params()
         return [Contribution(delta, weight, tag="pseudo-gradient")]
 
     def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
+        if self.syncs_gradients_at(worker.steps):
+            worker.load_flat_grads(reduced[0])
+            return
         worker.global_params.grad = reduced[0]
         worker.outer.step()
         worker.outer.zero_grad(set_to_none=True)
         worker.load_flat(worker.global_params.detach())
         worker.samples = 0
 
+    @torch.no_grad()
+    def after_gradient_round(self, worker: Worker) -> None:
+        worker.global_params.copy_(worker.flat_params())
+        worker.samples = 0
+
     def can_observe(self) -> bool:
-        return True
+        # An observer heals in before its step counter is put where the run is, so it could
+        # not tell a data-parallel round from an outer one, nor the outer step of a schedule:
+        # with either, a joiner receives the state at the next round's start instead.
+        return self.ddp_steps == 0 and self.outer_schedule is None
 
     def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
         state = super().shared_state(worker)

@@ -3,6 +3,7 @@
     islands sim [CONFIG] [--set k=v ...] [--out DIR]   simulate one run (no CONFIG: defaults)
     islands demo [--set k=v ...] [--out DIR]           the main job: four runs and a table
     islands compare RUN_DIR ... [--out PNG]            side-by-side table and combined plot
+    islands sweep [CONFIG] --grid k=v1,v2 --seeds N    search over --set values, over seeds
     islands coordinator --port P [--token-file F]      membership service of the real runtime
     islands run CONFIG --coordinator HOST:P --worker-id NAME [--token-file F]
     islands launch CONFIG --workers N [--out DIR]      coordinator and N workers on this machine
@@ -18,10 +19,10 @@ import warnings
 from rich.console import Console
 from rich.markup import escape
 
-from islands.cli import runtime_cmd, sim_cmd
+from islands.cli import runtime_cmd, sim_cmd, sweep_cmd
 from islands.core.errors import IslandsError, IslandsWarning
 
-COMMANDS = [sim_cmd, runtime_cmd]
+COMMANDS = [sim_cmd, sweep_cmd, runtime_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

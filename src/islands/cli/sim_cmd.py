@@ -9,6 +9,7 @@ from islands.core.config import load_config
 from islands.core.errors import ConfigError
 from islands.metrics.compare import compare, labels_for, make_console
 from islands.metrics.run_dir import read_summary
+from islands.metrics.seeds import group_by_seed, read_config, render_seed_table, seed_rows
 from islands.sim.main_job import main_job
 from islands.sim.progress import run_with_progress
 
@@ -25,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="runs/main", help="folder of the four run directories")
     d.set_defaults(func=run_demo)
 
-    c = sub.add_parser("compare", help="compare finished runs side by side")
+    c = sub.add_parser("compare", help="compare finished runs side by side (runs that differ "
+                                       "only by seed also as mean ± std)")
     c.add_argument("runs", nargs="+", help="run directories (with summary.json)")
     c.add_argument("--out", default="compare.png", help="combined plot (default: compare.png)")
     c.add_argument("--baseline", default=None, metavar="RUN",
@@ -68,7 +70,18 @@ def run_compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"--baseline {args.baseline!r} is not one of the runs compared "
                               f"({', '.join(labels)})")
         baseline = matches[0]
+    console = make_console()
     compare(summaries, args.out, title="comparison", labels=labels, baseline=baseline,
-            per_worker=args.per_worker)
-    make_console().print(f"combined plot: {args.out}")
+            per_worker=args.per_worker, console=console)
+    configs = [read_config(r) for r in args.runs]
+    if all(configs) and any(len(g) > 1 for g in group_by_seed(configs)):
+        rows = seed_rows(summaries, configs, labels, baseline)
+        vs = "vs DDP" if baseline is None else f"vs {_group_of(rows, labels[baseline])}"
+        render_seed_table(rows, "over seeds (runs whose configs differ only by seed)", console,
+                          vs=vs)
+    console.print(f"combined plot: {args.out}")
     return 0
+
+
+def _group_of(rows: list[dict], label: str) -> str:
+    return next(r["label"] for r in rows if label in r["runs"])

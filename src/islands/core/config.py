@@ -89,7 +89,9 @@ class DataConfig:
 
     Attributes:
         corpus: ``"python-stdlib"`` (the ``.py`` files of the running Python's standard
-            library, no download) or a path to a text file or a folder of text files.
+            library, no download), ``"python-docs"`` (English prose: the Python reference
+            topics pydoc shows, shipped with CPython, about 465 kB) or a path to a text file
+            or a folder of text files.
         partition: ``"iid"``, ``"dirichlet"`` (label skew: over source folders for text, over
             labels for a labelled dataset; see ``alpha``) or ``"by_source"`` (each worker
             gets different files, or a contiguous run of the dataset).
@@ -189,40 +191,85 @@ class AlgorithmConfig:
     Attributes:
         name: ``"ddp"`` (gradient all-reduce every inner step), ``"local_sgd"`` (FedAvg:
             average parameters every ``sync_every`` steps) or ``"diloco"``.
-        sync_every: inner steps per round (H). Ignored by ``ddp``, which syncs every step.
+        sync_every: inner steps per round (H). Ignored by ``ddp``, which syncs every step. An
+            int, or an H schedule: ``[[step, H], ...]`` pairs starting at step 0, meaning
+            "from inner step ``step`` on, rounds of ``H`` steps" (``[[0, 10], [100, 25],
+            [200, 50]]``: few inner steps per round early, when the parameters move fast). A
+            round that starts at step s lasts the H in force at s; a change point inside a
+            round takes effect at the next round.
+        ddp_steps: a data-parallel phase before DiLoCo (diloco only): the first ``ddp_steps``
+            inner steps all-reduce gradients every step, exactly as DDP (each a round of its
+            own, bytes counted, virtual time charged); DiLoCo's rounds then start from the
+            resulting parameters, which every worker holds alike. 0: off.
         participation: FedAvg's C, the fraction of workers drawn for each round (local_sgd).
         weighting: how local_sgd weights workers: ``"samples"`` (samples trained this round),
             ``"dataset"`` (size of the worker's partition, FedAvg's n_k) or ``"uniform"``.
     """
 
     name: Literal["ddp", "local_sgd", "diloco"] = "diloco"
-    sync_every: int = 50
+    sync_every: int | tuple[tuple[int, int], ...] = 50
+    ddp_steps: int = 0
     participation: float = 1.0
     weighting: Literal["samples", "dataset", "uniform"] = "samples"
 
     def __post_init__(self) -> None:
-        _check(self.sync_every >= 1, "algorithm.sync_every", self.sync_every, "must be >= 1")
+        if isinstance(self.sync_every, int):
+            _check(self.sync_every >= 1, "algorithm.sync_every", self.sync_every, "must be >= 1")
+        else:
+            object.__setattr__(self, "sync_every", _points("algorithm.sync_every",
+                                                           self.sync_every, "H", int))
+            _check(all(h >= 1 for _, h in self.sync_every), "algorithm.sync_every",
+                   _listed(self.sync_every), "needs every H >= 1")
+        _check(self.ddp_steps >= 0, "algorithm.ddp_steps", self.ddp_steps,
+               "must be >= 0 (0: no data-parallel phase)")
+        _check(self.ddp_steps == 0 or self.name == "diloco", "algorithm.ddp_steps",
+               self.ddp_steps, f"is a phase before DiLoCo's rounds; with algorithm.name = "
+               f"{self.name!r} remove it (or set algorithm.name = 'diloco')")
         _check(0 < self.participation <= 1, "algorithm.participation", self.participation,
                "must be in (0, 1]")
         _check(self.participation == 1.0 or self.name == "local_sgd", "algorithm.participation",
                self.participation, "below 1 is only supported by algorithm.name = 'local_sgd'")
 
 
+def _listed(points: tuple) -> list:
+    return [list(p) for p in points]
+
+
+def _points(key: str, value, what: str, kind: type) -> tuple:
+    """Validates ``[[x, v], ...]`` (x: ints from 0, increasing) and returns it as tuples."""
+    example = "[[0, 10], [100, 25]]" if kind is int else "[[0, 0.1], [10, 0.7]]"
+    x_name = "step" if key.startswith("algorithm.") else "outer step"
+    pairs = [tuple(p) for p in value]
+    _check(bool(pairs) and pairs[0][0] == 0, key, _listed(pairs),
+           f"must be a number or [[{x_name}, {what}], ...] pairs starting at {x_name} 0, "
+           f"e.g. {example}")
+    _check(all(b[0] > a[0] for a, b in zip(pairs, pairs[1:])), key, _listed(pairs),
+           f"needs each {x_name} larger than the one before (e.g. {example})")
+    return tuple((int(x), kind(v)) for x, v in pairs)
+
+
 @dataclass(frozen=True, kw_only=True)
 class OuterConfig:
     """The outer optimizer DiLoCo applies to the global parameters, fed the pseudo-gradient.
 
+    ``lr`` and ``momentum`` take a number or a schedule over outer steps (the first round's
+    outer step is 0, after any data-parallel phase): ``[[outer_step, value], ...]`` points
+    joined by straight lines, the last value after the last point. ``lr = [[0, 0.2], [8,
+    0.7]]`` warms the outer lr up over 8 outer steps; ``momentum = [[0, 0.0], [4, 0.9]]``
+    ramps the momentum. DiLoCo writes the scheduled values into the optimizer's param group
+    before each outer step, so any ``torch.optim`` optimizer takes an lr schedule.
+
     Attributes:
         optimizer: the name of any ``torch.optim`` optimizer (``"sgd"``, ``"adam"``, ...).
-        lr: outer learning rate.
-        momentum: momentum (SGD-like optimizers only).
+        lr: outer learning rate (or its schedule).
+        momentum: momentum (SGD only), or its schedule.
         nesterov: Nesterov momentum (SGD only).
         kwargs: any further keyword arguments for the optimizer, as a TOML table.
     """
 
     optimizer: str = "sgd"
-    lr: float = 0.7
-    momentum: float = 0.9
+    lr: float | tuple[tuple[int, float], ...] = 0.7
+    momentum: float | tuple[tuple[int, float], ...] = 0.9
     nesterov: bool = True
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -235,10 +282,26 @@ class OuterConfig:
                  and n != "Optimizer"}
         _check(self.optimizer.lower() in names, "outer.optimizer", self.optimizer,
                f"must name a torch.optim optimizer: one of {sorted(names)}")
-        _check(self.lr > 0, "outer.lr", self.lr, "must be > 0")
-        _check(0 <= self.momentum < 1, "outer.momentum", self.momentum, "must be in [0, 1)")
-        _check(not self.nesterov or self.momentum > 0, "outer.nesterov", self.nesterov,
+        for name in ("lr", "momentum"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)):
+                object.__setattr__(self, name, float(value))
+            else:
+                object.__setattr__(self, name, _points(f"outer.{name}", value, name, float))
+        lrs, moms = _values(self.lr), _values(self.momentum)
+        _check(all(v > 0 for v in lrs), "outer.lr", self._shown("lr"), "must be > 0")
+        _check(all(0 <= v < 1 for v in moms), "outer.momentum", self._shown("momentum"),
+               "must be in [0, 1)")
+        _check(not self.nesterov or max(moms) > 0, "outer.nesterov", self.nesterov,
                "needs outer.momentum > 0 (set outer.nesterov = false for plain SGD)")
+
+    def _shown(self, name: str):
+        value = getattr(self, name)
+        return value if isinstance(value, float) else _listed(value)
+
+
+def _values(setting) -> list[float]:
+    return [setting] if isinstance(setting, float) else [v for _, v in setting]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -518,6 +581,11 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(hint))
     if hint is type(None):
         return "omitted"
+    args = typing.get_args(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_describe(args[0])}"
+    if origin is tuple:
+        return "[" + ", ".join(_describe(a) for a in args) + "]"
     return getattr(hint, "__name__", str(hint))
 
 

@@ -1,7 +1,10 @@
 """Byte-level corpora that need no download.
 
 The default corpus is the ``.py`` files of the running Python's standard library: real text,
-on every machine. Any text file or folder of text files works too (``data.corpus = "path"``).
+on every machine. ``"python-docs"`` is a second one, English prose: the Python documentation's
+reference topics that ``pydoc`` shows (``pydoc_data.topics``, shipped with CPython: 79 topics,
+about 465 kB), cut at paragraph breaks into documents of about 2 kB so that the hashed
+validation split holds a few percent of the bytes, not one or two short topics. Any text file or folder of text files works too (``data.corpus = "path"``).
 Files are split into train and validation by a hash of their relative path, so the split is
 the same on every machine and every run. Users with internet access can load any Hugging Face
 ``datasets`` text column with :func:`from_hf_dataset` and pass the resulting folder.
@@ -101,7 +104,44 @@ def load_documents(corpus: str, max_bytes: int | None = None) -> list[Document]:
     """
     if corpus == "python-stdlib":
         return list(_stdlib_documents(max_bytes))
+    if corpus == "python-docs":
+        return list(_pydoc_documents(max_bytes))
     return _read_documents(corpus, max_bytes)
+
+
+@functools.lru_cache(maxsize=4)
+def _pydoc_documents(max_bytes: int | None) -> tuple[Document, ...]:
+    """The pydoc topics (``"assert"``, ``"atom-literals"``, ...) cut into documents of about
+    2 kB at paragraph breaks (``assert/0.txt``, ...); the source group is the topic name's
+    first word (``atom``), for the by-source partitions."""
+    try:
+        from pydoc_data.topics import topics  # noqa: PLC0415 - only this corpus needs it
+    except ImportError as e:  # a Python built without its docs
+        raise DataError("data.corpus 'python-docs' needs the standard library's pydoc_data "
+                        "(missing from this Python); use 'python-stdlib' or a path") from e
+    pieces = [Document(f"{name}/{i}.txt", name.split("-")[0], data)
+              for name in topics for i, data in enumerate(_paragraph_chunks(topics[name]))]
+    docs, total = [], 0
+    for d in sorted(pieces, key=lambda d: _hash01(d.path)):
+        if max_bytes is not None and total >= max_bytes:
+            break
+        docs.append(d)
+        total += len(d.data)
+    return tuple(sorted(docs, key=lambda d: d.path))
+
+
+def _paragraph_chunks(text: str, size: int = 2048) -> list[bytes]:
+    """``text`` cut at blank lines into pieces of at least ``size`` bytes (the last may be
+    shorter); joined again they give ``text`` back."""
+    chunks, current = [], ""
+    for para in text.split("\n\n"):
+        current = f"{current}\n\n{para}" if current else para
+        if len(current.encode()) >= size:
+            chunks.append(current.encode())
+            current = ""
+    if current:
+        chunks.append(current.encode())
+    return chunks
 
 
 @functools.lru_cache(maxsize=4)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from islands.algorithms import Algorithm, Worker, check_algorithm
+from islands.algorithms.schedule import h_at
 from islands.codecs import build_codec
 from islands.core.config import DataConfig, ModelConfig, RunConfig
 from islands.core.errors import ConfigError, IslandsWarning
@@ -67,12 +68,7 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     build_codec(cfg.codec)
     check_algorithm(cfg)
     resolve_device(cfg.device)
-    a = cfg.algorithm
-    if a.name != "ddp" and a.sync_every > cfg.steps:
-        warnings.warn(IslandsWarning(
-            f"algorithm.sync_every ({a.sync_every}) > steps ({cfg.steps}): no round of "
-            f"{a.sync_every} inner steps completes; the run is one shortened round of "
-            f"{cfg.steps} steps ending in the only sync"), stacklevel=2)
+    _warn_rounds(cfg)
     task = task if task is not None else build_task(cfg)
     if "model" not in task.reads:
         for key, value in _changed(cfg.model, ModelConfig()):
@@ -85,6 +81,31 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
                 raise ConfigError(f"data.{key} ({value!r}) configures the byte_gpt task's "
                                   f"corpus; task {task.name!r} does not read it: remove it")
     return task
+
+
+def _warn_rounds(cfg: RunConfig) -> None:
+    """Warns where the round settings would silently not do what they say."""
+    a = cfg.algorithm
+    if a.name == "ddp":
+        return
+    if a.ddp_steps >= cfg.steps:
+        warnings.warn(IslandsWarning(
+            f"algorithm.ddp_steps ({a.ddp_steps}) >= steps ({cfg.steps}): the whole run is "
+            "the data-parallel phase and no DiLoCo round happens; lower it"), stacklevel=3)
+        return
+    first = h_at(a.sync_every, a.ddp_steps)
+    if a.ddp_steps + first <= cfg.steps:
+        return
+    if isinstance(a.sync_every, int) and not a.ddp_steps:
+        warnings.warn(IslandsWarning(
+            f"algorithm.sync_every ({a.sync_every}) > steps ({cfg.steps}): no round of "
+            f"{a.sync_every} inner steps completes; the run is one shortened round of "
+            f"{cfg.steps} steps ending in the only sync"), stacklevel=3)
+    else:
+        warnings.warn(IslandsWarning(
+            f"algorithm.sync_every: the first round after step {a.ddp_steps} has H = {first} "
+            f"but only {cfg.steps - a.ddp_steps} steps are left (steps = {cfg.steps}); the "
+            "run ends in one shortened round"), stacklevel=3)
 
 
 def _changed(section, defaults) -> list[tuple[str, object]]:

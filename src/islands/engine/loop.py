@@ -19,7 +19,6 @@ have one schema; the runtime adds its own fields to each).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,7 +135,9 @@ class Engine:
         self.workers, self.task, self.partition = workers, task, partition
         self.device, self.clock, self.step_time_s = device, clock, step_time_s
         self.eval_model, self.out = eval_model, out
-        self.rounds = math.ceil(cfg.steps / algorithm.sync_every)
+        # where each round starts (an H schedule, a data-parallel phase), computed once
+        self.bounds = algorithm.round_bounds(cfg.steps)
+        self.rounds = len(self.bounds) - 1
         self.curve: list[dict] = []  # evaluations of the global state
         self.train_curve: list[dict] = []  # the mean train loss of every round trained here
         self.last_loss = float("nan")
@@ -145,8 +146,11 @@ class Engine:
     # --- a round's pieces ------------------------------------------------------------------
 
     def steps_of(self, r: int) -> range:
-        H = self.algorithm.sync_every
-        return range(r * H, min(self.cfg.steps, (r + 1) * H))
+        return range(self.bounds[r], self.bounds[r + 1])
+
+    def start_of(self, r: int) -> int:
+        """The inner step round ``r`` starts at (``steps`` from the end of the run on)."""
+        return self.bounds[min(r, self.rounds)]
 
     def local(self, ids) -> list[Worker]:
         """The local workers among ``ids``, in id order."""
@@ -170,15 +174,18 @@ class Engine:
 
     def step(self, group: Group, workers: list[Worker]) -> None:
         """The end of an inner step: the per-step sync (DDP), then each optimizer step."""
-        if self.algorithm.syncs_gradients:
+        if self.algorithm.syncs_gradients_at(workers[0].steps):
             self.start_sync(group, workers).wait()
         for w in workers:
             w.apply()
 
     def end_round(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = ()
                   ) -> None:
-        """The round's sync (nothing for an algorithm that syncs gradients every step)."""
-        if not self.algorithm.syncs_gradients:
+        """The round's sync (none for a round whose step synced gradients)."""
+        if self.algorithm.syncs_gradients_at(workers[0].steps - 1):
+            for w in workers:
+                self.algorithm.after_gradient_round(w)
+        else:
             self.start_sync(group, workers, observers).wait()
 
     def start_sync(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = ()
@@ -288,7 +295,8 @@ class Engine:
         return {
             "name": cfg.label, "task": self.task.name if self.task else "own loop",
             "algorithm": cfg.algorithm.name, "workers": cfg.workers, "steps": cfg.steps,
-            "rounds": self.rounds, "sync_every": self.algorithm.sync_every,
+            "rounds": self.rounds, "sync_every": _plain(self.algorithm.sync_every),
+            **({"ddp_steps": cfg.algorithm.ddp_steps} if cfg.algorithm.ddp_steps else {}),
             "codec": cfg.codec.name, "aggregator": cfg.aggregator.name,
             "params": sum(p.numel() for p in self.workers[0].params),
             "final_eval_loss": final.get("eval_loss"),
@@ -334,6 +342,11 @@ class Engine:
                           "eval_loss": self.curve[-1]["eval_loss"] if self.curve else None,
                           "bytes_sent_per_worker": self.sent_per_worker()})
         return self.summary(time.perf_counter() - started)
+
+
+def _plain(sync_every):
+    """H as ``summary.json`` records it: the int, or the schedule's ``[[step, H], ...]``."""
+    return sync_every if isinstance(sync_every, int) else [list(p) for p in sync_every]
 
 
 # facts of an evaluation point that are not metrics

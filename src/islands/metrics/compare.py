@@ -33,18 +33,22 @@ def comparison_rows(summaries: list[dict], labels: list[str] | None = None,
             run with as many workers, if any).
     """
     labels = labels or [s["name"] for s in summaries]
-    ddp = {s["workers"]: i for i, s in enumerate(summaries)
-           if s["algorithm"] == "ddp" and s["workers"] > 1}
+    ddp, ddp_seed = {}, {}  # the DDP run with as many workers (and the same seed, if any)
+    for i, s in enumerate(summaries):
+        if s["algorithm"] == "ddp" and s["workers"] > 1:
+            ddp[s["workers"]] = ddp_seed[s["workers"], s.get("seed")] = i
     rows = []
     for s, label in zip(summaries, labels):
-        b = baseline if baseline is not None else ddp.get(s["workers"])
+        d = ddp_seed.get((s["workers"], s.get("seed")), ddp.get(s["workers"]))
+        b = baseline if baseline is not None else d
         base = summaries[b] if b is not None else None
-        d = ddp.get(s["workers"])
         same_ddp = summaries[d] if d is not None else None
         sent = s["bytes_sent_per_worker"]
         rows.append({
             "label": label, "name": s["name"], "algorithm": s["algorithm"],
+            "seed": s.get("seed"),
             "workers": s["workers"], "steps": s["steps"], "sync_every": s["sync_every"],
+            **({"ddp_steps": s["ddp_steps"]} if s.get("ddp_steps") else {}),
             "codec": s["codec"], "final_eval_loss": s["final_eval_loss"],
             **{k: v for k, v in s.items() if k.startswith("final_eval_") and k != "final_eval_loss"},
             "baseline": labels[b] if b is not None else None,
@@ -63,6 +67,16 @@ def comparison_rows(summaries: list[dict], labels: list[str] | None = None,
             "wall_time_s": s["wall_time_s"],
         })
     return rows
+
+
+def describe_h(sync_every, ddp_steps: int | None = None) -> str:
+    """H for a table: ``50``; a schedule as ``10,25@100,50@200`` (H, then H@from-step); a
+    data-parallel phase first as ``dp50+``."""
+    if isinstance(sync_every, int):
+        h = str(sync_every)
+    else:
+        h = ",".join(str(v) if step == 0 else f"{v}@{step}" for step, v in sync_every)
+    return f"dp{ddp_steps}+{h}" if ddp_steps else h
 
 
 def human_bytes(n: float) -> str:
@@ -94,7 +108,8 @@ def render_table(rows: list[dict], title: str = "comparison", console: Console |
                          no_wrap=True)
     for r in rows:
         table.add_row(
-            r["label"], str(r["workers"]), str(r["sync_every"]), r["codec"],
+            r["label"], str(r["workers"]), describe_h(r["sync_every"], r.get("ddp_steps")),
+            r["codec"],
             f"{r['final_eval_loss']:.4f}",
             *[_metric(r.get(m)) for m in metrics],
             "—" if r["loss_vs_baseline"] is None else f"{100 * r['loss_vs_baseline']:+.1f}%",

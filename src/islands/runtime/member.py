@@ -156,8 +156,7 @@ class Member:
 
     def fast_forward(self, round: int) -> None:
         """Puts a fresh worker's lr schedule where the run is (a joiner, a resume)."""
-        H = self.algorithm.sync_every
-        while self.worker.steps < min(self.cfg.steps, round * H):
+        while self.worker.steps < self.engine.start_of(round):
             if self.worker.scheduler is not None:
                 self.worker.scheduler.step()
             self.worker.steps += 1
