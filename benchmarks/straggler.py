@@ -1,6 +1,6 @@
 """Straggler: what a 3x slower worker costs the fast ones, with and without a round deadline.
 
-Three workers on loopback; worker 2 is made 3x slower by SIGSTOP 0.3 s / SIGCONT 0.15 s for
+``--workers`` (3) on loopback; the last one is made 3x slower by SIGSTOP 0.3 s / SIGCONT 0.15 s for
 the whole run. Three runs of the same length: no straggler (the floor), the straggler with no
 deadline (everyone waits for it), and with ``runtime.round_deadline_s`` (the fast workers go
 on without it at ``ready`` and ``start``; it catches up from the committed state). Reported:
@@ -29,20 +29,21 @@ from rich.table import Table
 
 from islands.runtime.coordinator import Coordinator
 
-CONFIG = ["workers=3", "steps=100000", "algorithm.sync_every=50", "model.n_layer=1",
+CONFIG = ["steps=100000", "algorithm.sync_every=50", "model.n_layer=1",
           "model.n_embd=32", "model.n_head=2", "data.max_bytes=300000", "device=cpu",
           "eval_every=100000000", "runtime.heartbeat_s=0.1",
           "runtime.heartbeat_timeout_s=10.0"]
 
 
-def one(out: Path, seconds: float, straggler: bool, deadline_s: float | None) -> dict:
+def one(out: Path, seconds: float, straggler: bool, deadline_s: float | None,
+        workers: int) -> dict:
     out.mkdir(parents=True)
     coord = Coordinator("127.0.0.1", 0, heartbeat_timeout_s=10.0, deadline_s=deadline_s).start()
     log = open(out / "workers.log", "w")
-    procs = []
-    for i in range(3):
+    procs, slow = [], workers - 1
+    for i in range(workers):
         argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "run"]
-        for o in CONFIG:
+        for o in [f"workers={workers}", *CONFIG]:
             argv += ["--set", o]
         argv += ["--coordinator", f"127.0.0.1:{coord.port}", "--worker-id", str(i),
                  "--out", str(out / f"w{i}")]
@@ -54,9 +55,9 @@ def one(out: Path, seconds: float, straggler: bool, deadline_s: float | None) ->
 
     def duty_cycle() -> None:
         while not stop.is_set():
-            procs[2].send_signal(signal.SIGSTOP)
+            procs[slow].send_signal(signal.SIGSTOP)
             time.sleep(0.3)
-            procs[2].send_signal(signal.SIGCONT)
+            procs[slow].send_signal(signal.SIGCONT)
             time.sleep(0.15)
 
     cycler = threading.Thread(target=duty_cycle)
@@ -66,16 +67,16 @@ def one(out: Path, seconds: float, straggler: bool, deadline_s: float | None) ->
     stop.set()
     if straggler:
         cycler.join()
-        procs[2].send_signal(signal.SIGCONT)
+        procs[slow].send_signal(signal.SIGCONT)
     for p in procs:
         p.send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=120) for p in procs]
     coord.stop()
-    fast = [r for i in (0, 1) for r in rows(out / f"w{i}") if r["commit_unix"] > t0]
-    slow = [r for r in rows(out / "w2") if r["commit_unix"] > t0]
-    return {"straggler": straggler, "deadline_s": deadline_s,
+    fast = [r for i in range(slow) for r in rows(out / f"w{i}") if r["commit_unix"] > t0]
+    late = [r for r in rows(out / f"w{slow}") if r["commit_unix"] > t0]
+    return {"workers": workers, "straggler": straggler, "deadline_s": deadline_s,
             "fast_round_s_median": statistics.median(r["round_s"] for r in fast),
-            "fast_rounds_per_worker": len(fast) / 2, "straggler_rounds": len(slow),
+            "fast_rounds_per_worker": len(fast) / slow, "straggler_rounds": len(late),
             "exit_codes": codes}
 
 
@@ -89,15 +90,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=25)
     parser.add_argument("--deadline-s", type=float, default=0.5)
+    parser.add_argument("--workers", type=int, default=3, help="the last one is the straggler")
     parser.add_argument("--json", default="bench-results/straggler.json")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="islands-straggler-"))
-    results = [one(base / "none", args.seconds, False, None),
-               one(base / "wait", args.seconds, True, None),
-               one(base / "deadline", args.seconds, True, args.deadline_s)]
+    results = [one(base / "none", args.seconds, False, None, args.workers),
+               one(base / "wait", args.seconds, True, None, args.workers),
+               one(base / "deadline", args.seconds, True, args.deadline_s, args.workers)]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    t = Table(title="a 3x straggler among 3 workers (one torch thread each)")
+    t = Table(title=f"a 3x straggler among {args.workers} workers (one torch thread each)")
     for col in ("run", "fast workers' median round", "rounds (fast)", "rounds (straggler)",
                 "exit codes"):
         t.add_column(col)
