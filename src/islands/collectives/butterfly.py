@@ -30,6 +30,7 @@ import torch
 from islands.aggregators import mean
 from islands.codecs.base import Codec, Encoded
 from islands.core.errors import PeerRefused
+from islands.core.timing import timed
 from islands.transports.base import Message, Transport
 
 MESSAGE_HEADER_BYTES = 16
@@ -123,12 +124,14 @@ class Group:
         bounds = shard_bounds(numel, len(self.members))
         owner = dict(zip(self.members, bounds))
 
+        sw = self.transport.stopwatch
         # Phase 1: member i sends shard j to member j.
         outgoing = {}
         for i, x in contributions.items():
             w = 1.0 if weights is None else float(weights[i])
             for j, (a, b) in owner.items():
-                payload = codecs[i].encode(x[a:b], key=f"w{i}/{tag}/scatter", offset=a)
+                with timed(sw, "encode"):
+                    payload = codecs[i].encode(x[a:b], key=f"w{i}/{tag}/scatter", offset=a)
                 outgoing[(i, j)] = Message(payload, MESSAGE_HEADER_BYTES, weight=w)
         incoming = self.transport.exchange(outgoing, self.members, phase=f"{tag}/reduce-scatter")
 
@@ -140,11 +143,14 @@ class Group:
             stacked = torch.empty((len(msgs), owner[j][1] - a), dtype=contributions[j].dtype,
                                   device=device)
             for i, row, m in zip(self.members, stacked, msgs):  # decode straight into rows
-                _decode_checked(codecs[j], m.payload, row, a, i, f"{tag}/reduce-scatter")
+                with timed(sw, "decode"):
+                    _decode_checked(codecs[j], m.payload, row, a, i, f"{tag}/reduce-scatter")
             wts = None if weights is None else torch.tensor([m.weight for m in msgs],
                                                            dtype=torch.float64)
-            reduced = aggregator(stacked, wts)
-            payload = codecs[j].encode(reduced, key=f"w{j}/{tag}/gather", offset=a)
+            with timed(sw, "reduce"):
+                reduced = aggregator(stacked, wts)
+            with timed(sw, "encode"):
+                payload = codecs[j].encode(reduced, key=f"w{j}/{tag}/gather", offset=a)
             for k in self.members:
                 outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES)
         incoming = self.transport.exchange(outgoing, self.members, phase=f"{tag}/all-gather")
@@ -154,8 +160,9 @@ class Group:
             out[k] = torch.empty(numel, dtype=contributions[k].dtype, device=device)
             for j in self.members:  # each owner's reduced shard, into its place
                 a, b = owner[j]
-                _decode_checked(codecs[k], incoming[(j, k)].payload, out[k][a:b], a, j,
-                                f"{tag}/all-gather")
+                with timed(sw, "decode"):
+                    _decode_checked(codecs[k], incoming[(j, k)].payload, out[k][a:b], a, j,
+                                    f"{tag}/all-gather")
         return Work(out)
 
     def broadcast(self, src: int, tensor: torch.Tensor | None, codec: Codec,

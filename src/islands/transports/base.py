@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from islands.codecs.base import Encoded
+from islands.core.timing import Stopwatch
 
 
 @dataclass
@@ -35,7 +36,14 @@ class Message:
 
 
 class Transport(ABC):
-    """Moves messages between workers and counts every byte it moves."""
+    """Moves messages between workers and counts every byte it moves.
+
+    Attributes:
+        stopwatch: when set (benchmarks), the collectives and the transport add the seconds
+            of each activity to it (``encode``, ``decode``, ``reduce``, ``pack``, ``wire``).
+    """
+
+    stopwatch: Stopwatch | None = None
 
     @property
     @abstractmethod

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from islands.codecs.base import Encoded
 from islands.core.errors import CommError, PeerRefused
+from islands.core.timing import timed
 from islands.transports.base import Message, Transport
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -175,7 +176,8 @@ class DistTransport(Transport):
         missing = [m for m in members if m not in self.ranks]
         if self.group is None or missing:
             raise CommError(f"{phase}: workers {missing} are not in the current process group")
-        bufs = {dst: pack(msg) for (src, dst), msg in out.items() if dst != me}
+        with timed(self.stopwatch, "pack"):
+            bufs = {dst: pack(msg) for (src, dst), msg in out.items() if dst != me}
         sizes_out = {p: torch.tensor([bufs[p].numel() if p in bufs else 0]) for p in peers}
         sizes_in = {p: torch.zeros(1, dtype=torch.int64) for p in peers}
         self._transfer([(sizes_out[p], p) for p in peers], [(sizes_in[p], p) for p in peers],
@@ -195,7 +197,8 @@ class DistTransport(Transport):
                 self.bytes_sent += msg.nbytes
                 self.wire_bytes_sent += bufs[dst].numel()
         for p, b in recv_bufs.items():
-            msg = unpack(b, p)
+            with timed(self.stopwatch, "pack"):
+                msg = unpack(b, p)
             result[(p, me)] = msg
             self.bytes_received += msg.nbytes
         return result
@@ -206,7 +209,8 @@ class DistTransport(Transport):
             works += [self.group.recv([t], self.ranks[p], tag) for t, p in recvs]
         except RuntimeError as e:  # a pair already known dead fails at once
             raise CommError(f"{phase}: a peer failed: {str(e).splitlines()[0]}") from None
-        self._wait(works, phase)
+        with timed(self.stopwatch, "wire"):
+            self._wait(works, phase)
 
     def _wait(self, works: list, phase: str) -> None:
         # gloo's point-to-point work cannot be polled (is_completed stays False until wait),
