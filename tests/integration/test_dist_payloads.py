@@ -36,7 +36,7 @@ print(json.dumps(errors))
 
 
 def test_a_malformed_payload_over_gloo_is_a_comm_error_naming_the_sender():
-    n, port, kinds = 3, free_port(), ["short", "size", "dtype"]
+    n, port, kinds = 3, free_port(), ["short", "size", "dtype", "nan", "nan-gather"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ps = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(r), str(n), str(port), *kinds],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

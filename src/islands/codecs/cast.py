@@ -15,18 +15,31 @@ from islands.core.errors import CodecError
 
 
 class Identity(Codec):
-    """Sends values unchanged (4 bytes per fp32 value). Exact."""
+    """Sends values unchanged (4 bytes per fp32 value). Exact.
+
+    Zero-copy: the payload is a view of the encoded tensor, not a copy (it must stay unchanged
+    until the payload is sent, as it does within a collective), and a receiver may read it as
+    the decoded tensor (:attr:`raw_tensor`). :meth:`decode` returns a copy the caller owns.
+    """
 
     name = "identity"
+    raw_tensor = "values"
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
-        return Encoded({"values": x.clone()}, numel=x.numel(), dtype=x.dtype)
+        return Encoded({"values": x}, numel=x.numel(), dtype=x.dtype)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int:
         return 4 * numel
 
     def decode(self, e: Encoded) -> torch.Tensor:
         return e.tensors["values"].clone()
+
+    def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        values = e.tensors["values"]
+        if (values.data_ptr() == out.data_ptr() and values.shape == out.shape
+                and values.dtype == out.dtype):
+            return out  # received in place: nothing to do
+        return out.copy_(values)
 
 
 class Cast(Codec):

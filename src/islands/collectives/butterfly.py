@@ -16,9 +16,22 @@ Quantization error enters twice (once per phase); the aggregating member uses th
 re-encoded shard too, so every member ends with bit-identical results.
 
 Every received payload is checked before it is aggregated or used: its length must be the
-shard's, its dtype a float, its wire size the codec's (when the codec knows it) and it must
-decode; otherwise :class:`~islands.core.errors.PeerRefused` (a ``CommError``) names the
-sender, in either transport, and the round aborts instead of crashing an honest worker.
+shard's, its dtype a float, its wire size the codec's (when the codec knows it), it must
+decode, and what it decodes to must be finite; otherwise
+:class:`~islands.core.errors.PeerRefused` (a ``CommError``) names the sender, in either
+transport, and the round aborts instead of crashing an honest worker. The finiteness check
+reads the mean once instead of each row (a NaN or Inf in any row reaches the mean; only then
+are the rows searched for the sender), and each gathered shard once (once per process in the
+simulator, where one message reaches every worker); a worker's own payloads are not checked
+again (its encoder refuses NaN/Inf).
+
+Cost (what the data path avoids, measured by ``benchmarks/collective.py``): a lossless codec's
+payload is the tensor itself (no copy on encode), the real transport sends it from that memory
+and receives the gathered shards straight into the result; the mean of up to
+:data:`~islands.aggregators.mean.MAX_STREAMED_ROWS` rows is computed from the rows where they
+lie, written into the owner's slice of its result (no stack; bit-identical to
+:func:`~islands.aggregators.mean`); larger groups and other aggregators decode into a stack,
+and the real transport receives lossless rows straight into it.
 """
 
 from __future__ import annotations
@@ -28,7 +41,8 @@ from typing import Callable
 import torch
 
 from islands.aggregators import mean
-from islands.codecs.base import Codec, Encoded
+from islands.aggregators.mean import mean_of_rows, streams
+from islands.codecs.base import Codec, Encoded, all_finite
 from islands.core.errors import PeerRefused
 from islands.core.timing import timed
 from islands.transports.base import Message, Transport
@@ -63,10 +77,9 @@ class Work:
         return self._result
 
 
-def _decode_checked(codec: Codec, payload: Encoded, out: torch.Tensor, offset: int,
-                    sender: int, what: str) -> None:
-    """Decodes ``payload`` into ``out`` after checking it fits; refusals name ``sender``."""
-    n = out.numel()
+def _check_payload(codec: Codec, payload: Encoded, n: int, offset: int, sender: int,
+                   what: str) -> None:
+    """Refuses a payload whose numel, dtype or wire size do not fit a shard of ``n`` values."""
     if payload.numel != n or not payload.dtype.is_floating_point:
         raise PeerRefused(f"{what}: payload from worker {sender} holds {payload.numel} values "
                           f"of {payload.dtype}, expected {n} floats; refused", sender)
@@ -74,12 +87,42 @@ def _decode_checked(codec: Codec, payload: Encoded, out: torch.Tensor, offset: i
     if want is not None and payload.nbytes != want:
         raise PeerRefused(f"{what}: payload from worker {sender} is {payload.nbytes} bytes, "
                           f"its codec sends {want} for {n} values; refused", sender)
+
+
+def _undecodable(e: Exception, sender: int, what: str) -> PeerRefused:
+    return PeerRefused(f"{what}: payload from worker {sender} does not decode "
+                       f"({type(e).__name__}: {str(e).splitlines()[0]}); refused", sender)
+
+
+_DECODE_ERRORS = (RuntimeError, ValueError, KeyError, IndexError, TypeError)
+
+
+def _decode_checked(codec: Codec, payload: Encoded, out: torch.Tensor, offset: int,
+                    sender: int, what: str) -> None:
+    """Decodes ``payload`` into ``out`` after checking it fits; refusals name ``sender``."""
+    _check_payload(codec, payload, out.numel(), offset, sender, what)
     try:
         codec.decode_into(payload, out)
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise PeerRefused(f"{what}: payload from worker {sender} does not decode "
-                          f"({type(e).__name__}: {str(e).splitlines()[0]}); refused",
-                          sender) from None
+    except _DECODE_ERRORS as e:
+        raise _undecodable(e, sender, what) from None
+
+
+def _view_checked(codec: Codec, payload: Encoded, n: int, offset: int, sender: int,
+                  what: str) -> torch.Tensor | None:
+    """The payload's decoded values without a copy (lossless codecs), after the same checks
+    as :func:`_decode_checked`; None when the codec must decode."""
+    _check_payload(codec, payload, n, offset, sender, what)
+    try:
+        return codec.decoded_view(payload)
+    except _DECODE_ERRORS as e:
+        raise _undecodable(e, sender, what) from None
+
+
+def _refuse_non_finite(rows: list[torch.Tensor], senders: tuple[int, ...], what: str) -> None:
+    """Raises naming the first sender (in member order) whose row holds NaN/Inf, if any."""
+    for i, row in zip(senders, rows):
+        if not all_finite(row):
+            raise PeerRefused(f"{what}: payload from worker {i} decodes to NaN/Inf; refused", i)
 
 
 class Group:
@@ -119,12 +162,14 @@ class Group:
             tag: names the stream (no round number: codec state carries across rounds).
         """
         assert set(contributions) == set(self.local), (sorted(contributions), self.local)
-        numel = next(iter(contributions.values())).numel()
-        device = next(iter(contributions.values())).device
-        bounds = shard_bounds(numel, len(self.members))
-        owner = dict(zip(self.members, bounds))
-
+        x0 = next(iter(contributions.values()))
+        numel, dtype, device = x0.numel(), x0.dtype, x0.device
+        owner = dict(zip(self.members, shard_bounds(numel, len(self.members))))
         sw = self.transport.stopwatch
+        # Allocated first: the mean is written into the owner's own slice, and the real
+        # transport receives lossless gathered shards straight into theirs.
+        out = {k: torch.empty(numel, dtype=dtype, device=device) for k in self.local}
+
         # Phase 1: member i sends shard j to member j.
         outgoing = {}
         for i, x in contributions.items():
@@ -133,37 +178,103 @@ class Group:
                 with timed(sw, "encode"):
                     payload = codecs[i].encode(x[a:b], key=f"w{i}/{tag}/scatter", offset=a)
                 outgoing[(i, j)] = Message(payload, MESSAGE_HEADER_BYTES, weight=w)
-        incoming = self.transport.exchange(outgoing, self.members, phase=f"{tag}/reduce-scatter")
+        stream = aggregator is mean and streams(len(self.members), dtype)
+        stacks = {} if stream else {j: torch.empty((len(self.members), b - a), dtype=dtype,
+                                                   device=device)
+                                    for j, (a, b) in owner.items() if j in self.local}
+        rank = {m: r for r, m in enumerate(self.members)}
+
+        def rows_place(src, dst, name, dt, shape):  # lossless rows straight into the stack
+            return stacks[dst][rank[src]] if dst in stacks and name == codecs[dst].raw_tensor \
+                else None
+
+        incoming = self.transport.exchange(outgoing, self.members, f"{tag}/reduce-scatter",
+                                           place=rows_place, check_finite=False)
 
         # Aggregate each local shard in member order; re-encode for the gather.
         outgoing = {}
         for j in self.local:
-            a = owner[j][0]
+            a, b = owner[j]
             msgs = [incoming[(i, j)] for i in self.members]
-            stacked = torch.empty((len(msgs), owner[j][1] - a), dtype=contributions[j].dtype,
-                                  device=device)
-            for i, row, m in zip(self.members, stacked, msgs):  # decode straight into rows
-                with timed(sw, "decode"):
-                    _decode_checked(codecs[j], m.payload, row, a, i, f"{tag}/reduce-scatter")
             wts = None if weights is None else torch.tensor([m.weight for m in msgs],
                                                            dtype=torch.float64)
-            with timed(sw, "reduce"):
-                reduced = aggregator(stacked, wts)
+            reduced = self._reduce(msgs, codecs[j], aggregator, wts, stacks.get(j),
+                                   out[j][a:b], a, f"{tag}/reduce-scatter")
             with timed(sw, "encode"):
                 payload = codecs[j].encode(reduced, key=f"w{j}/{tag}/gather", offset=a)
             for k in self.members:
                 outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES)
-        incoming = self.transport.exchange(outgoing, self.members, phase=f"{tag}/all-gather")
+        stacks.clear()  # the aggregates are computed: free the rows before the gather
 
-        out = {}
-        for k in self.local:
-            out[k] = torch.empty(numel, dtype=contributions[k].dtype, device=device)
-            for j in self.members:  # each owner's reduced shard, into its place
-                a, b = owner[j]
-                with timed(sw, "decode"):
-                    _decode_checked(codecs[k], incoming[(j, k)].payload, out[k][a:b], a, j,
-                                    f"{tag}/all-gather")
+        def out_place(src, dst, name, dt, shape):  # lossless shards straight into the result
+            return out[dst][slice(*owner[src])] if name == codecs[dst].raw_tensor else None
+
+        incoming = self.transport.exchange(outgoing, self.members, f"{tag}/all-gather",
+                                           place=out_place, check_finite=False)
+        self._gather(incoming, codecs, owner, out, f"{tag}/all-gather")
         return Work(out)
+
+    def _reduce(self, msgs: list[Message], codec: Codec, aggregator: Aggregator,
+                weights: torch.Tensor | None, stacked: torch.Tensor | None, into: torch.Tensor,
+                a: int, what: str) -> torch.Tensor:
+        """One shard (``into``, the owner's slice of its result, starting at ``a``): the
+        aggregate of the rows in ``msgs`` (member order); refusals name the sender.
+
+        Without a stack (``stacked`` None: the streamed mean), a lossless codec's rows are read
+        where they lie and the mean is written into ``into``; otherwise the rows are decoded
+        into a stack and the aggregator returns a new tensor.
+        """
+        sw, n = self.transport.stopwatch, into.numel()
+        rows = None
+        if stacked is None:
+            with timed(sw, "decode"):
+                views = [_view_checked(codec, m.payload, n, a, i, what)
+                         for i, m in zip(self.members, msgs)]
+            if all(v is not None for v in views):
+                rows = views
+            else:
+                stacked = torch.empty((len(msgs), n), dtype=into.dtype, device=into.device)
+        if rows is None:
+            with timed(sw, "decode"):
+                for i, row, m in zip(self.members, stacked, msgs):  # in place if received so
+                    _decode_checked(codec, m.payload, row, a, i, what)
+            rows = list(stacked)
+        # Every row but the owner's own came from another worker (in the simulator too, where
+        # one may be a Byzantine one): its values are checked before the result is used.
+        foreign = len(msgs) > 1
+        if foreign and aggregator is not mean:  # a robust rule might hide a NaN: check rows
+            with timed(sw, "decode"):
+                _refuse_non_finite(rows, self.members, what)
+        with timed(sw, "reduce"):
+            reduced = (mean_of_rows(rows, weights, into) if stacked is None
+                       else aggregator(stacked, weights))
+        if foreign and aggregator is mean:
+            with timed(sw, "decode"):
+                # Any NaN/Inf in a row reaches the mean; then the rows name the sender. Finite
+                # rows whose mean overflows are refused by the re-encode, as before.
+                if not all_finite(reduced):
+                    _refuse_non_finite(rows, self.members, what)
+        return reduced
+
+    def _gather(self, incoming: dict[tuple[int, int], Message], codecs: dict[int, Codec],
+                owner: dict[int, tuple[int, int]], out: dict[int, torch.Tensor],
+                what: str) -> None:
+        """Decodes every aggregated shard into its place in each local result."""
+        sw = self.transport.stopwatch
+        done: dict[int, int] = {}  # id(payload) -> the local worker whose result holds it
+        for k in self.local:
+            for j in self.members:
+                a, b = owner[j]
+                payload = incoming[(j, k)].payload
+                with timed(sw, "decode"):
+                    if id(payload) in done:  # one message to several local workers: decode once
+                        out[k][a:b].copy_(out[done[id(payload)]][a:b])
+                        continue
+                    _decode_checked(codecs[k], payload, out[k][a:b], a, j, what)
+                    if j != k and not all_finite(out[k][a:b]):
+                        raise PeerRefused(f"{what}: payload from worker {j} decodes to NaN/Inf; "
+                                          "refused", j)
+                    done[id(payload)] = k
 
     def broadcast(self, src: int, tensor: torch.Tensor | None, codec: Codec,
                   dsts: tuple[int, ...], tag: str = "broadcast") -> dict[int, torch.Tensor]:

@@ -9,7 +9,10 @@ collective code runs in one process or across machines.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from islands.codecs.base import Encoded
 from islands.core.timing import Stopwatch
@@ -33,6 +36,11 @@ class Message:
     @property
     def nbytes(self) -> int:
         return self.payload.nbytes + self.header_bytes
+
+
+# place(src, dst, tensor name, dtype, shape) -> where a transport that receives bytes should put
+# that payload tensor (a view into the caller's own memory), or None for a fresh tensor.
+Place = Callable[[int, int, str, torch.dtype, tuple[int, ...]], "torch.Tensor | None"]
 
 
 class Transport(ABC):
@@ -60,14 +68,21 @@ class Transport(ABC):
 
     @abstractmethod
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
-                 phase: str) -> dict[tuple[int, int], Message]:
+                 phase: str, *, place: Place | None = None,
+                 check_finite: bool = True) -> dict[tuple[int, int], Message]:
         """Delivers messages among ``members``.
 
         Args:
             messages: every message sent by a local worker, keyed ``(src, dst)``; ``src == dst``
-                is a local hand-over and costs no bytes.
+                is a local hand-over and costs no bytes. A payload's tensors must stay
+                unchanged until the exchange returns.
             members: the workers taking part (all must call, in the real runtime).
             phase: a label for logs and accounting (``"reduce-scatter"``, ``"all-gather"``).
+            place: where received tensors may go (a transport that hands messages over in
+                memory, as the simulator's, ignores it).
+            check_finite: refuse received floating tensors holding NaN/Inf (False: the caller
+                checks the decoded values itself). Messages handed over in memory come from
+                this process's own encoders, which refuse NaN/Inf, and are not checked again.
 
         Returns:
             Every message addressed to a local worker, keyed ``(src, dst)``.

@@ -1,18 +1,20 @@
 """The real transport: one worker per process, messages over a ``torch.distributed`` group.
 
 An ``exchange`` is a set of point-to-point transfers between the members taking part (gloo
-over TCP on CPUs; NCCL groups are not used because payloads are byte buffers): first every
-member tells every other member how many bytes it will send (an int64 each), then the
-payloads move with ``isend``/``irecv``. Only members of the exchange take part, so a
-sub-group (a state transfer from one worker to a joiner) needs no collective over the whole
-process group.
+over TCP on CPUs; NCCL groups are not used because payloads are byte buffers), in two rounds:
+every member sends every other member a header (``null`` when it has nothing for it), then
+the payload tensors move with ``send``/``recv``, each from and into its own memory
+(:mod:`islands.transports.wire`: nothing is packed into a contiguous buffer, and a caller may
+say where a received tensor goes). Only members of the exchange take part, so a sub-group (a
+state transfer from one worker to a joiner) needs no collective over the whole process group.
 
-On the wire a message is ``u32 header length | JSON header | raw tensor bytes``. The header
-names each payload tensor's dtype and shape; a received message is checked before use (sizes
-consistent, dtype allowed, floating values finite) and refused with :class:`CommError`
-otherwise. Bytes are counted exactly as the simulator counts them (``Message.nbytes`` per
-message with ``src != dst``) in ``bytes_sent``/``bytes_received``; the serialization overhead
-is counted apart in ``wire_bytes_sent`` for comparison with the kernel's counters.
+A received message is checked before use (header fields and sizes consistent, dtypes allowed,
+floating values finite unless the caller checks the decoded values itself) and refused with
+:class:`~islands.core.errors.PeerRefused` naming the sender otherwise. Bytes are counted
+exactly as the simulator counts them (``Message.nbytes`` per message with ``src != dst``) in
+``bytes_sent``/``bytes_received``; what actually went through ``send``/``recv`` (headers and
+tensor bytes) is counted apart in ``wire_bytes_sent``/``wire_bytes_received``, for comparison
+with the kernel's counters.
 
 Waiting is a polling loop so that a membership change seen by the heartbeat thread
 (``abort_event``) or ``timeout_s`` ends a blocked exchange with :class:`CommError` instead of a
@@ -24,24 +26,16 @@ This is the only module of islands that imports ``torch.distributed``.
 from __future__ import annotations
 
 import datetime
-import json
-import math
-import struct
 import threading
 import time
 
 import torch
 import torch.distributed as dist
 
-from islands.codecs.base import Encoded
-from islands.core.errors import CommError, PeerRefused
+from islands.core.errors import CommError
 from islands.core.timing import timed
-from islands.transports.base import Message, Transport
-
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                               torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                               torch.bool)}
-MAX_MESSAGE_BYTES = 1 << 33  # 8 GiB: a size above this from a peer is malformed
+from islands.transports import wire
+from islands.transports.base import Message, Place, Transport
 
 
 def open_store(host: str, port: int, *, is_master: bool, timeout_s: float) -> dist.Store:
@@ -64,66 +58,6 @@ def new_group(store: dist.Store, prefix: str, rank: int, size: int,
                         f"{e}") from None
 
 
-def _pad(n: int) -> int:
-    return -n % 8  # sections start 8-byte aligned so tensors are views, not copies
-
-
-def pack(msg: Message) -> torch.Tensor:
-    """Serializes a message into one uint8 tensor (header, then 8-byte aligned tensors)."""
-    p = msg.payload
-    names = sorted(p.tensors)
-    header = {"w": msg.weight, "hb": msg.header_bytes, "n": p.numel, "dt": str(p.dtype),
-              "eh": p.header_bytes, "meta": p.meta,
-              "t": [[k, str(p.tensors[k].dtype), list(p.tensors[k].shape)] for k in names]}
-    try:
-        head = json.dumps(header).encode()
-    except TypeError as e:
-        raise CommError(f"codec meta {p.meta!r} is not JSON-serializable: {e}") from None
-    head = struct.pack("<I", len(head)) + head
-    parts = [torch.frombuffer(bytearray(head + bytes(_pad(len(head)))), dtype=torch.uint8)]
-    for k in names:
-        t = p.tensors[k].detach().contiguous().cpu().reshape(-1)
-        if t.numel():
-            parts.append(t.view(torch.uint8))
-            if _pad(parts[-1].numel()):
-                parts.append(torch.zeros(_pad(parts[-1].numel()), dtype=torch.uint8))
-    return torch.cat(parts)
-
-
-def unpack(buf: torch.Tensor, peer: int) -> Message:
-    """Parses and validates what :func:`pack` wrote; :class:`CommError` names ``peer``."""
-    try:
-        (hlen,) = struct.unpack("<I", buf[:4].numpy().tobytes())
-        if 4 + hlen > buf.numel():
-            raise ValueError("header longer than the message")
-        header = json.loads(buf[4:4 + hlen].numpy().tobytes())
-        offset = 4 + hlen + _pad(4 + hlen)
-        tensors = {}
-        for name, dtype, shape in header["t"]:
-            dt = _DTYPES[dtype]
-            if any(not isinstance(s, int) or s < 0 for s in shape):
-                raise ValueError(f"bad shape {shape}")
-            n = torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size()
-            if offset + n > buf.numel():
-                raise ValueError("payload shorter than its header says")
-            tensors[name] = buf[offset:offset + n].view(dt).reshape(shape)
-            offset += n + _pad(n)
-        if offset != buf.numel():
-            raise ValueError(f"{buf.numel() - offset} trailing bytes")
-        payload = Encoded(tensors, numel=int(header["n"]), dtype=_DTYPES[header["dt"]],
-                          header_bytes=int(header["eh"]), meta=dict(header["meta"]))
-        msg = Message(payload, int(header["hb"]), weight=float(header["w"]))
-    except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
-        raise PeerRefused(f"malformed message from worker {peer}: {e}", peer) from None
-    for name, t in tensors.items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            raise PeerRefused(f"message from worker {peer}: tensor {name!r} holds NaN/Inf; "
-                              "refused", peer)
-    if payload.numel < 0 or not math.isfinite(msg.weight):
-        raise PeerRefused(f"message from worker {peer}: bad numel or weight; refused", peer)
-    return msg
-
-
 class DistTransport(Transport):
     """One local worker; exchanges run over the current process group.
 
@@ -144,6 +78,7 @@ class DistTransport(Transport):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.wire_bytes_sent = 0
+        self.wire_bytes_received = 0
         self._abandoned: list[dist.ProcessGroup] = []
 
     @property
@@ -168,7 +103,8 @@ class DistTransport(Transport):
         self.abort_event.clear()
 
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
-                 phase: str) -> dict[tuple[int, int], Message]:
+                 phase: str, *, place: Place | None = None,
+                 check_finite: bool = True) -> dict[tuple[int, int], Message]:
         me = self.worker
         out = {k: m for k, m in messages.items() if k[0] == me}
         assert len(out) == len(messages), f"{phase}: messages from a non-local worker"
@@ -176,29 +112,33 @@ class DistTransport(Transport):
         missing = [m for m in members if m not in self.ranks]
         if self.group is None or missing:
             raise CommError(f"{phase}: workers {missing} are not in the current process group")
-        with timed(self.stopwatch, "pack"):
-            bufs = {dst: pack(msg) for (src, dst), msg in out.items() if dst != me}
-        sizes_out = {p: torch.tensor([bufs[p].numel() if p in bufs else 0]) for p in peers}
-        sizes_in = {p: torch.zeros(1, dtype=torch.int64) for p in peers}
-        self._transfer([(sizes_out[p], p) for p in peers], [(sizes_in[p], p) for p in peers],
+        sw = self.stopwatch
+        with timed(sw, "pack"):
+            heads = {p: wire.pack_header(out.get((me, p))) for p in peers}
+            head_bufs = {p: torch.empty(wire.MAX_HEADER_BYTES, dtype=torch.uint8) for p in peers}
+        self._transfer([(heads[p], p) for p in peers], [(head_bufs[p], p) for p in peers],
                        0, phase)
-        recv_bufs = {}
-        for p in peers:
-            n = int(sizes_in[p])
-            if not 0 <= n <= MAX_MESSAGE_BYTES:
-                raise PeerRefused(f"{phase}: worker {p} announced {n} bytes; refused", p)
-            if n:
-                recv_bufs[p] = torch.empty(n, dtype=torch.uint8)
-        self._transfer([(b, p) for p, b in bufs.items()],
-                       [(b, p) for p, b in recv_bufs.items()], 1, phase)
+        with timed(sw, "pack"):
+            specs = {p: h for p in peers if (h := wire.unpack_header(head_bufs[p], p))}
+            received = {p: wire.receive_buffers(
+                h, None if place is None else lambda *t, p=p: place(p, me, *t))
+                for p, h in specs.items()}
+            sends = [(wire.as_bytes(m.payload.tensors[k]), dst) for (_, dst), m in out.items()
+                     if dst != me for k in sorted(m.payload.tensors)]
+            recvs = [(wire.as_bytes(t), p) for p, ts in received.items() for t in ts.values()]
+        self._transfer([(b, p) for b, p in sends if b.numel()],
+                       [(b, p) for b, p in recvs if b.numel()], 1, phase)
+        self.wire_bytes_sent += sum(h.numel() for h in heads.values()) + sum(
+            b.numel() for b, _ in sends)
+        self.wire_bytes_received += sum(wire.header_length(head_bufs[p]) for p in peers) \
+            + sum(b.numel() for b, _ in recvs)
+        self.bytes_sent += sum(m.nbytes for (_, dst), m in out.items() if dst != me)
         result = {(me, me): out[(me, me)]} if (me, me) in out else {}
-        for (src, dst), msg in out.items():
-            if dst != me:
-                self.bytes_sent += msg.nbytes
-                self.wire_bytes_sent += bufs[dst].numel()
-        for p, b in recv_bufs.items():
-            with timed(self.stopwatch, "pack"):
-                msg = unpack(b, p)
+        for p, h in specs.items():
+            msg = wire.message(h, received[p])
+            if check_finite:
+                with timed(sw, "pack"):
+                    wire.check_finite(msg, p)
             result[(p, me)] = msg
             self.bytes_received += msg.nbytes
         return result
