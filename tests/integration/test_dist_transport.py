@@ -1,5 +1,6 @@
 """Over real gloo processes the butterfly gives the simulator's result and byte counts (every
-codec path: lossless rows read in place or received into a stack, lossy codecs, weights), and
+codec path: lossless rows read in place or received into a stack, lossy codecs, weights;
+payloads in many chunks, worked on as they arrive), and
 the bytes that go through gloo's send are the transport's ``wire_bytes_sent``, within gloo's
 own framing of what the kernel was asked to write, and exceed the reported bytes by at most
 the documented serialization overhead."""
@@ -44,7 +45,10 @@ from islands.transports.dist import DistTransport, open_store, new_group
 from islands.collectives.butterfly import Group
 from islands.codecs.cast import Identity
 from tests.integration.test_dist_transport import CASES, NUMEL, Counting, kernel_bytes_written
+import islands.collectives.butterfly as butterfly, islands.transports.wire as wire
 rank, n, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+# Small chunks and steps: every payload travels in many pieces, worked on as they arrive.
+wire.CHUNK_BYTES, butterfly.STEP = 4096, 1000
 store = open_store("127.0.0.1", port, is_master=rank == 0, timeout_s=30)
 t = DistTransport(rank, timeout_s=30)
 t.use_group(new_group(store, "test/", rank, n, 30), tuple(range(n)))

@@ -15,13 +15,13 @@ all-reduce, ``bytes_sent = Σ_{j≠i} enc(shard_j) + (n-1) · enc(agg_i) + 2 (n-
 Quantization error enters twice (once per phase); the aggregating member uses the decoded
 re-encoded shard too, so every member ends with bit-identical results.
 
-Every received payload is checked before it is aggregated or used: its length must be the
-shard's, its dtype a float, its wire size the codec's (when the codec knows it), it must
-decode, and what it decodes to must be finite; otherwise
+Every received payload is checked before it is aggregated or used (:mod:`.checks`): its
+length must be the shard's, its dtype a float, its wire size the codec's (when the codec knows
+it), it must decode, and what it decodes to must be finite; otherwise
 :class:`~islands.core.errors.PeerRefused` (a ``CommError``) names the sender, in either
 transport, and the round aborts instead of crashing an honest worker. The finiteness check
-reads the mean once instead of each row (a NaN or Inf in any row reaches the mean; only then
-are the rows searched for the sender), and each gathered shard once (once per process in the
+of the mean is the re-encode's own (a NaN or Inf in any row reaches the mean; only then are
+the rows searched for the sender); each gathered shard is read once (once per process in the
 simulator, where one message reaches every worker); a worker's own payloads are not checked
 again (its encoder refuses NaN/Inf).
 
@@ -31,23 +31,36 @@ and receives the gathered shards straight into the result; the mean of up to
 :data:`~islands.aggregators.mean.MAX_STREAMED_ROWS` rows is computed from the rows where they
 lie, written into the owner's slice of its result (no stack; bit-identical to
 :func:`~islands.aggregators.mean`); larger groups and other aggregators decode into a stack,
-and the real transport receives lossless rows straight into it.
+and the real transport receives lossless rows straight into it. Over the real transport the
+rows are received into buffers kept from round to round (:meth:`Transport.scratch`), and the
+mean and the checks of a lossless payload run on each chunk as soon as it has arrived, while
+the next chunks are on the wire.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
 from islands.aggregators import mean
 from islands.aggregators.mean import mean_of_rows, streams
 from islands.codecs.base import Codec, Encoded, all_finite
-from islands.core.errors import PeerRefused
+from islands.collectives.checks import (
+    decode_checked,
+    non_finite,
+    refuse_non_finite,
+    view_checked,
+)
+from islands.core import memory
+from islands.core.errors import CodecError, CommError
 from islands.core.timing import timed
-from islands.transports.base import Message, Transport
+from islands.transports.base import Exchange, Message, Transport
 
 MESSAGE_HEADER_BYTES = 16
+# Values per step of the work done while the rest of a payload is on the wire: 4 MiB of fp32.
+STEP = 1 << 20
 
 Aggregator = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -77,52 +90,26 @@ class Work:
         return self._result
 
 
-def _check_payload(codec: Codec, payload: Encoded, n: int, offset: int, sender: int,
-                   what: str) -> None:
-    """Refuses a payload whose numel, dtype or wire size do not fit a shard of ``n`` values."""
-    if payload.numel != n or not payload.dtype.is_floating_point:
-        raise PeerRefused(f"{what}: payload from worker {sender} holds {payload.numel} values "
-                          f"of {payload.dtype}, expected {n} floats; refused", sender)
-    want = codec.wire_bytes(n, offset)
-    if want is not None and payload.nbytes != want:
-        raise PeerRefused(f"{what}: payload from worker {sender} is {payload.nbytes} bytes, "
-                          f"its codec sends {want} for {n} values; refused", sender)
-
-
-def _undecodable(e: Exception, sender: int, what: str) -> PeerRefused:
-    return PeerRefused(f"{what}: payload from worker {sender} does not decode "
-                       f"({type(e).__name__}: {str(e).splitlines()[0]}); refused", sender)
-
-
-_DECODE_ERRORS = (RuntimeError, ValueError, KeyError, IndexError, TypeError)
-
-
-def _decode_checked(codec: Codec, payload: Encoded, out: torch.Tensor, offset: int,
-                    sender: int, what: str) -> None:
-    """Decodes ``payload`` into ``out`` after checking it fits; refusals name ``sender``."""
-    _check_payload(codec, payload, out.numel(), offset, sender, what)
+@contextlib.contextmanager
+def _finished(pending: Exchange) -> Iterator[None]:
+    """Runs the block, then waits for the whole exchange, also when the block raised (no
+    transfer is left behind); the block's error is the one reported."""
     try:
-        codec.decode_into(payload, out)
-    except _DECODE_ERRORS as e:
-        raise _undecodable(e, sender, what) from None
+        yield
+    except BaseException:
+        with contextlib.suppress(CommError):
+            pending.wait()
+        raise
+    pending.wait()
 
 
-def _view_checked(codec: Codec, payload: Encoded, n: int, offset: int, sender: int,
-                  what: str) -> torch.Tensor | None:
-    """The payload's decoded values without a copy (lossless codecs), after the same checks
-    as :func:`_decode_checked`; None when the codec must decode."""
-    _check_payload(codec, payload, n, offset, sender, what)
-    try:
-        return codec.decoded_view(payload)
-    except _DECODE_ERRORS as e:
-        raise _undecodable(e, sender, what) from None
+def _arrived(pending: Exchange, key: tuple[int, int], payload: Encoded) -> None:
+    for name, t in payload.tensors.items():
+        pending.wait_for(key, name, t.numel() * t.element_size())
 
 
-def _refuse_non_finite(rows: list[torch.Tensor], senders: tuple[int, ...], what: str) -> None:
-    """Raises naming the first sender (in member order) whose row holds NaN/Inf, if any."""
-    for i, row in zip(senders, rows):
-        if not all_finite(row):
-            raise PeerRefused(f"{what}: payload from worker {i} decodes to NaN/Inf; refused", i)
+def _steps(n: int) -> list[tuple[int, int]]:
+    return [(a, min(n, a + STEP)) for a in range(0, n, STEP)]
 
 
 class Group:
@@ -168,7 +155,7 @@ class Group:
         sw = self.transport.stopwatch
         # Allocated first: the mean is written into the owner's own slice, and the real
         # transport receives lossless gathered shards straight into theirs.
-        out = {k: torch.empty(numel, dtype=dtype, device=device) for k in self.local}
+        out = {k: memory.empty(numel, dtype, device) for k in self.local}
 
         # Phase 1: member i sends shard j to member j.
         outgoing = {}
@@ -179,102 +166,147 @@ class Group:
                     payload = codecs[i].encode(x[a:b], key=f"w{i}/{tag}/scatter", offset=a)
                 outgoing[(i, j)] = Message(payload, MESSAGE_HEADER_BYTES, weight=w)
         stream = aggregator is mean and streams(len(self.members), dtype)
-        stacks = {} if stream else {j: torch.empty((len(self.members), b - a), dtype=dtype,
-                                                   device=device)
-                                    for j, (a, b) in owner.items() if j in self.local}
         rank = {m: r for r, m in enumerate(self.members)}
 
-        def rows_place(src, dst, name, dt, shape):  # lossless rows straight into the stack
-            return stacks[dst][rank[src]] if dst in stacks and name == codecs[dst].raw_tensor \
-                else None
+        def row_place(src, dst):  # the kept buffer of a streamed row, or its row of the stack
+            n = owner[dst][1] - owner[dst][0]
+            if stream:
+                return self.transport.scratch(("row", tag, src), (n,), dtype, device)
+            return self._stack(tag, n, dtype, device)[rank[src]]
 
-        incoming = self.transport.exchange(outgoing, self.members, f"{tag}/reduce-scatter",
-                                           place=rows_place, check_finite=False)
+        scatter = f"{tag}/reduce-scatter"
+        pending = self.transport.start_exchange(
+            outgoing, self.members, scatter, check_finite=False,
+            place=self._place(codecs, f"{tag}/scatter", row_place))
 
         # Aggregate each local shard in member order; re-encode for the gather.
         outgoing = {}
-        for j in self.local:
-            a, b = owner[j]
-            msgs = [incoming[(i, j)] for i in self.members]
-            wts = None if weights is None else torch.tensor([m.weight for m in msgs],
-                                                           dtype=torch.float64)
-            reduced = self._reduce(msgs, codecs[j], aggregator, wts, stacks.get(j),
-                                   out[j][a:b], a, f"{tag}/reduce-scatter")
-            with timed(sw, "encode"):
-                payload = codecs[j].encode(reduced, key=f"w{j}/{tag}/gather", offset=a)
-            for k in self.members:
-                outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES)
-        stacks.clear()  # the aggregates are computed: free the rows before the gather
+        with _finished(pending):
+            for j in self.local:
+                a, b = owner[j]
+                msgs = [pending.messages[(i, j)] for i in self.members]
+                wts = None if weights is None else torch.tensor([m.weight for m in msgs],
+                                                               dtype=torch.float64)
+                reduced, rows = self._reduce(pending, j, codecs[j], aggregator, wts, stream,
+                                             out[j][a:b], a, tag)
+                with timed(sw, "encode"):
+                    payload = self._encode_reduced(codecs[j], reduced, rows,
+                                                   f"w{j}/{tag}/gather", a, scatter)
+                for k in self.members:
+                    outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES)
 
-        def out_place(src, dst, name, dt, shape):  # lossless shards straight into the result
-            return out[dst][slice(*owner[src])] if name == codecs[dst].raw_tensor else None
-
-        incoming = self.transport.exchange(outgoing, self.members, f"{tag}/all-gather",
-                                           place=out_place, check_finite=False)
-        self._gather(incoming, codecs, owner, out, f"{tag}/all-gather")
+        gather = f"{tag}/all-gather"
+        pending = self.transport.start_exchange(
+            outgoing, self.members, gather, check_finite=False,
+            place=self._place(codecs, f"{tag}/gather",
+                              lambda src, dst: out[dst][slice(*owner[src])]))
+        with _finished(pending):
+            self._gather(pending, codecs, owner, out, gather)
         return Work(out)
 
-    def _reduce(self, msgs: list[Message], codec: Codec, aggregator: Aggregator,
-                weights: torch.Tensor | None, stacked: torch.Tensor | None, into: torch.Tensor,
-                a: int, what: str) -> torch.Tensor:
-        """One shard (``into``, the owner's slice of its result, starting at ``a``): the
-        aggregate of the rows in ``msgs`` (member order); refusals name the sender.
+    def _place(self, codecs: dict[int, Codec], tag: str, where):
+        """Where the real transport receives a payload tensor for a local worker: the raw
+        (lossless) values where ``where(src, dst)`` says they belong, any other tensor into a
+        buffer kept from round to round (decoded before the call returns)."""
+        def place(src, dst, name, dtype, shape):
+            if name == codecs[dst].raw_tensor:
+                return where(src, dst)
+            return self.transport.scratch(("in", tag, src, name), shape, dtype, "cpu")
 
-        Without a stack (``stacked`` None: the streamed mean), a lossless codec's rows are read
-        where they lie and the mean is written into ``into``; otherwise the rows are decoded
-        into a stack and the aggregator returns a new tensor.
+        return place
+
+    def _stack(self, tag: str, n: int, dtype: torch.dtype, device: torch.device
+               ) -> torch.Tensor:
+        """The ``(members, n)`` stack of a shard's rows, kept from round to round (the real
+        transport receives lossless rows straight into it). Aggregators return new tensors,
+        so the next shard may reuse it."""
+        return self.transport.scratch(("stack", tag), (len(self.members), n), dtype, device)
+
+    def _reduce(self, pending: Exchange, j: int, codec: Codec, aggregator: Aggregator,
+                weights: torch.Tensor | None, stream: bool, into: torch.Tensor, a: int,
+                tag: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Member ``j``'s shard (``into``, its slice of its result, starting at ``a``): the
+        aggregate of the rows in member order, and the rows; refusals name the sender.
+
+        The streamed mean of a lossless codec's rows reads them where they lie, each step as
+        soon as it has arrived, and writes into ``into``; otherwise the rows are decoded into
+        a stack (where the real transport received lossless rows already) and the aggregator
+        returns a new tensor. Rows from other workers (in the simulator too, where one may
+        play a Byzantine worker) are checked for NaN/Inf before a robust rule sees them; the
+        mean needs no pass of its own (:meth:`_encode_reduced`).
         """
-        sw, n = self.transport.stopwatch, into.numel()
-        rows = None
-        if stacked is None:
+        sw, n, what = self.transport.stopwatch, into.numel(), f"{tag}/reduce-scatter"
+        keys = [(i, j) for i in self.members]
+        payloads = [pending.messages[key].payload for key in keys]
+        with timed(sw, "decode"):
+            views = [view_checked(codec, p, n, a, i, what)
+                     for i, p in zip(self.members, payloads)]
+        if stream and all(v is not None and v.device == into.device for v in views):
+            for lo, hi in _steps(n):
+                for key in keys:
+                    pending.wait_for(key, codec.raw_tensor, hi * into.element_size())
+                with timed(sw, "reduce"):
+                    mean_of_rows([v[lo:hi] for v in views], weights, into[lo:hi])
+            return into, views
+        stacked = self._stack(tag, n, into.dtype, into.device)
+        for i, key, row, p in zip(self.members, keys, stacked, payloads):
+            _arrived(pending, key, p)
+            with timed(sw, "decode"):  # in place (nothing to do) if received there
+                decode_checked(codec, p, row, a, i, what)
+        rows = list(stacked)
+        if len(rows) > 1 and aggregator is not mean:  # a robust rule might hide a NaN
             with timed(sw, "decode"):
-                views = [_view_checked(codec, m.payload, n, a, i, what)
-                         for i, m in zip(self.members, msgs)]
-            if all(v is not None for v in views):
-                rows = views
-            else:
-                stacked = torch.empty((len(msgs), n), dtype=into.dtype, device=into.device)
-        if rows is None:
-            with timed(sw, "decode"):
-                for i, row, m in zip(self.members, stacked, msgs):  # in place if received so
-                    _decode_checked(codec, m.payload, row, a, i, what)
-            rows = list(stacked)
-        # Every row but the owner's own came from another worker (in the simulator too, where
-        # one may be a Byzantine one): its values are checked before the result is used.
-        foreign = len(msgs) > 1
-        if foreign and aggregator is not mean:  # a robust rule might hide a NaN: check rows
-            with timed(sw, "decode"):
-                _refuse_non_finite(rows, self.members, what)
+                refuse_non_finite(rows, self.members, what)
         with timed(sw, "reduce"):
-            reduced = (mean_of_rows(rows, weights, into) if stacked is None
-                       else aggregator(stacked, weights))
-        if foreign and aggregator is mean:
-            with timed(sw, "decode"):
-                # Any NaN/Inf in a row reaches the mean; then the rows name the sender. Finite
-                # rows whose mean overflows are refused by the re-encode, as before.
-                if not all_finite(reduced):
-                    _refuse_non_finite(rows, self.members, what)
-        return reduced
+            return aggregator(stacked, weights), rows
 
-    def _gather(self, incoming: dict[tuple[int, int], Message], codecs: dict[int, Codec],
+    def _encode_reduced(self, codec: Codec, reduced: torch.Tensor, rows: list[torch.Tensor],
+                        key: str, offset: int, what: str) -> Encoded:
+        """Re-encodes an aggregate; a NaN/Inf in it is refused naming the row's sender.
+
+        Every encoder refuses NaN/Inf, in the pass it makes anyway (a separate read for a
+        lossless codec, none for the quantizers), and a NaN or Inf in any row reaches the mean;
+        so the rows are searched only when the encoder refuses. Finite rows whose mean
+        overflows are the encoder's refusal, as they always were.
+        """
+        try:
+            return codec.encode(reduced, key=key, offset=offset)
+        except CodecError:
+            if len(rows) > 1:
+                refuse_non_finite(rows, self.members, what)
+            raise
+
+    def _gather(self, pending: Exchange, codecs: dict[int, Codec],
                 owner: dict[int, tuple[int, int]], out: dict[int, torch.Tensor],
                 what: str) -> None:
-        """Decodes every aggregated shard into its place in each local result."""
+        """Decodes every aggregated shard into its place in each local result, checking what
+        another worker sent for NaN/Inf (a lossless shard received in place: step by step as
+        it arrives)."""
         sw = self.transport.stopwatch
         done: dict[int, int] = {}  # id(payload) -> the local worker whose result holds it
         for k in self.local:
             for j in self.members:
                 a, b = owner[j]
-                payload = incoming[(j, k)].payload
+                payload, dest = pending.messages[(j, k)].payload, out[k][a:b]
+                if id(payload) in done:  # one message to several local workers: decode once
+                    with timed(sw, "decode"):
+                        dest.copy_(out[done[id(payload)]][a:b])
+                    continue
+                done[id(payload)] = k
                 with timed(sw, "decode"):
-                    if id(payload) in done:  # one message to several local workers: decode once
-                        out[k][a:b].copy_(out[done[id(payload)]][a:b])
-                        continue
-                    _decode_checked(codecs[k], payload, out[k][a:b], a, j, what)
-                    if j != k and not all_finite(out[k][a:b]):
-                        raise PeerRefused(f"{what}: payload from worker {j} decodes to NaN/Inf; "
-                                          "refused", j)
-                    done[id(payload)] = k
+                    view = view_checked(codecs[k], payload, b - a, a, j, what)
+                if view is not None and view.data_ptr() == dest.data_ptr():
+                    for lo, hi in _steps(b - a) if j != k else ():
+                        pending.wait_for((j, k), codecs[k].raw_tensor, hi * dest.element_size())
+                        with timed(sw, "decode"):
+                            if not all_finite(dest[lo:hi]):
+                                raise non_finite(j, what)
+                    continue
+                _arrived(pending, (j, k), payload)
+                with timed(sw, "decode"):
+                    decode_checked(codecs[k], payload, dest, a, j, what)
+                    if j != k and not all_finite(dest):
+                        raise non_finite(j, what)
 
     def broadcast(self, src: int, tensor: torch.Tensor | None, codec: Codec,
                   dsts: tuple[int, ...], tag: str = "broadcast") -> dict[int, torch.Tensor]:

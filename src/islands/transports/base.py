@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from islands.codecs.base import Encoded
+from islands.core import memory
 from islands.core.timing import Stopwatch
 
 
@@ -41,6 +42,28 @@ class Message:
 # place(src, dst, tensor name, dtype, shape) -> where a transport that receives bytes should put
 # that payload tensor (a view into the caller's own memory), or None for a fresh tensor.
 Place = Callable[[int, int, str, torch.dtype, tuple[int, ...]], "torch.Tensor | None"]
+
+
+class Exchange:
+    """An exchange in flight: the messages addressed to local workers, whose tensors may
+    still be arriving (this base class: an exchange already complete, as the simulator's).
+
+    Attributes:
+        messages: every message addressed to a local worker, keyed ``(src, dst)``; read a
+            tensor's bytes only once :meth:`wait_for` or :meth:`wait` says they arrived.
+    """
+
+    def __init__(self, messages: dict[tuple[int, int], Message]) -> None:
+        self.messages = messages
+
+    def wait_for(self, key: tuple[int, int], name: str, nbytes: int) -> None:
+        """Returns once the first ``nbytes`` bytes of tensor ``name`` of message ``key`` have
+        arrived (the rest may still be on the wire), so work on them overlaps the transfer."""
+
+    def wait(self) -> dict[tuple[int, int], Message]:
+        """Waits for everything (sends included), checks and counts it; returns
+        :attr:`messages`. Call it even after an error, so no transfer is left behind."""
+        return self.messages
 
 
 class Transport(ABC):
@@ -87,3 +110,29 @@ class Transport(ABC):
         Returns:
             Every message addressed to a local worker, keyed ``(src, dst)``.
         """
+
+    def start_exchange(self, messages: dict[tuple[int, int], Message],
+                       members: tuple[int, ...], phase: str, *, place: Place | None = None,
+                       check_finite: bool = True) -> Exchange:
+        """:meth:`exchange`, returning as soon as the messages' headers are known; a transport
+        that moves bytes lets the caller work on what has arrived while the rest is on the wire
+        (this default: the exchange, complete)."""
+        return Exchange(self.exchange(messages, members, phase, place=place,
+                                      check_finite=check_finite))
+
+    def scratch(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        """A buffer kept under ``key`` from one call to the next (a new one when the shape or
+        dtype changes), for memory a collective receives into round after round.
+
+        Fresh memory costs a page fault per page on its first write (on the CPU often more
+        than the copy that fills it); a kept buffer costs it once. The cost: the buffers stay
+        allocated while the transport lives. The caller must not keep a buffer past its call,
+        nor use one key for two collectives in flight at once.
+        """
+        kept, device = self.__dict__.setdefault("_scratch", {}), torch.device(device)
+        t = kept.get(key)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+            kept.pop(key, None)  # released before its replacement is allocated
+            t = kept[key] = memory.empty(shape, dtype, device)
+        return t

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from islands.core.errors import CommError
 from islands.core.timing import timed
 from islands.transports import wire
-from islands.transports.base import Message, Place, Transport
+from islands.transports.base import Exchange, Message, Place, Transport
 
 
 def open_store(host: str, port: int, *, is_master: bool, timeout_s: float) -> dist.Store:
@@ -105,6 +105,16 @@ class DistTransport(Transport):
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
                  phase: str, *, place: Place | None = None,
                  check_finite: bool = True) -> dict[tuple[int, int], Message]:
+        return self.start_exchange(messages, members, phase, place=place,
+                                   check_finite=check_finite).wait()
+
+    def start_exchange(self, messages: dict[tuple[int, int], Message],
+                       members: tuple[int, ...], phase: str, *, place: Place | None = None,
+                       check_finite: bool = True) -> Exchange:
+        """Round 1 (the headers), then round 2 posted: every tensor's bytes, in chunks of
+        :data:`~islands.transports.wire.CHUNK_BYTES`, each its own send/recv (gloo delivers a
+        pair's messages in order), so the caller can work on the first chunks while the next
+        ones arrive."""
         me = self.worker
         out = {k: m for k, m in messages.items() if k[0] == me}
         assert len(out) == len(messages), f"{phase}: messages from a non-local worker"
@@ -125,30 +135,29 @@ class DistTransport(Transport):
                 for p, h in specs.items()}
             sends = [(wire.as_bytes(m.payload.tensors[k]), dst) for (_, dst), m in out.items()
                      if dst != me for k in sorted(m.payload.tensors)]
-            recvs = [(wire.as_bytes(t), p) for p, ts in received.items() for t in ts.values()]
-        self._transfer([(b, p) for b, p in sends if b.numel()],
-                       [(b, p) for b, p in recvs if b.numel()], 1, phase)
-        self.wire_bytes_sent += sum(h.numel() for h in heads.values()) + sum(
-            b.numel() for b, _ in sends)
-        self.wire_bytes_received += sum(wire.header_length(head_bufs[p]) for p in peers) \
-            + sum(b.numel() for b, _ in recvs)
-        self.bytes_sent += sum(m.nbytes for (_, dst), m in out.items() if dst != me)
-        result = {(me, me): out[(me, me)]} if (me, me) in out else {}
-        for p, h in specs.items():
-            msg = wire.message(h, received[p])
-            if check_finite:
-                with timed(sw, "pack"):
-                    wire.check_finite(msg, p)
-            result[(p, me)] = msg
-            self.bytes_received += msg.nbytes
-        return result
+        arriving = _Arriving(self, phase, specs, received, check_finite)
+        arriving.post(sends)
+        # counted once everything has gone through (Exchange.wait)
+        arriving.counts = {
+            "bytes_sent": sum(m.nbytes for (_, dst), m in out.items() if dst != me),
+            "wire_bytes_sent": sum(h.numel() for h in heads.values())
+            + sum(b.numel() for b, _ in sends),
+            "wire_bytes_received": sum(wire.header_length(head_bufs[p]) for p in peers)}
+        if (me, me) in out:
+            arriving.messages[(me, me)] = out[(me, me)]
+        return arriving
 
-    def _transfer(self, sends: list, recvs: list, tag: int, phase: str) -> None:
+    def _post(self, sends: list, recvs: list, tag: int, phase: str) -> list:
+        """Posts gloo sends and receives of ``(tensor, peer)``; returns their works."""
         try:
             works = [self.group.send([t], self.ranks[p], tag) for t, p in sends]
             works += [self.group.recv([t], self.ranks[p], tag) for t, p in recvs]
         except RuntimeError as e:  # a pair already known dead fails at once
             raise CommError(f"{phase}: a peer failed: {str(e).splitlines()[0]}") from None
+        return works
+
+    def _transfer(self, sends: list, recvs: list, tag: int, phase: str) -> None:
+        works = self._post(sends, recvs, tag, phase)
         with timed(self.stopwatch, "wire"):
             self._wait(works, phase)
 
@@ -177,3 +186,69 @@ class DistTransport(Transport):
                                 "(runtime.collective_timeout_s)")
         if errors:
             raise CommError(f"{phase}: a peer failed: {str(errors[0]).splitlines()[0]}")
+
+
+class _Arriving(Exchange):
+    """Round 2 of an exchange in flight: the tensors' chunks, sent and received in order."""
+
+    def __init__(self, transport: DistTransport, phase: str, specs: dict,
+                 received: dict[int, dict[str, torch.Tensor]], check_finite: bool) -> None:
+        me = transport.worker
+        super().__init__({(p, me): wire.message(h, received[p]) for p, h in specs.items()})
+        self.transport, self.phase, self.check_finite = transport, phase, check_finite
+        self.received = received
+        self.sends: list = []
+        self.counts: dict[str, int] = {}
+        self.finished = False
+        # (peer, tensor name) -> [(end byte, work)] in arrival order, and how many were waited
+        self.chunks: dict[tuple[int, str], list] = {}
+        self.waited: dict[tuple[int, str], int] = {}
+
+    def post(self, sends: list) -> None:
+        recvs, owners = [], []
+        for p, tensors in self.received.items():
+            for name, t in tensors.items():
+                for a, b in wire.chunks(wire.as_bytes(t).numel()):
+                    recvs.append((wire.as_bytes(t)[a:b], p))
+                    owners.append(((p, name), b))
+        pieces = [(b[x:y], p) for b, p in sends for x, y in wire.chunks(b.numel())]
+        works = self.transport._post(pieces, recvs, 1, self.phase)
+        self.sends = works[:len(pieces)]
+        for (key, end), work in zip(owners, works[len(pieces):]):
+            self.chunks.setdefault(key, []).append((end, work))
+
+    def wait_for(self, key: tuple[int, int], name: str, nbytes: int) -> None:
+        src = key[0]
+        if src == self.transport.worker or nbytes <= 0:
+            return  # handed over in memory
+        chunks, done = self.chunks.get((src, name), []), self.waited.get((src, name), 0)
+        need = done
+        while need < len(chunks) and (need == 0 or chunks[need - 1][0] < nbytes):
+            need += 1
+        if need > done:
+            with timed(self.transport.stopwatch, "wire"):
+                self.transport._wait([w for _, w in chunks[done:need]], self.phase)
+            self.waited[(src, name)] = need
+
+    def wait(self) -> dict[tuple[int, int], Message]:
+        t = self.transport
+        if self.finished:
+            return self.messages
+        rest = [w for key, chunks in self.chunks.items()
+                for _, w in chunks[self.waited.get(key, 0):]]
+        with timed(t.stopwatch, "wire"):
+            t._wait(self.sends + rest, self.phase)
+        self.waited = {key: len(chunks) for key, chunks in self.chunks.items()}
+        for name, n in self.counts.items():
+            setattr(t, name, getattr(t, name) + n)
+        self.counts, self.finished = {}, True
+        for (src, dst), msg in self.messages.items():
+            if src == dst:
+                continue
+            if self.check_finite:
+                with timed(t.stopwatch, "pack"):
+                    wire.check_finite(msg, src)
+            t.bytes_received += msg.nbytes
+            t.wire_bytes_received += sum(b.numel() for b in map(wire.as_bytes,
+                                                                 msg.payload.tensors.values()))
+        return self.messages

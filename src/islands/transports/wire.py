@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from islands.codecs.base import Encoded, all_finite
+from islands.core import memory
 from islands.core.errors import CommError, PeerRefused
 from islands.transports.base import Message
 
@@ -43,6 +44,9 @@ DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torc
                               torch.bool)}
 MAX_HEADER_BYTES = 1 << 20  # received into a buffer this large; only the pages used are touched
 MAX_MESSAGE_BYTES = 1 << 33  # 8 GiB: a payload above this from a peer is malformed
+# Bytes per send/recv of a tensor's bytes: a receiver works on a chunk while the next ones
+# arrive, and an exchange that makes progress is never cut by the per-wait timeout.
+CHUNK_BYTES = 4 << 20
 # Bytes on the wire beyond Message.nbytes, per message, for every built-in codec but PowerSGD
 # (a test checks it over gloo).
 MAX_HEADER_OVERHEAD_BYTES = 256
@@ -135,7 +139,7 @@ def receive_buffers(h: Header, place: TensorPlace | None) -> dict[str, torch.Ten
         t = place(name, dtype, shape) if place is not None else None
         if t is None or t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() \
                 or t.device.type != "cpu":
-            t = torch.empty(shape, dtype=dtype)
+            t = memory.empty(shape, dtype)
         out[name] = t
     return out
 
@@ -144,6 +148,11 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's memory as flat uint8 (a view; a copy only if not contiguous or not on
     the CPU)."""
     return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+
+
+def chunks(nbytes: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges of the chunks a tensor of ``nbytes`` bytes travels in."""
+    return [(a, min(nbytes, a + CHUNK_BYTES)) for a in range(0, nbytes, CHUNK_BYTES)]
 
 
 def message(h: Header, tensors: dict[str, torch.Tensor]) -> Message:
