@@ -105,3 +105,10 @@ def test_garbage_on_a_store_port_does_not_break_the_store():
     client.set("k", "v")
     assert server.get("k") == b"v"
     silent.close()
+
+
+def test_chunks_cover_a_tensor_in_order(monkeypatch):
+    monkeypatch.setattr(wire, "CHUNK_BYTES", 10)
+    assert wire.chunks(0) == []
+    assert wire.chunks(10) == [(0, 10)]
+    assert wire.chunks(25) == [(0, 10), (10, 20), (20, 25)]

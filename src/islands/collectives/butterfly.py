@@ -54,7 +54,7 @@ from islands.collectives.checks import (
     view_checked,
 )
 from islands.core import memory
-from islands.core.errors import CodecError, CommError
+from islands.core.errors import CodecError, CommError, PeerRefused
 from islands.core.timing import timed
 from islands.transports.base import Exchange, Message, Transport
 
@@ -92,10 +92,19 @@ class Work:
 
 @contextlib.contextmanager
 def _finished(pending: Exchange) -> Iterator[None]:
-    """Runs the block, then waits for the whole exchange, also when the block raised (no
-    transfer is left behind); the block's error is the one reported."""
+    """Runs the block, then waits for the whole exchange. If the block raised: after a refusal
+    or any error off the wire, the exchange is still completed (no transfer left behind, the
+    peers not kept waiting) and the block's error reported; after a failure of the wire
+    itself (a timeout, an abort), what is still in flight is abandoned at once."""
     try:
         yield
+    except CommError as e:
+        if isinstance(e, PeerRefused):
+            with contextlib.suppress(CommError):
+                pending.wait()
+        else:
+            pending.abandon()
+        raise
     except BaseException:
         with contextlib.suppress(CommError):
             pending.wait()
@@ -157,14 +166,17 @@ class Group:
         # transport receives lossless gathered shards straight into theirs.
         out = {k: memory.empty(numel, dtype, device) for k in self.local}
 
-        # Phase 1: member i sends shard j to member j.
-        outgoing = {}
-        for i, x in contributions.items():
-            w = 1.0 if weights is None else float(weights[i])
-            for j, (a, b) in owner.items():
-                with timed(sw, "encode"):
-                    payload = codecs[i].encode(x[a:b], key=f"w{i}/{tag}/scatter", offset=a)
-                outgoing[(i, j)] = Message(payload, MESSAGE_HEADER_BYTES, weight=w)
+        # Phase 1: member i sends shard j to member j; its own shard is encoded while the
+        # others travel.
+        def scattered(i: int, j: int) -> Message:
+            a, b = owner[j]
+            with timed(sw, "encode"):
+                payload = codecs[i].encode(contributions[i][a:b], key=f"w{i}/{tag}/scatter",
+                                           offset=a)
+            return Message(payload, MESSAGE_HEADER_BYTES,
+                           weight=1.0 if weights is None else float(weights[i]))
+
+        outgoing = {(i, j): scattered(i, j) for i in self.local for j in self.members if i != j}
         stream = aggregator is mean and streams(len(self.members), dtype)
         rank = {m: r for r, m in enumerate(self.members)}
 
@@ -182,6 +194,8 @@ class Group:
         # Aggregate each local shard in member order; re-encode for the gather.
         outgoing = {}
         with _finished(pending):
+            for i in self.local:
+                pending.messages[(i, i)] = scattered(i, i)
             for j in self.local:
                 a, b = owner[j]
                 msgs = [pending.messages[(i, j)] for i in self.members]

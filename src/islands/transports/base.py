@@ -62,8 +62,13 @@ class Exchange:
 
     def wait(self) -> dict[tuple[int, int], Message]:
         """Waits for everything (sends included), checks and counts it; returns
-        :attr:`messages`. Call it even after an error, so no transfer is left behind."""
+        :attr:`messages`. After an error off the wire, call it still, so no transfer is left
+        behind."""
         return self.messages
+
+    def abandon(self) -> None:
+        """Gives up on what is still in flight after the wire failed (a timeout, an abort):
+        returns at once, keeping the transfers' memory alive until they end."""
 
 
 class Transport(ABC):

@@ -25,6 +25,7 @@ This is the only module of islands that imports ``torch.distributed``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 import time
@@ -32,7 +33,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from islands.core.errors import CommError
+from islands.core.errors import CommError, PeerRefused
 from islands.core.timing import timed
 from islands.transports import wire
 from islands.transports.base import Exchange, Message, Place, Transport
@@ -129,22 +130,36 @@ class DistTransport(Transport):
         self._transfer([(heads[p], p) for p in peers], [(head_bufs[p], p) for p in peers],
                        0, phase)
         with timed(sw, "pack"):
-            specs = {p: h for p in peers if (h := wire.unpack_header(head_bufs[p], p))}
+            # A malformed header is refused once the transfers with the other peers are done
+            # (they are not kept waiting); nothing more is sent to or taken from its sender.
+            specs, refused = {}, {}
+            for p in peers:
+                try:
+                    if (h := wire.unpack_header(head_bufs[p], p)) is not None:
+                        specs[p] = h
+                except PeerRefused as e:
+                    refused[p] = e
             received = {p: wire.receive_buffers(
                 h, None if place is None else lambda *t, p=p: place(p, me, *t))
                 for p, h in specs.items()}
             sends = [(wire.as_bytes(m.payload.tensors[k]), dst) for (_, dst), m in out.items()
-                     if dst != me for k in sorted(m.payload.tensors)]
+                     if dst != me and dst not in refused for k in sorted(m.payload.tensors)]
         arriving = _Arriving(self, phase, specs, received, check_finite)
         arriving.post(sends)
         # counted once everything has gone through (Exchange.wait)
         arriving.counts = {
-            "bytes_sent": sum(m.nbytes for (_, dst), m in out.items() if dst != me),
+            "bytes_sent": sum(m.nbytes for (_, dst), m in out.items()
+                              if dst != me and dst not in refused),
             "wire_bytes_sent": sum(h.numel() for h in heads.values())
             + sum(b.numel() for b, _ in sends),
-            "wire_bytes_received": sum(wire.header_length(head_bufs[p]) for p in peers)}
+            "wire_bytes_received": sum(wire.header_length(head_bufs[p]) for p in peers
+                                       if p not in refused)}
         if (me, me) in out:
             arriving.messages[(me, me)] = out[(me, me)]
+        if refused:
+            with contextlib.suppress(CommError):
+                arriving.wait()
+            raise next(iter(refused.values()))
         return arriving
 
     def _post(self, sends: list, recvs: list, tag: int, phase: str) -> list:
@@ -226,9 +241,26 @@ class _Arriving(Exchange):
         while need < len(chunks) and (need == 0 or chunks[need - 1][0] < nbytes):
             need += 1
         if need > done:
+            self.waited[(src, name)] = need  # handed to _wait, which holds them if it fails
             with timed(self.transport.stopwatch, "wire"):
                 self.transport._wait([w for _, w in chunks[done:need]], self.phase)
-            self.waited[(src, name)] = need
+
+    def abandon(self) -> None:
+        # As _wait does with the works it gives up on: a helper holds them (and so the
+        # tensors gloo reads and writes) until they end or one fails, which the group's own
+        # timeout guarantees. Works already handed to _wait are its helper's.
+        if self.finished:
+            return
+        works = self.sends + [w for key, chunks in self.chunks.items()
+                              for _, w in chunks[self.waited.get(key, 0):]]
+        self.finished = True
+
+        def hold() -> None:
+            with contextlib.suppress(BaseException):  # the caller already has the error
+                for w in works:
+                    w.wait()
+
+        threading.Thread(target=hold, daemon=True, name=f"abandon {self.phase}").start()
 
     def wait(self) -> dict[tuple[int, int], Message]:
         t = self.transport
@@ -236,12 +268,13 @@ class _Arriving(Exchange):
             return self.messages
         rest = [w for key, chunks in self.chunks.items()
                 for _, w in chunks[self.waited.get(key, 0):]]
+        self.finished = True  # everything is handed to _wait, which holds it if it fails
         with timed(t.stopwatch, "wire"):
             t._wait(self.sends + rest, self.phase)
         self.waited = {key: len(chunks) for key, chunks in self.chunks.items()}
         for name, n in self.counts.items():
             setattr(t, name, getattr(t, name) + n)
-        self.counts, self.finished = {}, True
+        self.counts = {}
         for (src, dst), msg in self.messages.items():
             if src == dst:
                 continue
