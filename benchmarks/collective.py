@@ -88,9 +88,12 @@ def numel_of(size_mb: float) -> int:
 def worker_main(args: argparse.Namespace) -> None:
     """One process of the group: every (size, codec) in order, gloo then the butterfly."""
     from islands.collectives.butterfly import Group
+    from islands.transports import wire
     from islands.transports.dist import DistTransport, new_group, open_store
 
     torch.set_num_threads(1)
+    if args.chunk_mb:
+        wire.CHUNK_BYTES = int(args.chunk_mb * 2**20)
     rank, n = args.rank, args.world
     store = open_store("127.0.0.1", args.port, is_master=rank == 0, timeout_s=120)
     pg = new_group(store, "bench/", rank, n, 120)
@@ -153,6 +156,7 @@ def run_group(n: int, args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         files = [Path(tmp) / f"rank{r}.json" for r in range(n)]
         common = ["--world", str(n), "--port", str(port), "--repeats", str(args.repeats),
+                  "--chunk-mb", str(args.chunk_mb or 0),
                   "--sizes-mb", *map(str, args.sizes_mb), "--codecs", *args.codecs]
         procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--result",
                                    str(files[r]), *common], env=env, stderr=subprocess.PIPE,
@@ -259,6 +263,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help=f"{QUICK}")
     p.add_argument("--no-sim", action="store_true", help="skip the simulator's rows")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per worker count")
+    p.add_argument("--chunk-mb", type=float, default=None,
+                   help="the real transport's chunk size (default: wire.CHUNK_BYTES)")
     p.add_argument("--json", default="bench-results/collective.json")
     # set by the parent for a worker process
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -278,8 +284,11 @@ def main() -> None:
         loads[n] = {"before": before, "after": os.getloadavg()}
     sim_rows = [] if args.no_sim else simulator_rows(args)
     print_tables(dist_rows, sim_rows)
+    from islands.transports import wire
+
     env = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "threads_per_process": 1, "torch": torch.__version__, "cpus": os.cpu_count(),
+           "threads_per_process": 1,
+           "chunk_bytes": int(args.chunk_mb * 2**20) if args.chunk_mb else wire.CHUNK_BYTES, "torch": torch.__version__, "cpus": os.cpu_count(),
            "machine": platform.processor() or platform.machine(), "load_average": loads,
            "load_average_end": os.getloadavg()}
     out = Path(args.json)

@@ -85,17 +85,20 @@ class Codec(ABC):
     # it without decoding (:meth:`decoded_view`).
     raw_tensor: str | None = None
 
-    def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0) -> Encoded:
+    def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0, *,
+               finite: bool = False) -> Encoded:
         """Encodes ``x`` (any shape; flattened) after checking it is finite.
 
         Args:
             x: float tensor to send.
             key: the stream's name: keys state of stateful codecs, names the tensor in errors.
             offset: position of ``x`` in the stream's flat vector.
+            finite: the caller has checked every value of ``x`` finite (the collective checks
+                the mean step by step while it is in cache): no second pass.
         """
         if not torch.is_floating_point(x):
             raise CodecError(f"tensor {key!r} has dtype {x.dtype}; codecs take float tensors")
-        if not self.checks_finite:
+        if not self.checks_finite and not finite:
             check_finite(x, tensor_name(key, offset, x.numel()))
         return self._encode(x.reshape(-1), key, offset)
 

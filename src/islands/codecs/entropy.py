@@ -36,12 +36,13 @@ class Entropy(Codec):
         self.level = level
         self.name = f"entropy({inner.name})"
 
-    def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0) -> Encoded:
+    def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0, *,
+               finite: bool = False) -> Encoded:
         # The inner codec checks dtype and finiteness; checking here too would read x twice.
-        return self._encode(x, key, offset)
+        return self._encode(x, key, offset, finite=finite)
 
-    def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
-        inner = self.inner.encode(x, key, offset)
+    def _encode(self, x: torch.Tensor, key: str, offset: int, finite: bool = False) -> Encoded:
+        inner = self.inner.encode(x, key, offset, finite=finite)
         schema = [(name, t.dtype, tuple(t.shape)) for name, t in inner.tensors.items()]
         parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in inner.tensors.values()]
         raw = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)

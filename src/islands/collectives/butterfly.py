@@ -201,10 +201,10 @@ class Group:
                 msgs = [pending.messages[(i, j)] for i in self.members]
                 wts = None if weights is None else torch.tensor([m.weight for m in msgs],
                                                                dtype=torch.float64)
-                reduced, rows = self._reduce(pending, j, codecs[j], aggregator, wts, stream,
-                                             out[j][a:b], a, tag)
+                reduced, rows, finite = self._reduce(pending, j, codecs[j], aggregator, wts,
+                                                     stream, out[j][a:b], a, tag)
                 with timed(sw, "encode"):
-                    payload = self._encode_reduced(codecs[j], reduced, rows,
+                    payload = self._encode_reduced(codecs[j], reduced, rows, finite,
                                                    f"w{j}/{tag}/gather", a, scatter)
                 for k in self.members:
                     outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES)
@@ -238,16 +238,18 @@ class Group:
 
     def _reduce(self, pending: Exchange, j: int, codec: Codec, aggregator: Aggregator,
                 weights: torch.Tensor | None, stream: bool, into: torch.Tensor, a: int,
-                tag: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                tag: str) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
         """Member ``j``'s shard (``into``, its slice of its result, starting at ``a``): the
-        aggregate of the rows in member order, and the rows; refusals name the sender.
+        aggregate of the rows in member order, the rows, and whether the aggregate was found
+        finite already; refusals name the sender.
 
         The streamed mean of a lossless codec's rows reads them where they lie, each step as
         soon as it has arrived, and writes into ``into``; otherwise the rows are decoded into
         a stack (where the real transport received lossless rows already) and the aggregator
         returns a new tensor. Rows from other workers (in the simulator too, where one may
         play a Byzantine worker) are checked for NaN/Inf before a robust rule sees them; the
-        mean needs no pass of its own (:meth:`_encode_reduced`).
+        mean needs no pass of its own: the streamed one is checked step by step while in
+        cache, the stacked one by its re-encode (:meth:`_encode_reduced`).
         """
         sw, n, what = self.transport.stopwatch, into.numel(), f"{tag}/reduce-scatter"
         keys = [(i, j) for i in self.members]
@@ -256,12 +258,14 @@ class Group:
             views = [view_checked(codec, p, n, a, i, what)
                      for i, p in zip(self.members, payloads)]
         if stream and all(v is not None and v.device == into.device for v in views):
+            finite = True
             for lo, hi in _steps(n):
                 for key in keys:
                     pending.wait_for(key, codec.raw_tensor, hi * into.element_size())
                 with timed(sw, "reduce"):
                     mean_of_rows([v[lo:hi] for v in views], weights, into[lo:hi])
-            return into, views
+                    finite = finite and all_finite(into[lo:hi])  # while it is in cache
+            return into, views, finite
         stacked = self._stack(tag, n, into.dtype, into.device)
         for i, key, row, p in zip(self.members, keys, stacked, payloads):
             _arrived(pending, key, p)
@@ -272,11 +276,12 @@ class Group:
             with timed(sw, "decode"):
                 refuse_non_finite(rows, self.members, what)
         with timed(sw, "reduce"):
-            return aggregator(stacked, weights), rows
+            return aggregator(stacked, weights), rows, False
 
     def _encode_reduced(self, codec: Codec, reduced: torch.Tensor, rows: list[torch.Tensor],
-                        key: str, offset: int, what: str) -> Encoded:
-        """Re-encodes an aggregate; a NaN/Inf in it is refused naming the row's sender.
+                        finite: bool, key: str, offset: int, what: str) -> Encoded:
+        """Re-encodes an aggregate (``finite``: already checked); a NaN/Inf in it is refused
+        naming the row's sender.
 
         Every encoder refuses NaN/Inf, in the pass it makes anyway (a separate read for a
         lossless codec, none for the quantizers), and a NaN or Inf in any row reaches the mean;
@@ -284,7 +289,7 @@ class Group:
         overflows are the encoder's refusal, as they always were.
         """
         try:
-            return codec.encode(reduced, key=key, offset=offset)
+            return codec.encode(reduced, key=key, offset=offset, finite=finite)
         except CodecError:
             if len(rows) > 1:
                 refuse_non_finite(rows, self.members, what)
@@ -294,8 +299,7 @@ class Group:
                 owner: dict[int, tuple[int, int]], out: dict[int, torch.Tensor],
                 what: str) -> None:
         """Decodes every aggregated shard into its place in each local result, checking what
-        another worker sent for NaN/Inf (a lossless shard received in place: step by step as
-        it arrives)."""
+        another worker sent for NaN/Inf (a lossless shard step by step, as it arrives)."""
         sw = self.transport.stopwatch
         done: dict[int, int] = {}  # id(payload) -> the local worker whose result holds it
         for k in self.local:
@@ -309,11 +313,16 @@ class Group:
                 done[id(payload)] = k
                 with timed(sw, "decode"):
                     view = view_checked(codecs[k], payload, b - a, a, j, what)
-                if view is not None and view.data_ptr() == dest.data_ptr():
-                    for lo, hi in _steps(b - a) if j != k else ():
+                if view is not None and view.device == dest.device:
+                    # Lossless: received in place (nothing to copy) or copied step by step,
+                    # each step checked while in cache.
+                    in_place = view.data_ptr() == dest.data_ptr()
+                    for lo, hi in _steps(b - a) if j != k or not in_place else ():
                         pending.wait_for((j, k), codecs[k].raw_tensor, hi * dest.element_size())
                         with timed(sw, "decode"):
-                            if not all_finite(dest[lo:hi]):
+                            if not in_place:
+                                dest[lo:hi].copy_(view[lo:hi])
+                            if j != k and not all_finite(dest[lo:hi]):
                                 raise non_finite(j, what)
                     continue
                 _arrived(pending, (j, k), payload)
