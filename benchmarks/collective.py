@@ -24,6 +24,7 @@ Run it (each process sets one torch thread):
     python benchmarks/collective.py                                   # the full grid
     python benchmarks/collective.py --workers 2 3 --sizes-mb 128 --codecs identity int8
     python benchmarks/collective.py --quick                           # under a minute
+    python benchmarks/collective.py --workers 4 --no-sim              # one worker count
 
 Writes ``bench-results/collective.json`` (``--json`` to move it) with every repeat, the
 breakdown, the load average before and after each worker count, and the command.
@@ -262,6 +263,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help=f"{QUICK}")
     p.add_argument("--no-sim", action="store_true", help="skip the simulator's rows")
+    p.add_argument("--no-dist", action="store_true", help="skip the real transport's rows")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per worker count")
     p.add_argument("--chunk-mb", type=float, default=None,
                    help="the real transport's chunk size (default: wire.CHUNK_BYTES)")
@@ -278,7 +280,7 @@ def main() -> None:
         for k, v in QUICK.items():
             setattr(args, k, v)
     loads, dist_rows = {}, []
-    for n in args.workers:
+    for n in [] if args.no_dist else args.workers:
         before = os.getloadavg()
         dist_rows += run_group(n, args)
         loads[n] = {"before": before, "after": os.getloadavg()}

@@ -170,3 +170,22 @@ def test_finite_rows_whose_mean_overflows_are_refused_by_the_encoder_as_before()
     xs = {i: torch.full((10,), 3e38) for i in range(2)}
     with pytest.raises(CodecError, match="NaN/Inf"):
         group.all_reduce(xs, codecs={i: Identity() for i in range(2)})
+
+
+@pytest.mark.parametrize("phase", ["reduce-scatter", "all-gather"])
+def test_a_missing_payload_is_refused_naming_the_sender(phase):
+    """A worker that sends nothing where its payload is due is named, not a KeyError."""
+    from islands.core.errors import PeerRefused
+
+    class Dropping(SimTransport):
+        def exchange(self, messages, members, phase, **kw):
+            got = super().exchange(messages, members, phase, **kw)
+            return {k: m for k, m in got.items() if k != (1, 0) or not phase.endswith(which)}
+
+    which = phase
+    transport = Dropping(3, NetworkModel(), VirtualClock(3))
+    group = Group(transport, (0, 1, 2))
+    with pytest.raises(PeerRefused, match=f"{phase}: no payload from worker 1") as refused:
+        group.all_reduce({i: torch.randn(30) for i in range(3)},
+                         codecs={i: Identity() for i in range(3)})
+    assert refused.value.sender == 1

@@ -50,6 +50,7 @@ from islands.codecs.base import Codec, Encoded, all_finite
 from islands.collectives.checks import (
     decode_checked,
     non_finite,
+    received,
     refuse_non_finite,
     view_checked,
 )
@@ -198,7 +199,7 @@ class Group:
                 pending.messages[(i, i)] = scattered(i, i)
             for j in self.local:
                 a, b = owner[j]
-                msgs = [pending.messages[(i, j)] for i in self.members]
+                msgs = [received(pending, (i, j), scatter) for i in self.members]
                 wts = None if weights is None else torch.tensor([m.weight for m in msgs],
                                                                dtype=torch.float64)
                 reduced, rows, finite = self._reduce(pending, j, codecs[j], aggregator, wts,
@@ -253,7 +254,7 @@ class Group:
         """
         sw, n, what = self.transport.stopwatch, into.numel(), f"{tag}/reduce-scatter"
         keys = [(i, j) for i in self.members]
-        payloads = [pending.messages[key].payload for key in keys]
+        payloads = [pending.messages[key].payload for key in keys]  # all there: see received
         with timed(sw, "decode"):
             views = [view_checked(codec, p, n, a, i, what)
                      for i, p in zip(self.members, payloads)]
@@ -305,7 +306,7 @@ class Group:
         for k in self.local:
             for j in self.members:
                 a, b = owner[j]
-                payload, dest = pending.messages[(j, k)].payload, out[k][a:b]
+                payload, dest = received(pending, (j, k), what).payload, out[k][a:b]
                 if id(payload) in done:  # one message to several local workers: decode once
                     with timed(sw, "decode"):
                         dest.copy_(out[done[id(payload)]][a:b])

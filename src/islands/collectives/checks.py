@@ -12,8 +12,18 @@ import torch
 
 from islands.codecs.base import Codec, Encoded, all_finite
 from islands.core.errors import PeerRefused
+from islands.transports.base import Exchange, Message
 
 _DECODE_ERRORS = (RuntimeError, ValueError, KeyError, IndexError, TypeError)
+
+
+def received(pending: Exchange, key: tuple[int, int], what: str) -> Message:
+    """The message ``key = (sender, receiver)`` of an exchange; a sender that sent nothing
+    where a payload was due is refused by name."""
+    msg = pending.messages.get(key)
+    if msg is None:
+        raise PeerRefused(f"{what}: no payload from worker {key[0]}; refused", key[0])
+    return msg
 
 
 def check_payload(codec: Codec, payload: Encoded, n: int, offset: int, sender: int,
