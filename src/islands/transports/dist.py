@@ -240,10 +240,15 @@ class _Arriving(Exchange):
         need = done
         while need < len(chunks) and (need == 0 or chunks[need - 1][0] < nbytes):
             need += 1
-        if need > done:
-            self.waited[(src, name)] = need  # handed to _wait, which holds them if it fails
-            with timed(self.transport.stopwatch, "wire"):
-                self.transport._wait([w for _, w in chunks[done:need]], self.phase)
+        if need == done:
+            return
+        left = sum(len(c) - self.waited.get(k, 0) for k, c in self.chunks.items())
+        if left == need - done:  # the last bytes: one wait for everything, sends included
+            self.wait()
+            return
+        self.waited[(src, name)] = need  # handed to _wait, which holds them if it fails
+        with timed(self.transport.stopwatch, "wire"):
+            self.transport._wait([w for _, w in chunks[done:need]], self.phase)
 
     def abandon(self) -> None:
         # As _wait does with the works it gives up on: a helper holds them (and so the
