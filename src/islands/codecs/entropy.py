@@ -20,6 +20,11 @@ import zstandard
 from islands.codecs.base import Codec, Encoded
 from islands.core.errors import CodecError
 
+# The dtypes a codec's payload tensors may have, by name.
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                               torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                               torch.bool)}
+
 
 class Entropy(Codec):
     """zstd after ``inner``.
@@ -43,7 +48,8 @@ class Entropy(Codec):
 
     def _encode(self, x: torch.Tensor, key: str, offset: int, finite: bool = False) -> Encoded:
         inner = self.inner.encode(x, key, offset, finite=finite)
-        schema = [(name, t.dtype, tuple(t.shape)) for name, t in inner.tensors.items()]
+        # dtype names, not dtypes: the meta travels as JSON over the real transport
+        schema = [(name, str(t.dtype), list(t.shape)) for name, t in inner.tensors.items()]
         parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in inner.tensors.values()]
         raw = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
         frame = zstandard.ZstdCompressor(level=self.level).compress(raw.numpy())
@@ -64,7 +70,10 @@ class Entropy(Codec):
         flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if size else \
             torch.empty(0, dtype=torch.uint8)
         tensors, at = {}, 0
-        for name, dtype, shape in e.meta["schema"]:
+        for name, dtype_name, shape in e.meta["schema"]:
+            dtype = _DTYPES.get(dtype_name)
+            if dtype is None:
+                raise CodecError(f"entropy-coded payload names dtype {dtype_name!r}")
             nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
             tensors[name] = flat[at:at + nbytes].clone().view(dtype).reshape(shape)  # aligned
             at += nbytes
