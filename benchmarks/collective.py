@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+import islands
 from islands.codecs import build_codec
 from islands.core.config import CodecConfig
 from islands.core.timing import Stopwatch
@@ -89,11 +90,12 @@ def numel_of(size_mb: float) -> int:
 def worker_main(args: argparse.Namespace) -> None:
     """One process of the group: every (size, codec) in order, gloo then the butterfly."""
     from islands.collectives.butterfly import Group
-    from islands.transports import wire
     from islands.transports.dist import DistTransport, new_group, open_store
 
     torch.set_num_threads(1)
     if args.chunk_mb:
+        from islands.transports import wire
+
         wire.CHUNK_BYTES = int(args.chunk_mb * 2**20)
     rank, n = args.rank, args.world
     store = open_store("127.0.0.1", args.port, is_master=rank == 0, timeout_s=120)
@@ -143,6 +145,16 @@ def digest(t: torch.Tensor) -> str:
 
 
 # --- the parent -----------------------------------------------------------------------------
+
+def chunk_bytes() -> int | None:
+    """The real transport's chunk size (None for a tree without chunks: a before/after run
+    with ``PYTHONPATH`` on an older checkout)."""
+    try:
+        from islands.transports import wire
+    except ImportError:
+        return None
+    return wire.CHUNK_BYTES
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -284,19 +296,20 @@ def main() -> None:
         before = os.getloadavg()
         dist_rows += run_group(n, args)
         loads[n] = {"before": before, "after": os.getloadavg()}
+    before = os.getloadavg()
     sim_rows = [] if args.no_sim else simulator_rows(args)
+    if sim_rows:
+        loads["sim"] = {"before": before, "after": os.getloadavg()}
     print_tables(dist_rows, sim_rows)
-    from islands.transports import wire
-
     env = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "threads_per_process": 1,
-           "chunk_bytes": int(args.chunk_mb * 2**20) if args.chunk_mb else wire.CHUNK_BYTES, "torch": torch.__version__, "cpus": os.cpu_count(),
+           "threads_per_process": 1, "islands": str(Path(islands.__file__).parent),
+           "chunk_bytes": int(args.chunk_mb * 2**20) if args.chunk_mb else chunk_bytes(), "torch": torch.__version__, "cpus": os.cpu_count(),
            "machine": platform.processor() or platform.machine(), "load_average": loads,
            "load_average_end": os.getloadavg()}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "dist": dist_rows, "sim": sim_rows}, indent=1))
-    print(f"load average (1, 5, 15 min) per worker count: {loads}; at the end: "
+    print(f"load average (1, 5, 15 min) per worker count and for the simulator: {loads}; at the end: "
           f"{env['load_average_end']}\nwrote {out}")
 
 
