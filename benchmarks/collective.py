@@ -257,11 +257,12 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
                   *(f"{1e3 * bd[a]:.0f}" for a in (*ACTIVITIES, "other")),
                   "yes" if r["identical_on_every_worker"] else "NO")
     s = Table(title="simulator's butterfly (one process, 1 thread): time per worker vs copy_")
-    for col in ("workers", "MB", "codec", "total s", "per worker s", "copy_ s", "÷ copy_"):
+    for col in ("workers", "MB", "codec", "total ms", "per worker ms", "copy_ ms", "÷ copy_"):
         s.add_column(col, justify="right")
     for r in sim_rows:
-        s.add_row(str(r["workers"]), f"{r['size_mb']:g}", r["codec"], f"{r['total_s']:.3f}",
-                  f"{r['per_worker_s']:.4f}", f"{r['copy_s']:.4f}", f"{r['vs_copy']:.2f}x")
+        s.add_row(str(r["workers"]), f"{r['size_mb']:g}", r["codec"], f"{1e3 * r['total_s']:.2f}",
+                  f"{1e3 * r['per_worker_s']:.3f}", f"{1e3 * r['copy_s']:.3f}",
+                  f"{r['vs_copy']:.2f}x")
     console = Console(width=200)
     console.print(t)
     console.print(s)
