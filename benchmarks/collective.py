@@ -224,14 +224,14 @@ def simulator_rows(args: argparse.Namespace) -> list[dict]:
         numel = numel_of(size_mb)
         x = torch.randn(numel)
         into = torch.empty_like(x)
-        copy_s = median_time(lambda: into.copy_(x), args.repeats)
-        del into
         for n in args.workers:
             xs = {i: torch.randn(numel, generator=torch.Generator().manual_seed(i))
                   for i in range(n)}
             for label in args.codecs:
                 group = Group(SimTransport(n, NetworkModel(), VirtualClock(n)), tuple(range(n)))
                 codecs = {i: make_codec(label, numel) for i in range(n)}
+                # the copy beside each row, so that both see the same load
+                copy_s = median_time(lambda: into.copy_(x), args.repeats)
                 t = median_time(lambda: group.all_reduce(xs, codecs=codecs, tag="bench"),
                                 args.repeats)
                 rows.append({"workers": n, "size_mb": size_mb, "codec": label,
