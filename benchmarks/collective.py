@@ -33,6 +33,7 @@ breakdown, the load average before and after each worker count, and the command.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -231,13 +232,12 @@ def simulator_rows(args: argparse.Namespace) -> list[dict]:
                 group = Group(SimTransport(n, NetworkModel(), VirtualClock(n)), tuple(range(n)))
                 codecs = {i: make_codec(label, numel) for i in range(n)}
                 # the copy beside each row, so that both see the same load
-                copy_s = median_time(lambda: into.copy_(x), args.repeats)
-                t = median_time(lambda: group.all_reduce(xs, codecs=codecs, tag="bench"),
-                                args.repeats)
+                copy_s = median_time(functools.partial(into.copy_, x), args.repeats)
+                t = median_time(functools.partial(group.all_reduce, xs, codecs=codecs,
+                                                  tag="bench"), args.repeats)
                 rows.append({"workers": n, "size_mb": size_mb, "codec": label,
                              "total_s": t, "per_worker_s": t / n, "copy_s": copy_s,
                              "vs_copy": t / n / copy_s})
-            del xs
     return rows
 
 
@@ -304,14 +304,15 @@ def main() -> None:
     print_tables(dist_rows, sim_rows)
     env = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
            "threads_per_process": 1, "islands": str(Path(islands.__file__).parent),
-           "chunk_bytes": int(args.chunk_mb * 2**20) if args.chunk_mb else chunk_bytes(), "torch": torch.__version__, "cpus": os.cpu_count(),
+           "chunk_bytes": int(args.chunk_mb * 2**20) if args.chunk_mb else chunk_bytes(),
+           "torch": torch.__version__, "cpus": os.cpu_count(),
            "machine": platform.processor() or platform.machine(), "load_average": loads,
            "load_average_end": os.getloadavg()}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "dist": dist_rows, "sim": sim_rows}, indent=1))
-    print(f"load average (1, 5, 15 min) per worker count and for the simulator: {loads}; at the end: "
-          f"{env['load_average_end']}\nwrote {out}")
+    print(f"load average (1, 5, 15 min) per worker count and for the simulator: {loads}; "
+          f"at the end: {env['load_average_end']}\nwrote {out}")
 
 
 if __name__ == "__main__":

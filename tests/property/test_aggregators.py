@@ -48,8 +48,8 @@ def check(rows: list[torch.Tensor], weights: torch.Tensor | None, chunk: int) ->
 
 @settings(max_examples=200)
 @given(n=st.integers(1, MAX_STREAMED_ROWS), numel=st.integers(0, 300),
-       weighted=st.booleans(), seed=st.integers(0, 2**31), chunk=st.sampled_from([1, 7, 64, 1 << 20]),
-       double=st.booleans())
+       weighted=st.booleans(), seed=st.integers(0, 2**31),
+       chunk=st.sampled_from([1, 7, 64, 1 << 20]), double=st.booleans())
 def test_mean_of_rows_is_mean_bit_for_bit(n, numel, weighted, seed, chunk, double):
     rows = rows_of(n, numel, seed, torch.float64 if double else torch.float32)
     weights = None

@@ -48,8 +48,8 @@ def test_a_tensor_is_received_where_the_caller_places_it_only_when_it_fits():
     assert wire.receive_buffers(h, lambda *_: home[2:6])["values"].data_ptr() == \
         home[2:6].data_ptr()
     for wrong in (home[:5], home[::2][:4], torch.zeros(4, dtype=torch.float64)):
-        assert wire.receive_buffers(h, lambda *_: wrong)["values"].data_ptr() != \
-            wrong.data_ptr()
+        offered = wire.receive_buffers(h, lambda *_, w=wrong: w)["values"]
+        assert offered.data_ptr() != wrong.data_ptr()
 
 
 def header_with(**change) -> bytes:

@@ -127,7 +127,7 @@ class Codec(ABC):
         """
         if self.raw_tensor is None:
             return None
-        t = e.tensors[self.raw_tensor] if self.raw_tensor in e.tensors else None
+        t = e.tensors.get(self.raw_tensor)
         if t is None or t.dtype != e.dtype or t.shape != (e.numel,):
             raise ValueError(f"payload tensor {self.raw_tensor!r} is "
                              f"{None if t is None else (tuple(t.shape), t.dtype)}, expected "
