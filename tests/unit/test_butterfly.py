@@ -16,17 +16,30 @@ def make_group(n: int, **net) -> tuple[Group, SimTransport]:
     return Group(transport, tuple(range(n))), transport
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)  # unlike torch.equal, tells -0.0 from +0.0
+
+
 @pytest.mark.parametrize("n", range(1, 10))
 @pytest.mark.parametrize("numel", [1, 7, 100, 1001])
-def test_equals_plain_mean_and_bytes_formula(n, numel):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_equals_the_stacked_mean_bit_for_bit_and_bytes_formula(n, numel, weighted):
+    """Lossless, the collective's result is each shard's mean(stack) exactly, as it always was:
+    the streamed mean (n <= 4) and the stack (n >= 5) give the same bits."""
     torch.manual_seed(n * 1000 + numel)
-    xs = {i: torch.randn(numel) for i in range(n)}
+    xs = {i: torch.randn(numel) * 10.0 ** (i % 4 - 2) for i in range(n)}
+    for x in xs.values():
+        x[-1] = -0.0  # a column of -0.0 everywhere: its mean is +0.0
+    weights = {i: 1.0 + i % 3 for i in range(n)} if weighted else None
     group, transport = make_group(n)
-    out = group.all_reduce(xs, codecs={i: Identity() for i in range(n)})
-    expected = torch.stack([xs[i] for i in range(n)]).mean(0)
+    out = group.all_reduce(xs, codecs={i: Identity() for i in range(n)}, weights=weights)
+    stacked = torch.stack([xs[i] for i in range(n)])
+    w = None if weights is None else torch.tensor([weights[i] for i in range(n)],
+                                                  dtype=torch.float64)
+    expected = torch.cat([mean(stacked[:, a:b].contiguous(), w)
+                          for a, b in shard_bounds(numel, n)])
     for i in range(n):
-        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-6)
-        assert torch.equal(out[i], out[0])  # bit-identical on every worker
+        assert torch.equal(bits(out[i]), bits(expected))  # and so on every worker alike
     # Each worker sends its n-1 foreign shards, then its aggregated shard to n-1 others.
     bounds = shard_bounds(numel, n)
     for i in range(n):
@@ -102,6 +115,12 @@ class _Liar(Identity):
             e.tensors["values"] = e.tensors["values"][:-1]
         elif self.how == "garbage":  # the right size, but not what the codec decodes
             e.tensors = {"other": e.tensors["values"]}
+        elif self.how == "nan" or (self.how == "nan-gather" and key.endswith("/gather")):
+            e.tensors["values"] = e.tensors["values"].clone()
+            e.tensors["values"][len(e.tensors["values"]) // 2] = float("nan")
+        elif self.how == "inf-scatter-to-0" and key.endswith("/scatter") and offset == 0:
+            e.tensors["values"] = e.tensors["values"].clone()
+            e.tensors["values"][0] = float("-inf")
         return e
 
 
@@ -109,6 +128,7 @@ class _Liar(Identity):
                                         ("size", "its codec sends 200"),
                                         ("garbage", "does not decode")])
 def test_a_malformed_payload_is_refused_before_aggregation_naming_the_sender(how, words):
+    """A robust rule (any aggregator but the mean) sees only checked rows."""
     from islands.core.errors import CommError
 
     calls = []
@@ -123,3 +143,49 @@ def test_a_malformed_payload_is_refused_before_aggregation_naming_the_sender(how
     with pytest.raises(CommError, match=f"payload from worker 1 .*{words}|{words}.*refused"):
         group.all_reduce(xs, codecs=codecs, aggregator=aggregator)
     assert calls == []  # refused before any aggregation
+
+
+@pytest.mark.parametrize("how, stream", [("nan", True), ("nan", False),
+                                         ("inf-scatter-to-0", True), ("nan-gather", True)])
+def test_a_non_finite_payload_is_refused_naming_the_sender(how, stream):
+    """NaN/Inf from a worker (here a lying codec, as a Byzantine worker would send) is refused
+    naming it, whether the reduction streams the rows (mean) or stacks them (another rule),
+    in the reduce-scatter and in the all-gather, instead of reaching anyone's result."""
+    from islands.core.errors import PeerRefused
+
+    group, _ = make_group(3)
+    xs = {i: torch.randn(150) for i in range(3)}
+    codecs = {0: Identity(), 1: _Liar(how), 2: Identity()}
+    aggregator = mean if stream else (lambda stacked, weights=None: mean(stacked, weights))
+    with pytest.raises(PeerRefused, match="payload from worker 1 decodes to NaN/Inf; refused") \
+            as refused:
+        group.all_reduce(xs, codecs=codecs, aggregator=aggregator)
+    assert refused.value.sender == 1
+
+
+def test_finite_rows_whose_mean_overflows_are_refused_by_the_encoder_as_before():
+    from islands.core.errors import CodecError
+
+    group, _ = make_group(2)
+    xs = {i: torch.full((10,), 3e38) for i in range(2)}
+    with pytest.raises(CodecError, match="NaN/Inf"):
+        group.all_reduce(xs, codecs={i: Identity() for i in range(2)})
+
+
+@pytest.mark.parametrize("phase", ["reduce-scatter", "all-gather"])
+def test_a_missing_payload_is_refused_naming_the_sender(phase):
+    """A worker that sends nothing where its payload is due is named, not a KeyError."""
+    from islands.core.errors import PeerRefused
+
+    class Dropping(SimTransport):
+        def exchange(self, messages, members, phase, **kw):
+            got = super().exchange(messages, members, phase, **kw)
+            return {k: m for k, m in got.items() if k != (1, 0) or not phase.endswith(which)}
+
+    which = phase
+    transport = Dropping(3, NetworkModel(), VirtualClock(3))
+    group = Group(transport, (0, 1, 2))
+    with pytest.raises(PeerRefused, match=f"{phase}: no payload from worker 1") as refused:
+        group.all_reduce({i: torch.randn(30) for i in range(3)},
+                         codecs={i: Identity() for i in range(3)})
+    assert refused.value.sender == 1

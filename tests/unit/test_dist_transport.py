@@ -11,35 +11,84 @@ import torch
 
 from islands.codecs.base import Encoded
 from islands.core.errors import CommError
+from islands.transports import wire
 from islands.transports.base import Message
-from islands.transports.dist import pack, unpack
 
 
-def test_pack_round_trip_keeps_every_field():
+def received(raw: bytes | torch.Tensor, capacity: int = 4096) -> torch.Tensor:
+    """What gloo leaves in a header buffer: the message, then whatever was there before."""
+    raw = raw if isinstance(raw, torch.Tensor) else torch.frombuffer(bytearray(raw),
+                                                                     dtype=torch.uint8)
+    buf = torch.full((max(capacity, raw.numel()),), 0x7B, dtype=torch.uint8)  # '{' garbage
+    buf[:raw.numel()] = raw
+    return buf
+
+
+def test_header_round_trip_keeps_every_field_and_the_byte_count():
     e = Encoded({"values": torch.randn(5, 3), "idx": torch.arange(7, dtype=torch.int32)},
                 numel=15, header_bytes=4, meta={"block": 8})
-    msg = unpack(pack(Message(e, 16, weight=2.5)), peer=1)
-    assert msg.weight == 2.5 and msg.header_bytes == 16 and msg.payload.meta == {"block": 8}
+    head = wire.pack_header(Message(e, 16, weight=2.5))
+    h = wire.unpack_header(received(head), peer=1)
+    assert wire.header_length(received(head)) == head.numel()
+    assert (h.weight, h.header_bytes, h.numel, h.codec_header_bytes, h.meta) == (2.5, 16, 15, 4,
+                                                                                 {"block": 8})
+    assert h.tensors == [("idx", torch.int32, (7,)), ("values", torch.float32, (5, 3))]
+    tensors = wire.receive_buffers(h, None)
+    for name, t in tensors.items():  # as the receiver fills them from the sender's bytes
+        wire.as_bytes(t).copy_(wire.as_bytes(e.tensors[name]))
+    msg = wire.message(h, tensors)
     assert torch.equal(msg.payload.tensors["values"], e.tensors["values"])
-    assert torch.equal(msg.payload.tensors["idx"], e.tensors["idx"])
     assert msg.nbytes == Message(e, 16).nbytes
+    assert wire.unpack_header(received(wire.pack_header(None)), peer=1) is None
+
+
+def test_a_tensor_is_received_where_the_caller_places_it_only_when_it_fits():
+    h = wire.unpack_header(received(wire.pack_header(Message(
+        Encoded({"values": torch.ones(4)}, numel=4), 16))), peer=0)
+    home = torch.zeros(10)
+    assert wire.receive_buffers(h, lambda *_: home[2:6])["values"].data_ptr() == \
+        home[2:6].data_ptr()
+    for wrong in (home[:5], home[::2][:4], torch.zeros(4, dtype=torch.float64)):
+        offered = wire.receive_buffers(h, lambda *_, w=wrong: w)["values"]
+        assert offered.data_ptr() != wrong.data_ptr()
+
+
+def header_with(**change) -> bytes:
+    import json
+    import struct
+
+    fields = {"w": 1.0, "hb": 16, "n": 4, "dt": "torch.float32", "eh": 0, "meta": {},
+              "t": [["values", "torch.float32", [4]]], **change}
+    head = json.dumps(fields).encode()
+    return struct.pack("<I", len(head)) + head
 
 
 @pytest.mark.parametrize("raw", [b"", b"\x00\x01", b"\xff\xff\xff\xff{}", b"\x02\x00\x00\x00{}"
-                                 + b"junk", b"garbage bytes on the wire" * 10])
-def test_garbage_is_refused(raw):
+                                 + b"junk", b"garbage bytes on the wire" * 10,
+                                 header_with(t=[["values", "torch.complex64", [4]]]),
+                                 header_with(t=[["values", "torch.float32", [-4]]]),
+                                 header_with(t=[["v", "torch.float32", [4]]] * 2),
+                                 header_with(t=[["values", "torch.float32", [1 << 40]]]),
+                                 header_with(w="heavy"), header_with(n=None)])
+def test_garbage_is_refused_naming_the_peer(raw):
     with pytest.raises(CommError, match="worker 3"):
-        unpack(torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw
-               else torch.empty(0, dtype=torch.uint8), peer=3)
+        wire.unpack_header(torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw
+                           else torch.empty(0, dtype=torch.uint8), peer=3)
 
 
-def test_non_finite_and_truncated_payloads_are_refused():
-    bad = pack(Message(Encoded({"values": torch.tensor([1.0, float("nan")])}, numel=2), 16))
-    with pytest.raises(CommError, match="NaN"):
-        unpack(bad, peer=0)
-    good = pack(Message(Encoded({"values": torch.ones(64)}, numel=64), 16))
-    with pytest.raises(CommError, match="malformed"):
-        unpack(good[:-8], peer=0)
+@pytest.mark.parametrize("raw", [header_with(w=float("nan")), header_with(n=-1),
+                                 header_with(hb=-16)])
+def test_impossible_values_are_refused_naming_the_peer(raw):
+    with pytest.raises(CommError, match="worker 2.*refused"):
+        wire.unpack_header(received(raw), peer=2)
+
+
+def test_non_finite_payloads_are_refused_naming_the_peer_and_the_tensor():
+    bad = Message(Encoded({"values": torch.tensor([1.0, float("nan")])}, numel=2), 16)
+    with pytest.raises(CommError, match="worker 0: tensor 'values' holds NaN"):
+        wire.check_finite(bad, peer=0)
+    wire.check_finite(Message(Encoded({"values": torch.tensor([3e38, 3e38])}, numel=2), 16),
+                      peer=0)  # finite values whose sum overflows are finite
 
 
 def test_garbage_on_a_store_port_does_not_break_the_store():
@@ -95,3 +144,27 @@ def test_replaced_groups_are_released_so_threads_and_files_stay_bounded():
     after = counts()
     assert after[0] - before[0] <= 4, (before, after)  # files: not ~8 per epoch
     assert after[1] - before[1] <= 4, (before, after)  # threads: not ~4 per epoch
+
+
+def test_chunks_cover_a_tensor_in_order(monkeypatch):
+    monkeypatch.setattr(wire, "CHUNK_BYTES", 10)
+    assert wire.chunks(0) == []
+    assert wire.chunks(10) == [(0, 10)]
+    assert wire.chunks(25) == [(0, 10), (10, 20), (20, 25)]
+
+
+@pytest.mark.parametrize("name", sorted(__import__("tests.codec_cases").codec_cases.FACTORIES))
+def test_every_codec_s_payload_crosses_the_wire_format(name):
+    """Header (JSON: the codec's meta included) and tensor bytes as the receiver rebuilds
+    them decode to what the payload itself decodes to."""
+    from tests.codec_cases import make
+
+    layout = [torch.Size([40, 25]), torch.Size([24])]
+    codec = make(name, layout)
+    e = codec.encode(torch.randn(1024), key="w0/g/scatter")
+    h = wire.unpack_header(received(wire.pack_header(Message(e, 16))), peer=0)
+    tensors = wire.receive_buffers(h, None)
+    for k, t in tensors.items():
+        wire.as_bytes(t).copy_(wire.as_bytes(e.tensors[k]))
+    assert torch.equal(make(name, layout).decode(wire.message(h, tensors).payload),
+                       codec.decode(e))

@@ -52,11 +52,16 @@ def as_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def check_finite(x: torch.Tensor, key: str) -> None:
-    """Refuses NaN/Inf: such a value must never be encoded into the shared state."""
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of a float tensor is finite."""
     # A finite sum proves every value finite in one read; only a non-finite sum (a NaN/Inf,
     # or finite values whose sum overflows) pays for the exact elementwise check.
-    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    return not x.numel() or bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def check_finite(x: torch.Tensor, key: str) -> None:
+    """Refuses NaN/Inf: such a value must never be encoded into the shared state."""
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise CodecError(f"tensor {key!r} holds {bad} NaN/Inf value(s) of {x.numel()}; "
                          "refusing to encode it (check the learning rate or the data)")
@@ -74,18 +79,26 @@ class Codec(ABC):
     # True when ``_encode`` itself refuses NaN/Inf (with :func:`check_finite`'s error), from
     # values it reads anyway, sparing ``encode`` a separate pass over the tensor.
     checks_finite: bool = False
+    # The payload tensor that *is* the decoded tensor (1-D, the decoded dtype), for lossless
+    # codecs that send values as they are (identity: "values"); None when decoding computes.
+    # A receiver may then put that tensor straight where the decoded values belong, and read
+    # it without decoding (:meth:`decoded_view`).
+    raw_tensor: str | None = None
 
-    def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0) -> Encoded:
+    def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0, *,
+               finite: bool = False) -> Encoded:
         """Encodes ``x`` (any shape; flattened) after checking it is finite.
 
         Args:
             x: float tensor to send.
             key: the stream's name: keys state of stateful codecs, names the tensor in errors.
             offset: position of ``x`` in the stream's flat vector.
+            finite: the caller has checked every value of ``x`` finite (the collective checks
+                the mean step by step while it is in cache): no second pass.
         """
         if not torch.is_floating_point(x):
             raise CodecError(f"tensor {key!r} has dtype {x.dtype}; codecs take float tensors")
-        if not self.checks_finite:
+        if not self.checks_finite and not finite:
             check_finite(x, tensor_name(key, offset, x.numel()))
         return self._encode(x.reshape(-1), key, offset)
 
@@ -104,6 +117,22 @@ class Codec(ABC):
         directly (the blockwise quantizers) override this to skip a fresh allocation.
         """
         return out.copy_(self.decode(e))
+
+    def decoded_view(self, e: Encoded) -> torch.Tensor | None:
+        """The decoded tensor without a copy (the payload's :attr:`raw_tensor`), or None when
+        the codec must compute it. Read only: it is the payload's own memory.
+
+        Raises:
+            ValueError: the raw tensor is missing or not ``e.numel`` values of ``e.dtype``.
+        """
+        if self.raw_tensor is None:
+            return None
+        t = e.tensors.get(self.raw_tensor)
+        if t is None or t.dtype != e.dtype or t.shape != (e.numel,):
+            raise ValueError(f"payload tensor {self.raw_tensor!r} is "
+                             f"{None if t is None else (tuple(t.shape), t.dtype)}, expected "
+                             f"({e.numel},) {e.dtype}")
+        return t
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
         """Exact ``encode(x).nbytes`` for a float32 ``x`` of ``numel`` values at ``offset``.

@@ -8,25 +8,40 @@ pseudo-gradients in fp16 with no loss.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from islands.codecs.base import Codec, Encoded
+from islands.codecs.base import Codec, Encoded, check_finite, tensor_name
 from islands.core.errors import CodecError
 
 
 class Identity(Codec):
-    """Sends values unchanged (4 bytes per fp32 value). Exact."""
+    """Sends values unchanged (4 bytes per fp32 value). Exact.
+
+    Zero-copy: the payload is a view of the encoded tensor, not a copy (it must stay unchanged
+    until the payload is sent, as it does within a collective), and a receiver may read it as
+    the decoded tensor (:attr:`raw_tensor`). :meth:`decode` returns a copy the caller owns.
+    """
 
     name = "identity"
+    raw_tensor = "values"
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
-        return Encoded({"values": x.clone()}, numel=x.numel(), dtype=x.dtype)
+        return Encoded({"values": x}, numel=x.numel(), dtype=x.dtype)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int:
         return 4 * numel
 
     def decode(self, e: Encoded) -> torch.Tensor:
         return e.tensors["values"].clone()
+
+    def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        values = e.tensors["values"]
+        if (values.data_ptr() == out.data_ptr() and values.shape == out.shape
+                and values.dtype == out.dtype):
+            return out  # received in place: nothing to do
+        return out.copy_(values)
 
 
 class Cast(Codec):
@@ -42,9 +57,16 @@ class Cast(Codec):
         self.wire_dtype = wire_dtype
         self.name = "fp16" if wire_dtype == torch.float16 else "bf16"
 
+    @property
+    def checks_finite(self) -> bool:  # fp16's range check reads min and max, which a NaN/Inf
+        return self.wire_dtype == torch.float16  # makes non-finite: no separate pass
+
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         if self.wire_dtype == torch.float16 and x.numel():
-            peak = float(x.abs().max())
+            lo, hi = torch.aminmax(x)  # one read, nothing the size of x allocated
+            peak = max(-float(lo), float(hi))
+            if not math.isfinite(peak):
+                check_finite(x, tensor_name(key, offset, x.numel()))  # raises, counting them
             if peak > 65504.0:
                 raise CodecError(f"tensor {key!r} has |x| = {peak:.3g} > 65504, beyond fp16; "
                                  "use codec.name = 'bf16' or a scaled codec such as int8")
@@ -55,3 +77,6 @@ class Cast(Codec):
 
     def decode(self, e: Encoded) -> torch.Tensor:
         return e.tensors["values"].to(e.dtype)
+
+    def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(e.tensors["values"])  # converts in the copy: one pass, no temporary

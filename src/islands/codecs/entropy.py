@@ -20,10 +20,10 @@ import zstandard
 from islands.codecs.base import Codec, Encoded
 from islands.core.errors import CodecError
 
-
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8,
-    torch.int16, torch.int32, torch.int64, torch.bool)}
+# The dtypes a codec's payload tensors may have, by name.
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                               torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                               torch.bool)}
 
 
 class Entropy(Codec):
@@ -41,15 +41,15 @@ class Entropy(Codec):
         self.level = level
         self.name = f"entropy({inner.name})"
 
-    def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0) -> Encoded:
+    def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0, *,
+               finite: bool = False) -> Encoded:
         # The inner codec checks dtype and finiteness; checking here too would read x twice.
-        return self._encode(x, key, offset)
+        return self._encode(x, key, offset, finite=finite)
 
-    def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
-        inner = self.inner.encode(x, key, offset)
-        # JSON-safe (the real transport sends meta as JSON): dtype by name, shape as a list
-        schema = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)]
-                  for name, t in inner.tensors.items()]
+    def _encode(self, x: torch.Tensor, key: str, offset: int, finite: bool = False) -> Encoded:
+        inner = self.inner.encode(x, key, offset, finite=finite)
+        # dtype names, not dtypes: the meta travels as JSON over the real transport
+        schema = [(name, str(t.dtype), list(t.shape)) for name, t in inner.tensors.items()]
         parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in inner.tensors.values()]
         raw = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
         frame = zstandard.ZstdCompressor(level=self.level).compress(raw.numpy())
@@ -73,7 +73,7 @@ class Entropy(Codec):
         for name, dtype_name, shape in e.meta["schema"]:
             dtype = _DTYPES.get(dtype_name)
             if dtype is None:
-                raise CodecError(f"entropy-coded payload names an unknown dtype {dtype_name!r}")
+                raise CodecError(f"entropy-coded payload names dtype {dtype_name!r}")
             nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
             tensors[name] = flat[at:at + nbytes].clone().view(dtype).reshape(shape)  # aligned
             at += nbytes

@@ -46,12 +46,16 @@ class ErrorFeedback(Codec):
         corrected = as_float32(x) + r
         # The inner codec checks corrected for NaN/Inf too (a residual could overflow).
         e = self.inner.encode(corrected, key, offset)
-        r.copy_(corrected - self.inner.decode(e))
+        # r = corrected - decoded, computed in r's own memory (no temporaries)
+        torch.sub(corrected, self.inner.decode_into(e, r), out=r)
         e.dtype = x.dtype  # decode in the caller's dtype
         return e
 
     def decode(self, e: Encoded) -> torch.Tensor:
         return self.inner.decode(e)
+
+    def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode_into(e, out)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
         return self.inner.wire_bytes(numel, offset)

@@ -15,24 +15,53 @@ all-reduce, ``bytes_sent = Σ_{j≠i} enc(shard_j) + (n-1) · enc(agg_i) + 2 (n-
 Quantization error enters twice (once per phase); the aggregating member uses the decoded
 re-encoded shard too, so every member ends with bit-identical results.
 
-Every received payload is checked before it is aggregated or used: its length must be the
-shard's, its dtype a float, its wire size the codec's (when the codec knows it) and it must
-decode; otherwise :class:`~islands.core.errors.PeerRefused` (a ``CommError``) names the
-sender, in either transport, and the round aborts instead of crashing an honest worker.
+Every received payload is checked before it is aggregated or used (:mod:`.checks`): its
+length must be the shard's, its dtype a float, its wire size the codec's (when the codec knows
+it), it must decode, and what it decodes to must be finite; otherwise
+:class:`~islands.core.errors.PeerRefused` (a ``CommError``) names the sender, in either
+transport, and the round aborts instead of crashing an honest worker. The finiteness check
+of the mean is the re-encode's own (a NaN or Inf in any row reaches the mean; only then are
+the rows searched for the sender); each gathered shard is read once (once per process in the
+simulator, where one message reaches every worker); a worker's own payloads are not checked
+again (its encoder refuses NaN/Inf).
+
+Cost (what the data path avoids, measured by ``benchmarks/collective.py``): a lossless codec's
+payload is the tensor itself (no copy on encode), the real transport sends it from that memory
+and receives the gathered shards straight into the result; the mean of up to
+:data:`~islands.aggregators.mean.MAX_STREAMED_ROWS` rows is computed from the rows where they
+lie, written into the owner's slice of its result (no stack; bit-identical to
+:func:`~islands.aggregators.mean`); larger groups and other aggregators decode into a stack,
+and the real transport receives lossless rows straight into it. Over the real transport the
+rows are received into buffers kept from round to round (:meth:`Transport.scratch`), and the
+mean and the checks of a lossless payload run on each chunk as soon as it has arrived, while
+the next chunks are on the wire.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
 from islands.aggregators import mean
-from islands.codecs.base import Codec, Encoded
-from islands.core.errors import PeerRefused
-from islands.transports.base import Message, Transport
+from islands.aggregators.mean import mean_of_rows, streams
+from islands.codecs.base import Codec, Encoded, all_finite
+from islands.collectives.checks import (
+    decode_checked,
+    non_finite,
+    received,
+    refuse_non_finite,
+    view_checked,
+)
+from islands.core import memory
+from islands.core.errors import CodecError, CommError, PeerRefused
+from islands.core.timing import timed
+from islands.transports.base import Exchange, Message, Transport
 
 MESSAGE_HEADER_BYTES = 16
+# Values per step of the work done while the rest of a payload is on the wire: 4 MiB of fp32.
+STEP = 1 << 20
 
 Aggregator = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -62,23 +91,35 @@ class Work:
         return self._result
 
 
-def _decode_checked(codec: Codec, payload: Encoded, out: torch.Tensor, offset: int,
-                    sender: int, what: str) -> None:
-    """Decodes ``payload`` into ``out`` after checking it fits; refusals name ``sender``."""
-    n = out.numel()
-    if payload.numel != n or not payload.dtype.is_floating_point:
-        raise PeerRefused(f"{what}: payload from worker {sender} holds {payload.numel} values "
-                          f"of {payload.dtype}, expected {n} floats; refused", sender)
-    want = codec.wire_bytes(n, offset)
-    if want is not None and payload.nbytes != want:
-        raise PeerRefused(f"{what}: payload from worker {sender} is {payload.nbytes} bytes, "
-                          f"its codec sends {want} for {n} values; refused", sender)
+@contextlib.contextmanager
+def _finished(pending: Exchange) -> Iterator[None]:
+    """Runs the block, then waits for the whole exchange. If the block raised: after a refusal
+    or any error off the wire, the exchange is still completed (no transfer left behind, the
+    peers not kept waiting) and the block's error reported; after a failure of the wire
+    itself (a timeout, an abort), what is still in flight is abandoned at once."""
     try:
-        codec.decode_into(payload, out)
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise PeerRefused(f"{what}: payload from worker {sender} does not decode "
-                          f"({type(e).__name__}: {str(e).splitlines()[0]}); refused",
-                          sender) from None
+        yield
+    except CommError as e:
+        if isinstance(e, PeerRefused):
+            with contextlib.suppress(CommError):
+                pending.wait()
+        else:
+            pending.abandon()
+        raise
+    except BaseException:
+        with contextlib.suppress(CommError):
+            pending.wait()
+        raise
+    pending.wait()
+
+
+def _arrived(pending: Exchange, key: tuple[int, int], payload: Encoded) -> None:
+    for name, t in payload.tensors.items():
+        pending.wait_for(key, name, t.numel() * t.element_size())
+
+
+def _steps(n: int) -> list[tuple[int, int]]:
+    return [(a, min(n, a + STEP)) for a in range(0, n, STEP)]
 
 
 class Group:
@@ -118,45 +159,178 @@ class Group:
             tag: names the stream (no round number: codec state carries across rounds).
         """
         assert set(contributions) == set(self.local), (sorted(contributions), self.local)
-        numel = next(iter(contributions.values())).numel()
-        device = next(iter(contributions.values())).device
-        bounds = shard_bounds(numel, len(self.members))
-        owner = dict(zip(self.members, bounds))
+        x0 = next(iter(contributions.values()))
+        numel, dtype, device = x0.numel(), x0.dtype, x0.device
+        owner = dict(zip(self.members, shard_bounds(numel, len(self.members))))
+        sw = self.transport.stopwatch
+        # Allocated first: the mean is written into the owner's own slice, and the real
+        # transport receives lossless gathered shards straight into theirs.
+        out = {k: memory.empty(numel, dtype, device) for k in self.local}
 
-        # Phase 1: member i sends shard j to member j.
-        outgoing = {}
-        for i, x in contributions.items():
-            w = 1.0 if weights is None else float(weights[i])
-            for j, (a, b) in owner.items():
-                payload = codecs[i].encode(x[a:b], key=f"w{i}/{tag}/scatter", offset=a)
-                outgoing[(i, j)] = Message(payload, MESSAGE_HEADER_BYTES, weight=w)
-        incoming = self.transport.exchange(outgoing, self.members, phase=f"{tag}/reduce-scatter")
+        # Phase 1: member i sends shard j to member j; its own shard is encoded while the
+        # others travel.
+        def scattered(i: int, j: int) -> Message:
+            a, b = owner[j]
+            with timed(sw, "encode"):
+                payload = codecs[i].encode(contributions[i][a:b], key=f"w{i}/{tag}/scatter",
+                                           offset=a)
+            return Message(payload, MESSAGE_HEADER_BYTES,
+                           weight=1.0 if weights is None else float(weights[i]))
+
+        outgoing = {(i, j): scattered(i, j) for i in self.local for j in self.members if i != j}
+        stream = aggregator is mean and streams(len(self.members), dtype)
+        rank = {m: r for r, m in enumerate(self.members)}
+
+        def row_place(src, dst):  # the kept buffer of a streamed row, or its row of the stack
+            n = owner[dst][1] - owner[dst][0]
+            if stream:
+                return self.transport.scratch(("row", tag, src), (n,), dtype, device)
+            return self._stack(tag, n, dtype, device)[rank[src]]
+
+        scatter = f"{tag}/reduce-scatter"
+        pending = self.transport.start_exchange(
+            outgoing, self.members, scatter, check_finite=False,
+            place=self._place(codecs, f"{tag}/scatter", row_place))
 
         # Aggregate each local shard in member order; re-encode for the gather.
         outgoing = {}
-        for j in self.local:
-            a = owner[j][0]
-            msgs = [incoming[(i, j)] for i in self.members]
-            stacked = torch.empty((len(msgs), owner[j][1] - a), dtype=contributions[j].dtype,
-                                  device=device)
-            for i, row, m in zip(self.members, stacked, msgs):  # decode straight into rows
-                _decode_checked(codecs[j], m.payload, row, a, i, f"{tag}/reduce-scatter")
-            wts = None if weights is None else torch.tensor([m.weight for m in msgs],
-                                                           dtype=torch.float64)
-            reduced = aggregator(stacked, wts)
-            payload = codecs[j].encode(reduced, key=f"w{j}/{tag}/gather", offset=a)
-            for k in self.members:
-                outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES)
-        incoming = self.transport.exchange(outgoing, self.members, phase=f"{tag}/all-gather")
-
-        out = {}
-        for k in self.local:
-            out[k] = torch.empty(numel, dtype=contributions[k].dtype, device=device)
-            for j in self.members:  # each owner's reduced shard, into its place
+        with _finished(pending):
+            for i in self.local:
+                pending.messages[(i, i)] = scattered(i, i)
+            for j in self.local:
                 a, b = owner[j]
-                _decode_checked(codecs[k], incoming[(j, k)].payload, out[k][a:b], a, j,
-                                f"{tag}/all-gather")
+                msgs = [received(pending, (i, j), scatter) for i in self.members]
+                wts = None if weights is None else torch.tensor([m.weight for m in msgs],
+                                                               dtype=torch.float64)
+                reduced, rows, finite = self._reduce(pending, j, codecs[j], aggregator, wts,
+                                                     stream, out[j][a:b], a, tag)
+                with timed(sw, "encode"):
+                    payload = self._encode_reduced(codecs[j], reduced, rows, finite,
+                                                   f"w{j}/{tag}/gather", a, scatter)
+                for k in self.members:
+                    outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES)
+
+        gather = f"{tag}/all-gather"
+        pending = self.transport.start_exchange(
+            outgoing, self.members, gather, check_finite=False,
+            place=self._place(codecs, f"{tag}/gather",
+                              lambda src, dst: out[dst][slice(*owner[src])]))
+        with _finished(pending):
+            self._gather(pending, codecs, owner, out, gather)
         return Work(out)
+
+    def _place(self, codecs: dict[int, Codec], tag: str, where):
+        """Where the real transport receives a payload tensor for a local worker: the raw
+        (lossless) values where ``where(src, dst)`` says they belong, any other tensor into a
+        buffer kept from round to round (decoded before the call returns)."""
+        def place(src, dst, name, dtype, shape):
+            if name == codecs[dst].raw_tensor:
+                return where(src, dst)
+            return self.transport.scratch(("in", tag, src, name), shape, dtype, "cpu")
+
+        return place
+
+    def _stack(self, tag: str, n: int, dtype: torch.dtype, device: torch.device
+               ) -> torch.Tensor:
+        """The ``(members, n)`` stack of a shard's rows, kept from round to round (the real
+        transport receives lossless rows straight into it). Aggregators return new tensors,
+        so the next shard may reuse it."""
+        return self.transport.scratch(("stack", tag), (len(self.members), n), dtype, device)
+
+    def _reduce(self, pending: Exchange, j: int, codec: Codec, aggregator: Aggregator,
+                weights: torch.Tensor | None, stream: bool, into: torch.Tensor, a: int,
+                tag: str) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
+        """Member ``j``'s shard (``into``, its slice of its result, starting at ``a``): the
+        aggregate of the rows in member order, the rows, and whether the aggregate was found
+        finite already; refusals name the sender.
+
+        The streamed mean of a lossless codec's rows reads them where they lie, each step as
+        soon as it has arrived, and writes into ``into``; otherwise the rows are decoded into
+        a stack (where the real transport received lossless rows already) and the aggregator
+        returns a new tensor. Rows from other workers (in the simulator too, where one may
+        play a Byzantine worker) are checked for NaN/Inf before a robust rule sees them; the
+        mean needs no pass of its own: the streamed one is checked step by step while in
+        cache, the stacked one by its re-encode (:meth:`_encode_reduced`).
+        """
+        sw, n, what = self.transport.stopwatch, into.numel(), f"{tag}/reduce-scatter"
+        keys = [(i, j) for i in self.members]
+        payloads = [pending.messages[key].payload for key in keys]  # all there: see received
+        with timed(sw, "decode"):
+            views = [view_checked(codec, p, n, a, i, what)
+                     for i, p in zip(self.members, payloads)]
+        if stream and all(v is not None and v.device == into.device for v in views):
+            finite = True
+            for lo, hi in _steps(n):
+                for key in keys:
+                    pending.wait_for(key, codec.raw_tensor, hi * into.element_size())
+                with timed(sw, "reduce"):
+                    mean_of_rows([v[lo:hi] for v in views], weights, into[lo:hi])
+                    finite = finite and all_finite(into[lo:hi])  # while it is in cache
+            return into, views, finite
+        stacked = self._stack(tag, n, into.dtype, into.device)
+        for i, key, row, p in zip(self.members, keys, stacked, payloads):
+            _arrived(pending, key, p)
+            with timed(sw, "decode"):  # in place (nothing to do) if received there
+                decode_checked(codec, p, row, a, i, what)
+        rows = list(stacked)
+        if len(rows) > 1 and aggregator is not mean:  # a robust rule might hide a NaN
+            with timed(sw, "decode"):
+                refuse_non_finite(rows, self.members, what)
+        with timed(sw, "reduce"):
+            return aggregator(stacked, weights), rows, False
+
+    def _encode_reduced(self, codec: Codec, reduced: torch.Tensor, rows: list[torch.Tensor],
+                        finite: bool, key: str, offset: int, what: str) -> Encoded:
+        """Re-encodes an aggregate (``finite``: already checked); a NaN/Inf in it is refused
+        naming the row's sender.
+
+        Every encoder refuses NaN/Inf, in the pass it makes anyway (a separate read for a
+        lossless codec, none for the quantizers), and a NaN or Inf in any row reaches the mean;
+        so the rows are searched only when the encoder refuses. Finite rows whose mean
+        overflows are the encoder's refusal, as they always were.
+        """
+        try:
+            return codec.encode(reduced, key=key, offset=offset, finite=finite)
+        except CodecError:
+            if len(rows) > 1:
+                refuse_non_finite(rows, self.members, what)
+            raise
+
+    def _gather(self, pending: Exchange, codecs: dict[int, Codec],
+                owner: dict[int, tuple[int, int]], out: dict[int, torch.Tensor],
+                what: str) -> None:
+        """Decodes every aggregated shard into its place in each local result, checking what
+        another worker sent for NaN/Inf (a lossless shard step by step, as it arrives)."""
+        sw = self.transport.stopwatch
+        done: dict[int, int] = {}  # id(payload) -> the local worker whose result holds it
+        for k in self.local:
+            for j in self.members:
+                a, b = owner[j]
+                payload, dest = received(pending, (j, k), what).payload, out[k][a:b]
+                if id(payload) in done:  # one message to several local workers: decode once
+                    with timed(sw, "decode"):
+                        dest.copy_(out[done[id(payload)]][a:b])
+                    continue
+                done[id(payload)] = k
+                with timed(sw, "decode"):
+                    view = view_checked(codecs[k], payload, b - a, a, j, what)
+                if view is not None and view.device == dest.device:
+                    # Lossless: received in place (nothing to copy) or copied step by step,
+                    # each step checked while in cache.
+                    in_place = view.data_ptr() == dest.data_ptr()
+                    for lo, hi in _steps(b - a) if j != k or not in_place else ():
+                        pending.wait_for((j, k), codecs[k].raw_tensor, hi * dest.element_size())
+                        with timed(sw, "decode"):
+                            if not in_place:
+                                dest[lo:hi].copy_(view[lo:hi])
+                            if j != k and not all_finite(dest[lo:hi]):
+                                raise non_finite(j, what)
+                    continue
+                _arrived(pending, (j, k), payload)
+                with timed(sw, "decode"):
+                    decode_checked(codecs[k], payload, dest, a, j, what)
+                    if j != k and not all_finite(dest):
+                        raise non_finite(j, what)
 
     def broadcast(self, src: int, tensor: torch.Tensor | None, codec: Codec,
                   dsts: tuple[int, ...], tag: str = "broadcast") -> dict[int, torch.Tensor]:

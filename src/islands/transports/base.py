@@ -9,9 +9,14 @@ collective code runs in one process or across machines.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from islands.codecs.base import Encoded
+from islands.core import memory
+from islands.core.timing import Stopwatch
 
 
 @dataclass
@@ -34,8 +39,47 @@ class Message:
         return self.payload.nbytes + self.header_bytes
 
 
+# place(src, dst, tensor name, dtype, shape) -> where a transport that receives bytes should put
+# that payload tensor (a view into the caller's own memory), or None for a fresh tensor.
+Place = Callable[[int, int, str, torch.dtype, tuple[int, ...]], "torch.Tensor | None"]
+
+
+class Exchange:
+    """An exchange in flight: the messages addressed to local workers, whose tensors may
+    still be arriving (this base class: an exchange already complete, as the simulator's).
+
+    Attributes:
+        messages: every message addressed to a local worker, keyed ``(src, dst)``; read a
+            tensor's bytes only once :meth:`wait_for` or :meth:`wait` says they arrived.
+    """
+
+    def __init__(self, messages: dict[tuple[int, int], Message]) -> None:
+        self.messages = messages
+
+    def wait_for(self, key: tuple[int, int], name: str, nbytes: int) -> None:
+        """Returns once the first ``nbytes`` bytes of tensor ``name`` of message ``key`` have
+        arrived (the rest may still be on the wire), so work on them overlaps the transfer."""
+
+    def wait(self) -> dict[tuple[int, int], Message]:
+        """Waits for everything (sends included), checks and counts it; returns
+        :attr:`messages`. After an error off the wire, call it still, so no transfer is left
+        behind."""
+        return self.messages
+
+    def abandon(self) -> None:
+        """Gives up on what is still in flight after the wire failed (a timeout, an abort):
+        returns at once, keeping the transfers' memory alive until they end."""
+
+
 class Transport(ABC):
-    """Moves messages between workers and counts every byte it moves."""
+    """Moves messages between workers and counts every byte it moves.
+
+    Attributes:
+        stopwatch: when set (benchmarks), the collectives and the transport add the seconds
+            of each activity to it (``encode``, ``decode``, ``reduce``, ``pack``, ``wire``).
+    """
+
+    stopwatch: Stopwatch | None = None
 
     @property
     @abstractmethod
@@ -52,15 +96,48 @@ class Transport(ABC):
 
     @abstractmethod
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
-                 phase: str) -> dict[tuple[int, int], Message]:
+                 phase: str, *, place: Place | None = None,
+                 check_finite: bool = True) -> dict[tuple[int, int], Message]:
         """Delivers messages among ``members``.
 
         Args:
             messages: every message sent by a local worker, keyed ``(src, dst)``; ``src == dst``
-                is a local hand-over and costs no bytes.
+                is a local hand-over and costs no bytes. A payload's tensors must stay
+                unchanged until the exchange returns.
             members: the workers taking part (all must call, in the real runtime).
             phase: a label for logs and accounting (``"reduce-scatter"``, ``"all-gather"``).
+            place: where received tensors may go (a transport that hands messages over in
+                memory, as the simulator's, ignores it).
+            check_finite: refuse received floating tensors holding NaN/Inf (False: the caller
+                checks the decoded values itself). Messages handed over in memory come from
+                this process's own encoders, which refuse NaN/Inf, and are not checked again.
 
         Returns:
             Every message addressed to a local worker, keyed ``(src, dst)``.
         """
+
+    def start_exchange(self, messages: dict[tuple[int, int], Message],
+                       members: tuple[int, ...], phase: str, *, place: Place | None = None,
+                       check_finite: bool = True) -> Exchange:
+        """:meth:`exchange`, returning as soon as the messages' headers are known; a transport
+        that moves bytes lets the caller work on what has arrived while the rest is on the wire
+        (this default: the exchange, complete)."""
+        return Exchange(self.exchange(messages, members, phase, place=place,
+                                      check_finite=check_finite))
+
+    def scratch(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        """A buffer kept under ``key`` from one call to the next (a new one when the shape or
+        dtype changes), for memory a collective receives into round after round.
+
+        Fresh memory costs a page fault per page on its first write (on the CPU often more
+        than the copy that fills it); a kept buffer costs it once. The cost: the buffers stay
+        allocated while the transport lives. The caller must not keep a buffer past its call,
+        nor use one key for two collectives in flight at once.
+        """
+        kept, device = self.__dict__.setdefault("_scratch", {}), torch.device(device)
+        t = kept.get(key)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+            kept.pop(key, None)  # released before its replacement is allocated
+            t = kept[key] = memory.empty(shape, dtype, device)
+        return t

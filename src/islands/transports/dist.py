@@ -1,18 +1,20 @@
 """The real transport: one worker per process, messages over a ``torch.distributed`` group.
 
 An ``exchange`` is a set of point-to-point transfers between the members taking part (gloo
-over TCP on CPUs; NCCL groups are not used because payloads are byte buffers): first every
-member tells every other member how many bytes it will send (an int64 each), then the
-payloads move with ``isend``/``irecv``. Only members of the exchange take part, so a
-sub-group (a state transfer from one worker to a joiner) needs no collective over the whole
-process group.
+over TCP on CPUs; NCCL groups are not used because payloads are byte buffers), in two rounds:
+every member sends every other member a header (``null`` when it has nothing for it), then
+the payload tensors move with ``send``/``recv``, each from and into its own memory
+(:mod:`islands.transports.wire`: nothing is packed into a contiguous buffer, and a caller may
+say where a received tensor goes). Only members of the exchange take part, so a sub-group (a
+state transfer from one worker to a joiner) needs no collective over the whole process group.
 
-On the wire a message is ``u32 header length | JSON header | raw tensor bytes``. The header
-names each payload tensor's dtype and shape; a received message is checked before use (sizes
-consistent, dtype allowed, floating values finite) and refused with :class:`CommError`
-otherwise. Bytes are counted exactly as the simulator counts them (``Message.nbytes`` per
-message with ``src != dst``) in ``bytes_sent``/``bytes_received``; the serialization overhead
-is counted apart in ``wire_bytes_sent`` for comparison with the kernel's counters.
+A received message is checked before use (header fields and sizes consistent, dtypes allowed,
+floating values finite unless the caller checks the decoded values itself) and refused with
+:class:`~islands.core.errors.PeerRefused` naming the sender otherwise. Bytes are counted
+exactly as the simulator counts them (``Message.nbytes`` per message with ``src != dst``) in
+``bytes_sent``/``bytes_received``; what actually went through ``send``/``recv`` (headers and
+tensor bytes) is counted apart in ``wire_bytes_sent``/``wire_bytes_received``, for comparison
+with the kernel's counters.
 
 Waiting is a polling loop so that a membership change seen by the heartbeat thread
 (``abort_event``), a SIGTERM (``stopping``) or ``timeout_s`` ends a blocked exchange with
@@ -26,24 +28,18 @@ This is the only module of islands that imports ``torch.distributed``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import json
-import math
-import struct
 import threading
 import time
 
 import torch
 import torch.distributed as dist
 
-from islands.codecs.base import Encoded
 from islands.core.errors import CommError, PeerRefused, Stopping
-from islands.transports.base import Message, Transport
-
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                               torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                               torch.bool)}
-MAX_MESSAGE_BYTES = 1 << 33  # 8 GiB: a size above this from a peer is malformed
+from islands.core.timing import timed
+from islands.transports import wire
+from islands.transports.base import Exchange, Message, Place, Transport
 
 
 def open_store(host: str, port: int, *, is_master: bool, timeout_s: float) -> dist.Store:
@@ -64,66 +60,6 @@ def new_group(store: dist.Store, prefix: str, rank: int, size: int,
     except RuntimeError as e:
         raise CommError(f"process group {prefix!r} (rank {rank} of {size}) failed to form: "
                         f"{e}") from None
-
-
-def _pad(n: int) -> int:
-    return -n % 8  # sections start 8-byte aligned so tensors are views, not copies
-
-
-def pack(msg: Message) -> torch.Tensor:
-    """Serializes a message into one uint8 tensor (header, then 8-byte aligned tensors)."""
-    p = msg.payload
-    names = sorted(p.tensors)
-    header = {"w": msg.weight, "hb": msg.header_bytes, "n": p.numel, "dt": str(p.dtype),
-              "eh": p.header_bytes, "meta": p.meta,
-              "t": [[k, str(p.tensors[k].dtype), list(p.tensors[k].shape)] for k in names]}
-    try:
-        head = json.dumps(header).encode()
-    except TypeError as e:
-        raise CommError(f"codec meta {p.meta!r} is not JSON-serializable: {e}") from None
-    head = struct.pack("<I", len(head)) + head
-    parts = [torch.frombuffer(bytearray(head + bytes(_pad(len(head)))), dtype=torch.uint8)]
-    for k in names:
-        t = p.tensors[k].detach().contiguous().cpu().reshape(-1)
-        if t.numel():
-            parts.append(t.view(torch.uint8))
-            if _pad(parts[-1].numel()):
-                parts.append(torch.zeros(_pad(parts[-1].numel()), dtype=torch.uint8))
-    return torch.cat(parts)
-
-
-def unpack(buf: torch.Tensor, peer: int) -> Message:
-    """Parses and validates what :func:`pack` wrote; :class:`CommError` names ``peer``."""
-    try:
-        (hlen,) = struct.unpack("<I", buf[:4].numpy().tobytes())
-        if 4 + hlen > buf.numel():
-            raise ValueError("header longer than the message")
-        header = json.loads(buf[4:4 + hlen].numpy().tobytes())
-        offset = 4 + hlen + _pad(4 + hlen)
-        tensors = {}
-        for name, dtype, shape in header["t"]:
-            dt = _DTYPES[dtype]
-            if any(not isinstance(s, int) or s < 0 for s in shape):
-                raise ValueError(f"bad shape {shape}")
-            n = torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size()
-            if offset + n > buf.numel():
-                raise ValueError("payload shorter than its header says")
-            tensors[name] = buf[offset:offset + n].view(dt).reshape(shape)
-            offset += n + _pad(n)
-        if offset != buf.numel():
-            raise ValueError(f"{buf.numel() - offset} trailing bytes")
-        payload = Encoded(tensors, numel=int(header["n"]), dtype=_DTYPES[header["dt"]],
-                          header_bytes=int(header["eh"]), meta=dict(header["meta"]))
-        msg = Message(payload, int(header["hb"]), weight=float(header["w"]))
-    except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
-        raise PeerRefused(f"malformed message from worker {peer}: {e}", peer) from None
-    for name, t in tensors.items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            raise PeerRefused(f"message from worker {peer}: tensor {name!r} holds NaN/Inf; "
-                              "refused", peer)
-    if payload.numel < 0 or not math.isfinite(msg.weight):
-        raise PeerRefused(f"message from worker {peer}: bad numel or weight; refused", peer)
-    return msg
 
 
 class DistTransport(Transport):
@@ -148,6 +84,7 @@ class DistTransport(Transport):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.wire_bytes_sent = 0
+        self.wire_bytes_received = 0
         self._waits: list[threading.Thread] = []  # wait threads on the current group
         # replaced groups with a wait still pending on them: (group, its wait threads)
         self._abandoned: list[tuple[dist.ProcessGroup, list[threading.Thread]]] = []
@@ -178,7 +115,18 @@ class DistTransport(Transport):
         self.abort_event.clear()
 
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
-                 phase: str) -> dict[tuple[int, int], Message]:
+                 phase: str, *, place: Place | None = None,
+                 check_finite: bool = True) -> dict[tuple[int, int], Message]:
+        return self.start_exchange(messages, members, phase, place=place,
+                                   check_finite=check_finite).wait()
+
+    def start_exchange(self, messages: dict[tuple[int, int], Message],
+                       members: tuple[int, ...], phase: str, *, place: Place | None = None,
+                       check_finite: bool = True) -> Exchange:
+        """Round 1 (the headers), then round 2 posted: every tensor's bytes, in chunks of
+        :data:`~islands.transports.wire.CHUNK_BYTES`, each its own send/recv (gloo delivers a
+        pair's messages in order), so the caller can work on the first chunks while the next
+        ones arrive."""
         me = self.worker
         out = {k: m for k, m in messages.items() if k[0] == me}
         assert len(out) == len(messages), f"{phase}: messages from a non-local worker"
@@ -186,38 +134,62 @@ class DistTransport(Transport):
         missing = [m for m in members if m not in self.ranks]
         if self.group is None or missing:
             raise CommError(f"{phase}: workers {missing} are not in the current process group")
-        bufs = {dst: pack(msg) for (src, dst), msg in out.items() if dst != me}
-        sizes_out = {p: torch.tensor([bufs[p].numel() if p in bufs else 0]) for p in peers}
-        sizes_in = {p: torch.zeros(1, dtype=torch.int64) for p in peers}
-        self._transfer([(sizes_out[p], p) for p in peers], [(sizes_in[p], p) for p in peers],
+        sw = self.stopwatch
+        with timed(sw, "pack"):
+            try:
+                heads = {p: wire.pack_header(out.get((me, p))) for p in peers}
+            except CommError as e:  # our own message cannot go: we are the one to blame
+                raise PeerRefused(f"{phase}: worker {me}'s own message cannot be sent: {e}",
+                                  me) from None
+            head_bufs = {p: torch.empty(wire.MAX_HEADER_BYTES, dtype=torch.uint8) for p in peers}
+        self._transfer([(heads[p], p) for p in peers], [(head_bufs[p], p) for p in peers],
                        0, phase)
-        recv_bufs = {}
-        for p in peers:
-            n = int(sizes_in[p])
-            if not 0 <= n <= MAX_MESSAGE_BYTES:
-                raise PeerRefused(f"{phase}: worker {p} announced {n} bytes; refused", p)
-            if n:
-                recv_bufs[p] = torch.empty(n, dtype=torch.uint8)
-        self._transfer([(b, p) for p, b in bufs.items()],
-                       [(b, p) for p, b in recv_bufs.items()], 1, phase)
-        result = {(me, me): out[(me, me)]} if (me, me) in out else {}
-        for (src, dst), msg in out.items():
-            if dst != me:
-                self.bytes_sent += msg.nbytes
-                self.wire_bytes_sent += bufs[dst].numel()
-        for p, b in recv_bufs.items():
-            msg = unpack(b, p)
-            result[(p, me)] = msg
-            self.bytes_received += msg.nbytes
-        return result
+        with timed(sw, "pack"):
+            # A malformed header is refused once the transfers with the other peers are done
+            # (they are not kept waiting); nothing more is sent to or taken from its sender.
+            specs, refused = {}, {}
+            for p in peers:
+                try:
+                    if (h := wire.unpack_header(head_bufs[p], p)) is not None:
+                        specs[p] = h
+                except PeerRefused as e:
+                    refused[p] = e
+            received = {p: wire.receive_buffers(
+                h, None if place is None else lambda *t, p=p: place(p, me, *t))
+                for p, h in specs.items()}
+            sends = [(wire.as_bytes(m.payload.tensors[k]), dst) for (_, dst), m in out.items()
+                     if dst != me and dst not in refused for k in sorted(m.payload.tensors)]
+        arriving = _Arriving(self, phase, specs, received, check_finite)
+        arriving.post(sends)
+        # counted once everything has gone through (Exchange.wait)
+        arriving.counts = {
+            "bytes_sent": sum(m.nbytes for (_, dst), m in out.items()
+                              if dst != me and dst not in refused),
+            "wire_bytes_sent": sum(h.numel() for h in heads.values())
+            + sum(b.numel() for b, _ in sends),
+            "wire_bytes_received": sum(wire.header_length(head_bufs[p]) for p in peers
+                                       if p not in refused)}
+        if (me, me) in out:
+            arriving.messages[(me, me)] = out[(me, me)]
+        if refused:
+            with contextlib.suppress(CommError):
+                arriving.wait()
+            raise next(iter(refused.values()))
+        return arriving
 
-    def _transfer(self, sends: list, recvs: list, tag: int, phase: str) -> None:
+    def _post(self, sends: list, recvs: list, tag: int, phase: str) -> list:
+        """Posts gloo sends and receives of ``(tensor, peer)``; returns their works."""
         try:
             works = [self.group.send([t], self.ranks[p], tag) for t, p in sends]
             works += [self.group.recv([t], self.ranks[p], tag) for t, p in recvs]
         except RuntimeError as e:  # a pair already known dead fails at once
             raise CommError(f"{phase}: a peer failed: {str(e).splitlines()[0]}") from None
-        self._wait(works, phase)
+        return works
+
+    def _transfer(self, sends: list, recvs: list, tag: int, phase: str) -> None:
+        works = self._post(sends, recvs, tag, phase)
+        with timed(self.stopwatch, "wire"):
+            self._wait(works, phase)
 
     def _wait(self, works: list, phase: str) -> None:
         # gloo's point-to-point work cannot be polled (is_completed stays False until wait),
@@ -248,3 +220,94 @@ class DistTransport(Transport):
                                 "(runtime.collective_timeout_s)")
         if errors:
             raise CommError(f"{phase}: a peer failed: {str(errors[0]).splitlines()[0]}")
+
+
+class _Arriving(Exchange):
+    """Round 2 of an exchange in flight: the tensors' chunks, sent and received in order."""
+
+    def __init__(self, transport: DistTransport, phase: str, specs: dict,
+                 received: dict[int, dict[str, torch.Tensor]], check_finite: bool) -> None:
+        me = transport.worker
+        super().__init__({(p, me): wire.message(h, received[p]) for p, h in specs.items()})
+        self.transport, self.phase, self.check_finite = transport, phase, check_finite
+        self.received = received
+        self.sends: list = []
+        self.counts: dict[str, int] = {}
+        self.finished = False
+        # (peer, tensor name) -> [(end byte, work)] in arrival order, and how many were waited
+        self.chunks: dict[tuple[int, str], list] = {}
+        self.waited: dict[tuple[int, str], int] = {}
+
+    def post(self, sends: list) -> None:
+        recvs, owners = [], []
+        for p, tensors in self.received.items():
+            for name, t in tensors.items():
+                for a, b in wire.chunks(wire.as_bytes(t).numel()):
+                    recvs.append((wire.as_bytes(t)[a:b], p))
+                    owners.append(((p, name), b))
+        pieces = [(b[x:y], p) for b, p in sends for x, y in wire.chunks(b.numel())]
+        works = self.transport._post(pieces, recvs, 1, self.phase)
+        self.sends = works[:len(pieces)]
+        for (key, end), work in zip(owners, works[len(pieces):]):
+            self.chunks.setdefault(key, []).append((end, work))
+
+    def wait_for(self, key: tuple[int, int], name: str, nbytes: int) -> None:
+        src = key[0]
+        if src == self.transport.worker or nbytes <= 0:
+            return  # handed over in memory
+        chunks, done = self.chunks.get((src, name), []), self.waited.get((src, name), 0)
+        need = done
+        while need < len(chunks) and (need == 0 or chunks[need - 1][0] < nbytes):
+            need += 1
+        if need == done:
+            return
+        left = sum(len(c) - self.waited.get(k, 0) for k, c in self.chunks.items())
+        if left == need - done:  # the last bytes: one wait for everything, sends included
+            self.wait()
+            return
+        self.waited[(src, name)] = need  # handed to _wait, which holds them if it fails
+        with timed(self.transport.stopwatch, "wire"):
+            self.transport._wait([w for _, w in chunks[done:need]], self.phase)
+
+    def abandon(self) -> None:
+        # As _wait does with the works it gives up on: a helper holds them (and so the
+        # tensors gloo reads and writes) until they end or one fails, which the group's own
+        # timeout guarantees. Works already handed to _wait are its helper's.
+        if self.finished:
+            return
+        works = self.sends + [w for key, chunks in self.chunks.items()
+                              for _, w in chunks[self.waited.get(key, 0):]]
+        self.finished = True
+
+        def hold() -> None:
+            with contextlib.suppress(BaseException):  # the caller already has the error
+                for w in works:
+                    w.wait()
+
+        holder = threading.Thread(target=hold, daemon=True, name=f"abandon {self.phase}")
+        holder.start()
+        self.transport._waits.append(holder)  # its group is kept while it holds them
+
+    def wait(self) -> dict[tuple[int, int], Message]:
+        t = self.transport
+        if self.finished:
+            return self.messages
+        rest = [w for key, chunks in self.chunks.items()
+                for _, w in chunks[self.waited.get(key, 0):]]
+        self.finished = True  # everything is handed to _wait, which holds it if it fails
+        with timed(t.stopwatch, "wire"):
+            t._wait(self.sends + rest, self.phase)
+        self.waited = {key: len(chunks) for key, chunks in self.chunks.items()}
+        for name, n in self.counts.items():
+            setattr(t, name, getattr(t, name) + n)
+        self.counts = {}
+        for (src, dst), msg in self.messages.items():
+            if src == dst:
+                continue
+            if self.check_finite:
+                with timed(t.stopwatch, "pack"):
+                    wire.check_finite(msg, src)
+            t.bytes_received += msg.nbytes
+            t.wire_bytes_received += sum(b.numel() for b in map(wire.as_bytes,
+                                                                 msg.payload.tensors.values()))
+        return self.messages

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from islands.transports.base import Message, Transport
+from islands.transports.base import Message, Place, Transport
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ class SimTransport(Transport):
         return self.bytes_received[worker]
 
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
-                 phase: str) -> dict[tuple[int, int], Message]:
+                 phase: str, *, place: Place | None = None,
+                 check_finite: bool = True) -> dict[tuple[int, int], Message]:
         sent = dict.fromkeys(members, 0)
         received = dict.fromkeys(members, 0)
         for (src, dst), msg in messages.items():

@@ -1,0 +1,319 @@
+"""The butterfly all-reduce over the real transport against gloo's own ``all_reduce``, measured
+side by side in the same processes, and the simulator's in-process butterfly against a copy.
+
+For each worker count this spawns that many processes on 127.0.0.1 (a ``TCPStore`` on a free
+port, one gloo process group, one torch thread each). In every process, for each size and
+codec, each repeat runs gloo's ``all_reduce`` (a sum, in place, on a copy of the tensor) and
+then islands' butterfly (:class:`~islands.collectives.butterfly.Group` over
+:class:`~islands.transports.dist.DistTransport`), each after a barrier. A collective's time is
+the slowest worker's; the table gives medians over the repeats, after one warm-up of each.
+
+* ``goodput``: fp32 bytes of the tensor (``4 · numel``) over the time, in GB/s.
+* ``vs gloo``: gloo's time over the butterfly's (> 1: the butterfly is faster).
+* breakdown (median over repeats of the mean over workers, in ms): ``encode`` and ``decode``
+  (the codec, the finiteness checks included), ``reduce`` (the aggregation), ``pack`` (building
+  and parsing the wire messages), ``wire`` (waiting on gloo's sends and receives), ``other``
+  (the rest: allocation, bookkeeping).
+
+Then, in this process, the simulator's butterfly (every worker in one process, no network)
+for the same worker counts, sizes and codecs: its time per worker (total / workers) against a
+``copy_`` of one worker's fp32 tensor into a buffer that already exists.
+
+Run it (each process sets one torch thread):
+
+    python benchmarks/collective.py                                   # the full grid
+    python benchmarks/collective.py --workers 2 3 --sizes-mb 128 --codecs identity int8
+    python benchmarks/collective.py --quick                           # under a minute
+    python benchmarks/collective.py --workers 4 --no-sim              # one worker count
+
+Writes ``bench-results/collective.json`` (``--json`` to move it) with every repeat, the
+breakdown, the load average before and after each worker count, and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import islands
+from islands.codecs import build_codec
+from islands.core.config import CodecConfig
+from islands.core.timing import Stopwatch
+
+# label -> CodecConfig fields (every codec the [codec] section builds, and the wrappers)
+CODECS: dict[str, dict] = {
+    "identity": {"name": "identity"},
+    "fp16": {"name": "fp16"},
+    "bf16": {"name": "bf16"},
+    "int8": {"name": "int8"},
+    "int4": {"name": "int4"},
+    "fp4": {"name": "fp4"},
+    "topk1%": {"name": "topk", "fraction": 0.01},
+    "randomk1%": {"name": "randomk", "fraction": 0.01},
+    "sign": {"name": "sign"},
+    "powersgd4": {"name": "powersgd", "rank": 4},
+    "ef(int8)": {"name": "int8", "error_feedback": True},
+    "int8+zstd": {"name": "int8", "entropy": True},
+}
+ACTIVITIES = ("encode", "decode", "reduce", "pack", "wire")
+QUICK = {"workers": [2, 3], "sizes_mb": [1.0, 16.0], "codecs": ["identity", "int8"],
+         "repeats": 3}
+
+
+def make_codec(label: str, numel: int):
+    """A fresh codec; PowerSGD sees the flat tensor as one square-ish matrix."""
+    codec = build_codec(CodecConfig(**CODECS[label]))
+    side = max(1, int(numel ** 0.5))
+    while numel % side:
+        side -= 1
+    codec.bind_layout([torch.Size([side, numel // side])])
+    return codec
+
+
+def numel_of(size_mb: float) -> int:
+    return int(size_mb * 2**20) // 4
+
+
+# --- one worker process ---------------------------------------------------------------------
+
+def worker_main(args: argparse.Namespace) -> None:
+    """One process of the group: every (size, codec) in order, gloo then the butterfly."""
+    from islands.collectives.butterfly import Group
+    from islands.transports.dist import DistTransport, new_group, open_store
+
+    torch.set_num_threads(1)
+    if args.chunk_mb:
+        from islands.transports import wire
+
+        wire.CHUNK_BYTES = int(args.chunk_mb * 2**20)
+    rank, n = args.rank, args.world
+    store = open_store("127.0.0.1", args.port, is_master=rank == 0, timeout_s=120)
+    pg = new_group(store, "bench/", rank, n, 120)
+    transport = DistTransport(rank, timeout_s=120)
+    transport.use_group(pg, tuple(range(n)))
+    transport.stopwatch = Stopwatch()
+    group = Group(transport, tuple(range(n)))
+    rows = []
+    for size_mb in args.sizes_mb:
+        numel = numel_of(size_mb)
+        x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+        for label in args.codecs:
+            codec = make_codec(label, numel)
+            row = {"size_mb": size_mb, "codec": label, "gloo_s": [], "butterfly_s": [],
+                   "breakdown": []}
+            for rep in range(args.repeats + 1):  # the first is a warm-up
+                t = x.clone()
+                pg.barrier().wait()
+                start = time.perf_counter()
+                pg.allreduce([t]).wait()
+                gloo_s = time.perf_counter() - start
+                del t
+                pg.barrier().wait()
+                transport.stopwatch.reset()
+                sent = transport.bytes_sent
+                start = time.perf_counter()
+                out = group.all_reduce({rank: x}, codecs={rank: codec}, tag="bench")[rank]
+                bfly_s = time.perf_counter() - start
+                if rep:
+                    row["gloo_s"].append(gloo_s)
+                    row["butterfly_s"].append(bfly_s)
+                    row["breakdown"].append(dict(transport.stopwatch.seconds))
+                row["bytes_sent"] = transport.bytes_sent - sent
+                del out
+            # Every worker must hold the same result: compared by the parent through a digest.
+            row["digest"] = digest(group.all_reduce({rank: x}, codecs={rank: codec},
+                                                    tag="bench")[rank])
+            rows.append(row)
+    Path(args.result).write_text(json.dumps(rows))
+
+
+def digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+# --- the parent -----------------------------------------------------------------------------
+
+def chunk_bytes() -> int | None:
+    """The real transport's chunk size (None for a tree without chunks: a before/after run
+    with ``PYTHONPATH`` on an older checkout)."""
+    try:
+        from islands.transports import wire
+    except ImportError:
+        return None
+    return wire.CHUNK_BYTES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(n: int, args: argparse.Namespace) -> list[dict]:
+    """Spawns ``n`` worker processes and combines their measurements."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [Path(tmp) / f"rank{r}.json" for r in range(n)]
+        common = ["--world", str(n), "--port", str(port), "--repeats", str(args.repeats),
+                  "--chunk-mb", str(args.chunk_mb or 0),
+                  "--sizes-mb", *map(str, args.sizes_mb), "--codecs", *args.codecs]
+        procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--result",
+                                   str(files[r]), *common], env=env, stderr=subprocess.PIPE,
+                                  text=True) for r in range(n)]
+        errs = [p.communicate(timeout=args.timeout_s)[1] for p in procs]
+        for r, (p, err) in enumerate(zip(procs, errs)):
+            if p.returncode:
+                raise SystemExit(f"worker {r} of {n} failed:\n{err}")
+        per_rank = [json.loads(f.read_text()) for f in files]
+    rows = []
+    for parts in zip(*per_rank):
+        gloo = [max(r["gloo_s"][i] for r in parts) for i in range(args.repeats)]
+        bfly = [max(r["butterfly_s"][i] for r in parts) for i in range(args.repeats)]
+        numel = numel_of(parts[0]["size_mb"])
+        breakdown = {}
+        for act in ACTIVITIES:
+            breakdown[act] = statistics.median(
+                statistics.fmean(r["breakdown"][i].get(act, 0.0) for r in parts)
+                for i in range(args.repeats))
+        breakdown["other"] = max(0.0, statistics.median(
+            statistics.fmean(r["butterfly_s"][i] for r in parts) for i in range(args.repeats))
+            - sum(breakdown.values()))
+        g, b = statistics.median(gloo), statistics.median(bfly)
+        rows.append({"workers": n, "size_mb": parts[0]["size_mb"], "codec": parts[0]["codec"],
+                     "gloo_s": g, "butterfly_s": b, "gloo_gbps": 4 * numel / g / 1e9,
+                     "butterfly_gbps": 4 * numel / b / 1e9, "vs_gloo": g / b,
+                     "breakdown_s": breakdown, "gloo_repeats_s": gloo,
+                     "butterfly_repeats_s": bfly,
+                     "bytes_sent_per_worker": parts[0]["bytes_sent"],
+                     "identical_on_every_worker": len({r["digest"] for r in parts}) == 1})
+    return rows
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def simulator_rows(args: argparse.Namespace) -> list[dict]:
+    """The simulator's butterfly in this process, per worker, against a ``copy_``."""
+    from islands.collectives.butterfly import Group
+    from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
+
+    torch.set_num_threads(1)
+    rows = []
+    for size_mb in args.sizes_mb:
+        numel = numel_of(size_mb)
+        x = torch.randn(numel)
+        into = torch.empty_like(x)
+        for n in args.workers:
+            xs = {i: torch.randn(numel, generator=torch.Generator().manual_seed(i))
+                  for i in range(n)}
+            for label in args.codecs:
+                group = Group(SimTransport(n, NetworkModel(), VirtualClock(n)), tuple(range(n)))
+                codecs = {i: make_codec(label, numel) for i in range(n)}
+                # the copy beside each row, so that both see the same load
+                copy_s = median_time(functools.partial(into.copy_, x), args.repeats)
+                t = median_time(functools.partial(group.all_reduce, xs, codecs=codecs,
+                                                  tag="bench"), args.repeats)
+                rows.append({"workers": n, "size_mb": size_mb, "codec": label,
+                             "total_s": t, "per_worker_s": t / n, "copy_s": copy_s,
+                             "vs_copy": t / n / copy_s})
+    return rows
+
+
+def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="butterfly over DistTransport vs gloo all_reduce (medians, 1 thread each)")
+    for col in ("workers", "MB", "codec", "gloo s", "gloo GB/s", "bfly s", "bfly GB/s",
+                "vs gloo", *ACTIVITIES, "other", "same"):
+        t.add_column(col, justify="right")
+    for r in dist_rows:
+        bd = r["breakdown_s"]
+        t.add_row(str(r["workers"]), f"{r['size_mb']:g}", r["codec"], f"{r['gloo_s']:.3f}",
+                  f"{r['gloo_gbps']:.2f}", f"{r['butterfly_s']:.3f}",
+                  f"{r['butterfly_gbps']:.2f}", f"{r['vs_gloo']:.2f}x",
+                  *(f"{1e3 * bd[a]:.0f}" for a in (*ACTIVITIES, "other")),
+                  "yes" if r["identical_on_every_worker"] else "NO")
+    s = Table(title="simulator's butterfly (one process, 1 thread): time per worker vs copy_")
+    for col in ("workers", "MB", "codec", "total ms", "per worker ms", "copy_ ms", "÷ copy_"):
+        s.add_column(col, justify="right")
+    for r in sim_rows:
+        s.add_row(str(r["workers"]), f"{r['size_mb']:g}", r["codec"], f"{1e3 * r['total_s']:.2f}",
+                  f"{1e3 * r['per_worker_s']:.3f}", f"{1e3 * r['copy_s']:.3f}",
+                  f"{r['vs_copy']:.2f}x")
+    console = Console(width=200)
+    console.print(t)
+    console.print(s)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--sizes-mb", type=float, nargs="+", default=[1.0, 16.0, 128.0])
+    p.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help=f"{QUICK}")
+    p.add_argument("--no-sim", action="store_true", help="skip the simulator's rows")
+    p.add_argument("--no-dist", action="store_true", help="skip the real transport's rows")
+    p.add_argument("--timeout-s", type=float, default=900.0, help="per worker count")
+    p.add_argument("--chunk-mb", type=float, default=None,
+                   help="the real transport's chunk size (default: wire.CHUNK_BYTES)")
+    p.add_argument("--json", default="bench-results/collective.json")
+    # set by the parent for a worker process
+    p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rank is not None:
+        return worker_main(args)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    loads, dist_rows = {}, []
+    for n in [] if args.no_dist else args.workers:
+        before = os.getloadavg()
+        dist_rows += run_group(n, args)
+        loads[n] = {"before": before, "after": os.getloadavg()}
+    before = os.getloadavg()
+    sim_rows = [] if args.no_sim else simulator_rows(args)
+    if sim_rows:
+        loads["sim"] = {"before": before, "after": os.getloadavg()}
+    print_tables(dist_rows, sim_rows)
+    env = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "threads_per_process": 1, "islands": str(Path(islands.__file__).parent),
+           "chunk_bytes": int(args.chunk_mb * 2**20) if args.chunk_mb else chunk_bytes(),
+           "torch": torch.__version__, "cpus": os.cpu_count(),
+           "machine": platform.processor() or platform.machine(), "load_average": loads,
+           "load_average_end": os.getloadavg()}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"env": env, "dist": dist_rows, "sim": sim_rows}, indent=1))
+    print(f"load average (1, 5, 15 min) per worker count and for the simulator: {loads}; "
+          f"at the end: {env['load_average_end']}\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The real transport's wire format: one header, then each payload tensor's raw bytes.
+
+A message from one worker to another travels as
+
+* a **header**: ``u32 length | JSON`` with the collective's fields (weight, header bytes), the
+  payload's (numel, dtype, the codec's header bytes and meta) and, per payload tensor in name
+  order, its name, dtype and shape; ``null`` when the sender has nothing for this receiver.
+  The receiver takes it into a buffer of :data:`MAX_HEADER_BYTES` (gloo accepts a message
+  shorter than the buffer posted for it), so no round trip announces its size;
+* then each non-empty tensor's bytes, sent from the tensor's own memory (nothing is copied
+  into a packed buffer) and received into memory the caller may choose (``place``), such as
+  the slice of a result where the decoded values belong.
+
+Bytes on the wire per message: ``4 + len(JSON) + Σ tensor bytes``. The accounting shared with
+the simulator counts ``Message.nbytes = Σ tensor bytes + codec header bytes + the collective's
+16-byte header``; the difference, ``4 + len(JSON) − 16 − codec header bytes``, is the
+serialization overhead, counted in ``wire_bytes_sent``: at most
+:data:`MAX_HEADER_OVERHEAD_BYTES` per message for the built-in codecs but PowerSGD, whose meta
+lists the matrices of its plan (a JSON header of 100 to 200 bytes).
+
+Everything a peer sends is checked before use: the header's fields and sizes here (refused
+with :class:`~islands.core.errors.PeerRefused` naming the peer), and floating values finite
+(:func:`check_finite`, unless the caller checks the decoded values itself, as the butterfly
+does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from islands.codecs.base import Encoded, all_finite
+from islands.core import memory
+from islands.core.errors import CommError, PeerRefused
+from islands.transports.base import Message
+
+DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                              torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                              torch.bool)}
+MAX_HEADER_BYTES = 1 << 20  # received into a buffer this large; only the pages used are touched
+MAX_MESSAGE_BYTES = 1 << 33  # 8 GiB: a payload above this from a peer is malformed
+# Bytes per send/recv of a tensor's bytes: a receiver works on a chunk while the next ones
+# arrive, and an exchange that makes progress is never cut by the per-wait timeout.
+CHUNK_BYTES = 4 << 20
+# Bytes on the wire beyond Message.nbytes, per message, for every built-in codec but PowerSGD
+# (a test checks it over gloo).
+MAX_HEADER_OVERHEAD_BYTES = 256
+
+# (name, dtype, shape) -> where to receive that tensor of one message (None: a fresh tensor)
+TensorPlace = Callable[[str, torch.dtype, tuple[int, ...]], "torch.Tensor | None"]
+
+
+@dataclass
+class Header:
+    """A received header, validated: everything but the tensors' bytes."""
+
+    weight: float
+    header_bytes: int
+    numel: int
+    dtype: torch.dtype
+    codec_header_bytes: int
+    meta: dict
+    tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+def pack_header(msg: Message | None) -> torch.Tensor:
+    """``u32 length | JSON`` as a uint8 tensor (``null`` for no message)."""
+    if msg is None:
+        head = b"null"
+    else:
+        p = msg.payload
+        fields = {"w": msg.weight, "hb": msg.header_bytes, "n": p.numel, "dt": str(p.dtype),
+                  "eh": p.header_bytes, "meta": p.meta,
+                  "t": [[k, str(p.tensors[k].dtype), list(p.tensors[k].shape)]
+                        for k in sorted(p.tensors)]}
+        try:
+            head = json.dumps(fields, separators=(",", ":")).encode()
+        except TypeError as e:
+            raise CommError(f"codec meta {p.meta!r} is not JSON-serializable: {e}") from None
+    if 4 + len(head) > MAX_HEADER_BYTES:
+        raise CommError(f"a message header of {len(head)} bytes exceeds the wire's "
+                        f"{MAX_HEADER_BYTES - 4} (codec meta too large)")
+    return torch.frombuffer(bytearray(struct.pack("<I", len(head)) + head), dtype=torch.uint8)
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+def header_length(buf: torch.Tensor) -> int:
+    """Bytes of the header at the start of ``buf`` (length prefix included)."""
+    return 4 + struct.unpack("<I", buf[:4].numpy().tobytes())[0]
+
+
+def unpack_header(buf: torch.Tensor, peer: int) -> Header | None:
+    """Parses and validates a header received from ``peer`` (None: no message)."""
+    try:
+        if buf.numel() < 4:
+            raise ValueError(f"{buf.numel()} bytes, shorter than the length prefix")
+        (hlen,) = struct.unpack("<I", buf[:4].numpy().tobytes())
+        if 4 + hlen > buf.numel():
+            raise ValueError(f"a header of {hlen} bytes, longer than the message")
+        raw = json.loads(buf[4:4 + hlen].numpy().tobytes())
+        if raw is None:
+            return None
+        tensors, names, total = [], set(), 0
+        for name, dtype, shape in raw["t"]:
+            if not isinstance(name, str) or name in names:
+                raise ValueError(f"bad or repeated tensor name {name!r}")
+            if not isinstance(shape, list) or any(not isinstance(s, int) or s < 0
+                                                  for s in shape):
+                raise ValueError(f"bad shape {shape}")
+            names.add(name)
+            tensors.append((name, DTYPES[dtype], tuple(shape)))
+            total += _nbytes(DTYPES[dtype], tuple(shape))
+        if total > MAX_MESSAGE_BYTES:
+            raise ValueError(f"a payload of {total} bytes (at most {MAX_MESSAGE_BYTES})")
+        h = Header(float(raw["w"]), int(raw["hb"]), int(raw["n"]), DTYPES[raw["dt"]],
+                   int(raw["eh"]), dict(raw["meta"]), tensors)
+    except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
+        raise PeerRefused(f"malformed message from worker {peer}: {e}", peer) from None
+    if h.numel < 0 or h.header_bytes < 0 or h.codec_header_bytes < 0 \
+            or not math.isfinite(h.weight):
+        raise PeerRefused(f"message from worker {peer}: bad numel, header size or weight; "
+                          "refused", peer)
+    return h
+
+
+def receive_buffers(h: Header, place: TensorPlace | None) -> dict[str, torch.Tensor]:
+    """Where each tensor of ``h`` is received: what ``place`` offers when it fits exactly
+    (dtype, shape, contiguous, on the CPU), else a fresh tensor."""
+    out = {}
+    for name, dtype, shape in h.tensors:
+        t = place(name, dtype, shape) if place is not None else None
+        if t is None or t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() \
+                or t.device.type != "cpu":
+            t = memory.empty(shape, dtype)
+        out[name] = t
+    return out
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's memory as flat uint8 (a view; a copy only if not contiguous or not on
+    the CPU)."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+
+
+def chunks(nbytes: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges of the chunks a tensor of ``nbytes`` bytes travels in."""
+    return [(a, min(nbytes, a + CHUNK_BYTES)) for a in range(0, nbytes, CHUNK_BYTES)]
+
+
+def message(h: Header, tensors: dict[str, torch.Tensor]) -> Message:
+    payload = Encoded(tensors, numel=h.numel, dtype=h.dtype, header_bytes=h.codec_header_bytes,
+                      meta=h.meta)
+    return Message(payload, h.header_bytes, weight=h.weight)
+
+
+def check_finite(msg: Message, peer: int) -> None:
+    """Refuses a message whose floating tensors hold NaN/Inf, naming ``peer``."""
+    for name, t in msg.payload.tensors.items():
+        if t.is_floating_point() and not all_finite(t):
+            raise PeerRefused(f"message from worker {peer}: tensor {name!r} holds NaN/Inf; "
+                              "refused", peer)
