@@ -17,6 +17,7 @@ Run it:
 
     python benchmarks/codecs_throughput.py                       # 64M elements, every codec
     python benchmarks/codecs_throughput.py --numel 16000000 --codecs int8,int4,fp4
+    python benchmarks/codecs_throughput.py --device cuda         # on a GPU
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/codecs_throughput.py  # PyTorch's huge-page allocator
 
 ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch's CPU allocator) makes page faults cheaper for
@@ -56,14 +57,21 @@ CODECS: dict[str, dict] = {
 }
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU runs asynchronously: time what it did, not the launch
+
+
 def best_time(fn, repeats: int) -> tuple[float, object]:
     """Best wall time of ``fn`` over ``repeats`` runs after one warm-up, and its last result."""
     out = fn()
     best = math.inf
     for _ in range(repeats):
         del out
+        _sync()
         start = time.perf_counter()
         out = fn()
+        _sync()
         best = min(best, time.perf_counter() - start)
     return best, out
 
@@ -100,11 +108,12 @@ def main() -> None:
     p.add_argument("--codecs", default=",".join(CODECS), help="comma-separated labels")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the codecs follow the tensor)")
     p.add_argument("--json", default="bench-results/codecs_throughput.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)).to(args.device)
 
     rows = copies(x, args.repeats)
     print(f"{'codec':16} {'GB/s into':>9} {'GB/s new':>8} {'encode s':>9} {'dec into s':>10} "
@@ -116,6 +125,7 @@ def main() -> None:
               f"{r['encode_s']:9.4f} {r['decode_into_s']:10.4f} {r['decode_s']:9.4f} "
               f"{r['ratio']:6.2f}x {r['rel_l2_error']:9.2e}", flush=True)
     env = {"numel": args.numel, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if x.is_cuda else "cpu",
            "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
            "load_average": os.getloadavg()}
