@@ -85,6 +85,26 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def last_round(run_dir: Path) -> int:
+    return max((r["round"] for r in metrics(run_dir)), default=-1)
+
+
+# a model big enough that an all-reduce takes a while, so a signal can land inside one
+BIG = ["steps=5000", "algorithm.sync_every=1", "model.n_layer=2", "model.n_embd=512",
+       "model.n_head=4"]
+
+
+def workers_in_a_collective(procs: "Procs", addr: str, out: Path, n: int) -> dict:
+    """Start ``n`` workers of the BIG model; return once all committed round 1 and the last
+    one has just entered a collective (its log says so)."""
+    ws = {i: procs.worker(i, addr, out, [f"workers={n}", *BIG]) for i in range(n)}
+    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(n)) >= 1, 90, "round 1")
+    seen = procs.stderr(ws[n - 1]).count("collective starts")
+    wait_until(lambda: procs.stderr(ws[n - 1]).count("collective starts") > seen, 30,
+               f"worker {n - 1} entering a collective")
+    return ws
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -9,13 +9,14 @@ import socket
 import sys
 import time
 
-from tests.integration.conftest import metrics, wait_until
+from tests.integration.conftest import (
+    last_round,
+    metrics,
+    wait_until,
+    workers_in_a_collective,
+)
 
 LONG = ["workers=3", "steps=5000", "runtime.heartbeat_s=0.1", "runtime.heartbeat_timeout_s=1.0"]
-
-
-def last_round(run_dir) -> int:
-    return max((r["round"] for r in metrics(run_dir)), default=-1)
 
 
 def commits_after(run_dir, t: float) -> list[dict]:
@@ -146,16 +147,10 @@ def test_kill_during_a_collective(tmp_path, procs, coordinator):
     """A model big enough that the all-reduce takes a while; worker 2 is killed right after
     it enters a collective. The survivors abort that attempt, restore, and commit the round
     without it; no partial reduction survives (every hash agrees)."""
-    big = ["workers=3", "steps=5000", "algorithm.sync_every=1", "model.n_layer=2",
-           "model.n_embd=512", "model.n_head=4"]  # collectives long enough to land a kill in
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "run"
-    ws = {i: procs.worker(i, addr, out, big) for i in range(3)}
-    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(3)) >= 1, 90, "round 1")
-    seen = procs.stderr(ws[2]).count("collective starts")
-    wait_until(lambda: procs.stderr(ws[2]).count("collective starts") > seen, 30,
-               "worker 2 entering a collective")
+    ws = workers_in_a_collective(procs, addr, out, 3)
     ws[2].send_signal(signal.SIGKILL)
     t_kill = time.time()
     ws[2].wait()

@@ -11,11 +11,11 @@ import time
 import torch
 
 from islands.core.config import load_config
-from islands.runtime import checkpoint, state
 from islands.engine import initial_model
+from islands.runtime import checkpoint, state
 from islands.tasks import build_task
-from tests.integration.conftest import TINY, free_port, metrics, wait_until
-from tests.integration.test_churn import assert_hashes_agree, last_round
+from tests.integration.conftest import TINY, free_port, last_round, metrics, wait_until
+from tests.integration.test_churn import assert_hashes_agree
 
 
 def test_hash_repair_and_brand_new_join(tmp_path, procs, coordinator):

@@ -13,8 +13,13 @@ import time
 import torch
 
 from islands.runtime import checkpoint, state
-from tests.integration.conftest import TINY, metrics, wait_until
-from tests.integration.test_churn import last_round
+from tests.integration.conftest import (
+    TINY,
+    last_round,
+    metrics,
+    wait_until,
+    workers_in_a_collective,
+)
 
 LONG = ["steps=5000", "runtime.heartbeat_s=0.1", "runtime.heartbeat_timeout_s=1.0"]
 
@@ -170,14 +175,8 @@ def test_sigterm_is_honoured_while_waiting_to_join_and_in_a_collective(tmp_path,
 
     coord2 = coordinator()
     addr2 = f"127.0.0.1:{coord2.port}"
-    big = ["workers=2", "steps=5000", "algorithm.sync_every=1", "model.n_layer=2",
-           "model.n_embd=512", "model.n_head=4"]
     out = tmp_path / "big"
-    ws = {i: procs.worker(i, addr2, out, big) for i in range(2)}
-    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 1, 90, "round 1")
-    seen = procs.stderr(ws[1]).count("collective starts")
-    wait_until(lambda: procs.stderr(ws[1]).count("collective starts") > seen, 30,
-               "worker 1 entering a collective")
+    ws = workers_in_a_collective(procs, addr2, out, 2)
     t1 = time.time()
     ws[1].send_signal(signal.SIGTERM)
     assert ws[1].wait(timeout=30) == 0

@@ -14,8 +14,8 @@ import torch
 from islands.core.config import load_config
 from islands.runtime import checkpoint
 from islands.sim.runner import Simulation
-from tests.integration.conftest import free_port, metrics, wait_until
-from tests.integration.test_churn import assert_hashes_agree, last_round
+from tests.integration.conftest import free_port, last_round, metrics, wait_until
+from tests.integration.test_churn import assert_hashes_agree
 
 USER = ["task.name='tests.user_task:make_task'", "data.batch_size=16", "device=cpu",
         "inner.lr=0.01", "eval_every=20"]
