@@ -18,8 +18,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/islands demo --out runs/main
 
+# -n auto: one test process per core (pytest-xdist); most integration tests wait on their
+# worker processes, so two at a time use both cores
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/diloco_vs_ddp.py
