@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from islands.metrics.run_dir import read_metrics
 from islands.runtime.coordinator import Coordinator
 
 CONFIG = ["workers=3", "steps=300", "algorithm.sync_every=10", "data.max_bytes=1000000",
@@ -39,13 +40,6 @@ def start_worker(i: int, addr: str, out: Path, log) -> subprocess.Popen:
     return p
 
 
-def rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def run(out: Path, kill_round: int | None) -> dict:
     """One job; with ``kill_round``, worker 2 is killed once every worker committed it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +50,7 @@ def run(out: Path, kill_round: int | None) -> dict:
     facts: dict = {}
     try:
         if kill_round is not None:
-            while min((max((r["round"] for r in rows(out / f"w{i}")), default=-1)
+            while min((max((r["round"] for r in read_metrics(out / f"w{i}")), default=-1)
                        for i in range(3))) < kill_round:
                 time.sleep(0.01)
             procs[2].send_signal(signal.SIGKILL)
@@ -93,7 +87,7 @@ def import_s(repeats: int = 3) -> float:
 def mismatched_rounds(dirs: list[Path]) -> int:
     by_round: dict[int, set] = {}
     for d in dirs:
-        for r in rows(d):
+        for r in read_metrics(d):
             by_round.setdefault(r["round"], set()).add(r["hash"])
     return sum(1 for hashes in by_round.values() if len(hashes) > 1)
 
@@ -108,7 +102,7 @@ def main() -> None:
     base = run(root / "baseline", None)
     churn = run(root / "churn", args.kill_round)
     kill, restart = churn["kill_unix"], churn["restart_unix"]
-    survivors = [rows(root / "churn" / f"w{i}") for i in (0, 1)]
+    survivors = [read_metrics(root / "churn" / f"w{i}") for i in (0, 1)]
     stall = max(min(r["commit_unix"] for r in rs if r["commit_unix"] > kill) for rs in survivors)
     w2 = churn["summaries"][2]
     loss = lambda f: sum(s["final_eval_loss"] for s in f["summaries"].values()) / 3  # noqa: E731
@@ -126,7 +120,7 @@ def main() -> None:
         "aborted_attempts": sum(s["aborted_attempts"] for s in churn["summaries"].values()),
         "baseline_final_loss": loss(base), "churn_final_loss": loss(churn),
         "round_s_median": sorted(r["round_s"] for r in survivors[0])[len(survivors[0]) // 2],
-        "rejoined_as_observer": bool(rows(root / "churn" / "w2")[0].get("observer")),
+        "rejoined_as_observer": bool(read_metrics(root / "churn" / "w2")[0].get("observer")),
         "survivor_round_s_when_healing": max(
             (r["round_s"] for rs in survivors for r in rs if r.get("observers")), default=None),
         "rejoin_setup_note": "rejoin_s runs from the restarted process's start (import torch, "

@@ -10,7 +10,7 @@ Run it:
     .venv/bin/python benchmarks/diloco_vs_ddp.py --algorithms diloco   # without LocalSGD
     .venv/bin/python benchmarks/diloco_vs_ddp.py --device cuda   # on a GPU
     .venv/bin/python benchmarks/diloco_vs_ddp.py --seeds 3 --warm-start-steps 0 \
-        --set algorithm.ddp_steps=50     # a recipe, each configuration over seeds 0, 1, 2
+        --set-diloco algorithm.ddp_steps=50   # a recipe, each configuration over seeds 0, 1, 2
 
 Prints one table per run and, with ``--seeds`` above 1, one of each configuration's mean ± std
 over seeds (the checks then use the means); writes JSON (``--json``, default

@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from islands.core.config import load_config
+from islands.metrics.run_dir import read_metrics
 from islands.runtime.coordinator import Coordinator
 from islands.runtime.fingerprint import config_fingerprint
 
@@ -163,6 +164,8 @@ class Soak:
                 self.fault()
                 next_fault = elapsed + self.rng.uniform(10, 30)
             time.sleep(0.2)
+        stop.set()  # the watchdog judges the run, not its shutdown
+        dog.join()
         for wid in (self.n, self.n + 1):
             if wid in self.procs:
                 self.exits["mismatch" if wid == self.n else "liar"] = self.procs[wid].wait(30)
@@ -172,8 +175,6 @@ class Soak:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs.values():
             p.wait(timeout=120)
-        stop.set()
-        dog.join()
         status = self.coord.status()
         self.coord.stop()
         return self.report(status)
@@ -182,7 +183,7 @@ class Soak:
         hashes: dict[int, set] = {}
         for wid in range(self.n):
             for d in self.out.glob(f"w{wid}*"):
-                for row in rows(d):
+                for row in read_metrics(d):
                     hashes.setdefault(row["round"], set()).add(row["hash"])
         mismatched = sorted(r for r, h in hashes.items() if len(h) > 1)
         rounds = max(hashes) + 1 if hashes else 0
@@ -226,27 +227,23 @@ def slope_per_hour(samples: list[dict], key: str) -> float | None:
     return 3600 * sum((t - mt) * (v - mv) for t, v in pts) / var if var else None
 
 
-def rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \
-        if path.is_file() else []
-
-
 def evaluate_final(cfg, path: Path) -> float:
     """The task's eval loss of a worker's final global parameters."""
     import torch
 
-    from islands.engine import initial_model
+    from islands.engine import build_worker, initial_model
     from islands.runtime import checkpoint
     from islands.tasks import build_task
 
     task = build_task(cfg)
-    model = initial_model(cfg, task, torch.device("cpu"))
+    worker = build_worker(cfg, 0, initial_model(cfg, task, torch.device("cpu")), data_size=1)
     tensors, _ = checkpoint.load(path)
-    torch.nn.utils.vector_to_parameters(tensors["global_params"], model.parameters())
-    model.eval()
+    worker.load_flat(tensors["global_params"])
+    if "global_buffers" in tensors:  # BatchNorm statistics, when the task has them
+        worker.load_flat_buffers(tensors["global_buffers"])
+    worker.model.eval()
     with torch.no_grad():
-        return task.evaluate(model)["eval_loss"]
+        return task.evaluate(worker.model)["eval_loss"]
 
 
 def fault_free(cfg, rounds: int, workers: int) -> float:

@@ -3,7 +3,6 @@ and every process's stderr printed when a test fails (as torchft's manager_integ
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from islands.metrics.run_dir import read_metrics
 
 TEST_TIMEOUT_S = 150
 
@@ -78,11 +79,7 @@ def wait_until(pred, timeout_s: float = 60, what: str = "condition") -> None:
         time.sleep(0.02)
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+metrics = read_metrics  # the rows of a worker's metrics.jsonl so far
 
 
 def last_round(run_dir: Path) -> int:

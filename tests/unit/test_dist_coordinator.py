@@ -171,6 +171,18 @@ def test_a_joiner_with_another_config_is_refused_naming_the_key_and_both_values(
     assert "model.n_embd" in st["refused_joins"][0]["why"]
 
 
+def test_a_dropin_without_data_sizes_joins_a_job_of_cli_workers(coord):
+    """The drop-in's data is its own loop's, so its fingerprint has no data.sizes; it joins a
+    job whose first worker (islands run) had them, and still cannot differ elsewhere."""
+    job = {"seed": 0, "model.shapes": "a1", "data.sizes": [10, 10], "rounds": 4}
+    _worker(coord, 0, fp=job)
+    dropin = {k: v for k, v in job.items() if k != "data.sizes"}
+    _worker(coord, 1, fp=dropin)
+    with pytest.raises(AuthError, match="rounds is 4 in the job and 5 here"):
+        _worker(coord, 2, fp={**dropin, "rounds": 5})
+    assert coord.status()["live"] == [0, 1]
+
+
 def test_a_coordinator_config_fingerprint_is_the_jobs_and_learns_derived_keys():
     from islands.core.config import load_config
     from islands.runtime.fingerprint import config_fingerprint
@@ -283,6 +295,14 @@ def test_two_workers_with_two_states_of_one_round_keep_the_lowest_ids(coord):
     out = _ask(chs, {3: {"op": "start", "round": 2, "hash": "three", "wait_for": 2},
                      5: {"op": "start", "round": 2, "hash": "five", "wait_for": 2}})
     assert out[3]["src"] == 3 and out[3]["hash"] == "three" and out[3]["need_state"] == [5]
+
+
+def test_start_and_commit_break_a_tie_alike_whatever_the_arrival_order():
+    from islands.runtime.rounds import _majority
+
+    assert _majority({5: "five", 3: "three"}) == ("three", True)  # 5 arrived first
+    assert _majority({5: "a", 3: "b", 4: "a"}) == ("a", False)
+    assert _majority({}) == (None, False)
 
 
 def test_a_port_in_use_and_no_token_beyond_loopback_are_one_line_each(coord):

@@ -108,30 +108,37 @@ def test_garbage_on_a_store_port_does_not_break_the_store():
     silent.close()
 
 
+def _epoch(server, transports, e: int) -> None:
+    """Two in-process ranks form gloo group ``e`` and switch their transports to it."""
+    import threading
+
+    from islands.transports.dist import new_group, open_store
+
+    groups = [None, None]
+
+    def form(r):
+        store = open_store("127.0.0.1", server.port, is_master=False, timeout_s=10)
+        groups[r] = new_group(store, f"e{e}/", r, 2, 10)
+
+    ts = [threading.Thread(target=form, args=(r,)) for r in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    for r in range(2):
+        transports[r].use_group(groups[r], (0, 1))
+
+
 def test_replaced_groups_are_released_so_threads_and_files_stay_bounded():
     """Twenty epochs of two in-process ranks: each replaced gloo group (its threads and
     sockets) is released, not kept for the life of the process."""
-    import threading
-
-    from islands.transports.dist import DistTransport, new_group, open_store
+    from islands.transports.dist import DistTransport, open_store
 
     server = open_store("127.0.0.1", 0, is_master=True, timeout_s=10)
     transports = [DistTransport(r, timeout_s=10) for r in range(2)]
 
     def epoch(e: int) -> None:
-        groups = [None, None]
-
-        def form(r):
-            store = open_store("127.0.0.1", server.port, is_master=False, timeout_s=10)
-            groups[r] = new_group(store, f"e{e}/", r, 2, 10)
-
-        ts = [threading.Thread(target=form, args=(r,)) for r in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(10)
-        for r in range(2):
-            transports[r].use_group(groups[r], (0, 1))
+        _epoch(server, transports, e)
 
     def counts() -> tuple[int, int]:
         return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
@@ -144,6 +151,29 @@ def test_replaced_groups_are_released_so_threads_and_files_stay_bounded():
     after = counts()
     assert after[0] - before[0] <= 4, (before, after)  # files: not ~8 per epoch
     assert after[1] - before[1] <= 4, (before, after)  # threads: not ~4 per epoch
+
+
+def test_a_receive_given_up_on_never_lands_in_the_next_collectives_buffer():
+    """A peer late past the timeout still writes into the buffer its receive was posted on:
+    the transport must not hand that kept buffer to the next collective."""
+    import time
+
+    from islands.transports.dist import DistTransport, open_store
+
+    server = open_store("127.0.0.1", 0, is_master=True, timeout_s=10)
+    t0, t1 = DistTransport(0, timeout_s=10), DistTransport(1, timeout_s=10)
+    _epoch(server, [t0, t1], 0)
+    old = t0.scratch(("row", 1), (4,), torch.float32, torch.device("cpu")).zero_()
+    works = t0._post([], [(wire.as_bytes(old), 1)], 1, "test")
+    t0.timeout_s = 0.2
+    with pytest.raises(CommError, match="no answer within"):
+        t0._wait(works, "test")
+    new = t0.scratch(("row", 1), (4,), torch.float32, torch.device("cpu")).zero_()
+    t1._wait(t1._post([(wire.as_bytes(torch.ones(4)), 0)], [], 1, "test"), "test")  # late
+    deadline = time.monotonic() + 10
+    while not bool((old == 1).all()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bool((old == 1).all()) and bool((new == 0).all())
 
 
 def test_chunks_cover_a_tensor_in_order(monkeypatch):

@@ -105,6 +105,24 @@ def test_finished_runs_are_skipped_and_a_changed_config_is_refused(tmp_path):
     assert _plan(tmp_path)[1].status == "todo"
 
 
+def test_a_finished_run_with_an_infinite_setting_is_skipped(tmp_path):
+    """config.json stores inf as null (JSON has no inf); the plan compares like with like."""
+    from islands.core.config import load_config
+    from islands.metrics.run_dir import RunDir
+
+    extra = ["network.bandwidth_bps=inf"]
+    first = _plan(tmp_path, extra=extra)[0]
+    RunDir(first.dir).start(load_config(None, [*BASE, *extra, "outer.lr=0.5", "seed=0"]))
+    (first.dir / "summary.json").write_text(json.dumps({"final_eval_loss": 2.0}))
+    assert _plan(tmp_path, extra=extra)[0].status == "skipped"
+
+
+def test_auto_jobs_with_threads_left_to_torch_is_one_per_core():
+    from islands.core.config import load_config
+
+    assert runner.auto_jobs(load_config(None, ["threads='torch'"])) == runner.auto_jobs()
+
+
 def test_report_marks_the_best_point_and_compares_with_the_baseline(tmp_path):
     pts = [space.Point(("algorithm.name=ddp",), "baseline", baseline=True),
            space.Point(("outer.lr=0.5",), "a"), space.Point(("outer.lr=1.0",), "b"),
@@ -180,3 +198,13 @@ def test_listed_points_are_recipes_and_min_traffic_bounds_the_best(tmp_path):
         runs.append(run)
     assert [r["best"] for r in report.point_rows(runs)] == [False, True, False]
     assert [r["best"] for r in report.point_rows(runs, 25)] == [False, False, True]
+
+
+def test_progress_counts_rounds_from_what_was_appended(tmp_path):
+    run = runner.Run(None, 0, tmp_path, [], {}, 10, 2)
+    assert runner._rounds_done(run) == 0  # no metrics.jsonl yet
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"a": 1}\n{"a": 2}\n{"a"')
+    assert runner._rounds_done(run) == 1 and run.rows_seen == 2  # the half line waits
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b': 3}\n{"a": 4}\n')
+    assert runner._rounds_done(run) == 2 and run.rows_seen == 4

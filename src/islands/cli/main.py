@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from islands.cli import runtime_cmd, sim_cmd, sweep_cmd
-from islands.core.errors import IslandsError, IslandsWarning
+from islands.core.errors import IslandsWarning
 
 COMMANDS = [sim_cmd, sweep_cmd, runtime_cmd]
 
@@ -57,18 +57,10 @@ def show_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     show_warnings()
-    args = build_parser().parse_args(argv)
-    try:
-        code = args.func(args) or 0
-    except IslandsError as e:
-        _stderr().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-        code = 2
-    except KeyboardInterrupt:
-        _stderr().print("interrupted; finished runs are on disk")
-        code = 130
-    if args.command == "run":  # a worker never tears its process groups down at exit
-        runtime_cmd.exit_now(code)
-    return code
+    return runtime_cmd.dispatch(
+        build_parser().parse_args(argv),
+        lambda e: _stderr().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False),
+        lambda: _stderr().print("interrupted; finished runs are on disk"))
 
 
 if __name__ == "__main__":

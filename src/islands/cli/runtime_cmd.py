@@ -114,8 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                               "bytes_sent_total", "final_hash")}), flush=True)
     if summary.get("removed"):
         print(f"error: {summary['removed']}", file=sys.stderr, flush=True)
-        exit_now(3)
-    exit_now(0)
+        return 3
     return 0
 
 
@@ -181,19 +180,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """A lean entry point for worker processes (no plotting imports). Every exit of a worker
     goes through :func:`exit_now` (no interpreter teardown of process groups)."""
-    from islands.core.errors import IslandsError
-
     parser = argparse.ArgumentParser(prog="islands")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    return dispatch(parser.parse_args(argv),
+                    lambda e: print(f"error: {e}", file=sys.stderr, flush=True))
+
+
+def dispatch(args: argparse.Namespace, report, on_interrupt=lambda: None) -> int:
+    """Runs a parsed subcommand for either entry point: an ``IslandsError`` is reported
+    (``report(error)``) as exit 2, Ctrl-C is 130; a worker (``run``) leaves through
+    :func:`exit_now` whatever happens, a bug included (its traceback, exit 1)."""
+    from islands.core.errors import IslandsError
+
     try:
         code = args.func(args) or 0
     except IslandsError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        report(e)
         code = 2
     except KeyboardInterrupt:
+        on_interrupt()
         code = 130
-    except BaseException:  # noqa: BLE001 (a bug: its traceback, then a clean exit status)
+    except BaseException:
+        if args.command != "run":
+            raise
         import traceback
 
         traceback.print_exc()

@@ -21,6 +21,11 @@ import torch
 
 from islands.core.errors import CodecError
 
+# The dtypes a payload tensor may have, by the name a header or a frame carries.
+PAYLOAD_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16,
+                                      torch.float64, torch.uint8, torch.int8, torch.int16,
+                                      torch.int32, torch.int64, torch.bool)}
+
 
 @dataclass
 class Encoded:

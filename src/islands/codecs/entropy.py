@@ -17,13 +17,8 @@ from __future__ import annotations
 import torch
 import zstandard
 
-from islands.codecs.base import Codec, Encoded
+from islands.codecs.base import PAYLOAD_DTYPES, Codec, Encoded
 from islands.core.errors import CodecError
-
-# The dtypes a codec's payload tensors may have, by name.
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                               torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                               torch.bool)}
 
 
 class Entropy(Codec):
@@ -71,10 +66,10 @@ class Entropy(Codec):
             torch.empty(0, dtype=torch.uint8)
         tensors, at = {}, 0
         for name, dtype_name, shape in e.meta["schema"]:
-            dtype = _DTYPES.get(dtype_name)
+            dtype = PAYLOAD_DTYPES.get(dtype_name)
             if dtype is None:
                 raise CodecError(f"entropy-coded payload names dtype {dtype_name!r}")
-            nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
             tensors[name] = flat[at:at + nbytes].clone().view(dtype).reshape(shape)  # aligned
             at += nbytes
         return self.inner.decode(Encoded(tensors, numel=e.numel, dtype=e.dtype,

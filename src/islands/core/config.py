@@ -696,19 +696,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
-        for key, value in _flatten(loaded).items():
+        for key, value in flatten(loaded).items():
             _set_dotted(data, key, value)
     for key, value in parse_overrides(overrides or []).items():
         _set_dotted(data, key, value)
     return from_dict(data)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys (``kwargs`` tables stay whole values)."""
     out = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and not key.endswith(".kwargs"):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out

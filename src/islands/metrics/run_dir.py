@@ -27,10 +27,16 @@ def _clean(value):
     return value
 
 
+def plain(data):
+    """``data`` as :func:`write_json` stores it and ``json.load`` reads it back (tuples as
+    lists, NaN/Inf as None, anything else JSON lacks as its ``str``)."""
+    return json.loads(json.dumps(_clean(data), default=str))
+
+
 def write_json(path: Path, data) -> None:
     """Writes atomically (temp file, then rename): a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
+    tmp.write_text(json.dumps(_clean(data), indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
@@ -50,6 +56,14 @@ def check_writable(path: str | Path, what: str) -> Path:
         raise ConfigError(f"{what} {str(path)!r} cannot be written: {e.strerror or e}; "
                           "give a folder you can write to") from None
     return path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` so far ([] before the run writes one)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_summary(run_dir: str | Path) -> dict:

@@ -97,7 +97,7 @@ class Coordinator(RoundRules):
         self.max_attempts = max_attempts
         self.excluded: dict[int, dict] = {}  # worker -> {"by", "why", "round"}
         self.refusals: deque = deque(maxlen=20)  # the latest refused joins, with why
-        self._commits: deque = deque(maxlen=50)  # (round, unix time, seconds the round took)
+        self._commits: deque = deque(maxlen=50)  # (unix time, seconds the round took)
         self._behind: set[int] = set()  # left out of a round, still computing it
         self.instance = secrets.token_hex(4)
         self.members: dict[int, Member] = {}
@@ -156,8 +156,8 @@ class Coordinator(RoundRules):
                     "last_round": self.last_round,
                     "round_in_flight": f["round"] if f else None,
                     "round_in_flight_s": now - f["since"] if f else None,
-                    "last_commit_unix": last[1] if last else None,
-                    "median_round_s": median(c[2] for c in self._commits) if self._commits
+                    "last_commit_unix": last[0] if last else None,
+                    "median_round_s": median(c[1] for c in self._commits) if self._commits
                     else None,
                     "excluded": {str(w): e for w, e in sorted(self.excluded.items())},
                     "refused_joins": list(self.refusals),

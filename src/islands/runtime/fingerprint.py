@@ -17,25 +17,16 @@ rounds.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 import torch
 
-from islands.core.config import RunConfig
+from islands.core.config import RunConfig, flatten
+from islands.metrics.run_dir import plain
 
 # keys (dotted prefixes) a worker may set differently from the others
 MAY_DIFFER = ("threads", "device", "name", "eval_every", "runtime.", "network.", "compute.",
               "data.corpus")
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and not prefix.endswith("kwargs."):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 def _shapes(model: torch.nn.Module) -> str:
@@ -51,7 +42,7 @@ def _shapes(model: torch.nn.Module) -> str:
 
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The must-match settings of a config, flat and JSON-safe (dotted keys, in its order)."""
-    flat = _flatten(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    flat = flatten(plain(cfg.to_dict()))
     return {k: v for k, v in flat.items()
             if not any(k == m or (m.endswith(".") and k.startswith(m)) for m in MAY_DIFFER)}
 
@@ -70,12 +61,12 @@ def fingerprint(cfg: RunConfig, model: torch.nn.Module, *, rounds: int,
 
 def first_difference(job: dict[str, Any], mine: dict[str, Any]) -> tuple[str, Any, Any] | None:
     """The first key of ``job`` (in its order) where ``mine`` differs: ``(key, the job's
-    value, mine)``, or None when they agree. Keys only ``mine`` has are not compared: the
-    coordinator learns them (its own config has no model shapes)."""
+    value, mine)``, or None when they agree. Only keys both have are compared: the
+    coordinator learns the ones the job lacks (its own config has no model shapes), and a
+    drop-in worker has no ``data.sizes`` (its data is its own loop's)."""
     for key, a in job.items():
-        b = mine.get(key, "<missing>")
-        if a != b:
-            return key, a, b
+        if key in mine and a != mine[key]:
+            return key, a, mine[key]
     return None
 
 

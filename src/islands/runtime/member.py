@@ -204,10 +204,6 @@ class Member:
             raise out["error"]
         return out["group"]
 
-    def stop(self) -> None:
-        """Asks the worker to leave (SIGTERM): every wait in progress gives up."""
-        self.stopping.set()
-
     def on_live(self, live: set[int], sent_at: float) -> None:
         """Heartbeat thread: a member of the current group is gone, abort its exchanges.
 

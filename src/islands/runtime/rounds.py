@@ -90,15 +90,10 @@ class RoundRules:
     def _release_start(self, b: Barrier, here: set[int]) -> dict:
         reports = {i: b.arrivals[i] for i in here}
         top = max(int(r["round"]) for r in reports.values())
-        hashes = Counter(r["hash"] for r in reports.values() if int(r["round"]) == top)
-        # the majority; in a tie (two workers, two states) the lowest worker id's, logged
-        most = max(hashes.values())
-        tied = {h for h, n in hashes.items() if n == most}
-        majority = next(r["hash"] for i, r in sorted(reports.items())
-                        if int(r["round"]) == top and r["hash"] in tied)
-        if len(tied) > 1:
-            log.warning("round %d: %d states tie with %d worker(s) each; keeping the lowest "
-                        "worker id's", top, len(tied), most)
+        majority, tied = _majority({i: r["hash"] for i, r in reports.items()
+                                    if int(r["round"]) == top})
+        if tied:
+            log.warning("round %d: states tie; keeping the lowest worker id's", top)
         good = sorted(i for i, r in reports.items()
                       if int(r["round"]) == top and r["hash"] == majority)
         stale = sorted(set(here) - set(good))
@@ -137,8 +132,8 @@ class RoundRules:
     def _release_commit(self, b: Barrier, here: set[int]) -> dict:
         r, attempt = b.key[1], b.key[2]
         ok = here == set(b.expected) and all(b.arrivals[i].get("ok") for i in here)
-        hashes = Counter(b.arrivals[i].get("hash") for i in here if b.arrivals[i].get("ok"))
-        majority = hashes.most_common(1)[0][0] if hashes else None
+        majority, _ = _majority({i: b.arrivals[i].get("hash") for i in here
+                                 if b.arrivals[i].get("ok")})
         mismatched = sorted(i for i in here if b.arrivals[i].get("ok")
                             and b.arrivals[i].get("hash") != majority)
         out = {"hash": majority, "mismatched": mismatched, "epoch": self.epoch}
@@ -146,7 +141,7 @@ class RoundRules:
             self.last_round = max(self.last_round, r)
             f = self._in_flight
             if f is not None and f["round"] == r:
-                self._commits.append((r, time.time(), time.monotonic() - f["since"]))
+                self._commits.append((time.time(), time.monotonic() - f["since"]))
                 self._in_flight = None
             if mismatched:
                 self.hash_mismatches += len(mismatched)
@@ -184,3 +179,15 @@ class RoundRules:
             log.warning("worker %d excluded at round %d: worker %d refused its contribution "
                         "(%s)", w, info["round"], info["by"], info["why"])
         return set(blamed)
+
+
+def _majority(hash_by_worker: dict[int, str]) -> tuple[str | None, bool]:
+    """The hash most workers report, and whether it tied with another; in a tie (two
+    workers, two states) the lowest worker id's, so start and commit pick alike."""
+    if not hash_by_worker:
+        return None, False
+    counts = Counter(hash_by_worker.values())
+    most = max(counts.values())
+    tied = {h for h, n in counts.items() if n == most}
+    winner = next(h for _, h in sorted(hash_by_worker.items()) if h in tied)
+    return winner, len(tied) > 1

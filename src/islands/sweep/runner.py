@@ -23,10 +23,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from islands.algorithms import build_algorithm, check_algorithm
 from islands.codecs import build_codec
-from islands.core.config import RunConfig, load_config
+from islands.core.config import RunConfig, flatten, load_config
 from islands.core.errors import ConfigError
 from islands.engine import resolve_device, resolve_threads
-from islands.metrics.run_dir import write_json
+from islands.metrics.run_dir import plain, write_json
 from islands.sweep.space import Point
 
 
@@ -58,6 +58,8 @@ class Run:
     summary: dict | None = None
     error: str | None = None
     wall_s: float | None = field(default=None, repr=False)
+    rows_seen: int = field(default=0, repr=False)  # metrics.jsonl lines read so far
+    bytes_seen: int = field(default=0, repr=False)  # ... and where reading stopped
 
 
 def plan(config: str | None, sets: list[str], points: list[Point], seeds: int,
@@ -79,7 +81,7 @@ def plan(config: str | None, sets: list[str], points: list[Point], seeds: int,
                     *[a for s in (*sets, *point.sets, f"seed={cfg.seed}") for a in ("--set", s)],
                     "--out", str(where), "--no-progress"]
             rounds = len(build_algorithm(cfg).round_bounds(cfg.steps)) - 1
-            runs.append(Run(point, cfg.seed, where, argv, _plain(cfg), rounds, cfg.workers))
+            runs.append(Run(point, cfg.seed, where, argv, plain(cfg.to_dict()), rounds, cfg.workers))
     for run in runs:
         _mark_finished(run)
     return runs
@@ -96,10 +98,6 @@ def _resolve(config: str | None, sets: list[str], point: Point) -> RunConfig:
     except ConfigError as e:
         raise ConfigError(f"{flag} {', '.join(point.sets) or '(the base config)'}: {e}") \
             from None
-
-
-def _plain(cfg: RunConfig) -> dict:
-    return json.loads(json.dumps(cfg.to_dict()))
 
 
 def _mark_finished(run: Run) -> None:
@@ -119,22 +117,17 @@ def _mark_finished(run: Run) -> None:
         run.wall_s = json.loads(facts.read_text()).get("process_wall_s")
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = set(a) | set(b)
-    out = []
-    for k in keys:
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append(f"{prefix}{k}")
-    return out
+def _diff(a: dict, b: dict) -> list[str]:
+    a, b = flatten(a), flatten(b)
+    return [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
 
 
 def auto_jobs(sample: RunConfig | None = None) -> int:
     """Processes at once: the cores this process may use, divided by each run's threads."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # threads = "torch" leaves the count to torch, which each run's OMP_NUM_THREADS=1 makes 1
     threads = 1 if sample is None else resolve_threads(sample, resolve_device(sample.device))
+    threads = threads or 1
     return max(1, (cores or 1) // threads)
 
 
@@ -179,11 +172,17 @@ def execute(runs: list[Run], jobs: int, console: Console, progress: bool = True)
 
 
 def _rounds_done(run: Run) -> int:
+    """Rounds in the run's ``metrics.jsonl``, reading only what was appended since the last
+    call (a DDP run writes a row per step: rereading the file would grow with the run)."""
     path = run.dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for _ in f) // max(1, run.workers)
+    if path.is_file():
+        with open(path, "rb") as f:
+            f.seek(run.bytes_seen)
+            new = f.read()
+        complete = new.rfind(b"\n") + 1  # a line being written counts once it ends
+        run.rows_seen += new.count(b"\n", 0, complete)
+        run.bytes_seen += complete
+    return run.rows_seen // max(1, run.workers)
 
 
 def _finished(run: Run, rc: int, wall_s: float, console: Console) -> None:

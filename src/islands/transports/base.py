@@ -141,3 +141,9 @@ class Transport(ABC):
             kept.pop(key, None)  # released before its replacement is allocated
             t = kept[key] = memory.empty(shape, dtype, device)
         return t
+
+    def drop_scratch(self) -> None:
+        """Forgets every kept buffer. A transport that gives up on transfers still in flight
+        calls it: a late peer may yet write into those buffers, which the next collective
+        must not be handed (they are freed once the abandoned transfers end)."""
+        self.__dict__.pop("_scratch", None)

@@ -210,14 +210,18 @@ class DistTransport(Transport):
         waiter.start()
         self._waits = [t for t in self._waits if t.is_alive()] + [waiter]
         deadline = time.monotonic() + self.timeout_s
-        while not done.wait(0.002):
-            if self.abort_event.is_set():
-                raise CommError(f"{phase}: aborted, the membership changed mid-exchange")
-            if self.stopping.is_set():
-                raise Stopping(f"{phase}: asked to stop (SIGTERM)")
-            if time.monotonic() > deadline:
-                raise CommError(f"{phase}: no answer within {self.timeout_s:g} s "
-                                "(runtime.collective_timeout_s)")
+        try:
+            while not done.wait(0.002):
+                if self.abort_event.is_set():
+                    raise CommError(f"{phase}: aborted, the membership changed mid-exchange")
+                if self.stopping.is_set():
+                    raise Stopping(f"{phase}: asked to stop (SIGTERM)")
+                if time.monotonic() > deadline:
+                    raise CommError(f"{phase}: no answer within {self.timeout_s:g} s "
+                                    "(runtime.collective_timeout_s)")
+        except BaseException:
+            self.drop_scratch()  # the waiter still holds receives into them
+            raise
         if errors:
             raise CommError(f"{phase}: a peer failed: {str(errors[0]).splitlines()[0]}")
 
@@ -278,6 +282,7 @@ class _Arriving(Exchange):
         works = self.sends + [w for key, chunks in self.chunks.items()
                               for _, w in chunks[self.waited.get(key, 0):]]
         self.finished = True
+        self.transport.drop_scratch()  # the works still receive into kept buffers
 
         def hold() -> None:
             with contextlib.suppress(BaseException):  # the caller already has the error

@@ -34,14 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
-from islands.codecs.base import Encoded, all_finite
+from islands.codecs.base import PAYLOAD_DTYPES, Encoded, all_finite
 from islands.core import memory
 from islands.core.errors import CommError, PeerRefused
 from islands.transports.base import Message
 
-DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                              torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                              torch.bool)}
+DTYPES = PAYLOAD_DTYPES
 MAX_HEADER_BYTES = 1 << 20  # received into a buffer this large; only the pages used are touched
 MAX_MESSAGE_BYTES = 1 << 33  # 8 GiB: a payload above this from a peer is malformed
 # Bytes per send/recv of a tensor's bytes: a receiver works on a chunk while the next ones
@@ -89,7 +87,7 @@ def pack_header(msg: Message | None) -> torch.Tensor:
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def header_length(buf: torch.Tensor) -> int:
