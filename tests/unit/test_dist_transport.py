@@ -153,6 +153,47 @@ def test_replaced_groups_are_released_so_threads_and_files_stay_bounded():
     assert after[1] - before[1] <= 4, (before, after)  # threads: not ~4 per epoch
 
 
+def test_waits_reuse_their_threads_and_one_given_up_on_does_not_hold_up_the_next():
+    """A thread per wait made a long-running worker's memory grow round after round: the
+    helpers that wait on gloo are kept and reused, and a wait abandoned on a silent peer only
+    keeps its own helper busy."""
+    import threading
+
+    from islands.transports.dist import DistTransport, open_store
+
+    server = open_store("127.0.0.1", 0, is_master=True, timeout_s=10)
+    t0, t1 = DistTransport(0, timeout_s=10), DistTransport(1, timeout_s=10)
+    _epoch(server, [t0, t1], 0)
+
+    def exchange(tag: int) -> torch.Tensor:
+        got = torch.zeros(4)
+        sends = t0._post([(wire.as_bytes(torch.full((4,), float(tag))), 1)], [], tag, "test")
+        recvs = t1._post([], [(wire.as_bytes(got), 0)], tag, "test")
+        t0._wait(sends, "test")
+        t1._wait(recvs, "test")
+        return got
+
+    for tag in range(1, 4):
+        exchange(tag)
+    started, start = [], threading.Thread.start
+
+    def counted(thread):
+        started.append(thread.name)
+        start(thread)
+
+    threading.Thread.start = counted
+    try:
+        assert all(bool((exchange(tag) == tag).all()) for tag in range(4, 104))
+        t0.timeout_s = 0.2  # a receive nobody answers: given up on, its helper stays busy
+        with pytest.raises(CommError, match="no answer within"):
+            t0._wait(t0._post([], [(wire.as_bytes(torch.zeros(4)), 1)], 200, "test"), "test")
+        t0.timeout_s = 10
+        assert bool((exchange(300) == 300).all())  # another helper takes the next wait
+    finally:
+        threading.Thread.start = start
+    assert len(started) <= 3, started  # was 200: one per wait
+
+
 def test_a_receive_given_up_on_never_lands_in_the_next_collectives_buffer():
     """A peer late past the timeout still writes into the buffer its receive was posted on:
     the transport must not hand that kept buffer to the next collective."""

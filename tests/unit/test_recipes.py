@@ -175,3 +175,17 @@ def test_lists_set_on_the_command_line_keep_their_meaning():
     assert cfg.outer.lr == 1.0 and isinstance(cfg.outer.lr, float)
     assert cfg.to_dict()["algorithm"]["sync_every"] == ((0, 10), (100, 25))
     assert describe_h(50, 20) == "dp20+50"
+
+
+def test_a_long_run_s_train_curve_is_thinned_to_a_bound_and_ends_at_the_last_round(
+        monkeypatch):
+    """summary.json's train curve holds at most TRAIN_CURVE_POINTS points (every round is in
+    metrics.jsonl): a soak of millions of rounds must not grow it without end."""
+    from islands.engine import loop
+
+    monkeypatch.setattr(loop, "TRAIN_CURVE_POINTS", 4)
+    _, s = run("workers=2", "steps=22", "algorithm.sync_every=2", "eval_every=100")
+    assert s["rounds"] == 11
+    # rounds 0..10: every round, then every 2nd, then every 4th; the last round is kept
+    assert [p["round"] for p in s["train_curve"]] == [0, 4, 8, 10]
+    assert s["train_curve"][-1]["train_loss"] == s["final_train_loss"]

@@ -93,7 +93,7 @@ class DiLoCo(Algorithm):
             return
         worker.global_params.grad = reduced[0]
         worker.outer.step()
-        worker.outer.zero_grad(set_to_none=True)
+        worker.global_params.grad = None  # the outer optimizer's one parameter
         worker.load_flat(worker.global_params.detach())
         worker.samples = 0
 

@@ -139,7 +139,10 @@ class Engine:
         self.bounds = algorithm.round_bounds(cfg.steps)
         self.rounds = len(self.bounds) - 1
         self.curve: list[dict] = []  # evaluations of the global state
-        self.train_curve: list[dict] = []  # the mean train loss of every round trained here
+        # the mean train loss per round trained here, every ``_curve_every``-th round: at most
+        # TRAIN_CURVE_POINTS points however long the run (metrics.jsonl has every round)
+        self.train_curve: list[dict] = []
+        self._curve_every, self._last_point = 1, None
         self.last_loss = float("nan")
         self._exact = Identity()  # buffers travel as exact fp32
 
@@ -258,10 +261,11 @@ class Engine:
         trained = [sum(v) / len(v) for v in losses.values() if v]
         if trained:
             self.last_loss = sum(trained) / len(trained)
-            self.train_curve.append({"round": r, "step": self.steps_of(r).stop,
-                                     "train_loss": self.last_loss,
-                                     "bytes_sent_per_worker": self.sent_per_worker(),
-                                     "virtual_time_s": self.clock.makespan_s})
+            self._last_point = {"round": r, "step": self.steps_of(r).stop,
+                                "train_loss": self.last_loss,
+                                "bytes_sent_per_worker": self.sent_per_worker(),
+                                "virtual_time_s": self.clock.makespan_s}
+            self._keep_train_point(self._last_point)
         point = None
         local = self.local(members)
         if evaluate and self.evaluator is not None and local and self.eval_due(r):
@@ -272,6 +276,20 @@ class Engine:
             for w in local:
                 self.out.log(self.row(r, w, losses.get(w.id, []), marks[w.id], point, extra))
         return point
+
+    def _keep_train_point(self, point: dict) -> None:
+        if point["round"] % self._curve_every:
+            return
+        self.train_curve.append(point)
+        if len(self.train_curve) > TRAIN_CURVE_POINTS:  # halve: every other kept point goes
+            self._curve_every *= 2
+            self.train_curve = [p for p in self.train_curve
+                                if p["round"] % self._curve_every == 0]
+
+    def train_points(self) -> list[dict]:
+        """The kept train-loss points, ending with the last round's."""
+        last, kept = self._last_point, self.train_curve
+        return kept + [last] if last is not None and (not kept or kept[-1] is not last) else kept
 
     def row(self, r: int, worker: Worker, losses: list[float], mark: tuple[int, int],
             point: dict | None, extra: dict | None) -> dict:
@@ -310,7 +328,8 @@ class Engine:
             "compute_s_by_worker": [clock.compute_s[i] for i in ids],
             "idle_s_by_worker": [max(0.0, span - clock.compute_s[i] - clock.comm_s[i])
                                  for i in ids],
-            "eval_curve": self.curve, "train_curve": self.train_curve,
+            "eval_curve": self.curve,
+            "train_curve": self.train_points(),
             "wall_time_s": wall_s, "seed": cfg.seed,
             "threads": torch.get_num_threads(),
         }
@@ -348,6 +367,9 @@ def _plain(sync_every):
     """H as ``summary.json`` records it: the int, or the schedule's ``[[step, H], ...]``."""
     return sync_every if isinstance(sync_every, int) else [list(p) for p in sync_every]
 
+
+# the most points ``summary.json``'s train_curve keeps; beyond, every other one is dropped
+TRAIN_CURVE_POINTS = 2048
 
 # facts of an evaluation point that are not metrics
 _POINT_FACTS = ("step", "worker", "bytes_sent_per_worker", "virtual_time_s")

@@ -21,7 +21,9 @@ Waiting is a polling loop so that a membership change seen by the heartbeat thre
 :class:`CommError` instead of a hang. A group replaced by a new epoch's is released at once
 when no wait is pending on it (its gloo threads and sockets go with it); one whose exchange
 was abandoned mid-flight is kept until that wait ends (the group's own timeout), never
-destroyed under pending work, so threads and open files stay bounded.
+destroyed under pending work, so threads and open files stay bounded. The helper threads
+that wait on gloo's works are kept and reused once idle (:func:`_in_waiter`): one thread per
+wait made the process's memory grow round after round.
 
 This is the only module of islands that imports ``torch.distributed``.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import queue
 import threading
 import time
 
@@ -85,9 +88,9 @@ class DistTransport(Transport):
         self.bytes_received = 0
         self.wire_bytes_sent = 0
         self.wire_bytes_received = 0
-        self._waits: list[threading.Thread] = []  # wait threads on the current group
-        # replaced groups with a wait still pending on them: (group, its wait threads)
-        self._abandoned: list[tuple[dist.ProcessGroup, list[threading.Thread]]] = []
+        self._waits: list[threading.Event] = []  # waits on the current group, set when done
+        # replaced groups with a wait still pending on them: (group, its waits)
+        self._abandoned: list[tuple[dist.ProcessGroup, list[threading.Event]]] = []
 
     @property
     def local(self) -> tuple[int, ...]:
@@ -104,10 +107,11 @@ class DistTransport(Transport):
     def use_group(self, group: dist.ProcessGroup, members: tuple[int, ...]) -> None:
         """Switches to ``group``, whose rank ``i`` is worker ``sorted(members)[i]``; the old
         group is released now, or once the wait pending on it ends."""
-        pending = [t for t in self._waits if t.is_alive()]
+        pending = [e for e in self._waits if not e.is_set()]
         if self.group is not None and pending:
             self._abandoned.append((self.group, pending))
-        self._abandoned = [(g, ts) for g, ts in self._abandoned if any(t.is_alive() for t in ts)]
+        self._abandoned = [(g, es) for g, es in self._abandoned
+                           if not all(e.is_set() for e in es)]
         self._waits = []
         self.group = group
         self.ranks = {m: i for i, m in enumerate(sorted(members))}
@@ -206,9 +210,8 @@ class DistTransport(Transport):
                 errors.append(e)
             done.set()
 
-        waiter = threading.Thread(target=wait_all, daemon=True, name=f"wait {phase}")
-        waiter.start()
-        self._waits = [t for t in self._waits if t.is_alive()] + [waiter]
+        self._waits = [e for e in self._waits if not e.is_set()] + [done]
+        _in_waiter(wait_all)
         deadline = time.monotonic() + self.timeout_s
         try:
             while not done.wait(0.002):
@@ -284,14 +287,16 @@ class _Arriving(Exchange):
         self.finished = True
         self.transport.drop_scratch()  # the works still receive into kept buffers
 
+        held = threading.Event()
+
         def hold() -> None:
             with contextlib.suppress(BaseException):  # the caller already has the error
                 for w in works:
                     w.wait()
+            held.set()
 
-        holder = threading.Thread(target=hold, daemon=True, name=f"abandon {self.phase}")
-        holder.start()
-        self.transport._waits.append(holder)  # its group is kept while it holds them
+        self.transport._waits.append(held)  # its group is kept while they are held
+        _in_waiter(hold)
 
     def wait(self) -> dict[tuple[int, int], Message]:
         t = self.transport
@@ -316,3 +321,24 @@ class _Arriving(Exchange):
             t.wire_bytes_received += sum(b.numel() for b in map(wire.as_bytes,
                                                                  msg.payload.tensors.values()))
         return self.messages
+
+
+# Idle waiter threads, each by its inbox. A wait abandoned on a dead group keeps its thread
+# until the group's own timeout ends it; the next wait meanwhile takes another (or a new) one.
+_idle: queue.SimpleQueue[queue.SimpleQueue] = queue.SimpleQueue()
+
+
+def _in_waiter(job) -> None:
+    """Runs ``job`` (which must not raise) on an idle waiter thread, or a new one."""
+    try:
+        inbox = _idle.get_nowait()
+    except queue.Empty:
+        inbox = queue.SimpleQueue()
+        threading.Thread(target=_waiter, args=(inbox,), daemon=True, name="wait").start()
+    inbox.put(job)
+
+
+def _waiter(inbox: queue.SimpleQueue) -> None:
+    while True:
+        inbox.get()()
+        _idle.put(inbox)
