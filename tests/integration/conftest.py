@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from islands.metrics.run_dir import read_metrics
+from tests.integration import zygote
 
 TEST_TIMEOUT_S = 150
 
@@ -37,9 +38,8 @@ class Procs:
 
     def start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen:
         err = self.tmp / f"{name}.{len(self.items)}.stderr"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(err, "w"), env=env,
-                             text=True, cwd=cwd)
+        with open(err, "w") as f:
+            p = popen(argv, stdout=subprocess.PIPE, stderr=f.fileno(), cwd=cwd)
         p.started_unix = time.time()
         self.items.append((name, p, err))
         return p
@@ -65,6 +65,34 @@ class Procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+_zygote: zygote.Zygote | None = None
+
+
+def popen(argv: list[str], *, stdout, stderr, cwd: Path | None = None):
+    """A process as ``subprocess.Popen(argv)`` with one torch thread; a Python one is forked
+    from the session's zygote (:mod:`tests.integration.zygote`: no 2 s of imports each)."""
+    global _zygote
+    if argv[0] != sys.executable or not zygote.enabled():
+        return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=ENV, text=True, cwd=cwd)
+    if _zygote is None:
+        _zygote = zygote.Zygote(ENV)
+    return _zygote.spawn(argv, env=ENV, cwd=cwd, stdout=stdout, stderr=stderr)
+
+
+def run_ranks(script: str, n: int, *args: str) -> list[tuple[subprocess.Popen, str, str]]:
+    """``python -c script RANK n args...`` for every rank, to their end: (process, stdout,
+    stderr) of each."""
+    ps = [popen([sys.executable, "-c", script, str(r), str(n), *args],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(n)]
+    return [(p, *p.communicate(timeout=120)) for p in ps]
+
+
+def pytest_sessionfinish(session):
+    if _zygote is not None:
+        _zygote.close()
 
 
 def wait_exit(p: subprocess.Popen, timeout_s: float = 90) -> int:

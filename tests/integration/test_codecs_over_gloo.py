@@ -7,9 +7,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
@@ -17,7 +14,7 @@ from islands.codecs import CODECS, build_codec
 from islands.collectives.butterfly import Group
 from islands.core.config import CodecConfig
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, run_ranks
 
 COMBOS = [dict(name=n, error_feedback=ef, entropy=en)
           for n, ef, en in itertools.product(sorted(CODECS), (False, True), (False, True))]
@@ -51,14 +48,10 @@ def _digest(t: torch.Tensor) -> str:
 
 def test_every_codec_combination_over_gloo_equals_the_simulator():
     n, port = 3, free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ps = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(r), str(n), str(port),
-                            json.dumps(COMBOS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=env) for r in range(n)]
-    outs = [p.communicate(timeout=120) for p in ps]
-    for p, (_, err) in zip(ps, outs):
+    ran = run_ranks(SCRIPT, n, str(port), json.dumps(COMBOS))
+    for p, _, err in ran:
         assert p.returncode == 0, err
-    got = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    got = [json.loads(o.strip().splitlines()[-1]) for _, o, _ in ran]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

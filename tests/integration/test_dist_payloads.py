@@ -5,11 +5,8 @@ and without waiting for a timeout: the transport's timeout here (10 s) would nam
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, run_ranks
 
 SCRIPT = """
 import json, sys, torch
@@ -44,11 +41,8 @@ print(json.dumps(errors))
 def test_a_malformed_payload_over_gloo_is_a_comm_error_naming_the_sender():
     n, port = 3, free_port()
     kinds = ["short", "size", "dtype", "nan", "nan-gather", "header"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ps = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(r), str(n), str(port), *kinds],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-          for r in range(n)]
-    outs = [p.communicate(timeout=120) for p in ps]
+    ran = run_ranks(SCRIPT, n, str(port), *kinds)
+    ps, outs = [p for p, _, _ in ran], [(o, e) for _, o, e in ran]
     for r in (0, 2):  # the honest workers: no raw exception, no crash
         assert ps[r].returncode == 0, outs[r][1]
     # worker 1's exit code is not checked: after the header case a thread of its own is left

@@ -8,9 +8,6 @@ the documented serialization overhead."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +17,7 @@ from islands.codecs import Cast, Identity, Int8
 from islands.collectives.butterfly import Group
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 from islands.transports.wire import MAX_HEADER_OVERHEAD_BYTES
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, run_ranks
 
 
 def a_robust_rule(stacked, weights=None):
@@ -126,14 +123,10 @@ def simulate(n: int):
 def test_butterfly_over_gloo_matches_the_simulator_and_counts_its_wire_bytes():
     n = 3
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ps = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(r), str(n), str(port)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-          for r in range(n)]
-    outs = [p.communicate(timeout=120) for p in ps]
-    for p, (_, err) in zip(ps, outs):
+    ran = run_ranks(SCRIPT, n, str(port))
+    for p, _, err in ran:
         assert p.returncode == 0, err
-    got = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    got = [json.loads(o.strip().splitlines()[-1]) for _, o, _ in ran]
 
     sim, want, sent = simulate(n)
     messages = 2 * (n - 1)  # per worker and all-reduce: n-1 shards, then n-1 aggregates

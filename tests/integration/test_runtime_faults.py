@@ -5,6 +5,7 @@ resume, bad output paths, a wrong token, and SIGTERM while waiting or in a colle
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -162,6 +163,12 @@ def test_a_corrupt_resume_bad_paths_and_a_wrong_token_fail_before_training(tmp_p
     assert not (tmp_path / "r1" / "summary.json").exists()
 
 
+def _collective_round(log: str) -> int:
+    """The round of the last collective a worker's log says it started."""
+    starts = re.findall(r"round (\d+) collective starts", log)
+    return int(starts[-1]) if starts else -1
+
+
 def test_sigterm_is_honoured_while_waiting_to_join_and_in_a_collective(tmp_path, procs,
                                                                        coordinator):
     coord = coordinator()
@@ -174,15 +181,27 @@ def test_sigterm_is_honoured_while_waiting_to_join_and_in_a_collective(tmp_path,
     assert lonely.wait(timeout=30) == 0
     waited = time.time() - t0
 
-    coord2 = coordinator()
+    # Worker 0 is paused once worker 1 enters a collective, so the round cannot commit
+    # (nobody is dropped for 10 s): the SIGTERM lands inside it, however late this test
+    # sees the log line on a loaded machine. Seen after the commit: resume and try again.
+    coord2 = coordinator(heartbeat_timeout_s=10.0)
     addr2 = f"127.0.0.1:{coord2.port}"
     out = tmp_path / "big"
     ws = workers_in_a_collective(procs, addr2, out, 2)
+    for _ in range(5):
+        ws[0].send_signal(signal.SIGSTOP)
+        r = _collective_round(procs.stderr(ws[1]))
+        if last_round(out / "w1") < r:
+            break
+        ws[0].send_signal(signal.SIGCONT)
+        wait_until(lambda: _collective_round(procs.stderr(ws[1])) > r, 30, "the next round")
     before = last_round(out / "w1")
+    assert before < _collective_round(procs.stderr(ws[1])), "no collective caught in 5 tries"
     t1 = time.time()
     ws[1].send_signal(signal.SIGTERM)
     assert ws[1].wait(timeout=30) == 0
     in_collective = time.time() - t1
+    ws[0].send_signal(signal.SIGCONT)
     assert last_round(out / "w1") == before  # it left the collective, not after committing it
     print(f"SIGTERM honoured in {waited:.2f} s while waiting to join, {in_collective:.2f} s "
           "in a collective")
