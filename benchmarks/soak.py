@@ -187,6 +187,7 @@ class Soak:
                     hashes.setdefault(row["round"], set()).add(row["hash"])
         mismatched = sorted(r for r, h in hashes.items() if len(h) > 1)
         rounds = max(hashes) + 1 if hashes else 0
+        settled = [x for x in self.samples if x["t"] >= 60]
         final = evaluate_final(self.cfg, self.out / "w0" / "final.safetensors")
         reference = fault_free(self.cfg, rounds, self.n)
         return {
@@ -198,11 +199,16 @@ class Soak:
             "bad_actor_exits": self.exits, "events": self.events,
             "resource_samples": self.samples,
             # after the first minute: process start and first allocations are not a trend
-            "slopes_per_hour": {k: slope_per_hour([x for x in self.samples if x["t"] >= 60], k)
-                                for k in ("threads", "open_files", "rss_mb")},
+            "slopes_per_hour": {k: slope_per_hour(settled, k) for k in RESOURCES},
+            "ranges": {k: [min(v), max(v)] if (v := [x[k] for x in settled
+                                                      if x.get(k) is not None]) else None
+                       for k in RESOURCES},
             "final_eval_loss": final, "fault_free_eval_loss": reference,
             "final_vs_fault_free": final / reference - 1,
         }
+
+
+RESOURCES = ("threads", "open_files", "rss_mb")
 
 
 def resources(pid: int) -> dict:
@@ -282,7 +288,9 @@ def main() -> None:
               or "none")
     t.add_row("bad actors' exit codes", json.dumps(result["bad_actor_exits"]))
     for k, v in result["slopes_per_hour"].items():
-        t.add_row(f"worker 0 {k} per hour", "—" if v is None else f"{v:+.2f}")
+        span = result["ranges"][k]
+        t.add_row(f"worker 0 {k} per hour (range)", "—" if v is None else
+                  f"{v:+.2f} ({span[0]:g} to {span[1]:g})")
     t.add_row("final eval loss vs fault-free",
               f"{result['final_eval_loss']:.4f} vs {result['fault_free_eval_loss']:.4f} "
               f"({100 * result['final_vs_fault_free']:+.2f}%)")
