@@ -111,7 +111,9 @@ def test_dropin_survives_a_sigkill_and_restart(tmp_path, procs, coordinator):
     overrides = [*USER, "workers=3", "steps=600", "algorithm.sync_every=10",
                  "algorithm.name=diloco", "eval_every=100", "data.batch_size=64",
                  "task.kwargs={samples = 20000, hidden = 256}"]
-    coord = coordinator()
+    # a relaxed heartbeat (a test beside it may load both cores): the kill closes the
+    # worker's connection, which the coordinator sees at once
+    coord = coordinator(heartbeat_timeout_s=5.0)
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "kill"
     ws = {i: _dropin(procs, i, addr, out, overrides) for i in range(3)}
