@@ -236,6 +236,8 @@ def _fork(listener: socket.socket, conn: socket.socket, children: dict) -> int |
     if len(tasks) != 1:  # a fork would copy one thread of a multi-threaded process
         conn.sendall(f"error: the zygote has {len(tasks)} threads\n".encode())
         conn.close()
+        for fd in fds:
+            os.close(fd)
         return None
     pid = os.fork()
     if pid == 0:
