@@ -90,9 +90,14 @@ def run_ranks(script: str, n: int, *args: str) -> list[tuple[subprocess.Popen, s
     return [(p, *p.communicate(timeout=120)) for p in ps]
 
 
-def pytest_sessionfinish(session):
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_zygote():
+    """The session's zygote goes (and its folder) once the last test is done."""
+    global _zygote
+    yield
     if _zygote is not None:
         _zygote.close()
+        _zygote = None
 
 
 def wait_exit(p: subprocess.Popen, timeout_s: float = 90) -> int:
