@@ -71,15 +71,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 _zygote: zygote.Zygote | None = None
 
 
-def popen(argv: list[str], *, stdout, stderr, cwd: Path | None = None):
-    """A process as ``subprocess.Popen(argv)`` with one torch thread; a Python one is forked
-    from the session's zygote (:mod:`tests.integration.zygote`: no 2 s of imports each)."""
+def popen(argv: list[str], *, stdout, stderr, cwd: Path | None = None,
+          env: dict[str, str] | None = None, stdin=subprocess.DEVNULL):
+    """A process as ``subprocess.Popen(argv)`` (one torch thread unless ``env`` says); a
+    Python one is forked from the session's zygote (:mod:`tests.integration.zygote`: no 2 s
+    of imports each), whose processes read nothing from stdin."""
     global _zygote
+    env = env or ENV
     if argv[0] != sys.executable or not zygote.enabled():
-        return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=ENV, text=True, cwd=cwd)
+        return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, text=True, cwd=cwd,
+                                stdin=stdin)
     if _zygote is None:
         _zygote = zygote.Zygote(ENV)
-    return _zygote.spawn(argv, env=ENV, cwd=cwd, stdout=stdout, stderr=stderr)
+    stdout, stderr = (f.fileno() if hasattr(f, "fileno") else f for f in (stdout, stderr))
+    return _zygote.spawn(argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr)
 
 
 def run_ranks(script: str, n: int, *args: str) -> list[tuple[subprocess.Popen, str, str]]:

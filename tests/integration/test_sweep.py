@@ -5,8 +5,21 @@ from __future__ import annotations
 
 import json
 
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+
 from islands.cli.main import main
-from tests.integration.conftest import TINY
+from islands.sweep import runner
+from tests.integration.conftest import TINY, popen
+
+
+@pytest.fixture(autouse=True)
+def _jobs_from_the_zygote(monkeypatch):
+    """The sweep's jobs start as the other tests' processes do (forks of the zygote)."""
+    monkeypatch.setattr(runner, "subprocess", SimpleNamespace(
+        **{**vars(subprocess), "Popen": lambda argv, **kw: popen(argv, **kw)}))
 
 BASE = [a for s in [*TINY, "workers=2", "steps=8", "algorithm.sync_every=4", "eval_every=4"]
         for a in ("--set", s)]

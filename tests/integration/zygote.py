@@ -63,13 +63,15 @@ class Zygote:
     def spawn(self, argv: list[str], *, env: dict[str, str], cwd: str | os.PathLike | None,
               stdout: int, stderr: int, text: bool = True) -> Forked:
         """Starts ``argv`` (``[python, ...]``) as a fork of the zygote; ``stdout``/``stderr``
-        are file descriptors or ``subprocess.PIPE``."""
+        are file descriptors or ``subprocess.PIPE`` (``subprocess.STDOUT`` for stderr)."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.path)
         ours = []  # descriptors made here, closed once the zygote holds them
         fds, pipes = [], {}
         for name, fd in (("stdout", stdout), ("stderr", stderr)):
-            if fd == subprocess.PIPE:
+            if fd == subprocess.STDOUT:  # stderr into wherever stdout goes
+                fd = fds[0]
+            elif fd == subprocess.PIPE:
                 r, w = os.pipe()
                 pipes[name] = os.fdopen(r, "r" if text else "rb")
                 fd = w
