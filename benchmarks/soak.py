@@ -11,11 +11,12 @@ with no commit longer than ``--hang-s`` is a hang.
 
 At the end every worker is stopped and the report gives: rounds committed, hangs, hash
 mismatches (rounds whose participants reported different shared-state hashes), who was
-excluded or refused and why, the survivor's resource slopes (per hour, least squares, after its first minute), and
-the final eval loss of the global state against the simulator's fault-free run of as many
-rounds (the same config and seed; a constant lr, so the schedule does not depend on length).
-That reference runs after the soak in this one process, one worker after another: it takes
-about as long again as the soak itself (37 minutes after the 30-minute run on 2 cores).
+excluded or refused and why, the survivor's resource slopes (per hour, least squares, after
+its first minute) and ranges, and the final eval loss of the global state against the
+simulator's fault-free run of as many rounds (the same config and seed; a constant lr, so the
+schedule does not depend on length). That reference runs after the soak in this one
+process, one worker after another: it takes about as long again as the soak itself (37 to 39
+minutes after a 30-minute run on 2 cores).
 
 Run it:
     python benchmarks/soak.py --minutes 10                 # default: 4 workers

@@ -4,7 +4,6 @@ call skips what is finished; a run that crashes costs only itself and is retried
 from __future__ import annotations
 
 import json
-
 import subprocess
 from types import SimpleNamespace
 

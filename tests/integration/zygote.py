@@ -61,9 +61,10 @@ class Zygote:
             time.sleep(0.02)
 
     def spawn(self, argv: list[str], *, env: dict[str, str], cwd: str | os.PathLike | None,
-              stdout: int, stderr: int, text: bool = True) -> Forked:
+              stdout: int, stderr: int) -> Forked:
         """Starts ``argv`` (``[python, ...]``) as a fork of the zygote; ``stdout``/``stderr``
-        are file descriptors or ``subprocess.PIPE`` (``subprocess.STDOUT`` for stderr)."""
+        are file descriptors or ``subprocess.PIPE`` (text, as ``Popen(text=True)``;
+        ``subprocess.STDOUT`` for stderr)."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.path)
         ours = []  # descriptors made here, closed once the zygote holds them
@@ -73,7 +74,7 @@ class Zygote:
                 fd = fds[0]
             elif fd == subprocess.PIPE:
                 r, w = os.pipe()
-                pipes[name] = os.fdopen(r, "r" if text else "rb")
+                pipes[name] = os.fdopen(r, "r")
                 fd = w
                 ours.append(w)
             fds.append(fd)
@@ -178,13 +179,8 @@ class Forked:
                     else:
                         sel.unregister(key.fileobj)
         self.wait(timeout)
-
-        def text(f):
-            raw = b"".join(data[f]) if f in data else None
-            return raw.decode() if raw is not None and "b" not in f.mode else raw
-
-        return text(self.stdout) if self.stdout else None, \
-            text(self.stderr) if self.stderr else None
+        return tuple(b"".join(data[f]).decode() if f is not None else None
+                     for f in (self.stdout, self.stderr))
 
 
 # --- the server side (the zygote process) ---------------------------------------------------

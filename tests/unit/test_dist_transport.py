@@ -137,23 +137,21 @@ def test_replaced_groups_are_released_so_threads_and_files_stay_bounded():
     server = open_store("127.0.0.1", 0, is_master=True, timeout_s=10)
     transports = [DistTransport(r, timeout_s=10) for r in range(2)]
 
-    def epoch(e: int) -> None:
-        _epoch(server, transports, e)
-
     def counts() -> tuple[int, int]:
         return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
 
     for e in range(3):
-        epoch(e)
+        _epoch(server, transports, e)
     before = counts()
     for e in range(3, 23):
-        epoch(e)
+        _epoch(server, transports, e)
     after = counts()
     assert after[0] - before[0] <= 4, (before, after)  # files: not ~8 per epoch
     assert after[1] - before[1] <= 4, (before, after)  # threads: not ~4 per epoch
 
 
-def test_waits_reuse_their_threads_and_one_given_up_on_does_not_hold_up_the_next():
+def test_waits_reuse_their_threads_and_one_given_up_on_does_not_hold_up_the_next(
+        monkeypatch):
     """A thread per wait made a long-running worker's memory grow round after round: the
     helpers that wait on gloo are kept and reused, and a wait abandoned on a silent peer only
     keeps its own helper busy."""
@@ -181,17 +179,15 @@ def test_waits_reuse_their_threads_and_one_given_up_on_does_not_hold_up_the_next
         started.append(thread.name)
         start(thread)
 
-    threading.Thread.start = counted
-    try:
-        assert all(bool((exchange(tag) == tag).all()) for tag in range(4, 104))
-        t0.timeout_s = 0.2  # a receive nobody answers: given up on, its helper stays busy
-        with pytest.raises(CommError, match="no answer within"):
-            t0._wait(t0._post([], [(wire.as_bytes(torch.zeros(4)), 1)], 200, "test"), "test")
-        t0.timeout_s = 10
-        assert bool((exchange(300) == 300).all())  # another helper takes the next wait
-    finally:
-        threading.Thread.start = start
-    assert len(started) <= 3, started  # was 200: one per wait
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    assert all(bool((exchange(tag) == tag).all()) for tag in range(4, 104))
+    t0.timeout_s = 0.2  # a receive nobody answers: given up on, its helper stays busy
+    with pytest.raises(CommError, match="no answer within"):
+        t0._wait(t0._post([], [(wire.as_bytes(torch.zeros(4)), 1)], 200, "test"), "test")
+    t0.timeout_s = 10
+    assert bool((exchange(300) == 300).all())  # another helper takes the next wait
+    monkeypatch.undo()
+    assert len(started) <= 3, started  # one per wait before: over 200 here
 
 
 def test_a_receive_given_up_on_never_lands_in_the_next_collectives_buffer():

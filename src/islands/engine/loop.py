@@ -142,8 +142,8 @@ class Engine:
         # the mean train loss per round trained here, every ``_curve_every``-th round: at most
         # TRAIN_CURVE_POINTS points however long the run (metrics.jsonl has every round)
         self.train_curve: list[dict] = []
-        self._curve_every, self._last_point = 1, None
-        self.last_loss = float("nan")
+        self._curve_every = 1
+        self._last_point: dict | None = None  # the latest round's, kept or not
         self._exact = Identity()  # buffers travel as exact fp32
 
     # --- a round's pieces ------------------------------------------------------------------
@@ -260,9 +260,8 @@ class Engine:
         """After a committed round: the evaluation when due, one row per local member."""
         trained = [sum(v) / len(v) for v in losses.values() if v]
         if trained:
-            self.last_loss = sum(trained) / len(trained)
             self._last_point = {"round": r, "step": self.steps_of(r).stop,
-                                "train_loss": self.last_loss,
+                                "train_loss": sum(trained) / len(trained),
                                 "bytes_sent_per_worker": self.sent_per_worker(),
                                 "virtual_time_s": self.clock.makespan_s}
             self._keep_train_point(self._last_point)
@@ -276,6 +275,11 @@ class Engine:
             for w in local:
                 self.out.log(self.row(r, w, losses.get(w.id, []), marks[w.id], point, extra))
         return point
+
+    @property
+    def last_loss(self) -> float:
+        """The mean train loss of the latest round trained here (NaN before one)."""
+        return self._last_point["train_loss"] if self._last_point else float("nan")
 
     def _keep_train_point(self, point: dict) -> None:
         if point["round"] % self._curve_every:

@@ -39,7 +39,6 @@ from islands.core import memory
 from islands.core.errors import CommError, PeerRefused
 from islands.transports.base import Message
 
-DTYPES = PAYLOAD_DTYPES
 MAX_HEADER_BYTES = 1 << 20  # received into a buffer this large; only the pages used are touched
 MAX_MESSAGE_BYTES = 1 << 33  # 8 GiB: a payload above this from a peer is malformed
 # Bytes per send/recv of a tensor's bytes: a receiver works on a chunk while the next ones
@@ -114,11 +113,11 @@ def unpack_header(buf: torch.Tensor, peer: int) -> Header | None:
                                                   for s in shape):
                 raise ValueError(f"bad shape {shape}")
             names.add(name)
-            tensors.append((name, DTYPES[dtype], tuple(shape)))
-            total += _nbytes(DTYPES[dtype], tuple(shape))
+            tensors.append((name, PAYLOAD_DTYPES[dtype], tuple(shape)))
+            total += _nbytes(*tensors[-1][1:])
         if total > MAX_MESSAGE_BYTES:
             raise ValueError(f"a payload of {total} bytes (at most {MAX_MESSAGE_BYTES})")
-        h = Header(float(raw["w"]), int(raw["hb"]), int(raw["n"]), DTYPES[raw["dt"]],
+        h = Header(float(raw["w"]), int(raw["hb"]), int(raw["n"]), PAYLOAD_DTYPES[raw["dt"]],
                    int(raw["eh"]), dict(raw["meta"]), tensors)
     except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
         raise PeerRefused(f"malformed message from worker {peer}: {e}", peer) from None
