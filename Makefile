@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/islands demo --out runs/main
+	$(BIN)/islands demo --out runs/main --overwrite
 
 # -n auto: one test process per core (pytest-xdist); most integration tests wait on their
 # worker processes, so two at a time use both cores

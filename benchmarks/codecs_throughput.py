@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from islands.codecs import build_codec
-from islands.core.config import CodecConfig
+from islands.codecs import codec_config
 
 # label -> CodecConfig fields
 CODECS: dict[str, dict] = {
@@ -77,7 +77,7 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
 
 
 def measure(label: str, x: torch.Tensor, repeats: int) -> dict:
-    codec = build_codec(CodecConfig(**CODECS[label]))
+    codec = build_codec(codec_config(**CODECS[label]))
     side = math.isqrt(x.numel())
     while x.numel() % side:
         side -= 1

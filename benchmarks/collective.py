@@ -49,7 +49,7 @@ import torch
 
 import islands
 from islands.codecs import build_codec
-from islands.core.config import CodecConfig
+from islands.codecs import codec_config
 from islands.core.timing import Stopwatch
 
 # label -> CodecConfig fields (every codec the [codec] section builds, and the wrappers)
@@ -74,7 +74,7 @@ QUICK = {"workers": [2, 3], "sizes_mb": [1.0, 16.0], "codecs": ["identity", "int
 
 def make_codec(label: str, numel: int):
     """A fresh codec; PowerSGD sees the flat tensor as one square-ish matrix."""
-    codec = build_codec(CodecConfig(**CODECS[label]))
+    codec = build_codec(codec_config(**CODECS[label]))
     side = max(1, int(numel ** 0.5))
     while numel % side:
         side -= 1

@@ -10,7 +10,9 @@ Run it (a coordinator and two workers on this machine):
 
 or as a fixed group: ``torchrun --nproc-per-node 2 examples/dropin_digits.py``. Kill a worker
 and start it again: it receives the committed state and goes on. Each worker writes
-runs/dropin_digits/w<id>/ (metrics.jsonl, summary.json, final.safetensors).
+runs/dropin_digits-job/w<id>/ (metrics.jsonl, summary.json, final.safetensors, loss.png)
+and, once both are done, the job's merged summary.json and final.safetensors in
+runs/dropin_digits-job/.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Bring your own model and data as a :class:`~islands.tasks.Task`
 (``islands.tasks.from_dataset``).
 """
 
-from islands import tasks
+# every component package registers its config sections on import (islands.core.registry)
+from islands import aggregators, algorithms, codecs, tasks  # noqa: F401
 from islands.algorithms import DDP, Algorithm, Contribution, DiLoCo, LocalSGD, Worker
 from islands.core.config import RunConfig, load_config
 from islands.core.errors import (
@@ -20,16 +21,17 @@ from islands.core.errors import (
                                  PeerRefused,
                                  RoundAborted,
 )
+from islands.engine import inner_optimizer
 from islands.sim.runner import simulate
-from islands.tasks import Task, from_dataset, from_loader
+from islands.tasks import ShareSampler, Task, from_dataset, from_loader
 
 __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "AuthError", "CodecError", "CommError", "ConfigError", "Contribution",
            "DDP", "DataError", "DiLoCo", "IslandsError", "LocalSGD", "PeerRefused",
            "RoundAborted",
-           "RunConfig", "Task", "Worker", "from_dataset", "from_loader", "join", "load_config",
-           "simulate", "tasks"]
+           "RunConfig", "ShareSampler", "Task", "Worker", "from_dataset", "from_loader",
+           "inner_optimizer", "join", "load_config", "simulate", "tasks"]
 
 
 def __getattr__(name: str):

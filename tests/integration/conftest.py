@@ -23,6 +23,23 @@ TINY = ["steps=20", "algorithm.sync_every=5", "model.n_layer=1", "model.n_embd=3
         "data.max_bytes=200000", "eval_every=10", "device=cpu", "data.eval_batches=2"]
 
 
+def final_state(run_dir: Path) -> dict:
+    """A run directory's ``final.safetensors``: the model's state_dict."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(run_dir) / "final.safetensors")
+
+
+def assert_final_equal(run_dir: Path, expected: dict, what: str = "") -> None:
+    """``final.safetensors`` holds ``expected``'s names and, bit for bit, its tensors."""
+    import torch
+
+    got = final_state(run_dir)
+    assert list(got) == list(expected) or sorted(got) == sorted(expected), what
+    for k, v in expected.items():
+        assert torch.equal(got[k], v.cpu()), f"{what}: {k} differs from the simulator's"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ sys.path.insert(0, ".")  # the task module lives in tests/
 import torch  # noqa: E402
 
 import islands  # noqa: E402
-from islands.engine import initial_model, make_inner  # noqa: E402
+from islands.engine import initial_model, inner_optimizer  # noqa: E402
 from islands.tasks import build_task  # noqa: E402
 
 coordinator, worker_id, out = sys.argv[1:4]
@@ -23,7 +23,7 @@ sets = [a for a in sys.argv[4:] if a != "--set"]
 cfg = islands.load_config(None, sets)
 task = build_task(cfg)
 model = initial_model(cfg, task, torch.device("cpu"))
-optimizer, scheduler = make_inner(model, cfg)
+optimizer, scheduler = inner_optimizer(model, cfg)
 data = task.data(cfg.workers, cfg.seed, cfg.data)
 
 with islands.join(None if coordinator == "-" else coordinator, config=cfg,

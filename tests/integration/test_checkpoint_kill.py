@@ -10,7 +10,6 @@ import time
 
 from islands.runtime import checkpoint
 
-
 WRITER = """
 import sys, torch
 from islands.runtime import checkpoint

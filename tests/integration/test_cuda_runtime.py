@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from islands.core.config import load_config
-from islands.runtime import checkpoint
 from islands.sim.runner import Simulation
-from tests.integration.conftest import TINY
+from tests.integration.conftest import TINY, final_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -31,6 +30,6 @@ def test_launch_on_the_gpu_matches_the_simulator(tmp_path, procs, algo):
     merged = json.loads((tmp_path / "launch" / "summary.json").read_text())
     assert len(merged["final_hashes"]) == 1
     for i in range(2):
-        tensors, _ = checkpoint.load(tmp_path / "launch" / f"w{i}" / "final.safetensors")
-        torch.testing.assert_close(tensors["global_params"], sim.final_params.cpu(),
-                                   rtol=1e-4, atol=1e-4)
+        got = final_state(tmp_path / "launch" / f"w{i}")
+        for k, v in sim.final_state.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4)

@@ -14,7 +14,15 @@ from islands.core.config import load_config
 from islands.engine import initial_model
 from islands.runtime import checkpoint, state
 from islands.tasks import build_task
-from tests.integration.conftest import TINY, free_port, last_round, metrics, wait_until
+from tests.integration.conftest import (
+    TINY,
+    assert_final_equal,
+    final_state,
+    free_port,
+    last_round,
+    metrics,
+    wait_until,
+)
 from tests.integration.test_churn import assert_hashes_agree
 
 
@@ -89,9 +97,7 @@ def test_stop_and_resume_gives_identical_results(tmp_path, procs, coordinator):
                        ["--resume", str(ck / f"w{i}" / "round-3.safetensors")]) for i in range(2)]
     assert all(p.wait(timeout=90) == 0 for p in ws)
     for i in range(2):
-        a, _ = checkpoint.load(full / f"w{i}" / "final.safetensors")
-        b, _ = checkpoint.load(part / f"w{i}" / "final.safetensors")
-        assert state.digest(a) == state.digest(b)
+        assert_final_equal(part / f"w{i}", final_state(full / f"w{i}"), f"w{i}")
     assert [r["round"] for r in metrics(part / "w0")] == [3, 4, 5]
     assert [r["hash"] for r in metrics(part / "w0")] == [r["hash"] for r in metrics(full / "w0")
                                                          ][3:]

@@ -7,12 +7,10 @@ import shutil
 import sys
 
 import pytest
-import torch
 
 from islands.core.config import load_config
-from islands.runtime import checkpoint
 from islands.sim.runner import Simulation
-from tests.integration.conftest import TINY, free_port
+from tests.integration.conftest import TINY, assert_final_equal, free_port
 
 
 def _sim(overrides):
@@ -37,9 +35,8 @@ def test_launch_4_workers_diloco_recipe_matches_sim(tmp_path, procs):
     merged = json.loads((tmp_path / "launch" / "summary.json").read_text())
     assert len(merged["final_hashes"]) == 1
     assert merged["rounds"] == summary["rounds"] == 3 + 4  # then rounds at 3, 7, 11, 17 -> 20
-    for i in range(4):
-        tensors, facts = checkpoint.load(tmp_path / "launch" / f"w{i}" / "final.safetensors")
-        assert torch.allclose(tensors["global_params"], sim.final_params, atol=1e-6, rtol=0)
+    for d in [tmp_path / "launch" / f"w{i}" for i in range(4)] + [tmp_path / "launch"]:
+        assert_final_equal(d, sim.final_state, str(d))
     # bytes: each worker's count equals the simulator's accounting for that worker
     assert merged["bytes_sent_by_worker"] == summary["bytes_sent_by_worker"]
     assert merged["bytes_sent_total"] == summary["bytes_sent_total"]
@@ -59,7 +56,6 @@ def test_torchrun_fixed_group_matches_sim(tmp_path, procs):
     sim, summary = _sim(overrides)  # while the workers start
     assert p.wait(timeout=150) == 0
     for i in range(2):
-        tensors, _ = checkpoint.load(tmp_path / "tr" / f"w{i}" / "final.safetensors")
-        assert torch.allclose(tensors["global_params"], sim.final_params, atol=1e-6, rtol=0)
+        assert_final_equal(tmp_path / "tr" / f"w{i}", sim.final_state, f"w{i}")
         got = json.loads((tmp_path / "tr" / f"w{i}" / "summary.json").read_text())
         assert got["bytes_sent_total"] == summary["bytes_sent_by_worker"][i]

@@ -12,9 +12,14 @@ import pytest
 import torch
 
 from islands.core.config import load_config
-from islands.runtime import checkpoint
 from islands.sim.runner import Simulation
-from tests.integration.conftest import free_port, last_round, metrics, wait_until
+from tests.integration.conftest import (
+    assert_final_equal,
+    free_port,
+    last_round,
+    metrics,
+    wait_until,
+)
 from tests.integration.test_churn import assert_hashes_agree
 
 USER = ["task.name='tests.user_task:make_task'", "data.batch_size=16", "device=cpu",
@@ -34,10 +39,7 @@ def _sim(overrides):
 
 def _assert_matches_sim(dirs, sim, summary, algo):
     for i, d in enumerate(dirs):
-        tensors, _ = checkpoint.load(d / "final.safetensors")
-        assert torch.allclose(tensors["global_params"], sim.final_params, atol=1e-6, rtol=0), algo
-        assert torch.allclose(tensors["global_buffers"], sim.shared_states[i]["global_buffers"],
-                              atol=1e-5, rtol=1e-6), algo
+        assert_final_equal(d, sim.final_state, f"{algo} w{i}")  # buffers included
         got = json.loads((d / "summary.json").read_text())
         assert got["bytes_sent_total"] == summary["bytes_sent_by_worker"][i], algo
 
@@ -153,7 +155,7 @@ def test_the_dropin_digits_example_runs_under_torchrun(tmp_path, procs):
             str(free_port()), str(example), "--steps", "50"]
     p = procs.start("torchrun", argv, cwd=tmp_path)
     assert p.wait(timeout=120) == 0
-    runs = [json.loads((tmp_path / "runs" / "dropin_digits" / f"w{i}" / "summary.json")
+    runs = [json.loads((tmp_path / "runs" / "dropin_digits-job" / f"w{i}" / "summary.json")
                        .read_text()) for i in range(2)]
     assert runs[0]["final_hash"] == runs[1]["final_hash"] and runs[0]["rounds_committed"] == 2
     assert runs[0]["final_eval_accuracy"] > 0.5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -10,6 +9,7 @@ from islands.algorithms import DiLoCo
 from islands.algorithms.base import Worker
 from islands.codecs.cast import Identity
 from islands.core.errors import ConfigError
+from islands.core.files import remove_temp
 from islands.runtime import checkpoint, state
 
 
@@ -92,6 +92,6 @@ def test_old_checkpoints_are_pruned_and_temp_files_of_a_killed_write_removed(tmp
     assert sorted(f.name for f in tmp_path.iterdir()) == ["round-4.safetensors",
                                                           "round-5.safetensors"]
     (tmp_path / ".round-6.safetensors.tmp.1234").write_bytes(b"half a file")
-    assert checkpoint.clean_temp(tmp_path) == 1
+    assert remove_temp(tmp_path) == 1
     assert sorted(f.name for f in tmp_path.iterdir()) == ["round-4.safetensors",
                                                           "round-5.safetensors"]

@@ -8,13 +8,20 @@ import math
 import pytest
 
 from islands import simulate
-from islands.codecs import CODECS, Entropy, ErrorFeedback, PowerSGD, TopK, build_codec
-from islands.core.config import CodecConfig
+from islands.codecs import (
+    Entropy,
+    ErrorFeedback,
+    PowerSGD,
+    TopK,
+    build_codec,
+    codec_config,
+    codec_names,
+)
 from islands.core.errors import ConfigError
 
 
 def test_composition_order_is_entropy_of_error_feedback():
-    c = build_codec(CodecConfig(name="topk", fraction=0.01, error_feedback=True, entropy=True))
+    c = build_codec(codec_config(name="topk", fraction=0.01, error_feedback=True, entropy=True))
     assert isinstance(c, Entropy) and isinstance(c.inner, ErrorFeedback)
     assert isinstance(c.inner.inner, TopK) and c.inner.inner.fraction == 0.01
     assert repr(c) == "entropy(error_feedback(topk(0.01)))"
@@ -28,20 +35,20 @@ def test_composition_order_is_entropy_of_error_feedback():
 ])
 def test_settings_that_do_not_apply_are_rejected(cfg, match):
     with pytest.raises(ConfigError, match=match):
-        build_codec(CodecConfig(**cfg))
+        build_codec(codec_config(**cfg))
 
 
 def test_each_codec_builds_with_its_settings():
-    assert build_codec(CodecConfig(name="int8", block=128, stochastic=True)).block == 128
-    assert build_codec(CodecConfig(name="topk", count=7)).count == 7
-    assert isinstance(build_codec(CodecConfig(name="powersgd", rank=2)), PowerSGD)
+    assert build_codec(codec_config(name="int8", block=128, stochastic=True)).block == 128
+    assert build_codec(codec_config(name="topk", count=7)).count == 7
+    assert isinstance(build_codec(codec_config(name="powersgd", rank=2)), PowerSGD)
 
 
-@pytest.mark.parametrize("name", sorted(CODECS))
+@pytest.mark.parametrize("name", codec_names())
 def test_every_registered_codec_builds_from_its_name_and_sends_what_it_says(name):
     import torch
 
-    codec = build_codec(CodecConfig(name=name))
+    codec = build_codec(codec_config(name=name))
     x = torch.randn(1000)
     e = codec.encode(x, key="w0/test")
     assert codec.decode(e).shape == x.shape
@@ -50,7 +57,7 @@ def test_every_registered_codec_builds_from_its_name_and_sends_what_it_says(name
 
 def test_an_unknown_codec_name_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"codec.name \('zip'\) must be one of \['bf16'"):
-        build_codec(CodecConfig(name="zip"))
+        build_codec(codec_config(name="zip"))
 
 
 _FP32_BYTES: dict[str, float] = {}

@@ -39,23 +39,32 @@ def test_int_accepted_for_float_and_resolved_config_roundtrips():
 
 @pytest.mark.parametrize("override, fragment", [
     ("algorithm.sync_every=0", "algorithm.sync_every (0) must be >= 1"),
-    ("algorithm.name=adam", "algorithm.name ('adam') must be one of 'ddp', 'local_sgd', 'diloco'"),
+    ("algorithm.name=adam",
+     "algorithm.name ('adam') must be one of ['ddp', 'diloco', 'local_sgd']"),
+    ("algorithm.name=dilco",
+     "must be one of ['ddp', 'diloco', 'local_sgd'] (did you mean 'diloco'?)"),
     ("workers=two", "workers ('two') must be int"),
     ("workers=2.5", "workers (2.5) must be int"),
     ("inner.lr=-1", "inner.lr (-1.0) must be > 0"),
-    ("algorithm.sync_every_steps=3", "unknown key algorithm.sync_every_steps"),
-    ("modle.n_layer=3", "unknown key modle"),
+    ("algorithm.sync_every_steps=3", "unknown key algorithm.sync_every_steps in [algorithm] (did "
+                                     "you mean algorithm.sync_every?); allowed: ddp_steps, name, "
+                                     "sync_every"),
+    ("modle.n_layer=3", "unknown key modle in the top level (did you mean model?)"),
+    ("inner.l=0.1", "unknown key inner.l in [inner] (did you mean inner.lr?)"),
     ("model.n_head=3", "model.n_embd (128) must be a multiple of model.n_head (3)"),
     ("outer.optimizer=nesterov", "outer.optimizer ('nesterov') must name a torch.optim"),
     ("codec.name=zip", "codec.name ('zip') must be one of"),
     ("data.partition=random", "data.partition ('random') must be one of"),
-    ("algorithm.participation=0.5", "only supported by algorithm.name = 'local_sgd'"),
+    ("algorithm.participation=0.5", "algorithm.participation (0.5) is read by algorithm "
+                                    "'local_sgd' only; algorithm.name = 'diloco' does not read it: "
+                                    "remove it, or set algorithm.name = 'local_sgd'"),
     ("device=tpu", "device ('tpu') must be one of"),
     ("network.worker=[{id = 9}]", "network.worker[0].id (9) must name a worker in [0, 3]"),
     ("outer.momentum=0", "outer.nesterov (True) needs outer.momentum > 0"),
     ("init.warm_start_steps=-5", "init.warm_start_steps (-5) must be >= 0 (0: no warm start)"),
     ("aggregator.name=median", "aggregator.name ('median') must be one of ['mean']"),
     ("task.name=gpt", "task.name ('gpt') must be one of ['byte_gpt', 'digits_cnn'] or an import"),
+    ("task.name=digit_cnn", "(did you mean 'digits_cnn'?)"),
     ("task.name='nowhere_pkg.tasks:make'", "cannot import 'nowhere_pkg.tasks'"),
     ("task.name='islands.tasks:no_such'", "module 'islands.tasks' has no attribute 'no_such'"),
     ("task.name='islands.tasks:to_device'", "the factory raised TypeError"),
@@ -71,9 +80,11 @@ def test_bad_values_name_key_value_and_rule(override, fragment):
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("model.n_layer=2", "model.n_layer (2) configures the byte_gpt task's GPT; task "
-                        "'digits_cnn' does not read it"),
-    ("data.corpus='/tmp'", "data.corpus ('/tmp') configures the byte_gpt task's corpus"),
+    ("model.n_layer=2", "model.n_layer (2) is read by task 'byte_gpt' only; task "
+                        "'digits_cnn' does not read it: remove it (settings of your own model "
+                        "go in [task.kwargs])"),
+    ("data.corpus='/tmp'", "data.corpus ('/tmp') is read by task 'byte_gpt' only; task "
+                           "'digits_cnn' does not read [data]'s corpus: remove it"),
     ("task.kwargs={channels = 0}", "the factory raised ValueError: channels (0) must be >= 1"),
 ])
 def test_settings_the_task_does_not_read_are_refused(override, fragment):
@@ -87,7 +98,8 @@ def test_settings_the_task_does_not_read_are_refused(override, fragment):
 def test_unknown_top_level_key_lists_allowed(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("wokers = 4\n")
-    with pytest.raises(ConfigError, match=r"unknown key wokers .*allowed: .*workers"):
+    with pytest.raises(ConfigError, match=r"unknown key wokers in the top level \(did you mean "
+                                          r"workers\?\); allowed: .*workers"):
         load_config(path)
 
 

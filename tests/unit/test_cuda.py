@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import islands
-from islands.codecs import CODECS, build_codec
+from islands.codecs import build_codec, codec_config, codec_names
 from islands.collectives.butterfly import Group
-from islands.core.config import CodecConfig
 from islands.sim.runner import Simulation
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 from tests.conftest import TINY
@@ -21,11 +20,11 @@ from tests.conftest import TINY
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("name", sorted(CODECS))
+@pytest.mark.parametrize("name", codec_names())
 def test_every_codec_on_a_gpu_tensor_matches_the_cpu(name):
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
     layout = [torch.Size([100, 100])]
-    cpu, gpu = build_codec(CodecConfig(name=name)), build_codec(CodecConfig(name=name))
+    cpu, gpu = build_codec(codec_config(name=name)), build_codec(codec_config(name=name))
     cpu.bind_layout(layout)
     gpu.bind_layout(layout)
     e_cpu, e_gpu = cpu.encode(x, key="w0/t"), gpu.encode(x.cuda(), key="w0/t")
@@ -41,7 +40,7 @@ def test_the_butterfly_over_gpu_tensors_equals_the_cpu():
     for device in ("cpu", "cuda"):
         group = Group(SimTransport(n, NetworkModel(), VirtualClock(n)), tuple(range(n)))
         out[device] = group.all_reduce({i: x.to(device) for i, x in xs.items()},
-                                       codecs={i: build_codec(CodecConfig(name="int8"))
+                                       codecs={i: build_codec(codec_config(name="int8"))
                                                for i in range(n)})
     for i in range(n):
         assert out["cuda"][i].is_cuda

@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from islands.core.config import DataConfig
 from islands.core.errors import DataError
-from islands.data import ByteData, load_documents
+from islands.data import ByteData, TextDataConfig, load_documents
 from islands.data.corpus import split_train_val
 
 
 def data(**kw) -> ByteData:
     workers = kw.pop("workers", 4)
     seed = kw.pop("seed", 0)
-    return ByteData(DataConfig(max_bytes=400_000, **kw), workers=workers, block_size=32,
+    return ByteData(TextDataConfig(max_bytes=400_000, **kw), workers=workers, block_size=32,
                     seed=seed)
 
 
@@ -67,10 +66,10 @@ def test_text_file_and_folder_corpus(tmp_path):
     (tmp_path / "a.txt").write_text("hello world, " * 2000)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("lorem ipsum " * 2000)
-    folder = ByteData(DataConfig(corpus=str(tmp_path), val_fraction=0.3, chunk_bytes=256),
+    folder = ByteData(TextDataConfig(corpus=str(tmp_path), val_fraction=0.3, chunk_bytes=256),
                       workers=2, block_size=16, seed=0)
     assert folder.train_bytes + folder.val_bytes == 26_000 + 24_000
-    single = ByteData(DataConfig(corpus=str(tmp_path / "a.txt"), chunk_bytes=256),
+    single = ByteData(TextDataConfig(corpus=str(tmp_path / "a.txt"), chunk_bytes=256),
                       workers=2, block_size=16, seed=0)
     assert single.val_bytes > 0 and single.train_bytes > 0
 
@@ -88,7 +87,7 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 def test_too_many_workers_for_the_corpus(tmp_path):
     (tmp_path / "a.txt").write_text("x" * 3000)
     with pytest.raises(DataError, match="chunks for 64 workers"):
-        ByteData(DataConfig(corpus=str(tmp_path / "a.txt"), chunk_bytes=1024), workers=64,
+        ByteData(TextDataConfig(corpus=str(tmp_path / "a.txt"), chunk_bytes=1024), workers=64,
                  block_size=16, seed=0)
 
 
@@ -135,6 +134,6 @@ def test_python_docs_corpus_is_english_prose_shipped_with_python():
     train, val = split_train_val(docs, 0.05)
     assert {d.path for d in train}.isdisjoint({d.path for d in val})
     assert sum(len(d.data) for d in val) > 10_000  # enough to evaluate on
-    d = ByteData(DataConfig(corpus="python-docs"), workers=4, block_size=32, seed=0)
+    d = ByteData(TextDataConfig(corpus="python-docs"), workers=4, block_size=32, seed=0)
     x, _ = d.batch(0, 0)
     assert x.shape == (8, 32)

@@ -160,8 +160,9 @@ def test_bad_recipe_settings_name_the_key_and_the_rule(bad, words):
 
 
 def test_a_phase_is_diloco_only_and_a_momentum_schedule_sgd_only():
-    with pytest.raises(ConfigError, match=r"algorithm.ddp_steps \(5\) is a phase before "
-                                          r"DiLoCo's rounds; with algorithm.name = 'ddp'"):
+    with pytest.raises(ConfigError, match=r"algorithm.ddp_steps \(5\) is read by algorithm "
+                                          r"'diloco' only; algorithm.name = 'ddp' does not "
+                                          r"read it: remove it, or set algorithm.name = 'diloco'"):
         tiny_config("algorithm.name=ddp", "algorithm.ddp_steps=5")
     with pytest.raises(ConfigError, match=r"outer.momentum .* is used by outer.optimizer = "
                                           r"'sgd' only"):

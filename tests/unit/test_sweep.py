@@ -99,7 +99,7 @@ def test_finished_runs_are_skipped_and_a_changed_config_is_refused(tmp_path):
     assert again[0].summary == {"final_eval_loss": 2.5}
     with pytest.raises(ConfigError) as e:
         _plan(tmp_path, extra=["steps=12"])
-    assert str(first[0].dir) in str(e.value) and "differs in steps" in str(e.value)
+    assert str(first[0].dir) in str(e.value) and "its steps is 8, this run's is 12" in str(e.value)
     assert "use another --out, or delete" in str(e.value)
     (first[1].dir).mkdir(parents=True)  # started, never finished (a crash): run again
     assert _plan(tmp_path)[1].status == "todo"

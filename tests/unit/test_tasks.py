@@ -13,9 +13,9 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import islands
-from islands.core.config import DataConfig
-from islands.core.errors import DataError
 from islands.collectives.butterfly import Group
+from islands.core.errors import DataError
+from islands.core.sections import DataConfig
 from islands.sim.runner import Simulation
 from tests.conftest import tiny_config
 
@@ -168,8 +168,11 @@ def test_loader_factory_is_deterministic_and_rewinds():
 
 
 def test_the_configured_aggregator_reaches_the_collective(monkeypatch):
-    from islands import aggregators
+    from dataclasses import dataclass
+
     from islands.aggregators import mean
+    from islands.core import registry
+    from islands.core.sections import AggregatorConfig
 
     calls = []
 
@@ -177,7 +180,15 @@ def test_the_configured_aggregator_reaches_the_collective(monkeypatch):
         calls.append(stacked.shape)
         return mean(stacked, weights)
 
-    monkeypatch.setitem(aggregators.AGGREGATORS, "spy", spy)
+    @dataclass(frozen=True, kw_only=True)
+    class SpyConfig(AggregatorConfig):
+        name: str = "spy"
+
+        def build(self):
+            return spy
+
+    monkeypatch.setitem(registry._ENTRIES["aggregator"], "spy",
+                        registry.Entry("aggregator", "spy", SpyConfig))
     s = islands.simulate(tiny_config("workers=2", "steps=4", "algorithm.sync_every=2",
                                      "aggregator.name=spy"))
     assert len(calls) == 2 * 2 and all(c[0] == 2 for c in calls)  # 2 rounds x 2 shards

@@ -12,7 +12,12 @@ no and callers stack (``tests/property/test_aggregators.py`` checks both against
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from islands.core.registry import register
+from islands.core.sections import AggregatorConfig
 
 # The most rows mean_of_rows reproduces mean() for (see the module docstring).
 MAX_STREAMED_ROWS = 4
@@ -88,3 +93,15 @@ def mean_of_rows(rows: list[torch.Tensor], weights: torch.Tensor | None, out: to
         if w is None:
             acc.div_(n)
     return out
+
+
+@register("aggregator", "mean", default=True)
+@dataclass(frozen=True, kw_only=True)
+class MeanConfig(AggregatorConfig):
+    """``[aggregator] name = "mean"``: the (weighted) mean, no settings of its own."""
+
+    name: str = "mean"
+
+    def build(self):
+        """The aggregator function: ``(stacked (n, numel), weights (n,) | None) -> (numel,)``."""
+        return mean

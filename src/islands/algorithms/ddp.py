@@ -4,9 +4,14 @@ overlap is modeled: each step pays its all-reduce in full."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from islands.algorithms.base import Algorithm, Contribution, Worker
+from islands.core.registry import register
+from islands.core.sections import AlgorithmConfig
 
 
 class DDP(Algorithm):
@@ -32,3 +37,16 @@ class DDP(Algorithm):
 
     def global_state(self, worker: Worker) -> torch.Tensor:
         return worker.flat_params()
+
+
+@register("algorithm", "ddp")
+@dataclass(frozen=True, kw_only=True)
+class DDPConfig(AlgorithmConfig):
+    """``[algorithm] name = "ddp"``: no settings of its own. It syncs every inner step, so a
+    ``sync_every`` (a base config's, in a sweep's DDP baseline) is accepted and ignored."""
+
+    tolerated: ClassVar[frozenset[str]] = frozenset({"sync_every"})
+    name: str = "ddp"
+
+    def build(self, run, aggregator) -> DDP:
+        return DDP(aggregator=aggregator)

@@ -18,13 +18,17 @@ rounds start from the parameters that phase reaches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from islands.algorithms.base import Algorithm, Contribution, Worker
-from islands.algorithms.schedule import SyncEvery
+from islands.algorithms.outer import OuterConfig, outer_factory
+from islands.algorithms.schedule import SyncEvery, outer_schedule, sync_every_setting
+from islands.core.registry import register
+from islands.core.sections import AlgorithmConfig, check
 
 OuterFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -114,3 +118,37 @@ class DiLoCo(Algorithm):
             if torch.is_tensor(v):
                 state[f"outer/{k}"] = v
         return state
+
+
+@register("algorithm", "diloco", sections={"outer": OuterConfig}, default=True)
+@dataclass(frozen=True, kw_only=True)
+class DiLoCoConfig(AlgorithmConfig):
+    """``[algorithm] name = "diloco"``; the outer optimizer is ``[outer]``
+    (:class:`~islands.algorithms.outer.OuterConfig`).
+
+    Attributes:
+        sync_every: inner steps per round (H). An int, or an H schedule: ``[[step, H], ...]``
+            pairs starting at step 0, meaning "from inner step ``step`` on, rounds of ``H``
+            steps" (``[[0, 10], [100, 25], [200, 50]]``: few inner steps per round early, when
+            the parameters move fast). A round that starts at step s lasts the H in force at
+            s; a change point inside a round takes effect at the next round.
+        ddp_steps: a data-parallel phase before DiLoCo: the first ``ddp_steps`` inner steps
+            all-reduce gradients every step, exactly as DDP (each a round of its own, bytes
+            counted, virtual time charged); DiLoCo's rounds then start from the resulting
+            parameters, which every worker holds alike. 0: off.
+    """
+
+    name: str = "diloco"
+    sync_every: int | tuple[tuple[int, int], ...] = 50
+    ddp_steps: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
+        check(self.ddp_steps >= 0, "algorithm.ddp_steps", self.ddp_steps,
+              "must be >= 0 (0: no data-parallel phase)")
+
+    def build(self, run, aggregator) -> DiLoCo:
+        return DiLoCo(self.sync_every, outer=outer_factory(run.outer), aggregator=aggregator,
+                      ddp_steps=self.ddp_steps,
+                      outer_schedule=outer_schedule(lr=run.outer.lr,
+                                                    momentum=run.outer.momentum))

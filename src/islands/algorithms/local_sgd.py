@@ -9,12 +9,18 @@ round (exact fp32, counted like every other byte).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 
 from islands.algorithms.base import Algorithm, Contribution, Worker
+from islands.algorithms.schedule import sync_every_setting
 from islands.codecs.cast import Identity
 from islands.collectives.butterfly import Group
+from islands.core.registry import register
+from islands.core.sections import AlgorithmConfig, check
 from islands.core.seeding import derive_seed
 
 
@@ -99,3 +105,29 @@ def round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
+@register("algorithm", "local_sgd")
+@dataclass(frozen=True, kw_only=True)
+class LocalSGDConfig(AlgorithmConfig):
+    """``[algorithm] name = "local_sgd"`` (FedAvg).
+
+    Attributes:
+        sync_every: inner steps per round (H), or an H schedule ``[[step, H], ...]`` (see
+            ``islands.algorithms.schedule``).
+        participation: FedAvg's C, the fraction of workers drawn for each round.
+        weighting: how workers are weighted: ``"samples"`` (samples trained this round),
+            ``"dataset"`` (size of the worker's partition, FedAvg's n_k) or ``"uniform"``.
+    """
+
+    name: str = "local_sgd"
+    sync_every: int | tuple[tuple[int, int], ...] = 50
+    participation: float = 1.0
+    weighting: Literal["samples", "dataset", "uniform"] = "samples"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
+        check(0 < self.participation <= 1, "algorithm.participation", self.participation,
+              "must be in (0, 1]")
+
+    def build(self, run, aggregator) -> LocalSGD:
+        return LocalSGD(self.sync_every, participation=self.participation,
+                        weighting=self.weighting, seed=run.seed, aggregator=aggregator)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 
+from islands.core.sections import check, listed, points
+
 SyncEvery = int | Sequence[Sequence[int]]
 Points = float | Sequence[Sequence[float]]
 
@@ -90,3 +92,15 @@ def largest(points: Points) -> float:
     if isinstance(points, (int, float)):
         return float(points)
     return float(max(v for _, v in points))
+
+
+def sync_every_setting(value) -> SyncEvery:
+    """``[algorithm] sync_every`` validated for a config: an int >= 1 or an H schedule
+    (returned as tuples); a ``ConfigError`` names the key otherwise."""
+    if isinstance(value, int):
+        check(value >= 1, "algorithm.sync_every", value, "must be >= 1")
+        return value
+    value = points("algorithm.sync_every", value, "H", int)
+    check(all(h >= 1 for _, h in value), "algorithm.sync_every", listed(value),
+          "needs every H >= 1")
+    return value

@@ -13,7 +13,6 @@ imports only what a worker needs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -21,6 +20,7 @@ import threading
 from pathlib import Path
 
 from islands.core.config import load_config
+from islands.metrics.run_dir import json_line
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
@@ -45,10 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(r)
     r.add_argument("--coordinator", default=None, metavar="HOST:PORT")
     r.add_argument("--worker-id", default=None, help="worker index (default: $RANK)")
-    r.add_argument("--out", default=None, help="run directory (default: runs/<name>/w<id>; "
+    r.add_argument("--out", default=None, help="run directory (default: runs/<name>-job/w<id>; "
                    "under torchrun, the job folder holding w<rank>/)")
     r.add_argument("--checkpoint-dir", default=None, help="write checkpoints here")
-    r.add_argument("--resume", default=None, help="resume from this checkpoint")
+    r.add_argument("--resume", default=None, help="resume from this checkpoint (keeps the "
+                   "rows already in --out)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="remove a run already in --out first (without it, another run there, "
+                        "or this worker's finished, is refused)")
     r.add_argument("--host", default=None, help="address peers reach this worker at")
     r.set_defaults(func=cmd_run)
 
@@ -57,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     la.add_argument("--workers", type=int, default=None, help="number of workers")
     la.add_argument("--out", default=None, help="launch folder (default: runs/<name>-launch)")
     la.add_argument("--checkpoint-dir", default=None, help="workers write checkpoints here")
+    la.add_argument("--overwrite", action="store_true",
+                    help="remove a run already in --out (and its workers' folders) first")
     la.set_defaults(func=cmd_launch)
 
     s = sub.add_parser("status", help="a coordinator's members, epoch, rounds, exclusions")
@@ -103,19 +109,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     wid = parse_worker_id(args.worker_id if args.worker_id is not None
                           else os.environ.get("RANK", "0"))
-    out = Path(args.out or f"runs/{cfg.label}")
+    out = Path(args.out or job_folder(cfg))
     if args.out is None or (args.coordinator is None and "WORLD_SIZE" in os.environ):
         out = out / f"w{wid}"  # a job folder: one run directory per worker below it
     summary = run_worker(cfg, wid, coordinator=args.coordinator,
                          token=load_token(args.token_file), out_dir=out,
                          checkpoint_dir=args.checkpoint_dir, resume=args.resume, host=args.host,
-                         stopping=stopping)
-    print(json.dumps({k: summary[k] for k in ("worker", "rounds_committed", "final_eval_loss",
-                                              "bytes_sent_total", "final_hash")}), flush=True)
+                         stopping=stopping,
+                         existing="overwrite" if args.overwrite else "refuse")
+    print(json_line({k: summary[k] for k in ("worker", "rounds_committed", "final_eval_loss",
+                                             "bytes_sent_total", "final_hash")}), flush=True)
+    if summary.get("error"):
+        print(f"error: {summary['error']}", file=sys.stderr, flush=True)
+        return 2
     if summary.get("removed"):
         print(f"error: {summary['removed']}", file=sys.stderr, flush=True)
         return 3
     return 0
+
+
+def job_folder(cfg) -> str:
+    """Where a real job's workers write by default (``w<i>/`` below it): never inside
+    ``islands sim``'s ``runs/<name>``."""
+    return f"runs/{cfg.label}-job"
 
 
 def exit_now(code: int) -> None:
@@ -154,11 +170,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
         argv += ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
         return argv
 
-    merged = launch(cfg, out, argv_for, token=load_token(args.token_file))
-    print(json.dumps({k: merged[k] for k in ("algorithm", "workers", "rounds",
-                                             "final_eval_loss", "bytes_sent_total",
-                                             "final_hashes")}), flush=True)
-    print(f"launch folder: {out}/ (summary.json, w<i>/metrics.jsonl)", flush=True)
+    merged = launch(cfg, out, argv_for, token=load_token(args.token_file),
+                    existing="overwrite" if args.overwrite else "refuse")
+    print(json_line({k: merged[k] for k in ("algorithm", "workers", "rounds",
+                                            "final_eval_loss", "bytes_sent_total",
+                                            "final_hashes")}), flush=True)
+    print(f"launch folder: {out}/ (final.safetensors, summary.json, loss.png, "
+          "w<i>/metrics.jsonl)", file=sys.stderr, flush=True)
     return 0
 
 
@@ -168,7 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     token = load_token(args.token_file)
     if not args.watch:
-        print(json.dumps(query_status(args.coordinator, token), indent=2))
+        print(json_line(query_status(args.coordinator, token)), flush=True)
         return 0
     from islands.runtime.watch import watch
 

@@ -19,11 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="TOML config file (omit for the defaults)")
     _sets_and_progress(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    existing_flags(p)
     p.set_defaults(func=run_sim)
 
     d = sub.add_parser("demo", help="the main job: ddp, diloco, local_sgd and one worker alone")
     _sets_and_progress(d)
     d.add_argument("--out", default="runs/main", help="folder of the four run directories")
+    existing_flags(d)
     d.set_defaults(func=run_demo)
 
     c = sub.add_parser("compare", help="compare finished runs side by side (runs that differ "
@@ -38,6 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_compare)
 
 
+def existing_flags(p: argparse.ArgumentParser) -> None:
+    """``--resume`` / ``--overwrite``: what to do with a run already in the folder (without
+    either, another run or this one finished is refused, before anything runs)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", dest="existing", action="store_const", const="resume",
+                   default="refuse", help="keep a finished run of this config (nothing runs "
+                   "again); start an unfinished one over")
+    g.add_argument("--overwrite", dest="existing", action="store_const", const="overwrite",
+                   help="remove the run files in the folder first, whatever run they were")
+
+
 def _sets_and_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable: --set algorithm.sync_every=100")
@@ -45,7 +58,8 @@ def _sets_and_progress(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    main_job(args.out, args.overrides, console=make_console(), progress=not args.no_progress)
+    main_job(args.out, args.overrides, console=make_console(), progress=not args.no_progress,
+             existing=args.existing)
     return 0
 
 
@@ -53,9 +67,11 @@ def run_sim(args: argparse.Namespace) -> int:
     console = make_console()
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/{cfg.label}")
-    summary = run_with_progress(cfg, out, console=console, enabled=not args.no_progress)
+    summary = run_with_progress(cfg, out, console=console, enabled=not args.no_progress,
+                                existing=args.existing)
     compare([summary], None, title=cfg.label, console=console)
-    console.print(f"run directory: {out}/ (summary.json, metrics.jsonl, loss.png)")
+    console.print(f"run directory: {out}/ (final.safetensors, summary.json, metrics.jsonl, "
+                  "loss.png)")
     return 0
 
 

@@ -8,74 +8,38 @@ Composition: ``error_feedback`` wraps the lossy codec, ``entropy`` wraps the res
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-
 from islands.codecs.base import Codec, Encoded, check_finite
-from islands.codecs.cast import Cast, Identity
+from islands.codecs.cast import BF16Config, Cast, FP16Config, Identity, IdentityConfig
 from islands.codecs.entropy import Entropy
 from islands.codecs.error_feedback import ErrorFeedback
-from islands.codecs.fp4 import FP4
-from islands.codecs.int4 import Int4
-from islands.codecs.int8 import Int8
-from islands.codecs.powersgd import PowerSGD
-from islands.codecs.randomk import RandomK
-from islands.codecs.sign import Sign
-from islands.codecs.topk import TopK
-from islands.core.errors import ConfigError
-
-DEFAULT_FRACTION = 0.01
-
-
-def _given(**kwargs) -> dict:
-    """The settings that were set (None means: the codec's default)."""
-    return {k: v for k, v in kwargs.items() if v is not None}
+from islands.codecs.fp4 import FP4, FP4Config
+from islands.codecs.int4 import Int4, Int4Config
+from islands.codecs.int8 import Int8, Int8Config
+from islands.codecs.powersgd import PowerSGD, PowerSGDConfig
+from islands.codecs.randomk import RandomK, RandomKConfig
+from islands.codecs.sign import Sign, SignConfig
+from islands.codecs.topk import TopK, TopKConfig
+from islands.core import registry
+from islands.core.config import build_component
+from islands.core.sections import CodecConfig
 
 
-def _sparsity(c) -> dict:
-    if c.fraction is not None and c.count is not None:
-        raise ConfigError(f"codec.fraction ({c.fraction}) and codec.count ({c.count}) are "
-                          "exclusive; set one of them")
-    if c.count is not None:
-        return {"count": c.count}
-    return {"fraction": c.fraction if c.fraction is not None else DEFAULT_FRACTION}
+def codec_names() -> list[str]:
+    """Every registered ``codec.name``."""
+    return registry.names("codec")
 
 
-# name -> (factory taking the CodecConfig, the config fields it accepts)
-CODECS: dict[str, tuple[Callable, frozenset[str]]] = {
-    "identity": (lambda c: Identity(), frozenset()),
-    "fp16": (lambda c: Cast(torch.float16), frozenset()),
-    "bf16": (lambda c: Cast(torch.bfloat16), frozenset()),
-    "int8": (lambda c: Int8(**_given(block=c.block, stochastic=c.stochastic)),
-             frozenset({"block", "stochastic"})),
-    "int4": (lambda c: Int4(**_given(block=c.block, stochastic=c.stochastic)),
-             frozenset({"block", "stochastic"})),
-    "fp4": (lambda c: FP4(**_given(block=c.block)), frozenset({"block"})),
-    "topk": (lambda c: TopK(**_sparsity(c)), frozenset({"fraction", "count"})),
-    "randomk": (lambda c: RandomK(**_sparsity(c)), frozenset({"fraction", "count"})),
-    "powersgd": (lambda c: PowerSGD(**_given(rank=c.rank)), frozenset({"rank"})),
-    "sign": (lambda c: Sign(**_given(block=c.block)), frozenset({"block"})),
-}
-
-_OPTIONAL = ("block", "fraction", "count", "rank", "stochastic")
+def codec_config(**settings) -> CodecConfig:
+    """The ``[codec]`` section for ``settings`` (``codec_config(name="int8", block=128)``),
+    validated as a config file's would be."""
+    return build_component("codec", settings)
 
 
-def build_codec(cfg) -> Codec:
-    """Returns a fresh codec for one worker from a :class:`~islands.core.config.CodecConfig`.
-
-    Raises:
-        ConfigError: an unknown name, or a setting that does not apply to the codec.
-    """
-    if cfg.name not in CODECS:
-        raise ConfigError(f"codec.name ({cfg.name!r}) must be one of {sorted(CODECS)}")
-    factory, accepted = CODECS[cfg.name]
-    for opt in _OPTIONAL:
-        if getattr(cfg, opt) is not None and opt not in accepted:
-            allowed = ", ".join(sorted(accepted)) or "none"
-            raise ConfigError(f"codec.{opt} ({getattr(cfg, opt)!r}) does not apply to "
-                              f"codec.name = {cfg.name!r} (its settings: {allowed})")
-    codec = factory(cfg)
+def build_codec(cfg: CodecConfig) -> Codec:
+    """Returns a fresh codec for one worker from its ``[codec]`` section (one per worker, since
+    codecs may hold state): the named codec, wrapped in error feedback, then entropy coding,
+    as asked."""
+    codec = cfg.make()
     if cfg.error_feedback:
         codec = ErrorFeedback(codec)
     if cfg.entropy:
@@ -84,10 +48,11 @@ def build_codec(cfg) -> Codec:
 
 
 __all__ = [
-    "CODECS",
+    "BF16Config",
     "FP4",
     "Cast",
     "Codec",
+    "CodecConfig",
     "Encoded",
     "Entropy",
     "ErrorFeedback",
@@ -98,6 +63,17 @@ __all__ = [
     "RandomK",
     "Sign",
     "TopK",
+    "FP16Config",
+    "FP4Config",
+    "IdentityConfig",
+    "Int4Config",
+    "Int8Config",
+    "PowerSGDConfig",
+    "RandomKConfig",
+    "SignConfig",
+    "TopKConfig",
     "build_codec",
     "check_finite",
+    "codec_config",
+    "codec_names",
 ]

@@ -161,3 +161,8 @@ class Codec(ABC):
 
     def __repr__(self) -> str:
         return self.name
+
+
+def given(**kwargs) -> dict:
+    """The settings that were set (None means: the codec's own default)."""
+    return {k: v for k, v in kwargs.items() if v is not None}

@@ -9,11 +9,14 @@ pseudo-gradients in fp16 with no loss.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from islands.codecs.base import Codec, Encoded, check_finite, tensor_name
 from islands.core.errors import CodecError
+from islands.core.registry import register
+from islands.core.sections import CodecConfig
 
 
 class Identity(Codec):
@@ -80,3 +83,36 @@ class Cast(Codec):
 
     def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(e.tensors["values"])  # converts in the copy: one pass, no temporary
+
+
+@register("codec", "identity", default=True)
+@dataclass(frozen=True, kw_only=True)
+class IdentityConfig(CodecConfig):
+    """``[codec] name = "identity"``: fp32 as is (no settings of its own)."""
+
+    name: str = "identity"
+
+    def make(self) -> Codec:
+        return Identity()
+
+
+@register("codec", "fp16")
+@dataclass(frozen=True, kw_only=True)
+class FP16Config(CodecConfig):
+    """``[codec] name = "fp16"``: IEEE half precision (no settings of its own)."""
+
+    name: str = "fp16"
+
+    def make(self) -> Codec:
+        return Cast(torch.float16)
+
+
+@register("codec", "bf16")
+@dataclass(frozen=True, kw_only=True)
+class BF16Config(CodecConfig):
+    """``[codec] name = "bf16"``: bfloat16 (no settings of its own)."""
+
+    name: str = "bf16"
+
+    def make(self) -> Codec:
+        return Cast(torch.bfloat16)

@@ -14,9 +14,11 @@ float32 rounding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from islands.codecs.base import Codec, Encoded, as_float32
+from islands.codecs.base import Codec, Encoded, as_float32, given
 from islands.codecs.packing import (
     block_absmax,
     block_scales,
@@ -25,6 +27,8 @@ from islands.codecs.packing import (
     scale_blocks,
     unpack_nibbles,
 )
+from islands.core.registry import register
+from islands.core.sections import CodecConfig, check
 
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 MIDPOINTS = (GRID[1:] + GRID[:-1]) / 2
@@ -67,3 +71,22 @@ class FP4(Codec):
 
     def __repr__(self) -> str:
         return f"fp4(block={self.block})"
+
+
+@register("codec", "fp4")
+@dataclass(frozen=True, kw_only=True)
+class FP4Config(CodecConfig):
+    """``[codec] name = "fp4"``.
+
+    Attributes:
+        block: values per scale (None: 64).
+    """
+
+    name: str = "fp4"
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.block is None or self.block >= 1, "codec.block", self.block, "must be >= 1")
+
+    def make(self) -> Codec:
+        return FP4(**given(block=self.block))

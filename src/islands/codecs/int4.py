@@ -12,10 +12,15 @@ Error bound, per value: ``|x - x̂| <= s / 2`` (nearest), ``< s`` (stochastic, u
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from islands.codecs.base import Codec, given
 from islands.codecs.int8 import Int8
 from islands.codecs.packing import pack_nibbles, unpack_nibbles
+from islands.core.registry import register
+from islands.core.sections import CodecConfig, check
 
 
 class Int4(Int8):
@@ -44,3 +49,24 @@ class Int4(Int8):
 
     def _payload_bytes(self, numel: int) -> int:
         return -(-numel // 2)
+
+
+@register("codec", "int4")
+@dataclass(frozen=True, kw_only=True)
+class Int4Config(CodecConfig):
+    """``[codec] name = "int4"``.
+
+    Attributes:
+        block: values per scale (None: 64).
+        stochastic: stochastic rounding, unbiased (None: off, round to nearest).
+    """
+
+    name: str = "int4"
+    block: int | None = None
+    stochastic: bool | None = None
+
+    def __post_init__(self) -> None:
+        check(self.block is None or self.block >= 1, "codec.block", self.block, "must be >= 1")
+
+    def make(self) -> Codec:
+        return Int4(**given(block=self.block, stochastic=self.stochastic))

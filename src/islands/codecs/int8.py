@@ -13,9 +13,11 @@ rounding (which is unbiased: ``E[x̂] = x``), where ``s = max(absmax of the bloc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from islands.codecs.base import Codec, Encoded, as_float32, check_finite, tensor_name
+from islands.codecs.base import Codec, Encoded, as_float32, check_finite, given, tensor_name
 from islands.codecs.packing import (
     Rounding,
     block_absmax,
@@ -24,6 +26,8 @@ from islands.codecs.packing import (
     round_,
     scale_blocks,
 )
+from islands.core.registry import register
+from islands.core.sections import CodecConfig, check
 
 # Values per pass of the encoder and decoder: 4 MiB of float32, so the intermediate of each
 # pass (scaled values, rounded codes) stays in cache instead of a tensor the size of the input,
@@ -119,3 +123,24 @@ class Int8(Codec):
 
     def __repr__(self) -> str:
         return f"{self.name}(block={self.block}{', stochastic' if self.stochastic else ''})"
+
+
+@register("codec", "int8")
+@dataclass(frozen=True, kw_only=True)
+class Int8Config(CodecConfig):
+    """``[codec] name = "int8"``.
+
+    Attributes:
+        block: values per scale (None: 256).
+        stochastic: stochastic rounding, unbiased (None: off, round to nearest).
+    """
+
+    name: str = "int8"
+    block: int | None = None
+    stochastic: bool | None = None
+
+    def __post_init__(self) -> None:
+        check(self.block is None or self.block >= 1, "codec.block", self.block, "must be >= 1")
+
+    def make(self) -> Codec:
+        return Int8(**given(block=self.block, stochastic=self.stochastic))

@@ -24,10 +24,13 @@ Error bound: ``P Qᵀ = P Pᵀ M`` is the projection of ``M`` onto ``P``'s colum
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from islands.codecs.base import Codec, Encoded, as_float32
+from islands.codecs.base import Codec, Encoded, as_float32, given
+from islands.core.registry import register
+from islands.core.sections import CodecConfig, check
 
 # A plan segment: ("raw", start, end) or ("low", start, rows, cols, rank, state_name), with
 # offsets relative to the encoded slice.
@@ -139,3 +142,22 @@ class PowerSGD(Codec):
 
     def __repr__(self) -> str:
         return f"powersgd(rank={self.rank})"
+
+
+@register("codec", "powersgd")
+@dataclass(frozen=True, kw_only=True)
+class PowerSGDConfig(CodecConfig):
+    """``[codec] name = "powersgd"``.
+
+    Attributes:
+        rank: rank of the approximation (None: 4).
+    """
+
+    name: str = "powersgd"
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.rank is None or self.rank >= 1, "codec.rank", self.rank, "must be >= 1")
+
+    def make(self) -> Codec:
+        return PowerSGD(**given(rank=self.rank))

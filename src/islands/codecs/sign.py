@@ -13,9 +13,11 @@ than sending zeros), and ``||x̂||₁ = ||x||₁``. Biased: pair it with error f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from islands.codecs.base import Codec, Encoded, as_float32
+from islands.codecs.base import Codec, Encoded, as_float32, given
 from islands.codecs.packing import (
     num_blocks,
     pack_bits,
@@ -23,6 +25,8 @@ from islands.codecs.packing import (
     split_blocks,
     unpack_bits,
 )
+from islands.core.registry import register
+from islands.core.sections import CodecConfig, check
 
 
 def block_mean_abs(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -69,3 +73,22 @@ class Sign(Codec):
 
     def __repr__(self) -> str:
         return f"sign(block={self.block})"
+
+
+@register("codec", "sign")
+@dataclass(frozen=True, kw_only=True)
+class SignConfig(CodecConfig):
+    """``[codec] name = "sign"``.
+
+    Attributes:
+        block: values per scale (None: one scale per encoded tensor).
+    """
+
+    name: str = "sign"
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.block is None or self.block >= 1, "codec.block", self.block, "must be >= 1")
+
+    def make(self) -> Codec:
+        return Sign(**given(block=self.block))

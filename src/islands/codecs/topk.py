@@ -13,10 +13,18 @@ magnitude; ``||x - x̂||² <= (1 - k / numel) ||x||²``. Biased: pair it with er
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from islands.codecs.base import Codec, Encoded, as_float32
 from islands.codecs.packing import index_bits, kept_count, pack_bits, unpack_bits
+from islands.core.errors import ConfigError
+from islands.core.registry import register
+from islands.core.sections import CodecConfig, check
+
+# the share topk and randomk keep when neither fraction nor count is set
+DEFAULT_FRACTION = 0.01
 
 
 def check_sparsity(fraction: float | None, count: int | None) -> None:
@@ -71,3 +79,35 @@ class TopK(Codec):
 
     def __repr__(self) -> str:
         return f"topk({self.fraction if self.count is None else f'count={self.count}'})"
+
+
+@register("codec", "topk")
+@dataclass(frozen=True, kw_only=True)
+class TopKConfig(CodecConfig):
+    """``[codec] name = "topk"``: ``fraction`` or ``count``, not both.
+
+    Attributes:
+        fraction: share of the values kept (None: 0.01, unless ``count`` is given).
+        count: number of values kept, instead of ``fraction``.
+    """
+
+    name: str = "topk"
+    fraction: float | None = None
+    count: int | None = None
+
+    def __post_init__(self) -> None:
+        check_sparsity_config(self.fraction, self.count)
+
+    def make(self) -> Codec:
+        if self.count is not None:
+            return TopK(count=self.count)
+        return TopK(self.fraction if self.fraction is not None else DEFAULT_FRACTION)
+
+
+def check_sparsity_config(fraction: float | None, count: int | None) -> None:
+    """``[codec]`` ``fraction`` and ``count``: each in range, not both."""
+    check(fraction is None or 0 < fraction <= 1, "codec.fraction", fraction, "must be in (0, 1]")
+    check(count is None or count >= 1, "codec.count", count, "must be >= 1")
+    if fraction is not None and count is not None:
+        raise ConfigError(f"codec.fraction ({fraction}) and codec.count ({count}) are "
+                          "exclusive; set one of them")

@@ -18,6 +18,27 @@ class DataError(IslandsError, ValueError):
     """A corpus path is missing, empty or unreadable."""
 
 
+class StorageError(IslandsError):
+    """A file islands writes cannot be written (a full disk, a read-only folder). Names the
+    path, the bytes needed and the bytes free; whatever was written before stays valid.
+
+    Args:
+        message: what failed and how to fix it.
+        path: the file.
+        needed: bytes the write needed.
+        free: bytes free in its folder (None: unknown).
+    """
+
+    def __init__(self, message: str, *, path: str = "", needed: int = 0,
+                 free: int | None = None) -> None:
+        super().__init__(message)
+        self.path, self.needed, self.free = path, needed, free
+
+
+class TaskError(IslandsError, TypeError):
+    """A task returned something islands cannot use (a loss that is not a scalar)."""
+
+
 class CodecError(IslandsError, ValueError):
     """A tensor cannot be encoded (NaN/Inf, wrong dtype) or a payload cannot be decoded."""
 

@@ -24,6 +24,40 @@ from pathlib import Path
 import torch
 
 from islands.core.errors import DataError, IslandsWarning
+from islands.core.sections import DataConfig, check
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextDataConfig(DataConfig):
+    """``[data]`` of the ``byte_gpt`` task: the partition every task reads, and where its bytes
+    come from.
+
+    Attributes:
+        corpus: ``"python-stdlib"`` (the ``.py`` files of the running Python's standard
+            library, no download), ``"python-docs"`` (English prose: the Python reference
+            topics pydoc shows, shipped with CPython, about 465 kB) or a path to a text file
+            or a folder of text files.
+        val_fraction: share of files held out for validation (chosen by a hash of the path).
+        max_bytes: cap on corpus bytes read (None: all). Keeps start-up fast.
+        eval_batches: validation batches per evaluation.
+        chunk_bytes: granularity of partitioning; sampled windows never cross a chunk.
+    """
+
+    corpus: str = "python-stdlib"
+    val_fraction: float = 0.05
+    max_bytes: int | None = 8_000_000
+    eval_batches: int = 8
+    chunk_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction,
+              "must be in (0, 1)")
+        check(self.max_bytes is None or self.max_bytes >= 10_000, "data.max_bytes",
+              self.max_bytes, "must be >= 10000 or omitted for the whole corpus")
+        check(self.eval_batches >= 1, "data.eval_batches", self.eval_batches, "must be >= 1")
+        check(self.chunk_bytes >= 64, "data.chunk_bytes", self.chunk_bytes, "must be >= 64")
+
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini",
                  ".html", ".css", ".js", ".csv", ".tex", ".yaml", ".yml", ""}

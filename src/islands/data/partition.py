@@ -18,10 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from islands.core.config import DataConfig
 from islands.core.errors import DataError
 from islands.core.seeding import derive_seed
-from islands.data.corpus import concat, load_documents, split_train_val
+from islands.data.corpus import TextDataConfig, concat, load_documents, split_train_val
 
 
 def make_chunks(spans: list[tuple[int, int, str]], total: int, chunk_bytes: int, min_len: int
@@ -93,7 +92,8 @@ class ByteData:
         seed: the run's seed.
     """
 
-    def __init__(self, cfg: DataConfig, *, workers: int, block_size: int, seed: int) -> None:
+    def __init__(self, cfg: TextDataConfig, *, workers: int, block_size: int,
+                 seed: int) -> None:
         self.cfg, self.block_size, self.seed = cfg, block_size, seed
         docs = load_documents(cfg.corpus, cfg.max_bytes)
         train_docs, val_docs = split_train_val(docs, cfg.val_fraction)

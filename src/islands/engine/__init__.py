@@ -8,7 +8,7 @@ from islands.engine.build import (
     check_config,
     fresh_state,
     initial_model,
-    make_inner,
+    inner_optimizer,
     resolve_device,
     resolve_threads,
     threads,
@@ -17,5 +17,5 @@ from islands.engine.build import (
 from islands.engine.loop import Driver, Engine, RoundPlan, Sync, WallClock
 
 __all__ = ["Driver", "Engine", "RoundPlan", "Sync", "WallClock", "attach", "build_worker",
-           "check_config", "fresh_state", "initial_model", "make_inner", "resolve_device",
+           "check_config", "fresh_state", "initial_model", "inner_optimizer", "resolve_device",
            "resolve_threads", "threads", "warm_start"]

@@ -17,13 +17,10 @@ import torch.nn as nn
 from islands.algorithms import Algorithm, Worker, check_algorithm
 from islands.algorithms.schedule import h_at
 from islands.codecs import build_codec
-from islands.core.config import DataConfig, ModelConfig, RunConfig
+from islands.core.config import RunConfig
 from islands.core.errors import ConfigError, IslandsWarning
 from islands.core.seeding import derive_seed
-from islands.tasks import Task, build_task, to_device
-
-# [data] keys only the byte_gpt task reads (every task gets partition, alpha, batch_size)
-_CORPUS_KEYS = ("corpus", "val_fraction", "max_bytes", "eval_batches", "chunk_bytes")
+from islands.tasks import Task, build_task, checked_loss, to_device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,8 +56,9 @@ def threads(cfg: RunConfig, device: torch.device):
 
 
 def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
-    """Builds every component a config names once (task, codec, aggregator, device) and
-    refuses settings the chosen task does not read; returns the task.
+    """Builds every component a config names once (task, codec, algorithm, aggregator,
+    device), so a bad setting fails before anything runs; returns the task. (Settings no
+    chosen component reads were refused when the config was loaded.)
 
     Raises:
         ConfigError: naming the key, the value and the fix.
@@ -69,51 +67,45 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     check_algorithm(cfg)
     resolve_device(cfg.device)
     _warn_rounds(cfg)
-    task = task if task is not None else build_task(cfg)
-    if "model" not in task.reads:
-        for key, value in _changed(cfg.model, ModelConfig()):
-            raise ConfigError(f"model.{key} ({value!r}) configures the byte_gpt task's GPT; "
-                              f"task {task.name!r} does not read it: remove it (settings of "
-                              "your own model go in [task.kwargs])")
-    if "data" not in task.reads:
-        for key, value in _changed(cfg.data, DataConfig()):
-            if key in _CORPUS_KEYS:
-                raise ConfigError(f"data.{key} ({value!r}) configures the byte_gpt task's "
-                                  f"corpus; task {task.name!r} does not read it: remove it")
-    return task
+    return task if task is not None else build_task(cfg)
 
 
 def _warn_rounds(cfg: RunConfig) -> None:
     """Warns where the round settings would silently not do what they say."""
     a = cfg.algorithm
-    if a.name == "ddp":
+    if not hasattr(a, "sync_every"):  # DDP: every step is a round
         return
-    if a.ddp_steps >= cfg.steps:
+    ddp_steps = getattr(a, "ddp_steps", 0)
+    if ddp_steps >= cfg.steps:
         warnings.warn(IslandsWarning(
-            f"algorithm.ddp_steps ({a.ddp_steps}) >= steps ({cfg.steps}): the whole run is "
+            f"algorithm.ddp_steps ({ddp_steps}) >= steps ({cfg.steps}): the whole run is "
             "the data-parallel phase and no DiLoCo round happens; lower it"), stacklevel=3)
         return
-    first = h_at(a.sync_every, a.ddp_steps)
-    if a.ddp_steps + first <= cfg.steps:
+    first = h_at(a.sync_every, ddp_steps)
+    if ddp_steps + first <= cfg.steps:
         return
-    if isinstance(a.sync_every, int) and not a.ddp_steps:
+    if isinstance(a.sync_every, int) and not ddp_steps:
         warnings.warn(IslandsWarning(
             f"algorithm.sync_every ({a.sync_every}) > steps ({cfg.steps}): no round of "
             f"{a.sync_every} inner steps completes; the run is one shortened round of "
             f"{cfg.steps} steps ending in the only sync"), stacklevel=3)
     else:
         warnings.warn(IslandsWarning(
-            f"algorithm.sync_every: the first round after step {a.ddp_steps} has H = {first} "
-            f"but only {cfg.steps - a.ddp_steps} steps are left (steps = {cfg.steps}); the "
+            f"algorithm.sync_every: the first round after step {ddp_steps} has H = {first} "
+            f"but only {cfg.steps - ddp_steps} steps are left (steps = {cfg.steps}); the "
             "run ends in one shortened round"), stacklevel=3)
 
 
-def _changed(section, defaults) -> list[tuple[str, object]]:
-    return [(k, v) for k, v in vars(section).items() if v != getattr(defaults, k)]
+def inner_optimizer(model: nn.Module, cfg: RunConfig):
+    """The inner optimizer and lr schedule the simulator builds for ``cfg``: ``[inner]``'s
+    AdamW (betas, weight decay on parameters of 2+ dimensions only, as nanoGPT) or SGD, and a
+    ``LambdaLR`` of the linear warm-up then the constant or cosine schedule over ``steps``.
+    Step the scheduler once per inner step (``trainer.step()`` does, and clips at
+    ``inner.grad_clip``). Frozen parameters (``requires_grad=False``) are left out.
 
-
-def make_inner(model: nn.Module, cfg: RunConfig):
-    """The inner optimizer (decay on matrices only, as nanoGPT) and its lr schedule."""
+    Returns:
+        ``(optimizer, scheduler)``.
+    """
     c = cfg.inner
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": c.weight_decay},
@@ -176,7 +168,7 @@ def warm_start(cfg: RunConfig, task: Task, device: torch.device, *,
         worker = build_worker(pre, 0, initial_model(pre, task, device), data_size=0)
         for step in range(steps):
             batch = to_device(data.batch(0, step), device)
-            worker.backward(task.loss, batch, task.batch_size(batch))
+            worker.backward(checked_loss(task.loss), batch, task.batch_size(batch))
             worker.apply()
         state = {k: v.detach().clone() for k, v in worker.model.state_dict().items()}
         _WARM_STARTS[key] = (task, state)  # the task is kept so its id is never reused
@@ -186,7 +178,7 @@ def warm_start(cfg: RunConfig, task: Task, device: torch.device, *,
 def build_worker(cfg: RunConfig, worker_id: int, base: nn.Module, *, data_size: int) -> Worker:
     """One worker: a copy of ``base``, its inner optimizer and schedule, its own codec."""
     model = copy.deepcopy(base)
-    opt, sched = make_inner(model, cfg)
+    opt, sched = inner_optimizer(model, cfg)
     codec = build_codec(cfg.codec)
     codec.bind_layout([p.shape for p in model.parameters() if p.requires_grad])
     return Worker(worker_id, model, opt, codec, scheduler=sched,

@@ -19,12 +19,15 @@ have one schema; the runtime adds its own fields to each).
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import save as save_safetensors
 
 from islands.algorithms import Algorithm, Contribution, Worker
 from islands.algorithms.base import copy_into, persistent_buffers
@@ -33,7 +36,7 @@ from islands.collectives.butterfly import Group, Work
 from islands.core.config import RunConfig
 from islands.core.errors import CommError
 from islands.metrics.run_dir import RunDir
-from islands.tasks import Partition, Task, to_device
+from islands.tasks import Partition, Task, checked_loss, to_device
 from islands.transports.base import Transport
 
 
@@ -135,6 +138,7 @@ class Engine:
         self.workers, self.task, self.partition = workers, task, partition
         self.device, self.clock, self.step_time_s = device, clock, step_time_s
         self.eval_model, self.out = eval_model, out
+        self._loss = checked_loss(task.loss) if task is not None else None
         # where each round starts (an H schedule, a data-parallel phase), computed once
         self.bounds = algorithm.round_bounds(cfg.steps)
         self.rounds = len(self.bounds) - 1
@@ -168,8 +172,7 @@ class Engine:
             for w in active:
                 t0 = time.perf_counter()
                 batch = to_device(self.partition.batch(w.id, step), self.device)
-                losses[w.id].append(w.backward(self.task.loss, batch,
-                                               self.task.batch_size(batch)))
+                losses[w.id].append(w.backward(self._loss, batch, self.task.batch_size(batch)))
                 self.clock.compute(w.id, time.perf_counter() - t0 if self.step_time_s is None
                                    else self.step_time_s[w.id])
             self.step(group, active)
@@ -246,6 +249,31 @@ class Engine:
                 "bytes_sent_per_worker": self.sent_per_worker(),
                 "virtual_time_s": self.clock.makespan_s}
 
+    @torch.no_grad()
+    def final_state(self, worker: Worker) -> dict[str, torch.Tensor]:
+        """The global parameters and buffers ``worker`` holds, as the model's ``state_dict``
+        (every name, frozen parameters included; on the CPU; no two entries share memory, so
+        tied weights appear under each name)."""
+        model = copy.deepcopy(self.eval_model if self.eval_model is not None else worker.model)
+        copy_into(self.algorithm.global_state(worker),
+                  [p for p in model.parameters() if p.requires_grad])
+        if worker.global_buffers is not None:
+            copy_into(worker.global_buffers, persistent_buffers(model))
+        return {k: v.detach().to("cpu", copy=True).contiguous()
+                for k, v in model.state_dict().items()}
+
+    def final_bytes(self, worker: Worker) -> bytes:
+        """``final.safetensors``: :meth:`final_state` with the run's facts in its metadata
+        (``torch.load``-free: ``safetensors.torch.load_file`` reads it into a state_dict)."""
+        facts = {"algorithm": self.cfg.algorithm.name, "seed": self.cfg.seed,
+                 "rounds": self.rounds, "worker": worker.id}
+        return save_safetensors(self.final_state(worker), metadata={"islands": json.dumps(facts)})
+
+    def final_nbytes(self) -> int:
+        """About the size of ``final.safetensors`` (for the room a run directory keeps)."""
+        model = self.eval_model if self.eval_model is not None else self.workers[0].model
+        return sum(v.numel() * v.element_size() for v in model.state_dict().values()) + 65536
+
     def sent_per_worker(self) -> float:
         return sum(self.transport.sent(w.id) for w in self.workers) / len(self.workers)
 
@@ -318,7 +346,7 @@ class Engine:
             "name": cfg.label, "task": self.task.name if self.task else "own loop",
             "algorithm": cfg.algorithm.name, "workers": cfg.workers, "steps": cfg.steps,
             "rounds": self.rounds, "sync_every": _plain(self.algorithm.sync_every),
-            **({"ddp_steps": cfg.algorithm.ddp_steps} if cfg.algorithm.ddp_steps else {}),
+            **({"ddp_steps": ddp} if (ddp := getattr(cfg.algorithm, "ddp_steps", 0)) else {}),
             "codec": cfg.codec.name, "aggregator": cfg.aggregator.name,
             "params": sum(p.numel() for p in self.workers[0].params),
             "final_eval_loss": final.get("eval_loss"),

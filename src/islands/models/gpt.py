@@ -9,18 +9,46 @@ minutes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from islands.core.config import ModelConfig
+from islands.core.sections import check
 
 VOCAB = 256
 
 
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+    """``[model]``: the byte-level GPT of the ``byte_gpt`` task. Defaults stay under 2M
+    parameters for 2 CPU cores.
+
+    Attributes:
+        n_layer: transformer blocks.
+        n_head: attention heads; must divide ``n_embd``.
+        n_embd: width of the residual stream.
+        block_size: context length in bytes.
+        dropout: dropout probability (0 keeps runs exactly reproducible on any device).
+    """
+
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "must be >= 1")
+        check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd,
+              f"must be a multiple of model.n_head ({self.n_head})")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
@@ -37,7 +65,7 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.attn = SelfAttention(cfg)
@@ -57,7 +85,7 @@ class GPT(nn.Module):
         cfg: sizes (layers, heads, width, context).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok = nn.Embedding(VOCAB, cfg.n_embd)

@@ -4,20 +4,21 @@ A checkpoint is one ``safetensors`` file: the shared state under its own names
 (``global_params``, ``outer/...``), a worker's inner optimizer under ``inner/<i>/<name>`` and
 its codec under ``codec/<name>``, and JSON facts in the metadata (round, hash, the inner
 optimizer's param groups and lr schedule). It is written to a temp file in the same folder,
-fsynced, renamed over the target, and the folder is fsynced: a killed process leaves either
-the previous checkpoint or the new one, never a truncated file.
+fsynced, renamed over the target, and the folder is fsynced
+(:func:`islands.core.files.write_atomic`): a killed process or a full disk leaves either the
+previous checkpoint or the new one, never a truncated file or a temp file.
 
 Resuming from the checkpoints of every worker gives the same subsequent results as the run
 that wrote them; from the shared state alone, workers restart their inner optimizers. A resume
 is verified first (:func:`verify`): the shared state must hash to the hash the metadata holds,
 be finite, and name a round the run has. A folder keeps the newest ``keep`` checkpoints of a
-worker (:func:`save_round`); temp files a killed writer left are removed (:func:`clean_temp`).
+worker (:func:`save_round`); temp files a killed writer left are removed
+(:func:`islands.core.files.remove_temp`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -27,23 +28,7 @@ from safetensors.torch import save as st_save
 
 from islands.algorithms.base import Worker
 from islands.core.errors import ConfigError
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via temp file, fsync and rename (then fsyncs the folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from islands.core.files import write_atomic
 
 
 def worker_tensors(worker: Worker) -> tuple[dict[str, torch.Tensor], dict]:
@@ -88,7 +73,8 @@ def save(path: str | Path, shared: dict[str, torch.Tensor], facts: dict,
         own, own_facts = worker_tensors(worker)
         tensors.update({k: v.detach().contiguous().cpu().clone() for k, v in own.items()})
         meta["worker"] = own_facts
-    write_atomic(path, st_save(tensors, metadata={"islands": json.dumps(meta)}))
+    write_atomic(path, st_save(tensors, metadata={"islands": json.dumps(meta)}),
+                 what="the checkpoint")
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -161,11 +147,10 @@ def save_round(folder: Path, r: int, shared: dict[str, torch.Tensor], facts: dic
     return path
 
 
-def clean_temp(folder: Path) -> int:
-    """Removes the temp files (``.NAME.tmp.PID``) a killed writer left; returns how many."""
+def latest(folder: Path) -> Path | None:
+    """The newest ``round-<r>.safetensors`` in ``folder`` (None: there is none)."""
     if not folder.is_dir():
-        return 0
-    stale = [f for f in folder.iterdir() if f.name.startswith(".") and ".tmp." in f.name]
-    for f in stale:
-        f.unlink(missing_ok=True)
-    return len(stale)
+        return None
+    rounds = sorted((int(m.group(1)), f) for f in folder.iterdir()
+                    if (m := _ROUND_FILE.fullmatch(f.name)))
+    return rounds[-1][1] if rounds else None

@@ -52,7 +52,7 @@ from statistics import median
 
 from islands.core.errors import AuthError, CommError
 from islands.runtime.auth import Channel, server_handshake
-from islands.runtime.fingerprint import refusal
+from islands.runtime.fingerprint import COORDINATOR_READS, refusal
 from islands.runtime.rounds import Barrier, RoundRules
 
 log = logging.getLogger("islands.coordinator")
@@ -80,12 +80,16 @@ class Coordinator(RoundRules):
         fingerprint: the job's config fingerprint (None: the first worker's).
         max_attempts: attempts of one round without a change of members before the run
             fails (it never loops).
+        adopt_settings: take ``heartbeat_timeout_s``, ``join_timeout_s``, ``deadline_s`` and
+            ``max_attempts`` from the first worker's config (its ``[runtime]`` keys the
+            coordinator reads), as a coordinator started without a config does.
     """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 29400, *, token: bytes = b"",
                  heartbeat_timeout_s: float = 1.0, deadline_s: float | None = None,
                  join_timeout_s: float = 60.0, handshake_timeout_s: float = 2.0,
-                 fingerprint: dict | None = None, max_attempts: int = 5) -> None:
+                 fingerprint: dict | None = None, max_attempts: int = 5,
+                 adopt_settings: bool = False) -> None:
         if heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s ({heartbeat_timeout_s}) must be > 0")
         self.host, self.port, self.token = host, port, token
@@ -95,12 +99,16 @@ class Coordinator(RoundRules):
         self.handshake_timeout_s = handshake_timeout_s
         self.fingerprint = dict(fingerprint or {})
         self.max_attempts = max_attempts
+        self.adopt_settings = adopt_settings
         self.excluded: dict[int, dict] = {}  # worker -> {"by", "why", "round"}
         self.refusals: deque = deque(maxlen=20)  # the latest refused joins, with why
         self._commits: deque = deque(maxlen=50)  # (unix time, seconds the round took)
         self._behind: set[int] = set()  # left out of a round, still computing it
         self.instance = secrets.token_hex(4)
         self.members: dict[int, Member] = {}
+        self.epochs: deque = deque(maxlen=1024)  # the members over time, epoch by epoch
+        self.rounds_committed = 0
+        self.aborted_attempts = 0
         self.epoch = 0
         self.current: tuple[int, ...] = ()
         self.last_round = -1
@@ -143,6 +151,18 @@ class Coordinator(RoundRules):
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def job_view(self) -> dict:
+        """The job as this coordinator saw it (the merged ``summary.json``'s
+        ``coordinator``): the members of every epoch from the round it started at, rounds
+        committed, aborted attempts, exclusions, refused joins and hash mismatches."""
+        with self._cond:
+            return {"instance": self.instance, "epochs": list(self.epochs),
+                    "rounds_committed": self.rounds_committed,
+                    "aborted_attempts": self.aborted_attempts, "last_round": self.last_round,
+                    "excluded": {str(w): e for w, e in sorted(self.excluded.items())},
+                    "refused_joins": list(self.refusals),
+                    "hash_mismatches": self.hash_mismatches}
 
     def status(self) -> dict:
         """Members, epoch, the round in flight and for how long, the last commit, the
@@ -247,9 +267,22 @@ class Coordinator(RoundRules):
             return "hello without a config fingerprint (an older islands?); upgrade the worker"
         why = refusal(self.fingerprint, fp)
         if why is None:
-            for k, v in fp.items():
-                self.fingerprint.setdefault(k, v)
+            learned = {k: v for k, v in fp.items() if k not in self.fingerprint}
+            self.fingerprint.update(learned)
+            if self.adopt_settings:
+                self._adopt({k: v for k, v in learned.items() if k in COORDINATOR_READS})
         return why
+
+    def _adopt(self, settings: dict) -> None:
+        """The ``[runtime]`` keys this coordinator reads, from the first worker's config."""
+        names = {"runtime.heartbeat_timeout_s": "heartbeat_timeout_s",
+                 "runtime.join_timeout_s": "join_timeout_s",
+                 "runtime.round_deadline_s": "deadline_s", "runtime.max_attempts": "max_attempts"}
+        for key, value in settings.items():
+            setattr(self, names[key], value)
+        if settings:
+            log.info("coordinator: adopted the first worker's %s", ", ".join(
+                f"{k}={v}" for k, v in sorted(settings.items())))
 
     def _drop(self, wid: int, incarnation, why: str) -> None:
         with self._cond:
@@ -300,7 +333,7 @@ class Coordinator(RoundRules):
                 log.info("worker %d left", wid)
                 self._check()
                 self._cond.notify_all()
-                return {"ok": True}
+                return {"ok": True, "job": self.job_view()}  # for the worker's summary
             if op in ("start", "ready", "commit"):
                 return self._arrive(op, wid, req)
         return {"error": f"unknown op {op!r}"}

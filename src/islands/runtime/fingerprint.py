@@ -7,11 +7,16 @@ codecs or data would otherwise fail later, in the state transfer or as a silentl
 run.
 
 Everything in the config is in it, except what may differ per worker: ``threads``, ``device``,
-``name``, ``eval_every``, ``[runtime]``, ``[network]`` and ``[compute]`` (simulator-only), and
-``data.corpus`` (the path may differ between machines; the data must not, so the sizes of every
-worker's share are in it). Derived facts are added: the model's parameter and buffer shapes
-(a user's task may build its model from code the config does not show) and the number of
-rounds.
+``name``, ``eval_every``, ``[runtime]`` (but not the keys the coordinator reads:
+:data:`~islands.core.sections.COORDINATOR_KEYS`), ``[network]`` and ``[compute]``
+(simulator-only), and ``data.corpus`` (the path may differ between machines; the data must not,
+so the sizes of every worker's share are in it). Derived facts are added: the model's parameter
+and buffer shapes (a user's task may build its model from code the config does not show) and
+the number of rounds.
+
+The coordinator's own keys are how a setting only the coordinator reads is never silently
+ignored on a worker: a coordinator started with a config refuses a worker whose values differ
+(naming the key), and one started without a config adopts the first worker's.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ from typing import Any
 import torch
 
 from islands.core.config import RunConfig, flatten
+from islands.core.sections import COORDINATOR_KEYS
 from islands.metrics.run_dir import plain
 
 # keys (dotted prefixes) a worker may set differently from the others
 MAY_DIFFER = ("threads", "device", "name", "eval_every", "runtime.", "network.", "compute.",
               "data.corpus")
+# ... except these, which the coordinator reads (one value for the whole job)
+COORDINATOR_READS = tuple(f"runtime.{k}" for k in COORDINATOR_KEYS)
 
 
 def _shapes(model: torch.nn.Module) -> str:
@@ -43,8 +51,8 @@ def _shapes(model: torch.nn.Module) -> str:
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The must-match settings of a config, flat and JSON-safe (dotted keys, in its order)."""
     flat = flatten(plain(cfg.to_dict()))
-    return {k: v for k, v in flat.items()
-            if not any(k == m or (m.endswith(".") and k.startswith(m)) for m in MAY_DIFFER)}
+    return {k: v for k, v in flat.items() if k in COORDINATOR_READS
+            or not any(k == m or (m.endswith(".") and k.startswith(m)) for m in MAY_DIFFER)}
 
 
 def fingerprint(cfg: RunConfig, model: torch.nn.Module, *, rounds: int,
@@ -76,5 +84,9 @@ def refusal(job: dict[str, Any], mine: dict[str, Any]) -> str | None:
     if diff is None:
         return None
     key, a, b = diff
+    if key in COORDINATOR_READS:
+        return (f"{key} is read by the coordinator, which applies {a!r}; this worker has {b!r}: "
+                "give the coordinator and every worker the same value (a coordinator started "
+                "without --config takes the first worker's)")
     return (f"config differs from the job's: {key} is {a!r} in the job and {b!r} here "
             f"(every worker needs the same config, except {', '.join(MAY_DIFFER)})")

@@ -4,9 +4,10 @@ Users keep their model, optimizer, data loader and loop and add a few lines:
 
     with islands.join("coordinator-host:29400", token_file="secret.txt",
                       config="run.toml") as job:
-        trainer = job.wrap(model, optimizer)     # algorithm, codec, H from the config
-        for batch in loader:
-            loss_fn(model, batch).backward()
+        optimizer, scheduler = job.optimizer(model)   # the simulator's, or the user's own
+        trainer = job.wrap(model, optimizer, scheduler=scheduler)
+        for x, y in DataLoader(train, batch_sampler=job.sampler(train)):
+            loss_fn(model(x), y).backward()
             trainer.step()                       # inner step; every H steps the outer sync
             if trainer.done:
                 break
@@ -18,6 +19,13 @@ state transfer to joiners, healing, the per-round hash check, checkpoints. A res
 that runs the same script rejoins: before its first forward pass it holds the committed state.
 Without a coordinator it runs under ``torchrun`` (a fixed group; the world size must be the
 config's ``workers``).
+
+What makes the loop equal the simulator's run of the same config, bit for bit (with nothing
+failing, on the CPU with the config's ``threads``): the model built right after
+``torch.manual_seed(job.seed)`` as the task builds it, :meth:`Job.optimizer`'s optimizer and
+schedule, :meth:`Job.sampler`'s batches (the simulator's dealing of the task's ``Dataset``),
+the task's loss, ``trainer.step()`` once per batch. A loop with its own optimizer or loader
+trains just as well, but is another run.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,17 +45,18 @@ import torch.nn as nn
 from islands.algorithms import Worker, build_algorithm
 from islands.codecs import build_codec
 from islands.collectives.butterfly import Group
-from islands.core.config import RunConfig, load_config
-from islands.core.errors import CommError, ConfigError
-from islands.engine import Engine, WallClock, attach, fresh_state
+from islands.core.config import RunConfig, load_config, parse_overrides
+from islands.core.errors import CommError, ConfigError, StorageError, TaskError
+from islands.engine import Engine, WallClock, attach, fresh_state, inner_optimizer
 from islands.metrics.run_dir import RunDir, check_writable
-from islands.runtime import checkpoint, state
+from islands.runtime import outputs
 from islands.runtime.auth import load_token
-from islands.runtime.launch import connect, parse_worker_id
 from islands.runtime.fingerprint import fingerprint
+from islands.runtime.launch import connect, parse_worker_id
 from islands.runtime.member import Member
 from islands.runtime.membership import Removed
 from islands.runtime.worker import check_worker_id
+from islands.tasks import ShareSampler, Task
 from islands.transports.dist import DistTransport
 
 log = logging.getLogger("islands.worker")
@@ -57,7 +66,7 @@ def join(coordinator: str | None = None, *, config: str | Path | RunConfig | Non
          overrides: list[str] | None = None, worker_id: int | str | None = None,
          token: str | bytes | None = None, token_file: str | Path | None = None,
          out: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-         host: str | None = None) -> Job:
+         host: str | None = None, existing: str = "refuse") -> Job:
     """Joins a run as one worker (use as a context manager; see the module's example).
 
     Args:
@@ -66,17 +75,29 @@ def join(coordinator: str | None = None, *, config: str | Path | RunConfig | Non
         overrides: ``--set``-style dotted overrides (``["algorithm.sync_every=100"]``).
         worker_id: this worker's id (default: ``$RANK``).
         token: the shared secret, or ``token_file`` holding it.
-        out: this worker's run directory (default: ``runs/<name>/w<id>``).
+        out: this worker's run directory (default: ``runs/<name>-job/w<id>``, the job's
+            folder, which gets the merged ``summary.json``).
         checkpoint_dir: write checkpoints here (``[runtime] checkpoint_every``).
         host: the address peers reach this worker at (default: the route to the coordinator).
+        existing: ``"refuse"`` (default) a folder that holds another run or this worker's
+            finished one, or ``"overwrite"`` it; an unfinished run of the same config is this
+            worker's earlier life, and its rows stay.
+
+    Raises:
+        ConfigError: a setting the drop-in cannot honour, a bad worker id, a folder that
+            holds another run; before anything connects or trains.
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides or [])
     if isinstance(config, RunConfig) and overrides:
-        cfg = load_config(None, overrides, base=config.to_dict())
-    if cfg.algorithm.participation < 1:
+        cfg = config.replace(**parse_overrides(overrides))
+    if getattr(cfg.algorithm, "participation", 1.0) < 1:
         raise ConfigError(f"algorithm.participation ({cfg.algorithm.participation}) below 1 "
                           "is not supported by the drop-in loop (every worker trains every "
                           "round); use islands run")
+    if cfg.init.warm_start_steps:
+        raise ConfigError(f"init.warm_start_steps ({cfg.init.warm_start_steps}) is not "
+                          "supported by the drop-in loop (your code builds the model): load "
+                          "your own starting weights before job.wrap, or use islands run")
     raw = worker_id if worker_id is not None else os.environ.get("RANK")
     if raw is None:
         raise ConfigError("join(worker_id=...) is needed (or $RANK, as torchrun sets it)")
@@ -85,8 +106,11 @@ def join(coordinator: str | None = None, *, config: str | Path | RunConfig | Non
     secret = token.encode() if isinstance(token, str) else token
     if secret is None:
         secret = load_token(token_file)
-    return Job(cfg, me, coordinator=coordinator, token=secret,
-               out=Path(out) if out else Path("runs") / cfg.label / f"w{me}",
+    folder = Path(out) if out else Path("runs") / f"{cfg.label}-job" / f"w{me}"
+    run_dir = RunDir(check_writable(folder, "join(out=...)"), flag="join(out=...)",
+                     fix="give join(out=...) another folder, or existing='overwrite'")
+    append = outputs.claim(run_dir, cfg, existing)  # before anything connects
+    return Job(cfg, me, coordinator=coordinator, token=secret, out=run_dir, append=append,
                checkpoint_dir=checkpoint_dir, host=host)
 
 
@@ -99,21 +123,68 @@ class Job:
     """
 
     def __init__(self, cfg: RunConfig, me: int, *, coordinator: str | None, token: bytes,
-                 out: Path, checkpoint_dir, host: str | None) -> None:
+                 out: RunDir, append: bool, checkpoint_dir, host: str | None) -> None:
         self.cfg, self.me, self.coordinator, self.token = cfg, me, coordinator, token
-        self.out, self.checkpoint_dir, self.host = RunDir(out), checkpoint_dir, host
+        self.out, self.append, self.checkpoint_dir, self.host = out, append, checkpoint_dir, host
         self.trainer: Trainer | None = None
         self.membership = self.store = None
+        self.data_size = 1  # this worker's share (FedAvg's n_k), once sampler() knows it
         self.stopping = threading.Event()  # SIGTERM: leave from any wait
 
     def __enter__(self) -> Job:
         self.started = time.perf_counter()
-        self.out.path = check_writable(self.out.path, "join(out=...)")
         self.membership, self.store = connect(self.cfg, self.me, coordinator=self.coordinator,
                                               token=self.token, host=self.host,
                                               stopping=self.stopping)
-        self.out.start(self.cfg, append=True)
+        self.out.start(self.cfg, append=self.append)
         return self
+
+    @property
+    def seed(self) -> int:
+        """The run's seed: build the model right after ``torch.manual_seed(job.seed)``, as the
+        simulator does, so every worker starts alike (and like the simulated run)."""
+        return self.cfg.seed
+
+    @property
+    def inner_step(self) -> int:
+        """The run's inner step this worker trains next (0 before :meth:`wrap`; a joiner's
+        starts where the run is once wrapped)."""
+        return self.trainer.inner_step if self.trainer is not None else 0
+
+    def optimizer(self, model: nn.Module):
+        """The inner optimizer and lr schedule the simulator builds for this config
+        (:func:`islands.inner_optimizer`): pass both to :meth:`wrap`.
+
+        Returns:
+            ``(optimizer, scheduler)``.
+        """
+        return inner_optimizer(model, self.cfg)
+
+    def sampler(self, dataset, *, labels=None, batch_size: int | None = None) -> ShareSampler:
+        """This worker's share of ``dataset``, batch by batch, as the simulator deals it (see
+        :class:`islands.ShareSampler`): ``DataLoader(dataset, batch_sampler=job.sampler(ds))``.
+        Iteration starts at :attr:`inner_step` (a joiner where the run is) and ends with the
+        run's last step; the share's size becomes this worker's FedAvg weight (``weighting =
+        "dataset"``).
+
+        Args:
+            labels: the training labels, for ``data.partition = "dirichlet"``.
+            batch_size: samples per batch (default: ``data.batch_size``), as the task's.
+        """
+        sampler = ShareSampler(dataset, self.cfg, self.me, start=lambda: self.inner_step,
+                               labels=labels, batch_size=batch_size)
+        self.data_size = sampler.size
+        if self.trainer is not None:
+            self.trainer.member.worker.data_size = sampler.size
+        return sampler
+
+    def batches(self, task: Task) -> Iterator:
+        """The batches the simulator gives this worker with ``task``, from :attr:`inner_step`
+        on (each read when it is asked for, so a round that aborts does not skip any)."""
+        data = task.data(self.cfg.workers, self.cfg.seed, self.cfg.data)
+        self.data_size = data.size(self.me)
+        while self.trainer is None or not self.trainer.done:
+            yield data.batch(self.me, self.inner_step)
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, scheduler=None,
              evaluate: Callable[[nn.Module], dict] | None = None) -> Trainer:
@@ -135,10 +206,15 @@ class Job:
         return self.trainer
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        # a clean end, or a file that did not fit (a full checkpoint folder): the run's own
+        # files are written either way (the final parameters and summary first)
+        ends = exc_type is None or issubclass(exc_type, StorageError)
         try:
-            if self.trainer is not None and exc_type is None:
-                self.membership.leave()
-                self.trainer.finish(time.perf_counter() - self.started)
+            if self.trainer is not None and ends:
+                job = self.membership.leave()
+                self.trainer.finish(time.perf_counter() - self.started,
+                                    {"coordinator": job} if job else {},
+                                    error=None if exc is None else str(exc))
         finally:
             self.membership.close()
         if exc_type is None and self.trainer is not None and self.trainer.removed is not None:
@@ -155,7 +231,7 @@ class Trainer:
         codec = build_codec(cfg.codec)
         codec.bind_layout([p.shape for p in model.parameters() if p.requires_grad])
         worker = Worker(me, model, optimizer, codec, scheduler=scheduler,
-                        grad_clip=cfg.inner.grad_clip, data_size=1)
+                        grad_clip=cfg.inner.grad_clip, data_size=job.data_size)
         algorithm = build_algorithm(cfg)
         attach(algorithm, worker)
         device = next(model.parameters()).device
@@ -225,6 +301,7 @@ class Trainer:
         """
         if self.done:
             return
+        value = None if loss is None else _loss_value(loss)  # refused before anything moves
         plan, engine, worker = self._plan, self.engine, self.member.worker
         t0 = time.perf_counter()
         worker.samples += samples
@@ -237,8 +314,8 @@ class Trainer:
         finally:
             worker.inner.zero_grad(set_to_none=True)
         engine.clock.compute(worker.id, time.perf_counter() - t0)
-        if loss is not None:
-            self._losses.append(float(loss.detach() if torch.is_tensor(loss) else loss))
+        if value is not None:
+            self._losses.append(value)
         self._steps += 1
         if self._steps < len(engine.steps_of(plan.round)):
             return
@@ -262,14 +339,19 @@ class Trainer:
         log.error("worker %d stops: %s", self.member.me, why)
         self.removed, self.done = why, True
 
-    def finish(self, wall_s: float) -> dict:
-        """Writes this worker's run directory; returns its summary."""
-        engine, member = self.engine, self.member
-        summary = {**engine.summary(wall_s), **member.summary_fields(),
-                   "removed": None if self.removed is None else str(self.removed)}
-        shared = engine.algorithm.shared_state(member.worker)
-        checkpoint.save(self.job.out.path / "final.safetensors", shared,
-                        {"round": member.round, "hash": state.digest(shared),
-                         "worker_id": member.me})
-        self.job.out.finish(summary, plot=False)
-        return summary
+    def finish(self, wall_s: float, extra: dict, *, error: str | None = None) -> dict:
+        """Writes this worker's run directory (and merges its job's); returns its summary."""
+        return outputs.finish(self.job.out, self.engine, self.member, wall_s,
+                              {**extra, "error": error,
+                               "removed": None if self.removed is None else str(self.removed)})
+
+
+def _loss_value(loss) -> float:
+    """``trainer.step(loss)``'s loss as a number, refusing one that is not a scalar."""
+    if torch.is_tensor(loss):
+        if loss.numel() != 1:
+            raise TaskError(f"trainer.step(loss): loss must be a scalar (one value); it has "
+                            f"shape {tuple(loss.shape)}: reduce it (e.g. .mean()) before "
+                            "backward()")
+        return float(loss.detach())
+    return float(loss)

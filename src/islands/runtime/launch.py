@@ -2,7 +2,8 @@
 
 ``islands launch CONFIG --workers 4 --out runs/x`` starts a coordinator in this process and
 4 worker processes on this machine, streams their per-round log lines, and writes
-``runs/x/w<i>/`` (each worker's run directory) and the merged ``runs/x/summary.json``.
+``runs/x/w<i>/`` (each worker's run directory) and the merged ``runs/x/summary.json``
+(with the coordinator's view of the job), ``final.safetensors`` and ``loss.png``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import Callable
 
 from islands.core.config import RunConfig
 from islands.core.errors import CommError, ConfigError
-from islands.metrics.run_dir import check_writable, read_summary, write_json
+from islands.metrics.run_dir import RunDir, check_writable, clear_job, write_json
 from islands.runtime.auth import client_connect
 from islands.runtime.coordinator import Coordinator
 from islands.runtime.fingerprint import config_fingerprint
-from islands.runtime.report import merge
+from islands.runtime.report import write_job
 
 log = logging.getLogger("islands.launch")
 
@@ -82,23 +83,30 @@ def connect(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: b
 
 def run_worker(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: bytes,
                out_dir: str | Path | None, checkpoint_dir=None, resume=None,
-               host: str | None = None, stopping: threading.Event | None = None) -> dict:
+               host: str | None = None, stopping: threading.Event | None = None,
+               existing: str = "refuse") -> dict:
     """Runs one worker to the end: with a coordinator, or in a fixed torchrun group.
 
     Args:
         stopping: set by the caller's SIGTERM handler: the worker leaves promptly from any
             state (waiting to join, in a barrier, in a collective).
+        existing: what to do with a run already in ``out_dir`` (see
+            :func:`islands.runtime.outputs.claim`; resuming a checkpoint keeps it).
     """
+    from islands.runtime import outputs
     from islands.runtime.worker import RuntimeWorker, check_worker_id
 
     check_worker_id(cfg, worker_id)
     for path, what in ((out_dir, "--out"), (checkpoint_dir, "--checkpoint-dir")):
         if path is not None:  # before any training: a bad path fails now, not at the end
             check_writable(path, what)
+    append = out_dir is not None and outputs.claim(
+        RunDir(out_dir), cfg, existing="resume" if resume and existing == "refuse" else existing)
     membership, store = connect(cfg, worker_id, coordinator=coordinator, token=token, host=host,
                                 stopping=stopping)
     worker = RuntimeWorker(cfg, worker_id, membership, store, token=token, out_dir=out_dir,
-                           checkpoint_dir=checkpoint_dir, resume=resume, stopping=stopping)
+                           append=append, checkpoint_dir=checkpoint_dir, resume=resume,
+                           stopping=stopping)
     membership.on_live = worker.on_live
     return worker.run()
 
@@ -121,9 +129,12 @@ def start_coordinator(cfg: RunConfig, port: int, token: bytes, host: str = "0.0.
                           "shared by the workers), bind --host 127.0.0.1, or pass --insecure "
                           "on a network you trust")
     r = cfg.runtime
+    # without a config of its own, the coordinator takes the settings it reads from the first
+    # worker (they are part of every worker's fingerprint, so the others must agree)
     return Coordinator(host, port, token=token, heartbeat_timeout_s=r.heartbeat_timeout_s,
                        deadline_s=r.round_deadline_s, join_timeout_s=r.join_timeout_s,
-                       fingerprint=fingerprint, max_attempts=r.max_attempts).start()
+                       fingerprint=fingerprint, max_attempts=r.max_attempts,
+                       adopt_settings=fingerprint is None).start()
 
 
 def is_loopback(host: str) -> bool:
@@ -144,22 +155,36 @@ def query_status(addr: str, token: bytes) -> dict:
 
 
 def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str], list[str]], *,
-           token: bytes = b"", timeout_s: float | None = None) -> dict:
+           token: bytes = b"", timeout_s: float | None = None,
+           existing: str = "refuse") -> dict:
     """Starts a coordinator here and ``cfg.workers`` worker processes; returns the merged summary.
 
     Args:
         cfg: the run's config.
-        out: the launch's folder (``w<i>/`` per worker, merged ``summary.json``).
+        out: the launch's folder (``config.json``, ``w<i>/`` per worker, the merged
+            ``summary.json``, ``final.safetensors`` and ``loss.png``).
         argv_for: ``(worker id, coordinator address) -> command line`` of one worker.
         token: the shared secret.
         timeout_s: kill the workers after this long (None: wait).
+        existing: ``"refuse"`` another run (or this one finished) in ``out``, or
+            ``"overwrite"`` it (its files and its workers' are removed first).
     """
+    if existing == "overwrite":
+        clear_job(out)
+    else:
+        RunDir(out, fix="give another --out, or --overwrite to replace it").claim(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", cfg.to_dict())
     coord = start_coordinator(cfg, 0, token, host="127.0.0.1",
                               fingerprint=config_fingerprint(cfg))
     addr = f"127.0.0.1:{coord.port}"
-    # each worker sets its torch threads from the config's `threads` (auto: 1 on the CPU)
-    procs = [subprocess.Popen(argv_for(i, addr)) for i in range(cfg.workers)]
+    # each worker sets its torch threads from the config's `threads` (auto: 1 on the CPU);
+    # their stdout comes through here line by line, so no two lines ever share one
+    procs = [subprocess.Popen(argv_for(i, addr), stdout=subprocess.PIPE, text=True)
+             for i in range(cfg.workers)]
+    relays = [threading.Thread(target=_relay, args=(p.stdout,), daemon=True) for p in procs]
+    for t in relays:
+        t.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         for p in procs:
@@ -171,13 +196,21 @@ def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str], list[str]],
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        for t in relays:
+            t.join(timeout=5)
         coord.stop()
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
         raise CommError(f"launch: workers {failed} exited with an error (see their log above)")
-    merged = merge([read_summary(out / f"w{i}") for i in range(cfg.workers)])
-    write_json(out / "summary.json", merged)
-    from islands.metrics.plots import plot_runs  # matplotlib: only in the launching process
+    return write_job(out, coord.job_view(), title=f"{cfg.label} (islands launch)")
 
-    plot_runs([merged], out / "loss.png", title=f"{merged['name']} (islands launch)")
-    return merged
+
+_STDOUT = threading.Lock()
+
+
+def _relay(stream) -> None:
+    """Copies a worker's stdout to this process's, whole lines at a time."""
+    for line in stream:
+        with _STDOUT:
+            sys.stdout.write(line if line.endswith("\n") else line + "\n")
+            sys.stdout.flush()

@@ -31,7 +31,15 @@ import torch
 from islands.algorithms import Worker
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig
-from islands.core.errors import CodecError, CommError, ConfigError, PeerRefused, Stopping
+from islands.core.errors import (
+    CodecError,
+    CommError,
+    ConfigError,
+    PeerRefused,
+    Stopping,
+    StorageError,
+)
+from islands.core.files import remove_temp
 from islands.engine import Engine, RoundPlan
 from islands.runtime import checkpoint, state
 from islands.runtime.auth import derive
@@ -91,7 +99,7 @@ class Member:
         self.transport, self.engine, self.token = transport, engine, token
         self.algorithm = engine.algorithm
         self.checkpoint_dir = Path(checkpoint_dir) / f"w{me}" if checkpoint_dir else None
-        if self.checkpoint_dir is not None and checkpoint.clean_temp(self.checkpoint_dir):
+        if self.checkpoint_dir is not None and remove_temp(self.checkpoint_dir):
             log.info("worker %d: removed temp files a killed checkpoint write left", me)
         self.stopping = stopping or threading.Event()
         self.stats = Stats()
@@ -210,13 +218,17 @@ class Member:
         A reply to a heartbeat sent before the group formed is stale (it may predate a
         joiner's registration) and is ignored.
         """
-        if sent_at < self.transport.group_since:
-            return
+        if sent_at < self.transport.group_since or self.round >= self.engine.rounds:
+            return  # a stale reply, or the run is over (the others leave as they finish)
         gone = set(self.transport.ranks) - live
         if gone and not self.transport.abort_event.is_set():
-            log.warning("worker %d: members %s gone; aborting the exchange in flight", self.me,
-                        sorted(gone))
+            # set even between exchanges: the round's next exchange must not wait for them
             self.transport.abort_event.set()
+            if self.transport.in_flight:
+                log.warning("worker %d: members %s gone; aborting the exchange in flight",
+                            self.me, sorted(gone))
+            else:
+                log.info("worker %d: members %s gone", self.me, sorted(gone))
 
     # --- the driver ------------------------------------------------------------------------
 
@@ -472,9 +484,15 @@ class Member:
         if (every and (r + 1) % every == 0) or r == rounds - 1:
             facts = {"round": r + 1, "hash": self.hash(), "worker_id": self.me,
                      "seed": self.cfg.seed}
-            checkpoint.save_round(self.checkpoint_dir, r + 1,
-                                  self.algorithm.shared_state(self.worker), facts, self.worker,
-                                  self.cfg.runtime.keep_checkpoints)
+            try:
+                checkpoint.save_round(self.checkpoint_dir, r + 1,
+                                      self.algorithm.shared_state(self.worker), facts,
+                                      self.worker, self.cfg.runtime.keep_checkpoints)
+            except StorageError as e:
+                last = checkpoint.latest(self.checkpoint_dir)
+                raise StorageError(f"{e}; the last good checkpoint is "
+                                   f"{str(last) if last else 'none'}", path=e.path,
+                                   needed=e.needed, free=e.free) from None
 
     def summary_fields(self) -> dict:
         """The runtime's fields of ``summary.json`` (beside the engine's)."""

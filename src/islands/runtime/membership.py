@@ -156,14 +156,16 @@ class CoordinatorClient:
         if ch is not None:
             ch.close()
 
-    def leave(self) -> None:
-        """Leaves the membership gracefully (the others continue without this worker).
+    def leave(self) -> dict | None:
+        """Leaves the membership gracefully (the others continue without this worker);
+        returns the coordinator's view of the job (``Coordinator.job_view``), None if it
+        could not be reached.
 
         On a connection of its own: the control connection may still be held by a barrier
         this worker gave up waiting on (SIGTERM).
         """
         if self._control is None:  # never joined
-            return
+            return None
         try:
             ch = client_connect(self.addr, self.token,
                                 {"role": "worker", "id": self.worker, "channel": "leave",
@@ -171,11 +173,11 @@ class CoordinatorClient:
                                  "fingerprint": self.fingerprint}, timeout_s=2.0)
             try:
                 ch.send({"op": "leave"})
-                ch.recv()
+                return ch.recv().get("job")
             finally:
                 ch.close()
         except CommError:
-            pass
+            return None
 
     def close(self) -> None:
         self._stop.set()
@@ -199,7 +201,7 @@ class FixedMembership:
         return {**base, "commit": bool(fields["ok"]), "hash": fields["hash"], "mismatched": []}
 
     def leave(self) -> None:
-        pass
+        """No coordinator: nothing to tell."""
 
     def close(self) -> None:
         pass

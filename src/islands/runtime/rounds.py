@@ -62,6 +62,8 @@ class RoundRules:
         if members != self.current:
             self.epoch += 1
             self.current = members
+            self.epochs.append({"epoch": self.epoch, "members": list(members),
+                                "from_round": self.last_round + 1, "unix": time.time()})
         leader = self.members[members[0]] if members else None
         return {"epoch": self.epoch, "members": list(members),
                 "prefix": f"{self.instance}/{self.epoch}",
@@ -138,6 +140,8 @@ class RoundRules:
                             and b.arrivals[i].get("hash") != majority)
         out = {"hash": majority, "mismatched": mismatched, "epoch": self.epoch}
         if ok:
+            if r > self.last_round:
+                self.rounds_committed += 1
             self.last_round = max(self.last_round, r)
             f = self._in_flight
             if f is not None and f["round"] == r:
@@ -147,6 +151,7 @@ class RoundRules:
                 self.hash_mismatches += len(mismatched)
                 log.warning("round %d: hash mismatch on %s", r, mismatched)
             return {**out, "commit": True, "members": sorted(here)}
+        self.aborted_attempts += 1
         excluded = self._blame(b, here)
         members = sorted(here - set(excluded))
         log.warning("round %d attempt %d aborted (members %s, arrived %s%s)", r, attempt,

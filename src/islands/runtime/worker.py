@@ -23,7 +23,7 @@ import torch
 
 from islands.algorithms import build_algorithm
 from islands.core.config import RunConfig
-from islands.core.errors import ConfigError, Stopping
+from islands.core.errors import ConfigError, Stopping, StorageError
 from islands.engine import (
     Engine,
     WallClock,
@@ -36,7 +36,7 @@ from islands.engine import (
     resolve_threads,
 )
 from islands.metrics.run_dir import RunDir
-from islands.runtime import checkpoint, state
+from islands.runtime import outputs
 from islands.runtime.fingerprint import fingerprint
 from islands.runtime.member import Member
 from islands.runtime.membership import Removed
@@ -62,19 +62,23 @@ class RuntimeWorker:
             started) or a :class:`~islands.runtime.membership.FixedMembership`.
         store: this worker's rendezvous store (the server it hosts, or the fixed group's).
         token: the shared secret (derives the store key prefix of each epoch).
-        out_dir: this worker's run directory (None: nowhere).
+        out_dir: this worker's run directory (None: nowhere), already claimed
+            (:func:`islands.runtime.outputs.claim`).
+        append: keep the rows already in ``out_dir`` (an earlier life of this worker).
         checkpoint_dir: where to write checkpoints (None: none).
         resume: a checkpoint to resume from.
     """
 
     def __init__(self, cfg: RunConfig, worker_id: int, membership, store, *, token: bytes = b"",
-                 out_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-                 resume: str | Path | None = None,
+                 out_dir: str | Path | None = None, append: bool = False,
+                 checkpoint_dir: str | Path | None = None, resume: str | Path | None = None,
                  stopping: threading.Event | None = None) -> None:
         check_worker_id(cfg, worker_id)
         self.cfg, self.me, self.membership, self.store = cfg, worker_id, membership, store
         self.token, self.checkpoint_dir, self.resume = token, checkpoint_dir, resume
         self.out = RunDir(out_dir) if out_dir is not None else None
+        self.append = append
+        self.error: str | None = None  # a file it could not write (exit status 2)
         self.stopping = stopping or threading.Event()
         self.transport = DistTransport(worker_id, cfg.runtime.collective_timeout_s,
                                        stopping=self.stopping)
@@ -124,7 +128,8 @@ class RuntimeWorker:
         self.setup()
         member = self.member
         if self.out:
-            self.out.start(self.cfg, append=True)
+            self.out.reserve(self.engine.final_nbytes())
+            self.out.start(self.cfg, append=self.append)
         log.info("worker %d set up in %.2f s; joining", self.me, time.perf_counter() - started)
         try:
             if hasattr(self.membership, "start"):
@@ -137,22 +142,21 @@ class RuntimeWorker:
             log.error("worker %d stops: %s", self.me, e)
         except Stopping:
             log.info("worker %d asked to stop before joining", self.me)
+        except StorageError as e:  # a checkpoint that does not fit: stop, the rest written
+            self.error = str(e)
+            log.error("worker %d stops: %s", self.me, e)
         finally:
-            self.membership.leave()
+            job = self.membership.leave()
             self.membership.close()
         member._built()
-        summary = {**self.engine.summary(time.perf_counter() - started),
-                   **member.summary_fields(), "started_unix": started_unix,
-                   "removed": self.removed}
-        algorithm, worker = self.engine.algorithm, member.worker
-        self.final_params = algorithm.global_state(worker).clone()
+        extra = {"started_unix": started_unix, "removed": self.removed, "error": self.error,
+                 **({"coordinator": job} if job else {})}
+        self.final_params = self.engine.algorithm.global_state(member.worker).clone()
         if self.out:
-            shared = algorithm.shared_state(worker)
-            checkpoint.save(self.out.path / "final.safetensors", shared,
-                            {"round": member.round, "hash": state.digest(shared),
-                             "worker_id": self.me})
-            self.out.finish(summary, plot=False)
-        return summary
+            return outputs.finish(self.out, self.engine, member,
+                                  time.perf_counter() - started, extra)
+        return {**self.engine.summary(time.perf_counter() - started),
+                **member.summary_fields(), **extra}
 
 
 def advertised_host(coordinator: str) -> str:

@@ -17,7 +17,7 @@ from islands.core.config import load_config, parse_overrides
 from islands.core.errors import ConfigError
 from islands.engine import check_config, resolve_device, threads, warm_start
 from islands.metrics.compare import compare, make_console
-from islands.metrics.run_dir import write_json
+from islands.metrics.run_dir import RunDir, write_json
 from islands.sim.progress import run_with_progress
 from islands.tasks import build_task
 
@@ -42,8 +42,15 @@ MAIN_JOB_RUNS = {
 
 
 def main_job(out_dir: str | Path, overrides: list[str] | None = None,
-             console: Console | None = None, progress: bool = True) -> list[dict]:
-    """Runs the four runs into ``out_dir/<name>`` and prints and saves the comparison."""
+             console: Console | None = None, progress: bool = True,
+             existing: str = "refuse") -> list[dict]:
+    """Runs the four runs into ``out_dir/<name>`` and prints and saves the comparison.
+
+    Args:
+        existing: what to do with runs already in ``out_dir`` (``"refuse"``, ``"resume"``,
+            ``"overwrite"``; see :class:`~islands.sim.runner.Simulation`), checked for every
+            run before any runs.
+    """
     console = console or make_console()
     for key in parse_overrides(overrides or []):
         if key in FIXED_BY_THE_DEMO:
@@ -54,12 +61,15 @@ def main_job(out_dir: str | Path, overrides: list[str] | None = None,
     out = Path(out_dir)
     configs = {name: load_config(None, overrides, base={**MAIN_JOB_SETUP, **base, "name": name})
                for name, base in MAIN_JOB_RUNS.items()}
-    for cfg in configs.values():  # every run is checked before any runs
+    for name, cfg in configs.items():  # every run (and its folder) is checked before any runs
         check_config(cfg)
-    summaries = []
+        if existing != "overwrite":  # (overwriting removes files: only when a run starts)
+            RunDir(out / name).claim(cfg, existing=existing)
+    summaries, warmed = [], False
     for name, cfg in configs.items():
         warm = cfg.init.warm_start_steps
-        if warm and not summaries:
+        if warm and not warmed and not _finished(out / name, existing):
+            warmed = True
             t0 = time.perf_counter()
             device = resolve_device(cfg.device)
             with console.status(f"warm start: {warm} steps of one worker, shared by every run"), \
@@ -69,7 +79,8 @@ def main_job(out_dir: str | Path, overrides: list[str] | None = None,
                           f"{time.perf_counter() - t0:.0f} s, shared by every run")
         console.print(f"[bold]{name}[/]: {cfg.workers} worker(s), {cfg.steps} inner steps, "
                       f"{cfg.algorithm.name}" + (f", from the {warm}-step warm start" if warm else ""))
-        summaries.append(run_with_progress(cfg, out / name, console=console, enabled=progress))
+        summaries.append(run_with_progress(cfg, out / name, console=console, enabled=progress,
+                                           existing=existing))
     rows = compare(summaries, out / "comparison.png",
                    title=f"main job: {configs['ddp'].workers} workers, "
                          f"{configs['ddp'].network.bandwidth_bps / 1e6:g} Mbit/s, "
@@ -78,3 +89,8 @@ def main_job(out_dir: str | Path, overrides: list[str] | None = None,
     write_json(out / "comparison.json", rows)
     console.print(f"run directories, comparison.json and comparison.png in {out}/")
     return rows
+
+
+def _finished(run_dir: Path, existing: str) -> bool:
+    """Whether this run is kept as it is (resumed and finished): no warm start needed for it."""
+    return existing == "resume" and (run_dir / "summary.json").is_file()

@@ -19,11 +19,16 @@ from islands.sim.runner import Simulation
 
 
 def run_with_progress(cfg, out_dir: str | Path | None, *, console: Console | None = None,
-                      enabled: bool = True, task=None) -> dict:
-    """Runs a simulation with a live bar (disabled: silent). The config is checked before the
-    bar appears, so a bad setting prints only its error."""
-    if not enabled:
-        return Simulation(cfg, out_dir, task=task).run()
+                      enabled: bool = True, task=None, existing: str = "refuse") -> dict:
+    """Runs a simulation with a live bar (disabled: silent). The config and the run directory
+    are checked before the bar appears, so a bad setting prints only its error; ``existing``
+    as :class:`~islands.sim.runner.Simulation` takes it (a finished run kept: no bar)."""
+    sim = Simulation(cfg, out_dir, task=task, existing=existing)
+    if not enabled or sim.found == "finished":
+        if sim.found == "finished" and console is not None:
+            console.print(f"{out_dir}: this run finished before; kept (--overwrite runs it "
+                          "again)")
+        return sim.run()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("rounds  loss {task.fields[loss]}  sent {task.fields[sent]}/worker"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -35,6 +40,6 @@ def run_with_progress(cfg, out_dir: str | Path | None, *, console: Console | Non
         bar.update(row, completed=p["round"], total=p["rounds"], loss=f"{loss:.3f}",
                    sent=human_bytes(p["bytes_sent_per_worker"]))
 
-    sim = Simulation(cfg, out_dir, on_round, task=task)
+    sim.on_round = on_round
     with bar:
         return sim.run()

@@ -28,7 +28,7 @@ from islands.engine import (
     resolve_device,
     threads,
 )
-from islands.metrics.run_dir import RunDir
+from islands.metrics.run_dir import RunDir, read_summary
 from islands.tasks import Task
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 
@@ -60,22 +60,31 @@ class _EveryRound:
 
 
 class Simulation:
-    """One simulated run. Construct, then :meth:`run`.
+    """One simulated run. Construct (the config and the run directory are checked), then
+    :meth:`run`.
 
     Args:
         cfg: the run's config.
         out_dir: where to write the run directory (None: nowhere).
         on_round: called after every round with a dict of progress facts.
         task: the user's task (None: the one ``cfg.task`` names).
+        existing: what to do when ``out_dir`` already holds run files: ``"refuse"`` (another
+            run, or this one finished, is an error naming the folder and the differing key),
+            ``"resume"`` (this run finished: keep it, nothing runs; unfinished: run it again
+            from the start, as a simulation is a function of its config) or ``"overwrite"``
+            (remove the run files there first).
     """
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path | None = None,
                  on_round: Callable[[dict], None] | None = None, *,
-                 task: Task | None = None) -> None:
-        self.cfg = cfg
+                 task: Task | None = None, existing: str = "refuse") -> None:
+        # a task object: the config records it as such, without the sections only the task
+        # its name named would read (a user task's config.json has no [model])
+        self.cfg = cfg = cfg if task is None else cfg.with_task_object(task.name)
         self.task = check_config(cfg, task)  # every setting checked before anything runs
         self._task_key = None if task is None else f"object:{id(task)}"
         self.out = RunDir(out_dir) if out_dir is not None else None
+        self.found = self.out.claim(cfg, existing=existing) if self.out else "fresh"
         self.on_round = on_round
 
     def build(self) -> Engine:
@@ -99,26 +108,33 @@ class Simulation:
                       eval_model=copy.deepcopy(base), out=self.out)
 
     def run(self) -> dict:
+        """Runs the simulation and writes its run directory; returns the summary (a finished
+        run kept with ``existing="resume"``: the stored one)."""
+        if self.found == "finished":
+            return read_summary(self.out.path)
         with threads(self.cfg, resolve_device(self.cfg.device)):
             return self._run()
 
     def _run(self) -> dict:
         engine = self.build()
         if self.out:
+            self.out.reserve(engine.final_nbytes())
             self.out.start(self.cfg)
         everyone = Group(engine.transport, tuple(range(self.cfg.workers)))
         summary = engine.run(_EveryRound(everyone), self.on_round)
         algorithm, workers = engine.algorithm, self.workers
-        self.final_params = algorithm.global_state(workers[engine.curve[-1]["worker"]]).clone()
+        final = workers[engine.curve[-1]["worker"]]
+        self.final_params = algorithm.global_state(final).clone()
+        self.final_state = engine.final_state(final)  # what final.safetensors holds
         self.shared_states = [algorithm.shared_state(w) for w in workers]
         if self.out:
-            self.out.finish(summary)
+            self.out.finish(summary, final=engine.final_bytes(final))
         return summary
 
 
 def simulate(cfg: RunConfig, out_dir: str | Path | None = None,
-             on_round: Callable[[dict], None] | None = None, *, task: Task | None = None
-             ) -> dict:
+             on_round: Callable[[dict], None] | None = None, *, task: Task | None = None,
+             existing: str = "refuse") -> dict:
     """Runs one simulation and returns its summary (see :class:`Simulation`).
 
     Args:
@@ -126,5 +142,6 @@ def simulate(cfg: RunConfig, out_dir: str | Path | None = None,
         out_dir: where to write the run directory (None: nowhere).
         on_round: progress callback, called after every round.
         task: the user's own task object (default: the one ``cfg.task`` names).
+        existing: ``"refuse"``, ``"resume"`` or ``"overwrite"`` a run already in ``out_dir``.
     """
-    return Simulation(cfg, out_dir, on_round, task=task).run()
+    return Simulation(cfg, out_dir, on_round, task=task, existing=existing).run()

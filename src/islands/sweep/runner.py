@@ -4,8 +4,8 @@ each with one torch thread, resumable.
 Each run is a separate process, so one that crashes (or runs out of memory) costs only itself:
 its log stays in ``DIR/run.log`` and the sweep goes on; a finished one gets ``DIR/run.json``
 (the command and the process's wall time, start-up included). A run whose directory already holds a
-``summary.json`` written for the same resolved config is not run again; one written for a
-different config is refused before anything starts (never silently reused).
+``summary.json`` written for the same resolved config is not run again; a folder that holds a
+run of a different config is refused before anything starts (never silently reused).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from islands.algorithms import build_algorithm, check_algorithm
 from islands.codecs import build_codec
-from islands.core.config import RunConfig, flatten, load_config
+from islands.core.config import RunConfig, load_config
 from islands.core.errors import ConfigError
 from islands.engine import resolve_device, resolve_threads
-from islands.metrics.run_dir import plain, write_json
+from islands.metrics.run_dir import RunDir, plain, write_json
 from islands.sweep.space import Point
 
 
@@ -81,9 +81,9 @@ def plan(config: str | None, sets: list[str], points: list[Point], seeds: int,
                     *[a for s in (*sets, *point.sets, f"seed={cfg.seed}") for a in ("--set", s)],
                     "--out", str(where), "--no-progress"]
             rounds = len(build_algorithm(cfg).round_bounds(cfg.steps)) - 1
-            runs.append(Run(point, cfg.seed, where, argv, plain(cfg.to_dict()), rounds, cfg.workers))
-    for run in runs:
-        _mark_finished(run)
+            run = Run(point, cfg.seed, where, argv, plain(cfg.to_dict()), rounds, cfg.workers)
+            _mark_finished(run, cfg)
+            runs.append(run)
     return runs
 
 
@@ -100,26 +100,17 @@ def _resolve(config: str | None, sets: list[str], point: Point) -> RunConfig:
             from None
 
 
-def _mark_finished(run: Run) -> None:
-    summary, config = run.dir / "summary.json", run.dir / "config.json"
-    if not summary.is_file():
+def _mark_finished(run: Run, cfg: RunConfig) -> None:
+    """A run whose folder holds it finished is ``skipped``; a folder that holds another run
+    (finished or not) is refused before anything starts, naming the differing key."""
+    fix = f"use another --out, or delete {run.dir} to run it again"
+    found = RunDir(run.dir, flag="the sweep's run folder", fix=fix).claim(cfg, existing="resume")
+    if found != "finished":
         return
-    stored = json.loads(config.read_text()) if config.is_file() else {}
-    if stored != run.config:
-        changed = sorted(_diff(stored, run.config))[:3]
-        raise ConfigError(
-            f"{run.dir} holds a finished run of another config (differs in "
-            f"{', '.join(changed) or 'config.json'}): use another --out, or delete "
-            f"{run.dir} to run it again")
-    run.status, run.summary = "skipped", json.loads(summary.read_text())
+    run.status, run.summary = "skipped", json.loads((run.dir / "summary.json").read_text())
     facts = run.dir / "run.json"
     if facts.is_file():
         run.wall_s = json.loads(facts.read_text()).get("process_wall_s")
-
-
-def _diff(a: dict, b: dict) -> list[str]:
-    a, b = flatten(a), flatten(b)
-    return [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
 
 
 def auto_jobs(sample: RunConfig | None = None) -> int:

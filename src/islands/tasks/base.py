@@ -26,7 +26,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
-from islands.core.config import DataConfig
+from islands.core.errors import TaskError
+from islands.core.sections import DataConfig
 
 Batch = Any  # a tensor, or tuples / lists / dicts of tensors
 
@@ -46,14 +47,9 @@ class Task(ABC):
 
     Attributes:
         name: shown in tables and ``summary.json``.
-        reads: the config sections and keys this task uses besides ``[data]``'s
-            ``partition``, ``alpha`` and ``batch_size`` (which every task gets through
-            :meth:`data`). A key outside them that differs from its default is refused, so a
-            setting never silently does nothing (``model.n_layer`` on the digits CNN).
     """
 
     name: str = "task"
-    reads: frozenset[str] = frozenset()
 
     @abstractmethod
     def model(self) -> nn.Module:
@@ -75,6 +71,28 @@ class Task(ABC):
         """Samples in ``batch`` (counted for FedAvg's sample weights): the leading dimension
         of its first tensor."""
         return first_tensor(batch).shape[0]
+
+
+def check_loss(loss, where: str = "Task.loss") -> torch.Tensor:
+    """``loss`` if it is a 0-dim floating tensor (what ``backward()`` and the metrics need).
+
+    Raises:
+        TaskError: naming ``where`` and what it returned instead.
+    """
+    if torch.is_tensor(loss) and loss.dim() == 0 and loss.is_floating_point():
+        return loss
+    got = (f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}"
+           if torch.is_tensor(loss) else f"{type(loss).__name__} {loss!r}"[:120])
+    raise TaskError(f"{where} must return a scalar loss (a 0-dim floating tensor); it returned "
+                    f"{got}: reduce it (e.g. .mean()) and make it a float tensor")
+
+
+def checked_loss(loss_fn):
+    """``loss_fn`` whose every result goes through :func:`check_loss`."""
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return check_loss(loss_fn(model, batch))
+
+    return loss
 
 
 def first_tensor(batch: Batch) -> torch.Tensor:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from islands.core.config import DataConfig, ModelConfig
-from islands.data import ByteData
-from islands.models import GPT
+from islands.core.errors import ConfigError
+from islands.core.registry import register
+from islands.core.sections import DataConfig, TaskConfig
+from islands.data import ByteData, TextDataConfig
+from islands.models import GPT, GPTConfig
 from islands.tasks.base import Batch, Task, to_device
 
 
@@ -26,9 +28,8 @@ class ByteGPT(Task):
     """
 
     name = "byte_gpt"
-    reads = frozenset({"model", "data"})
 
-    def __init__(self, model: ModelConfig, data: DataConfig, seed: int) -> None:
+    def __init__(self, model: GPTConfig, data: TextDataConfig, seed: int) -> None:
         self.model_cfg, self.data_cfg, self.seed = model, data, seed
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -48,3 +49,14 @@ class ByteGPT(Task):
         device = next(model.parameters()).device
         losses = [float(model(*to_device(b, device))[1]) for b in self._val]
         return {"eval_loss": sum(losses) / len(losses)}
+
+
+def _from_config(run) -> ByteGPT:
+    if run.task.kwargs:
+        raise ConfigError(f"task.kwargs ({dict(run.task.kwargs)}) do not apply to task "
+                          "'byte_gpt': configure it with [model] and [data]")
+    return ByteGPT(run.model, run.data, run.seed)
+
+
+register("task", "byte_gpt", sections={"model": GPTConfig, "data": TextDataConfig},
+         default=True, factory=_from_config)(TaskConfig)

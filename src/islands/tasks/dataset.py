@@ -16,19 +16,20 @@ long as the loader is seeded by its arguments.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset, Sampler, TensorDataset, default_collate
 
-from islands.core.config import DataConfig
-from islands.core.errors import DataError
+from islands.core.errors import DataError, IslandsWarning
+from islands.core.sections import DataConfig
 from islands.core.seeding import derive_seed
 from islands.data.partition import partition
-from islands.tasks.base import Batch, Task, to_device
+from islands.tasks.base import Batch, Task, check_loss, to_device
 
 ModelSpec = nn.Module | Callable[[], nn.Module]
 
@@ -197,6 +198,7 @@ class DatasetTask(Task):
                          if accuracy is None else accuracy)
         self.batch_size_override, self.eval_batch_size, self.name = (batch_size,
                                                                      eval_batch_size, name)
+        self._shapes_checked = False
 
     def model(self) -> nn.Module:
         made = copy.deepcopy(self._model) if isinstance(self._model, nn.Module) else self._model()
@@ -209,23 +211,17 @@ class DatasetTask(Task):
         if self.criterion is None:
             return self._loss(model, batch)
         x, y = _xy(batch)
-        return self.criterion(model(x), y)
+        out = model(x)
+        if not self._shapes_checked:
+            self._shapes_checked = True
+            warn_if_broadcast(self.criterion, out, y, self.name)
+        return self.criterion(out, y)
 
     def data(self, workers: int, seed: int, spec: DataConfig) -> IndexPartition | LoaderPartition:
         if self.loader is not None:
             return LoaderPartition(self.loader, workers, seed, self.sizes)
-        n = len(self.train)
-        labels = None
-        if spec.partition == "dirichlet":
-            labels = self.labels if self.labels is not None else labels_of(self.train)
-            if labels is None or len(labels) != n:
-                raise DataError("data.partition = 'dirichlet' needs the training labels: pass "
-                                "labels= to the task (one per training item)")
-        sources = [str(v) for v in labels] if labels is not None else ["all"] * n
-        parts = partition(n, sources, np.ones(n, dtype=np.int64), workers, spec.partition,
-                          spec.alpha, seed)
-        return IndexPartition(self.train, parts, self.batch_size_override or spec.batch_size,
-                              seed)
+        return deal(self.train, workers, seed, spec, labels=self.labels,
+                    batch_size=self.batch_size_override)
 
     def _val_batches(self) -> Iterable:
         val = self.val() if callable(self.val) and not isinstance(self.val, Dataset) else self.val
@@ -243,9 +239,9 @@ class DatasetTask(Task):
             if self.criterion is not None:
                 x, y = _xy(batch)
                 out = model(x)
-                loss_sum += float(self.criterion(out, y)) * n
+                loss_sum += float(check_loss(self.criterion(out, y), "the task's criterion")) * n
             else:
-                loss_sum += float(self._loss(model, batch)) * n
+                loss_sum += float(check_loss(self._loss(model, batch), "the task's loss")) * n
                 if self.accuracy:
                     x, y = _xy(batch)
                     out = model(x)
@@ -260,11 +256,101 @@ class DatasetTask(Task):
         return metrics
 
 
+# criteria that compare the output with the target element by element: a shape mismatch
+# broadcasts silently ((N, 1) against (N,) is an (N, N) loss)
+ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss,
+               nn.BCEWithLogitsLoss, nn.SoftMarginLoss, nn.PoissonNLLLoss, nn.KLDivLoss)
+
+
+def warn_if_broadcast(criterion, out: torch.Tensor, y: torch.Tensor, task: str) -> None:
+    """Warns (once per task) when an element-wise criterion gets output and target shapes that
+    differ but broadcast: it computes something else than the per-sample loss."""
+    if not isinstance(criterion, ELEMENTWISE) or not torch.is_tensor(y) or out.shape == y.shape:
+        return
+    try:
+        shape = torch.broadcast_shapes(out.shape, y.shape)
+    except RuntimeError:
+        return  # torch refuses it itself
+    warnings.warn(IslandsWarning(
+        f"task {task!r}: the model's output has shape {tuple(out.shape)} and the targets "
+        f"{tuple(y.shape)}; {type(criterion).__name__} broadcasts them to {tuple(shape)}, "
+        "which is not the per-sample loss: make them the same shape (e.g. out.squeeze(-1), "
+        "or targets of shape (N, 1))"), stacklevel=3)
+
+
 def _xy(batch: Batch) -> tuple[Any, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise TypeError(f"criterion= needs batches (x, y); got {type(batch).__name__}: pass loss= "
                     "(loss(model, batch) -> tensor) for other batch shapes")
+
+
+def deal(dataset: Dataset, workers: int, seed: int, spec: DataConfig, *, labels=None,
+         batch_size: int | None = None) -> IndexPartition:
+    """``dataset``'s indices dealt to ``workers`` workers as the simulator deals a
+    :func:`from_dataset` task's (``[data] partition``, ``alpha``, the seed), each worker's
+    batches drawn from a fresh seeded shuffle of its share every epoch.
+
+    Args:
+        labels: the training labels for ``partition = "dirichlet"`` (found in the dataset
+            when omitted).
+        batch_size: samples per batch (default: ``spec.batch_size``).
+    """
+    n = len(dataset)
+    if spec.partition == "dirichlet":
+        labels = np.asarray(labels) if labels is not None else labels_of(dataset)
+        if labels is None or len(labels) != n:
+            raise DataError("data.partition = 'dirichlet' needs the training labels: pass "
+                            "labels= (one per training item)")
+    else:
+        labels = None
+    sources = [str(v) for v in labels] if labels is not None else ["all"] * n
+    parts = partition(n, sources, np.ones(n, dtype=np.int64), workers, spec.partition,
+                      spec.alpha, seed)
+    return IndexPartition(dataset, parts, batch_size or spec.batch_size, seed)
+
+
+class ShareSampler(Sampler):
+    """One worker's share of a ``Dataset``, batch by batch, as the simulator deals it: a batch
+    sampler, ``DataLoader(dataset, batch_sampler=ShareSampler(...))``.
+
+    The batch of inner step ``s`` is the simulator's batch of (this worker, ``s``), so a loop
+    that trains on it (with :func:`islands.inner_optimizer`'s optimizer) sees exactly what the
+    simulated worker sees. Iteration yields the steps from ``start`` to the run's last.
+
+    Args:
+        dataset: the training set (the one the simulated task deals).
+        cfg: the run's config (``workers``, ``seed``, ``steps`` and ``[data]``).
+        worker: this worker's id.
+        start: the first inner step, or a function giving it when iteration begins (a
+            joiner starts where the run is: ``lambda: trainer.inner_step``).
+        labels: the training labels for ``partition = "dirichlet"``.
+        batch_size: samples per batch (default: ``data.batch_size``), as the task's.
+    """
+
+    def __init__(self, dataset: Dataset, cfg, worker: int, *,
+                 start: int | Callable[[], int] = 0, labels=None,
+                 batch_size: int | None = None) -> None:
+        if not 0 <= worker < cfg.workers:
+            raise ValueError(f"worker ({worker}) must be in [0, {cfg.workers - 1}]")
+        self.part = deal(dataset, cfg.workers, cfg.seed, cfg.data, labels=labels,
+                         batch_size=batch_size)
+        self.worker, self.steps, self.start = worker, cfg.steps, start
+
+    def _first(self) -> int:
+        return self.start() if callable(self.start) else self.start
+
+    @property
+    def size(self) -> int:
+        """Items in this worker's share (FedAvg's n_k)."""
+        return self.part.size(self.worker)
+
+    def __iter__(self):
+        for step in range(self._first(), self.steps):
+            yield self.part.indices(self.worker, step)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self._first())
 
 
 def from_dataset(model: ModelSpec, train: Dataset, val: Dataset | Iterable, **kwargs

@@ -11,6 +11,8 @@ import numpy as np
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
+from islands.core.registry import register
+from islands.core.sections import DataConfig, TaskConfig
 from islands.core.seeding import derive_seed
 from islands.data.digits import load_digits_tensors
 from islands.models import DigitsCNN
@@ -36,3 +38,7 @@ def make_digits_cnn(channels: int = 16, val_fraction: float = 0.2) -> DatasetTas
                        val=TensorDataset(x[val], y[val]), criterion=nn.CrossEntropyLoss(),
                        name="digits_cnn")
     return task
+
+
+register("task", "digits_cnn", sections={"data": DataConfig},
+         factory=lambda run: make_digits_cnn(**run.task.kwargs))(TaskConfig)

@@ -104,6 +104,11 @@ class DistTransport(Transport):
         assert worker == self.worker, (worker, self.worker)
         return self.bytes_received
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether a wait on the current group's transfers is pending."""
+        return any(not e.is_set() for e in self._waits)
+
     def use_group(self, group: dist.ProcessGroup, members: tuple[int, ...]) -> None:
         """Switches to ``group``, whose rank ``i`` is worker ``sorted(members)[i]``; the old
         group is released now, or once the wait pending on it ends."""

@@ -1,0 +1,338 @@
+"""The config sections core owns, and the base classes of the components' own sections.
+
+Core owns what every run has: ``[data]``'s partition (every task deals its data with it),
+``[inner]`` (the built-in loop's optimizer, also handed to a user's loop), ``[init]``,
+``[network]`` and ``[compute]`` (the simulator's world) and ``[runtime]`` (the real one's).
+``[task]``, ``[algorithm]``, ``[codec]`` and ``[aggregator]`` are chosen by their ``name``: each
+component subclasses the base below beside its code and registers it
+(:mod:`islands.core.registry`), adding its own keys.
+
+The helpers :func:`check` and :func:`points` are for every section's validation: a message
+names the dotted key, the value, the rule and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from islands.core.errors import ConfigError
+
+
+def check(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raises ``ConfigError("<key> (<value>) <rule>")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} ({value!r}) {rule}")
+
+
+def listed(points_: tuple) -> list:
+    return [list(p) for p in points_]
+
+
+def points(key: str, value, what: str, kind: type) -> tuple:
+    """Validates ``[[x, v], ...]`` (x: ints from 0, increasing) and returns it as tuples."""
+    example = "[[0, 10], [100, 25]]" if kind is int else "[[0, 0.1], [10, 0.7]]"
+    x_name = "step" if key.startswith("algorithm.") else "outer step"
+    pairs = [tuple(p) for p in value]
+    check(bool(pairs) and pairs[0][0] == 0, key, listed(pairs),
+          f"must be a number or [[{x_name}, {what}], ...] pairs starting at {x_name} 0, "
+          f"e.g. {example}")
+    check(all(b[0] > a[0] for a, b in zip(pairs, pairs[1:])), key, listed(pairs),
+          f"needs each {x_name} larger than the one before (e.g. {example})")
+    return tuple((int(x), kind(v)) for x, v in pairs)
+
+
+# --- the bases of the components' sections ---------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """What is trained: a built-in task or the user's own (see ``islands.tasks``).
+
+    Attributes:
+        name: ``"byte_gpt"`` (a byte-level GPT on text, configured by ``[model]`` and
+            ``[data]``), ``"digits_cnn"`` (a small CNN with BatchNorm on scikit-learn's bundled
+            8x8 digits), or the import path of a factory that returns a ``Task``:
+            ``"mypkg.tasks:make_task"`` or ``"path/to/tasks.py:make_task"``; a relative path,
+            and a module beside the config, resolve from the config file's folder.
+        kwargs: keyword arguments passed to the task's factory, as a TOML table
+            (``[task.kwargs]``).
+    """
+
+    kind: ClassVar[str] = "task"
+    name: str = "byte_gpt"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    """Which member of the DiLoCo family runs; each registers a subclass with its own keys
+    (``islands.algorithms``).
+
+    Attributes:
+        name: ``"ddp"``, ``"local_sgd"`` or ``"diloco"`` (see ``islands.core.registry``).
+    """
+
+    kind: ClassVar[str] = "algorithm"
+    # keys of other algorithms this one accepts and ignores without a word (DDP syncs every
+    # step, so a base config's sync_every is no mistake in a sweep's DDP baseline)
+    tolerated: ClassVar[frozenset[str]] = frozenset()
+    name: str = "diloco"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodecConfig:
+    """How contributions are encoded on the wire; each codec registers a subclass with its
+    own settings (``islands.codecs``). Settings of another codec are refused, so a typo never
+    silently runs the wrong experiment.
+
+    Attributes:
+        name: ``identity`` (fp32), ``fp16``, ``bf16``, ``int8``, ... (``islands.codecs``).
+        error_feedback: wrap the codec in error feedback (residual kept per worker).
+        entropy: follow the codec with a lossless entropy stage.
+    """
+
+    kind: ClassVar[str] = "codec"
+    tolerated: ClassVar[frozenset[str]] = frozenset()
+    name: str = "identity"
+    error_feedback: bool = False
+    entropy: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorConfig:
+    """How each shard's contributions are combined; each aggregator registers a subclass
+    (``islands.aggregators``).
+
+    Attributes:
+        name: ``"mean"`` (weighted by the algorithm's weights: samples for local_sgd).
+    """
+
+    kind: ClassVar[str] = "aggregator"
+    tolerated: ClassVar[frozenset[str]] = frozenset()
+    name: str = "mean"
+
+
+COMPONENT_BASES: dict[str, type] = {"task": TaskConfig, "algorithm": AlgorithmConfig,
+                                    "codec": CodecConfig, "aggregator": AggregatorConfig}
+
+
+# --- the sections core owns -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """How the training data is split across workers and batched: what every task reads
+    (the ``byte_gpt`` task adds its corpus keys: ``islands.data.TextDataConfig``).
+
+    Attributes:
+        partition: ``"iid"``, ``"dirichlet"`` (label skew: over source folders for text, over
+            labels for a labelled dataset; see ``alpha``) or ``"by_source"`` (each worker
+            gets different files, or a contiguous run of the dataset).
+        alpha: Dirichlet concentration for ``partition = "dirichlet"``; small is more skewed.
+        batch_size: samples per worker per inner step.
+    """
+
+    partition: Literal["iid", "dirichlet", "by_source"] = "iid"
+    alpha: float = 0.5
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        check(self.alpha > 0, "data.alpha", self.alpha, "must be > 0")
+        check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InnerConfig:
+    """The optimizer each worker runs locally for every inner step (``islands.inner_optimizer``
+    builds it for a user's own loop).
+
+    Attributes:
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        lr: peak learning rate.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay, on parameters of 2 or more
+            dimensions only (matrices; not biases or norms), as nanoGPT.
+        betas: AdamW betas.
+        momentum: SGD momentum (0: plain SGD).
+        warmup_steps: linear warm-up length in inner steps.
+        schedule: ``"constant"`` after warm-up, or ``"cosine"`` decay to ``min_lr_ratio`` at
+            the run's last inner step.
+        min_lr_ratio: final lr as a fraction of ``lr`` for the cosine schedule.
+        grad_clip: max global gradient norm (None: off), applied before every inner step.
+    """
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.0
+    warmup_steps: int = 20
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "inner.lr", self.lr, "must be > 0")
+        check(self.weight_decay >= 0, "inner.weight_decay", self.weight_decay, "must be >= 0")
+        check(all(0 <= b < 1 for b in self.betas), "inner.betas", self.betas,
+              "must be two numbers in [0, 1)")
+        check(0 <= self.momentum < 1, "inner.momentum", self.momentum, "must be in [0, 1)")
+        check(self.warmup_steps >= 0, "inner.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "inner.min_lr_ratio", self.min_lr_ratio,
+              "must be in [0, 1]")
+        check(self.grad_clip is None or self.grad_clip > 0, "inner.grad_clip", self.grad_clip,
+              "must be > 0 or omitted (off)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitConfig:
+    """Where every worker's parameters start.
+
+    Attributes:
+        warm_start_steps: before the run, one model trains alone this many steps (the inner
+            optimizer at a constant lr after its warm-up, on all the training data, with its
+            own batch stream) and every worker of every algorithm starts from the result, as
+            the DiLoCo paper starts from a pretrained checkpoint. 0: start from the random
+            initialization of the seed. Not counted in ``steps``, bytes or virtual time.
+    """
+
+    warm_start_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.warm_start_steps >= 0, "init.warm_start_steps", self.warm_start_steps,
+              "must be >= 0 (0: no warm start)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerLink:
+    """Per-worker override of the network defaults.
+
+    Attributes:
+        id: worker index (0-based).
+        upload_bps: upload capacity in bits per second.
+        download_bps: download capacity in bits per second.
+        latency_s: one-way latency added to each message this worker sends.
+    """
+
+    id: int
+    upload_bps: float | None = None
+    download_bps: float | None = None
+    latency_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkConfig:
+    """The simulated network: per-worker upload/download caps and latency.
+
+    Attributes:
+        bandwidth_bps: default upload and download capacity of every worker, bits per second.
+        latency_s: default one-way latency of every message.
+        worker: per-worker overrides (``[[network.worker]]`` tables with ``id``).
+    """
+
+    bandwidth_bps: float = 100e6
+    latency_s: float = 0.05
+    worker: tuple[WorkerLink, ...] = ()
+
+    def __post_init__(self) -> None:
+        check(self.bandwidth_bps > 0, "network.bandwidth_bps", self.bandwidth_bps, "must be > 0")
+        check(self.latency_s >= 0, "network.latency_s", self.latency_s, "must be >= 0")
+        for i, w in enumerate(self.worker):
+            for name in ("upload_bps", "download_bps"):
+                v = getattr(w, name)
+                check(v is None or v > 0, f"network.worker[{i}].{name}", v, "must be > 0")
+            check(w.latency_s is None or w.latency_s >= 0, f"network.worker[{i}].latency_s",
+                  w.latency_s, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerCompute:
+    """Per-worker override of the compute cost model.
+
+    Attributes:
+        id: worker index (0-based).
+        step_time_s: virtual seconds this worker needs for one inner step.
+    """
+
+    id: int
+    step_time_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComputeConfig:
+    """The compute cost model that drives virtual time (deterministic by construction).
+
+    Attributes:
+        step_time_s: virtual seconds one inner step takes on every worker.
+        worker: per-worker overrides (``[[compute.worker]]`` tables with ``id``); a slow
+            worker is a config value.
+    """
+
+    step_time_s: float = 0.1
+    worker: tuple[WorkerCompute, ...] = ()
+
+    def __post_init__(self) -> None:
+        check(self.step_time_s > 0, "compute.step_time_s", self.step_time_s, "must be > 0")
+        for i, w in enumerate(self.worker):
+            check(w.step_time_s > 0, f"compute.worker[{i}].step_time_s", w.step_time_s,
+                  "must be > 0")
+
+
+# the [runtime] keys only the coordinator reads: a worker's are checked against the
+# coordinator's at join (refused when they differ), or adopted from the first worker by a
+# coordinator started without a config
+COORDINATOR_KEYS = ("heartbeat_timeout_s", "join_timeout_s", "round_deadline_s", "max_attempts")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """The real multi-process runtime (``islands run`` / ``islands launch`` / ``islands.join``);
+    unused by ``sim``.
+
+    The keys in :data:`COORDINATOR_KEYS` are read by the coordinator: give them to the
+    coordinator (``islands coordinator --config``) and every worker alike. A coordinator
+    started without a config adopts the first worker's; a worker whose values differ from the
+    coordinator's is refused at join, naming the key.
+
+    Attributes:
+        heartbeat_s: seconds between a worker's heartbeats to the coordinator.
+        heartbeat_timeout_s: a worker silent this long is dropped from the membership.
+        collective_timeout_s: a collective (or state transfer) waiting this long aborts.
+        join_timeout_s: the first round waits this long for ``workers`` workers, then starts
+            with those present.
+        round_deadline_s: after the first worker reaches a round's ``start`` or its commit
+            point (``ready``), wait at most this long for the others, then go on with those
+            that arrived; a worker left out (a straggler, or one stuck in a step of its own
+            loop) catches up from the committed state at a later round (None: wait for all
+            live workers).
+        checkpoint_every: write a checkpoint every this many rounds (None: only at the end
+            when ``checkpoint_dir`` is given on the command line).
+        keep_checkpoints: how many of a worker's newest checkpoints to keep (None: all).
+        max_attempts: attempts of one round with the same members before the run fails
+            instead of retrying forever (a member blamed for a refused contribution is
+            excluded at once, which is a change of members).
+    """
+
+    heartbeat_s: float = 0.1
+    heartbeat_timeout_s: float = 1.0
+    collective_timeout_s: float = 30.0
+    join_timeout_s: float = 60.0
+    round_deadline_s: float | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int | None = 3
+    max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_s", "heartbeat_timeout_s", "collective_timeout_s",
+                     "join_timeout_s"):
+            check(getattr(self, name) > 0, f"runtime.{name}", getattr(self, name), "must be > 0")
+        check(self.heartbeat_timeout_s > 2 * self.heartbeat_s, "runtime.heartbeat_timeout_s",
+              self.heartbeat_timeout_s,
+              f"must exceed 2 * runtime.heartbeat_s ({self.heartbeat_s}); raise it")
+        check(self.round_deadline_s is None or self.round_deadline_s > 0,
+              "runtime.round_deadline_s", self.round_deadline_s, "must be > 0 or unset")
+        check(self.checkpoint_every is None or self.checkpoint_every >= 1,
+              "runtime.checkpoint_every", self.checkpoint_every, "must be >= 1 or unset")
+        check(self.keep_checkpoints is None or self.keep_checkpoints >= 1,
+              "runtime.keep_checkpoints", self.keep_checkpoints, "must be >= 1 or unset (all)")
+        check(self.max_attempts >= 1, "runtime.max_attempts", self.max_attempts, "must be >= 1")
