@@ -58,6 +58,8 @@ class NetworkModel:
 class VirtualClock:
     """Per-worker virtual time, compute time and communication time (seconds)."""
 
+    kind = "virtual"  # summary.json's "clock": modelled seconds, not measured ones
+
     def __init__(self, workers: int) -> None:
         self.now = [0.0] * workers
         self.compute_s = [0.0] * workers
