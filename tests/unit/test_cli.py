@@ -97,11 +97,11 @@ def test_the_plots_have_time_train_loss_and_the_start_on_the_bytes_axis(tmp_path
     _runs(tmp_path, [("a", [])])
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     drawn = panels([s], ["a"])
-    assert list(drawn) == ["eval loss by steps", "by bytes on the wire", "by (virtual) time",
+    assert list(drawn) == ["eval loss by steps", "by bytes on the wire", "by virtual time (modelled)",
                            "train loss per round"]
     _, xs, _ = drawn["by bytes on the wire"]["series"][0]
     assert xs[0] == 0 and xs[-1] == s["bytes_sent_per_worker"]  # the step-0 point is drawn
-    _, times, _ = drawn["by (virtual) time"]["series"][0]
+    _, times, _ = drawn["by virtual time (modelled)"]["series"][0]
     assert times[-1] == s["virtual_time_s"]
     _, steps, losses = drawn["train loss per round"]["series"][0]
     assert steps == [4, 8] and len(losses) == s["rounds"]

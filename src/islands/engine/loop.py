@@ -272,9 +272,16 @@ class Engine:
         return save_safetensors(self.final_state(worker), metadata={"islands": json.dumps(facts)})
 
     def final_nbytes(self) -> int:
-        """About the size of ``final.safetensors`` (for the room a run directory keeps)."""
+        """An upper bound of ``final.safetensors`` and ``summary.json`` together: the room a
+        run directory keeps for them (the tensors, safetensors' header, and the summary's
+        curves: at most :data:`TRAIN_CURVE_POINTS` train points and an evaluation per
+        round)."""
         model = self.eval_model if self.eval_model is not None else self.workers[0].model
-        return sum(v.numel() * v.element_size() for v in model.state_dict().values()) + 65536
+        state = model.state_dict()
+        tensors = sum(v.numel() * v.element_size() + 160 for v in state.values())
+        rounds = self.rounds + 1
+        return tensors + 16_384 + 128 * self.cfg.workers + 200 * min(rounds, TRAIN_CURVE_POINTS) \
+            + 300 * rounds
 
     def sent_per_worker(self) -> float:
         return sum(self.transport.sent(w.id) for w in self.workers) / len(self.workers)

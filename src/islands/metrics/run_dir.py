@@ -39,9 +39,8 @@ log = logging.getLogger("islands.run_dir")
 # the files of a run in its folder (what --overwrite removes; nothing else is touched)
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "final.safetensors", "loss.png",
              "run.json")
-# room kept for summary.json beside the final parameters (a long run's summary: curves of
-# at most 2,048 train points and every evaluation)
-SUMMARY_RESERVE_BYTES = 1 << 20
+# room kept for the final files until the run says how much they need (RunDir.reserve)
+DEFAULT_RESERVE_BYTES = 1 << 16
 EXISTING = ("refuse", "resume", "overwrite")
 
 
@@ -136,7 +135,7 @@ class RunDir:
         self._fd: int | None = None
         self._size = 0
         self._pending: list[bytes] = []
-        self._reserve = SUMMARY_RESERVE_BYTES
+        self._reserve = DEFAULT_RESERVE_BYTES
         self._warned = False
 
     # --- one run per folder ----------------------------------------------------------------
@@ -201,12 +200,13 @@ class RunDir:
 
     def reserve(self, nbytes: int) -> None:
         """Keeps room for the run's final files: while the folder has less than ``nbytes``
-        (the final parameters) plus the summary's share free, rows wait in memory.
+        (the final parameters and summary, ``Engine.final_nbytes``) free, rows wait in
+        memory.
 
         Raises:
             StorageError: the folder does not have that room now (before anything runs).
         """
-        self._reserve = nbytes + SUMMARY_RESERVE_BYTES
+        self._reserve = nbytes
         free = free_bytes(self.path)
         if free is not None and free < self._reserve:
             raise StorageError(
@@ -275,7 +275,8 @@ class RunDir:
         """
         if final is not None:
             write_atomic(self.path / "final.safetensors", final, what="the final parameters")
-        self._reserve = SUMMARY_RESERVE_BYTES
+        # the rows may now take all but the summary's room (its size, and a count it may add)
+        self._reserve = len(json.dumps(_clean(summary), indent=2, default=str)) + 4096
         self._flush_rows(keep_room=True)
         waiting = len(self._pending)
         write_json(self.path / "summary.json",

@@ -11,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -128,9 +130,20 @@ def mean_curve(summaries: list[dict]) -> tuple[list[int], list[float]]:
 
 
 def plot(rows: list[dict], runs: list[Run], path: Path) -> None:
-    """One row of panels per ``--by`` cell. Left: each point's mean ± std final eval loss
-    (the best a red star, the baseline a dashed line). Middle: mean eval loss against bytes
-    sent per worker. Right: each point's mean eval-loss curve over inner steps."""
+    """Saves ``draw(rows, runs)`` as ``path``."""
+    fig = draw(rows, runs)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:  # pyplot keeps every open figure: one left per failed save would add up
+        plt.close(fig)
+
+
+def draw(rows: list[dict], runs: list[Run]) -> Figure:
+    """One row of panels per ``--by`` cell, each point in one colour across the row (the
+    caller closes the figure). Left: each point's mean ± std final eval loss (the baseline a
+    dashed line). Middle: mean eval loss against bytes sent per worker. Right: each point's
+    mean eval-loss curve over inner steps. The best point is a large black-edged star in its
+    own colour: a colour alone could be another point's."""
     cells = list(dict.fromkeys(r["cell"] for r in rows))
     fig, axes = plt.subplots(len(cells), 3, figsize=(17, 4.8 * len(cells)), squeeze=False,
                              gridspec_kw={"width_ratios": [1.3, 1, 1]})
@@ -140,42 +153,57 @@ def plot(rows: list[dict], runs: list[Run], path: Path) -> None:
             summaries.setdefault(run.point.name, []).append(run.summary)
     for cell, (left, mid, right) in zip(cells, axes):
         shown = [r for r in rows if r["cell"] == cell and r["final_eval_loss_mean"] is not None]
-        _points_panel(left, shown, cell)
-        _bytes_panel(mid, shown)
-        for i, r in enumerate(shown):
-            steps, losses = mean_curve(summaries.get(r["point"], []))
-            right.plot(steps, losses, color=f"C{i % 10}", label=_short(label(r)),
-                       ls="--" if r["baseline"] else "-")
-        right.set(xlabel="inner steps", ylabel="eval loss (mean over seeds)", title="curves")
-        if shown:
-            right.legend(fontsize=6)
+        colours = point_colours(len(shown))
+        _points_panel(left, shown, cell, colours)
+        _bytes_panel(mid, shown, colours)
+        _curves_panel(right, shown, colours, summaries)
         for ax in (left, mid, right):
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def _points_panel(ax, shown: list[dict], cell: str) -> None:
+def point_colours(n: int) -> list:
+    """``n`` distinct colours, one per point of a cell: matplotlib's ten-colour cycle while it
+    lasts, evenly spaced samples of a colour map past it (the cycle would repeat)."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    cmap = plt.get_cmap("turbo")
+    return [cmap(i / (n - 1)) for i in range(n)]
+
+
+def _marker(row: dict) -> dict:
+    """The best point by its shape (a big star, black-edged), every other a plain dot."""
+    if row["best"]:
+        return {"fmt": "*", "ms": 16, "mec": "black", "mew": 1, "zorder": 5}
+    return {"fmt": "o"}
+
+
+def _best_handle() -> Line2D:
+    """The "★ best" legend entry: the shape alone, since the star keeps its point's colour."""
+    return Line2D([], [], ls="", marker="*", ms=12, mfc="white", mec="black", label="★ best")
+
+
+def _points_panel(ax, shown: list[dict], cell: str, colours: list) -> None:
     ys = list(range(len(shown)))
-    ax.errorbar([r["final_eval_loss_mean"] for r in shown], ys,
-                xerr=[r["final_eval_loss_std"] or 0 for r in shown], fmt="o", capsize=3)
-    for y, r in zip(ys, shown):
-        if r["best"]:
-            ax.plot(r["final_eval_loss_mean"], y, "*", color="red", ms=14, zorder=5)
+    for y, r, colour in zip(ys, shown, colours):
+        ax.errorbar(r["final_eval_loss_mean"], y, xerr=r["final_eval_loss_std"] or 0,
+                    color=colour, capsize=3, label=_short(label(r)), **_marker(r))
         if r["baseline"]:
             ax.axvline(r["final_eval_loss_mean"], ls="--", color="gray")
     ax.set_yticks(ys, [_short(label(r)) for r in shown], fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="final eval loss (mean ± std over seeds)",
            title=f"points: {cell}" if cell else "points")
+    if any(r["best"] for r in shown):  # the point labels are the ticks: only the star's key
+        ax.legend(handles=[_best_handle()], fontsize=6)
 
 
-def _bytes_panel(ax, shown: list[dict]) -> None:
-    for i, r in enumerate(shown):
+def _bytes_panel(ax, shown: list[dict], colours: list) -> None:
+    for r, colour in zip(shown, colours):
         ax.errorbar(r["bytes_sent_per_worker"], r["final_eval_loss_mean"],
-                    yerr=r["final_eval_loss_std"] or 0, fmt="*" if r["best"] else "o",
-                    color="red" if r["best"] else f"C{i % 10}", capsize=3)
+                    yerr=r["final_eval_loss_std"] or 0, color=colour, capsize=3,
+                    label=_short(label(r)), **_marker(r))
     sent = [r["bytes_sent_per_worker"] for r in shown]
     if sent and min(sent) > 0:
         ax.set_xscale("log")
@@ -183,6 +211,20 @@ def _bytes_panel(ax, shown: list[dict]) -> None:
         ax.set_xscale("symlog", linthresh=min((b for b in sent if b), default=1.0))
     ax.set(xlabel="bytes sent per worker (mean)", ylabel="final eval loss",
            title="loss by bytes on the wire")
+    if shown:
+        handles, _ = ax.get_legend_handles_labels()
+        best = [_best_handle()] if any(r["best"] for r in shown) else []
+        ax.legend(handles=handles + best, fontsize=6)
+
+
+def _curves_panel(ax, shown: list[dict], colours: list, summaries: dict) -> None:
+    for r, colour in zip(shown, colours):
+        steps, losses = mean_curve(summaries.get(r["point"], []))
+        ax.plot(steps, losses, color=colour, label=_short(label(r)),
+                ls="--" if r["baseline"] else "-", lw=2.2 if r["best"] else 1.5)
+    ax.set(xlabel="inner steps", ylabel="eval loss (mean over seeds)", title="curves")
+    if shown:
+        ax.legend(fontsize=6)
 
 
 def _short(name: str) -> str:
