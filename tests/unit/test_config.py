@@ -133,3 +133,99 @@ def test_a_torchrun_world_size_other_than_workers_is_refused(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ConfigError, match="give --coordinator HOST:PORT, or run under torchrun"):
         fixed_world(load_config(None, ["workers=3"]))
+
+
+def test_config_json_records_only_what_the_runs_components_read():
+    gpt = load_config(None, []).to_dict()
+    assert "model" in gpt and "corpus" in gpt["data"] and "outer" in gpt
+    user = load_config(None, ["task.name='tests.user_task:make_task'", "algorithm.name=ddp"])
+    d = user.to_dict()
+    assert "model" not in d and "outer" not in d
+    assert d["data"] == {"partition": "iid", "alpha": 0.5, "batch_size": 8}
+    assert d["algorithm"] == {"name": "ddp"}
+    assert d["codec"] == {"name": "identity", "error_feedback": False, "entropy": False}
+
+
+def test_a_task_object_is_recorded_as_such_without_the_gpts_sections():
+    from islands.sim.runner import Simulation
+    from tests.user_task import make_task
+
+    sim = Simulation(load_config(None, ["workers=2", "steps=2", "algorithm.sync_every=2",
+                                       "device=cpu"]), task=make_task())
+    d = sim.cfg.to_dict()
+    assert d["task"]["name"] == "object:user_mlp" and "model" not in d
+    with pytest.raises(ConfigError, match="model.n_layer \\(2\\) is read by task 'byte_gpt'"):
+        Simulation(load_config(None, ["model.n_layer=2"]), task=make_task())
+    from islands.tasks import build_task
+
+    with pytest.raises(ConfigError, match="stands for a Task object passed in Python"):
+        build_task(sim.cfg)
+
+
+def test_an_other_algorithms_section_warns_when_set_and_is_dropped():
+    from islands.core.errors import IslandsWarning
+
+    with pytest.warns(IslandsWarning, match=r"outer.lr \(0.5\) is read by algorithm 'diloco' "
+                                            r"only; algorithm 'ddp' does not read it"):
+        cfg = load_config(None, ["algorithm.name=ddp", "outer.lr=0.5"])
+    assert cfg.outer is None and "outer" not in cfg.to_dict()
+    assert load_config(None, ["algorithm.name=ddp", "algorithm.sync_every=50"]).to_dict()[
+        "algorithm"] == {"name": "ddp"}  # a base config's H: no word, dropped
+    back = cfg.replace(**{"algorithm.name": "diloco"})
+    assert back.outer.lr == 0.7  # DiLoCo's section comes back with its defaults
+
+
+def test_a_section_is_the_class_its_name_registered():
+    from islands.algorithms import DiLoCoConfig, LocalSGDConfig
+    from islands.codecs import Int8Config, codec_config
+
+    cfg = load_config(None, ["algorithm.name=local_sgd", "algorithm.weighting=dataset"])
+    assert isinstance(cfg.algorithm, LocalSGDConfig) and cfg.algorithm.weighting == "dataset"
+    assert isinstance(load_config().algorithm, DiLoCoConfig)
+    assert codec_config(name="int8", block=128) == Int8Config(block=128)
+    with pytest.raises(ConfigError, match=r"unknown key codec.blok in \[codec\] \(did you mean "
+                                          r"codec.block\?\)"):
+        codec_config(name="int8", blok=128)
+
+
+def test_a_saved_config_json_of_an_older_release_still_compares_equal():
+    """config.json written before components owned their sections held every section (a
+    DDP run's [outer], a user task's [model], every codec key); it describes the same run."""
+    from islands.core.config import normalized
+
+    cfg = load_config(None, ["algorithm.name=ddp", "task.name=digits_cnn"])
+    old = {**cfg.to_dict(), "model": {"n_layer": 3, "n_head": 4, "n_embd": 128,
+                                      "block_size": 64, "dropout": 0.0},
+           "outer": {"optimizer": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True,
+                     "kwargs": {}},
+           "codec": {"name": "identity", "block": None, "fraction": None, "count": None,
+                     "rank": None, "stochastic": None, "error_feedback": False,
+                     "entropy": False},
+           "algorithm": {"name": "ddp", "sync_every": 50, "ddp_steps": 0,
+                         "participation": 1.0, "weighting": "samples"}}
+    import json
+
+    assert normalized(old) == json.loads(json.dumps(cfg.to_dict()))
+
+
+def test_a_task_path_resolves_from_the_config_files_folder(tmp_path, monkeypatch):
+    from islands.tasks import build_task
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "helper.py").write_text("SAMPLES = 40\n")  # a module beside the task file
+    (project / "mytask.py").write_text(
+        "import torch, torch.nn as nn\nfrom torch.utils.data import TensorDataset\n"
+        "import islands\nfrom helper import SAMPLES\n\n"
+        "def make_task():\n    x = torch.randn(SAMPLES, 8)\n    y = x.sum(1)\n"
+        "    ds = TensorDataset(x, y)\n"
+        "    return islands.from_dataset(lambda: nn.Linear(8, 1), ds, ds, "
+        "criterion=nn.MSELoss())\n")
+    for name in ("mytask.py:make_task", "mytask:make_task"):
+        (project / "run.toml").write_text(f'[task]\nname = "{name}"\n')
+        monkeypatch.chdir(tmp_path)  # elsewhere: the config's folder decides
+        assert len(build_task(load_config(project / "run.toml")).train) == 40, name
+    (project / "run.toml").write_text('[task]\nname = "other.py:make_task"\n')
+    with pytest.raises(ConfigError, match=r"other.py' does not exist \(a relative path "
+                                          r"resolves from the config's folder"):
+        build_task(load_config(project / "run.toml"))

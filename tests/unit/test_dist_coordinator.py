@@ -201,6 +201,53 @@ def test_a_coordinator_config_fingerprint_is_the_jobs_and_learns_derived_keys():
         c.stop()
 
 
+def test_a_setting_only_the_coordinator_reads_is_refused_or_adopted_never_ignored():
+    """runtime.round_deadline_s on a worker: a coordinator with a config of its own refuses a
+    worker whose value differs (naming the key); one started without adopts the first
+    worker's, and then holds the others to it."""
+    from islands.core.config import load_config
+    from islands.runtime.fingerprint import config_fingerprint
+    from islands.runtime.launch import start_coordinator
+
+    job = config_fingerprint(load_config(None, []))
+    late = config_fingerprint(load_config(None, ["runtime.round_deadline_s=0.5"]))
+    configured = start_coordinator(load_config(None, []), 0, b"tok", host="127.0.0.1",
+                                   fingerprint=job)
+    bare = start_coordinator(load_config(None, []), 0, b"tok", host="127.0.0.1")
+    try:
+        with pytest.raises(AuthError, match=r"runtime.round_deadline_s is read by the "
+                                            r"coordinator, which applies None; this worker has "
+                                            r"0.5"):
+            _worker(configured, 0, fp=late)
+        assert bare.deadline_s is None
+        _worker(bare, 0, fp=late)
+        assert bare.deadline_s == 0.5  # adopted: the worker's setting does what it says
+        with pytest.raises(AuthError, match="runtime.round_deadline_s is read by the coord"):
+            _worker(bare, 1, fp=job)
+    finally:
+        configured.stop()
+        bare.stop()
+
+
+def test_a_leaving_worker_hears_the_coordinators_view_of_the_job(coord):
+    a, b = _worker(coord, 0), _worker(coord, 1)
+    out = {}
+
+    def start(ch, wid):
+        ch.send({"op": "start", "round": 0, "hash": "h", "wait_for": 2})
+        out[wid] = ch.recv()
+
+    ts = [threading.Thread(target=start, args=(ch, i)) for i, ch in ((0, a), (1, b))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    a.send({"op": "leave"})
+    view = a.recv()["job"]
+    assert view["epochs"][0]["members"] == [0, 1] and view["epochs"][0]["from_round"] == 0
+    assert view["rounds_committed"] == 0 and view["aborted_attempts"] == 0
+
+
 def test_a_second_process_cannot_take_a_live_workers_id(coord):
     live = _worker(coord, 0, incarnation="first")
     with pytest.raises(AuthError, match="worker id 0 is held by a live process"):

@@ -14,10 +14,11 @@ from torch.utils.data import TensorDataset
 
 import islands
 from islands.collectives.butterfly import Group
-from islands.core.errors import DataError
+from islands.core.errors import DataError, IslandsWarning, TaskError
 from islands.core.sections import DataConfig
 from islands.sim.runner import Simulation
 from tests.conftest import tiny_config
+from tests.user_task import make_task
 
 USER = ["task.name='tests.user_task:make_task'", "data.batch_size=16", "device='cpu'"]
 DIGITS = ["task.name=digits_cnn", "data.batch_size=32", "data.partition=dirichlet",
@@ -193,3 +194,78 @@ def test_the_configured_aggregator_reaches_the_collective(monkeypatch):
                                      "aggregator.name=spy"))
     assert len(calls) == 2 * 2 and all(c[0] == 2 for c in calls)  # 2 rounds x 2 shards
     assert s["aggregator"] == "spy"
+
+
+def _regression(out_features: int = 1, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = x.sum(1)  # (N,)
+    ds = TensorDataset(x, y)
+    return islands.from_dataset(lambda: nn.Linear(8, out_features), ds, ds, name="reg",
+                                **kwargs)
+
+
+RUN = ["workers=2", "steps=4", "algorithm.sync_every=2", "eval_every=4", "device=cpu"]
+
+
+def test_a_loss_that_is_not_a_scalar_names_task_loss_and_its_shape():
+    from islands.tasks import checked_loss
+
+    per_sample = _regression(loss=lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2)
+    with pytest.raises(TaskError, match=r"Task.loss \(evaluating\) must return a scalar loss "
+                                        r"\(a 0-dim floating tensor\); it returned a tensor of "
+                                        r"shape \(64,\)"):  # the evaluation at step 0 comes first
+        islands.simulate(islands.load_config(None, [*RUN, "data.batch_size=16"]),
+                         task=per_sample)
+    batch = (torch.randn(16, 8), torch.randn(16))
+    with pytest.raises(TaskError, match=r"^Task.loss must return .* shape \(16,\)"):
+        checked_loss(per_sample.loss)(nn.Linear(8, 1), batch)  # what each inner step calls
+    with pytest.raises(TaskError, match=r"Task.loss \(its criterion, evaluating\) must "):
+        _regression(criterion=nn.MSELoss(reduction="none")).evaluate(nn.Linear(8, 1))
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # torch's own, less specific
+def test_an_output_that_broadcasts_against_its_targets_warns_once_with_both_shapes():
+    task = _regression(criterion=nn.MSELoss())  # (N, 1) predictions against (N,) targets
+    cfg = islands.load_config(None, [*RUN, "data.batch_size=16"])
+    with pytest.warns(IslandsWarning, match=r"output has shape \(16, 1\) and the targets "
+                                            r"\(16,\); MSELoss broadcasts them to \(16, 16\)") \
+            as caught:
+        islands.simulate(cfg, task=task)
+    assert sum(issubclass(w.category, IslandsWarning) for w in caught) == 1
+
+
+def test_the_share_sampler_gives_the_simulators_batches_from_any_step():
+    from torch.utils.data import DataLoader
+
+    from islands.tasks import ShareSampler
+
+    task = make_task()
+    cfg = islands.load_config(None, ["task.name='tests.user_task:make_task'", "workers=3",
+                                     "steps=30", "data.batch_size=16",
+                                     "data.partition=dirichlet"])
+    part = task.data(cfg.workers, cfg.seed, cfg.data)
+    at = {"step": 7}
+    sampler = ShareSampler(task.train, cfg, 2, start=lambda: at["step"])
+    assert len(sampler) == 23 and sampler.size == part.size(2)
+    for step, (x, y) in enumerate(DataLoader(task.train, batch_sampler=sampler), start=7):
+        want = part.batch(2, step)
+        assert torch.equal(x, want[0]) and torch.equal(y, want[1]), step
+
+
+def test_inner_optimizer_is_the_simulators_decay_on_matrices_warmup_and_cosine():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model[1].weight.requires_grad_(False)
+    cfg = islands.load_config(None, ["steps=100", "inner.warmup_steps=10"])
+    opt, sched = islands.inner_optimizer(model, cfg)
+    decayed, plain = opt.param_groups
+    assert [p.shape for p in decayed["params"]] == [(4, 4)] and decayed["weight_decay"] == 0.1
+    assert len(plain["params"]) == 2 and plain["weight_decay"] == 0.0  # biases, norm's bias
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(3e-4) and lrs[9] == pytest.approx(3e-3)
+    assert lrs[-1] == pytest.approx(3e-4, rel=0.01)  # cosine to min_lr_ratio at the end

@@ -47,7 +47,8 @@ def finish(out: RunDir, engine: Engine, member, wall_s: float, extra: dict) -> d
     Raises:
         StorageError: the final parameters or the summary cannot be written.
     """
-    summary = {**engine.summary(wall_s), **member.summary_fields(), **extra}
+    summary = {**engine.summary(wall_s), **member.summary_fields(), **extra,
+               "run_id": out.run_id}
     out.finish(summary, final=engine.final_bytes(member.worker))
     if is_worker_dir(out.path):
         try:

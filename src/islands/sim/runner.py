@@ -128,6 +128,7 @@ class Simulation:
         self.final_state = engine.final_state(final)  # what final.safetensors holds
         self.shared_states = [algorithm.shared_state(w) for w in workers]
         if self.out:
+            summary["run_id"] = self.out.run_id
             self.out.finish(summary, final=engine.final_bytes(final))
         return summary
 

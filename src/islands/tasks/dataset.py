@@ -239,9 +239,9 @@ class DatasetTask(Task):
             if self.criterion is not None:
                 x, y = _xy(batch)
                 out = model(x)
-                loss_sum += float(check_loss(self.criterion(out, y), "the task's criterion")) * n
+                loss_sum += float(check_loss(self.criterion(out, y), "Task.loss (its criterion, evaluating)")) * n
             else:
-                loss_sum += float(check_loss(self._loss(model, batch), "the task's loss")) * n
+                loss_sum += float(check_loss(self._loss(model, batch), "Task.loss (evaluating)")) * n
                 if self.accuracy:
                     x, y = _xy(batch)
                     out = model(x)
