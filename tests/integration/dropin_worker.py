@@ -1,38 +1,62 @@
 """A user's own training loop with islands dropped in (the drop-in tests run it as a worker).
 
-    python tests/integration/dropin_worker.py COORDINATOR|- WORKER_ID OUT [--set k=v ...]
+    python tests/integration/dropin_worker.py COORDINATOR|- WORKER_ID OUT [--stall R:S]
+        [--step-s S] [--set k=v ...]
 
-The model, optimizer and batches are the task's and the config's, built as the simulator
-builds them, so a run where nothing fails ends with the simulator's global parameters.
+The model is the task's, built after ``torch.manual_seed(job.seed)``; the optimizer is
+``job.optimizer(model)`` and the batches ``job.batches(task)``, as the README says, so a run
+where nothing fails ends with the simulator's global parameters. ``--stall R:S`` sleeps S
+seconds inside the first inner step of round R (a worker stuck in its own loop); ``--step-s
+S`` adds S seconds to every step (compute that takes time).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 sys.path.insert(0, ".")  # the task module lives in tests/
 
 import torch  # noqa: E402
 
 import islands  # noqa: E402
-from islands.engine import initial_model, inner_optimizer  # noqa: E402
 from islands.tasks import build_task  # noqa: E402
 
 coordinator, worker_id, out = sys.argv[1:4]
-sets = [a for a in sys.argv[4:] if a != "--set"]
+args = sys.argv[4:]
+
+
+def option(name: str, default: str) -> str:
+    if name not in args:
+        return default
+    i = args.index(name)
+    value = args[i + 1]
+    del args[i:i + 2]
+    return value
+
+
+stall_round, stall_s = (float(x) for x in option("--stall", "-1:0").split(":"))
+step_s = float(option("--step-s", "0"))
+sets = [a for a in args if a != "--set"]
 cfg = islands.load_config(None, sets)
 task = build_task(cfg)
-model = initial_model(cfg, task, torch.device("cpu"))
-optimizer, scheduler = inner_optimizer(model, cfg)
-data = task.data(cfg.workers, cfg.seed, cfg.data)
 
 with islands.join(None if coordinator == "-" else coordinator, config=cfg,
                   worker_id=worker_id, out=out) as job:
+    torch.manual_seed(job.seed)
+    model = task.model()
+    optimizer, scheduler = job.optimizer(model)
     trainer = job.wrap(model, optimizer, scheduler=scheduler, evaluate=task.evaluate)
-    while not trainer.done:
+    stalled = False
+    for batch in job.batches(task):  # where the run is (a joiner too)
         model.train()
-        batch = data.batch(job.me, trainer.inner_step)  # where the run is (a joiner too)
         loss = task.loss(model, batch)
         loss.backward()
+        time.sleep(step_s)
+        if trainer.round == stall_round and not stalled:
+            stalled = True
+            time.sleep(stall_s)
         trainer.step(loss, samples=task.batch_size(batch))
+        if trainer.done:
+            break
 print("done", flush=True)

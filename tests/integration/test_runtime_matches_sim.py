@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,10 @@ def _sim(overrides):
     sim = Simulation(load_config(None, overrides))
     summary = sim.run()
     return sim, summary
+
+
+def summary_hash(run: Path) -> str:
+    return json.loads((run / "w0" / "summary.json").read_text())["final_hash"]
 
 
 def test_launch_4_workers_diloco_recipe_matches_sim(tmp_path, procs):
@@ -32,8 +37,13 @@ def test_launch_4_workers_diloco_recipe_matches_sim(tmp_path, procs):
     p = procs.start("launch", argv + ["--out", str(tmp_path / "launch")])
     sim, summary = _sim(overrides)  # while the workers start
     assert p.wait(timeout=150) == 0
+    lines = p.stdout.read().splitlines()  # one JSON object per line: each worker's, the job's
+    assert len(lines) == 5 and sorted(json.loads(x)["worker"] for x in lines[:-1]) == [0, 1, 2, 3]
+    assert json.loads(lines[-1])["final_hashes"] == [summary_hash(tmp_path / "launch")]
+    assert "abort" not in procs.stderr(p)  # the workers leave as they finish: no abort
     merged = json.loads((tmp_path / "launch" / "summary.json").read_text())
     assert len(merged["final_hashes"]) == 1
+    assert merged["coordinator"]["rounds_committed"] == summary["rounds"]
     assert merged["rounds"] == summary["rounds"] == 3 + 4  # then rounds at 3, 7, 11, 17 -> 20
     for d in [tmp_path / "launch" / f"w{i}" for i in range(4)] + [tmp_path / "launch"]:
         assert_final_equal(d, sim.final_state, str(d))

@@ -70,8 +70,9 @@ def test_launch_with_a_task_by_import_path_matches_the_simulator(tmp_path, procs
         assert (tmp_path / algo / "loss.png").stat().st_size > 10_000  # as islands sim's
 
 
-def _dropin(procs, i, addr, out, overrides):
-    argv = [sys.executable, "tests/integration/dropin_worker.py", addr, str(i), str(out / f"w{i}")]
+def _dropin(procs, i, addr, out, overrides, extra=()):
+    argv = [sys.executable, "tests/integration/dropin_worker.py", addr, str(i), str(out / f"w{i}"),
+            *extra]
     for o in overrides:
         argv += ["--set", o]
     return procs.start(f"dropin{i}", argv)
@@ -102,6 +103,40 @@ def test_dropin_loop_with_two_processes_matches_the_simulator(tmp_path, procs, c
         assert [r["round"] for r in rows] == list(range(summary["rounds"]))
         assert all(r["hash_ok"] for r in rows)
         assert "eval_loss" in rows[-1] and "accuracy" in rows[-1]
+        for p in ws:  # the others leaving as they finish is no abort
+            assert "abort" not in procs.stderr(p), algo
+        job = json.loads((tmp_path / algo / "summary.json").read_text())  # the job's, merged
+        assert job["workers_merged"] == [0, 1] and len(job["final_hashes"]) == 1
+        assert job["coordinator"]["rounds_committed"] == summary["rounds"]
+        assert [e["members"] for e in job["coordinator"]["epochs"]] == [[0, 1]]
+        assert_final_equal(tmp_path / algo, sim.final_state, f"{algo}: the job's")
+        for d in (tmp_path / algo / "w0", tmp_path / algo / "w1", tmp_path / algo):
+            assert (d / "loss.png").stat().st_size > 10_000, d
+
+
+def test_a_dropin_worker_stuck_in_its_step_past_the_deadline_is_left_out(tmp_path, procs,
+                                                                         coordinator):
+    """3 drop-in workers with runtime.round_deadline_s = 0.5 set on the workers only (a
+    coordinator started without a config adopts it); worker 2 sleeps 3 s inside a step of
+    round 2 while its heartbeat goes on: the others commit round 2 without it and go on, and
+    it catches up from the committed state; the job ends with one final state."""
+    overrides = [*USER, "workers=3", "steps=300", "algorithm.sync_every=5",
+                 "algorithm.name=diloco", "eval_every=100", "runtime.round_deadline_s=0.5",
+                 "runtime.heartbeat_timeout_s=10.0"]
+    coord = coordinator(adopt_settings=True)
+    addr, out = f"127.0.0.1:{coord.port}", tmp_path / "stuck"
+    ws = [_dropin(procs, i, addr, out, overrides,
+                  ["--step-s", "0.02", *(["--stall", "2:3"] if i == 2 else [])])
+          for i in range(3)]
+    assert all(p.wait(timeout=120) == 0 for p in ws)
+    assert coord.deadline_s == 0.5  # the workers' setting, not silently ignored
+    round2 = next(r for r in metrics(out / "w0") if r["round"] == 2)
+    assert 2 not in round2["participants"] and 2 in round2["left_out"]
+    stuck = json.loads((out / "w2" / "summary.json").read_text())
+    assert stuck["excluded_rounds"] >= 1 and stuck["state_transfers"] >= 1
+    assert stuck["last_round"] == 59
+    job = json.loads((out / "summary.json").read_text())
+    assert job["workers_merged"] == [0, 1, 2] and len(job["final_hashes"]) == 1
 
 
 def test_dropin_survives_a_sigkill_and_restart(tmp_path, procs, coordinator):
@@ -155,7 +190,8 @@ def test_the_dropin_digits_example_runs_under_torchrun(tmp_path, procs):
             str(free_port()), str(example), "--steps", "50"]
     p = procs.start("torchrun", argv, cwd=tmp_path)
     assert p.wait(timeout=120) == 0
-    runs = [json.loads((tmp_path / "runs" / "dropin_digits-job" / f"w{i}" / "summary.json")
-                       .read_text()) for i in range(2)]
+    job = tmp_path / "runs" / "dropin_digits-job"
+    runs = [json.loads((job / f"w{i}" / "summary.json").read_text()) for i in range(2)]
+    assert json.loads((job / "summary.json").read_text())["workers_merged"] == [0, 1]
     assert runs[0]["final_hash"] == runs[1]["final_hash"] and runs[0]["rounds_committed"] == 2
     assert runs[0]["final_eval_accuracy"] > 0.5

@@ -97,8 +97,8 @@ def test_the_plots_have_time_train_loss_and_the_start_on_the_bytes_axis(tmp_path
     _runs(tmp_path, [("a", [])])
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     drawn = panels([s], ["a"])
-    assert list(drawn) == ["eval loss by steps", "by bytes on the wire", "by virtual time (modelled)",
-                           "train loss per round"]
+    assert list(drawn) == ["eval loss by steps", "by bytes on the wire",
+                           "by virtual time (modelled)", "train loss per round"]
     _, xs, _ = drawn["by bytes on the wire"]["series"][0]
     assert xs[0] == 0 and xs[-1] == s["bytes_sent_per_worker"]  # the step-0 point is drawn
     _, times, _ = drawn["by virtual time (modelled)"]["series"][0]

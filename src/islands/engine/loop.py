@@ -274,14 +274,12 @@ class Engine:
     def final_nbytes(self) -> int:
         """An upper bound of ``final.safetensors`` and ``summary.json`` together: the room a
         run directory keeps for them (the tensors, safetensors' header, and the summary's
-        curves: at most :data:`TRAIN_CURVE_POINTS` train points and an evaluation per
-        round)."""
+        curves: at most :data:`TRAIN_CURVE_POINTS` train points, and the evaluations)."""
         model = self.eval_model if self.eval_model is not None else self.workers[0].model
-        state = model.state_dict()
-        tensors = sum(v.numel() * v.element_size() + 160 for v in state.values())
-        rounds = self.rounds + 1
-        return tensors + 16_384 + 128 * self.cfg.workers + 200 * min(rounds, TRAIN_CURVE_POINTS) \
-            + 300 * rounds
+        tensors = sum(v.numel() * v.element_size() + 160 for v in model.state_dict().values())
+        evals = 1 + sum(self.eval_due(r) for r in range(self.rounds))
+        points = 200 * min(self.rounds, TRAIN_CURVE_POINTS) + 300 * evals  # indented JSON
+        return tensors + points + 128 * self.cfg.workers + 16_384
 
     def sent_per_worker(self) -> float:
         return sum(self.transport.sent(w.id) for w in self.workers) / len(self.workers)

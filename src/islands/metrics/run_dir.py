@@ -22,6 +22,7 @@ written; files are replaced atomically. What cannot be written is a
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -233,25 +234,23 @@ class RunDir:
         does not fit, or would eat into the room kept for the final files, waits and is
         retried with the next one; the first time, a warning says so."""
         self._pending.append((json_line({**row, "run_id": self.run_id}) + "\n").encode())
-        self._flush_rows(keep_room=True)
+        self._flush_rows()
 
-    def _flush_rows(self, *, keep_room: bool) -> None:
+    def _flush_rows(self) -> None:
+        """Writes the waiting rows in order while each leaves the room kept; stops (the rest
+        waits) at the first that does not fit."""
         metrics = self.path / "metrics.jsonl"
         while self._pending:
             line = self._pending[0]
-            if keep_room:
-                free = free_bytes(self.path)
-                if free is not None and free - len(line) < self._reserve:
-                    self._warn(metrics, len(line), free, "kept for the final parameters")
-                    return
+            free = free_bytes(self.path)
+            if free is not None and free - len(line) < self._reserve:
+                self._warn(metrics, len(line), free, "kept for the final parameters")
+                return
             try:
                 self._size = append_line(self._fd, line, self._size)
-            except OSError as e:
-                if keep_room:
-                    self._warn(metrics, len(line), free_bytes(self.path), "no space")
-                    return
-                raise storage_error(metrics, sum(map(len, self._pending)), e,
-                                    f"{len(self._pending)} rows of") from None
+            except OSError:
+                self._warn(metrics, len(line), free_bytes(self.path), "no space")
+                return
             self._pending.pop(0)
 
     def _warn(self, path: Path, needed: int, free: int | None, why: str) -> None:
@@ -266,30 +265,31 @@ class RunDir:
     def finish(self, summary: dict, *, final: bytes | None = None, plot: bool = True) -> None:
         """Ends the run's files, the ones that matter first: ``final.safetensors`` (the
         serialized final parameters, when given), the rows still waiting that fit beside the
-        summary, ``summary.json`` (``metrics_rows_unwritten`` counts the rest), the rest of
-        the rows, then ``loss.png`` (optional: a failure to draw is a warning).
+        summary, ``summary.json`` (``metrics_rows_unwritten`` counts the rows that do not),
+        then ``loss.png`` (optional: a failure to draw is a warning).
 
         Raises:
-            StorageError: the parameters, the summary or a waiting row cannot be written;
-                whatever came before is.
+            StorageError: the parameters or the summary cannot be written, or rows are left
+                unwritten; whatever came before is written.
         """
         if final is not None:
             write_atomic(self.path / "final.safetensors", final, what="the final parameters")
         # the rows may now take all but the summary's room (its size, and a count it may add)
         self._reserve = len(json.dumps(_clean(summary), indent=2, default=str)) + 4096
-        self._flush_rows(keep_room=True)
+        try:
+            self._flush_rows()
+        finally:
+            os.close(self._fd)
+            self._fd = None
         waiting = len(self._pending)
         write_json(self.path / "summary.json",
                    {**summary, "run_id": self.run_id,
                     **({"metrics_rows_unwritten": waiting} if waiting else {})})
-        try:
-            self._flush_rows(keep_room=False)
-        finally:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-        if waiting:  # they fitted after all: the summary need not say otherwise
-            write_json(self.path / "summary.json", {**summary, "run_id": self.run_id})
+        if waiting:
+            metrics = self.path / "metrics.jsonl"
+            raise storage_error(metrics, sum(map(len, self._pending)),
+                                OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                f"{waiting} rows of") from None
         if plot:
             self.plot(summary)
 
