@@ -36,8 +36,7 @@ from pathlib import Path
 
 import torch
 
-from islands.codecs import build_codec
-from islands.codecs import codec_config
+from islands.codecs import build_codec, codec_config
 
 # label -> CodecConfig fields
 CODECS: dict[str, dict] = {

@@ -48,8 +48,7 @@ from pathlib import Path
 import torch
 
 import islands
-from islands.codecs import build_codec
-from islands.codecs import codec_config
+from islands.codecs import build_codec, codec_config
 from islands.core.timing import Stopwatch
 
 # label -> CodecConfig fields (every codec the [codec] section builds, and the wrappers)

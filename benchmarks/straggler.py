@@ -87,7 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=25)
     parser.add_argument("--deadline-s", type=float, default=0.1,
-                        help="below the straggler's lag (a deadline longer than it waits for it anyway)")
+                        help="below the straggler's lag (a deadline longer than it waits for it "
+                             "anyway)")
     parser.add_argument("--workers", type=int, default=3, help="the last one is the straggler")
     parser.add_argument("--json", default="bench-results/straggler.json")
     args = parser.parse_args()

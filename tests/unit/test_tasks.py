@@ -221,7 +221,8 @@ def test_a_loss_that_is_not_a_scalar_names_task_loss_and_its_shape():
     with pytest.raises(TaskError, match=r"^Task.loss must return .* shape \(16,\)"):
         checked_loss(per_sample.loss)(nn.Linear(8, 1), batch)  # what each inner step calls
     with pytest.raises(TaskError, match=r"Task.loss \(its criterion, evaluating\) must "):
-        _regression(criterion=nn.MSELoss(reduction="none")).evaluate(nn.Linear(8, 1))
+        _regression(criterion=nn.MSELoss(reduction="none")).evaluate(
+            nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)))
 
 
 @pytest.mark.filterwarnings("ignore:Using a target size")  # torch's own, less specific

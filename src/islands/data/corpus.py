@@ -4,7 +4,8 @@ The default corpus is the ``.py`` files of the running Python's standard library
 on every machine. ``"python-docs"`` is a second one, English prose: the Python documentation's
 reference topics that ``pydoc`` shows (``pydoc_data.topics``, shipped with CPython: 79 topics,
 about 465 kB), cut at paragraph breaks into documents of about 2 kB so that the hashed
-validation split holds a few percent of the bytes, not one or two short topics. Any text file or folder of text files works too (``data.corpus = "path"``).
+validation split holds a few percent of the bytes, not one or two short topics. Any text file
+or folder of text files works too (``data.corpus = "path"``).
 Files are split into train and validation by a hash of their relative path, so the split is
 the same on every machine and every run. Users with internet access can load any Hugging Face
 ``datasets`` text column with :func:`from_hf_dataset` and pass the resulting folder.

@@ -50,7 +50,8 @@ def comparison_rows(summaries: list[dict], labels: list[str] | None = None,
             "workers": s["workers"], "steps": s["steps"], "sync_every": s["sync_every"],
             **({"ddp_steps": s["ddp_steps"]} if s.get("ddp_steps") else {}),
             "codec": s["codec"], "final_eval_loss": s["final_eval_loss"],
-            **{k: v for k, v in s.items() if k.startswith("final_eval_") and k != "final_eval_loss"},
+            **{k: v for k, v in s.items()
+               if k.startswith("final_eval_") and k != "final_eval_loss"},
             "baseline": labels[b] if b is not None else None,
             "loss_vs_baseline": (s["final_eval_loss"] / base["final_eval_loss"] - 1) if base
             else None,

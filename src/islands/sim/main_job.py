@@ -78,7 +78,8 @@ def main_job(out_dir: str | Path, overrides: list[str] | None = None,
             console.print(f"warm start: {warm} steps of one worker in "
                           f"{time.perf_counter() - t0:.0f} s, shared by every run")
         console.print(f"[bold]{name}[/]: {cfg.workers} worker(s), {cfg.steps} inner steps, "
-                      f"{cfg.algorithm.name}" + (f", from the {warm}-step warm start" if warm else ""))
+                      f"{cfg.algorithm.name}"
+                      + (f", from the {warm}-step warm start" if warm else ""))
         summaries.append(run_with_progress(cfg, out / name, console=console, enabled=progress,
                                            existing=existing))
     rows = compare(summaries, out / "comparison.png",

@@ -239,12 +239,13 @@ class DatasetTask(Task):
             if self.criterion is not None:
                 x, y = _xy(batch)
                 out = model(x)
-                loss_sum += float(check_loss(self.criterion(out, y), "Task.loss (its criterion, evaluating)")) * n
+                loss = check_loss(self.criterion(out, y), "Task.loss (its criterion, evaluating)")
             else:
-                loss_sum += float(check_loss(self._loss(model, batch), "Task.loss (evaluating)")) * n
+                loss = check_loss(self._loss(model, batch), "Task.loss (evaluating)")
                 if self.accuracy:
                     x, y = _xy(batch)
                     out = model(x)
+            loss_sum += float(loss) * n
             if self.accuracy:
                 correct += int((out.argmax(dim=-1) == y).sum())
             total += n
