@@ -9,16 +9,16 @@ Composition: ``error_feedback`` wraps the lossy codec, ``entropy`` wraps the res
 from __future__ import annotations
 
 from islands.codecs.base import Codec, Encoded, check_finite
-from islands.codecs.cast import BF16Config, Cast, FP16Config, Identity, IdentityConfig
+from islands.codecs.cast import Cast, CastConfig, Identity, IdentityConfig
 from islands.codecs.entropy import Entropy
 from islands.codecs.error_feedback import ErrorFeedback
 from islands.codecs.fp4 import FP4, FP4Config
 from islands.codecs.int4 import Int4, Int4Config
 from islands.codecs.int8 import Int8, Int8Config
 from islands.codecs.powersgd import PowerSGD, PowerSGDConfig
-from islands.codecs.randomk import RandomK, RandomKConfig
+from islands.codecs.randomk import RandomK
 from islands.codecs.sign import Sign, SignConfig
-from islands.codecs.topk import TopK, TopKConfig
+from islands.codecs.topk import SparseConfig, TopK
 from islands.core import registry
 from islands.core.config import build_component
 from islands.core.sections import CodecConfig
@@ -48,9 +48,9 @@ def build_codec(cfg: CodecConfig) -> Codec:
 
 
 __all__ = [
-    "BF16Config",
     "FP4",
     "Cast",
+    "CastConfig",
     "Codec",
     "CodecConfig",
     "Encoded",
@@ -63,15 +63,13 @@ __all__ = [
     "RandomK",
     "Sign",
     "TopK",
-    "FP16Config",
     "FP4Config",
     "IdentityConfig",
     "Int4Config",
     "Int8Config",
     "PowerSGDConfig",
-    "RandomKConfig",
     "SignConfig",
-    "TopKConfig",
+    "SparseConfig",
     "build_codec",
     "check_finite",
     "codec_config",

@@ -96,23 +96,14 @@ class IdentityConfig(CodecConfig):
         return Identity()
 
 
+@register("codec", "bf16")
 @register("codec", "fp16")
 @dataclass(frozen=True, kw_only=True)
-class FP16Config(CodecConfig):
-    """``[codec] name = "fp16"``: IEEE half precision (no settings of its own)."""
+class CastConfig(CodecConfig):
+    """``[codec] name = "fp16"`` (IEEE half precision) or ``"bf16"`` (bfloat16); no settings
+    of their own."""
 
     name: str = "fp16"
 
     def make(self) -> Codec:
-        return Cast(torch.float16)
-
-
-@register("codec", "bf16")
-@dataclass(frozen=True, kw_only=True)
-class BF16Config(CodecConfig):
-    """``[codec] name = "bf16"``: bfloat16 (no settings of its own)."""
-
-    name: str = "bf16"
-
-    def make(self) -> Codec:
-        return Cast(torch.bfloat16)
+        return Cast(torch.float16 if self.name == "fp16" else torch.bfloat16)

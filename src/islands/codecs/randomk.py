@@ -16,8 +16,6 @@ Error bound: exact on the kept values, the others decode to 0: ``|x - x̂| <= |x
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from islands.codecs.base import Codec, Encoded, as_float32
@@ -27,9 +25,7 @@ from islands.codecs.packing import (
     kept_count,
     stream_seed,
 )
-from islands.codecs.topk import DEFAULT_FRACTION, check_sparsity, check_sparsity_config, scatter
-from islands.core.registry import register
-from islands.core.sections import CodecConfig
+from islands.codecs.topk import check_sparsity, scatter
 
 
 def positions(seed: int, numel: int, k: int) -> torch.Tensor:
@@ -84,26 +80,3 @@ class RandomK(Codec):
 
     def __repr__(self) -> str:
         return f"randomk({self.fraction if self.count is None else f'count={self.count}'})"
-
-
-@register("codec", "randomk")
-@dataclass(frozen=True, kw_only=True)
-class RandomKConfig(CodecConfig):
-    """``[codec] name = "randomk"``: ``fraction`` or ``count``, not both.
-
-    Attributes:
-        fraction: share of the values kept (None: 0.01, unless ``count`` is given).
-        count: number of values kept, instead of ``fraction``.
-    """
-
-    name: str = "randomk"
-    fraction: float | None = None
-    count: int | None = None
-
-    def __post_init__(self) -> None:
-        check_sparsity_config(self.fraction, self.count)
-
-    def make(self) -> Codec:
-        if self.count is not None:
-            return RandomK(count=self.count)
-        return RandomK(self.fraction if self.fraction is not None else DEFAULT_FRACTION)

@@ -81,10 +81,12 @@ class TopK(Codec):
         return f"topk({self.fraction if self.count is None else f'count={self.count}'})"
 
 
+@register("codec", "randomk")
 @register("codec", "topk")
 @dataclass(frozen=True, kw_only=True)
-class TopKConfig(CodecConfig):
-    """``[codec] name = "topk"``: ``fraction`` or ``count``, not both.
+class SparseConfig(CodecConfig):
+    """``[codec] name = "topk"`` or ``"randomk"`` (:mod:`islands.codecs.randomk`):
+    ``fraction`` or ``count``, not both.
 
     Attributes:
         fraction: share of the values kept (None: 0.01, unless ``count`` is given).
@@ -99,9 +101,12 @@ class TopKConfig(CodecConfig):
         check_sparsity_config(self.fraction, self.count)
 
     def make(self) -> Codec:
+        from islands.codecs.randomk import RandomK  # (randomk builds on this module)
+
+        cls = TopK if self.name == "topk" else RandomK
         if self.count is not None:
-            return TopK(count=self.count)
-        return TopK(self.fraction if self.fraction is not None else DEFAULT_FRACTION)
+            return cls(count=self.count)
+        return cls(self.fraction if self.fraction is not None else DEFAULT_FRACTION)
 
 
 def check_sparsity_config(fraction: float | None, count: int | None) -> None:

@@ -382,7 +382,8 @@ def _build(cls: type, data: Any, prefix: str, *, others=(), chosen: dict | None 
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in fields:
-            _foreign_key(cls, name, value, key, where, fields, others, chosen)
+            _foreign_key(cls, name, value, key, where, fields, others, chosen,
+                         data.get("name"))
             continue
         hint = hints[name]
         kind = _component_base(hint)
@@ -412,7 +413,7 @@ def _build(cls: type, data: Any, prefix: str, *, others=(), chosen: dict | None 
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _foreign_key(cls, name, value, key, where, fields, others, chosen) -> None:
+def _foreign_key(cls, name, value, key, where, fields, others, chosen, chosen_name) -> None:
     """A key ``cls`` does not have: dropped when another component reads it and it is at that
     component's default (or ``cls`` tolerates it); refused otherwise."""
     if name in getattr(cls, "tolerated", ()):
@@ -428,9 +429,10 @@ def _foreign_key(cls, name, value, key, where, fields, others, chosen) -> None:
             names = ", ".join(w.split(" ", 1)[1] for w, _ in readers)
             choose = (f"set {kind}.name = {names}" if len(readers) == 1
                       else f"set {kind}.name to one of {names}")
+            mine = chosen_name or fields["name"].default
             raise ConfigError(f"{key} ({value!r}) is read by {', '.join(w for w, _ in readers)} "
-                              f"only; {kind}.name = {fields['name'].default!r} does not read "
-                              f"it: remove it, or {choose}")
+                              f"only; {kind}.name = {mine!r} does not read it: remove it, or "
+                              f"{choose}")
         raise ConfigError(f"{key} ({value!r}) is read by {readers[0][0]} only; "
                           f"{_chosen_phrase('task', chosen)} does not read [{section}]'s "
                           f"{name}: remove it")

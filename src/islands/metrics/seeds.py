@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from islands.core.config import normalized
 from islands.metrics.compare import describe_h, human_bytes, make_console
 
 # what a DDP baseline group must share with a group to be its baseline
@@ -140,4 +141,5 @@ def read_config(run_dir: str | Path) -> dict | None:
     """A run directory's resolved config (``config.json``; None where there is none, as in
     the folder of a launch that merges its workers' summaries)."""
     path = Path(run_dir) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    # as this release records it: a run written by an older one groups with its seeds here
+    return normalized(json.loads(path.read_text())) if path.is_file() else None
