@@ -44,19 +44,25 @@ def test_bad_token_garbage_and_silence_are_refused(coord):
     assert coord.refused >= 4 and coord.status()["live"] == []
 
 
-def test_barriers_release_together_and_epochs_advance(coord):
-    a, b = _worker(coord, 0), _worker(coord, 1)
+def _start_together(channels: dict) -> dict:
+    """Every worker's ``start`` of round 0 at once (``{worker id: channel}``); the replies."""
     out = {}
 
     def start(ch, wid):
-        ch.send({"op": "start", "round": 0, "hash": "h", "wait_for": 2})
+        ch.send({"op": "start", "round": 0, "hash": "h", "wait_for": len(channels)})
         out[wid] = ch.recv()
 
-    ts = [threading.Thread(target=start, args=(ch, i)) for i, ch in ((0, a), (1, b))]
+    ts = [threading.Thread(target=start, args=(ch, i)) for i, ch in channels.items()]
     for t in ts:
         t.start()
     for t in ts:
         t.join(10)
+    return out
+
+
+def test_barriers_release_together_and_epochs_advance(coord):
+    a, b = _worker(coord, 0), _worker(coord, 1)
+    out = _start_together({0: a, 1: b})
     assert out[0] == out[1]
     assert out[0]["members"] == [0, 1] and out[0]["epoch"] == 1 and out[0]["need_state"] == []
     assert out[0]["store"] == ["127.0.0.1", 1000]
@@ -231,17 +237,7 @@ def test_a_setting_only_the_coordinator_reads_is_refused_or_adopted_never_ignore
 
 def test_a_leaving_worker_hears_the_coordinators_view_of_the_job(coord):
     a, b = _worker(coord, 0), _worker(coord, 1)
-    out = {}
-
-    def start(ch, wid):
-        ch.send({"op": "start", "round": 0, "hash": "h", "wait_for": 2})
-        out[wid] = ch.recv()
-
-    ts = [threading.Thread(target=start, args=(ch, i)) for i, ch in ((0, a), (1, b))]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(10)
+    _start_together({0: a, 1: b})
     a.send({"op": "leave"})
     view = a.recv()["job"]
     assert view["epochs"][0]["members"] == [0, 1] and view["epochs"][0]["from_round"] == 0
