@@ -1,7 +1,8 @@
 """Typed run configuration: the loader, its messages, and :class:`RunConfig`.
 
 A run is a :class:`RunConfig` built in Python, loaded from a TOML file with :func:`load_config`,
-and adjusted with dotted overrides (``algorithm.sync_every=100``). Core owns the loader and the
+and adjusted with dotted overrides (``algorithm.sync_every=100``). Core owns the loader (this
+module; plain values, overrides and type checks in :mod:`islands.core.values`) and the
 sections every run has (:mod:`islands.core.sections`); each component (task, algorithm, codec,
 aggregator) declares its own section beside its code and registers it by name
 (:mod:`islands.core.registry`), so ``[algorithm] name = "diloco"`` builds DiLoCo's section and
@@ -23,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -55,6 +55,17 @@ from islands.core.sections import (
     check,
     listed,
     points,
+)
+from islands.core.values import (
+    coerce,
+    describe,
+    first_difference,
+    flatten,
+    none_spelling,
+    parse_overrides,
+    plain_value,
+    set_dotted,
+    type_ok,
 )
 
 
@@ -147,7 +158,7 @@ class RunConfig:
         """Returns a validated copy with dotted-key overrides (``{"algorithm.name": "ddp"}``)."""
         data = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         return from_dict(data, config_dir=self.config_dir)
 
     def with_task_object(self, name: str) -> RunConfig:
@@ -260,7 +271,7 @@ def _unread_section(name: str, data: dict, chosen: dict[str, Entry]) -> None:
             raise ConfigError(f"unknown key {name}.{key} in [{name}]"
                               f"{did_you_mean(key, defaults, prefix=name + '.')}; "
                               f"allowed: {', '.join(sorted(defaults))}")
-        if _plain(value) == _plain(defaults[key]):
+        if plain_value(value) == plain_value(defaults[key]):
             continue
         kind = owners[0].kind
         message = (f"{name}.{key} ({value!r}) is read by {readers} only; "
@@ -272,81 +283,7 @@ def _unread_section(name: str, data: dict, chosen: dict[str, Entry]) -> None:
         raise ConfigError(f"{message}: remove it{hint}")
 
 
-def _plain(value):
-    """Values as TOML would give them, for comparing with defaults (tuples as lists)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 # --- building sections from plain data -----------------------------------------------------------
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if origin is Literal:
-        return value in args
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_type_ok(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
-    if origin is dict:
-        return isinstance(value, dict)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "omitted"
-    args = typing.get_args(hint)
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return f"a list of {_describe(args[0])}"
-    if origin is tuple:
-        return "[" + ", ".join(_describe(a) for a in args) + "]"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _none_spelling(value: Any, hint: Any) -> Any:
-    """TOML has no null: for settings that may be off, "off"/"none" (or false, where the
-    setting is not itself a bool) mean None."""
-    args = typing.get_args(hint)
-    if type(None) not in args:
-        return value
-    if isinstance(value, str) and value.lower() in ("off", "none"):
-        return None
-    if value is False and bool not in args:
-        return None
-    return value
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    if hint is float and isinstance(value, int):
-        return float(value)
-    if typing.get_origin(hint) is tuple and isinstance(value, list):
-        return tuple(value)
-    return value
 
 
 def _component_base(hint: Any) -> str | None:
@@ -403,10 +340,10 @@ def _build(cls: type, data: Any, prefix: str, *, others=(), chosen: dict | None 
                                  else _build(args[0], v, f"{key}[{i}]")
                                  for i, v in enumerate(value))
             continue
-        value = _none_spelling(value, hint)
-        if not _type_ok(value, hint):
-            raise ConfigError(f"{key} ({value!r}) must be {_describe(hint)}")
-        kwargs[name] = _coerce(value, hint)
+        value = none_spelling(value, hint)
+        if not type_ok(value, hint):
+            raise ConfigError(f"{key} ({value!r}) must be {describe(hint)}")
+        kwargs[name] = coerce(value, hint)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a missing required field such as `id`
@@ -421,7 +358,7 @@ def _foreign_key(cls, name, value, key, where, fields, others, chosen, chosen_na
     readers = [(who, o) for who, o in others if name in {f.name for f in dataclasses.fields(o)}]
     if readers:
         default = {f.name: f for f in dataclasses.fields(readers[0][1])}[name].default
-        if _plain(value) == _plain(default):
+        if plain_value(value) == plain_value(default):
             return
         kind = getattr(cls, "kind", None)
         section = key.rsplit(".", 1)[0]
@@ -501,37 +438,7 @@ def _top_level() -> type:
     return _TOP_LEVELS[owned]
 
 
-# --- files and overrides ----------------------------------------------------------------------
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare word: `algorithm.name=diloco`
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {key}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Parses ``["algorithm.sync_every=100", "workers=8"]`` into ``{dotted key: value}``."""
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r} must look like section.key=value, "
-                              "e.g. --set algorithm.sync_every=100")
-        out[key.strip()] = _parse_value(text.strip())
-    return out
+# --- files --------------------------------------------------------------------------------------
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -554,10 +461,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
         for key, value in flatten(loaded).items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         config_dir = str(p.resolve().parent)
     for key, value in parse_overrides(overrides or []).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return from_dict(data, config_dir=config_dir)
 
 
@@ -574,28 +481,6 @@ def normalized(stored: dict[str, Any]) -> dict[str, Any]:
         except (ConfigError, TypeError, ValueError):
             return stored
     return json.loads(json.dumps(cfg.to_dict(), default=str))
-
-
-def first_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, Any, Any] | None:
-    """The first dotted key where two config dicts differ: ``(key, a's value, b's value)``
-    (a missing key is None), or None when they agree."""
-    fa, fb = flatten(a), flatten(b)
-    for key in list(fa) + [k for k in fb if k not in fa]:
-        if fa.get(key) != fb.get(key):
-            return key, fa.get(key), fb.get(key)
-    return None
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as dotted keys (``kwargs`` tables stay whole values)."""
-    out = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and not key.endswith(".kwargs"):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 __all__ = ["AggregatorConfig", "AlgorithmConfig", "CodecConfig", "ComputeConfig", "DataConfig",
