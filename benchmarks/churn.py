@@ -127,7 +127,7 @@ def main() -> None:
                              "data, model) to its first committed round: the round in flight, "
                              "joined as a weight-0 observer, or else the next round",
     }
-    print(json.dumps(figures, indent=2))
+    print(json.dumps(figures), flush=True)  # one JSON object on one line
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 
