@@ -112,3 +112,11 @@ def test_tied_weights_are_saved_under_each_name(tmp_path):
     sim.run()
     state = load_file(tmp_path / "final.safetensors")
     assert torch.equal(state["tok.weight"], state["head.weight"])
+
+
+def test_the_dropin_refuses_what_it_cannot_honour_before_it_connects(tmp_path):
+    with pytest.raises(ConfigError, match=r"init.warm_start_steps \(5\) is not supported by the "
+                                          r"drop-in loop \(your code builds the model\)"):
+        islands.join(config=tiny_config(*RUN, "init.warm_start_steps=5"), worker_id=0,
+                     token=b"", out=tmp_path / "w0")
+    assert not (tmp_path / "w0").exists()  # refused before anything was written
