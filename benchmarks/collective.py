@@ -10,6 +10,11 @@ the slowest worker's; the table gives medians over the repeats, after one warm-u
 
 * ``goodput``: fp32 bytes of the tensor (``4 · numel``) over the time, in GB/s.
 * ``vs gloo``: gloo's time over the butterfly's (> 1: the butterfly is faster).
+* ``native vs gloo`` (identity rows): gloo's time over that of the path a trusted job takes
+  (``runtime.trust = "cluster"``: the contribution divided by n and checked finite in one
+  pass, a vector of who found NaN shared, then gloo's ``all_reduce``), side by side.
+* ``--network MBIT``: each worker in a network namespace of its own with its upload and
+  download shaped to MBIT Mbit/s (``islands.runtime.wan``; root only).
 * breakdown (median over repeats of the mean over workers, in ms): ``encode`` and ``decode``
   (the codec, the finiteness checks included), ``reduce`` (the aggregation), ``pack`` (building
   and parsing the wire messages), ``wire`` (waiting on gloo's sends and receives), ``other``
@@ -33,6 +38,7 @@ breakdown, the load average before and after each worker count, and the command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -98,8 +104,8 @@ def worker_main(args: argparse.Namespace) -> None:
 
         wire.CHUNK_BYTES = int(args.chunk_mb * 2**20)
     rank, n = args.rank, args.world
-    store = open_store("127.0.0.1", args.port, is_master=rank == 0, timeout_s=120)
-    pg = new_group(store, "bench/", rank, n, 120)
+    store = open_store(args.store_host, args.port, is_master=rank == 0, timeout_s=120)
+    pg = new_group(store, "bench/", rank, n, 120, host=args.host)
     transport = DistTransport(rank, timeout_s=120)
     transport.use_group(pg, tuple(range(n)))
     transport.stopwatch = Stopwatch()
@@ -111,7 +117,7 @@ def worker_main(args: argparse.Namespace) -> None:
         for label in args.codecs:
             codec = make_codec(label, numel)
             row = {"size_mb": size_mb, "codec": label, "gloo_s": [], "butterfly_s": [],
-                   "breakdown": []}
+                   "native_s": [], "breakdown": []}
             for rep in range(args.repeats + 1):  # the first is a warm-up
                 t = x.clone()
                 pg.barrier().wait()
@@ -119,6 +125,14 @@ def worker_main(args: argparse.Namespace) -> None:
                 pg.allreduce([t]).wait()
                 gloo_s = time.perf_counter() - start
                 del t
+                if label == "identity":  # runtime.trust = "cluster": gloo's, the mean, checked
+                    t = x.clone()
+                    pg.barrier().wait()
+                    start = time.perf_counter()
+                    transport.all_reduce_mean(t, tuple(range(n)), "bench/native")
+                    if rep:
+                        row["native_s"].append(time.perf_counter() - start)
+                    del t
                 pg.barrier().wait()
                 transport.stopwatch.reset()
                 sent = transport.bytes_sent
@@ -163,16 +177,31 @@ def free_port() -> int:
 
 
 def run_group(n: int, args: argparse.Namespace) -> list[dict]:
-    """Spawns ``n`` worker processes and combines their measurements."""
+    """Spawns ``n`` worker processes (each in a shaped network namespace of its own with
+    ``--network``) and combines their measurements."""
+    with contextlib.ExitStack() as stack:
+        net = None
+        if args.network:
+            from islands.runtime.wan import EmulatedNetwork
+
+            bps = [args.network * 1e6] * n
+            net = stack.enter_context(EmulatedNetwork(bps, bps))
+        return _run_group(n, args, net)
+
+
+def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    host = net.addr if net is not None else (lambda r: "127.0.0.1")
+    wrap = net.command if net is not None else (lambda r, argv: argv)
     with tempfile.TemporaryDirectory() as tmp:
         files = [Path(tmp) / f"rank{r}.json" for r in range(n)]
         common = ["--world", str(n), "--port", str(port), "--repeats", str(args.repeats),
-                  "--chunk-mb", str(args.chunk_mb or 0),
+                  "--chunk-mb", str(args.chunk_mb or 0), "--store-host", host(0),
                   "--sizes-mb", *map(str, args.sizes_mb), "--codecs", *args.codecs]
-        procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--result",
-                                   str(files[r]), *common], env=env, stderr=subprocess.PIPE,
+        procs = [subprocess.Popen(wrap(r, [sys.executable, __file__, "--rank", str(r),
+                                           "--host", host(r), "--result", str(files[r]),
+                                           *common]), env=env, stderr=subprocess.PIPE,
                                   text=True) for r in range(n)]
         errs = [p.communicate(timeout=args.timeout_s)[1] for p in procs]
         for r, (p, err) in enumerate(zip(procs, errs)):
@@ -193,11 +222,15 @@ def run_group(n: int, args: argparse.Namespace) -> list[dict]:
             statistics.fmean(r["butterfly_s"][i] for r in parts) for i in range(args.repeats))
             - sum(breakdown.values()))
         g, b = statistics.median(gloo), statistics.median(bfly)
+        native = ([max(r["native_s"][i] for r in parts) for i in range(args.repeats)]
+                  if parts[0].get("native_s") else None)
         rows.append({"workers": n, "size_mb": parts[0]["size_mb"], "codec": parts[0]["codec"],
                      "gloo_s": g, "butterfly_s": b, "gloo_gbps": 4 * numel / g / 1e9,
                      "butterfly_gbps": 4 * numel / b / 1e9, "vs_gloo": g / b,
                      "breakdown_s": breakdown, "gloo_repeats_s": gloo,
                      "butterfly_repeats_s": bfly,
+                     **({"native_s": statistics.median(native), "native_repeats_s": native,
+                         "native_vs_gloo": g / statistics.median(native)} if native else {}),
                      "bytes_sent_per_worker": parts[0]["bytes_sent"],
                      "identical_on_every_worker": len({r["digest"] for r in parts}) == 1})
     return rows
@@ -246,13 +279,14 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
 
     t = Table(title="butterfly over DistTransport vs gloo all_reduce (medians, 1 thread each)")
     for col in ("workers", "MB", "codec", "gloo s", "gloo GB/s", "bfly s", "bfly GB/s",
-                "vs gloo", *ACTIVITIES, "other", "same"):
+                "vs gloo", "native vs gloo", *ACTIVITIES, "other", "same"):
         t.add_column(col, justify="right")
     for r in dist_rows:
         bd = r["breakdown_s"]
         t.add_row(str(r["workers"]), f"{r['size_mb']:g}", r["codec"], f"{r['gloo_s']:.3f}",
                   f"{r['gloo_gbps']:.2f}", f"{r['butterfly_s']:.3f}",
                   f"{r['butterfly_gbps']:.2f}", f"{r['vs_gloo']:.2f}x",
+                  f"{r['native_vs_gloo']:.3f}x" if "native_vs_gloo" in r else "—",
                   *(f"{1e3 * bd[a]:.0f}" for a in (*ACTIVITIES, "other")),
                   "yes" if r["identical_on_every_worker"] else "NO")
     s = Table(title="simulator's butterfly (one process, 1 thread): time per worker vs copy_")
@@ -279,8 +313,13 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=900.0, help="per worker count")
     p.add_argument("--chunk-mb", type=float, default=None,
                    help="the real transport's chunk size (default: wire.CHUNK_BYTES)")
+    p.add_argument("--network", type=float, default=None, metavar="MBIT",
+                   help="each worker in a network namespace of its own, its upload and "
+                        "download shaped to MBIT Mbit/s (root; islands.runtime.wan)")
     p.add_argument("--json", default="bench-results/collective.json")
     # set by the parent for a worker process
+    p.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    p.add_argument("--store-host", default="127.0.0.1", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -62,12 +62,16 @@ class Procs:
         return p
 
     def worker(self, i: int, addr: str, out: Path, overrides=(), extra=()) -> subprocess.Popen:
+        return self.start(f"w{i}", self.worker_argv(i, addr, out, overrides, extra))
+
+    @staticmethod
+    def worker_argv(i: int, addr: str, out: Path, overrides=(), extra=()) -> list[str]:
+        """``islands run``'s command line for worker ``i`` (the TINY run, then overrides)."""
         argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "run"]
         for o in [*TINY, *overrides]:
             argv += ["--set", o]
-        argv += ["--coordinator", addr, "--worker-id", str(i), "--out", str(out / f"w{i}"),
-                 *extra]
-        return self.start(f"w{i}", argv)
+        return argv + ["--coordinator", addr, "--worker-id", str(i), "--out",
+                       str(out / f"w{i}"), *extra]
 
     def stderr(self, p: subprocess.Popen) -> str:
         return next(e for _, q, e in self.items if q is p).read_text()
@@ -120,6 +124,17 @@ def _stop_the_zygote():
     if _zygote is not None:
         _zygote.close()
         _zygote = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_namespace_left():
+    """Every network namespace and link an emulated network made is gone at the end: any a
+    dead owner left behind fails the session (and is removed)."""
+    yield
+    if os.geteuid() == 0:
+        from islands.runtime import wan
+
+        assert wan.remove_stale() == [], "namespaces or links left behind by a test"
 
 
 def wait_exit(p: subprocess.Popen, timeout_s: float = 90) -> int:

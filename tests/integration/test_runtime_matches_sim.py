@@ -11,7 +11,7 @@ import pytest
 
 from islands.core.config import load_config
 from islands.sim.runner import Simulation
-from tests.integration.conftest import TINY, assert_final_equal, free_port
+from tests.integration.conftest import TINY, assert_final_equal, final_state, free_port
 
 
 def _sim(overrides):
@@ -69,3 +69,32 @@ def test_torchrun_fixed_group_matches_sim(tmp_path, procs):
         assert_final_equal(tmp_path / "tr" / f"w{i}", sim.final_state, f"w{i}")
         got = json.loads((tmp_path / "tr" / f"w{i}" / "summary.json").read_text())
         assert got["bytes_sent_total"] == summary["bytes_sent_by_worker"][i]
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_trusted_job_reduces_with_gloo_s_own_all_reduce(tmp_path, procs, workers):
+    """runtime.trust = cluster: the plain mean of a lossless codec goes through gloo's
+    all_reduce. With 2 workers the result is the simulator's bit for bit (each sum has two
+    terms, so its order cannot matter, and halving is exact); with 3 gloo sums in its own
+    order, so the parameters agree up to float rounding."""
+    import torch
+
+    overrides = [*TINY, f"workers={workers}", "algorithm.name=diloco", "runtime.trust=cluster"]
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
+            str(tmp_path / "launch")] + [a for o in overrides for a in ("--set", o)]
+    p = procs.start("launch", argv)
+    sim, summary = _sim(overrides)
+    assert p.wait(timeout=150) == 0
+    merged = json.loads((tmp_path / "launch" / "summary.json").read_text())
+    assert len(merged["final_hashes"]) == 1
+    if workers == 2:
+        assert_final_equal(tmp_path / "launch", sim.final_state, "native, 2 workers")
+    else:
+        got = final_state(tmp_path / "launch")
+        for k, v in sim.final_state.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    assert "collective starts" in procs.stderr(p)
+    # the ring's volume per worker, no headers: below the butterfly's, which counts them
+    n, params = workers, merged["params"]
+    ring = 2 * (n - 1) * 4 * params // n
+    assert merged["bytes_sent_by_worker"][0] == ring * summary["rounds"]

@@ -63,6 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     la.add_argument("--checkpoint-dir", default=None, help="workers write checkpoints here")
     la.add_argument("--overwrite", action="store_true",
                     help="remove a run already in --out (and its workers' folders) first")
+    la.add_argument("--emulate-network", action="store_true",
+                    help="each worker in a network namespace of its own, its upload and "
+                         "download shaped as [network] says (bandwidth; latency stays in the "
+                         "simulator); needs root and iproute2")
     la.set_defaults(func=cmd_launch)
 
     s = sub.add_parser("status", help="a coordinator's members, epoch, rounds, exclusions")
@@ -160,18 +164,20 @@ def cmd_launch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.label}-launch")
 
-    def argv_for(i: int, addr: str) -> list[str]:
+    def argv_for(i: int, addr: str, host: str) -> list[str]:
         argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "run"]
         argv += [args.config] if args.config else []
         for o in overrides:
             argv += ["--set", o]
-        argv += ["--coordinator", addr, "--worker-id", str(i), "--out", str(out / f"w{i}")]
+        argv += ["--coordinator", addr, "--worker-id", str(i), "--out", str(out / f"w{i}"),
+                 "--host", host]
         argv += ["--token-file", args.token_file] if args.token_file else []
         argv += ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
         return argv
 
     merged = launch(cfg, out, argv_for, token=load_token(args.token_file),
-                    existing="overwrite" if args.overwrite else "refuse")
+                    existing="overwrite" if args.overwrite else "refuse",
+                    emulate_network=args.emulate_network)
     print(json_line({k: merged[k] for k in ("algorithm", "workers", "rounds",
                                             "final_eval_loss", "bytes_sent_total",
                                             "final_hashes")}), flush=True)

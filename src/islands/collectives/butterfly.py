@@ -47,6 +47,7 @@ import torch
 from islands.aggregators import mean
 from islands.aggregators.mean import mean_of_rows, streams
 from islands.codecs.base import Codec, Encoded, all_finite
+from islands.codecs.cast import Identity
 from islands.collectives.checks import (
     decode_checked,
     non_finite,
@@ -140,15 +141,15 @@ class Group:
 
     def all_reduce(self, contributions: dict[int, torch.Tensor], *, codecs: dict[int, Codec],
                    aggregator: Aggregator = mean, weights: dict[int, float] | None = None,
-                   tag: str = "all-reduce") -> dict[int, torch.Tensor]:
+                   tag: str = "all-reduce", native: bool = False) -> dict[int, torch.Tensor]:
         """:meth:`start_all_reduce`, waited on."""
         return self.start_all_reduce(contributions, codecs=codecs, aggregator=aggregator,
-                                     weights=weights, tag=tag).wait()
+                                     weights=weights, tag=tag, native=native).wait()
 
     def start_all_reduce(self, contributions: dict[int, torch.Tensor], *,
                          codecs: dict[int, Codec], aggregator: Aggregator = mean,
-                         weights: dict[int, float] | None = None, tag: str = "all-reduce"
-                         ) -> Work:
+                         weights: dict[int, float] | None = None, tag: str = "all-reduce",
+                         native: bool = False) -> Work:
         """Reduces one flat tensor per member; the handle gives each local member's result.
 
         Args:
@@ -157,8 +158,18 @@ class Group:
             aggregator: applied to each shard's stacked decoded contributions.
             weights: {worker: weight} for weighted aggregation (sent in the header).
             tag: names the stream (no round number: codec state carries across rounds).
+            native: a trusted job (``runtime.trust = "cluster"``): where the codec is
+                lossless, the rule the plain mean and the transport has a collective of its
+                own, that collective computes it, in place (the contribution is overwritten:
+                the engine's are fresh tensors). Otherwise the butterfly.
         """
         assert set(contributions) == set(self.local), (sorted(contributions), self.local)
+        if native and weights is None and aggregator is mean and len(self.local) == 1 and all(
+                type(c) is Identity for c in codecs.values()):
+            (me, x), = contributions.items()
+            out = self.transport.all_reduce_mean(x, self.members, f"{tag}/all-reduce")
+            if out is not None:
+                return Work({me: out})
         x0 = next(iter(contributions.values()))
         numel, dtype, device = x0.numel(), x0.dtype, x0.device
         owner = dict(zip(self.members, shard_bounds(numel, len(self.members))))
@@ -177,7 +188,10 @@ class Group:
             return Message(payload, MESSAGE_HEADER_BYTES,
                            weight=1.0 if weights is None else float(weights[i]))
 
-        outgoing = {(i, j): scattered(i, j) for i in self.local for j in self.members if i != j}
+        scatter = f"{tag}/reduce-scatter"
+        with self._or_give_up(scatter):  # a NaN contribution: the peers hear it at once
+            outgoing = {(i, j): scattered(i, j) for i in self.local for j in self.members
+                        if i != j}
         stream = aggregator is mean and streams(len(self.members), dtype)
         rank = {m: r for r, m in enumerate(self.members)}
 
@@ -187,14 +201,14 @@ class Group:
                 return self.transport.scratch(("row", tag, src), (n,), dtype, device)
             return self._stack(tag, n, dtype, device)[rank[src]]
 
-        scatter = f"{tag}/reduce-scatter"
         pending = self.transport.start_exchange(
             outgoing, self.members, scatter, check_finite=False,
             place=self._place(codecs, f"{tag}/scatter", row_place))
 
         # Aggregate each local shard in member order; re-encode for the gather.
         outgoing = {}
-        with _finished(pending):
+        gather = f"{tag}/all-gather"
+        with self._or_give_up(gather), _finished(pending):
             for i in self.local:
                 pending.messages[(i, i)] = scattered(i, i)
             for j in self.local:
@@ -210,7 +224,6 @@ class Group:
                 for k in self.members:
                     outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES)
 
-        gather = f"{tag}/all-gather"
         pending = self.transport.start_exchange(
             outgoing, self.members, gather, check_finite=False,
             place=self._place(codecs, f"{tag}/gather",
@@ -218,6 +231,18 @@ class Group:
         with _finished(pending):
             self._gather(pending, codecs, owner, out, gather)
         return Work(out)
+
+    @contextlib.contextmanager
+    def _or_give_up(self, phase: str) -> Iterator[None]:
+        """Runs the block that prepares this worker's messages of ``phase``; if it refuses
+        them (its own contribution, or a peer's it aggregates: NaN, undecodable), the other
+        members are told at once (:meth:`Transport.give_up`) rather than left waiting for
+        them, and the refusal goes on to the caller."""
+        try:
+            yield
+        except (CodecError, PeerRefused) as e:
+            self.transport.give_up(self.members, phase, str(e))
+            raise
 
     def _place(self, codecs: dict[int, Codec], tag: str, where):
         """Where the real transport receives a payload tensor for a local worker: the raw

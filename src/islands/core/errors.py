@@ -61,6 +61,21 @@ class PeerRefused(CommError):
         self.sender = sender
 
 
+class PeerGaveUp(CommError):
+    """A peer gave up the exchange before sending (its own contribution could not be
+    encoded, or it refused another's): this attempt is void, without blame on ``sender``
+    (who reports the culprit itself).
+
+    Args:
+        message: what the peer said.
+        sender: the worker that gave up.
+    """
+
+    def __init__(self, message: str, sender: int) -> None:
+        super().__init__(message)
+        self.sender = sender
+
+
 class Stopping(CommError):
     """This worker was asked to stop (SIGTERM) while it waited on a peer or the coordinator."""
 

@@ -311,6 +311,13 @@ class RuntimeConfig:
         max_attempts: attempts of one round with the same members before the run fails
             instead of retrying forever (a member blamed for a refused contribution is
             excluded at once, which is a change of members).
+        coordinator_timeout_s: a worker that cannot reach its coordinator this long stops
+            (exit 3) instead of retrying forever; a coordinator restarted within it is
+            rejoined.
+        trust: ``"open"`` (the butterfly: every received message checked, a bad one blamed on
+            its sender) or ``"cluster"`` (trusted members on one network: a lossless codec
+            and the plain mean go through ``torch.distributed.all_reduce``, gloo's or
+            NCCL's, after each member checks its own contribution; see ``islands.collectives``).
     """
 
     heartbeat_s: float = 0.1
@@ -321,10 +328,12 @@ class RuntimeConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int | None = 3
     max_attempts: int = 5
+    coordinator_timeout_s: float = 60.0
+    trust: Literal["open", "cluster"] = "open"
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "heartbeat_timeout_s", "collective_timeout_s",
-                     "join_timeout_s"):
+                     "join_timeout_s", "coordinator_timeout_s"):
             check(getattr(self, name) > 0, f"runtime.{name}", getattr(self, name), "must be > 0")
         check(self.heartbeat_timeout_s > 2 * self.heartbeat_s, "runtime.heartbeat_timeout_s",
               self.heartbeat_timeout_s,

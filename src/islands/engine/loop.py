@@ -151,6 +151,8 @@ class Engine:
         self._curve_every = 1
         self._last_point: dict | None = None  # the latest round's, kept or not
         self._exact = Identity()  # buffers travel as exact fp32
+        # a trusted job: lossless plain means through the transport's own all_reduce
+        self._native = cfg.runtime.trust == "cluster"
 
     # --- a round's pieces ------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class Engine:
                 {wid: c.tensor for wid, c in items.items()},
                 codecs={w.id: self._exact if exact else w.codec for w in workers},
                 aggregator=self.algorithm.aggregator, weights=weights,
-                tag=items[workers[0].id].tag))
+                tag=items[workers[0].id].tag, native=self._native))
         has_buffers = workers[0].buffers != []
 
         def apply(results: list[dict]) -> None:

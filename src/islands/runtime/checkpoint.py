@@ -103,12 +103,17 @@ def worker_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if k.startswith(("inner/", "codec/"))}
 
 
-def verify(path: str | Path, shared: dict[str, torch.Tensor], facts: dict, rounds: int) -> None:
-    """Refuses a checkpoint whose shared state is not what its metadata says.
+def verify(path: str | Path, shared: dict[str, torch.Tensor], facts: dict, rounds: int,
+           private: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuses a checkpoint whose shared state is not what its metadata says, or whose state
+    is not finite.
+
+    Args:
+        private: the worker's own state in it (inner optimizer, codec), checked finite too.
 
     Raises:
-        ConfigError: the hash is missing or differs (corrupt bytes), a value is NaN/Inf, or
-            the round is outside ``[0, rounds]``.
+        ConfigError: the hash is missing or differs (corrupt bytes), a value of the shared or
+            the private state is NaN/Inf, or the round is outside ``[0, rounds]``.
     """
     from islands.runtime.state import digest  # state imports this module's neighbours
 
@@ -122,9 +127,12 @@ def verify(path: str | Path, shared: dict[str, torch.Tensor], facts: dict, round
         raise ConfigError(f"checkpoint {name!r}: its shared state hashes to {got[:12]}, its "
                           f"metadata says {str(facts['hash'])[:12]}: the file is corrupt; "
                           "resume from another checkpoint")
-    for key, t in shared.items():
+    for key, t in {**shared, **(private or {})}.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ConfigError(f"checkpoint {name!r}: {key} holds NaN/Inf; not resuming from it")
+            whose = "" if key in shared else " (this worker's own state, which the hash does " \
+                "not cover)"
+            raise ConfigError(f"checkpoint {name!r}: {key} holds NaN/Inf{whose}; not resuming "
+                              "from it: give an earlier checkpoint")
     r = facts["round"]
     if not isinstance(r, int) or not 0 <= r <= rounds:
         raise ConfigError(f"checkpoint {name!r}: round {r!r} in its metadata is outside this "

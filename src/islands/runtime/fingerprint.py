@@ -8,7 +8,8 @@ run.
 
 Everything in the config is in it, except what may differ per worker: ``threads``, ``device``,
 ``name``, ``eval_every``, ``[runtime]`` (but not the keys the coordinator reads:
-:data:`~islands.core.sections.COORDINATOR_KEYS`), ``[network]`` and ``[compute]``
+:data:`~islands.core.sections.COORDINATOR_KEYS`, nor ``trust``, which picks the collective),
+``[network]`` and ``[compute]``
 (simulator-only), and ``data.corpus`` (the path may differ between machines; the data must not,
 so the sizes of every worker's share are in it). Derived facts are added: the model's parameter
 and buffer shapes (a user's task may build its model from code the config does not show) and
@@ -35,6 +36,8 @@ MAY_DIFFER = ("threads", "device", "name", "eval_every", "runtime.", "network.",
               "data.corpus")
 # ... except these, which the coordinator reads (one value for the whole job)
 COORDINATOR_READS = tuple(f"runtime.{k}" for k in COORDINATOR_KEYS)
+# ... and the collective every member must run alike
+JOB_WIDE = (*COORDINATOR_READS, "runtime.trust")
 
 
 def _shapes(model: torch.nn.Module) -> str:
@@ -51,7 +54,7 @@ def _shapes(model: torch.nn.Module) -> str:
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The must-match settings of a config, flat and JSON-safe (dotted keys, in its order)."""
     flat = flatten(plain(cfg.to_dict()))
-    return {k: v for k, v in flat.items() if k in COORDINATOR_READS
+    return {k: v for k, v in flat.items() if k in JOB_WIDE
             or not any(k == m or (m.endswith(".") and k.startswith(m)) for m in MAY_DIFFER)}
 
 

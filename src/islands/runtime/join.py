@@ -54,7 +54,7 @@ from islands.runtime.auth import load_token
 from islands.runtime.fingerprint import fingerprint
 from islands.runtime.launch import connect, parse_worker_id
 from islands.runtime.member import Member
-from islands.runtime.membership import Removed
+from islands.runtime.membership import Removed, Unauthorized
 from islands.runtime.worker import check_worker_id
 from islands.tasks import ShareSampler, Task
 from islands.transports.dist import DistTransport
@@ -206,9 +206,10 @@ class Job:
         return self.trainer
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # a clean end, or a file that did not fit (a full checkpoint folder): the run's own
-        # files are written either way (the final parameters and summary first)
-        ends = exc_type is None or issubclass(exc_type, StorageError)
+        # a clean end, a file that did not fit (a full checkpoint folder) or a token the
+        # coordinator refuses: the run's own files are written either way (the final
+        # parameters and summary first)
+        ends = exc_type is None or issubclass(exc_type, (StorageError, Unauthorized))
         try:
             if self.trainer is not None and ends:
                 job = self.membership.leave()

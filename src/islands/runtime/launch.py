@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -77,7 +78,8 @@ def connect(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: b
     store = open_store(host, 0, is_master=True, timeout_s=timeout)
     membership = CoordinatorClient(coordinator, token, worker_id, [host, store.port],
                                    heartbeat_s=cfg.runtime.heartbeat_s,
-                                   reconnect_s=cfg.runtime.join_timeout_s, stopping=stopping)
+                                   reconnect_s=cfg.runtime.join_timeout_s, stopping=stopping,
+                                   coordinator_timeout_s=cfg.runtime.coordinator_timeout_s)
     return membership, store
 
 
@@ -154,34 +156,63 @@ def query_status(addr: str, token: bytes) -> dict:
         ch.close()
 
 
-def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str], list[str]], *,
+def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str, str], list[str]], *,
            token: bytes = b"", timeout_s: float | None = None,
-           existing: str = "refuse") -> dict:
+           existing: str = "refuse", emulate_network: bool = False) -> dict:
     """Starts a coordinator here and ``cfg.workers`` worker processes; returns the merged summary.
 
     Args:
         cfg: the run's config.
         out: the launch's folder (``config.json``, ``w<i>/`` per worker, the merged
             ``summary.json``, ``final.safetensors`` and ``loss.png``).
-        argv_for: ``(worker id, coordinator address) -> command line`` of one worker.
+        argv_for: ``(worker id, coordinator address, its own address) -> command line`` of
+            one worker.
         token: the shared secret.
         timeout_s: kill the workers after this long (None: wait).
         existing: ``"refuse"`` another run (or this one finished) in ``out``, or
             ``"overwrite"`` it (its files and its workers' are removed first).
+        emulate_network: each worker in a network namespace of its own, its upload and
+            download shaped as ``[network]`` says (:mod:`islands.runtime.wan`; root only).
     """
+    if emulate_network:
+        from islands.runtime.wan import check_available
+
+        check_available()  # before anything is written
     if existing == "overwrite":
         clear_job(out)
     else:
         RunDir(out, fix="give another --out, or --overwrite to replace it").claim(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg.to_dict())
-    coord = start_coordinator(cfg, 0, token, host="127.0.0.1",
-                              fingerprint=config_fingerprint(cfg))
-    addr = f"127.0.0.1:{coord.port}"
+    with contextlib.ExitStack() as stack:
+        net = stack.enter_context(emulated(cfg)) if emulate_network else None
+        return _launch(cfg, out, argv_for, token, timeout_s, net)
+
+
+def emulated(cfg: RunConfig):
+    """The shaped namespaces of ``cfg.workers`` workers, from ``[network]`` (the coordinator
+    in this process, on the bridge's own address)."""
+    from islands.runtime.wan import EmulatedNetwork
+
+    n, default = cfg.workers, cfg.network.bandwidth_bps
+    links = {w.id: w for w in cfg.network.worker}
+    up = [getattr(links.get(i), "upload_bps", None) or default for i in range(n)]
+    down = [getattr(links.get(i), "download_bps", None) or default for i in range(n)]
+    return EmulatedNetwork(up, down)
+
+
+def _launch(cfg, out, argv_for, token, timeout_s, net) -> dict:
+    host = net.gateway if net is not None else "127.0.0.1"
+    # a private bridge on this machine: no token needed, as on loopback
+    coord = start_coordinator(cfg, 0, token, host=host, fingerprint=config_fingerprint(cfg),
+                              insecure=net is not None)
+    addr = f"{host}:{coord.port}"
+    wrap = net.command if net is not None else (lambda i, argv: argv)
+    own = net.addr if net is not None else (lambda i: "127.0.0.1")
     # each worker sets its torch threads from the config's `threads` (auto: 1 on the CPU);
     # their stdout comes through here line by line, so no two lines ever share one
-    procs = [subprocess.Popen(argv_for(i, addr), stdout=subprocess.PIPE, text=True)
-             for i in range(cfg.workers)]
+    procs = [subprocess.Popen(wrap(i, argv_for(i, addr, own(i))), stdout=subprocess.PIPE,
+                              text=True) for i in range(cfg.workers)]
     relays = [threading.Thread(target=_relay, args=(p.stdout,), daemon=True) for p in procs]
     for t in relays:
         t.start()

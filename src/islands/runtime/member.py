@@ -147,7 +147,8 @@ class Member:
         """Loads a checkpoint of the shared state (and this worker's own state, if it is its)."""
         tensors, facts = checkpoint.load(path)
         shared = checkpoint.shared_part(tensors)
-        checkpoint.verify(path, shared, facts, self.engine.rounds)
+        checkpoint.verify(path, shared, facts, self.engine.rounds,
+                          private=checkpoint.worker_part(tensors))
         try:
             state.check(shared, state.snapshot(self.algorithm, self.worker), src=self.me)
         except CommError as e:
@@ -184,8 +185,10 @@ class Member:
                                timeout_s=self.cfg.runtime.collective_timeout_s)
         prefix = f"{res['prefix']}/{derive(self.token, res['prefix'])}/"
         t0 = time.perf_counter()
+        host = getattr(self.membership, "host", None)  # gloo binds where peers reach us
         group = self._form(lambda: new_group(store, prefix, members.index(self.me),
-                                             len(members), self.cfg.runtime.collective_timeout_s))
+                                             len(members), self.cfg.runtime.collective_timeout_s,
+                                             host=host))
         self.transport.use_group(group, members)
         self.epoch, self._prefix = res["epoch"], res["prefix"]
         log.info("worker %d: epoch %d with members %s (group formed in %.3f s)", self.me,

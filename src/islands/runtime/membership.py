@@ -4,7 +4,10 @@
 heartbeats (a thread, every ``heartbeat_s``; the coordinator drops the worker when it closes
 or falls silent) and one for the blocking round barriers. A lost coordinator is reconnected to
 for up to ``reconnect_s``; if it came back as a new instance (a restart), the request raises
-:class:`CoordinatorRestarted` so the worker aborts the round and re-enters at ``start``.
+:class:`CoordinatorRestarted` so the worker aborts the round and re-enters at ``start``. A
+coordinator unreachable for ``coordinator_timeout_s`` is gone for good (:class:`CoordinatorLost`:
+the worker stops, exit 3); one that refuses the token is :class:`Unauthorized` at once (exit
+2), never retried in a loop.
 
 :class:`FixedMembership` is the same interface for a fixed group (``torchrun``): every barrier
 returns everyone at once; a failure is fatal.
@@ -30,6 +33,14 @@ class Removed(IslandsError):
     job finished without it, or a round failed for good. Not a ``CommError``: no retry."""
 
 
+class CoordinatorLost(Removed):
+    """The coordinator could not be reached for ``runtime.coordinator_timeout_s``."""
+
+
+class Unauthorized(IslandsError):
+    """The coordinator refuses this worker's token: fatal at once (a retry cannot fix it)."""
+
+
 class CoordinatorClient:
     """Talks to the coordinator for one worker.
 
@@ -45,14 +56,19 @@ class CoordinatorClient:
         fingerprint: this worker's config fingerprint (:mod:`islands.runtime.fingerprint`).
         stopping: set by SIGTERM: a request waiting on the coordinator gives up at once
             (:class:`Stopping`) instead of holding the process.
+        coordinator_timeout_s: unreachable this long, the coordinator is gone for good.
     """
 
     def __init__(self, addr: str, token: bytes, worker: int, store: list, *,
                  heartbeat_s: float = 0.1, reconnect_s: float = 30.0,
                  on_live: Callable[[set[int], float], None] | None = None,
                  fingerprint: dict | None = None,
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None,
+                 coordinator_timeout_s: float = 60.0) -> None:
         self.addr, self.token, self.worker, self.store = addr, token, worker, store
+        self.host = store[0]  # the address peers reach this worker at (gloo binds there)
+        self.coordinator_timeout_s = coordinator_timeout_s
+        self._lost_since: float | None = None  # since when no request has gone through
         self.heartbeat_s = heartbeat_s
         self.reconnect_s = reconnect_s
         self.on_live = on_live
@@ -66,6 +82,8 @@ class CoordinatorClient:
 
     def _connect(self, channel: str) -> Channel:
         deadline = time.monotonic() + self.reconnect_s
+        if self._lost_since is not None:  # no longer than the coordinator may be gone
+            deadline = min(deadline, self._lost_since + self.coordinator_timeout_s)
         while True:
             try:
                 ch = client_connect(self.addr, self.token,
@@ -74,8 +92,9 @@ class CoordinatorClient:
                                      "fingerprint": self.fingerprint})
                 ch.sock.settimeout(None)
                 return ch
-            except AuthError:
-                raise
+            except AuthError as e:
+                raise Unauthorized(f"{e}: every worker needs the coordinator's token "
+                                   "(--token-file); stopping") from None
             except CommError:
                 if self.stopping.is_set():
                     raise Stopping("asked to stop while connecting to the coordinator") \
@@ -98,6 +117,7 @@ class CoordinatorClient:
         with self._lock:
             self._control.send(req)
             reply = self._control.recv(stop=self.stopping)
+        self._lost_since = None
         if reply.get("removed"):
             raise Removed(reply["error"])
         if reply.get("error"):
@@ -120,19 +140,37 @@ class CoordinatorClient:
             if "dropped" in str(e) or "superseded" in str(e):
                 self.incarnation = secrets.token_hex(8)
                 self._control.close()
-                self._control = self._connect("control")
+                self._reconnect()
                 raise CoordinatorRestarted(f"this worker was dropped ({e}); rejoining") \
                     from None
             if "refused" in str(e):
                 raise
         self._control.close()
-        self._control = self._connect("control")
+        self._reconnect()
         instance = self._control_instance()
         if instance != self.instance:
             self.instance = instance
             raise CoordinatorRestarted(f"coordinator restarted (instance {instance}); "
                                        "the round in flight is aborted")
         return self.request_raw({"op": op, **fields})
+
+    def _reconnect(self) -> None:
+        """A new control connection; gives up for good once the coordinator has been
+        unreachable for ``coordinator_timeout_s``."""
+        if self._lost_since is None:
+            self._lost_since = time.monotonic()
+        try:
+            self._control = self._connect("control")
+        except Stopping:
+            raise
+        except CommError as e:
+            lost = time.monotonic() - self._lost_since
+            if lost >= self.coordinator_timeout_s:
+                raise CoordinatorLost(
+                    f"the coordinator at {self.addr} has been unreachable for {lost:.0f} s "
+                    f"(runtime.coordinator_timeout_s = {self.coordinator_timeout_s:g}): it is "
+                    f"gone; this worker stops ({e})") from None
+            raise
 
     def _heartbeats(self) -> None:
         ch = None
@@ -148,7 +186,7 @@ class CoordinatorClient:
                     raise CommError(reply.get("error", "re-registered"))
                 if self.on_live is not None and "live" in reply:
                     self.on_live(set(reply["live"]), sent_at)
-            except CommError:
+            except (CommError, Unauthorized):  # the main thread reports what is fatal
                 if ch is not None:
                     ch.close()
                 ch = None

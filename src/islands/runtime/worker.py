@@ -39,7 +39,7 @@ from islands.metrics.run_dir import RunDir
 from islands.runtime import outputs
 from islands.runtime.fingerprint import fingerprint
 from islands.runtime.member import Member
-from islands.runtime.membership import Removed
+from islands.runtime.membership import Removed, Unauthorized
 from islands.transports.dist import DistTransport
 
 log = logging.getLogger("islands.worker")
@@ -142,7 +142,8 @@ class RuntimeWorker:
             log.error("worker %d stops: %s", self.me, e)
         except Stopping:
             log.info("worker %d asked to stop before joining", self.me)
-        except StorageError as e:  # a checkpoint that does not fit: stop, the rest written
+        except (StorageError, Unauthorized) as e:  # a checkpoint that does not fit, a token
+            # the coordinator refuses: stop at once (exit 2), this worker's files written
             self.error = str(e)
             log.error("worker %d stops: %s", self.me, e)
         finally:

@@ -125,6 +125,18 @@ class Transport(ABC):
         return Exchange(self.exchange(messages, members, phase, place=place,
                                       check_finite=check_finite))
 
+    def all_reduce_mean(self, tensor: torch.Tensor, members: tuple[int, ...], phase: str
+                        ) -> torch.Tensor | None:
+        """The plain mean of one local worker's ``tensor`` over ``members`` by the transport's
+        own collective (gloo's or NCCL's ``all_reduce``), in place; None where the transport
+        has none (the simulator's), and the caller runs the butterfly instead."""
+        return None
+
+    def give_up(self, members: tuple[int, ...], phase: str, reason: str) -> None:
+        """Tells the other members at once that this worker sends nothing in ``phase`` (a
+        transport whose members wait on each other must; the simulator's, where nobody
+        waits, does nothing)."""
+
     def scratch(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
         """A buffer kept under ``key`` from one call to the next (a new one when the shape or

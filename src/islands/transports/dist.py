@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import queue
 import threading
 import time
@@ -39,10 +40,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from islands.core.errors import CommError, PeerRefused, Stopping
+from islands.core.errors import CodecError, CommError, PeerGaveUp, PeerRefused, Stopping
 from islands.core.timing import timed
 from islands.transports import wire
 from islands.transports.base import Exchange, Message, Place, Transport
+
+# at most this many pieces of a native all_reduce (each at least 2^23 values)
+NATIVE_PIECES = 4
 
 
 def open_store(host: str, port: int, *, is_master: bool, timeout_s: float) -> dist.Store:
@@ -55,11 +59,23 @@ def open_store(host: str, port: int, *, is_master: bool, timeout_s: float) -> di
 
 
 def new_group(store: dist.Store, prefix: str, rank: int, size: int,
-              timeout_s: float) -> dist.ProcessGroup:
-    """A fresh gloo process group of ``size`` ranks; ``prefix`` isolates it in ``store``."""
+              timeout_s: float, *, host: str | None = None) -> dist.ProcessGroup:
+    """A fresh gloo process group of ``size`` ranks; ``prefix`` isolates it in ``store``.
+
+    Args:
+        host: the address this worker's peers reach it at (``--host``): gloo binds its
+            sockets there. Without it gloo binds to the address the machine's host name
+            resolves to, often 127.0.0.1, which peers on other hosts (or in other network
+            namespaces) cannot reach; ``GLOO_SOCKET_IFNAME`` overrides both.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size,
-                                     datetime.timedelta(seconds=timeout_s))
+        if host and not os.environ.get("GLOO_SOCKET_IFNAME"):
+            options = dist.ProcessGroupGloo._Options()
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            options._timeout = timeout
+            return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, options)
+        return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, timeout)
     except RuntimeError as e:
         raise CommError(f"process group {prefix!r} (rank {rank} of {size}) failed to form: "
                         f"{e}") from None
@@ -161,7 +177,7 @@ class DistTransport(Transport):
                 try:
                     if (h := wire.unpack_header(head_bufs[p], p)) is not None:
                         specs[p] = h
-                except PeerRefused as e:
+                except (PeerRefused, PeerGaveUp) as e:
                     refused[p] = e
             received = {p: wire.receive_buffers(
                 h, None if place is None else lambda *t, p=p: place(p, me, *t))
@@ -186,14 +202,82 @@ class DistTransport(Transport):
             raise next(iter(refused.values()))
         return arriving
 
+    def all_reduce_mean(self, tensor: torch.Tensor, members: tuple[int, ...], phase: str
+                        ) -> torch.Tensor:
+        """``torch.distributed.all_reduce`` of ``tensor / n``, in place: the plain mean, for a
+        trusted job (``runtime.trust = "cluster"``) with a lossless codec.
+
+        Each member divides its own contribution by ``n`` and checks it is finite in the same
+        pass (the fused kernel of torch's gradient scaler), up to four pieces of at least
+        32 MB, each sent as soon as it is checked; then all members share a vector of who
+        found NaN/Inf (a few bytes): a bad contribution is named at once, by every member
+        alike, and the result is void. The sum is gloo's own (its order,
+        not the butterfly's: see ``islands.collectives``). Bytes: the ring's
+        ``2 (n - 1) / n`` of the tensor per worker, sent and received (gloo's own framing is
+        not counted).
+
+        Raises:
+            CodecError: this worker's contribution holds NaN/Inf (it blames itself).
+            PeerRefused: another's does, naming it.
+            CommError: the collective failed (a peer gone, the timeout).
+        """
+        me, n = self.worker, len(members)
+        missing = [m for m in members if m not in self.ranks]
+        if self.group is None or missing or sorted(members) != sorted(self.ranks):
+            raise CommError(f"{phase}: the native all_reduce needs the whole current group "
+                            f"(members {list(members)}, group {sorted(self.ranks)})")
+        found = torch.zeros(1, dtype=torch.float32, device=tensor.device)
+        inv = torch.full((1,), 1.0 / n, dtype=torch.float32, device=tensor.device)
+        # piece by piece, so that checking a piece overlaps the all_reduce of the one before
+        # (a NaN in a later piece wastes the pieces already sent, nothing else: the flags
+        # below void the result)
+        works = []
+        for piece in tensor.chunk(max(1, min(NATIVE_PIECES, tensor.numel() >> 23))):
+            torch._amp_foreach_non_finite_check_and_unscale_([piece], found, inv)
+            works.append(self.group.allreduce([piece]))
+        self._wait(works, phase)
+        flags = torch.zeros(n, dtype=torch.float32)
+        flags[self.ranks[me]] = float(found.item())
+        self._wait([self.group.allreduce([flags])], phase)
+        bad = [m for m in sorted(self.ranks) if flags[self.ranks[m]] > 0]
+        if me in bad:
+            raise CodecError(f"{phase}: worker {me}'s own contribution holds NaN/Inf")
+        if bad:
+            raise PeerRefused(f"{phase}: worker {bad[0]}'s contribution holds NaN/Inf", bad[0])
+        volume = 2 * (n - 1) * tensor.numel() * tensor.element_size() // n
+        self.bytes_sent += volume
+        self.bytes_received += volume
+        self.wire_bytes_sent += volume + 4 * n
+        self.wire_bytes_received += volume + 4 * n
+        return tensor
+
+    def give_up(self, members: tuple[int, ...], phase: str, reason: str) -> None:
+        """Tells every other member at once that this worker will send nothing in ``phase``
+        (its own contribution could not be encoded, or it refused another's): a header that
+        says why takes the place of each message, so the peers end the exchange now instead
+        of waiting ``timeout_s`` for bytes that will not come. Their headers are taken and
+        dropped (they send no payload to a member that gave up)."""
+        me = self.worker
+        peers = [m for m in members if m != me and m in self.ranks]
+        void = wire.pack_void(f"{phase}: {reason}")
+        bufs = {p: torch.empty(wire.MAX_HEADER_BYTES, dtype=torch.uint8) for p in peers}
+        with contextlib.suppress(CommError):  # the peers learn it, or they are gone anyway
+            self._transfer([(void, p) for p in peers], [(bufs[p], p) for p in peers], 0,
+                           phase)
+
     def _post(self, sends: list, recvs: list, tag: int, phase: str) -> list:
         """Posts gloo sends and receives of ``(tensor, peer)``; returns their works."""
+        # Receives first: gloo tells the peer "ready to receive" on the pair's one TCP
+        # connection, in order behind whatever this side sends. Posted after a send whose
+        # data is already flowing, that notice would wait behind all of it, and the peer's
+        # data could not start until ours had crossed: a full-duplex link used one way at a
+        # time (half its capacity over a slow link).
         try:
+            recv_works = [self.group.recv([t], self.ranks[p], tag) for t, p in recvs]
             works = [self.group.send([t], self.ranks[p], tag) for t, p in sends]
-            works += [self.group.recv([t], self.ranks[p], tag) for t, p in recvs]
         except RuntimeError as e:  # a pair already known dead fails at once
             raise CommError(f"{phase}: a peer failed: {str(e).splitlines()[0]}") from None
-        return works
+        return works + recv_works
 
     def _transfer(self, sends: list, recvs: list, tag: int, phase: str) -> None:
         works = self._post(sends, recvs, tag, phase)

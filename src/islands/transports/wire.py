@@ -36,7 +36,7 @@ import torch
 
 from islands.codecs.base import PAYLOAD_DTYPES, Encoded, all_finite
 from islands.core import memory
-from islands.core.errors import CommError, PeerRefused
+from islands.core.errors import CommError, PeerGaveUp, PeerRefused
 from islands.transports.base import Message
 
 MAX_HEADER_BYTES = 1 << 20  # received into a buffer this large; only the pages used are touched
@@ -85,6 +85,12 @@ def pack_header(msg: Message | None) -> torch.Tensor:
     return torch.frombuffer(bytearray(struct.pack("<I", len(head)) + head), dtype=torch.uint8)
 
 
+def pack_void(reason: str) -> torch.Tensor:
+    """A header that says: no message follows, this worker gave up the exchange (why)."""
+    head = json.dumps({"void": str(reason)[:500]}, separators=(",", ":")).encode()
+    return torch.frombuffer(bytearray(struct.pack("<I", len(head)) + head), dtype=torch.uint8)
+
+
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * dtype.itemsize
 
@@ -105,6 +111,9 @@ def unpack_header(buf: torch.Tensor, peer: int) -> Header | None:
         raw = json.loads(buf[4:4 + hlen].numpy().tobytes())
         if raw is None:
             return None
+        if isinstance(raw, dict) and "void" in raw:
+            raise PeerGaveUp(f"worker {peer} gave up the exchange: {str(raw['void'])[:500]}",
+                             peer)
         tensors, names, total = [], set(), 0
         for name, dtype, shape in raw["t"]:
             if not isinstance(name, str) or name in names:

@@ -1,0 +1,133 @@
+"""Over real slow links: the collectives, and the main job's DDP and DiLoCo as real processes,
+each worker in a network namespace of its own with its upload and download shaped by tc's
+token bucket (``islands.runtime.wan``; root only). Latency is not emulated (see that module).
+
+1. Collectives (``benchmarks/collective.py --network MBIT`` for each bandwidth): gloo's fp32
+   ``all_reduce`` against the butterfly with ``identity``, ``int8`` and ``int4``, 2 and 4
+   workers, 16 and 128 MB: seconds, goodput, the ratio to gloo, and the link's utilization
+   (payload bits each worker sent over the capacity times the time).
+2. The main job's model (the byte-level GPT, 0.63M parameters, no warm start) under DDP and
+   DiLoCo (H = 50), 4 workers, through ``islands launch --emulate-network``: the wall time per
+   round (commit to commit, the first round left out) beside the simulator's virtual time per
+   round for the same ``[network]``, with ``[compute] step_time_s`` set from the measured
+   inner steps, and the ratio.
+
+Run it (as root): ``python benchmarks/wan.py`` (about 40 minutes on 2 cores), ``--quick`` for
+one bandwidth, two sizes and fewer repeats. Writes ``bench-results/wan.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_JOB = ["workers=4", "device=cpu", "eval_every=1000000", "init.warm_start_steps=0",
+            "network.latency_s=0.0001"]
+JOBS = {"ddp": ["algorithm.name=ddp", "steps=30"],
+        "diloco": ["algorithm.name=diloco", "algorithm.sync_every=50", "steps=250"]}
+
+
+def collectives(mbit: float, args: argparse.Namespace) -> list[dict]:
+    """``benchmarks/collective.py --network`` at ``mbit``; its rows with the link's use."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "c.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "collective.py"), "--network",
+                        str(mbit), "--no-sim", "--workers", *map(str, args.workers),
+                        "--sizes-mb", *map(str, args.sizes_mb), "--codecs", *args.codecs,
+                        "--repeats", str(args.repeats), "--json", str(out)], check=True)
+        rows = json.loads(out.read_text())["dist"]
+    for r in rows:
+        r["mbit"] = mbit
+        r["utilization"] = 8 * r["bytes_sent_per_worker"] / (mbit * 1e6 * r["butterfly_s"])
+        # gloo's ring sends 2 (n - 1) / n of the tensor's fp32 bytes per worker
+        gloo_bytes = 2 * (r["workers"] - 1) / r["workers"] * r["size_mb"] * 2**20
+        r["gloo_utilization"] = 8 * gloo_bytes / (mbit * 1e6 * r["gloo_s"])
+    return rows
+
+
+def job(algo: str, mbit: float, workdir: Path) -> dict:
+    """One real run of the main job's model over the shaped link, and the simulator's
+    prediction of its time per round."""
+    from islands.core.config import load_config
+    from islands.metrics.run_dir import read_metrics
+    from islands.sim.runner import simulate
+
+    sets = [*MAIN_JOB, *JOBS[algo], f"network.bandwidth_bps={mbit * 1e6}"]
+    out = workdir / f"{algo}-{mbit:g}"
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
+            "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = read_metrics(out / "w0")
+    commits = [r["commit_unix"] for r in rows]
+    measured = statistics.median(b - a for a, b in zip(commits, commits[1:]))
+    cfg = load_config(None, sets)
+    h = 1 if algo == "ddp" else cfg.algorithm.sync_every
+    step_s = statistics.median(r["inner_s"] for r in rows[1:]) / h
+    predicted = simulate(cfg.replace(**{"compute.step_time_s": step_s}))
+    per_round = predicted["virtual_time_s"] / predicted["rounds"]
+    return {"algorithm": algo, "mbit": mbit, "workers": cfg.workers, "rounds": len(rows),
+            "measured_round_s": measured, "step_s": step_s,
+            "predicted_round_s": per_round, "predicted_over_measured": per_round / measured}
+
+
+def print_tables(coll: list[dict], jobs: list[dict]) -> None:
+    t = Table(title="collectives over shaped links (medians, one torch thread per worker)")
+    for col in ("Mbit/s", "workers", "MB", "codec", "gloo s", "bfly s", "vs gloo",
+                "link used (bfly)", "link used (gloo)", "same"):
+        t.add_column(col, justify="right")
+    for r in coll:
+        t.add_row(f"{r['mbit']:g}", str(r["workers"]), f"{r['size_mb']:g}", r["codec"],
+                  f"{r['gloo_s']:.2f}", f"{r['butterfly_s']:.2f}", f"{r['vs_gloo']:.2f}x",
+                  f"{100 * r['utilization']:.0f}%", f"{100 * r['gloo_utilization']:.0f}%",
+                  "yes" if r["identical_on_every_worker"] else "NO")
+    j = Table(title="the main job's model as real processes vs the simulator's prediction")
+    for col in ("algorithm", "Mbit/s", "workers", "step s", "measured s/round",
+                "predicted s/round", "predicted / measured"):
+        j.add_column(col, justify="right")
+    for r in jobs:
+        j.add_row(r["algorithm"], f"{r['mbit']:g}", str(r["workers"]), f"{r['step_s']:.3f}",
+                  f"{r['measured_round_s']:.3f}", f"{r['predicted_round_s']:.3f}",
+                  f"{r['predicted_over_measured']:.2f}")
+    console = Console(width=160)
+    console.print(t)
+    console.print(j)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bandwidths", type=float, nargs="+", default=[100.0, 1000.0],
+                   metavar="MBIT")
+    p.add_argument("--workers", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--sizes-mb", type=float, nargs="+", default=[16.0, 128.0])
+    p.add_argument("--codecs", nargs="+", default=["identity", "int8", "int4"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS))
+    p.add_argument("--no-collectives", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="100 Mbit/s only, 2 workers, 16 MB, 3 repeats")
+    p.add_argument("--json", default="bench-results/wan.json")
+    args = p.parse_args()
+    if args.quick:
+        args.bandwidths, args.workers, args.sizes_mb, args.repeats = [100.0], [2], [16.0], 3
+    coll = [] if args.no_collectives else [r for m in args.bandwidths
+                                          for r in collectives(m, args)]
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [job(a, m, Path(tmp)) for m in args.bandwidths for a in args.jobs]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"argv": sys.argv, "collectives": coll,
+                                           "jobs": jobs}, indent=2) + "\n")
+    print_tables(coll, jobs)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Real processes over emulated slow links and network faults: workers in network namespaces
+of their own (``islands.runtime.wan``) form their group at the address they advertise; the
+harness leaves nothing behind, even when its owner is killed; a coordinator gone for good, or
+back with another token, ends every worker (exit 3, exit 2) instead of a retry loop; a worker
+whose contribution is NaN tells its peers at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from islands.core.config import load_config
+from islands.runtime import wan
+from islands.sim.runner import Simulation
+from tests.integration.conftest import (
+    TINY,
+    assert_final_equal,
+    free_port,
+    last_round,
+    metrics,
+    wait_until,
+)
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root "
+                                "(CI runs as root)")
+
+
+@needs_root
+def test_workers_in_namespaces_form_their_group_at_their_own_address(tmp_path, procs):
+    """islands launch --emulate-network: each worker in its own namespace on a bridge, links
+    shaped to 50 Mbit/s; gloo binds where each worker is reached (--host), so the group forms
+    and the run ends with the simulator's parameters."""
+    sets = [*TINY, "workers=2", "network.bandwidth_bps=50e6"]
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
+            "--out", str(tmp_path / "emu")]
+    p = procs.start("launch", argv + [a for s in sets for a in ("--set", s)])
+    sim = Simulation(load_config(None, sets))
+    sim.run()
+    assert p.wait(timeout=120) == 0
+    assert_final_equal(tmp_path / "emu", sim.final_state, "emulated network")
+    assert not [n for n in wan.owned()["namespaces"] if str(p.pid) in n]
+
+
+@needs_root
+def test_the_harness_removes_its_namespaces_when_its_owner_is_killed(tmp_path):
+    script = ("import sys, time\nfrom islands.runtime.wan import EmulatedNetwork\n"
+              "net = EmulatedNetwork([10e6] * 2, [10e6] * 2).start()\n"
+              "print(net.prefix, flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    prefix = p.stdout.readline().strip()
+    made = [n for names in wan.owned().values() for n in names if n.startswith(prefix)]
+    assert len(made) == 2 + 1 + 2  # two namespaces, the bridge, two links
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    wait_until(lambda: not any(n.startswith(prefix) for names in wan.owned().values()
+                               for n in names), 20, "the guardian's cleanup")
+
+
+def _coordinator(procs, port: int, token_file, name: str):
+    argv = [sys.executable, "-m", "islands.cli.main", "coordinator", "--host", "127.0.0.1",
+            "--port", str(port), "--token-file", str(token_file)]
+    return procs.start(name, argv)
+
+
+def _workers(procs, port: int, out, token_file, n: int = 2, over=()):
+    argv = ["--token-file", str(token_file)]
+    return [procs.worker(i, f"127.0.0.1:{port}", out, ["workers=2", "steps=4000",
+                                                       "algorithm.sync_every=5", *over], argv)
+            for i in range(n)]
+
+
+def test_a_coordinator_gone_for_good_ends_every_worker(tmp_path, procs):
+    token = tmp_path / "token"
+    token.write_text("first secret")
+    port = free_port()
+    coord = _coordinator(procs, port, token, "coordinator")
+    out = tmp_path / "run"
+    ws = _workers(procs, port, out, token, over=["runtime.coordinator_timeout_s=3",
+                                                 "runtime.join_timeout_s=2"])
+    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 1, 90, "round 1")
+    coord.send_signal(signal.SIGKILL)
+    coord.wait()
+    for p in ws:  # they stop (before: they retried every join_timeout_s, forever)
+        assert p.wait(timeout=60) == 3
+        assert "has been unreachable for" in procs.stderr(p)
+    for i in range(2):  # and write their run directory on the way out
+        assert json.loads((out / f"w{i}" / "summary.json").read_text())["removed"]
+
+
+def test_a_coordinator_back_with_another_token_ends_every_worker_at_once(tmp_path, procs):
+    token = tmp_path / "token"
+    token.write_text("first secret")
+    port = free_port()
+    coord = _coordinator(procs, port, token, "coordinator")
+    out = tmp_path / "run"
+    ws = _workers(procs, port, out, token)
+    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 1, 90, "round 1")
+    coord.send_signal(signal.SIGKILL)
+    coord.wait()
+    other = tmp_path / "other"
+    other.write_text("another secret")
+    _coordinator(procs, port, other, "impostor")
+    for p in ws:
+        assert p.wait(timeout=60) == 2
+        err = procs.stderr(p)
+        assert "bad token" in err and err.count("bad token") <= 5  # not thousands of aborts
+        assert "every worker needs the coordinator's token" in err
+
+
+def test_a_nan_contribution_is_told_to_the_peers_at_once_naming_its_worker(tmp_path, procs,
+                                                                         coordinator):
+    """Worker 2's pseudo-gradient turns NaN at round 2: it cannot encode it and says so in
+    place of its messages, so the others end the attempt at once (not after the 30 s
+    collective timeout) and retry without it; it is excluded by its own report."""
+    coord = coordinator(heartbeat_timeout_s=5.0)
+    addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
+    over = ["workers=3", "steps=40", "algorithm.sync_every=5", "runtime.heartbeat_timeout_s=5.0"]
+    ws = [procs.worker(i, addr, out, over) for i in (0, 1)]
+    bad = procs.start("nan", [sys.executable, "tests/integration/nan_worker.py",
+                              *procs.worker_argv(2, addr, out, over)[4:]])
+    assert bad.wait(timeout=90) == 3
+    assert all(p.wait(timeout=90) == 0 for p in ws)
+    assert "excluded from the run at round 2" in procs.stderr(bad)
+    for p in ws:
+        err = procs.stderr(p)
+        assert "worker 2 gave up the exchange" in err and "NaN/Inf" in err
+        assert "no answer within" not in err  # nobody waited for the timeout
+    row = next(r for r in metrics(out / "w0") if r["round"] == 2)
+    assert row["excluded"][0]["worker"] == 2 and row["attempts"] == 2
+    assert coord.status()["excluded"]["2"]["by"] == 2  # its own report named it

@@ -1,0 +1,88 @@
+"""Pieces of the slow-link harness and of the network fault handling, in process: the harness
+refuses clearly without root; a give-up header names its worker and why; a lost coordinator
+ends the retries; a checkpoint whose private state is NaN is refused; the collective a job
+runs (runtime.trust) must be the same on every worker."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+
+from islands.core.config import load_config
+from islands.core.errors import ConfigError, PeerGaveUp
+from islands.runtime import wan
+from islands.runtime.fingerprint import config_fingerprint, refusal
+from islands.runtime.membership import CoordinatorClient, CoordinatorLost
+from islands.transports import wire
+
+
+def test_the_harness_says_what_it_needs(monkeypatch):
+    monkeypatch.setattr(wan.os, "geteuid", lambda: 1000)
+    with pytest.raises(ConfigError, match="needs root: run it as root"):
+        wan.check_available()
+    monkeypatch.setattr(wan.shutil, "which", lambda tool: None)
+    with pytest.raises(ConfigError, match="needs iproute2's ip and tc"):
+        wan.check_available()
+    assert wan.tbf_burst(100e6) == 125_000 and wan.tbf_burst(1e6) == 1 << 16
+
+
+def test_a_give_up_header_names_its_worker_and_why():
+    buf = torch.zeros(wire.MAX_HEADER_BYTES, dtype=torch.uint8)
+    void = wire.pack_void("all-reduce/reduce-scatter: worker 2's own contribution holds NaN")
+    buf[:void.numel()] = void
+    with pytest.raises(PeerGaveUp, match="worker 2 gave up the exchange: .* holds NaN") as e:
+        wire.unpack_header(buf, 2)
+    assert e.value.sender == 2
+
+
+def test_a_coordinator_unreachable_past_its_timeout_is_gone_for_good():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = CoordinatorClient(f"127.0.0.1:{port}", b"", 0, ["127.0.0.1", 1], reconnect_s=0.2,
+                               coordinator_timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(CoordinatorLost, match=r"unreachable for .*coordinator_timeout_s = 0.5"):
+        for _ in range(10):  # each failed attempt is a CommError (the round aborts, retries)
+            try:
+                client._reconnect()
+            except CoordinatorLost:
+                raise
+            except Exception:  # noqa: BLE001 (a CommError: not yet given up)
+                continue
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_checkpoint_whose_inner_state_is_nan_is_refused(tmp_path):
+    from islands.algorithms import DiLoCo
+    from islands.algorithms.base import Worker
+    from islands.codecs.cast import Identity
+    from islands.runtime import checkpoint, state
+
+    model = torch.nn.Linear(2, 2)
+    w = Worker(0, model, torch.optim.Adam(model.parameters()), Identity())
+    algo = DiLoCo(2)
+    algo.attach(w)
+    model(torch.ones(1, 2)).sum().backward()
+    w.inner.step()
+    w.inner.state[next(iter(w.inner.state))]["exp_avg"].fill_(float("nan"))
+    shared = algo.shared_state(w)
+    path = tmp_path / "round-1.safetensors"
+    checkpoint.save(path, shared, {"round": 1, "hash": state.digest(shared)}, w)
+    tensors, facts = checkpoint.load(path)
+    checkpoint.verify(path, checkpoint.shared_part(tensors), facts, 4)  # the hash agrees
+    with pytest.raises(ConfigError, match=r"inner/0/exp_avg holds NaN/Inf \(this worker's own "
+                                          r"state, which the hash does not cover\)"):
+        checkpoint.verify(path, checkpoint.shared_part(tensors), facts, 4,
+                          private=checkpoint.worker_part(tensors))
+
+
+def test_every_worker_must_run_the_same_collective():
+    job = config_fingerprint(load_config(None, []))
+    mine = config_fingerprint(load_config(None, ["runtime.trust=cluster"]))
+    assert "runtime.trust is 'open' in the job and 'cluster' here" in refusal(job, mine)
+    assert refusal(job, config_fingerprint(load_config(None, ["runtime.heartbeat_s=0.2"]))) \
+        is None
