@@ -70,8 +70,10 @@ def job(algo: str, mbit: float, workdir: Path) -> dict:
     commits = [r["commit_unix"] for r in rows]
     measured = statistics.median(b - a for a, b in zip(commits, commits[1:]))
     cfg = load_config(None, sets)
-    h = 1 if algo == "ddp" else cfg.algorithm.sync_every
-    step_s = statistics.median(r["inner_s"] for r in rows[1:]) / h
+    # the measured compute of an inner step (its batch, forward and backward: what
+    # [compute] step_time_s stands for; a DDP step's all-reduce is not in it)
+    summary = json.loads((out / "w0" / "summary.json").read_text())
+    step_s = summary["compute_s_by_worker"][0] / cfg.steps
     predicted = simulate(cfg.replace(**{"compute.step_time_s": step_s}))
     per_round = predicted["virtual_time_s"] / predicted["rounds"]
     return {"algorithm": algo, "mbit": mbit, "workers": cfg.workers, "rounds": len(rows),
