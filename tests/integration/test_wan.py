@@ -74,17 +74,24 @@ def _workers(procs, port: int, out, token_file, n: int = 2, over=()):
             for i in range(n)]
 
 
-def test_a_coordinator_gone_for_good_ends_every_worker(tmp_path, procs):
+def _kill_the_coordinator_mid_run(tmp_path, procs, over=()):
+    """A coordinator process and two workers; once both committed round 1 the coordinator
+    is SIGKILLed. Returns (port, out, workers)."""
     token = tmp_path / "token"
     token.write_text("first secret")
     port = free_port()
     coord = _coordinator(procs, port, token, "coordinator")
     out = tmp_path / "run"
-    ws = _workers(procs, port, out, token, over=["runtime.coordinator_timeout_s=3",
-                                                 "runtime.join_timeout_s=2"])
+    ws = _workers(procs, port, out, token, over=over)
     wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 1, 90, "round 1")
     coord.send_signal(signal.SIGKILL)
     coord.wait()
+    return port, out, ws
+
+
+def test_a_coordinator_gone_for_good_ends_every_worker(tmp_path, procs):
+    _, out, ws = _kill_the_coordinator_mid_run(tmp_path, procs, [
+        "runtime.coordinator_timeout_s=3", "runtime.join_timeout_s=2"])
     for p in ws:  # they stop (before: they retried every join_timeout_s, forever)
         assert p.wait(timeout=60) == 3
         assert "has been unreachable for" in procs.stderr(p)
@@ -93,15 +100,7 @@ def test_a_coordinator_gone_for_good_ends_every_worker(tmp_path, procs):
 
 
 def test_a_coordinator_back_with_another_token_ends_every_worker_at_once(tmp_path, procs):
-    token = tmp_path / "token"
-    token.write_text("first secret")
-    port = free_port()
-    coord = _coordinator(procs, port, token, "coordinator")
-    out = tmp_path / "run"
-    ws = _workers(procs, port, out, token)
-    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 1, 90, "round 1")
-    coord.send_signal(signal.SIGKILL)
-    coord.wait()
+    port, _, ws = _kill_the_coordinator_mid_run(tmp_path, procs)
     other = tmp_path / "other"
     other.write_text("another secret")
     _coordinator(procs, port, other, "impostor")
