@@ -3,10 +3,11 @@ side by side in the same processes, and the simulator's in-process butterfly aga
 
 For each worker count this spawns that many processes on 127.0.0.1 (a ``TCPStore`` on a free
 port, one gloo process group, one torch thread each). In every process, for each size and
-codec, each repeat runs gloo's ``all_reduce`` (a sum, in place, on a copy of the tensor) and
-then islands' butterfly (:class:`~islands.collectives.butterfly.Group` over
-:class:`~islands.transports.dist.DistTransport`), each after a barrier. A collective's time is
-the slowest worker's; the table gives medians over the repeats, after one warm-up of each.
+codec, gloo's ``all_reduce`` (a sum, in place, on a copy of the tensor), then islands'
+butterfly (:class:`~islands.collectives.butterfly.Group` over
+:class:`~islands.transports.dist.DistTransport`) run their repeats each in a block of their own
+after a warm-up, every call after a barrier. A collective's time is the slowest worker's; the
+table gives medians over the repeats.
 
 * ``goodput``: fp32 bytes of the tensor (``4 · numel``) over the time, in GB/s.
 * ``vs gloo``: gloo's time over the butterfly's (> 1: the butterfly is faster).
@@ -118,30 +119,34 @@ def worker_main(args: argparse.Namespace) -> None:
             codec = make_codec(label, numel)
             row = {"size_mb": size_mb, "codec": label, "gloo_s": [], "butterfly_s": [],
                    "native_s": [], "breakdown": []}
-            for rep in range(args.repeats + 1):  # the first is a warm-up
+            # Each collective's repeats in a block of their own, after its own warm-up: over a
+            # shaped link a collective run right after another inherits the TCP state the
+            # other left on the pairs (gloo's ring grows the neighbours' windows and leaves
+            # the others cold), which cost the butterfly 10-25% when the two alternated.
+            for rep in range(args.repeats + 1):
                 t = x.clone()
                 pg.barrier().wait()
                 start = time.perf_counter()
                 pg.allreduce([t]).wait()
-                gloo_s = time.perf_counter() - start
+                if rep:
+                    row["gloo_s"].append(time.perf_counter() - start)
                 del t
-                if label == "identity":  # runtime.trust = "cluster": gloo's, the mean, checked
-                    t = x.clone()
-                    pg.barrier().wait()
-                    start = time.perf_counter()
-                    transport.all_reduce_mean(t, tuple(range(n)), "bench/native")
-                    if rep:
-                        row["native_s"].append(time.perf_counter() - start)
-                    del t
+            for rep in range(args.repeats + 1 if label == "identity" else 0):
+                t = x.clone()  # runtime.trust = "cluster": gloo's, the mean, checked
+                pg.barrier().wait()
+                start = time.perf_counter()
+                transport.all_reduce_mean(t, tuple(range(n)), "bench/native")
+                if rep:
+                    row["native_s"].append(time.perf_counter() - start)
+                del t
+            for rep in range(args.repeats + 1):
                 pg.barrier().wait()
                 transport.stopwatch.reset()
                 sent = transport.bytes_sent
                 start = time.perf_counter()
                 out = group.all_reduce({rank: x}, codecs={rank: codec}, tag="bench")[rank]
-                bfly_s = time.perf_counter() - start
                 if rep:
-                    row["gloo_s"].append(gloo_s)
-                    row["butterfly_s"].append(bfly_s)
+                    row["butterfly_s"].append(time.perf_counter() - start)
                     row["breakdown"].append(dict(transport.stopwatch.seconds))
                 row["bytes_sent"] = transport.bytes_sent - sent
                 del out

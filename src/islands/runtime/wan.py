@@ -47,15 +47,15 @@ _counter_lock = threading.Lock()
 # every namespace and link named with the prefix; stdlib only, so it starts in milliseconds
 GUARD = r"""
 import re, subprocess, sys
-prefix = sys.argv[1]
+mine = re.compile(re.escape(sys.argv[1]) + "[hbvp]")  # not isl..x10's when this is isl..x1
 sys.stdin.read()
 out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 for ns in re.findall(r"^(\S+)", out, re.M):
-    if ns.startswith(prefix):
+    if mine.match(ns):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
 for dev in re.findall(r"^\d+: ([^:@]+)", out, re.M):
-    if dev.startswith(prefix):
+    if mine.match(dev):
         subprocess.run(["ip", "link", "del", dev], capture_output=True)
 """
 
