@@ -1,19 +1,21 @@
 """A user's own training loop with islands dropped in (the drop-in tests run it as a worker).
 
     python tests/integration/dropin_worker.py COORDINATOR|- WORKER_ID OUT [--stall R:S]
-        [--step-s S] [--set k=v ...]
+        [--step-s S] [--hold R:FILE] [--set k=v ...]
 
 The model is the task's, built after ``torch.manual_seed(job.seed)``; the optimizer is
 ``job.optimizer(model)`` and the batches ``job.batches(task)``, as the README says, so a run
 where nothing fails ends with the simulator's global parameters. ``--stall R:S`` sleeps S
 seconds inside the first inner step of round R (a worker stuck in its own loop); ``--step-s
-S`` adds S seconds to every step (compute that takes time).
+S`` adds S seconds to every step (compute that takes time); ``--hold R:FILE`` waits inside
+the first step of round R until FILE exists (a test holds the job there while it acts).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, ".")  # the task module lives in tests/
 
@@ -37,6 +39,7 @@ def option(name: str, default: str) -> str:
 
 stall_round, stall_s = (float(x) for x in option("--stall", "-1:0").split(":"))
 step_s = float(option("--step-s", "0"))
+hold_round, _, hold_file = option("--hold", "-1:").partition(":")
 sets = [a for a in args if a != "--set"]
 cfg = islands.load_config(None, sets)
 task = build_task(cfg)
@@ -53,6 +56,8 @@ with islands.join(None if coordinator == "-" else coordinator, config=cfg,
         loss = task.loss(model, batch)
         loss.backward()
         time.sleep(step_s)
+        while trainer.round == int(hold_round) and not Path(hold_file).exists():
+            time.sleep(0.05)
         if trainer.round == stall_round and not stalled:
             stalled = True
             time.sleep(stall_s)

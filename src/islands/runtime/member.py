@@ -22,6 +22,7 @@ import copy
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,10 +166,13 @@ class Member:
 
     def fast_forward(self, round: int) -> None:
         """Puts a fresh worker's lr schedule where the run is (a joiner, a resume)."""
-        while self.worker.steps < self.engine.start_of(round):
-            if self.worker.scheduler is not None:
-                self.worker.scheduler.step()
-            self.worker.steps += 1
+        with warnings.catch_warnings():  # stepping a schedule alone is the point here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
+            while self.worker.steps < self.engine.start_of(round):
+                if self.worker.scheduler is not None:
+                    self.worker.scheduler.step()
+                self.worker.steps += 1
 
     # --- epochs and liveness ---------------------------------------------------------------
 

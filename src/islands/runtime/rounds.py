@@ -109,6 +109,7 @@ class RoundRules:
         healing = sorted(i for i in stale if reports[i].get("heal")
                          and int(reports[i]["round"]) < top)
         members = set(here) - set(healing)
+        self._behind -= here  # at start: none of them is computing an earlier round
         out = self._new_epoch(tuple(sorted(members)))
         self._in_flight = {"round": top, "members": frozenset(members), "src": good[0],
                            "joiners": set(healing), "since": time.monotonic()}
@@ -120,7 +121,10 @@ class RoundRules:
         left_out = sorted(b.expected - here)
         if left_out:
             log.warning("round %d: committing without %s (deadline or gone)", b.key[1], left_out)
-            self._behind |= set(left_out)
+            # still computing this round; not one already back at start (a restart of a
+            # member lost mid-round, say), which the next start must wait for
+            at_start = self._open_start.arrivals if self._open_start is not None else {}
+            self._behind |= set(left_out) - set(at_start)
         out = {**self._new_epoch(members), "left_out": left_out}
         f = self._in_flight
         if f is not None and f["round"] == b.key[1]:
