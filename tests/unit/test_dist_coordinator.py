@@ -162,6 +162,61 @@ def test_too_late_for_the_round_in_flight_heals_into_the_next(coord):
     assert holder["r"] == {"heal": True, "round": 1, "src": 0, "members": [0, 1, 2]}
 
 
+def test_a_restart_of_a_member_lost_mid_round_is_awaited_after_it_heals(coord):
+    """Worker 2 dies inside round 0 and its restart asks to heal before round 0's ready:
+    too late for round 0 (its id is a member there), it observes round 1; the start of round
+    2 then waits for it, as for any member (it is not left behind computing round 0)."""
+    chs = {w: _worker(coord, w) for w in (0, 1)}
+    dying = client_connect(f"127.0.0.1:{coord.port}", b"tok",
+                           {"role": "worker", "id": 2, "channel": "heartbeat",
+                            "incarnation": "old", "store": ["127.0.0.1", 1002],
+                            "fingerprint": {}})
+    both = {**chs, 2: _worker(coord, 2, incarnation="old")}
+    _ask(both, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in both})
+    dying.close()  # the kill
+    for _ in range(200):  # the coordinator sees the closed connection
+        if 2 not in coord.status()["live"]:
+            break
+        threading.Event().wait(0.05)
+    chs[2] = _worker(coord, 2, incarnation="new")
+    holder = {}
+    t = threading.Thread(target=lambda: (chs[2].send(
+        {"op": "start", "round": 0, "hash": "fresh", "wait_for": 1, "heal": True}),
+        holder.update(r=chs[2].recv())))
+    t.start()
+    t.join(0.3)
+    assert "r" not in holder  # held at the next start
+    fast = {w: chs[w] for w in (0, 1)}
+    ready = _ask(fast, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2]}
+                        for w in fast})
+    assert ready[0]["left_out"] == [2]
+    _ask(fast, {w: {"op": "commit", "round": 0, "attempt": 0, "ok": True, "hash": "g",
+                    "members": [0, 1]} for w in fast})
+    _ask(fast, {w: {"op": "start", "round": 1, "hash": "g", "wait_for": 1} for w in fast})
+    t.join(10)
+    assert holder["r"]["heal"] and holder["r"]["round"] == 1
+    _ask(chs, {w: {"op": "ready", "round": 1, "attempt": 0, "members": [0, 1, 2]}
+               for w in chs})
+    _ask(chs, {w: {"op": "commit", "round": 1, "attempt": 0, "ok": True, "hash": "g1",
+                   "members": [0, 1, 2]} for w in chs})
+    early = {}
+
+    def start2(w):
+        chs[w].send({"op": "start", "round": 2, "hash": "g1", "wait_for": 1})
+        early[w] = chs[w].recv()
+
+    ts = [threading.Thread(target=start2, args=(w,)) for w in (0, 1)]
+    for th in ts:
+        th.start()
+    ts[0].join(0.3)
+    assert early == {}  # the start of round 2 waits for worker 2
+    chs[2].send({"op": "start", "round": 2, "hash": "g1", "wait_for": 1})
+    assert chs[2].recv()["members"] == [0, 1, 2]
+    for th in ts:
+        th.join(10)
+    assert early[0]["members"] == [0, 1, 2] and early[1]["members"] == [0, 1, 2]
+
+
 def test_a_joiner_with_another_config_is_refused_naming_the_key_and_both_values(coord):
     job = {"seed": 0, "model.n_embd": 128, "algorithm.sync_every": 50, "model.shapes": "a1"}
     _worker(coord, 0, fp=job)  # the first worker sets the job's fingerprint
@@ -375,3 +430,30 @@ def test_status_watch_flags_a_stuck_round(capsys):
     printed = capsys.readouterr().out
     assert printed.count("coordinator abc") == 2
     assert "STUCK" in printed and "1 (gone)" in printed and "by worker 0 at round 5: NaN" in printed
+
+
+def test_an_arrival_that_releases_a_barrier_wakes_its_waiters_at_once(monkeypatch):
+    """A barrier's waiters hear its release when the last member arrives, not at the
+    coordinator's next liveness tick: with the tick and the fallback wait an hour long,
+    the rounds still pass (each used to cost up to 20 ms of waiting per barrier)."""
+    import islands.runtime.coordinator as coordinator
+    monkeypatch.setattr(coordinator, "TICK_S", 3600.0)
+    monkeypatch.setattr(coordinator, "WAIT_S", 3600.0)
+    c = Coordinator("127.0.0.1", 0, token=b"tok", heartbeat_timeout_s=3600.0).start()
+    try:
+        chs = {0: _worker(c, 0), 1: _worker(c, 1)}
+        assert _start_together(chs)[0]["members"] == [0, 1]
+        for r in range(3):
+            ready = _ask(chs, {w: {"op": "ready", "round": r, "attempt": 0, "members": [0, 1]}
+                               for w in chs})
+            assert ready[0]["members"] == ready[1]["members"] == [0, 1]
+            done = _ask(chs, {w: {"op": "commit", "round": r, "attempt": 0, "ok": True,
+                                  "hash": f"h{r}", "members": [0, 1]} for w in chs})
+            assert done[0]["commit"] and done[1]["commit"]
+            if r < 2:
+                start = _ask(chs, {w: {"op": "start", "round": r + 1, "hash": f"h{r}",
+                                       "wait_for": 1} for w in chs})
+                assert start[0]["round"] == start[1]["round"] == r + 1
+        assert c.rounds_committed == 3 and c.status()["last_round"] == 2
+    finally:
+        c.stop()

@@ -57,6 +57,11 @@ from islands.runtime.rounds import Barrier, RoundRules
 
 log = logging.getLogger("islands.coordinator")
 
+# How often liveness is checked (heartbeats, deadlines), and the longest a request waiting at
+# a barrier sleeps without a wake-up; a release wakes its waiters at once (notify_all).
+TICK_S = 0.02
+WAIT_S = 0.05
+
 
 @dataclass
 class Member:
@@ -294,7 +299,7 @@ class Coordinator(RoundRules):
                 self._cond.notify_all()
 
     def _tick(self) -> None:
-        while not self._stop.wait(0.02):
+        while not self._stop.wait(TICK_S):
             now = time.monotonic()
             with self._cond:
                 for wid, m in self.members.items():
@@ -385,9 +390,10 @@ class Coordinator(RoundRules):
                 self._gc()
         b.arrivals[wid] = req
         self._check()
+        self._cond.notify_all()  # a release wakes its waiters now, not at the next tick
         member = self.members[wid]
         while b.result is None and not self._stop.is_set() and member.alive:
-            self._cond.wait(0.05)
+            self._cond.wait(WAIT_S)
         if b.result is None and not member.alive:  # it left or was dropped meanwhile
             return {"error": "dropped from the membership while waiting; restart to rejoin"}
         if b.result is not None and wid in b.result.get("healing", ()):
