@@ -187,7 +187,10 @@ class Engine:
         if self.algorithm.syncs_gradients_at(workers[0].steps):
             self.start_sync(group, workers).wait()
         for w in workers:
+            t0 = time.perf_counter()
             w.apply()
+            if self.step_time_s is None:  # measured compute: the optimizer step is in it
+                self.clock.compute(w.id, time.perf_counter() - t0)
 
     def end_round(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = ()
                   ) -> None:

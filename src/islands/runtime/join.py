@@ -290,6 +290,7 @@ class Trainer:
             if plan.round == 0 and not engine.curve and engine.evaluator is not None:
                 engine.curve.append(engine.evaluate(self.member.worker, 0))
             self._plan = plan
+            self._since = time.perf_counter()
             return
 
     def step(self, loss: float | torch.Tensor | None = None, samples: int = 1) -> None:
@@ -304,7 +305,9 @@ class Trainer:
             return
         value = None if loss is None else _loss_value(loss)  # refused before anything moves
         plan, engine, worker = self._plan, self.engine, self.member.worker
-        t0 = time.perf_counter()
+        # compute: the caller's batch, forward and backward since the last step (the engine
+        # adds the optimizer step; a per-step collective is communication, not compute)
+        engine.clock.compute(worker.id, time.perf_counter() - self._since)
         worker.samples += samples
         try:
             engine.step(Group(self.transport, plan.participants), [worker])
@@ -314,11 +317,11 @@ class Trainer:
             return
         finally:
             worker.inner.zero_grad(set_to_none=True)
-        engine.clock.compute(worker.id, time.perf_counter() - t0)
         if value is not None:
             self._losses.append(value)
         self._steps += 1
         if self._steps < len(engine.steps_of(plan.round)):
+            self._since = time.perf_counter()
             return
         try:
             extra = self.member.sync(engine, plan, {worker.id: self._losses})
