@@ -6,11 +6,12 @@ token bucket (``islands.runtime.wan``; root only). Latency is not emulated (see 
    ``all_reduce`` against the butterfly with ``identity``, ``int8`` and ``int4``, 2 and 4
    workers, 16 and 128 MB: seconds, goodput, the ratio to gloo, and the link's utilization
    (payload bits each worker sent over the capacity times the time).
-2. The main job's model (the byte-level GPT, 0.63M parameters, no warm start) under DDP and
-   DiLoCo (H = 50), 4 workers, through ``islands launch --emulate-network``: the wall time per
-   round (commit to commit, the first round left out) beside the simulator's virtual time per
-   round for the same ``[network]``, with ``[compute] step_time_s`` set from the measured
-   inner steps, and the ratio.
+2. The main job's model (the byte-level GPT, 0.63M parameters, no warm start) under DDP,
+   DiLoCo (H = 50) and DDP on gloo's own all_reduce (``runtime.trust = "cluster"``), 4
+   workers (``--job-workers``), through ``islands launch --emulate-network``: the wall time
+   per round (commit to commit, median) beside the simulator's virtual time per round for the
+   same ``[network]``, with ``[compute] step_time_s`` set from the measured inner steps
+   (batch, forward, backward, optimizer step), and the ratio.
 
 Run it (as root): ``python benchmarks/wan.py`` (about 40 minutes on 2 cores), ``--quick`` for
 one bandwidth, two sizes and fewer repeats. Writes ``bench-results/wan.json``.
@@ -30,10 +31,12 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-MAIN_JOB = ["workers=4", "device=cpu", "eval_every=1000000", "init.warm_start_steps=0",
+MAIN_JOB = ["device=cpu", "eval_every=1000000", "init.warm_start_steps=0",
             "network.latency_s=0.0001"]
 JOBS = {"ddp": ["algorithm.name=ddp", "steps=30"],
-        "diloco": ["algorithm.name=diloco", "algorithm.sync_every=50", "steps=250"]}
+        "diloco": ["algorithm.name=diloco", "algorithm.sync_every=50", "steps=250"],
+        # DDP's steps on gloo's own all_reduce (runtime.trust = "cluster")
+        "ddp-cluster": ["algorithm.name=ddp", "steps=30", "runtime.trust=cluster"]}
 
 
 def collectives(mbit: float, args: argparse.Namespace) -> list[dict]:
@@ -54,15 +57,15 @@ def collectives(mbit: float, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def job(algo: str, mbit: float, workdir: Path) -> dict:
+def job(algo: str, mbit: float, workdir: Path, workers: int = 4) -> dict:
     """One real run of the main job's model over the shaped link, and the simulator's
     prediction of its time per round."""
     from islands.core.config import load_config
     from islands.metrics.run_dir import read_metrics
     from islands.sim.runner import simulate
 
-    sets = [*MAIN_JOB, *JOBS[algo], f"network.bandwidth_bps={mbit * 1e6}"]
-    out = workdir / f"{algo}-{mbit:g}"
+    sets = [f"workers={workers}", *MAIN_JOB, *JOBS[algo], f"network.bandwidth_bps={mbit * 1e6}"]
+    out = workdir / f"{algo}-{mbit:g}-{workers}"
     argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
             "--out", str(out)] + [a for s in sets for a in ("--set", s)]
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,6 +116,8 @@ def main() -> None:
     p.add_argument("--codecs", nargs="+", default=["identity", "int8", "int4"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS))
+    p.add_argument("--job-workers", type=int, nargs="+", default=[4], metavar="N",
+                   help="the main job's worker counts (4: two processes per core here)")
     p.add_argument("--no-collectives", action="store_true")
     p.add_argument("--quick", action="store_true",
                    help="100 Mbit/s only, 2 workers, 16 MB, 3 repeats")
@@ -123,7 +128,8 @@ def main() -> None:
     coll = [] if args.no_collectives else [r for m in args.bandwidths
                                           for r in collectives(m, args)]
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [job(a, m, Path(tmp)) for m in args.bandwidths for a in args.jobs]
+        jobs = [job(a, m, Path(tmp), n) for n in args.job_workers for m in args.bandwidths
+                for a in args.jobs]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"argv": sys.argv, "collectives": coll,
                                            "jobs": jobs}, indent=2) + "\n")
