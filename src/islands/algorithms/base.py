@@ -8,8 +8,10 @@ committed global state. An :class:`Algorithm` never calls a collective itself; i
 * **apply**: what the worker does with the reduced results (an outer optimizer step, a load),
 
 and the engine (``islands.engine``) issues the collectives with the worker's codec and the
-algorithm's aggregator, gets back handles, waits on them (now at once; the overlapped variants
-will wait later) and calls ``apply``. The simulator drives all workers in one process, the
+algorithm's aggregator, gets back handles, waits on them and calls ``apply``. A blocking
+algorithm's handles are waited on at once; an overlapped one (``overlaps``) has its round's
+collectives cross the wire during the next round, which starts where :meth:`Algorithm.restart`
+puts it. The simulator drives all workers in one process, the
 real runtime one per process; both go through the same engine:
 
     bounds = algorithm.round_bounds(steps)                  # once: where each round starts
@@ -179,6 +181,7 @@ class Algorithm(ABC):
 
     name = "algorithm"
     syncs_gradients = False
+    overlaps = False  # the round's sync lands during the next round (see restart)
 
     def __init__(self, sync_every: SyncEvery, *, aggregator: Aggregator = mean) -> None:
         schedule.check_sync_every(sync_every)
@@ -228,6 +231,12 @@ class Algorithm(ABC):
     def can_observe(self) -> bool:
         """Whether a worker can join a round in flight as a weight-0 observer."""
         return False
+
+    def restart(self, worker: Worker, settled: bool) -> None:
+        """An overlapped algorithm (``overlaps``), after its round's contribution is issued:
+        puts the worker where the next round starts. ``settled``: the round's own result has
+        landed (the run's last round); otherwise only the previous round's has."""
+        raise NotImplementedError(f"{self.name} does not overlap its sync")
 
     def global_state(self, worker: Worker) -> torch.Tensor:
         """The committed global parameters as this worker holds them (flat, fp32)."""

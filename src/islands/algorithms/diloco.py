@@ -14,6 +14,24 @@ schedules of the outer optimizer's settings per outer step (written into its par
 each outer step, so the optimizer stays any ``torch.optim`` one), and a data-parallel phase
 (``ddp_steps``): the first inner steps all-reduce gradients as DDP does, and the outer
 rounds start from the parameters that phase reaches.
+
+Overlap (``overlap``): round ``t``'s pseudo-gradients cross the wire while round ``t + 1``
+trains, and their outer step lands at the end of round ``t + 1`` (the applied outer update is
+one round old, as DiLoCoX's one-step delay). Where round ``t + 1`` starts, with round ``t``'s
+average not there yet:
+
+* ``"delayed"``: the newest global state (``θ_t``, which round ``t - 1``'s average made) minus
+  the worker's own pseudo-gradient of round ``t``: its own drift, kept in full, stands in for
+  the average until the average lands. No step is lost and none counted twice: each round's
+  pseudo-gradient is the drift of that round alone (``Δ = start − end``), and the worker's
+  own drift is replaced by the outer step of everyone's when that arrives. (Restarting from
+  ``θ_t`` alone, a textbook one-step delay, trains round ``t + 1`` on the direction round
+  ``t`` already took, which the late outer step then applies again.)
+* ``"eager"`` (after Kale et al. 2025): a tentative outer step from ``θ_t`` with the worker's
+  own fresh pseudo-gradient in place of the average (on a copy of the outer optimizer's
+  state); the real outer step with the average replaces it when it lands.
+
+The run's last round waits for its own average, so a run ends on the complete global state.
 """
 
 from __future__ import annotations
@@ -32,6 +50,8 @@ from islands.core.sections import AlgorithmConfig, check
 
 OuterFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
+OVERLAPS = ("none", "delayed", "eager")  # algorithm.overlap
+
 
 def nesterov_sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """DiLoCo's outer optimizer: SGD, lr 0.7, momentum 0.9, Nesterov."""
@@ -49,7 +69,9 @@ class DiLoCo(Algorithm):
             its own, as DDP); 0: off.
         outer_schedule: ``outer_step -> {param-group key: value}`` (e.g. ``{"lr": 0.35}``),
             applied before each outer step; the first round after the data-parallel phase is
-            outer step 0 (None: the optimizer's own settings throughout).
+            outer step 0 (None: the optimizer's own settings throughout). Overlapped, round
+            ``t``'s outer step runs at the end of round ``t + 1``, with that round's settings.
+        overlap: ``"none"`` (blocking), ``"delayed"`` or ``"eager"`` (see the module).
     """
 
     name = "diloco"
@@ -57,13 +79,17 @@ class DiLoCo(Algorithm):
     def __init__(self, sync_every: SyncEvery, *, outer: OuterFactory = nesterov_sgd,
                  ddp_steps: int = 0,
                  outer_schedule: Callable[[int], dict[str, float]] | None = None,
-                 **kwargs) -> None:
+                 overlap: str = "none", **kwargs) -> None:
         super().__init__(sync_every, **kwargs)
         if ddp_steps < 0:
             raise ValueError(f"ddp_steps ({ddp_steps}) must be >= 0")
+        if overlap not in OVERLAPS:
+            raise ValueError(f"overlap ({overlap!r}) must be one of {', '.join(OVERLAPS)}")
         self.outer_factory = outer
         self.ddp_steps = ddp_steps
         self.outer_schedule = outer_schedule
+        self.overlap = overlap
+        self.overlaps = overlap != "none"
 
     def syncs_gradients_at(self, step: int) -> bool:
         return step < self.ddp_steps
@@ -71,6 +97,9 @@ class DiLoCo(Algorithm):
     def attach(self, worker: Worker) -> None:
         worker.global_params = nn.Parameter(worker.flat_params().clone())
         worker.outer = self.outer_factory([worker.global_params])
+        if self.overlaps:  # where the worker's round started (its drift is measured from it)
+            worker.round_start = worker.flat_params().clone()
+            worker.fresh = None  # its pseudo-gradient of the round just issued
 
     def begin_round(self, group, workers: list[Worker], round: int) -> None:
         # The data-parallel phase's steps are one round each, so outer step k is round
@@ -88,6 +117,9 @@ class DiLoCo(Algorithm):
             return [Contribution(worker.flat_grads(), tag="gradient")]
         # with observers every member weighs (0 or 1), so all aggregate alike
         weight = float(worker.id not in observers) if observers else None
+        if self.overlaps:
+            worker.fresh = worker.round_start - worker.flat_params()
+            return [Contribution(worker.fresh.clone(), weight, tag="pseudo-gradient")]
         delta = worker.global_params.detach() - worker.flat_params()
         return [Contribution(delta, weight, tag="pseudo-gradient")]
 
@@ -98,15 +130,49 @@ class DiLoCo(Algorithm):
         worker.global_params.grad = reduced[0]
         worker.outer.step()
         worker.global_params.grad = None  # the outer optimizer's one parameter
+        if self.overlaps:  # the worker is a round further on: restart() places it
+            return
         worker.load_flat(worker.global_params.detach())
         worker.samples = 0
 
     @torch.no_grad()
+    def restart(self, worker: Worker, settled: bool) -> None:
+        theta = worker.global_params.detach()
+        if settled:
+            start = theta
+        elif self.overlap == "delayed":
+            start = theta - worker.fresh
+        else:
+            start = self._tentative(worker, worker.fresh)
+        worker.load_flat(start)
+        worker.round_start = worker.flat_params().clone()
+        worker.fresh = None
+        worker.samples = 0
+
+    @staticmethod
+    def _tentative(worker: Worker, delta: torch.Tensor) -> torch.Tensor:
+        """The outer step ``delta`` would make from the global state, on a copy of the outer
+        optimizer (its settings and state); the worker's own optimizer is untouched."""
+        p = nn.Parameter(worker.global_params.detach().clone())
+        opt = type(worker.outer)([p], **worker.outer.defaults)
+        opt.param_groups[0].update({k: v for k, v in worker.outer.param_groups[0].items()
+                                    if k != "params"})
+        for k, v in worker.outer.state[worker.global_params].items():
+            opt.state[p][k] = v.clone() if torch.is_tensor(v) else v
+        p.grad = delta
+        opt.step()
+        return p.detach()
+
+    @torch.no_grad()
     def after_gradient_round(self, worker: Worker) -> None:
         worker.global_params.copy_(worker.flat_params())
+        if self.overlaps:
+            worker.round_start = worker.flat_params().clone()
         worker.samples = 0
 
     def can_observe(self) -> bool:
+        if self.overlaps:  # an observer would need the round in flight's average too
+            return False
         # An observer heals in before its step counter is put where the run is, so it could
         # not tell a data-parallel round from an outer one, nor the outer step of a schedule:
         # with either, a joiner receives the state at the next round's start instead.
@@ -136,19 +202,27 @@ class DiLoCoConfig(AlgorithmConfig):
             all-reduce gradients every step, exactly as DDP (each a round of its own, bytes
             counted, virtual time charged); DiLoCo's rounds then start from the resulting
             parameters, which every worker holds alike. 0: off.
+        overlap: ``"none"``: blocking, each round waits for its own average. ``"delayed"``
+            or ``"eager"``: round t's average crosses the wire while round t+1 trains and
+            its outer step lands one round late (see :mod:`islands.algorithms.diloco`);
+            the simulator only for now.
     """
 
     name: str = "diloco"
     sync_every: int | tuple[tuple[int, int], ...] = 50
     ddp_steps: int = 0
+    overlap: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
         check(self.ddp_steps >= 0, "algorithm.ddp_steps", self.ddp_steps,
               "must be >= 0 (0: no data-parallel phase)")
+        check(self.overlap in OVERLAPS, "algorithm.overlap", self.overlap,
+              f"must be one of {', '.join(repr(o) for o in OVERLAPS)}")
 
     def build(self, run, aggregator) -> DiLoCo:
         return DiLoCo(self.sync_every, outer=outer_factory(run.outer), aggregator=aggregator,
                       ddp_steps=self.ddp_steps,
                       outer_schedule=outer_schedule(lr=run.outer.lr,
-                                                    momentum=run.outer.momentum))
+                                                    momentum=run.outer.momentum),
+                      overlap=self.overlap)

@@ -37,7 +37,7 @@ from islands.core.config import RunConfig
 from islands.core.errors import CommError
 from islands.metrics.run_dir import RunDir
 from islands.tasks import Partition, Task, checked_loss, to_device
-from islands.transports.base import Transport
+from islands.transports.base import Flight, Transport
 
 
 class WallClock:
@@ -48,6 +48,7 @@ class WallClock:
     def __init__(self, workers: tuple[int, ...]) -> None:
         self.compute_s = dict.fromkeys(workers, 0.0)
         self.comm_s = dict.fromkeys(workers, 0.0)
+        self.hidden_s = dict.fromkeys(workers, 0.0)  # nothing overlaps in the runtime yet
         self._t0: float | None = None
 
     def compute(self, worker: int, seconds: float) -> None:
@@ -101,13 +102,39 @@ class Driver(Protocol):
         """The round is done (after its row is written)."""
 
 
+class Clock(Protocol):
+    """What the engine needs of a clock: the simulator's ``VirtualClock`` (modelled time, a
+    timeline per worker and link) or the runtime's :class:`WallClock` (measured time).
+
+    ``compute_s``, ``comm_s`` (communication waited for) and ``hidden_s`` (communication
+    that crossed the link while the worker computed) are per worker, indexed by worker id."""
+
+    kind: str
+    compute_s: Any
+    comm_s: Any
+    hidden_s: Any
+
+    def compute(self, worker: int, seconds: float) -> None: ...
+
+    def time_s(self, worker: int) -> float: ...
+
+    @property
+    def makespan_s(self) -> float: ...
+
+    def utilization(self) -> float: ...
+
+
 class Sync:
-    """A sync in flight: :meth:`wait` waits for its collectives and applies the results."""
+    """A sync in flight: :meth:`wait` waits for its collectives (and, issued in the
+    background, for the wire: ``flight``) and applies the results."""
 
     def __init__(self, works: list[Work], apply: Callable[[list[dict]], None]) -> None:
         self._works, self._apply = works, apply
+        self.flight: Flight | None = None
 
     def wait(self) -> None:
+        if self.flight is not None:
+            self.flight.settle()
         self._apply([w.wait() for w in self._works])
 
 
@@ -153,6 +180,8 @@ class Engine:
         self._exact = Identity()  # buffers travel as exact fp32
         # a trusted job: lossless plain means through the transport's own all_reduce
         self._native = cfg.runtime.trust == "cluster"
+        # an overlapped algorithm: the previous round's sync, still crossing the wire
+        self._pending: Sync | None = None
 
     # --- a round's pieces ------------------------------------------------------------------
 
@@ -196,10 +225,35 @@ class Engine:
                   ) -> None:
         """The round's sync (none for a round whose step synced gradients)."""
         if self.algorithm.syncs_gradients_at(workers[0].steps - 1):
+            if self._pending is not None:  # an overlapped round before a data-parallel one
+                self._pending.wait()
+                self._pending = None
             for w in workers:
                 self.algorithm.after_gradient_round(w)
+        elif self.algorithm.overlaps:
+            self._overlapped_sync(group, workers)
         else:
             self.start_sync(group, workers, observers).wait()
+
+    def _overlapped_sync(self, group: Group, workers: list[Worker]) -> None:
+        """An overlapped algorithm's sync: the previous round's, which crossed the wire while
+        this round trained, lands (its outer step); this round's is issued in the background
+        and the workers start the next round without its result (``algorithm.restart``).
+        The last round waits for its own, so the run ends on the complete global state."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+        with self.transport.in_background() as flight:
+            sync = self.start_sync(group, workers)
+        sync.flight = flight
+        if workers[0].steps >= self.bounds[-1]:  # the run's last round
+            sync.wait()
+            for w in workers:
+                self.algorithm.restart(w, settled=True)
+            return
+        for w in workers:
+            self.algorithm.restart(w, settled=False)
+        self._pending = sync
 
     def start_sync(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = ()
                    ) -> Sync:
@@ -373,6 +427,8 @@ class Engine:
             "compute_s_by_worker": [clock.compute_s[i] for i in ids],
             "idle_s_by_worker": [max(0.0, span - clock.compute_s[i] - clock.comm_s[i])
                                  for i in ids],
+            "comm_exposed_s_by_worker": [clock.comm_s[i] for i in ids],
+            "comm_hidden_s_by_worker": [clock.hidden_s[i] for i in ids],
             "eval_curve": self.curve,
             "train_curve": self.train_points(),
             "wall_time_s": wall_s, "seed": cfg.seed,

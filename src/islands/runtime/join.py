@@ -53,7 +53,7 @@ from islands.runtime import outputs
 from islands.runtime.auth import load_token
 from islands.runtime.fingerprint import fingerprint
 from islands.runtime.launch import connect, parse_worker_id
-from islands.runtime.member import Member
+from islands.runtime.member import Member, refuse_simulator_only
 from islands.runtime.membership import Removed, Unauthorized
 from islands.runtime.worker import check_worker_id
 from islands.tasks import ShareSampler, Task
@@ -103,6 +103,7 @@ def join(coordinator: str | None = None, *, config: str | Path | RunConfig | Non
         raise ConfigError("join(worker_id=...) is needed (or $RANK, as torchrun sets it)")
     me = parse_worker_id(str(raw))
     check_worker_id(cfg, me)
+    refuse_simulator_only(cfg)
     secret = token.encode() if isinstance(token, str) else token
     if secret is None:
         secret = load_token(token_file)

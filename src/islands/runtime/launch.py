@@ -174,6 +174,9 @@ def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str, str], list[s
         emulate_network: each worker in a network namespace of its own, its upload and
             download shaped as ``[network]`` says (:mod:`islands.runtime.wan`; root only).
     """
+    from islands.runtime.member import refuse_simulator_only
+
+    refuse_simulator_only(cfg)  # before anything starts
     if emulate_network:
         from islands.runtime.wan import check_available
 

@@ -70,6 +70,15 @@ class Stats:
     excluded_members: list = field(default_factory=list)  # who was excluded, by whom, why
 
 
+def refuse_simulator_only(cfg: RunConfig) -> None:
+    """Refuses, before anything connects, a setting only the simulator carries out."""
+    overlap = getattr(cfg.algorithm, "overlap", "none")
+    if overlap != "none":
+        raise ConfigError(f"algorithm.overlap ({overlap!r}) runs in the simulator only for "
+                          "now (islands sim); real processes overlap nothing yet: set "
+                          "algorithm.overlap = \"none\"")
+
+
 class Member:
     """Drives one worker through the runtime's rounds (an :class:`~islands.engine.Driver`).
 

@@ -38,7 +38,7 @@ from islands.engine import (
 from islands.metrics.run_dir import RunDir
 from islands.runtime import outputs
 from islands.runtime.fingerprint import fingerprint
-from islands.runtime.member import Member
+from islands.runtime.member import Member, refuse_simulator_only
 from islands.runtime.membership import Removed, Unauthorized
 from islands.transports.dist import DistTransport
 
@@ -74,6 +74,7 @@ class RuntimeWorker:
                  checkpoint_dir: str | Path | None = None, resume: str | Path | None = None,
                  stopping: threading.Event | None = None) -> None:
         check_worker_id(cfg, worker_id)
+        refuse_simulator_only(cfg)
         self.cfg, self.me, self.membership, self.store = cfg, worker_id, membership, store
         self.token, self.checkpoint_dir, self.resume = token, checkpoint_dir, resume
         self.out = RunDir(out_dir) if out_dir is not None else None

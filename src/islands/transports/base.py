@@ -8,8 +8,9 @@ collective code runs in one process or across machines.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,20 @@ class Exchange:
         returns at once, keeping the transfers' memory alive until they end."""
 
 
+class Flight:
+    """Collectives issued in the background (:meth:`Transport.in_background`): :meth:`settle`
+    waits until they are off the wire. This base class: already there (they completed when
+    issued, as the real transports' do today)."""
+
+    def __init__(self, settle: Callable[[], None] | None = None) -> None:
+        self._settle = settle
+
+    def settle(self) -> None:
+        if self._settle is not None:
+            self._settle()
+            self._settle = None
+
+
 class Transport(ABC):
     """Moves messages between workers and counts every byte it moves.
 
@@ -124,6 +139,13 @@ class Transport(ABC):
         (this default: the exchange, complete)."""
         return Exchange(self.exchange(messages, members, phase, place=place,
                                       check_finite=check_finite))
+
+    @contextlib.contextmanager
+    def in_background(self) -> Iterator[Flight]:
+        """Collectives issued inside cross the wire while their members go on computing; the
+        :class:`Flight` yielded settles them (the simulator's clock charges each member only
+        the part it waits for). This default: they complete when issued."""
+        yield Flight()
 
     def all_reduce_mean(self, tensor: torch.Tensor, members: tuple[int, ...], phase: str
                         ) -> torch.Tensor | None:

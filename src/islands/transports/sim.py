@@ -3,19 +3,24 @@
 Messages are handed over in memory, so a simulation reproduces bit for bit. Time is virtual:
 each worker has a clock advanced by the compute cost model (``compute``) and by exchanges.
 
-Exchange cost model (bulk synchronous, full-duplex links): an exchange starts when the last
-member arrives (a barrier), then lasts
+Exchange cost model (full-duplex links): an exchange starts when the last member arrives and
+every member's link is free, then lasts
 ``max latency of the senders + max over members of max(sent_i / upload_i, recv_i / download_i)``
-with bytes counted in bits. Every member leaves it at that time. This is the usual
-per-worker-NIC bound: it charges each worker for its own upload and download, so a slow link
-slows everyone waiting on it, as in a real all-reduce.
+with bytes counted in bits. This is the usual per-worker-NIC bound: it charges each worker for
+its own upload and download, so a slow link slows everyone waiting on it, as in a real
+all-reduce. A blocking exchange moves every member to its end; one issued in the background
+(an overlapped algorithm's sync, :meth:`SimTransport.in_background`) occupies the links while
+the members go on computing, and each waits only for what is left of it when it needs the
+result (:class:`VirtualClock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from islands.transports.base import Message, Place, Transport
+from islands.transports.base import Flight, Message, Place, Transport
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,19 @@ class NetworkModel:
 
 
 class VirtualClock:
-    """Per-worker virtual time, compute time and communication time (seconds)."""
+    """Per-worker virtual time, compute time and communication time (seconds): a timeline.
+
+    Each worker has its own time (``now``) and its link's busy-until time. An exchange starts
+    when the last member is there and every member's link is free, and occupies the links for
+    its duration. A blocking exchange (:meth:`barrier`) moves every member to its end, as a
+    worker waiting on it would. One issued in the background (inside :meth:`background`)
+    leaves the members' time alone: they go on computing while it crosses the links, and
+    :meth:`settle` moves each only as far as the exchange's end, when it needs the result.
+
+    Attributes:
+        comm_s: communication each worker waited for (exposed).
+        hidden_s: communication that crossed a worker's link while it computed (hidden).
+    """
 
     kind = "virtual"  # summary.json's "clock": modelled seconds, not measured ones
 
@@ -64,6 +81,9 @@ class VirtualClock:
         self.now = [0.0] * workers
         self.compute_s = [0.0] * workers
         self.comm_s = [0.0] * workers
+        self.hidden_s = [0.0] * workers
+        self.link_free = [0.0] * workers  # each worker's link is busy until then
+        self._flight: dict[int, list[float]] | None = None  # {member: [end, link time]}
 
     def compute(self, worker: int, seconds: float) -> None:
         self.now[worker] += seconds
@@ -73,11 +93,38 @@ class VirtualClock:
         return self.now[worker]
 
     def barrier(self, members: tuple[int, ...], duration_s: float) -> None:
-        """All ``members`` wait for the last one, then spend ``duration_s`` together."""
-        start = max(self.now[m] for m in members)
+        """All ``members`` wait for the last one and for their links, then spend
+        ``duration_s`` together (in the background: their links do; they go on)."""
+        start = max(max(self.now[m], self.link_free[m]) for m in members)
         for m in members:
-            self.comm_s[m] += duration_s
-            self.now[m] = start + duration_s
+            self.link_free[m] = start + duration_s
+            if self._flight is not None:
+                end_busy = self._flight.setdefault(m, [0.0, 0.0])
+                end_busy[0] = start + duration_s
+                end_busy[1] += duration_s
+            else:
+                self.comm_s[m] += duration_s
+                self.now[m] = start + duration_s
+
+    @contextlib.contextmanager
+    def background(self) -> Iterator[dict[int, list[float]]]:
+        """Exchanges inside are issued in the background; yields what :meth:`settle` takes."""
+        assert self._flight is None, "one background issue at a time"
+        self._flight = flight = {}
+        try:
+            yield flight
+        finally:
+            self._flight = None
+
+    def settle(self, flight: dict[int, list[float]]) -> None:
+        """Each member of a background exchange waits for its end (if it is still on the
+        wire): the wait is exposed communication, the rest of its link time was hidden."""
+        for m, (end, busy) in flight.items():
+            exposed = min(busy, max(0.0, end - self.now[m]))
+            self.now[m] = max(self.now[m], end)
+            self.comm_s[m] += exposed
+            self.hidden_s[m] += busy - exposed
+        flight.clear()
 
     @property
     def makespan_s(self) -> float:
@@ -130,6 +177,11 @@ class SimTransport(Transport):
             self.bytes_received[m] += received[m]
         self.clock.barrier(members, self._duration(sent, received))
         return dict(messages)
+
+    @contextlib.contextmanager
+    def in_background(self) -> Iterator[Flight]:
+        with self.clock.background() as flight:
+            yield Flight(lambda: self.clock.settle(flight))
 
     def _duration(self, sent: dict[int, int], received: dict[int, int]) -> float:
         if not any(sent.values()):

@@ -1,0 +1,116 @@
+"""The simulator's timeline clock and overlapped DiLoCo (``algorithm.overlap``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from islands.collectives.butterfly import Group
+from islands.core.errors import ConfigError
+from islands.sim.runner import Simulation, _EveryRound
+from islands.transports.sim import VirtualClock
+from tests.conftest import tiny_config
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "blocking_reference.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE))
+def test_blocking_algorithms_keep_the_releases_virtual_times_and_losses(case):
+    ref = REFERENCE[case]
+    s = Simulation(tiny_config("workers=3", "steps=12", "eval_every=6", *ref["overrides"])).run()
+    for key, value in ref.items():
+        if key != "overrides":
+            assert s[key] == value, key
+    assert s["comm_hidden_s_by_worker"] == [0.0, 0.0, 0.0]  # nothing overlaps
+
+
+def test_a_background_exchange_is_hidden_by_compute_and_exposed_beyond_it():
+    clock = VirtualClock(2)
+    clock.compute(0, 1.0)
+    clock.compute(1, 2.0)
+    with clock.background() as flight:
+        clock.barrier((0, 1), 3.0)  # starts when both are there (2.0), ends at 5.0
+        clock.barrier((0, 1), 1.0)  # the second phase waits for the links: ends at 6.0
+    assert clock.now == [1.0, 2.0] and clock.link_free == [6.0, 6.0]
+    clock.compute(0, 7.0)  # worker 0 computes past the exchange's end; worker 1 does not
+    clock.compute(1, 1.0)
+    clock.settle(flight)
+    assert clock.now == [8.0, 6.0]
+    assert clock.hidden_s == [4.0, 1.0] and clock.comm_s == [0.0, 3.0]
+    # a blocking exchange after it waits for the links too, and is all exposed
+    clock.barrier((0, 1), 0.5)
+    assert clock.now == [8.5, 8.5] and clock.comm_s == [0.5, 3.5]
+
+
+def _sim(*sets):
+    sim = Simulation(tiny_config("workers=3", "steps=16", "eval_every=100",
+                                 "algorithm.name=diloco", "algorithm.sync_every=4", *sets))
+    summary = sim.run()
+    return sim, summary
+
+
+@pytest.mark.parametrize("overlap", ["delayed", "eager"])
+def test_one_worker_with_a_plain_outer_step_trains_as_blocking(overlap):
+    """One worker, outer SGD at lr 1: every round's outer step is the round's own drift, so a
+    one-round-late outer step changes nothing when the next round starts from the worker's
+    own drift on top of the global state (the trajectory is plain local training)."""
+    plain = ["workers=1", "outer.lr=1.0", "outer.momentum=0.0", "outer.nesterov=false"]
+    blocking, _ = _sim(*plain)
+    overlapped, _ = _sim(*plain, f"algorithm.overlap={overlap}")
+    torch.testing.assert_close(overlapped.final_params, blocking.final_params, rtol=0, atol=1e-5)
+
+
+def _globals_after(rounds: int, *sets) -> torch.Tensor:
+    """Worker 0's global state after the first ``rounds`` rounds, driven by the engine's own
+    round pieces (train, then the driver's sync)."""
+    sim = Simulation(tiny_config("workers=3", "steps=12", "eval_every=100",
+                                 "algorithm.name=diloco", "algorithm.sync_every=4", *sets))
+    engine = sim.build()
+    driver = _EveryRound(Group(engine.transport, (0, 1, 2)))
+    for _ in range(rounds):
+        plan = driver.next_round(engine)
+        engine.train(plan.round, plan.participants)
+        driver.sync(engine, plan, {})
+    return engine.algorithm.global_state(sim.workers[0]).clone()
+
+
+def test_delayed_applies_each_average_one_round_late():
+    """Round 0 trains alike; blocking applies its average at the end of round 0, delayed at
+    the end of round 1: delayed's global state after two rounds is blocking's after one."""
+    blocking = _globals_after(1)
+    assert torch.equal(_globals_after(2, "algorithm.overlap=delayed"), blocking)
+    assert torch.equal(_globals_after(2, "algorithm.overlap=eager"), blocking)
+    assert not torch.equal(_globals_after(1, "algorithm.overlap=delayed"), blocking)
+
+
+def test_overlap_hides_the_sync_behind_the_next_round():
+    """A link slow enough that blocking DiLoCo waits for it: overlapped, each round's sync
+    crosses it while the next round trains (only the last one is exposed); every worker ends
+    with one global state, and the loss stays near blocking's."""
+    slow = ["network.bandwidth_bps=5e6", "network.latency_s=0.05", "compute.step_time_s=0.1"]
+    _, blocking = _sim(*slow)
+    for overlap in ("delayed", "eager"):
+        sim, s = _sim(*slow, f"algorithm.overlap={overlap}")
+        assert s["virtual_time_s"] < blocking["virtual_time_s"]
+        assert s["compute_utilization"] > blocking["compute_utilization"]
+        assert min(s["comm_hidden_s_by_worker"]) > 0
+        # the exposed part: the last round's sync (the first three were hidden)
+        assert max(s["comm_exposed_s_by_worker"]) < blocking["comm_exposed_s_by_worker"][0] / 2
+        assert s["bytes_sent_per_worker"] == blocking["bytes_sent_per_worker"]
+        first = sim.shared_states[0]
+        assert all(torch.equal(first[k], other[k]) for other in sim.shared_states[1:]
+                   for k in first)
+        assert abs(s["final_eval_loss"] / blocking["final_eval_loss"] - 1) < 0.05, overlap
+
+
+def test_overlap_is_checked_and_refused_where_it_does_not_run():
+    with pytest.raises(ConfigError, match="algorithm.overlap"):
+        tiny_config("algorithm.name=diloco", "algorithm.overlap=later")
+    from islands.runtime.member import refuse_simulator_only
+
+    with pytest.raises(ConfigError, match=r"algorithm.overlap \('delayed'\).*islands sim"):
+        refuse_simulator_only(tiny_config("algorithm.name=diloco", "algorithm.overlap=delayed"))
+    refuse_simulator_only(tiny_config("algorithm.name=diloco"))  # blocking runs anywhere
