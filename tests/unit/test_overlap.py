@@ -114,3 +114,63 @@ def test_overlap_is_checked_and_refused_where_it_does_not_run():
     with pytest.raises(ConfigError, match=r"algorithm.overlap \('delayed'\).*islands sim"):
         refuse_simulator_only(tiny_config("algorithm.name=diloco", "algorithm.overlap=delayed"))
     refuse_simulator_only(tiny_config("algorithm.name=diloco"))  # blocking runs anywhere
+
+
+# --- Streaming DiLoCo ---------------------------------------------------------------------
+
+def test_fragments_are_equal_ranges_of_the_flat_parameters():
+    from islands.algorithms.streaming import fragment_bounds
+
+    assert fragment_bounds(22, 2) == [(0, 11), (11, 22)]
+    assert fragment_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert fragment_bounds(8, 1) == [(0, 8)]
+    with pytest.raises(ValueError, match="fragments"):
+        fragment_bounds(2, 3)
+
+
+def test_one_fragment_synced_at_once_without_mixing_is_diloco():
+    streaming, s = _sim("algorithm.name=streaming_diloco", "algorithm.fragments=1",
+                        "algorithm.tau=0", "algorithm.alpha=0.0")
+    diloco, d = _sim()
+    assert torch.equal(streaming.final_params, diloco.final_params)
+    assert s["virtual_time_s"] == d["virtual_time_s"]
+    assert s["bytes_sent_per_worker"] == d["bytes_sent_per_worker"]
+
+
+def test_streaming_sends_a_fragment_per_sync_and_hides_it_behind_tau_steps():
+    """Rounds of H / fragments steps, each syncing one fragment: the peak bytes of a round
+    are the largest fragment's share of DiLoCo's (plus headers), the total is DiLoCo's; a
+    link slow enough to be waited for is hidden behind the tau steps."""
+
+    slow = ["network.bandwidth_bps=5e6", "network.latency_s=0.05", "compute.step_time_s=0.1",
+            "algorithm.sync_every=8"]
+    diloco, d = _sim(*slow)
+    sim, s = _sim(*slow, "algorithm.name=streaming_diloco", "algorithm.fragments=2",
+                  "algorithm.tau=4")
+    headers = 16 * 2 * 2  # a message header to each of the 2 peers, in both phases
+    assert s["peak_round_bytes_sent"] <= d["peak_round_bytes_sent"] / 2 + headers
+    # each fragment synced every H steps: 16 steps, H = 8: twice, as DiLoCo's whole vector
+    assert abs(s["bytes_sent_per_worker"] / d["bytes_sent_per_worker"] - 1) < 0.01
+    assert min(s["comm_hidden_s_by_worker"]) > 0
+    assert s["compute_utilization"] > d["compute_utilization"]
+    first = sim.shared_states[0]
+    assert all(torch.equal(first[k], other[k]) for other in sim.shared_states[1:]
+               for k in first)
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["algorithm.sync_every=10", "algorithm.fragments=3"], "algorithm.sync_every"),
+    (["algorithm.sync_every=10", "algorithm.fragments=2", "algorithm.tau=6"], "algorithm.tau"),
+    (["algorithm.alpha=1.5"], "algorithm.alpha"),
+    (["outer.lr=[[0, 0.1], [4, 0.7]]"], "outer.lr"),
+])
+def test_streaming_settings_are_checked(sets, key):
+    with pytest.raises(ConfigError, match=key):
+        Simulation(tiny_config("algorithm.name=streaming_diloco", *sets))
+
+
+def test_streaming_is_refused_where_it_does_not_run():
+    from islands.runtime.member import refuse_simulator_only
+
+    with pytest.raises(ConfigError, match="streaming_diloco.*islands sim"):
+        refuse_simulator_only(tiny_config("algorithm.name=streaming_diloco"))

@@ -1,4 +1,4 @@
-"""The DiLoCo family on one interface: DDP, LocalSGD (FedAvg) and DiLoCo.
+"""The DiLoCo family on one interface: DDP, LocalSGD (FedAvg), DiLoCo and Streaming DiLoCo.
 
 Each algorithm registers its ``[algorithm]`` section beside its code (``DDPConfig``,
 ``LocalSGDConfig``, ``DiLoCoConfig``); the section builds the algorithm.
@@ -11,6 +11,7 @@ from islands.algorithms.ddp import DDP, DDPConfig
 from islands.algorithms.diloco import DiLoCo, DiLoCoConfig, nesterov_sgd
 from islands.algorithms.local_sgd import LocalSGD, LocalSGDConfig
 from islands.algorithms.outer import OuterConfig, outer_factory
+from islands.algorithms.streaming import StreamingDiLoCo, StreamingDiLoCoConfig
 
 
 def build_aggregator(cfg) -> Aggregator:
@@ -29,6 +30,7 @@ def check_algorithm(cfg) -> None:
 
 
 __all__ = ["Algorithm", "Contribution", "DDP", "DDPConfig", "DiLoCo", "DiLoCoConfig",
-           "LocalSGD", "LocalSGDConfig", "OuterConfig", "Worker",
+           "LocalSGD", "LocalSGDConfig", "OuterConfig", "StreamingDiLoCo",
+           "StreamingDiLoCoConfig", "Worker",
            "build_aggregator", "build_algorithm", "check_algorithm", "nesterov_sgd",
            "outer_factory"]

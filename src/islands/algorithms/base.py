@@ -182,6 +182,9 @@ class Algorithm(ABC):
     name = "algorithm"
     syncs_gradients = False
     overlaps = False  # the round's sync lands during the next round (see restart)
+    # an overlapping algorithm's sync lands this many inner steps after it is issued (None:
+    # at the end of the next round, before that round's own sync is issued)
+    overlap_steps: int | None = None
 
     def __init__(self, sync_every: SyncEvery, *, aggregator: Aggregator = mean) -> None:
         schedule.check_sync_every(sync_every)

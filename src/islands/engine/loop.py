@@ -180,8 +180,11 @@ class Engine:
         self._exact = Identity()  # buffers travel as exact fp32
         # a trusted job: lossless plain means through the transport's own all_reduce
         self._native = cfg.runtime.trust == "cluster"
-        # an overlapped algorithm: the previous round's sync, still crossing the wire
+        # an overlapped algorithm: the previous round's sync, still crossing the wire, and
+        # the inner step it lands at (None: at the next round's sync)
         self._pending: Sync | None = None
+        self._due: int | None = None
+        self.peak_round_sent = 0  # the most bytes a local worker sent in one round
 
     # --- a round's pieces ------------------------------------------------------------------
 
@@ -202,6 +205,8 @@ class Engine:
         group = Group(self.transport, participants)
         losses: dict[int, list[float]] = {w.id: [] for w in active}
         for step in self.steps_of(r):
+            if self._due is not None and step >= self._due:
+                self._land()
             for w in active:
                 t0 = time.perf_counter()
                 batch = to_device(self.partition.batch(w.id, step), self.device)
@@ -225,9 +230,7 @@ class Engine:
                   ) -> None:
         """The round's sync (none for a round whose step synced gradients)."""
         if self.algorithm.syncs_gradients_at(workers[0].steps - 1):
-            if self._pending is not None:  # an overlapped round before a data-parallel one
-                self._pending.wait()
-                self._pending = None
+            self._land()  # an overlapped round before a data-parallel one
             for w in workers:
                 self.algorithm.after_gradient_round(w)
         elif self.algorithm.overlaps:
@@ -240,13 +243,12 @@ class Engine:
         this round trained, lands (its outer step); this round's is issued in the background
         and the workers start the next round without its result (``algorithm.restart``).
         The last round waits for its own, so the run ends on the complete global state."""
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
+        self._land()
         with self.transport.in_background() as flight:
             sync = self.start_sync(group, workers)
         sync.flight = flight
-        if workers[0].steps >= self.bounds[-1]:  # the run's last round
+        delay = self.algorithm.overlap_steps
+        if workers[0].steps >= self.bounds[-1] or delay == 0:  # the run's last round
             sync.wait()
             for w in workers:
                 self.algorithm.restart(w, settled=True)
@@ -254,6 +256,13 @@ class Engine:
         for w in workers:
             self.algorithm.restart(w, settled=False)
         self._pending = sync
+        self._due = None if delay is None else workers[0].steps + delay
+
+    def _land(self) -> None:
+        """The sync in flight lands: waited for (what is left of it) and applied."""
+        if self._pending is not None:
+            self._pending.wait()
+        self._pending = self._due = None
 
     def start_sync(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = ()
                    ) -> Sync:
@@ -365,6 +374,9 @@ class Engine:
             fresh = next((w for w in local if losses.get(w.id)), local[0])
             point = self.evaluate(fresh, self.steps_of(r).stop)
             self.curve.append(point)
+        for w in local:
+            self.peak_round_sent = max(self.peak_round_sent,
+                                       self.transport.sent(w.id) - marks[w.id][0])
         if self.out is not None:
             for w in local:
                 self.out.log(self.row(r, w, losses.get(w.id, []), marks[w.id], point, extra))
@@ -427,6 +439,7 @@ class Engine:
             "compute_s_by_worker": [clock.compute_s[i] for i in ids],
             "idle_s_by_worker": [max(0.0, span - clock.compute_s[i] - clock.comm_s[i])
                                  for i in ids],
+            "peak_round_bytes_sent": self.peak_round_sent,
             "comm_exposed_s_by_worker": [clock.comm_s[i] for i in ids],
             "comm_hidden_s_by_worker": [clock.hidden_s[i] for i in ids],
             "eval_curve": self.curve,

@@ -77,6 +77,9 @@ def refuse_simulator_only(cfg: RunConfig) -> None:
         raise ConfigError(f"algorithm.overlap ({overlap!r}) runs in the simulator only for "
                           "now (islands sim); real processes overlap nothing yet: set "
                           "algorithm.overlap = \"none\"")
+    if cfg.algorithm.name == "streaming_diloco":
+        raise ConfigError("algorithm.name ('streaming_diloco') runs in the simulator only for "
+                          "now (islands sim); for real processes use diloco")
 
 
 class Member:

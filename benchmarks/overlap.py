@@ -1,0 +1,169 @@
+"""Overlapped and streaming DiLoCo against blocking DiLoCo in the simulator, on the main-job
+setup (4 workers, 400 inner steps from the shared warm start, H = 50) over slow links with
+50 ms latency.
+
+Each variant is one simulation per link and seed: final eval loss (and its change against
+blocking DiLoCo on the same link and seed), virtual time, compute utilization, communication
+hidden behind compute and exposed (waited for) per worker, bytes sent per worker, the most
+bytes a worker sent in one round (a sync: streaming's carries one fragment), and the
+virtual time to reach blocking DiLoCo's final loss + 2% (``-``: never). The plot draws eval
+loss against virtual time, one panel per link.
+
+Run it (each simulation takes about 1.5 minutes on one core; ``--jobs 2`` runs two at once):
+
+    python benchmarks/overlap.py --jobs 2
+    python benchmarks/overlap.py --bandwidths 20 --seeds 0 1 2 --jobs 2
+
+Writes ``bench-results/overlap.json`` and ``.png`` (``--json`` moves both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+MAIN_JOB = ["steps=400", "init.warm_start_steps=1000", "algorithm.name=diloco",
+            "network.latency_s=0.05"]
+# label -> overrides; the overlapped variants with the outer momentum they train best with
+# here (0.9, blocking's, is in the table too: one-round-old updates under heavy momentum
+# overshoot)
+VARIANTS: dict[str, list[str]] = {
+    "blocking": [],
+    "delayed": ["algorithm.overlap=delayed", "outer.momentum=0.6"],
+    "eager": ["algorithm.overlap=eager", "outer.momentum=0.6"],
+    "delayed, momentum 0.9": ["algorithm.overlap=delayed"],
+    # H = 50 per fragment: 5 fragments, a round of 10 steps, each sync landing 5 steps late
+    "streaming": ["algorithm.name=streaming_diloco", "algorithm.fragments=5",
+                  "algorithm.tau=5", "algorithm.alpha=0.5"],
+}
+
+
+def run_one(variant: str, mbit: float, seed: int, threads: int) -> dict:
+    import torch
+
+    from islands import load_config, simulate
+
+    torch.set_num_threads(threads)
+    sets = [*MAIN_JOB, *VARIANTS[variant], f"network.bandwidth_bps={mbit * 1e6}",
+            f"seed={seed}"]
+    t0 = time.perf_counter()
+    s = simulate(load_config(None, sets))
+    return {"variant": variant, "mbit": mbit, "seed": seed, "overrides": VARIANTS[variant],
+            "final_eval_loss": s["final_eval_loss"], "virtual_time_s": s["virtual_time_s"],
+            "compute_utilization": s["compute_utilization"],
+            "comm_hidden_s": statistics.mean(s["comm_hidden_s_by_worker"]),
+            "comm_exposed_s": statistics.mean(s["comm_exposed_s_by_worker"]),
+            "bytes_sent_per_worker": s["bytes_sent_per_worker"],
+            "peak_round_bytes_sent": s["peak_round_bytes_sent"],
+            "eval_curve": [(p["virtual_time_s"], p["eval_loss"]) for p in s["eval_curve"]],
+            "wall_s": time.perf_counter() - t0}
+
+
+def add_comparisons(rows: list[dict]) -> None:
+    """Loss change against blocking on the same link and seed; time to its loss + 2%."""
+    base = {(r["mbit"], r["seed"]): r for r in rows if r["variant"] == "blocking"}
+    for r in rows:
+        b = base.get((r["mbit"], r["seed"]))
+        if b is None:
+            r["loss_vs_blocking_pct"] = r["time_to_target_s"] = None
+            continue
+        r["loss_vs_blocking_pct"] = 100 * (r["final_eval_loss"] / b["final_eval_loss"] - 1)
+        target = 1.02 * b["final_eval_loss"]
+        r["time_to_target_s"] = next((t for t, loss in r["eval_curve"] if loss <= target),
+                                     None)
+
+
+def table(rows: list[dict]) -> Table:
+    t = Table(title="Overlapped DiLoCo, main job (simulator; mean over seeds, ± std)")
+    for col in ("link", "variant", "seeds", "eval loss", "vs blocking", "virtual s",
+                "utilization", "hidden s", "exposed s", "MB/worker", "peak MB/sync",
+                "s to blocking +2%"):
+        t.add_column(col, justify="left" if col in ("link", "variant") else "right")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["mbit"], r["variant"]), []).append(r)
+    for (mbit, variant), rs in groups.items():
+        def stat(key, fmt):
+            xs = [r[key] for r in rs if r[key] is not None]
+            if not xs:
+                return "-"
+            sd = f" ± {statistics.stdev(xs):{fmt}}" if len(xs) > 1 else ""
+            return f"{statistics.mean(xs):{fmt}}{sd}"
+        t.add_row(f"{mbit:g} Mbit/s", variant, str(len(rs)), stat("final_eval_loss", ".4f"),
+                  stat("loss_vs_blocking_pct", "+.2f") + "%", stat("virtual_time_s", ".1f"),
+                  stat("compute_utilization", ".3f"), stat("comm_hidden_s", ".2f"),
+                  stat("comm_exposed_s", ".2f"),
+                  f"{rs[0]['bytes_sent_per_worker'] / 1e6:.1f}",
+                  f"{rs[0]['peak_round_bytes_sent'] / 1e6:.2f}",
+                  stat("time_to_target_s", ".1f"))
+    return t
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    links = sorted({r["mbit"] for r in rows})
+    fig, axes = plt.subplots(1, len(links), figsize=(6 * len(links), 4.5), squeeze=False)
+    for ax, mbit in zip(axes[0], links):
+        for r in rows:
+            if r["mbit"] == mbit and r["seed"] == min(x["seed"] for x in rows):
+                ax.plot(*zip(*r["eval_curve"]), marker=".", label=r["variant"])
+        ax.set(title=f"{mbit:g} Mbit/s, 50 ms", xlabel="virtual time (s)",
+               ylabel="eval loss", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bandwidths", type=float, nargs="+", default=[20, 100, 1000],
+                   help="links in Mbit/s")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--jobs", type=int, default=1, help="simulations at once")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per simulation")
+    p.add_argument("--json", default="bench-results/overlap.json")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: merge the rows of earlier --json files into --json, its "
+                        "table and its plot")
+    args = p.parse_args()
+    todo = [(v, m, s) for m in args.bandwidths for s in args.seeds for v in args.variants]
+    console = Console(width=180)
+    rows = []
+    if args.report:
+        todo = []
+        for path in args.report:
+            rows += json.loads(Path(path).read_text())["rows"]
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_one, v, m, s, args.threads) for v, m, s in todo]
+        for i, f in enumerate(futures, 1):
+            r = f.result()
+            rows.append(r)
+            console.print(f"[{i}/{len(todo)}] {r['mbit']:g} Mbit/s {r['variant']} seed "
+                          f"{r['seed']}: eval loss {r['final_eval_loss']:.4f}, utilization "
+                          f"{r['compute_utilization']:.3f} ({r['wall_s']:.0f} s)")
+    add_comparisons(rows)
+    console.print(table(rows))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads_per_simulation": args.threads, "rows": rows},
+                              indent=1, default=lambda x: None if isinstance(x, float)
+                              and math.isnan(x) else x) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    console.print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
