@@ -252,3 +252,31 @@ class Algorithm(ABC):
         if worker.global_buffers is not None:
             state["global_buffers"] = worker.global_buffers
         return state
+
+    @torch.no_grad()
+    def load_shared_state(self, worker: Worker, state: dict[str, torch.Tensor], *,
+                          reset_params: bool = True) -> None:
+        """Installs ``state`` (another worker's :meth:`shared_state`) as ``worker``'s: the
+        global parameters and buffers, and the outer optimizer's state (``outer/<key>``).
+
+        Args:
+            reset_params: also load the global parameters into the model (a joiner, an
+                abort), not only the committed copy.
+        """
+        flat = state["global_params"].detach().clone()
+        if "global_buffers" in state:
+            worker.global_buffers = state["global_buffers"].detach().clone()
+            if reset_params:
+                worker.load_flat_buffers(worker.global_buffers)
+        if isinstance(worker.global_params, nn.Parameter):
+            worker.global_params.copy_(flat)
+        else:
+            worker.global_params = flat
+        if worker.outer is not None:
+            slot = worker.outer.state[worker.global_params]
+            slot.clear()
+            for k, v in state.items():
+                if k.startswith("outer/"):
+                    slot[k[len("outer/"):]] = v.detach().clone()
+        if reset_params:
+            worker.load_flat(flat)

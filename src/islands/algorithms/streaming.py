@@ -111,6 +111,26 @@ class StreamingDiLoCo(Algorithm):
     def global_state(self, worker: Worker) -> torch.Tensor:
         return torch.cat([p.detach() for p in worker.fragment_params])
 
+    @torch.no_grad()
+    def load_shared_state(self, worker: Worker, state: dict[str, torch.Tensor], *,
+                          reset_params: bool = True) -> None:
+        flat = state["global_params"]
+        if "global_buffers" in state:
+            worker.global_buffers = state["global_buffers"].detach().clone()
+            if reset_params:
+                worker.load_flat_buffers(worker.global_buffers)
+        for i, ((a, b), p, opt) in enumerate(zip(worker.bounds, worker.fragment_params,
+                                                  worker.fragment_outer)):
+            p.copy_(flat[a:b])
+            slot = opt.state[p]
+            slot.clear()
+            prefix = f"outer/{i}/"
+            slot.update({k[len(prefix):]: v.detach().clone() for k, v in state.items()
+                         if k.startswith(prefix)})
+        if reset_params:
+            worker.load_flat(flat)
+        worker.in_flight = None
+
     def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
         state = super().shared_state(worker)
         for i, (p, opt) in enumerate(zip(worker.fragment_params, worker.fragment_outer)):

@@ -45,6 +45,7 @@ from islands.core.sections import (
     CodecConfig,
     ComputeConfig,
     DataConfig,
+    Fault,
     InitConfig,
     InnerConfig,
     NetworkConfig,
@@ -121,6 +122,7 @@ class RunConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    faults: tuple[Fault, ...] = ()
     config_dir: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +135,8 @@ class RunConfig:
             for i, w in enumerate(items):
                 check(0 <= w.id < self.workers, f"{section}.worker[{i}].id", w.id,
                       f"must name a worker in [0, {self.workers - 1}] (workers = {self.workers})")
+        for i, f in enumerate(self.faults):
+            f.check(i, self.workers)
         _normalize(self)
 
     @property
@@ -151,6 +155,7 @@ class RunConfig:
             if f.name == "config_dir" or (value is None and f.name in _owned_names()):
                 continue
             out[f.name] = (dataclasses.asdict(value) if dataclasses.is_dataclass(value)
+                           else [dataclasses.asdict(v) for v in value] if f.name == "faults"
                            else copy.deepcopy(value))
         return out
 

@@ -278,6 +278,62 @@ class ComputeConfig:
                   "must be > 0")
 
 
+FAULT_KINDS = ("crash", "leave", "join", "slow", "link")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fault:
+    """One event of the fault plan (``[[faults]]``), at a round or a virtual time.
+
+    Attributes:
+        kind: ``"crash"`` (the worker trains the round but dies before its sync, which
+            commits without it), ``"leave"`` (it is gone from the round on), ``"join"``
+            (it takes part from the round on, with the committed state from a live member;
+            one absent from the start joins so too), ``"slow"`` (its inner steps take
+            ``factor`` times as long from then on), ``"link"`` (its link becomes
+            ``upload_bps`` / ``download_bps`` / ``latency_s`` from then on).
+        worker: the worker's id.
+        round: the round it happens at (or ``at_s``).
+        at_s: the virtual time it happens at: the first round that starts at or after it.
+        factor: ``slow``: the step-time multiplier (against the worker's configured one).
+        upload_bps, download_bps, latency_s: ``link``: the new settings (unset: unchanged).
+    """
+
+    kind: str
+    worker: int
+    round: int | None = None
+    at_s: float | None = None
+    factor: float | None = None
+    upload_bps: float | None = None
+    download_bps: float | None = None
+    latency_s: float | None = None
+
+    def check(self, i: int, workers: int) -> None:
+        key = f"faults[{i}]"
+        check(self.kind in FAULT_KINDS, f"{key}.kind", self.kind,
+              f"must be one of {', '.join(FAULT_KINDS)}")
+        check(0 <= self.worker < workers, f"{key}.worker", self.worker,
+              f"must name a worker in [0, {workers - 1}] (workers = {workers})")
+        check((self.round is None) != (self.at_s is None), f"{key}.round", self.round,
+              "needs exactly one of round (a round index) and at_s (virtual seconds)")
+        check(self.round is None or self.round >= 0, f"{key}.round", self.round, "must be >= 0")
+        check(self.at_s is None or self.at_s >= 0, f"{key}.at_s", self.at_s, "must be >= 0")
+        check((self.factor is not None) == (self.kind == "slow"), f"{key}.factor", self.factor,
+              "is set for kind = 'slow' only, and needed there")
+        check(self.factor is None or self.factor > 0, f"{key}.factor", self.factor,
+              "must be > 0")
+        link = (self.upload_bps, self.download_bps, self.latency_s)
+        check(self.kind == "link" or link == (None, None, None), f"{key}.kind", self.kind,
+              "must be 'link' to set upload_bps, download_bps or latency_s")
+        check(self.kind != "link" or link != (None, None, None), f"{key}.upload_bps", None,
+              "kind = 'link' needs upload_bps, download_bps or latency_s")
+        for name in ("upload_bps", "download_bps"):
+            v = getattr(self, name)
+            check(v is None or v > 0, f"{key}.{name}", v, "must be > 0")
+        check(self.latency_s is None or self.latency_s >= 0, f"{key}.latency_s",
+              self.latency_s, "must be >= 0")
+
+
 # the [runtime] keys only the coordinator reads: a worker's are checked against the
 # coordinator's at join (refused when they differ), or adopted from the first worker by a
 # coordinator started without a config

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -194,6 +195,17 @@ class Engine:
     def start_of(self, r: int) -> int:
         """The inner step round ``r`` starts at (``steps`` from the end of the run on)."""
         return self.bounds[min(r, self.rounds)]
+
+    def fast_forward(self, worker: Worker, r: int) -> None:
+        """Puts a worker's step count and lr schedule at the start of round ``r`` (a joiner,
+        a resume), as if it had trained every step before."""
+        with warnings.catch_warnings():  # stepping a schedule alone is the point here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
+            while worker.steps < self.start_of(r):
+                if worker.scheduler is not None:
+                    worker.scheduler.step()
+                worker.steps += 1
 
     def local(self, ids) -> list[Worker]:
         """The local workers among ``ids``, in id order."""

@@ -22,7 +22,6 @@ import copy
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,13 +177,7 @@ class Member:
 
     def fast_forward(self, round: int) -> None:
         """Puts a fresh worker's lr schedule where the run is (a joiner, a resume)."""
-        with warnings.catch_warnings():  # stepping a schedule alone is the point here
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
-                                    category=UserWarning)
-            while self.worker.steps < self.engine.start_of(round):
-                if self.worker.scheduler is not None:
-                    self.worker.scheduler.step()
-                self.worker.steps += 1
+        self.engine.fast_forward(self.worker, round)
 
     # --- epochs and liveness ---------------------------------------------------------------
 

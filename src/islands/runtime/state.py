@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-import torch.nn as nn
 
 from islands.algorithms.base import Algorithm, Worker
 from islands.codecs.base import Encoded
@@ -40,29 +39,8 @@ def snapshot(algorithm: Algorithm, worker: Worker) -> dict[str, torch.Tensor]:
 
 def load(algorithm: Algorithm, worker: Worker, state: dict[str, torch.Tensor],
          *, reset_params: bool = True) -> None:
-    """Installs ``state`` as the worker's shared state (global parameters, outer state).
-
-    Args:
-        reset_params: also load the global parameters into the model (a joiner, an abort).
-    """
-    flat = state["global_params"].detach().clone()
-    if "global_buffers" in state:
-        worker.global_buffers = state["global_buffers"].detach().clone()
-        if reset_params:
-            worker.load_flat_buffers(worker.global_buffers)
-    if isinstance(worker.global_params, nn.Parameter):
-        with torch.no_grad():
-            worker.global_params.copy_(flat)
-    else:
-        worker.global_params = flat
-    if worker.outer is not None:
-        slot = worker.outer.state[worker.global_params]
-        slot.clear()
-        for k, v in state.items():
-            if k.startswith("outer/"):
-                slot[k[len("outer/"):]] = v.detach().clone()
-    if reset_params:
-        worker.load_flat(flat)
+    """Installs ``state`` as the worker's shared state (``algorithm.load_shared_state``)."""
+    algorithm.load_shared_state(worker, state, reset_params=reset_params)
 
 
 def check(received: dict[str, torch.Tensor], template: dict[str, torch.Tensor],

@@ -29,27 +29,38 @@ from islands.engine import (
     threads,
 )
 from islands.metrics.run_dir import RunDir, read_summary
+from islands.sim.faults import FaultPlan
 from islands.tasks import Task
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 
 
 class _EveryRound:
-    """The simulator's driver: rounds in order; the participants the algorithm draws."""
+    """The simulator's driver: rounds in order; the participants the algorithm draws among
+    the members the fault plan leaves (all workers without one)."""
 
-    def __init__(self, everyone: Group) -> None:
-        self.everyone, self.next = everyone, 0
+    def __init__(self, everyone: Group, faults: FaultPlan | None = None) -> None:
+        self.everyone, self.next, self.faults = everyone, 0, faults
 
     def next_round(self, engine: Engine) -> RoundPlan | None:
         r = self.next
         if r >= engine.rounds:
             return None
         self.next += 1
-        ids = engine.algorithm.participants(r, self.everyone.members)
-        return RoundPlan(r, ids, ids, self.everyone)
+        if self.faults is None:
+            ids = engine.algorithm.participants(r, self.everyone.members)
+            return RoundPlan(r, ids, ids, self.everyone)
+        members, crashing = self.faults.members(r)
+        ids = engine.algorithm.participants(r, members)
+        # the crashing train, then are gone before the sync: no row, no contribution
+        synced = tuple(i for i in ids if i not in crashing)
+        return RoundPlan(r, synced, ids, Group(engine.transport, members),
+                         info={"synced": synced})
 
     def sync(self, engine: Engine, plan: RoundPlan, losses) -> dict:
-        engine.end_round(Group(engine.transport, plan.participants),
-                         engine.local(plan.participants))
+        synced = plan.info.get("synced", plan.participants)
+        for w in set(plan.participants) - set(synced):
+            losses.pop(w, None)
+        engine.end_round(Group(engine.transport, synced), engine.local(synced))
         return {}
 
     def abort(self, engine, plan, error) -> None:  # the simulated network does not fail
@@ -121,12 +132,16 @@ class Simulation:
             self.out.reserve(engine.final_nbytes())
             self.out.start(self.cfg)
         everyone = Group(engine.transport, tuple(range(self.cfg.workers)))
-        summary = engine.run(_EveryRound(everyone), self.on_round)
+        faults = FaultPlan(self.cfg, engine) if self.cfg.faults else None
+        summary = engine.run(_EveryRound(everyone, faults), self.on_round)
+        if faults is not None:
+            summary["epochs"] = faults.epochs
         algorithm, workers = engine.algorithm, self.workers
         final = workers[engine.curve[-1]["worker"]]
         self.final_params = algorithm.global_state(final).clone()
         self.final_state = engine.final_state(final)  # what final.safetensors holds
         self.shared_states = [algorithm.shared_state(w) for w in workers]
+        self.live = sorted(faults.alive) if faults is not None else list(range(len(workers)))
         if self.out:
             summary["run_id"] = self.out.run_id
             self.out.finish(summary, final=engine.final_bytes(final))

@@ -178,6 +178,14 @@ class SimTransport(Transport):
         self.clock.barrier(members, self._duration(sent, received))
         return dict(messages)
 
+    def send_state(self, src: int, dst: int, nbytes: int) -> None:
+        """A state transfer (a joiner's): ``nbytes`` from ``src`` to ``dst``, counted in the
+        ledger and charged to both as a blocking exchange."""
+        self.bytes_sent[src] += nbytes
+        self.bytes_received[dst] += nbytes
+        self.clock.barrier((src, dst), self._duration({src: nbytes, dst: 0},
+                                                      {src: 0, dst: nbytes}))
+
     @contextlib.contextmanager
     def in_background(self) -> Iterator[Flight]:
         with self.clock.background() as flight:

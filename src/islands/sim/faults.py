@@ -1,0 +1,114 @@
+"""The simulator's fault plan (``[[faults]]``): who takes part in each round, and the slowdowns
+and link changes in force, applied at round boundaries in the order the plan lists them.
+
+What the survivors do is what the real runtime's do:
+
+* ``crash``: the worker trains the round, then dies before its sync; the round commits with
+  the others (its contribution is lost; the runtime sees a killed process's connection close
+  at once and releases the round without it).
+* ``leave``: the worker is gone from the round on (a graceful leave after its last commit).
+* ``join``: the worker takes part from the round on: it receives the committed shared state
+  and the inner optimizer's state from the lowest live member (the bytes are counted and
+  charged to both links), its step count and lr schedule are put where the run is. A worker
+  whose first membership event in the plan is a ``join`` is absent until then.
+* ``slow``: its inner steps take ``factor`` times its configured step time from then on.
+* ``link``: its link's settings change from then on.
+
+An event at ``at_s`` happens at the first round that starts (the live members' latest
+virtual time) at or after it. ``summary.json``'s ``epochs`` lists each membership from the
+round it began, as the runtime's coordinator records them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+from islands.core.errors import ConfigError
+
+
+class FaultPlan:
+    """Applies ``cfg.faults`` to a simulation round by round.
+
+    Args:
+        cfg: the run's config.
+        engine: the simulation's engine (its step times, transport and workers change).
+    """
+
+    def __init__(self, cfg, engine) -> None:
+        self.faults, self.engine = list(cfg.faults), engine
+        if self.faults and engine.algorithm.overlaps:
+            raise ConfigError(f"faults with algorithm {engine.algorithm.name!r} overlapping "
+                              "its syncs are not supported yet: remove [[faults]] or use a "
+                              "blocking algorithm")
+        self.applied: set[int] = set()
+        first: dict[int, str] = {}
+        for f in self.faults:
+            if f.kind in ("crash", "leave", "join"):
+                first.setdefault(f.worker, f.kind)
+        self.alive = {i for i in range(cfg.workers) if first.get(i) != "join"}
+        self.base_step_s = dict(engine.step_time_s)
+        self.epochs: list[dict] = []
+        self.crashing: set[int] = set()
+
+    def members(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Applies the events due at round ``r``; returns (the round's members, those among
+        them that crash before its sync)."""
+        for w in self.crashing:  # last round's crashes are gone now
+            self.alive.discard(w)
+        self.crashing = set()
+        clock = self.engine.clock
+        now = max((clock.time_s(m) for m in self.alive), default=0.0)
+        joiners = []
+        for i, f in enumerate(self.faults):
+            due = f.round <= r if f.round is not None else f.at_s <= now
+            if i in self.applied or not due:
+                continue
+            self.applied.add(i)
+            if f.kind == "leave":
+                self.alive.discard(f.worker)
+            elif f.kind == "crash" and f.worker in self.alive:
+                self.crashing.add(f.worker)
+            elif f.kind == "join" and f.worker not in self.alive:
+                self.alive.add(f.worker)
+                joiners.append(f.worker)
+            elif f.kind == "slow":
+                self.engine.step_time_s[f.worker] = self.base_step_s[f.worker] * f.factor
+            elif f.kind == "link":
+                net = self.engine.transport.network
+                changes = {k: getattr(f, k) for k in ("upload_bps", "download_bps", "latency_s")
+                           if getattr(f, k) is not None}
+                net.overrides[f.worker] = replace(net.link(f.worker), **changes)
+        members = tuple(sorted(self.alive))
+        if not members:
+            raise ConfigError(f"the fault plan leaves no worker at round {r}: keep one, or "
+                              "add a join before it")
+        for j in joiners:
+            self._join(j, r, [m for m in members if m not in joiners])
+        committed = [m for m in members if m not in self.crashing]
+        if not committed:
+            raise ConfigError(f"the fault plan leaves no worker to commit round {r}: keep "
+                              "one alive through it")
+        if not self.epochs or self.epochs[-1]["members"] != committed:
+            self.epochs.append({"epoch": len(self.epochs) + 1, "members": committed,
+                                "from_round": r})
+        return members, tuple(sorted(self.crashing))
+
+    def _join(self, w: int, r: int, sources: list[int]) -> None:
+        """A joiner receives the committed state from the lowest live member."""
+        engine = self.engine
+        if not sources:
+            raise ConfigError(f"worker {w} joins at round {r} with nobody to take the state "
+                              "from: keep a worker alive through its join")
+        src, dst = engine.local([sources[0]])[0], engine.local([w])[0]
+        state = {k: v.detach().clone()
+                 for k, v in engine.algorithm.shared_state(src).items()}
+        engine.algorithm.load_shared_state(dst, state, reset_params=True)
+        dst.inner.load_state_dict(copy.deepcopy(src.inner.state_dict()))
+        dst.steps, dst.samples = 0, 0
+        if dst.scheduler is not None:
+            dst.scheduler.load_state_dict(copy.deepcopy(src.scheduler.state_dict()))
+            dst.steps = src.steps
+        engine.fast_forward(dst, r)
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        engine.transport.send_state(src.id, dst.id, nbytes)

@@ -1,0 +1,105 @@
+"""The simulator's fault plan (``[[faults]]``): crashes, leaves, joins, slowdowns and link
+changes at rounds or virtual times; asserted on state and membership, never on wall time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from islands.core.errors import ConfigError
+from islands.sim.runner import Simulation
+from tests.conftest import tiny_config
+
+
+def _faults(*events: str) -> str:
+    return "faults=[" + ", ".join("{" + e + "}" for e in events) + "]"
+
+
+def _sim(*sets, workers=3):
+    sim = Simulation(tiny_config(f"workers={workers}", "steps=20", "eval_every=100",
+                                 "algorithm.name=diloco", "algorithm.sync_every=4", *sets))
+    return sim, sim.run()
+
+
+def _live_states_agree(sim) -> bool:
+    states = [sim.shared_states[i] for i in sim.live]
+    return all(torch.equal(states[0][k], other[k]) for other in states[1:] for k in states[0])
+
+
+def test_a_crash_commits_the_round_without_the_worker_as_a_leave_does():
+    """A crash trains the round and dies before its sync, a leave does not train it: either
+    way the round commits without the worker, so the global states are equal; only the
+    crashed worker's compute differs."""
+    crash, c = _sim(_faults('kind = "crash", worker = 2, round = 1'))
+    leave, l_ = _sim(_faults('kind = "leave", worker = 2, round = 1'))
+    assert torch.equal(crash.final_params, leave.final_params)
+    assert c["epochs"] == l_["epochs"] == [
+        {"epoch": 1, "members": [0, 1, 2], "from_round": 0},
+        {"epoch": 2, "members": [0, 1], "from_round": 1}]
+    assert c["compute_s_by_worker"][2] == pytest.approx(2 * l_["compute_s_by_worker"][2])
+    nothing, _ = _sim()
+    assert not torch.equal(crash.final_params, nothing.final_params)
+    assert crash.live == [0, 1] and _live_states_agree(crash)
+
+
+def test_a_joiner_gets_the_committed_state_and_rows_from_its_round(tmp_path):
+    sim = Simulation(tiny_config("workers=4", "steps=20", "eval_every=100",
+                                 "algorithm.name=diloco", "algorithm.sync_every=4",
+                                 _faults('kind = "join", worker = 3, round = 2')),
+                     out_dir=tmp_path / "run")
+    s = sim.run()
+    assert s["epochs"] == [{"epoch": 1, "members": [0, 1, 2], "from_round": 0},
+                           {"epoch": 2, "members": [0, 1, 2, 3], "from_round": 2}]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert sorted(r["round"] for r in rows if r["worker"] == 3) == [2, 3, 4]
+    assert sorted(r["round"] for r in rows if r["worker"] == 0) == [0, 1, 2, 3, 4]
+    state_bytes = sum(t.numel() * t.element_size() for t in sim.shared_states[0].values())
+    assert s["bytes_sent_by_worker"][0] > s["bytes_sent_by_worker"][1] + state_bytes - 1000
+    assert sim.live == [0, 1, 2, 3] and _live_states_agree(sim)
+    assert sim.workers[3].steps == sim.workers[0].steps == 20
+
+
+def test_a_crashed_worker_that_rejoins_holds_the_shared_state_again():
+    sim, s = _sim(_faults('kind = "crash", worker = 1, round = 1',
+                          'kind = "join", worker = 1, round = 3'))
+    assert [e["members"] for e in s["epochs"]] == [[0, 1, 2], [0, 2], [0, 1, 2]]
+    assert [e["from_round"] for e in s["epochs"]] == [0, 1, 3]
+    assert _live_states_agree(sim)
+
+
+def test_a_slowdown_and_a_link_change_take_effect_from_their_round_or_time():
+    _, base = _sim("compute.step_time_s=0.1")
+    _, slow = _sim("compute.step_time_s=0.1",
+                   _faults('kind = "slow", worker = 0, round = 2, factor = 3.0'))
+    # rounds 2-4 (12 steps) at 0.3 s instead of 0.1 s on worker 0 alone
+    assert slow["compute_s_by_worker"][0] == pytest.approx(base["compute_s_by_worker"][0] + 2.4)
+    assert slow["compute_s_by_worker"][1] == pytest.approx(base["compute_s_by_worker"][1])
+    assert slow["virtual_time_s"] == pytest.approx(base["virtual_time_s"] + 2.4)
+    assert slow["final_eval_loss"] == base["final_eval_loss"]  # time, not math
+    _, link = _sim("compute.step_time_s=0.1",
+                   _faults('kind = "link", worker = 1, at_s = 1.0, upload_bps = 1e5'))
+    assert link["virtual_time_s"] > base["virtual_time_s"] + 10
+    assert link["final_eval_loss"] == base["final_eval_loss"]
+
+
+@pytest.mark.parametrize("event, key", [
+    ('kind = "crash", worker = 5, round = 1', "faults\\[0\\].worker"),
+    ('kind = "boom", worker = 1, round = 1', "faults\\[0\\].kind"),
+    ('kind = "slow", worker = 1, round = 1', "faults\\[0\\].factor"),
+    ('kind = "crash", worker = 1', "faults\\[0\\].round"),
+    ('kind = "crash", worker = 1, round = 1, at_s = 2.0', "faults\\[0\\].round"),
+    ('kind = "link", worker = 1, round = 1', "faults\\[0\\].upload_bps"),
+    ('kind = "leave", worker = 1, round = 1, latency_s = 0.1', "faults\\[0\\].kind"),
+])
+def test_a_bad_fault_names_its_entry_and_key(event, key):
+    with pytest.raises(ConfigError, match=key):
+        tiny_config("workers=3", _faults(event))
+
+
+def test_a_plan_that_leaves_nobody_or_overlaps_is_refused():
+    with pytest.raises(ConfigError, match="no worker"):
+        _sim(_faults(*(f'kind = "leave", worker = {i}, round = 2' for i in range(3))))
+    with pytest.raises(ConfigError, match="overlapping"):
+        _sim("algorithm.overlap=delayed", _faults('kind = "leave", worker = 1, round = 2'))
