@@ -103,3 +103,42 @@ def test_a_plan_that_leaves_nobody_or_overlaps_is_refused():
         _sim(_faults(*(f'kind = "leave", worker = {i}, round = 2' for i in range(3))))
     with pytest.raises(ConfigError, match="overlapping"):
         _sim("algorithm.overlap=delayed", _faults('kind = "leave", worker = 1, round = 2'))
+
+
+# --- the straggler policy: a minimum quorum and a grace window --------------------------
+
+STRAGGLER = ["workers=4", "compute.step_time_s=0.1", "compute.worker=[{id = 3, step_time_s = 0.3}]"]
+
+
+def test_a_quorum_leaves_a_3x_straggler_out_and_it_catches_up(tmp_path):
+    _, wait = _sim(*STRAGGLER, workers=4)
+    sim = Simulation(tiny_config("steps=20", "eval_every=100", "algorithm.name=diloco",
+                                 "algorithm.sync_every=4", *STRAGGLER,
+                                 "algorithm.min_quorum=3"), out_dir=tmp_path / "q")
+    s = sim.run()
+    assert s["virtual_time_s"] < wait["virtual_time_s"] / 2
+    rows = [json.loads(line) for line in (tmp_path / "q" / "metrics.jsonl").open()]
+    assert not [r for r in rows if r["worker"] == 3]  # never in time: never committed
+    assert all(r["left_out"] == [3] for r in rows)
+    # it abandons each round when the others commit: its compute stops there
+    assert s["compute_s_by_worker"][3] < wait["compute_s_by_worker"][3] / 2
+    assert _live_states_agree(sim)  # it holds the committed state after every round
+
+
+def test_a_grace_window_that_covers_the_straggler_waits_for_it():
+    plain, p = _sim(*STRAGGLER, workers=4)
+    graced, g = _sim(*STRAGGLER, "algorithm.min_quorum=3", "algorithm.grace_s=1.0", workers=4)
+    assert torch.equal(graced.final_params, plain.final_params)
+    assert g["virtual_time_s"] == p["virtual_time_s"]
+
+
+def test_the_simulators_policies_are_refused_by_the_runtime():
+    from islands.runtime.member import refuse_simulator_only
+
+    with pytest.raises(ConfigError, match="min_quorum.*round_deadline_s"):
+        refuse_simulator_only(tiny_config("algorithm.min_quorum=2"))
+    with pytest.raises(ConfigError, match="faults"):
+        refuse_simulator_only(tiny_config("workers=3",
+                                          _faults('kind = "leave", worker = 1, round = 2')))
+    with pytest.raises(ConfigError, match="algorithm.min_quorum"):
+        tiny_config("algorithm.min_quorum=2", "algorithm.overlap=delayed")

@@ -72,6 +72,7 @@ class DiLoCo(Algorithm):
             outer step 0 (None: the optimizer's own settings throughout). Overlapped, round
             ``t``'s outer step runs at the end of round ``t + 1``, with that round's settings.
         overlap: ``"none"`` (blocking), ``"delayed"`` or ``"eager"`` (see the module).
+        min_quorum, grace_s: the straggler policy (see :class:`DiLoCoConfig`).
     """
 
     name = "diloco"
@@ -79,7 +80,8 @@ class DiLoCo(Algorithm):
     def __init__(self, sync_every: SyncEvery, *, outer: OuterFactory = nesterov_sgd,
                  ddp_steps: int = 0,
                  outer_schedule: Callable[[int], dict[str, float]] | None = None,
-                 overlap: str = "none", **kwargs) -> None:
+                 overlap: str = "none", min_quorum: int = 0, grace_s: float = 0.0,
+                 **kwargs) -> None:
         super().__init__(sync_every, **kwargs)
         if ddp_steps < 0:
             raise ValueError(f"ddp_steps ({ddp_steps}) must be >= 0")
@@ -90,6 +92,7 @@ class DiLoCo(Algorithm):
         self.outer_schedule = outer_schedule
         self.overlap = overlap
         self.overlaps = overlap != "none"
+        self.min_quorum, self.grace_s = min_quorum, grace_s
 
     def syncs_gradients_at(self, step: int) -> bool:
         return step < self.ddp_steps
@@ -206,12 +209,21 @@ class DiLoCoConfig(AlgorithmConfig):
             or ``"eager"``: round t's average crosses the wire while round t+1 trains and
             its outer step lands one round late (see :mod:`islands.algorithms.diloco`);
             the simulator only for now.
+        min_quorum: the straggler policy (0: off, every round waits for every member). A
+            round's sync goes ahead once ``min_quorum`` members are ready and ``grace_s``
+            more seconds have passed; a member later than that is left out of the round
+            (its round is abandoned, its contribution dropped) and catches up from the
+            committed state. The simulator only for now (the runtime's own policy is
+            ``runtime.round_deadline_s``).
+        grace_s: seconds the sync waits for more members after the quorum is ready.
     """
 
     name: str = "diloco"
     sync_every: int | tuple[tuple[int, int], ...] = 50
     ddp_steps: int = 0
     overlap: str = "none"
+    min_quorum: int = 0
+    grace_s: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
@@ -219,10 +231,16 @@ class DiLoCoConfig(AlgorithmConfig):
               "must be >= 0 (0: no data-parallel phase)")
         check(self.overlap in OVERLAPS, "algorithm.overlap", self.overlap,
               f"must be one of {', '.join(repr(o) for o in OVERLAPS)}")
+        check(self.min_quorum >= 0, "algorithm.min_quorum", self.min_quorum,
+              "must be >= 0 (0: no straggler policy)")
+        check(self.grace_s >= 0, "algorithm.grace_s", self.grace_s, "must be >= 0")
+        check(self.overlap == "none" or not self.min_quorum, "algorithm.min_quorum",
+              self.min_quorum, "works with algorithm.overlap = 'none' only for now")
 
     def build(self, run, aggregator) -> DiLoCo:
         return DiLoCo(self.sync_every, outer=outer_factory(run.outer), aggregator=aggregator,
                       ddp_steps=self.ddp_steps,
                       outer_schedule=outer_schedule(lr=run.outer.lr,
                                                     momentum=run.outer.momentum),
-                      overlap=self.overlap)
+                      overlap=self.overlap, min_quorum=self.min_quorum,
+                      grace_s=self.grace_s)

@@ -76,6 +76,13 @@ def refuse_simulator_only(cfg: RunConfig) -> None:
         raise ConfigError(f"algorithm.overlap ({overlap!r}) runs in the simulator only for "
                           "now (islands sim); real processes overlap nothing yet: set "
                           "algorithm.overlap = \"none\"")
+    if getattr(cfg.algorithm, "min_quorum", 0):
+        raise ConfigError(f"algorithm.min_quorum ({cfg.algorithm.min_quorum}) runs in the "
+                          "simulator only for now (islands sim); for real processes set "
+                          "runtime.round_deadline_s (a straggler past it is left out)")
+    if cfg.faults:
+        raise ConfigError("[[faults]] is the simulator's fault plan (islands sim); real "
+                          "processes fail for real: remove it")
     if cfg.algorithm.name == "streaming_diloco":
         raise ConfigError("algorithm.name ('streaming_diloco') runs in the simulator only for "
                           "now (islands sim); for real processes use diloco")

@@ -14,6 +14,9 @@ What the survivors do is what the real runtime's do:
 * ``slow``: its inner steps take ``factor`` times its configured step time from then on.
 * ``link``: its link's settings change from then on.
 
+The straggler policy (``algorithm.min_quorum``, ``algorithm.grace_s``, :func:`quorum`) lives
+here too: a member later than the quorum's grace window is left out of the round's sync.
+
 An event at ``at_s`` happens at the first round that starts (the live members' latest
 virtual time) at or after it. ``summary.json``'s ``epochs`` lists each membership from the
 round it began, as the runtime's coordinator records them.
@@ -112,3 +115,30 @@ class FaultPlan:
         engine.fast_forward(dst, r)
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         engine.transport.send_state(src.id, dst.id, nbytes)
+
+
+def quorum(engine, synced: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The straggler policy at a round's sync: ``(kept, left out)``. The sync goes ahead at
+    the time the ``min_quorum``-th member is ready plus ``grace_s``; a member ready later is
+    left out (0: everyone is kept)."""
+    q = getattr(engine.algorithm, "min_quorum", 0)
+    if not q or len(synced) <= q:
+        return synced, ()
+    ready = {m: engine.clock.time_s(m) for m in synced}
+    cutoff = sorted(ready.values())[q - 1] + engine.algorithm.grace_s
+    kept = tuple(m for m in synced if ready[m] <= cutoff)
+    return kept, tuple(m for m in synced if ready[m] > cutoff)
+
+
+def catch_up(engine, late: tuple[int, ...], kept: tuple[int, ...]) -> None:
+    """Members left out abandon their round when it commits and receive the committed state
+    from the lowest member kept (bytes counted, as a joiner's)."""
+    src = engine.local([kept[0]])[0]
+    commit = engine.clock.time_s(src.id)
+    state = {k: v.detach().clone() for k, v in engine.algorithm.shared_state(src).items()}
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    for w in engine.local(late):
+        engine.clock.abandon(w.id, commit)
+        engine.algorithm.load_shared_state(w, state, reset_params=True)
+        w.samples = 0
+        engine.transport.send_state(src.id, w.id, nbytes)

@@ -29,7 +29,7 @@ from islands.engine import (
     threads,
 )
 from islands.metrics.run_dir import RunDir, read_summary
-from islands.sim.faults import FaultPlan
+from islands.sim.faults import FaultPlan, catch_up, quorum
 from islands.tasks import Task
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 
@@ -57,11 +57,14 @@ class _EveryRound:
                          info={"synced": synced})
 
     def sync(self, engine: Engine, plan: RoundPlan, losses) -> dict:
-        synced = plan.info.get("synced", plan.participants)
+        synced, late = quorum(engine, plan.info.get("synced", plan.participants))
         for w in set(plan.participants) - set(synced):
             losses.pop(w, None)
+        plan.members = tuple(m for m in plan.members if m in synced)  # rows: the kept
         engine.end_round(Group(engine.transport, synced), engine.local(synced))
-        return {}
+        if late:
+            catch_up(engine, late, synced)
+        return {"left_out": list(late)} if late else {}
 
     def abort(self, engine, plan, error) -> None:  # the simulated network does not fail
         raise error

@@ -106,6 +106,13 @@ class VirtualClock:
                 self.comm_s[m] += duration_s
                 self.now[m] = start + duration_s
 
+    def abandon(self, worker: int, at_s: float) -> None:
+        """``worker`` stops computing at ``at_s`` (its round, left out, is abandoned): the
+        compute it would have done after is not done."""
+        if self.now[worker] > at_s:
+            self.compute_s[worker] -= self.now[worker] - at_s
+            self.now[worker] = at_s
+
     @contextlib.contextmanager
     def background(self) -> Iterator[dict[int, list[float]]]:
         """Exchanges inside are issued in the background; yields what :meth:`settle` takes."""
