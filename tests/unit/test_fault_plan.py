@@ -142,3 +142,13 @@ def test_the_simulators_policies_are_refused_by_the_runtime():
                                           _faults('kind = "leave", worker = 1, round = 2')))
     with pytest.raises(ConfigError, match="algorithm.min_quorum"):
         tiny_config("algorithm.min_quorum=2", "algorithm.overlap=delayed")
+
+
+def test_a_warm_start_ignores_the_runs_per_worker_settings():
+    """The warm start trains one worker alone; a straggler, a link and a fault naming worker 2
+    of the run must not refuse it (they did: 'compute.worker[0].id (2) must name a worker in
+    [0, 0]')."""
+    _, s = _sim("init.warm_start_steps=2", "compute.worker=[{id = 2, step_time_s = 0.3}]",
+                "network.worker=[{id = 2, upload_bps = 1e6}]",
+                _faults('kind = "leave", worker = 2, round = 3'))
+    assert s["epochs"][-1]["members"] == [0, 1]

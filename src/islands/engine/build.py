@@ -162,8 +162,11 @@ def warm_start(cfg: RunConfig, task: Task, device: torch.device, *,
                      default=str)  # (the thread count changes the float sums)
     if key not in _WARM_STARTS:
         steps = cfg.init.warm_start_steps
+        # one worker alone: the run's per-worker settings (links, step times, faults) name
+        # workers it does not have
         pre = cfg.replace(**{"workers": 1, "steps": steps, "inner.schedule": "constant",
-                             "init.warm_start_steps": 0})
+                             "init.warm_start_steps": 0, "network.worker": [],
+                             "compute.worker": [], "faults": []})
         data = task.data(1, derive_seed(cfg.seed, "warm-start"), pre.data)
         worker = build_worker(pre, 0, initial_model(pre, task, device), data_size=0)
         for step in range(steps):
