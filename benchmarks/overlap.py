@@ -13,6 +13,11 @@ Run it (each simulation takes about 1.5 minutes on one core; ``--jobs 2`` runs t
 
     python benchmarks/overlap.py --jobs 2
     python benchmarks/overlap.py --bandwidths 20 --seeds 0 1 2 --jobs 2
+    python benchmarks/overlap.py --weather --jobs 2 --json bench-results/weather.json
+
+``--weather`` runs the straggler policy and the fault plan instead (100 Mbit/s): one worker 3x
+slower, DiLoCo waiting for it against DiLoCo with a quorum of 3 of 4 and DDP; then the same
+with a crash every 8 virtual seconds (the crashed worker back 4 s later).
 
 Writes ``bench-results/overlap.json`` and ``.png`` (``--json`` moves both).
 """
@@ -45,6 +50,21 @@ VARIANTS: dict[str, list[str]] = {
                   "algorithm.tau=5", "algorithm.alpha=0.5"],
 }
 
+# --weather: one worker 3x slower throughout, alone or with a fault plan (a crash every
+# 8 virtual seconds, the crashed worker back 4 s later), at 100 Mbit/s
+SLOW = ["compute.worker=[{id = 3, step_time_s = 0.3}]"]
+CRASHES = ("faults=[" + ", ".join(
+    f'{{kind = "crash", worker = {w}, at_s = {t}}}, {{kind = "join", worker = {w}, '
+    f'at_s = {t + 4}}}' for w, t in ((1, 8), (2, 16), (1, 24), (2, 32))) + "]")
+WEATHER: dict[str, list[str]] = {
+    "straggler: DiLoCo waits": [*SLOW],
+    "straggler: DiLoCo, quorum 3 of 4": [*SLOW, "algorithm.min_quorum=3"],
+    "straggler: DDP waits": [*SLOW, "algorithm.name=ddp"],
+    "crashes + straggler: DiLoCo waits": [*SLOW, CRASHES],
+    "crashes + straggler: DiLoCo, quorum 3": [*SLOW, CRASHES, "algorithm.min_quorum=3"],
+    "crashes + straggler: DDP": [*SLOW, CRASHES, "algorithm.name=ddp"],
+}
+
 
 def run_one(variant: str, mbit: float, seed: int, threads: int) -> dict:
     import torch
@@ -52,11 +72,12 @@ def run_one(variant: str, mbit: float, seed: int, threads: int) -> dict:
     from islands import load_config, simulate
 
     torch.set_num_threads(threads)
-    sets = [*MAIN_JOB, *VARIANTS[variant], f"network.bandwidth_bps={mbit * 1e6}",
+    sets = [*MAIN_JOB, *{**VARIANTS, **WEATHER}[variant], f"network.bandwidth_bps={mbit * 1e6}",
             f"seed={seed}"]
     t0 = time.perf_counter()
     s = simulate(load_config(None, sets))
-    return {"variant": variant, "mbit": mbit, "seed": seed, "overrides": VARIANTS[variant],
+    return {"variant": variant, "mbit": mbit, "seed": seed,
+            "overrides": {**VARIANTS, **WEATHER}[variant],
             "final_eval_loss": s["final_eval_loss"], "virtual_time_s": s["virtual_time_s"],
             "compute_utilization": s["compute_utilization"],
             "comm_hidden_s": statistics.mean(s["comm_hidden_s_by_worker"]),
@@ -68,10 +89,16 @@ def run_one(variant: str, mbit: float, seed: int, threads: int) -> dict:
 
 
 def add_comparisons(rows: list[dict]) -> None:
-    """Loss change against blocking on the same link and seed; time to its loss + 2%."""
-    base = {(r["mbit"], r["seed"]): r for r in rows if r["variant"] == "blocking"}
+    """Loss change against the baseline on the same link and seed (blocking DiLoCo; in the
+    weather rows, DiLoCo waiting for the straggler); time to its loss + 2%."""
+    def baseline(variant: str) -> str:
+        if variant.startswith("crashes"):
+            return "crashes + straggler: DiLoCo waits"
+        return "straggler: DiLoCo waits" if variant.startswith("straggler") else "blocking"
+
+    base = {(r["variant"], r["mbit"], r["seed"]): r for r in rows}
     for r in rows:
-        b = base.get((r["mbit"], r["seed"]))
+        b = base.get((baseline(r["variant"]), r["mbit"], r["seed"]))
         if b is None:
             r["loss_vs_blocking_pct"] = r["time_to_target_s"] = None
             continue
@@ -82,8 +109,9 @@ def add_comparisons(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> Table:
-    t = Table(title="Overlapped DiLoCo, main job (simulator; mean over seeds, ± std)")
-    for col in ("link", "variant", "seeds", "eval loss", "vs blocking", "virtual s",
+    t = Table(title="The main job in the simulator (mean over seeds, ± std; vs: against "
+                    "blocking DiLoCo, or DiLoCo waiting for the straggler)")
+    for col in ("link", "variant", "seeds", "eval loss", "vs", "virtual s",
                 "utilization", "hidden s", "exposed s", "MB/worker", "peak MB/sync",
                 "s to blocking +2%"):
         t.add_column(col, justify="left" if col in ("link", "variant") else "right")
@@ -95,7 +123,7 @@ def table(rows: list[dict]) -> Table:
             xs = [r[key] for r in rs if r[key] is not None]
             if not xs:
                 return "-"
-            sd = f" ± {statistics.stdev(xs):{fmt}}" if len(xs) > 1 else ""
+            sd = (f" ± {statistics.stdev(xs):{fmt.lstrip('+')}}" if len(xs) > 1 else "")
             return f"{statistics.mean(xs):{fmt}}{sd}"
         t.add_row(f"{mbit:g} Mbit/s", variant, str(len(rs)), stat("final_eval_loss", ".4f"),
                   stat("loss_vs_blocking_pct", "+.2f") + "%", stat("virtual_time_s", ".1f"),
@@ -120,7 +148,8 @@ def plot(rows: list[dict], path: Path) -> None:
             if r["mbit"] == mbit and r["seed"] == min(x["seed"] for x in rows):
                 ax.plot(*zip(*r["eval_curve"]), marker=".", label=r["variant"])
         ax.set(title=f"{mbit:g} Mbit/s, 50 ms", xlabel="virtual time (s)",
-               ylabel="eval loss", yscale="log")
+               ylabel="eval loss", yscale="log", xscale="log" if any(
+                   r["variant"].startswith(("straggler", "crashes")) for r in rows) else "linear")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -130,7 +159,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bandwidths", type=float, nargs="+", default=[20, 100, 1000],
                    help="links in Mbit/s")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, choices=[*VARIANTS, *WEATHER],
+                   metavar="VARIANT", help=f"of {list(VARIANTS)} (default: all), or with "
+                   f"--weather of {list(WEATHER)}")
+    p.add_argument("--weather", action="store_true",
+                   help="the straggler and fault-plan scenarios instead (100 Mbit/s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--jobs", type=int, default=1, help="simulations at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per simulation")
@@ -139,6 +172,10 @@ def main() -> None:
                    help="run nothing: merge the rows of earlier --json files into --json, its "
                         "table and its plot")
     args = p.parse_args()
+    if args.variants is None:
+        args.variants = list(WEATHER if args.weather else VARIANTS)
+    if args.weather and args.bandwidths == p.get_default("bandwidths"):
+        args.bandwidths = [100]
     todo = [(v, m, s) for m in args.bandwidths for s in args.seeds for v in args.variants]
     console = Console(width=180)
     rows = []

@@ -152,3 +152,13 @@ def test_a_warm_start_ignores_the_runs_per_worker_settings():
                 "network.worker=[{id = 2, upload_bps = 1e6}]",
                 _faults('kind = "leave", worker = 2, round = 3'))
     assert s["epochs"][-1]["members"] == [0, 1]
+
+
+def test_a_crash_in_virtual_time_hits_the_round_in_progress_and_a_rejoin_follows_it():
+    """Rounds of 4 steps at 0.1 s: a crash at 0.2 s hits round 0 (in progress), a join at
+    0.3 s takes effect at round 1 (the first starting after it, the crash being over)."""
+    _, s = _sim("compute.step_time_s=0.1",
+                _faults('kind = "crash", worker = 1, at_s = 0.2',
+                        'kind = "join", worker = 1, at_s = 0.3'))
+    assert [(e["from_round"], e["members"]) for e in s["epochs"]] == [
+        (0, [0, 2]), (1, [0, 1, 2])]

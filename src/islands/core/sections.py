@@ -294,7 +294,8 @@ class Fault:
             ``upload_bps`` / ``download_bps`` / ``latency_s`` from then on).
         worker: the worker's id.
         round: the round it happens at (or ``at_s``).
-        at_s: the virtual time it happens at: the first round that starts at or after it.
+        at_s: the virtual time it happens at: the first round that starts at or after it
+            (a crash: the round the worker is computing at that time).
         factor: ``slow``: the step-time multiplier (against the worker's configured one).
         upload_bps, download_bps, latency_s: ``link``: the new settings (unset: unchanged).
     """

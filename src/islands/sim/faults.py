@@ -18,7 +18,9 @@ The straggler policy (``algorithm.min_quorum``, ``algorithm.grace_s``, :func:`qu
 here too: a member later than the quorum's grace window is left out of the round's sync.
 
 An event at ``at_s`` happens at the first round that starts (the live members' latest
-virtual time) at or after it. ``summary.json``'s ``epochs`` lists each membership from the
+virtual time) at or after it; a crash at ``at_s`` hits the round the worker is computing at
+that time (the first it would finish after it), and a join of a worker crashing in a round
+takes effect at the next. ``summary.json``'s ``epochs`` lists each membership from the
 round it began, as the runtime's coordinator records them.
 """
 
@@ -63,10 +65,19 @@ class FaultPlan:
         clock = self.engine.clock
         now = max((clock.time_s(m) for m in self.alive), default=0.0)
         joiners = []
+        steps = len(self.engine.steps_of(r))
         for i, f in enumerate(self.faults):
-            due = f.round <= r if f.round is not None else f.at_s <= now
+            if f.round is not None:
+                due = f.round <= r
+            elif f.kind == "crash":  # a crash hits the round the worker is computing then
+                w = f.worker
+                due = f.at_s < clock.time_s(w) + steps * self.engine.step_time_s[w]
+            else:
+                due = f.at_s <= now
             if i in self.applied or not due:
                 continue
+            if f.kind == "join" and f.worker in self.crashing:
+                continue  # it crashes in this round: back at the next one
             self.applied.add(i)
             if f.kind == "leave":
                 self.alive.discard(f.worker)
