@@ -48,6 +48,9 @@ VARIANTS: dict[str, list[str]] = {
     # H = 50 per fragment: 5 fragments, a round of 10 steps, each sync landing 5 steps late
     "streaming": ["algorithm.name=streaming_diloco", "algorithm.fragments=5",
                   "algorithm.tau=5", "algorithm.alpha=0.5"],
+    # rounds of 5 steps: the last sync, which every run waits for, is half as long
+    "streaming, 10 fragments": ["algorithm.name=streaming_diloco", "algorithm.fragments=10",
+                                "algorithm.tau=5", "algorithm.alpha=0.5"],
 }
 
 # --weather: one worker 3x slower throughout, alone or with a fault plan (a crash every
