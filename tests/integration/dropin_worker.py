@@ -8,7 +8,8 @@ The model is the task's, built after ``torch.manual_seed(job.seed)``; the optimi
 where nothing fails ends with the simulator's global parameters. ``--stall R:S`` sleeps S
 seconds inside the first inner step of round R (a worker stuck in its own loop); ``--step-s
 S`` adds S seconds to every step (compute that takes time); ``--hold R:FILE`` waits inside
-the first step of round R until FILE exists (a test holds the job there while it acts).
+the first step of round R until FILE exists (a test holds the job there while it acts; one
+``--hold`` per round).
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def option(name: str, default: str) -> str:
 
 stall_round, stall_s = (float(x) for x in option("--stall", "-1:0").split(":"))
 step_s = float(option("--step-s", "0"))
-hold_round, _, hold_file = option("--hold", "-1:").partition(":")
+holds = {}  # round -> the file that releases it (--hold may be given more than once)
+while "--hold" in args:
+    r, _, path = option("--hold", "").partition(":")
+    holds[int(r)] = Path(path)
 sets = [a for a in args if a != "--set"]
 cfg = islands.load_config(None, sets)
 task = build_task(cfg)
@@ -56,7 +60,7 @@ with islands.join(None if coordinator == "-" else coordinator, config=cfg,
         loss = task.loss(model, batch)
         loss.backward()
         time.sleep(step_s)
-        while trainer.round == int(hold_round) and not Path(hold_file).exists():
+        while trainer.round in holds and not holds[trainer.round].exists():
             time.sleep(0.05)
         if trainer.round == stall_round and not stalled:
             stalled = True

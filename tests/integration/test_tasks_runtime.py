@@ -197,3 +197,39 @@ def test_the_dropin_digits_example_runs_under_torchrun(tmp_path, procs):
     assert json.loads((job / "summary.json").read_text())["workers_merged"] == [0, 1]
     assert runs[0]["final_hash"] == runs[1]["final_hash"] and runs[0]["rounds_committed"] == 2
     assert runs[0]["final_eval_accuracy"] > 0.5
+
+
+def test_a_fault_plan_gives_the_simulators_memberships_with_real_processes(tmp_path, procs,
+                                                                         coordinator):
+    """One ``[[faults]]`` plan (worker 2 crashes in round 4, a fresh worker 2 joins in round
+    8), run by the simulator and carried out on three drop-in processes
+    (``tests/integration/fault_plan.py``): the same committed memberships from the same
+    rounds, and final losses within 2% (the real joiner observes its first round with weight
+    0, the simulator's trains it)."""
+    from tests.integration.fault_plan import carry_out, hold_args
+
+    overrides = [*USER, "workers=3", "steps=120", "algorithm.sync_every=10",
+                 "algorithm.name=diloco", "eval_every=40", "data.batch_size=64",
+                 "task.kwargs={samples = 20000, hidden = 256}"]
+    plan = ['{kind = "crash", worker = 2, round = 4}', '{kind = "join", worker = 2, round = 8}']
+    _, sim = _sim([*overrides, f"faults=[{', '.join(plan)}]"])
+    faults = load_config(None, [f"faults=[{', '.join(plan)}]"]).faults
+    coord = coordinator(heartbeat_timeout_s=5.0)
+    addr, out = f"127.0.0.1:{coord.port}", tmp_path / "plan"
+    holds = hold_args(faults, tmp_path)
+    ws = {i: _dropin(procs, i, addr, out, overrides, holds) for i in range(3)}
+    carry_out(faults, coord, out, ws, lambda i: _dropin(procs, i, addr, out, overrides),
+              tmp_path)
+    assert all(p.wait(timeout=120) == 0 for p in ws.values())
+    real = [{"members": e["members"], "from_round": e["from_round"]}
+            for e in coord.job_view()["epochs"]]
+    assert real == [{"members": e["members"], "from_round": e["from_round"]}
+                    for e in sim["epochs"]]
+    assert real == [{"members": [0, 1, 2], "from_round": 0},
+                    {"members": [0, 1], "from_round": 4},
+                    {"members": [0, 1, 2], "from_round": 8}]
+    job = json.loads((out / "summary.json").read_text())
+    print(f"final eval loss: simulator {sim['final_eval_loss']:.4f}, real "
+          f"{job['final_eval_loss']:.4f}")
+    assert abs(job["final_eval_loss"] / sim["final_eval_loss"] - 1) < 0.02
+    assert_hashes_agree([out / f"w{i}" for i in range(3)])

@@ -180,6 +180,8 @@ class Coordinator(RoundRules):
                     "live": sorted(i for i, m in self.members.items() if m.alive),
                     "last_round": self.last_round,
                     "round_in_flight": f["round"] if f else None,
+                    # joiners healing into the round in flight (observers of it)
+                    "healing": sorted(f["joiners"]) if f else [],
                     "round_in_flight_s": now - f["since"] if f else None,
                     "last_commit_unix": last[0] if last else None,
                     "median_round_s": median(c[1] for c in self._commits) if self._commits
