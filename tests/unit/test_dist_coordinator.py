@@ -95,8 +95,9 @@ def test_requests_without_a_connection_fail_cleanly():
         client_connect("127.0.0.1:1", b"", {"role": "status"}, timeout_s=1)
 
 
-def _ask(chs: dict, reqs: dict) -> dict:
-    """Sends each worker's request at once (barriers block) and collects the replies."""
+def _send(chs: dict, reqs: dict) -> tuple[dict, list[threading.Thread]]:
+    """Sends each worker's request on a thread of its own (a barrier may hold it); returns
+    the replies, filled in as they come, and the threads."""
     out = {}
 
     def one(wid):
@@ -106,6 +107,12 @@ def _ask(chs: dict, reqs: dict) -> dict:
     ts = [threading.Thread(target=one, args=(w,)) for w in reqs]
     for t in ts:
         t.start()
+    return out, ts
+
+
+def _ask(chs: dict, reqs: dict) -> dict:
+    """Sends each worker's request at once (barriers block) and collects the replies."""
+    out, ts = _send(chs, reqs)
     for t in ts:
         t.join(10)
     assert set(out) == set(reqs), "a barrier did not release"
@@ -145,13 +152,10 @@ def test_too_late_for_the_round_in_flight_heals_into_the_next(coord):
     _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 2} for w in chs})
     _ask(chs, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1]} for w in chs})
     chs[2] = _worker(coord, 2)
-    holder = {}
-    t = threading.Thread(target=lambda: (chs[2].send(
-        {"op": "start", "round": 0, "hash": "h", "wait_for": 1, "heal": True}),
-        holder.update(r=chs[2].recv())))
-    t.start()
+    held, (t,) = _send(chs, {2: {"op": "start", "round": 0, "hash": "h", "wait_for": 1,
+                                 "heal": True}})
     t.join(0.5)
-    assert "r" not in holder  # held at the next start, not healed into round 0
+    assert held == {}  # held at the next start, not healed into round 0
     _ask({w: chs[w] for w in (0, 1)},
          {w: {"op": "commit", "round": 0, "attempt": 0, "ok": True, "hash": "g",
               "members": [0, 1]} for w in (0, 1)})
@@ -159,7 +163,7 @@ def test_too_late_for_the_round_in_flight_heals_into_the_next(coord):
                {w: {"op": "start", "round": 1, "hash": "g", "wait_for": 1} for w in (0, 1)})
     t.join(10)
     assert nxt[0]["members"] == [0, 1] and nxt[0]["healing"] == [2]
-    assert holder["r"] == {"heal": True, "round": 1, "src": 0, "members": [0, 1, 2]}
+    assert held[2] == {"heal": True, "round": 1, "src": 0, "members": [0, 1, 2]}
 
 
 def test_a_restart_of_a_member_lost_mid_round_is_awaited_after_it_heals(coord):
@@ -179,13 +183,10 @@ def test_a_restart_of_a_member_lost_mid_round_is_awaited_after_it_heals(coord):
             break
         threading.Event().wait(0.05)
     chs[2] = _worker(coord, 2, incarnation="new")
-    holder = {}
-    t = threading.Thread(target=lambda: (chs[2].send(
-        {"op": "start", "round": 0, "hash": "fresh", "wait_for": 1, "heal": True}),
-        holder.update(r=chs[2].recv())))
-    t.start()
+    held, (t,) = _send(chs, {2: {"op": "start", "round": 0, "hash": "fresh", "wait_for": 1,
+                                 "heal": True}})
     t.join(0.3)
-    assert "r" not in holder  # held at the next start
+    assert held == {}  # held at the next start
     fast = {w: chs[w] for w in (0, 1)}
     ready = _ask(fast, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2]}
                         for w in fast})
@@ -194,20 +195,13 @@ def test_a_restart_of_a_member_lost_mid_round_is_awaited_after_it_heals(coord):
                     "members": [0, 1]} for w in fast})
     _ask(fast, {w: {"op": "start", "round": 1, "hash": "g", "wait_for": 1} for w in fast})
     t.join(10)
-    assert holder["r"]["heal"] and holder["r"]["round"] == 1
+    assert held[2]["heal"] and held[2]["round"] == 1
     _ask(chs, {w: {"op": "ready", "round": 1, "attempt": 0, "members": [0, 1, 2]}
                for w in chs})
     _ask(chs, {w: {"op": "commit", "round": 1, "attempt": 0, "ok": True, "hash": "g1",
                    "members": [0, 1, 2]} for w in chs})
-    early = {}
-
-    def start2(w):
-        chs[w].send({"op": "start", "round": 2, "hash": "g1", "wait_for": 1})
-        early[w] = chs[w].recv()
-
-    ts = [threading.Thread(target=start2, args=(w,)) for w in (0, 1)]
-    for th in ts:
-        th.start()
+    early, ts = _send(chs, {w: {"op": "start", "round": 2, "hash": "g1", "wait_for": 1}
+                            for w in (0, 1)})
     ts[0].join(0.3)
     assert early == {}  # the start of round 2 waits for worker 2
     chs[2].send({"op": "start", "round": 2, "hash": "g1", "wait_for": 1})

@@ -24,7 +24,7 @@ def test_blocking_algorithms_keep_the_releases_virtual_times_and_losses(case):
     for key, value in ref.items():
         if key != "overrides":
             assert s[key] == value, key
-    assert s["comm_hidden_s_by_worker"] == [0.0, 0.0, 0.0]  # nothing overlaps
+    assert s["comm_hidden_s_by_worker"] == [0.0] * 3  # nothing overlaps
 
 
 def test_a_background_exchange_is_hidden_by_compute_and_exposed_beyond_it():

@@ -16,7 +16,8 @@ real runtime one per process; both go through the same engine:
 
     bounds = algorithm.round_bounds(steps)                  # once: where each round starts
     for each round r:
-        algorithm.begin_round(group_of_all, workers, r)    # e.g. refresh stale workers
+        algorithm.begin_round(group_of_all, workers, r)    # e.g. an outer lr schedule
+        algorithm.refresh(r, members)                      # stale workers get the state
         for each of the round's inner steps s:
             worker.backward(loss, batch) for each participant
             if algorithm.syncs_gradients_at(s): contribute -> reduce -> apply   (DDP)
@@ -215,6 +216,13 @@ class Algorithm(ABC):
 
     def begin_round(self, group, workers: list[Worker], round: int) -> None:
         """Runs before a round's inner steps, on the group of all workers."""
+
+    def refresh(self, round: int, members: tuple[int, ...]
+                ) -> tuple[int, tuple[int, ...]] | None:
+        """``(source, stale workers)``: workers whose global state is out of date before
+        ``round`` (they sat the last round out), to receive it from ``source``; the engine
+        broadcasts it (exact fp32, counted). None: nobody (the default)."""
+        return None
 
     @abstractmethod
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()

@@ -17,8 +17,6 @@ import torch
 
 from islands.algorithms.base import Algorithm, Contribution, Worker
 from islands.algorithms.schedule import sync_every_setting
-from islands.codecs.cast import Identity
-from islands.collectives.butterfly import Group
 from islands.core.registry import register
 from islands.core.sections import AlgorithmConfig, check
 from islands.core.seeding import derive_seed
@@ -56,29 +54,15 @@ class LocalSGD(Algorithm):
         rng = np.random.default_rng(derive_seed(self.seed, "participants", round))
         return tuple(sorted(rng.choice(workers, size=k, replace=False).tolist()))
 
-    def begin_round(self, group: Group, workers: list[Worker], round: int) -> None:
+    def refresh(self, round: int, members: tuple[int, ...]
+                ) -> tuple[int, tuple[int, ...]] | None:
+        """Workers drawn for ``round`` after sitting the last one out receive the global
+        state from the first worker of the last round."""
         if round == 0 or self.participation >= 1.0:
-            return
-        everyone = group.members
-        previous = self.participants(round - 1, everyone)
-        stale = tuple(w for w in self.participants(round, everyone) if w not in previous)
-        if not stale:
-            return
-        src = previous[0]
-        sub = Group(group.transport, (src, *stale))
-        by_id = {w.id: w for w in workers}
-        have = by_id.get(src)
-        got = sub.broadcast(src, have.global_params if have else None, Identity(), stale,
-                            tag="state-sync")
-        for wid, flat in got.items():
-            by_id[wid].global_params = flat
-            by_id[wid].load_flat(flat)
-        if next(iter(by_id.values())).global_buffers is not None:  # BatchNorm statistics
-            got = sub.broadcast(src, have.global_buffers if have else None, Identity(), stale,
-                                tag="state-sync/buffers")
-            for wid, flat in got.items():
-                by_id[wid].global_buffers = flat
-                by_id[wid].load_flat_buffers(flat)
+            return None
+        previous = self.participants(round - 1, members)
+        stale = tuple(w for w in self.participants(round, members) if w not in previous)
+        return (previous[0], stale) if stale else None
 
     def _weight(self, worker: Worker) -> float:
         if self.weighting == "samples":

@@ -29,9 +29,9 @@ import torch.nn as nn
 from islands.algorithms.base import Algorithm, Contribution, Worker
 from islands.algorithms.diloco import OuterFactory, nesterov_sgd
 from islands.algorithms.outer import OuterConfig, outer_factory
-from islands.collectives.butterfly import shard_bounds
 from islands.core.registry import register
 from islands.core.sections import AlgorithmConfig, check
+from islands.core.shards import shard_bounds
 
 
 def fragment_bounds(numel: int, fragments: int) -> list[tuple[int, int]]:

@@ -57,6 +57,7 @@ from islands.collectives.checks import (
 )
 from islands.core import memory
 from islands.core.errors import CodecError, CommError, PeerRefused
+from islands.core.shards import shard_bounds
 from islands.core.timing import timed
 from islands.transports.base import Exchange, Message, Transport
 
@@ -65,17 +66,6 @@ MESSAGE_HEADER_BYTES = 16
 STEP = 1 << 20
 
 Aggregator = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-def shard_bounds(numel: int, n: int) -> list[tuple[int, int]]:
-    """Deterministic plan: ``n`` contiguous ``[start, end)`` shards covering ``numel``."""
-    q, r = divmod(numel, n)
-    bounds, start = [], 0
-    for j in range(n):
-        end = start + q + (1 if j < r else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
 
 
 class Work:

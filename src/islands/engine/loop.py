@@ -3,7 +3,8 @@
 An :class:`Engine` holds the workers this process drives (all of them in the simulator, one in
 the runtime) and runs a round as
 
-    algorithm.begin_round  ->  inner steps (task batches, the algorithm's per-step sync)
+    begin_round (the algorithm's; stale workers refreshed)
+    ->  inner steps (task batches, the algorithm's per-step sync)
     ->  contribute -> reduce -> apply (the round's sync, through the driver)
     ->  evaluation when due  ->  one metrics.jsonl row per local member  ->  summary.json
 
@@ -206,6 +207,30 @@ class Engine:
                 if worker.scheduler is not None:
                     worker.scheduler.step()
                 worker.steps += 1
+
+    def begin_round(self, everyone: Group, workers: list[Worker], r: int) -> None:
+        """Before a round's inner steps: the algorithm's own preparation, then the workers it
+        names stale receive the global parameters (and buffers) from its source, broadcast
+        as exact fp32 (``Group.broadcast``)."""
+        self.algorithm.begin_round(everyone, workers, r)
+        refresh = self.algorithm.refresh(r, everyone.members)
+        if refresh is None:
+            return
+        src, stale = refresh
+        sub = Group(self.transport, (src, *stale))
+        by_id = {w.id: w for w in workers}
+        have = by_id.get(src)
+        got = sub.broadcast(src, have.global_params if have else None, self._exact, stale,
+                            tag="state-sync")
+        for wid, flat in got.items():
+            by_id[wid].global_params = flat
+            by_id[wid].load_flat(flat)
+        if workers and workers[0].global_buffers is not None:  # BatchNorm statistics
+            got = sub.broadcast(src, have.global_buffers if have else None, self._exact,
+                                stale, tag="state-sync/buffers")
+            for wid, flat in got.items():
+                by_id[wid].global_buffers = flat
+                by_id[wid].load_flat_buffers(flat)
 
     def local(self, ids) -> list[Worker]:
         """The local workers among ``ids``, in id order."""
@@ -473,7 +498,7 @@ class Engine:
                 self.curve.append(self.evaluate(self.local(plan.members)[0], 0))
             marks = self.marks()
             try:
-                self.algorithm.begin_round(plan.everyone, self.local(plan.everyone.members), r)
+                self.begin_round(plan.everyone, self.local(plan.everyone.members), r)
                 losses = self.train(r, plan.participants)
                 extra = driver.sync(self, plan, losses)
             except CommError as e:

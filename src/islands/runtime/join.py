@@ -284,7 +284,7 @@ class Trainer:
                 return
             self._marks, self._losses, self._steps = engine.marks(), [], 0
             try:
-                engine.algorithm.begin_round(plan.everyone, engine.workers, plan.round)
+                engine.begin_round(plan.everyone, engine.workers, plan.round)
             except CommError as e:
                 self.member.abort(engine, plan, e)
                 continue

@@ -20,6 +20,9 @@ CASES = {
     "diloco-ddp-phase": ["algorithm.name=diloco", "algorithm.sync_every=4",
                          "algorithm.ddp_steps=3"],
     "local_sgd": ["algorithm.name=local_sgd", "algorithm.sync_every=3"],
+    # half the workers a round: those back from sitting one out are refreshed first
+    "local_sgd-participation": ["algorithm.name=local_sgd", "algorithm.sync_every=3",
+                                "algorithm.participation=0.5"],
     "diloco-slow-link": ["algorithm.name=diloco", "algorithm.sync_every=4",
                          "network.worker=[{id = 1, upload_bps = 2e6}]",
                          "compute.step_time_s=0.05"],
