@@ -174,3 +174,21 @@ def test_streaming_is_refused_where_it_does_not_run():
 
     with pytest.raises(ConfigError, match="streaming_diloco.*islands sim"):
         refuse_simulator_only(tiny_config("algorithm.name=streaming_diloco"))
+
+
+def test_a_streaming_workers_shared_state_loads_into_another():
+    """Every fragment's global parameters and outer state round-trip through
+    ``load_shared_state`` (what a joiner or a checkpoint would install)."""
+    trained, _ = _sim("algorithm.name=streaming_diloco", "algorithm.fragments=2",
+                      "algorithm.tau=1")
+    fresh = Simulation(tiny_config("workers=3", "steps=16", "eval_every=100",
+                                   "algorithm.name=streaming_diloco", "algorithm.sync_every=4",
+                                   "algorithm.fragments=2", "algorithm.tau=1"))
+    algorithm = fresh.build().algorithm
+    w, state = fresh.workers[1], trained.shared_states[0]
+    assert not torch.equal(algorithm.shared_state(w)["global_params"], state["global_params"])
+    algorithm.load_shared_state(w, state)
+    mine = algorithm.shared_state(w)
+    assert mine.keys() == state.keys() and any(k.startswith("outer/1/") for k in mine)
+    assert all(torch.equal(mine[k], state[k]) for k in state)
+    assert torch.equal(w.flat_params(), state["global_params"])

@@ -72,6 +72,15 @@ def persistent_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b for name, b in model.named_buffers() if name in keys]
 
 
+def load_buffers(worker: Worker, state: dict[str, torch.Tensor], reset: bool) -> None:
+    """The committed buffers of a shared state (if it has any), into the worker's copy and,
+    with ``reset``, into its model."""
+    if "global_buffers" in state:
+        worker.global_buffers = state["global_buffers"].detach().clone()
+        if reset:
+            worker.load_flat_buffers(worker.global_buffers)
+
+
 class Worker:
     """One replica: model, inner optimizer and schedule, codec, committed global state.
 
@@ -272,10 +281,7 @@ class Algorithm(ABC):
                 abort), not only the committed copy.
         """
         flat = state["global_params"].detach().clone()
-        if "global_buffers" in state:
-            worker.global_buffers = state["global_buffers"].detach().clone()
-            if reset_params:
-                worker.load_flat_buffers(worker.global_buffers)
+        load_buffers(worker, state, reset_params)
         if isinstance(worker.global_params, nn.Parameter):
             worker.global_params.copy_(flat)
         else:

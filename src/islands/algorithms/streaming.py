@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from islands.algorithms.base import Algorithm, Contribution, Worker
+from islands.algorithms.base import Algorithm, Contribution, Worker, load_buffers
 from islands.algorithms.diloco import OuterFactory, nesterov_sgd
 from islands.algorithms.outer import OuterConfig, outer_factory
 from islands.core.registry import register
@@ -115,10 +115,7 @@ class StreamingDiLoCo(Algorithm):
     def load_shared_state(self, worker: Worker, state: dict[str, torch.Tensor], *,
                           reset_params: bool = True) -> None:
         flat = state["global_params"]
-        if "global_buffers" in state:
-            worker.global_buffers = state["global_buffers"].detach().clone()
-            if reset_params:
-                worker.load_flat_buffers(worker.global_buffers)
+        load_buffers(worker, state, reset_params)
         for i, ((a, b), p, opt) in enumerate(zip(worker.bounds, worker.fragment_params,
                                                   worker.fragment_outer)):
             p.copy_(flat[a:b])

@@ -115,17 +115,24 @@ class FaultPlan:
             raise ConfigError(f"worker {w} joins at round {r} with nobody to take the state "
                               "from: keep a worker alive through its join")
         src, dst = engine.local([sources[0]])[0], engine.local([w])[0]
-        state = {k: v.detach().clone()
-                 for k, v in engine.algorithm.shared_state(src).items()}
-        engine.algorithm.load_shared_state(dst, state, reset_params=True)
+        hand_state(engine, src, [dst])
+        # the source's inner moments and schedule, where the run is (the runtime's joiner
+        # adopts the same)
         dst.inner.load_state_dict(copy.deepcopy(src.inner.state_dict()))
-        dst.steps, dst.samples = 0, 0
         if dst.scheduler is not None:
             dst.scheduler.load_state_dict(copy.deepcopy(src.scheduler.state_dict()))
-            dst.steps = src.steps
-        engine.fast_forward(dst, r)
-        nbytes = sum(t.numel() * t.element_size() for t in state.values())
-        engine.transport.send_state(src.id, dst.id, nbytes)
+        dst.steps = src.steps
+
+
+def hand_state(engine, src, dsts) -> None:
+    """``src``'s committed shared state installed on each of ``dsts`` (their parameters
+    reset to it), its bytes counted and charged to both links as a blocking transfer."""
+    state = {k: v.detach().clone() for k, v in engine.algorithm.shared_state(src).items()}
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    for w in dsts:
+        engine.algorithm.load_shared_state(w, state, reset_params=True)
+        w.samples = 0
+        engine.transport.send_state(src.id, w.id, nbytes)
 
 
 def quorum(engine, synced: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -146,10 +153,6 @@ def catch_up(engine, late: tuple[int, ...], kept: tuple[int, ...]) -> None:
     from the lowest member kept (bytes counted, as a joiner's)."""
     src = engine.local([kept[0]])[0]
     commit = engine.clock.time_s(src.id)
-    state = {k: v.detach().clone() for k, v in engine.algorithm.shared_state(src).items()}
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
     for w in engine.local(late):
         engine.clock.abandon(w.id, commit)
-        engine.algorithm.load_shared_state(w, state, reset_params=True)
-        w.samples = 0
-        engine.transport.send_state(src.id, w.id, nbytes)
+    hand_state(engine, src, engine.local(late))

@@ -82,12 +82,16 @@ def pack_header(msg: Message | None) -> torch.Tensor:
     if 4 + len(head) > MAX_HEADER_BYTES:
         raise CommError(f"a message header of {len(head)} bytes exceeds the wire's "
                         f"{MAX_HEADER_BYTES - 4} (codec meta too large)")
-    return torch.frombuffer(bytearray(struct.pack("<I", len(head)) + head), dtype=torch.uint8)
+    return _framed(head)
 
 
 def pack_void(reason: str) -> torch.Tensor:
     """A header that says: no message follows, this worker gave up the exchange (why)."""
-    head = json.dumps({"void": str(reason)[:500]}, separators=(",", ":")).encode()
+    return _framed(json.dumps({"void": str(reason)[:500]}, separators=(",", ":")).encode())
+
+
+def _framed(head: bytes) -> torch.Tensor:
+    """``head`` after its length (4 bytes, little-endian), as the uint8 tensor gloo sends."""
     return torch.frombuffer(bytearray(struct.pack("<I", len(head)) + head), dtype=torch.uint8)
 
 
