@@ -40,10 +40,11 @@ def test_int_accepted_for_float_and_resolved_config_roundtrips():
 @pytest.mark.parametrize("override, fragment", [
     ("algorithm.sync_every=0", "algorithm.sync_every (0) must be >= 1"),
     ("algorithm.name=adam",
-     "algorithm.name ('adam') must be one of ['ddp', 'diloco', 'local_sgd', "
-     "'streaming_diloco']"),
+     "algorithm.name ('adam') must be one of ['async_local_sgd', 'ddp', 'diloco', "
+     "'local_sgd', 'streaming_diloco']"),
     ("algorithm.name=dilco",
-     "must be one of ['ddp', 'diloco', 'local_sgd', 'streaming_diloco'] (did you mean "
+     "must be one of ['async_local_sgd', 'ddp', 'diloco', 'local_sgd', 'streaming_diloco'] "
+     "(did you mean "
      "'diloco'?)"),
     ("workers=two", "workers ('two') must be int"),
     ("workers=2.5", "workers (2.5) must be int"),
@@ -167,7 +168,8 @@ def test_a_task_object_is_recorded_as_such_without_the_gpts_sections():
 def test_an_other_algorithms_section_warns_when_set_and_is_dropped():
     from islands.core.errors import IslandsWarning
 
-    with pytest.warns(IslandsWarning, match=r"outer.lr \(0.5\) is read by algorithm 'diloco', "
+    with pytest.warns(IslandsWarning, match=r"outer.lr \(0.5\) is read by algorithm "
+                                            r"'async_local_sgd', algorithm 'diloco', "
                                             r"algorithm 'streaming_diloco' only; algorithm "
                                             r"'ddp' does not read it"):
         cfg = load_config(None, ["algorithm.name=ddp", "outer.lr=0.5"])

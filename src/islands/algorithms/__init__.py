@@ -1,4 +1,5 @@
-"""The DiLoCo family on one interface: DDP, LocalSGD (FedAvg), DiLoCo and Streaming DiLoCo.
+"""The DiLoCo family on one interface: DDP, LocalSGD (FedAvg), DiLoCo, Streaming DiLoCo and
+asynchronous local SGD.
 
 Each algorithm registers its ``[algorithm]`` section beside its code (``DDPConfig``,
 ``LocalSGDConfig``, ``DiLoCoConfig``); the section builds the algorithm.
@@ -6,6 +7,7 @@ Each algorithm registers its ``[algorithm]`` section beside its code (``DDPConfi
 
 from __future__ import annotations
 
+from islands.algorithms.asynchronous import AsyncLocalSGD, AsyncLocalSGDConfig
 from islands.algorithms.base import Aggregator, Algorithm, Contribution, Worker
 from islands.algorithms.ddp import DDP, DDPConfig
 from islands.algorithms.diloco import DiLoCo, DiLoCoConfig, nesterov_sgd
@@ -29,7 +31,8 @@ def check_algorithm(cfg) -> None:
     build_algorithm(cfg)
 
 
-__all__ = ["Algorithm", "Contribution", "DDP", "DDPConfig", "DiLoCo", "DiLoCoConfig",
+__all__ = ["Algorithm", "AsyncLocalSGD", "AsyncLocalSGDConfig", "Contribution", "DDP",
+           "DDPConfig", "DiLoCo", "DiLoCoConfig",
            "LocalSGD", "LocalSGDConfig", "OuterConfig", "StreamingDiLoCo",
            "StreamingDiLoCoConfig", "Worker",
            "build_aggregator", "build_algorithm", "check_algorithm", "nesterov_sgd",

@@ -192,6 +192,9 @@ class Algorithm(ABC):
     name = "algorithm"
     syncs_gradients = False
     overlaps = False  # the round's sync lands during the next round (see restart)
+    # no rounds: each worker posts its update when it finishes (the engine's asynchronous
+    # loop; see islands.algorithms.asynchronous)
+    asynchronous = False
     # an overlapping algorithm's sync lands this many inner steps after it is issued (None:
     # at the end of the next round, before that round's own sync is issued)
     overlap_steps: int | None = None

@@ -359,3 +359,21 @@ class Group:
             outgoing = {(src, d): Message(payload, MESSAGE_HEADER_BYTES) for d in dsts}
         incoming = self.transport.exchange(outgoing, self.members, phase=tag)
         return {d: codec.decode(incoming[(src, d)].payload) for d in dsts if d in self.local}
+
+    def post(self, src: int, tensor: torch.Tensor | None, codec: Codec, tag: str = "post"
+             ) -> dict[int, torch.Tensor]:
+        """A one-way post: ``src``'s ``tensor`` to every other member (an asynchronous
+        update; inside ``transport.posting()`` nobody waits for it at once).
+
+        Returns {local member: decoded tensor}, ``src`` included: it decodes the payload it
+        sent, so every member applies the same values whatever the codec loses.
+        """
+        dsts = tuple(m for m in self.members if m != src)
+        payload = codec.encode(tensor, key=f"w{src}/{tag}") if src in self.local else None
+        outgoing = ({(src, d): Message(payload, MESSAGE_HEADER_BYTES) for d in dsts}
+                    if payload is not None else {})
+        incoming = self.transport.exchange(outgoing, self.members, phase=tag)
+        got = {d: codec.decode(incoming[(src, d)].payload) for d in dsts if d in self.local}
+        if payload is not None:
+            got[src] = codec.decode(payload)
+        return dict(sorted(got.items()))

@@ -37,6 +37,7 @@ from islands.codecs import Identity
 from islands.collectives.butterfly import Group, Work
 from islands.core.config import RunConfig
 from islands.core.errors import CommError
+from islands.engine.asynchronous import run_async
 from islands.metrics.run_dir import RunDir
 from islands.tasks import Partition, Task, checked_loss, to_device
 from islands.transports.base import Flight, Transport
@@ -238,10 +239,15 @@ class Engine:
 
     def train(self, r: int, participants: tuple[int, ...]) -> dict[int, list[float]]:
         """The round's inner steps for the local participants; returns their losses."""
-        active = self.local(participants)
-        group = Group(self.transport, participants)
+        return self.inner_steps(self.local(participants), self.steps_of(r),
+                                Group(self.transport, participants))
+
+    def inner_steps(self, active: list[Worker], steps: range, group: Group
+                    ) -> dict[int, list[float]]:
+        """Inner steps ``steps`` of the workers ``active`` (the step index picks each batch);
+        returns their losses."""
         losses: dict[int, list[float]] = {w.id: [] for w in active}
-        for step in self.steps_of(r):
+        for step in steps:
             if self._due is not None and step >= self._due:
                 self._land()
             for w in active:
@@ -396,20 +402,31 @@ class Engine:
 
     def record(self, r: int, members: tuple[int, ...], losses: dict[int, list[float]],
                marks: dict[int, tuple[int, int]], extra: dict | None = None,
-               evaluate: bool = True) -> dict | None:
-        """After a committed round: the evaluation when due, one row per local member."""
+               evaluate: bool = True, *, step: int | None = None, due: bool | None = None,
+               at_s: float | None = None) -> dict | None:
+        """After a committed round: the evaluation when due, one row per local member.
+
+        Args:
+            step, due, at_s: the round's last step (default: where the round schedule ends
+                it), whether an evaluation is due (default: :meth:`eval_due`) and the
+                virtual time of its points (default: the clock's makespan); an
+                asynchronous update sets them itself.
+        """
+        step = self.steps_of(r).stop if step is None else step
+        at_s = self.clock.makespan_s if at_s is None else at_s
         trained = [sum(v) / len(v) for v in losses.values() if v]
         if trained:
-            self._last_point = {"round": r, "step": self.steps_of(r).stop,
+            self._last_point = {"round": r, "step": step,
                                 "train_loss": sum(trained) / len(trained),
                                 "bytes_sent_per_worker": self.sent_per_worker(),
-                                "virtual_time_s": self.clock.makespan_s}
+                                "virtual_time_s": at_s}
             self._keep_train_point(self._last_point)
         point = None
         local = self.local(members)
-        if evaluate and self.evaluator is not None and local and self.eval_due(r):
+        due = self.eval_due(r) if due is None else due
+        if evaluate and self.evaluator is not None and local and due:
             fresh = next((w for w in local if losses.get(w.id)), local[0])
-            point = self.evaluate(fresh, self.steps_of(r).stop)
+            point = {**self.evaluate(fresh, step), "virtual_time_s": at_s}
             self.curve.append(point)
         for w in local:
             self.peak_round_sent = max(self.peak_round_sent,
@@ -490,6 +507,8 @@ class Engine:
     def run(self, driver: Driver, on_round: Callable[[dict], None] | None = None) -> dict:
         """Runs rounds while the driver hands them out; returns the summary figures (the
         caller writes them, with its own fields)."""
+        if self.algorithm.asynchronous:  # no rounds: updates in the order they are posted
+            return run_async(self, on_round)
         started = time.perf_counter()
         while (plan := driver.next_round(self)) is not None:
             r = plan.round

@@ -83,6 +83,10 @@ def refuse_simulator_only(cfg: RunConfig) -> None:
     if cfg.faults:
         raise ConfigError("[[faults]] is the simulator's fault plan (islands sim); real "
                           "processes fail for real: remove it")
+    if cfg.algorithm.name == "async_local_sgd":
+        raise ConfigError("algorithm.name ('async_local_sgd') runs in the simulator only for "
+                          "now (islands sim); for real processes use diloco (with "
+                          "runtime.round_deadline_s for stragglers)")
     if cfg.algorithm.name == "streaming_diloco":
         raise ConfigError("algorithm.name ('streaming_diloco') runs in the simulator only for "
                           "now (islands sim); for real processes use diloco")

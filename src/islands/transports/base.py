@@ -17,6 +17,7 @@ import torch
 
 from islands.codecs.base import Encoded
 from islands.core import memory
+from islands.core.errors import ConfigError
 from islands.core.timing import Stopwatch
 
 
@@ -146,6 +147,15 @@ class Transport(ABC):
         :class:`Flight` yielded settles them (the simulator's clock charges each member only
         the part it waits for). This default: they complete when issued."""
         yield Flight()
+
+    @contextlib.contextmanager
+    def posting(self) -> Iterator[None]:
+        """Exchanges inside are one-way posts (an asynchronous algorithm's update): the sender
+        goes on at once and each receiver waits for it only when it needs it. This default:
+        refused (real processes run the synchronous algorithms only for now)."""
+        raise ConfigError("asynchronous algorithms (algorithm.name = 'async_local_sgd') run in "
+                          "the simulator only for now (islands sim)")
+        yield
 
     def all_reduce_mean(self, tensor: torch.Tensor, members: tuple[int, ...], phase: str
                         ) -> torch.Tensor | None:

@@ -11,7 +11,9 @@ its own upload and download, so a slow link slows everyone waiting on it, as in 
 all-reduce. A blocking exchange moves every member to its end; one issued in the background
 (an overlapped algorithm's sync, :meth:`SimTransport.in_background`) occupies the links while
 the members go on computing, and each waits only for what is left of it when it needs the
-result (:class:`VirtualClock`).
+result (:class:`VirtualClock`). A one-way post (an asynchronous algorithm's update,
+:meth:`SimTransport.posting`) occupies the sender's upload and each receiver's download; the
+sender goes on at once, a receiver waits for it only at :meth:`VirtualClock.await_posts`.
 """
 
 from __future__ import annotations
@@ -84,6 +86,12 @@ class VirtualClock:
         self.hidden_s = [0.0] * workers
         self.link_free = [0.0] * workers  # each worker's link is busy until then
         self._flight: dict[int, list[float]] | None = None  # {member: [end, link time]}
+        # one-way posts: each worker's upload and download busy-until times, when the last
+        # post addressed to it arrives, and the download time not yet charged
+        self.up_free = [0.0] * workers
+        self.down_free = [0.0] * workers
+        self.arrives = [0.0] * workers
+        self.inbound_s = [0.0] * workers
 
     def compute(self, worker: int, seconds: float) -> None:
         self.now[worker] += seconds
@@ -133,6 +141,34 @@ class VirtualClock:
             self.hidden_s[m] += busy - exposed
         flight.clear()
 
+    def post(self, src: int, nbytes: int, receivers: dict[int, int], network: NetworkModel
+             ) -> None:
+        """A one-way post from ``src`` (``nbytes`` up in all) to ``receivers`` (``{worker:
+        bytes down}``), issued at ``src``'s now once its upload is free. ``src`` goes on
+        computing (its upload time is hidden); each receiver's copy arrives when the upload
+        and its download are through, plus the sender's latency."""
+        up = network.link(src)
+        start = max(self.now[src], self.up_free[src])
+        sent = start + 8 * nbytes / up.upload_bps
+        self.up_free[src] = sent
+        self.hidden_s[src] += sent - start
+        for d, got in receivers.items():
+            down_s = 8 * got / network.link(d).download_bps
+            done = max(sent, max(start, self.down_free[d]) + down_s)
+            self.down_free[d] = done
+            self.arrives[d] = max(self.arrives[d], done + up.latency_s)
+            self.inbound_s[d] += down_s
+
+    def await_posts(self, worker: int) -> None:
+        """``worker`` waits for every post addressed to it so far: the wait is exposed
+        communication, the rest of their download time was hidden behind its compute."""
+        wait = max(0.0, self.arrives[worker] - self.now[worker])
+        exposed = min(wait, self.inbound_s[worker])
+        self.hidden_s[worker] += self.inbound_s[worker] - exposed
+        self.comm_s[worker] += wait
+        self.now[worker] += wait
+        self.inbound_s[worker] = 0.0
+
     @property
     def makespan_s(self) -> float:
         return max(self.now)
@@ -158,6 +194,7 @@ class SimTransport(Transport):
         self.clock = clock
         self.bytes_sent = [0] * workers
         self.bytes_received = [0] * workers
+        self._posting = False
 
     @property
     def local(self) -> tuple[int, ...]:
@@ -182,7 +219,13 @@ class SimTransport(Transport):
         for m in members:
             self.bytes_sent[m] += sent[m]
             self.bytes_received[m] += received[m]
-        self.clock.barrier(members, self._duration(sent, received))
+        if self._posting:
+            for src in {s for s, _ in messages}:
+                self.clock.post(src, sent[src], {d: msg.nbytes for (s, d), msg
+                                                 in messages.items() if s == src and d != s},
+                                self.network)
+        else:
+            self.clock.barrier(members, self._duration(sent, received))
         return dict(messages)
 
     def send_state(self, src: int, dst: int, nbytes: int) -> None:
@@ -197,6 +240,14 @@ class SimTransport(Transport):
     def in_background(self) -> Iterator[Flight]:
         with self.clock.background() as flight:
             yield Flight(lambda: self.clock.settle(flight))
+
+    @contextlib.contextmanager
+    def posting(self) -> Iterator[None]:
+        self._posting = True
+        try:
+            yield
+        finally:
+            self._posting = False
 
     def _duration(self, sent: dict[int, int], received: dict[int, int]) -> float:
         if not any(sent.values()):

@@ -1,0 +1,133 @@
+"""The engine's asynchronous loop: no rounds, one update after another in the order they are
+posted (an algorithm with ``asynchronous = True``; :mod:`islands.algorithms.asynchronous`).
+
+Each worker trains the inner steps the algorithm gives it from the global parameters it last
+pulled; the worker that finishes first (on its own clock) posts next:
+
+    inner steps  ->  wait for the updates posted before this one  ->  staleness check
+    ->  post the pseudo-gradient to every worker (one-way)  ->  every replica applies it
+    ->  the worker pulls the global parameters  ->  its next inner steps
+
+Every replica applies the same updates in the same order, so they stay identical; a worker
+waits only for the posts that must reach it before its own. The budget is the synchronous
+run's data: ``workers × steps`` inner steps in all. Each update writes one ``metrics.jsonl``
+row (its worker's); the evaluation runs when the mean inner steps per worker cross a multiple
+of ``eval_every``, and after the last update.
+
+The order "first to finish" needs each worker's step time before it trains: the simulator's
+modelled step times. Real processes would post in the order they finish; they refuse the
+algorithm for now (``Transport.posting``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from islands.collectives.butterfly import Group
+from islands.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from islands.engine.loop import Engine
+
+
+def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None) -> dict:
+    """Runs an asynchronous algorithm's updates until the budget is spent; returns the summary
+    figures (:meth:`Engine.summary` with the updates' own fields)."""
+    if engine.step_time_s is None:
+        raise ConfigError(f"algorithm.name ({engine.cfg.algorithm.name!r}) needs modelled step "
+                          "times to order its updates: the simulator only for now")
+    started = time.perf_counter()
+    alg, clock, cfg, workers = engine.algorithm, engine.clock, engine.cfg, engine.workers
+    everyone = Group(engine.transport, tuple(w.id for w in workers))
+    budget = _Budget(cfg.workers * cfg.steps, alg, clock, workers)
+    every = cfg.eval_every * cfg.workers  # inner steps in all between two evaluations
+    if engine.evaluator is not None:
+        engine.curve.append(engine.evaluate(workers[0], 0))
+    done, staleness, dropped, k = 0, [], 0, 0
+    while (w := budget.next_to_post(engine.step_time_s)) is not None:
+        steps = budget.planned[w.id]
+        marks = engine.marks()
+        losses = engine.inner_steps([w], range(w.steps, w.steps + steps),
+                                    Group(engine.transport, (w.id,)))
+        clock.await_posts(w.id)  # the updates posted before this one, in order
+        stale = alg.staleness(w)
+        if stale <= alg.max_staleness:
+            _post(engine, everyone, w)
+            staleness.append(stale)
+        else:
+            dropped += 1
+        alg.restart(w)
+        budget.allot(w)
+        done += steps
+        point = engine.record(
+            k, (w.id,), losses, marks,
+            {"staleness": stale, "dropped": stale > alg.max_staleness, "inner_steps": steps},
+            step=done // cfg.workers, at_s=clock.time_s(w.id),
+            due=budget.spent or done // every > (done - steps) // every)
+        k += 1
+        if on_round is not None:
+            on_round({"round": done * engine.rounds // budget.total, "rounds": engine.rounds,
+                      "step": done // cfg.workers, "train_loss": engine.last_loss,
+                      "eval_loss": point["eval_loss"] if point else None,
+                      "bytes_sent_per_worker": engine.sent_per_worker()})
+    for w in workers:  # the run ends once every replica holds every update
+        clock.await_posts(w.id)
+    summary = engine.summary(time.perf_counter() - started)
+    summary.update({
+        "rounds": k, "async_updates": len(staleness), "async_dropped_updates": dropped,
+        "staleness_mean": statistics.mean(staleness) if staleness else None,
+        "staleness_max": max(staleness, default=None),
+        "inner_steps_by_worker": [w.steps for w in workers]})
+    return summary
+
+
+def _post(engine: Engine, everyone: Group, w) -> None:
+    """``w``'s update to every worker (through its codec; buffers exact fp32, the poster's
+    taken as the global ones), applied to every replica in the same order."""
+    [c] = engine.algorithm.contribute(w)
+    flat = w.flat_buffers()
+    with engine.transport.posting():
+        got = everyone.post(w.id, c.tensor, w.codec, tag=c.tag)
+        buffers = (everyone.post(w.id, flat, engine._exact, tag="buffers")
+                   if flat is not None else None)
+    for v in engine.workers:
+        engine.algorithm.apply(v, [got[v.id]])
+        if buffers is not None:
+            v.global_buffers = buffers[v.id]
+    if buffers is not None:
+        w.load_flat_buffers(w.global_buffers)
+
+
+class _Budget:
+    """The inner steps left to hand out, and each worker's current share of them."""
+
+    def __init__(self, total: int, alg, clock, workers) -> None:
+        self.total, self.left, self.alg, self.clock = total, total, alg, clock
+        self.workers = workers
+        self.planned: dict[int, int] = {}
+        for w in workers:
+            self.allot(w)
+
+    @property
+    def spent(self) -> bool:
+        return not any(self.planned.values())
+
+    def allot(self, w) -> None:
+        """``w``'s next inner steps: the algorithm's count for its measured speed (inner
+        steps per second of compute so far), within what is left."""
+        c = self.clock.compute_s
+        rates = {v.id: v.steps / c[v.id] if c[v.id] else 0.0 for v in self.workers}
+        steps = min(self.alg.local_steps(w.id, rates), self.left)
+        self.left -= steps
+        self.planned[w.id] = steps
+
+    def next_to_post(self, step_time_s: dict[int, float]):
+        """The worker whose inner steps end first (ties: the lower id); None: all done."""
+        busy = [w for w in self.workers if self.planned[w.id]]
+        if not busy:
+            return None
+        return min(busy, key=lambda w: (self.clock.time_s(w.id)
+                                        + self.planned[w.id] * step_time_s[w.id], w.id))
