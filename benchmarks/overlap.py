@@ -1,6 +1,6 @@
-"""Overlapped and streaming DiLoCo against blocking DiLoCo in the simulator, on the main-job
-setup (4 workers, 400 inner steps from the shared warm start, H = 50) over slow links with
-50 ms latency.
+"""Overlapped, streaming and asynchronous DiLoCo against blocking DiLoCo in the simulator, on
+the main-job setup (4 workers, 400 inner steps from the shared warm start, H = 50) over slow
+links with 50 ms latency.
 
 Each variant is one simulation per link and seed: final eval loss (and its change against
 blocking DiLoCo on the same link and seed), virtual time, compute utilization, communication
@@ -16,8 +16,9 @@ Run it (each simulation takes about 1.5 minutes on one core; ``--jobs 2`` runs t
     python benchmarks/overlap.py --weather --jobs 2 --json bench-results/weather.json
 
 ``--weather`` runs the straggler policy and the fault plan instead (100 Mbit/s): one worker 3x
-slower, DiLoCo waiting for it against DiLoCo with a quorum of 3 of 4 and DDP; then the same
-with a crash every 8 virtual seconds (the crashed worker back 4 s later).
+slower, DiLoCo waiting for it against DiLoCo with a quorum of 3 of 4, asynchronous local SGD
+and DDP; then the same with a crash every 8 virtual seconds (the crashed worker back 4 s
+later; asynchronous local SGD does not take a fault plan yet).
 
 Writes ``bench-results/overlap.json`` and ``.png`` (``--json`` moves both).
 """
@@ -37,6 +38,7 @@ from rich.table import Table
 
 MAIN_JOB = ["steps=400", "init.warm_start_steps=1000", "algorithm.name=diloco",
             "network.latency_s=0.05"]
+ASYNC = ["algorithm.name=async_local_sgd", "outer.lr=0.5", "outer.momentum=0.3"]
 # label -> overrides; the overlapped variants with the outer momentum they train best with
 # here (0.9, blocking's, is in the table too: one-round-old updates under heavy momentum
 # overshoot)
@@ -51,6 +53,12 @@ VARIANTS: dict[str, list[str]] = {
     # rounds of 5 steps: the last sync, which every run waits for, is half as long
     "streaming, 10 fragments": ["algorithm.name=streaming_diloco", "algorithm.fragments=10",
                                 "algorithm.tau=5", "algorithm.alpha=0.5"],
+    # asynchronous local SGD with the outer step it trains best with here (staleness under
+    # DiLoCo's lr 0.7 and momentum 0.9 overshoots)
+    "async": [*ASYNC],
+    # every update goes to every other worker: (workers - 1) times its size up per update,
+    # against about twice its size per round for the all-reduce; int8 makes it 4x smaller
+    "async, int8": [*ASYNC, "codec.name=int8"],
 }
 
 # --weather: one worker 3x slower throughout, alone or with a fault plan (a crash every
@@ -63,6 +71,7 @@ WEATHER: dict[str, list[str]] = {
     "straggler: DiLoCo waits": [*SLOW],
     "straggler: DiLoCo, quorum 3 of 4": [*SLOW, "algorithm.min_quorum=3"],
     "straggler: DDP waits": [*SLOW, "algorithm.name=ddp"],
+    "straggler: async local SGD": [*SLOW, *ASYNC],
     "crashes + straggler: DiLoCo waits": [*SLOW, CRASHES],
     "crashes + straggler: DiLoCo, quorum 3": [*SLOW, CRASHES, "algorithm.min_quorum=3"],
     "crashes + straggler: DDP": [*SLOW, CRASHES, "algorithm.name=ddp"],

@@ -7,7 +7,8 @@ token bucket (``islands.runtime.wan``; root only). Latency is not emulated (see 
    workers, 16 and 128 MB: seconds, goodput, the ratio to gloo, and the link's utilization
    (payload bits each worker sent over the capacity times the time).
 2. The main job's model (the byte-level GPT, 0.63M parameters, no warm start) under DDP,
-   DiLoCo (H = 50) and DDP on gloo's own all_reduce (``runtime.trust = "cluster"``), 4
+   DiLoCo (H = 50), DiLoCo with its sync overlapped (``algorithm.overlap = "delayed"``) and
+   DDP on gloo's own all_reduce (``runtime.trust = "cluster"``), 4
    workers (``--job-workers``), through ``islands launch --emulate-network``: the wall time
    per round (commit to commit, median) beside the simulator's virtual time per round for the
    same ``[network]``, with ``[compute] step_time_s`` set from the measured inner steps
@@ -36,7 +37,10 @@ MAIN_JOB = ["device=cpu", "eval_every=1000000", "init.warm_start_steps=0",
 JOBS = {"ddp": ["algorithm.name=ddp", "steps=30"],
         "diloco": ["algorithm.name=diloco", "algorithm.sync_every=50", "steps=250"],
         # DDP's steps on gloo's own all_reduce (runtime.trust = "cluster")
-        "ddp-cluster": ["algorithm.name=ddp", "steps=30", "runtime.trust=cluster"]}
+        "ddp-cluster": ["algorithm.name=ddp", "steps=30", "runtime.trust=cluster"],
+        # each round's sync on a thread while the next round trains
+        "diloco-delayed": ["algorithm.name=diloco", "algorithm.sync_every=50", "steps=250",
+                           "algorithm.overlap=delayed", "outer.momentum=0.6"]}
 
 
 def collectives(mbit: float, args: argparse.Namespace) -> list[dict]:

@@ -95,3 +95,19 @@ def test_unit_tests_start_no_processes():
     offenders = [p.name for p in unit.glob("*.py") if p.name != Path(__file__).name
                  and any(s in p.read_text() for s in starters)]
     assert offenders == []
+
+
+def _calls(rel: str) -> set[str]:
+    tree = ast.parse((ROOT / rel).read_text())
+    return {n.func.attr for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+
+
+def test_the_round_is_sequenced_by_the_engine_alone():
+    """The simulator, the runtime's worker and the drop-in trainer call the engine's round
+    steps (``Engine.run``, or ``Engine.begin`` -> inner steps -> ``Engine.finish``); none of
+    them starts, evaluates, records or commits a round itself."""
+    sequencing = {"next_round", "begin_round", "record", "committed", "evaluate"}
+    for rel in ("sim/runner.py", "runtime/worker.py", "runtime/join.py"):
+        assert not _calls(rel) & sequencing, rel
+    assert {"begin", "step", "finish"} <= _calls("runtime/join.py")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from islands.collectives.butterfly import Group
-from islands.core.errors import ConfigError
+from islands.core.errors import CommError, ConfigError
+from islands.runtime.state import digest
+from islands.sim import runner
 from islands.sim.runner import Simulation, _EveryRound
-from islands.transports.sim import VirtualClock
+from islands.transports.base import ThreadedFlight
+from islands.transports.sim import SimTransport, VirtualClock
 from tests.conftest import tiny_config
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "blocking_reference.json").read_text())
@@ -65,15 +70,14 @@ def test_one_worker_with_a_plain_outer_step_trains_as_blocking(overlap):
 
 def _globals_after(rounds: int, *sets) -> torch.Tensor:
     """Worker 0's global state after the first ``rounds`` rounds, driven by the engine's own
-    round pieces (train, then the driver's sync)."""
+    round steps (begin, train, finish)."""
     sim = Simulation(tiny_config("workers=3", "steps=12", "eval_every=100",
                                  "algorithm.name=diloco", "algorithm.sync_every=4", *sets))
     engine = sim.build()
     driver = _EveryRound(Group(engine.transport, (0, 1, 2)))
     for _ in range(rounds):
-        plan = driver.next_round(engine)
-        engine.train(plan.round, plan.participants)
-        driver.sync(engine, plan, {})
+        plan = engine.begin(driver)
+        engine.finish(driver, plan, engine.train(plan.round, plan.participants))
     return engine.algorithm.global_state(sim.workers[0]).clone()
 
 
@@ -106,14 +110,55 @@ def test_overlap_hides_the_sync_behind_the_next_round():
         assert abs(s["final_eval_loss"] / blocking["final_eval_loss"] - 1) < 0.05, overlap
 
 
-def test_overlap_is_checked_and_refused_where_it_does_not_run():
+def test_overlap_is_checked_and_runs_on_real_processes_too():
     with pytest.raises(ConfigError, match="algorithm.overlap"):
         tiny_config("algorithm.name=diloco", "algorithm.overlap=later")
     from islands.runtime.member import refuse_simulator_only
 
-    with pytest.raises(ConfigError, match=r"algorithm.overlap \('delayed'\).*islands sim"):
-        refuse_simulator_only(tiny_config("algorithm.name=diloco", "algorithm.overlap=delayed"))
-    refuse_simulator_only(tiny_config("algorithm.name=diloco"))  # blocking runs anywhere
+    for overlap in ("none", "delayed", "eager"):
+        refuse_simulator_only(tiny_config("algorithm.name=diloco",
+                                          f"algorithm.overlap={overlap}"))
+
+
+def test_a_threaded_flight_runs_its_work_aside_and_settles_with_its_result_or_error():
+    started, release = threading.Event(), threading.Event()
+
+    def work():
+        started.set()
+        release.wait(5)
+        return threading.current_thread().name
+
+    flight = ThreadedFlight()
+    flight.run(work)
+    assert started.wait(5)  # running while this thread goes on
+    release.set()
+    assert flight.settle() == "sync in flight"
+    ran_s, waited_s = flight.timing()
+    assert ran_s >= 0 and waited_s >= 0
+    failing = ThreadedFlight()
+    failing.run(lambda: (_ for _ in ()).throw(CommError("peer gone")))
+    with pytest.raises(CommError, match="peer gone"):
+        failing.settle()
+
+
+class _ThreadedSim(SimTransport):
+    """The simulator's transport with a real transport's background: syncs on a thread."""
+
+    @contextlib.contextmanager
+    def in_background(self):
+        yield ThreadedFlight()
+
+
+@pytest.mark.parametrize("overlap", ["delayed", "eager"])
+def test_a_sync_in_flight_on_a_thread_ends_at_the_same_parameters(overlap, monkeypatch):
+    """The engine's overlapped syncs run on a thread (as over a real transport) while the
+    next round trains: the same global state as when the simulator issues them in place."""
+    sets = [f"algorithm.overlap={overlap}", "outer.momentum=0.6"]
+    inline, _ = _sim(*sets)
+    monkeypatch.setattr(runner, "SimTransport", _ThreadedSim)
+    threaded, summary = _sim(*sets)
+    assert torch.equal(threaded.final_params, inline.final_params)
+    assert len({digest(s) for s in threaded.shared_states}) == 1
 
 
 # --- Streaming DiLoCo ---------------------------------------------------------------------

@@ -188,6 +188,12 @@ class DiLoCo(Algorithm):
                 state[f"outer/{k}"] = v
         return state
 
+    def load_shared_state(self, worker: Worker, state: dict[str, torch.Tensor], *,
+                          reset_params: bool = True) -> None:
+        super().load_shared_state(worker, state, reset_params=reset_params)
+        if reset_params and self.overlaps:  # the next round starts from the state loaded
+            self.restart(worker, settled=True)
+
 
 @register("algorithm", "diloco", sections={"outer": OuterConfig}, default=True)
 @dataclass(frozen=True, kw_only=True)

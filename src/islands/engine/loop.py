@@ -20,6 +20,7 @@ have one schema; the runtime adds its own fields to each).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -51,7 +52,7 @@ class WallClock:
     def __init__(self, workers: tuple[int, ...]) -> None:
         self.compute_s = dict.fromkeys(workers, 0.0)
         self.comm_s = dict.fromkeys(workers, 0.0)
-        self.hidden_s = dict.fromkeys(workers, 0.0)  # nothing overlaps in the runtime yet
+        self.hidden_s = dict.fromkeys(workers, 0.0)  # a sync in flight while computing
         self._t0: float | None = None
 
     def compute(self, worker: int, seconds: float) -> None:
@@ -88,6 +89,7 @@ class RoundPlan:
     participants: tuple[int, ...]
     everyone: Group
     info: dict = field(default_factory=dict)
+    marks: dict = field(default_factory=dict)  # bytes at the round's start (Engine.begin)
 
 
 class Driver(Protocol):
@@ -128,17 +130,19 @@ class Clock(Protocol):
 
 
 class Sync:
-    """A sync in flight: :meth:`wait` waits for its collectives (and, issued in the
-    background, for the wire: ``flight``) and applies the results."""
+    """A sync issued: :meth:`wait` waits for its results (collectives issued in the
+    background: for their flight) and applies them; :meth:`discard` only waits."""
 
-    def __init__(self, works: list[Work], apply: Callable[[list[dict]], None]) -> None:
-        self._works, self._apply = works, apply
-        self.flight: Flight | None = None
+    def __init__(self, results: Callable[[], list[dict]], apply: Callable[[list[dict]], None],
+                 flight: Flight | None = None) -> None:
+        self._results, self._apply, self.flight = results, apply, flight
 
     def wait(self) -> None:
-        if self.flight is not None:
-            self.flight.settle()
-        self._apply([w.wait() for w in self._works])
+        self._apply(self._results())
+
+    def discard(self) -> None:
+        with contextlib.suppress(CommError):
+            self._results()
 
 
 class Engine:
@@ -187,6 +191,7 @@ class Engine:
         # the inner step it lands at (None: at the next round's sync)
         self._pending: Sync | None = None
         self._due: int | None = None
+        self._to_issue: tuple[Group, list[Worker]] | None = None  # committed, not yet issued
         self.peak_round_sent = 0  # the most bytes a local worker sent in one round
 
     # --- a round's pieces ------------------------------------------------------------------
@@ -249,7 +254,7 @@ class Engine:
         losses: dict[int, list[float]] = {w.id: [] for w in active}
         for step in steps:
             if self._due is not None and step >= self._due:
-                self._land()
+                self.land()
             for w in active:
                 t0 = time.perf_counter()
                 batch = to_device(self.partition.batch(w.id, step), self.device)
@@ -271,63 +276,107 @@ class Engine:
 
     def end_round(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = ()
                   ) -> None:
-        """The round's sync (none for a round whose step synced gradients)."""
+        """The round's sync (none for a round whose step synced gradients). An overlapped
+        algorithm's: the previous round's sync lands (its outer step), and this round's is
+        issued by :meth:`issue_overlapped` once the round is committed; the run's last round
+        waits for its own, so the run ends on the complete global state."""
+        self._to_issue = None
         if self.algorithm.syncs_gradients_at(workers[0].steps - 1):
-            self._land()  # an overlapped round before a data-parallel one
+            self.land()  # an overlapped round before a data-parallel one
             for w in workers:
                 self.algorithm.after_gradient_round(w)
         elif self.algorithm.overlaps:
-            self._overlapped_sync(group, workers)
+            self.land()
+            if workers[0].steps < self.bounds[-1] and self.algorithm.overlap_steps != 0:
+                self._to_issue = (group, workers)
+                return
+            with self.transport.in_background() as flight:
+                sync = self.start_sync(group, workers, flight=flight)
+            self._wait(sync)
+            for w in workers:
+                self.algorithm.restart(w, settled=True)
         else:
             self.start_sync(group, workers, observers).wait()
 
-    def _overlapped_sync(self, group: Group, workers: list[Worker]) -> None:
-        """An overlapped algorithm's sync: the previous round's, which crossed the wire while
-        this round trained, lands (its outer step); this round's is issued in the background
-        and the workers start the next round without its result (``algorithm.restart``).
-        The last round waits for its own, so the run ends on the complete global state."""
-        self._land()
-        with self.transport.in_background() as flight:
-            sync = self.start_sync(group, workers)
-        sync.flight = flight
-        delay = self.algorithm.overlap_steps
-        if workers[0].steps >= self.bounds[-1] or delay == 0:  # the run's last round
-            sync.wait()
-            for w in workers:
-                self.algorithm.restart(w, settled=True)
+    def issue_overlapped(self) -> None:
+        """After a committed round of an overlapped algorithm: its sync is issued in the
+        background (in the runtime, on a thread: it crosses the wire while the next round
+        trains) and the workers start the next round without its result
+        (``algorithm.restart``); it lands at the next round's sync (or ``overlap_steps`` inner
+        steps on). Nothing for a blocking algorithm."""
+        if self._to_issue is None:
             return
+        (group, workers), self._to_issue = self._to_issue, None
+        with self.transport.in_background() as flight:
+            sync = self.start_sync(group, workers, flight=flight)
         for w in workers:
             self.algorithm.restart(w, settled=False)
+        delay = self.algorithm.overlap_steps
         self._pending = sync
         self._due = None if delay is None else workers[0].steps + delay
 
-    def _land(self) -> None:
-        """The sync in flight lands: waited for (what is left of it) and applied."""
-        if self._pending is not None:
-            self._pending.wait()
-        self._pending = self._due = None
+    def land(self) -> None:
+        """The sync in flight lands: waited for (what is left of it) and applied. It is gone
+        either way: a failure (``CommError``) loses its round's update."""
+        sync, self._pending, self._due = self._pending, None, None
+        if sync is not None:
+            self._wait(sync)
 
-    def start_sync(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = ()
-                   ) -> Sync:
+    @property
+    def in_flight(self) -> bool:
+        """Whether a sync is crossing the wire in the background."""
+        return self._pending is not None
+
+    def void_overlap(self) -> None:
+        """A round aborted: the sync in flight (if any) is waited for and discarded, and
+        the round's own is not issued."""
+        sync, self._pending, self._due, self._to_issue = self._pending, None, None, None
+        if sync is not None:
+            sync.discard()
+
+    def _wait(self, sync: Sync) -> None:
+        """Waits for and applies a sync; a flight measured on the wall clock (a real
+        transport's thread) counts as communication hidden behind compute, but for the
+        part waited for."""
+        try:
+            sync.wait()
+        finally:
+            timing = sync.flight.timing() if sync.flight is not None else None
+            if timing is not None:
+                ran_s, waited_s = timing
+                for w in self.workers:
+                    self.clock.comm_s[w.id] += waited_s
+                    self.clock.hidden_s[w.id] += max(0.0, ran_s - waited_s)
+
+    def start_sync(self, group: Group, workers: list[Worker], observers: tuple[int, ...] = (),
+                   *, flight: Flight | None = None) -> Sync:
         """Contribute -> reduce: issues one collective per contribution (and one for the
-        model's buffers, averaged with the first contribution's weights, exact fp32)."""
+        model's buffers, averaged with the first contribution's weights, exact fp32).
+
+        Args:
+            flight: issue the collectives in the background (``transport.in_background``);
+                the contributions are taken here, at once."""
         plans = {w.id: self.algorithm.contribute(w, observers) for w in workers}
         for w in workers:
             flat = w.flat_buffers()
             if flat is not None:
                 plans[w.id].append(Contribution(flat, plans[w.id][0].weight, tag="buffers"))
         count = len(plans[workers[0].id])
-        works = []
-        for k in range(count):
-            items = {wid: p[k] for wid, p in plans.items()}
-            exact = items[workers[0].id].tag == "buffers"
-            weights = (None if items[workers[0].id].weight is None
-                       else {wid: c.weight for wid, c in items.items()})
-            works.append(group.start_all_reduce(
-                {wid: c.tensor for wid, c in items.items()},
-                codecs={w.id: self._exact if exact else w.codec for w in workers},
-                aggregator=self.algorithm.aggregator, weights=weights,
-                tag=items[workers[0].id].tag, native=self._native))
+
+        def issue() -> list[Work]:
+            works = []
+            for k in range(count):
+                items = {wid: p[k] for wid, p in plans.items()}
+                exact = items[workers[0].id].tag == "buffers"
+                weights = (None if items[workers[0].id].weight is None
+                           else {wid: c.weight for wid, c in items.items()})
+                works.append(group.start_all_reduce(
+                    {wid: c.tensor for wid, c in items.items()},
+                    codecs={w.id: self._exact if exact else w.codec for w in workers},
+                    aggregator=self.algorithm.aggregator, weights=weights,
+                    tag=items[workers[0].id].tag, native=self._native))
+            return works
+
         has_buffers = workers[0].buffers != []
 
         def apply(results: list[dict]) -> None:
@@ -338,7 +387,11 @@ class Engine:
                     w.global_buffers = results[-1][w.id]
                     w.load_flat_buffers(w.global_buffers)
 
-        return Sync(works, apply)
+        if flight is not None:
+            flight.run(lambda: [w.wait() for w in issue()])
+            return Sync(flight.settle, apply, flight)
+        works = issue()
+        return Sync(lambda: [w.wait() for w in works], apply)
 
     # --- evaluation and metrics ------------------------------------------------------------
 
@@ -510,27 +563,57 @@ class Engine:
         if self.algorithm.asynchronous:  # no rounds: updates in the order they are posted
             return run_async(self, on_round)
         started = time.perf_counter()
-        while (plan := driver.next_round(self)) is not None:
-            r = plan.round
-            if (r == 0 and not self.curve and self.evaluator is not None
-                    and self.local(plan.members)):
-                self.curve.append(self.evaluate(self.local(plan.members)[0], 0))
-            marks = self.marks()
+        while (plan := self.begin(driver)) is not None:
             try:
-                self.begin_round(plan.everyone, self.local(plan.everyone.members), r)
-                losses = self.train(r, plan.participants)
-                extra = driver.sync(self, plan, losses)
+                losses = self.train(plan.round, plan.participants)
             except CommError as e:
                 driver.abort(self, plan, e)
                 continue
-            point = self.record(r, plan.members, losses, marks, extra)
-            driver.committed(self, plan, point)
-            if on_round is not None:
-                on_round({"round": r + 1, "rounds": self.rounds, "step": self.steps_of(r).stop,
-                          "train_loss": self.last_loss,
-                          "eval_loss": self.curve[-1]["eval_loss"] if self.curve else None,
-                          "bytes_sent_per_worker": self.sent_per_worker()})
+            self.finish(driver, plan, losses, on_round)
         return self.summary(time.perf_counter() - started)
+
+    # --- a round's steps: Engine.run, the runtime's member and the drop-in call these -------
+
+    def begin(self, driver: Driver) -> RoundPlan | None:
+        """Starts the next round the driver hands out: the first evaluation (before round
+        0), the byte marks of its rows, :meth:`begin_round` (a failure aborts the round
+        through the driver and asks for the next). None: the run is over.
+
+        The round's inner steps follow (:meth:`train`, or the user's own loop calling
+        :meth:`step`), then :meth:`finish`."""
+        while (plan := driver.next_round(self)) is not None:
+            local = self.local(plan.members)
+            if plan.round == 0 and not self.curve and self.evaluator is not None and local:
+                self.curve.append(self.evaluate(local[0], 0))
+            plan.marks = self.marks()
+            try:
+                self.begin_round(plan.everyone, self.local(plan.everyone.members), plan.round)
+            except CommError as e:
+                driver.abort(self, plan, e)
+                continue
+            return plan
+        return None
+
+    def finish(self, driver: Driver, plan: RoundPlan, losses: dict[int, list[float]],
+               on_round: Callable[[dict], None] | None = None) -> dict | None:
+        """Ends a round after its inner steps: its sync through the driver (a failure aborts
+        it), then its evaluation when due, rows and commit. Returns the evaluation point (None:
+        none due, or aborted)."""
+        try:
+            extra = driver.sync(self, plan, losses)
+        except CommError as e:
+            driver.abort(self, plan, e)
+            return None
+        self.issue_overlapped()
+        r = plan.round
+        point = self.record(r, plan.members, losses, plan.marks, extra)
+        driver.committed(self, plan, point)
+        if on_round is not None:
+            on_round({"round": r + 1, "rounds": self.rounds, "step": self.steps_of(r).stop,
+                      "train_loss": self.last_loss,
+                      "eval_loss": self.curve[-1]["eval_loss"] if self.curve else None,
+                      "bytes_sent_per_worker": self.sent_per_worker()})
+        return point
 
 
 def _plain(sync_every):

@@ -272,27 +272,16 @@ class Trainer:
     def _begin(self) -> None:
         """Passes the next round's ``start`` (a joiner receives the state here, before its
         first forward pass); sets :attr:`done` when the run is over."""
-        engine = self.engine
-        while not self.done:
-            try:
-                plan = self.member.next_round(engine)
-            except Removed as e:
-                self._remove(e)
-                return
-            if plan is None:
-                self.done = True
-                return
-            self._marks, self._losses, self._steps = engine.marks(), [], 0
-            try:
-                engine.begin_round(plan.everyone, engine.workers, plan.round)
-            except CommError as e:
-                self.member.abort(engine, plan, e)
-                continue
-            if plan.round == 0 and not engine.curve and engine.evaluator is not None:
-                engine.curve.append(engine.evaluate(self.member.worker, 0))
-            self._plan = plan
-            self._since = time.perf_counter()
+        try:
+            self._plan = self.engine.begin(self.member)
+        except Removed as e:
+            self._remove(e)
             return
+        if self._plan is None:
+            self.done = True
+            return
+        self._losses, self._steps = [], 0
+        self._since = time.perf_counter()
 
     def step(self, loss: float | torch.Tensor | None = None, samples: int = 1) -> None:
         """One inner step with the gradients in ``.grad``: clip, optimizer (and scheduler)
@@ -325,16 +314,10 @@ class Trainer:
             self._since = time.perf_counter()
             return
         try:
-            extra = self.member.sync(engine, plan, {worker.id: self._losses})
+            engine.finish(self.member, plan, {worker.id: self._losses})
         except Removed as e:
             self._remove(e)
             return
-        except CommError as e:
-            self.member.abort(engine, plan, e)
-        else:
-            point = engine.record(plan.round, plan.members, {worker.id: self._losses},
-                                  self._marks, extra)
-            self.member.committed(engine, plan, point)
         self._begin()
 
     def _remove(self, why: Removed) -> None:

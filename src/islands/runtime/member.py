@@ -11,6 +11,13 @@ Each round passes the coordinator's three barriers (see :mod:`islands.runtime.co
    hash. If any member failed, everyone restores the shared state (no partial reduction is
    ever kept) and the survivors retry the collective with their local parameters.
 
+An overlapped algorithm (``algorithm.overlap``): the sync of step 3 lands the previous round's
+average, which crossed the wire on a thread while this round trained; after the commit the
+engine issues this round's in the background. A failure of the one in flight surfaces where
+it lands (the next round's sync, or a start that changes the group first) and loses that
+round's update on every member alike; a worker left with a different state is repaired at
+the next start, as any hash mismatch.
+
 :class:`Member` implements :class:`islands.engine.Driver`; ``islands run`` drives it through
 ``Engine.run`` with the task's batches, the drop-in loop (:mod:`islands.runtime.join`) calls
 the same methods from the user's own ``trainer.step()``.
@@ -71,11 +78,6 @@ class Stats:
 
 def refuse_simulator_only(cfg: RunConfig) -> None:
     """Refuses, before anything connects, a setting only the simulator carries out."""
-    overlap = getattr(cfg.algorithm, "overlap", "none")
-    if overlap != "none":
-        raise ConfigError(f"algorithm.overlap ({overlap!r}) runs in the simulator only for "
-                          "now (islands sim); real processes overlap nothing yet: set "
-                          "algorithm.overlap = \"none\"")
     if getattr(cfg.algorithm, "min_quorum", 0):
         raise ConfigError(f"algorithm.min_quorum ({cfg.algorithm.min_quorum}) runs in the "
                           "simulator only for now (islands sim); for real processes set "
@@ -294,6 +296,7 @@ class Member:
             self.stats.excluded_rounds += 1
         if isinstance(error, Stopping):
             self.stopping.set()
+        self.engine.void_overlap()  # a sync in flight ends before the state is restored
         if self._snap is not None:  # None: failed before this fresh worker was even built
             state.load(self.algorithm, self.worker, self._snap, reset_params=True)
         log.warning("worker %d: round %d aborted (%s); parameters restored to the last "
@@ -321,12 +324,28 @@ class Member:
         if res.get("heal"):
             return res
         self._built()
+        if self.engine.in_flight and (res["need_state"] or res["epoch"] != self.epoch
+                                      or res["prefix"] != self._prefix):
+            self._land_early(res["round"])
         self._join_epoch(res)
         if res["need_state"]:
             self._receive_or_send(res)
         if self.stats.joined_round is None:
             self.stats.joined_round = res["round"]
         return res
+
+    def _land_early(self, r: int) -> None:
+        """The sync in flight (an overlapped round's) lands before anything else uses the
+        transport (a new group, a state transfer). If it failed, its round's update is lost
+        here; a worker whose state then differs from the majority's is repaired at the next
+        start."""
+        try:
+            self.engine.land()
+        except Stopping:
+            raise
+        except CommError as e:
+            log.warning("worker %d: the update of round %d, in flight, is lost (%s)", self.me,
+                        r - 1, e)
 
     def _may_heal(self) -> bool:
         """Whether to ask to join the round in flight as an observer: a fresh worker (not

@@ -9,6 +9,8 @@ collective code runs in one process or across machines.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -74,17 +76,70 @@ class Exchange:
 
 
 class Flight:
-    """Collectives issued in the background (:meth:`Transport.in_background`): :meth:`settle`
-    waits until they are off the wire. This base class: already there (they completed when
-    issued, as the real transports' do today)."""
+    """Work issued in the background (:meth:`Transport.in_background`): :meth:`run` issues
+    it, :meth:`settle` waits until it is done and returns its result (raising its error).
+
+    This base class runs the work at once, where it is issued (the simulator's: its clock,
+    inside ``in_background``, charges the links and lets the members go on computing).
+    """
 
     def __init__(self, settle: Callable[[], None] | None = None) -> None:
         self._settle = settle
+        self._result = self._error = None
 
-    def settle(self) -> None:
+    def run(self, work: Callable[[], object]) -> None:
+        try:
+            self._result = work()
+        except Exception as e:  # noqa: BLE001 (raised by settle(), as a thread's would be)
+            self._error = e
+
+    def settle(self):
         if self._settle is not None:
             self._settle()
             self._settle = None
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def timing(self) -> tuple[float, float] | None:
+        """``(seconds the work ran, seconds settle waited for it)`` where they were measured
+        (None: the clock that issued it accounts for it itself)."""
+        return None
+
+
+class ThreadedFlight(Flight):
+    """Work that runs on a thread of its own while the worker computes (a real transport's
+    collective in flight); :meth:`settle` joins it. The work must not share the transport
+    with the caller's thread until then (the engine waits for it before any other exchange).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread: threading.Thread | None = None
+        self._ran_s = self._waited_s = 0.0
+
+    def run(self, work: Callable[[], object]) -> None:
+        def body() -> None:
+            t0 = time.perf_counter()
+            try:
+                self._result = work()
+            except BaseException as e:  # noqa: BLE001 (raised by settle() on the caller)
+                self._error = e
+            self._ran_s = time.perf_counter() - t0
+
+        self._thread = threading.Thread(target=body, daemon=True, name="sync in flight")
+        self._thread.start()
+
+    def settle(self):
+        if self._thread is not None:
+            t0 = time.perf_counter()
+            self._thread.join()
+            self._waited_s = time.perf_counter() - t0
+            self._thread = None
+        return super().settle()
+
+    def timing(self) -> tuple[float, float]:
+        return self._ran_s, self._waited_s
 
 
 class Transport(ABC):

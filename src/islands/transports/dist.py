@@ -36,6 +36,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,7 @@ import torch.distributed as dist
 from islands.core.errors import CodecError, CommError, PeerGaveUp, PeerRefused, Stopping
 from islands.core.timing import timed
 from islands.transports import wire
-from islands.transports.base import Exchange, Message, Place, Transport
+from islands.transports.base import Exchange, Flight, Message, Place, ThreadedFlight, Transport
 
 # at most this many pieces of a native all_reduce (each at least 2^23 values)
 NATIVE_PIECES = 4
@@ -138,6 +139,12 @@ class DistTransport(Transport):
         self.ranks = {m: i for i, m in enumerate(sorted(members))}
         self.group_since = time.monotonic()
         self.abort_event.clear()
+
+    @contextlib.contextmanager
+    def in_background(self) -> Iterator[Flight]:
+        """Collectives issued inside run on a thread of their own while this worker computes
+        (:class:`ThreadedFlight`); nothing else may use this transport until they settle."""
+        yield ThreadedFlight()
 
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
                  phase: str, *, place: Place | None = None,

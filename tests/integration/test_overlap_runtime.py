@@ -1,0 +1,89 @@
+"""Overlapped DiLoCo on real processes: each round's sync crosses the wire on a thread while
+the next round trains, and the run ends with the simulator's parameters."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from islands.core.config import load_config
+from islands.sim.runner import Simulation
+from tests.integration.conftest import TINY, assert_final_equal, metrics
+from tests.integration.test_tasks_runtime import USER, _dropin
+
+
+def _sim(overrides):
+    sim, threads = Simulation(load_config(None, overrides)), torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker process
+    try:
+        return sim, sim.run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_launch_delayed_diloco_ends_with_the_simulators_parameters(tmp_path, procs):
+    overrides = [*TINY, "workers=3", "algorithm.name=diloco", "algorithm.overlap=delayed",
+                 "outer.momentum=0.6", "runtime.heartbeat_timeout_s=5.0"]
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
+            str(tmp_path / "launch")] + [a for o in overrides for a in ("--set", o)]
+    p = procs.start("launch", argv)
+    sim, summary = _sim(overrides)  # while the workers run
+    assert p.wait(timeout=150) == 0
+    merged = json.loads((tmp_path / "launch" / "summary.json").read_text())
+    assert len(merged["final_hashes"]) == 1
+    assert merged["coordinator"]["rounds_committed"] == summary["rounds"]
+    for d in [tmp_path / "launch" / f"w{i}" for i in range(3)] + [tmp_path / "launch"]:
+        assert_final_equal(d, sim.final_state, str(d))
+    assert merged["bytes_sent_by_worker"] == summary["bytes_sent_by_worker"]
+    assert "abort" not in procs.stderr(p)
+
+
+def _overlapping_steps(events: list[dict]) -> dict[int, int]:
+    """Per round: how many of its inner steps ran while an exchange of the sync in flight
+    was on the wire (the exchange's thread is not the one that steps)."""
+    flights = [(e["start"], e["end"]) for e in events
+               if e["kind"] == "exchange" and e["thread"] == "sync in flight"]
+    counts: dict[int, int] = {}
+    for e in events:
+        if e["kind"] == "step":
+            inside = any(a <= e["at"] <= b for a, b in flights)
+            counts[e["round"]] = counts.get(e["round"], 0) + inside
+    return counts
+
+
+def test_the_dropin_trains_the_next_round_while_a_slow_sync_is_in_flight(
+        tmp_path, procs, coordinator):
+    """Every exchange made 0.4 s slower (a slow link): under eager overlap each round after
+    the first trains while the previous round's sync is on the wire (its inner steps fall
+    inside that sync's exchanges); blocking DiLoCo never does. Both end with the simulator's
+    parameters, and the overlapped run counts the measured hidden communication."""
+    runs = {}
+    for overlap in ("eager", "none"):
+        overrides = [*USER, "workers=2", "steps=15", "algorithm.sync_every=5",
+                     "algorithm.name=diloco", f"algorithm.overlap={overlap}",
+                     "outer.momentum=0.6", "runtime.heartbeat_timeout_s=5.0"]
+        coord = coordinator(heartbeat_timeout_s=5.0)
+        out = tmp_path / overlap
+        ws = [_dropin(procs, i, f"127.0.0.1:{coord.port}", out, overrides,
+                      ["--slow-exchange", "0.4", "--step-s", "0.02",
+                       "--events", str(tmp_path / f"{overlap}-w{i}.jsonl")])
+              for i in range(2)]
+        runs[overlap] = (ws, overrides, out)
+    for overlap, (ws, overrides, out) in runs.items():
+        sim, summary = _sim(overrides)
+        assert all(p.wait(timeout=120) == 0 for p in ws), overlap
+        for i in range(2):
+            assert_final_equal(out / f"w{i}", sim.final_state, f"{overlap} w{i}")
+            events = [json.loads(x) for x in
+                      (tmp_path / f"{overlap}-w{i}.jsonl").read_text().splitlines()]
+            inside = _overlapping_steps(events)
+            got = json.loads((out / f"w{i}" / "summary.json").read_text())
+            if overlap == "eager":
+                assert inside[0] == 0 and inside[1] > 0 and inside[2] > 0, inside
+                assert got["comm_hidden_s_by_worker"][0] > 0
+            else:
+                assert sum(inside.values()) == 0, inside
+                assert got["comm_hidden_s_by_worker"] == [0.0]
+        assert [r["round"] for r in metrics(out / "w0")] == [0, 1, 2]
