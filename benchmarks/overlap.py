@@ -38,7 +38,7 @@ from rich.table import Table
 
 MAIN_JOB = ["steps=400", "init.warm_start_steps=1000", "algorithm.name=diloco",
             "network.latency_s=0.05"]
-ASYNC = ["algorithm.name=async_local_sgd", "outer.lr=0.5", "outer.momentum=0.3"]
+ASYNC = ["algorithm.name=async_local_sgd", "outer.momentum=0.3"]
 # label -> overrides; the overlapped variants with the outer momentum they train best with
 # here (0.9, blocking's, is in the table too: one-round-old updates under heavy momentum
 # overshoot)
@@ -53,8 +53,8 @@ VARIANTS: dict[str, list[str]] = {
     # rounds of 5 steps: the last sync, which every run waits for, is half as long
     "streaming, 10 fragments": ["algorithm.name=streaming_diloco", "algorithm.fragments=10",
                                 "algorithm.tau=5", "algorithm.alpha=0.5"],
-    # asynchronous local SGD with the outer step it trains best with here (staleness under
-    # DiLoCo's lr 0.7 and momentum 0.9 overshoots)
+    # asynchronous local SGD with the outer momentum it trains best with here (0.3; stale
+    # updates under DiLoCo's 0.9 overshoot)
     "async": [*ASYNC],
     # every update goes to every other worker: (workers - 1) times its size up per update,
     # against about twice its size per round for the all-reduce; int8 makes it 4x smaller

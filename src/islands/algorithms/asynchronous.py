@@ -165,7 +165,9 @@ class AsyncLocalSGD(Algorithm):
 class AsyncLocalSGDConfig(AlgorithmConfig):
     """``[algorithm] name = "async_local_sgd"``: asynchronous local SGD (see
     :mod:`islands.algorithms.asynchronous`); ``outer.lr`` and ``outer.momentum`` set the
-    delayed Nesterov step (``outer.optimizer`` must stay ``"sgd"``, Nesterov).
+    delayed Nesterov step (``outer.optimizer`` must stay ``"sgd"``). Stale updates under
+    DiLoCo's outer momentum of 0.9 overshoot: lower it (0.3 trains best on the main job,
+    docs/overlap.md).
 
     Attributes:
         sync_every: inner steps per update of the fastest worker (H).
