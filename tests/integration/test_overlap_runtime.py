@@ -4,13 +4,16 @@ the next round trains, and the run ends with the simulator's parameters."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
+import pytest
 import torch
 
 from islands.core.config import load_config
 from islands.sim.runner import Simulation
-from tests.integration.conftest import TINY, assert_final_equal, metrics
+from tests.integration.conftest import TINY, assert_final_equal, last_round, metrics, wait_until
+from tests.integration.test_churn import assert_hashes_agree
 from tests.integration.test_tasks_runtime import USER, _dropin
 
 
@@ -23,9 +26,16 @@ def _sim(overrides):
         torch.set_num_threads(threads)
 
 
-def test_launch_delayed_diloco_ends_with_the_simulators_parameters(tmp_path, procs):
-    overrides = [*TINY, "workers=3", "algorithm.name=diloco", "algorithm.overlap=delayed",
-                 "outer.momentum=0.6", "runtime.heartbeat_timeout_s=5.0"]
+STREAMING = ["algorithm.name=streaming_diloco", "algorithm.sync_every=6",
+             "algorithm.fragments=2", "algorithm.tau=2"]
+
+
+@pytest.mark.parametrize("variant", [
+    ["algorithm.name=diloco", "algorithm.overlap=delayed", "outer.momentum=0.6"], STREAMING],
+    ids=["delayed", "streaming"])
+def test_launch_overlapped_diloco_ends_with_the_simulators_parameters(tmp_path, procs,
+                                                                      variant):
+    overrides = [*TINY, "workers=3", *variant, "runtime.heartbeat_timeout_s=5.0"]
     argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
             str(tmp_path / "launch")] + [a for o in overrides for a in ("--set", o)]
     p = procs.start("launch", argv)
@@ -55,15 +65,19 @@ def _overlapping_steps(events: list[dict]) -> dict[int, int]:
 
 def test_the_dropin_trains_the_next_round_while_a_slow_sync_is_in_flight(
         tmp_path, procs, coordinator):
-    """Every exchange made 0.4 s slower (a slow link): under eager overlap each round after
-    the first trains while the previous round's sync is on the wire (its inner steps fall
-    inside that sync's exchanges); blocking DiLoCo never does. Both end with the simulator's
-    parameters, and the overlapped run counts the measured hidden communication."""
+    """Every exchange made 0.4 s slower (a slow link): under eager overlap and Streaming
+    DiLoCo each round after the first trains while the previous round's sync is on the wire
+    (its inner steps fall inside that sync's exchanges); blocking DiLoCo never does. All end
+    with the simulator's parameters, and the overlapped runs count the measured hidden
+    communication."""
     runs = {}
-    for overlap in ("eager", "none"):
+    for overlap in ("eager", "none", "streaming"):
         overrides = [*USER, "workers=2", "steps=15", "algorithm.sync_every=5",
                      "algorithm.name=diloco", f"algorithm.overlap={overlap}",
                      "outer.momentum=0.6", "runtime.heartbeat_timeout_s=5.0"]
+        if overlap == "streaming":  # rounds of 3 steps, each fragment landing 2 steps late
+            overrides = [*USER, "workers=2", "steps=12", *STREAMING, "outer.momentum=0.6",
+                         "runtime.heartbeat_timeout_s=5.0"]
         coord = coordinator(heartbeat_timeout_s=5.0)
         out = tmp_path / overlap
         ws = [_dropin(procs, i, f"127.0.0.1:{coord.port}", out, overrides,
@@ -80,10 +94,43 @@ def test_the_dropin_trains_the_next_round_while_a_slow_sync_is_in_flight(
                       (tmp_path / f"{overlap}-w{i}.jsonl").read_text().splitlines()]
             inside = _overlapping_steps(events)
             got = json.loads((out / f"w{i}" / "summary.json").read_text())
-            if overlap == "eager":
-                assert inside[0] == 0 and inside[1] > 0 and inside[2] > 0, inside
-                assert got["comm_hidden_s_by_worker"][0] > 0
-            else:
+            if overlap == "none":
                 assert sum(inside.values()) == 0, inside
                 assert got["comm_hidden_s_by_worker"] == [0.0]
-        assert [r["round"] for r in metrics(out / "w0")] == [0, 1, 2]
+            else:
+                assert inside[0] == 0 and all(inside[r] > 0 for r in range(1, len(inside))), \
+                    inside
+                assert got["comm_hidden_s_by_worker"][0] > 0
+        assert [r["round"] for r in metrics(out / "w0")] == list(range(summary["rounds"]))
+
+
+def test_overlapped_workers_survive_a_kill_and_a_restart(tmp_path, procs, coordinator):
+    """Delayed DiLoCo, 3 workers: worker 2 is SIGKILLed with a sync in flight; the survivors
+    lose at most that round's update, commit the next rounds without it and keep one state;
+    restarted, it receives the state (the sync in flight lands before the transfer) and
+    commits with them. Every round's hash agrees across the workers."""
+    long = ["workers=3", "steps=5000", "algorithm.sync_every=2", "algorithm.name=diloco",
+            "algorithm.overlap=delayed", "outer.momentum=0.6", "runtime.heartbeat_s=0.1",
+            "runtime.heartbeat_timeout_s=1.0"]
+    coord = coordinator()
+    addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
+    ws = {i: procs.worker(i, addr, out, long) for i in range(3)}
+    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(3)) >= 3, 90, "round 3")
+    ws[2].send_signal(signal.SIGKILL)
+    ws[2].wait()
+    killed_last = last_round(out / "w2")
+    (out / "w2").rename(out / "w2-killed")
+    wait_until(lambda: all(last_round(out / f"w{i}") >= killed_last + 2 for i in (0, 1)), 60,
+               "two rounds of the survivors")
+    for i in (0, 1):
+        rows = metrics(out / f"w{i}")
+        assert [r["round"] for r in rows] == list(range(len(rows)))  # each once, in order
+        assert rows[-1]["participants"] == [0, 1]
+    ws[2] = procs.worker(2, addr, out, long)
+    wait_until(lambda: last_round(out / "w2") >= 1, 90, "the restarted worker's commits")
+    assert metrics(out / "w2")[-1]["participants"] == [0, 1, 2]
+    for i in range(3):
+        ws[i].send_signal(signal.SIGTERM)
+    assert all(ws[i].wait(timeout=30) == 0 for i in range(3))
+    assert_hashes_agree([out / "w0", out / "w1", out / "w2", out / "w2-killed"])
+    assert json.loads((out / "w2" / "summary.json").read_text())["state_transfers"] == 1

@@ -214,11 +214,23 @@ def test_streaming_settings_are_checked(sets, key):
         Simulation(tiny_config("algorithm.name=streaming_diloco", *sets))
 
 
-def test_streaming_is_refused_where_it_does_not_run():
+def test_streaming_runs_on_real_processes_and_a_fault_plan_does_not():
     from islands.runtime.member import refuse_simulator_only
 
-    with pytest.raises(ConfigError, match="streaming_diloco.*islands sim"):
-        refuse_simulator_only(tiny_config("algorithm.name=streaming_diloco"))
+    refuse_simulator_only(tiny_config("algorithm.name=streaming_diloco"))
+    with pytest.raises(ConfigError, match=r"\[\[faults\]\].*remove it"):
+        refuse_simulator_only(tiny_config("algorithm.name=streaming_diloco",
+                                          'faults=[{kind = "crash", worker = 1, round = 2}]'))
+
+
+def test_a_streaming_sync_in_flight_on_a_thread_ends_at_the_same_parameters(monkeypatch):
+    """Streaming's fragments land tau inner steps after they are issued: on a thread (as
+    over a real transport) the same global state as issued in place."""
+    sets = ["algorithm.name=streaming_diloco", "algorithm.fragments=2", "algorithm.tau=1"]
+    inline, _ = _sim(*sets)
+    monkeypatch.setattr(runner, "SimTransport", _ThreadedSim)
+    threaded, _ = _sim(*sets)
+    assert torch.equal(threaded.final_params, inline.final_params)
 
 
 def test_a_streaming_workers_shared_state_loads_into_another():

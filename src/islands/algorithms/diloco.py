@@ -213,8 +213,8 @@ class DiLoCoConfig(AlgorithmConfig):
             parameters, which every worker holds alike. 0: off.
         overlap: ``"none"``: blocking, each round waits for its own average. ``"delayed"``
             or ``"eager"``: round t's average crosses the wire while round t+1 trains and
-            its outer step lands one round late (see :mod:`islands.algorithms.diloco`);
-            the simulator only for now.
+            its outer step lands one round late (see :mod:`islands.algorithms.diloco`; on
+            real processes the sync runs on a thread).
         min_quorum: the straggler policy (0: off, every round waits for every member). A
             round's sync goes ahead once ``min_quorum`` members are ready and ``grace_s``
             more seconds have passed; a member later than that is left out of the round

@@ -253,8 +253,7 @@ class Engine:
         returns their losses."""
         losses: dict[int, list[float]] = {w.id: [] for w in active}
         for step in steps:
-            if self._due is not None and step >= self._due:
-                self.land()
+            self.land_due(step)
             for w in active:
                 t0 = time.perf_counter()
                 batch = to_device(self.partition.batch(w.id, step), self.device)
@@ -314,6 +313,12 @@ class Engine:
         delay = self.algorithm.overlap_steps
         self._pending = sync
         self._due = None if delay is None else workers[0].steps + delay
+
+    def land_due(self, step: int) -> None:
+        """Before inner step ``step``: the sync in flight lands if it is due by then (an
+        algorithm whose sync lands ``overlap_steps`` inner steps after it was issued)."""
+        if self._due is not None and step >= self._due:
+            self.land()
 
     def land(self) -> None:
         """The sync in flight lands: waited for (what is left of it) and applied. It is gone

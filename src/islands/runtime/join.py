@@ -301,8 +301,9 @@ class Trainer:
         worker.samples += samples
         try:
             engine.step(Group(self.transport, plan.participants), [worker])
-        except CommError as e:  # a per-step collective (DDP) failed: the round is void
-            self.member.abort(engine, plan, e)
+            engine.land_due(worker.steps)  # before the next step's forward, as engine.train
+        except CommError as e:  # a per-step collective (DDP), or a sync landing, failed:
+            self.member.abort(engine, plan, e)  # the round is void
             self._begin()
             return
         finally:

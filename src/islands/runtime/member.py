@@ -89,9 +89,6 @@ def refuse_simulator_only(cfg: RunConfig) -> None:
         raise ConfigError("algorithm.name ('async_local_sgd') runs in the simulator only for "
                           "now (islands sim); for real processes use diloco (with "
                           "runtime.round_deadline_s for stragglers)")
-    if cfg.algorithm.name == "streaming_diloco":
-        raise ConfigError("algorithm.name ('streaming_diloco') runs in the simulator only for "
-                          "now (islands sim); for real processes use diloco")
 
 
 class Member:
