@@ -196,6 +196,10 @@ class Member:
         if res["epoch"] == self.epoch and res["prefix"] == self._prefix:
             return
         members = tuple(sorted(res["members"]))
+        if self.engine.in_flight:  # it runs on the old group: it lands first
+            if set(self.transport.ranks) - set(members):  # without a member gone it cannot
+                self.transport.abort_event.set()  # complete: end it now, not at the timeout
+            self._land_early()
         if self.me not in members:
             raise Excluded(f"not a member of epoch {res['epoch']}")
         store = self.store
@@ -321,9 +325,8 @@ class Member:
         if res.get("heal"):
             return res
         self._built()
-        if self.engine.in_flight and (res["need_state"] or res["epoch"] != self.epoch
-                                      or res["prefix"] != self._prefix):
-            self._land_early(res["round"])
+        if self.engine.in_flight and res["need_state"]:
+            self._land_early()
         self._join_epoch(res)
         if res["need_state"]:
             self._receive_or_send(res)
@@ -331,7 +334,7 @@ class Member:
             self.stats.joined_round = res["round"]
         return res
 
-    def _land_early(self, r: int) -> None:
+    def _land_early(self) -> None:
         """The sync in flight (an overlapped round's) lands before anything else uses the
         transport (a new group, a state transfer). If it failed, its round's update is lost
         here; a worker whose state then differs from the majority's is repaired at the next
@@ -342,7 +345,7 @@ class Member:
             raise
         except CommError as e:
             log.warning("worker %d: the update of round %d, in flight, is lost (%s)", self.me,
-                        r - 1, e)
+                        self.round - 1, e)
 
     def _may_heal(self) -> bool:
         """Whether to ask to join the round in flight as an observer: a fresh worker (not
