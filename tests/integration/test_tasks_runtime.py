@@ -113,14 +113,18 @@ def test_dropin_loop_with_two_processes_matches_the_simulator(tmp_path, procs, c
             assert (d / "loss.png").stat().st_size > 10_000, d
 
 
+@pytest.mark.parametrize("policy", [["runtime.round_deadline_s=0.5"],
+                                    ["algorithm.min_quorum=2", "algorithm.grace_s=0.5"]],
+                         ids=["deadline", "quorum"])
 def test_a_dropin_worker_stuck_in_its_step_past_the_deadline_is_left_out(tmp_path, procs,
-                                                                         coordinator):
-    """3 drop-in workers with runtime.round_deadline_s = 0.5 set on the workers only (a
-    coordinator started without a config adopts it); worker 2 sleeps 3 s inside a step of
-    round 2 while its heartbeat goes on: the others commit round 2 without it and go on, and
-    it catches up from the committed state; the job ends with one final state."""
+                                                                         coordinator, policy):
+    """3 drop-in workers with runtime.round_deadline_s = 0.5, or the straggler policy (a
+    quorum of 2 and a grace window of 0.5 s), set on the workers only (a coordinator started
+    without a config adopts it); worker 2 sleeps 3 s inside a step of round 2 while its
+    heartbeat goes on: the others commit round 2 without it and go on, and it catches up from
+    the committed state; the job ends with one final state."""
     overrides = [*USER, "workers=3", "steps=300", "algorithm.sync_every=5",
-                 "algorithm.name=diloco", "eval_every=100", "runtime.round_deadline_s=0.5",
+                 "algorithm.name=diloco", "eval_every=100", *policy,
                  "runtime.heartbeat_timeout_s=10.0"]
     coord = coordinator(adopt_settings=True)
     addr, out = f"127.0.0.1:{coord.port}", tmp_path / "stuck"
@@ -128,7 +132,9 @@ def test_a_dropin_worker_stuck_in_its_step_past_the_deadline_is_left_out(tmp_pat
                   ["--step-s", "0.02", *(["--stall", "2:3"] if i == 2 else [])])
           for i in range(3)]
     assert all(p.wait(timeout=120) == 0 for p in ws)
-    assert coord.deadline_s == 0.5  # the workers' setting, not silently ignored
+    # the workers' setting, not silently ignored
+    assert (coord.deadline_s, coord.min_quorum) == ((0.5, 0) if "deadline" in policy[0]
+                                                    else (None, 2))
     round2 = next(r for r in metrics(out / "w0") if r["round"] == 2)
     assert 2 not in round2["participants"] and 2 in round2["left_out"]
     stuck = json.loads((out / "w2" / "summary.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -363,6 +364,49 @@ def test_with_a_deadline_a_straggler_holds_neither_ready_nor_the_next_start():
                           for w in fast})
         assert nxt[0]["members"] == [0, 1]
         assert c.status()["round_in_flight"] == 1
+    finally:
+        c.stop()
+
+
+def test_with_a_quorum_the_ready_barrier_goes_ahead_after_the_grace_window():
+    """algorithm.min_quorum = 2, grace_s = 0.2: the two fast members are held the grace window
+    for the third, then go ahead without it (left out, as past a deadline); with a quorum of
+    3 nobody goes ahead without it."""
+    c = Coordinator("127.0.0.1", 0, token=b"tok", min_quorum=2, grace_s=0.2,
+                    heartbeat_timeout_s=30).start()
+    try:
+        chs = {w: _worker(c, w) for w in range(3)}
+        _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
+        fast = {w: chs[w] for w in (0, 1)}
+        ready = _ask(fast, {w: {"op": "ready", "round": 0, "attempt": 0,
+                                "members": [0, 1, 2]} for w in fast})
+        assert ready[0]["members"] == [0, 1] and ready[0]["left_out"] == [2]
+    finally:
+        c.stop()
+    c = Coordinator("127.0.0.1", 0, token=b"tok", min_quorum=3, grace_s=0.0,
+                    heartbeat_timeout_s=30).start()
+    try:
+        chs = {w: _worker(c, w) for w in range(3)}
+        _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
+        for w in (0, 1):
+            chs[w].send({"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2]})
+        time.sleep(0.3)  # ticks of the coordinator pass: the quorum of 3 is not there
+        chs[2].send({"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2]})
+        assert [chs[w].recv()["members"] for w in range(3)] == [[0, 1, 2]] * 3
+    finally:
+        c.stop()
+
+
+def test_a_coordinator_without_a_config_adopts_the_straggler_policy():
+    from islands.core.config import load_config
+    from islands.runtime.fingerprint import config_fingerprint
+
+    fp = config_fingerprint(load_config(None, ["algorithm.min_quorum=2",
+                                               "algorithm.grace_s=0.5"]))
+    c = Coordinator("127.0.0.1", 0, token=b"tok", adopt_settings=True).start()
+    try:
+        _worker(c, 0, fp=fp)
+        assert (c.min_quorum, c.grace_s) == (2, 0.5)
     finally:
         c.stop()
 

@@ -219,8 +219,8 @@ class DiLoCoConfig(AlgorithmConfig):
             round's sync goes ahead once ``min_quorum`` members are ready and ``grace_s``
             more seconds have passed; a member later than that is left out of the round
             (its round is abandoned, its contribution dropped) and catches up from the
-            committed state. The simulator only for now (the runtime's own policy is
-            ``runtime.round_deadline_s``).
+            committed state. On real processes the coordinator applies it at the round's
+            ``ready`` (beside ``runtime.round_deadline_s``).
         grace_s: seconds the sync waits for more members after the quorum is ready.
     """
 

@@ -57,6 +57,14 @@ from islands.runtime.rounds import Barrier, RoundRules
 
 log = logging.getLogger("islands.coordinator")
 
+# the config keys a coordinator started without a config takes from the first worker: its
+# [runtime] keys, and the straggler policy (job-wide algorithm keys, in every fingerprint)
+ADOPTED = {"runtime.heartbeat_timeout_s": "heartbeat_timeout_s",
+           "runtime.join_timeout_s": "join_timeout_s", "runtime.round_deadline_s": "deadline_s",
+           "runtime.max_attempts": "max_attempts", "algorithm.min_quorum": "min_quorum",
+           "algorithm.grace_s": "grace_s"}
+assert set(COORDINATOR_READS) <= set(ADOPTED)
+
 # How often liveness is checked (heartbeats, deadlines), and the longest a request waiting at
 # a barrier sleeps without a wake-up; a release wakes its waiters at once (notify_all).
 TICK_S = 0.02
@@ -80,6 +88,9 @@ class Coordinator(RoundRules):
         token: the shared secret.
         heartbeat_timeout_s: drop a worker silent this long.
         deadline_s: the ``ready`` barrier's straggler deadline (None: wait for all).
+        min_quorum, grace_s: the straggler policy (``algorithm.min_quorum``, ``grace_s``): a
+            ``ready`` barrier goes ahead once ``min_quorum`` members are there and ``grace_s``
+            more seconds have passed (0: wait for all, or for the deadline).
         join_timeout_s: how long ``wait_for`` may hold a start barrier.
         handshake_timeout_s: a new connection that has not authenticated by then is closed.
         fingerprint: the job's config fingerprint (None: the first worker's).
@@ -94,12 +105,14 @@ class Coordinator(RoundRules):
                  heartbeat_timeout_s: float = 1.0, deadline_s: float | None = None,
                  join_timeout_s: float = 60.0, handshake_timeout_s: float = 2.0,
                  fingerprint: dict | None = None, max_attempts: int = 5,
+                 min_quorum: int = 0, grace_s: float = 0.0,
                  adopt_settings: bool = False) -> None:
         if heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s ({heartbeat_timeout_s}) must be > 0")
         self.host, self.port, self.token = host, port, token
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.deadline_s = deadline_s
+        self.min_quorum, self.grace_s = min_quorum, grace_s
         self.join_timeout_s = join_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
         self.fingerprint = dict(fingerprint or {})
@@ -277,16 +290,13 @@ class Coordinator(RoundRules):
             learned = {k: v for k, v in fp.items() if k not in self.fingerprint}
             self.fingerprint.update(learned)
             if self.adopt_settings:
-                self._adopt({k: v for k, v in learned.items() if k in COORDINATOR_READS})
+                self._adopt({k: v for k, v in learned.items() if k in ADOPTED})
         return why
 
     def _adopt(self, settings: dict) -> None:
-        """The ``[runtime]`` keys this coordinator reads, from the first worker's config."""
-        names = {"runtime.heartbeat_timeout_s": "heartbeat_timeout_s",
-                 "runtime.join_timeout_s": "join_timeout_s",
-                 "runtime.round_deadline_s": "deadline_s", "runtime.max_attempts": "max_attempts"}
+        """The keys this coordinator reads, from the first worker's config."""
         for key, value in settings.items():
-            setattr(self, names[key], value)
+            setattr(self, ADOPTED[key], value)
         if settings:
             log.info("coordinator: adopted the first worker's %s", ", ".join(
                 f"{k}={v}" for k, v in sorted(settings.items())))

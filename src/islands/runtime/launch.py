@@ -136,6 +136,8 @@ def start_coordinator(cfg: RunConfig, port: int, token: bytes, host: str = "0.0.
     return Coordinator(host, port, token=token, heartbeat_timeout_s=r.heartbeat_timeout_s,
                        deadline_s=r.round_deadline_s, join_timeout_s=r.join_timeout_s,
                        fingerprint=fingerprint, max_attempts=r.max_attempts,
+                       min_quorum=getattr(cfg.algorithm, "min_quorum", 0),
+                       grace_s=getattr(cfg.algorithm, "grace_s", 0.0),
                        adopt_settings=fingerprint is None).start()
 
 

@@ -78,10 +78,6 @@ class Stats:
 
 def refuse_simulator_only(cfg: RunConfig) -> None:
     """Refuses, before anything connects, a setting only the simulator carries out."""
-    if getattr(cfg.algorithm, "min_quorum", 0):
-        raise ConfigError(f"algorithm.min_quorum ({cfg.algorithm.min_quorum}) runs in the "
-                          "simulator only for now (islands sim); for real processes set "
-                          "runtime.round_deadline_s (a straggler past it is left out)")
     if cfg.faults:
         raise ConfigError("[[faults]] is the simulator's fault plan (islands sim); real "
                           "processes fail for real: remove it")

@@ -23,6 +23,7 @@ class Barrier:
     opened: float = field(default_factory=time.monotonic)
     arrivals: dict = field(default_factory=dict)
     result: dict | None = None
+    quorum_at: float | None = None  # when a ready barrier first had its quorum
 
 
 class RoundRules:
@@ -52,11 +53,21 @@ class RoundRules:
                 continue
             here = live & set(b.arrivals)
             waiting = (b.expected & live) - here - at_start
-            late = (b.kind == "ready" and self.deadline_s is not None and here
-                    and now - b.opened > self.deadline_s)
+            late = b.kind == "ready" and here and (
+                (self.deadline_s is not None and now - b.opened > self.deadline_s)
+                or self._quorum_waited(b, here, now))
             if not waiting or late:
                 b.result = (self._release_ready(b, here) if b.kind == "ready"
                             else self._release_commit(b, here))
+
+    def _quorum_waited(self, b: Barrier, here: set[int], now: float) -> bool:
+        """The straggler policy (``algorithm.min_quorum``, ``grace_s``): a ready barrier goes
+        ahead once ``min_quorum`` members are there and ``grace_s`` more seconds passed."""
+        if not self.min_quorum or len(here) < self.min_quorum:
+            return False
+        if b.quorum_at is None:
+            b.quorum_at = now
+        return now - b.quorum_at >= self.grace_s
 
     def _new_epoch(self, members: tuple[int, ...]) -> dict:
         if members != self.current:
@@ -120,7 +131,8 @@ class RoundRules:
         members = tuple(sorted(here))
         left_out = sorted(b.expected - here)
         if left_out:
-            log.warning("round %d: committing without %s (deadline or gone)", b.key[1], left_out)
+            log.warning("round %d: committing without %s (deadline, quorum or gone)", b.key[1],
+                        left_out)
             # still computing this round; not one already back at start (a restart of a
             # member lost mid-round, say), which the next start must wait for
             at_start = self._open_start.arrivals if self._open_start is not None else {}
