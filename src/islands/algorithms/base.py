@@ -167,11 +167,23 @@ class Contribution:
         weight: aggregation weight (None: the plain mean, every worker alike; then every
             worker of the collective must give None).
         tag: names the stream (keys codec state such as error-feedback residuals).
+        collective: how the engine combines it: ``"all_reduce"`` (the butterfly: each shard
+            aggregated by its owner, then re-encoded and gathered) or ``"all_gather"`` (each
+            worker's whole tensor to every other, encoded once, the aggregator over whole
+            rows on every worker: sparse contributions, whole-vector rules).
     """
 
     tensor: torch.Tensor
     weight: float | None = None
     tag: str = "all-reduce"
+    collective: str = "all_reduce"
+
+    def __post_init__(self) -> None:
+        if self.collective not in COLLECTIVES:
+            raise ValueError(f"collective ({self.collective!r}) must be one of {COLLECTIVES}")
+
+
+COLLECTIVES = ("all_reduce", "all_gather")  # what a Contribution may ask the engine for
 
 
 class Algorithm(ABC):

@@ -222,6 +222,58 @@ class Group:
             self._gather(pending, codecs, owner, out, gather)
         return Work(out)
 
+    def gather_rows(self, contributions: dict[int, torch.Tensor], *, codecs: dict[int, Codec],
+                    weights: dict[int, float] | None = None, tag: str = "all-gather"
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """An all-gather: every member's whole tensor, encoded once by its own codec, to
+        every other member, for contributions a reduced shard must not be re-encoded from
+        (sparse ones) and for rules over whole vectors (Krum). Each member decodes every
+        payload, its own included, so all hold the same rows bit for bit.
+
+        Args:
+            contributions: {local worker: 1-D tensor}, all of the same length.
+            codecs: {local worker: its codec}.
+            weights: {worker: weight} (sent in the header, as the all-reduce's).
+            tag: names the stream (keys codec state such as error-feedback residuals).
+
+        Returns:
+            {local worker: (rows (members, numel) in member order, weights (members,) or
+            None)}. Bytes: each member sends its payload (plus a header) to the ``n - 1``
+            others and receives theirs: the download grows with the members.
+        """
+        assert set(contributions) == set(self.local), (sorted(contributions), self.local)
+        sent: dict[int, Message] = {}
+        with self._or_give_up(tag):
+            for i in self.local:
+                sent[i] = Message(codecs[i].encode(contributions[i], key=f"w{i}/{tag}"),
+                                  MESSAGE_HEADER_BYTES,
+                                  weight=1.0 if weights is None else float(weights[i]))
+        outgoing = {(i, j): sent[i] for i in self.local for j in self.members if j != i}
+        incoming = self.transport.exchange(outgoing, self.members, phase=tag)
+        x0 = next(iter(contributions.values()))
+        pending = Exchange(incoming)
+        out = {}
+        for d in self.local:
+            msgs = [sent[d] if s == d else received(pending, (s, d), tag)
+                    for s in self.members]
+            rows = torch.empty(len(msgs), x0.numel(), dtype=x0.dtype)
+            for s, m, row in zip(self.members, msgs, rows):
+                decode_checked(codecs[d], m.payload, row, 0, s, tag)
+            refuse_non_finite(list(rows), self.members, tag)
+            wts = None if weights is None else torch.tensor([m.weight for m in msgs],
+                                                            dtype=torch.float64)
+            out[d] = (rows, wts)
+        return out
+
+    def start_all_gather(self, contributions: dict[int, torch.Tensor], *,
+                         codecs: dict[int, Codec], aggregator: Aggregator = mean,
+                         weights: dict[int, float] | None = None, tag: str = "all-gather"
+                         ) -> Work:
+        """:meth:`gather_rows`, then the aggregator over the whole rows on every member: the
+        handle gives each local member's result (the same on every member)."""
+        gathered = self.gather_rows(contributions, codecs=codecs, weights=weights, tag=tag)
+        return Work({d: aggregator(rows, wts) for d, (rows, wts) in gathered.items()})
+
     @contextlib.contextmanager
     def _or_give_up(self, phase: str) -> Iterator[None]:
         """Runs the block that prepares this worker's messages of ``phase``; if it refuses

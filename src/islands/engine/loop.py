@@ -373,13 +373,19 @@ class Engine:
             for k in range(count):
                 items = {wid: p[k] for wid, p in plans.items()}
                 exact = items[workers[0].id].tag == "buffers"
-                weights = (None if items[workers[0].id].weight is None
+                first = items[workers[0].id]
+                weights = (None if first.weight is None
                            else {wid: c.weight for wid, c in items.items()})
-                works.append(group.start_all_reduce(
-                    {wid: c.tensor for wid, c in items.items()},
-                    codecs={w.id: self._exact if exact else w.codec for w in workers},
-                    aggregator=self.algorithm.aggregator, weights=weights,
-                    tag=items[workers[0].id].tag, native=self._native))
+                tensors = {wid: c.tensor for wid, c in items.items()}
+                codecs = {w.id: self._exact if exact else w.codec for w in workers}
+                if first.collective == "all_gather":
+                    works.append(group.start_all_gather(
+                        tensors, codecs=codecs, aggregator=self.algorithm.aggregator,
+                        weights=weights, tag=first.tag))
+                else:
+                    works.append(group.start_all_reduce(
+                        tensors, codecs=codecs, aggregator=self.algorithm.aggregator,
+                        weights=weights, tag=first.tag, native=self._native))
             return works
 
         has_buffers = workers[0].buffers != []
