@@ -1,12 +1,14 @@
 """The simulator's fault plan (``[[faults]]``) carried out on real drop-in worker processes:
-a crash is a SIGKILL inside its round, a join a fresh process healing into its round.
+a crash is a SIGKILL inside its round, a leave a SIGTERM inside its round (the worker ends
+cleanly, contributing nothing to it), a join a fresh process healing into its round.
 
 Every worker holds inside the first step of each round an event names (the drop-in test
 worker's ``--hold``), so an event lands in its round however loaded the machine: a crash at
 round r kills the worker while all hold in round r, then releases them (the round commits
 without it, as in the simulator); a join at round r restarts the worker while the others hold
 in round r, waits until the coordinator has it healing into that round, then releases them.
-Only ``crash`` and ``join`` at a ``round`` are carried out (the others are the simulator's).
+Only ``crash``, ``leave`` and ``join`` at a ``round`` are carried out (``slow``, ``link`` and
+events at a virtual time are the simulator's).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ def carry_out(faults, coord, out: Path, workers: dict, start: Callable[[int], ob
     """Runs the plan's events in round order on ``workers`` ({id: process}), restarting a
     joiner with ``start(id)``; returns when the last event's round is released."""
     for f in faults:
-        if f.kind not in ("crash", "join") or f.round is None:
-            raise ValueError(f"the real-process plan carries out crash and join at a round "
-                             f"only, not {f}")
+        if f.kind not in ("crash", "leave", "join") or f.round is None:
+            raise ValueError(f"the real-process plan carries out crash, leave and join at a "
+                             f"round only, not {f}")
     for r in sorted({f.round for f in faults}):
         here = [f for f in faults if f.round == r]
         alive = [w for w in workers if w not in {f.worker for f in here if f.kind == "join"}]
@@ -48,8 +50,13 @@ def carry_out(faults, coord, out: Path, workers: dict, start: Callable[[int], ob
                 (out / f"w{f.worker}").rename(out / f"w{f.worker}-crashed-{r}")
                 wait_until(lambda: f.worker not in coord.status()["live"], 30,
                            f"worker {f.worker} dropped")
+            elif f.kind == "leave":  # it ends once released: the membership sees it leave
+                workers[f.worker].send_signal(signal.SIGTERM)
             else:
                 workers[f.worker] = start(f.worker)
                 wait_until(lambda: f.worker in coord.status()["healing"], 120,
                            f"worker {f.worker} healing into round {r}")
         (tmp / f"go-{r}").touch()
+        for f in here:
+            if f.kind == "leave":
+                assert workers[f.worker].wait(timeout=60) == 0, f"worker {f.worker} leaving"

@@ -208,7 +208,7 @@ def test_the_dropin_digits_example_runs_under_torchrun(tmp_path, procs):
 def test_a_fault_plan_gives_the_simulators_memberships_with_real_processes(tmp_path, procs,
                                                                          coordinator):
     """One ``[[faults]]`` plan (worker 2 crashes in round 4, a fresh worker 2 joins in round
-    8), run by the simulator and carried out on three drop-in processes
+    8, worker 1 leaves in round 10), run by the simulator and carried out on three drop-in processes
     (``tests/integration/fault_plan.py``): the same committed memberships from the same
     rounds, and final losses within 2% (the real joiner observes its first round with weight
     0, the simulator's trains it)."""
@@ -217,7 +217,8 @@ def test_a_fault_plan_gives_the_simulators_memberships_with_real_processes(tmp_p
     overrides = [*USER, "workers=3", "steps=120", "algorithm.sync_every=10",
                  "algorithm.name=diloco", "eval_every=40", "data.batch_size=64",
                  "task.kwargs={samples = 20000, hidden = 256}"]
-    plan = ['{kind = "crash", worker = 2, round = 4}', '{kind = "join", worker = 2, round = 8}']
+    plan = ['{kind = "crash", worker = 2, round = 4}', '{kind = "join", worker = 2, round = 8}',
+            '{kind = "leave", worker = 1, round = 10}']
     _, sim = _sim([*overrides, f"faults=[{', '.join(plan)}]"])
     faults = load_config(None, [f"faults=[{', '.join(plan)}]"]).faults
     coord = coordinator(heartbeat_timeout_s=5.0)
@@ -233,7 +234,8 @@ def test_a_fault_plan_gives_the_simulators_memberships_with_real_processes(tmp_p
                     for e in sim["epochs"]]
     assert real == [{"members": [0, 1, 2], "from_round": 0},
                     {"members": [0, 1], "from_round": 4},
-                    {"members": [0, 1, 2], "from_round": 8}]
+                    {"members": [0, 1, 2], "from_round": 8},
+                    {"members": [0, 2], "from_round": 10}]
     job = json.loads((out / "summary.json").read_text())
     print(f"final eval loss: simulator {sim['final_eval_loss']:.4f}, real "
           f"{job['final_eval_loss']:.4f}")
