@@ -23,8 +23,9 @@ sent, not applied, counted); its worker pulls the current global parameters and 
 
 There is no server. The global parameters (and the outer optimizer's state) are replicated:
 each post goes to every worker, and every worker applies the updates in one order, the order
-in which they were posted, so every replica stays bit-identical. A worker waits, when it
-posts, only for the updates posted before its own that have not reached it yet. The run's
+in which they were posted, so every replica stays bit-identical. A worker sends its update
+at once and, before it pulls, waits only for the updates posted before its own that have not
+reached it yet. The run's
 budget is the synchronous run's data: ``workers × steps`` inner steps in all, however they
 are spread over the workers (the fast ones take more). The simulator only for now.
 """

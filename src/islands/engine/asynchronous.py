@@ -4,12 +4,12 @@ posted (an algorithm with ``asynchronous = True``; :mod:`islands.algorithms.asyn
 Each worker trains the inner steps the algorithm gives it from the global parameters it last
 pulled; the worker that finishes first (on its own clock) posts next:
 
-    inner steps  ->  wait for the updates posted before this one  ->  staleness check
-    ->  post the pseudo-gradient to every worker (one-way)  ->  every replica applies it
-    ->  the worker pulls the global parameters  ->  its next inner steps
+    inner steps  ->  staleness check  ->  post the pseudo-gradient to every worker (one-way;
+    every replica applies it after those posted before it)  ->  wait for the updates posted
+    before it to arrive  ->  the worker pulls the global parameters  ->  its next inner steps
 
 Every replica applies the same updates in the same order, so they stay identical; a worker
-waits only for the posts that must reach it before its own. The budget is the synchronous
+sends its own at once and waits only for the posts that must reach it before it can pull. The budget is the synchronous
 run's data: ``workers × steps`` inner steps in all. Each update writes one ``metrics.jsonl``
 row (its worker's); the evaluation runs when the mean inner steps per worker cross a multiple
 of ``eval_every``, and after the last update.
@@ -52,13 +52,14 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None) ->
         marks = engine.marks()
         losses = engine.inner_steps([w], range(w.steps, w.steps + steps),
                                     Group(engine.transport, (w.id,)))
-        clock.await_posts(w.id)  # the updates posted before this one, in order
+        # its place in the order is now: the updates before it are those already applied
         stale = alg.staleness(w)
         if stale <= alg.max_staleness:
-            _post(engine, everyone, w)
+            _post(engine, everyone, w)  # sent at once, while it waits for the earlier ones
             staleness.append(stale)
         else:
             dropped += 1
+        clock.await_posts(w.id)  # the updates posted before its own reach it: it pulls
         alg.restart(w)
         budget.allot(w)
         done += steps
