@@ -7,11 +7,12 @@ The model is the task's, built after ``torch.manual_seed(job.seed)``; the optimi
 ``job.optimizer(model)`` and the batches ``job.batches(task)``, as the README says, so a run
 where nothing fails ends with the simulator's global parameters. ``--stall R:S`` sleeps S
 seconds inside the first inner step of round R (a worker stuck in its own loop); ``--step-s
-S`` adds S seconds to every step (compute that takes time); ``--hold R:FILE`` waits inside
-the first step of round R until FILE exists (a test holds the job there while it acts; one
-``--hold`` per round). ``--slow-exchange S`` makes every exchange of the transport start S
-seconds late (a slow link); ``--events FILE`` writes one JSON line per inner step (its round, a
-monotonic time) and per exchange (its thread, start and end), to check what overlapped.
+S`` adds S seconds to every step (compute that takes time); ``--hold R:FILE`` waits inside the
+first step of round R until FILE exists (a test holds the job there while it acts; one
+``--hold`` per round; a SIGTERM meanwhile ends the loop: the worker leaves). ``--slow-exchange
+S`` makes every exchange of the transport start S seconds late (a slow link); ``--events
+FILE`` writes one JSON line per inner step (its round, a monotonic time) and per exchange (its
+thread, start and end), to check what overlapped.
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ with islands.join(None if coordinator == "-" else coordinator, config=cfg,
         loss = task.loss(model, batch)
         loss.backward()
         time.sleep(step_s)
-        while trainer.round in holds and not holds[trainer.round].exists():
+        while (trainer.round in holds and not holds[trainer.round].exists()
+               and not job.stopping.is_set()):
             time.sleep(0.05)
+        if job.stopping.is_set():  # SIGTERM while held: this loop ends (a clean leave)
+            break
         if trainer.round == stall_round and not stalled:
             stalled = True
             time.sleep(stall_s)

@@ -50,13 +50,13 @@ def carry_out(faults, coord, out: Path, workers: dict, start: Callable[[int], ob
                 (out / f"w{f.worker}").rename(out / f"w{f.worker}-crashed-{r}")
                 wait_until(lambda: f.worker not in coord.status()["live"], 30,
                            f"worker {f.worker} dropped")
-            elif f.kind == "leave":  # it ends once released: the membership sees it leave
+            elif f.kind == "leave":  # its loop ends while held: it leaves before the sync
                 workers[f.worker].send_signal(signal.SIGTERM)
+                assert workers[f.worker].wait(timeout=60) == 0, f"worker {f.worker} leaving"
+                wait_until(lambda: f.worker not in coord.status()["live"], 30,
+                           f"worker {f.worker} gone")
             else:
                 workers[f.worker] = start(f.worker)
                 wait_until(lambda: f.worker in coord.status()["healing"], 120,
                            f"worker {f.worker} healing into round {r}")
         (tmp / f"go-{r}").touch()
-        for f in here:
-            if f.kind == "leave":
-                assert workers[f.worker].wait(timeout=60) == 0, f"worker {f.worker} leaving"
