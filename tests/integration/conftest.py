@@ -161,6 +161,17 @@ BIG = ["steps=5000", "algorithm.sync_every=1", "model.n_layer=2", "model.n_embd=
        "model.n_head=4"]
 
 
+def kill(workers: dict, i: int, out: Path) -> tuple[float, int]:
+    """SIGKILLs worker ``i`` and sets its run folder aside (``w{i}-killed``) for a restart's;
+    returns the time of the kill and the last round it committed."""
+    workers[i].send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    workers[i].wait()
+    last = last_round(out / f"w{i}")
+    (out / f"w{i}").rename(out / f"w{i}-killed")
+    return t_kill, last
+
+
 def workers_in_a_collective(procs: "Procs", addr: str, out: Path, n: int) -> dict:
     """Start ``n`` workers of the BIG model; return once all committed round 1 and the last
     one has just entered a collective (its log says so)."""

@@ -10,6 +10,7 @@ import sys
 import time
 
 from tests.integration.conftest import (
+    kill,
     last_round,
     metrics,
     wait_until,
@@ -62,11 +63,7 @@ def test_kill_restart_leave_and_hostile_peers(tmp_path, procs, coordinator):
 
     # 1. SIGKILL worker 2: the survivors go on without it, no round lost or repeated
     #    (how long they stall is measured by benchmarks/churn.py, not asserted here).
-    ws[2].send_signal(signal.SIGKILL)
-    t_kill = time.time()
-    ws[2].wait()
-    killed_last = last_round(out / "w2")
-    (out / "w2").rename(out / "w2-killed")
+    t_kill, killed_last = kill(ws, 2, out)
     wait_until(lambda: all(_rounds_after(out / f"w{i}", killed_last) for i in (0, 1)), 30,
                "a round of the survivors")
     for i in (0, 1):

@@ -13,7 +13,14 @@ import torch
 
 from islands.core.config import load_config
 from islands.sim.runner import Simulation
-from tests.integration.conftest import TINY, assert_final_equal, last_round, metrics, wait_until
+from tests.integration.conftest import (
+    TINY,
+    assert_final_equal,
+    kill,
+    last_round,
+    metrics,
+    wait_until,
+)
 from tests.integration.test_churn import assert_hashes_agree
 from tests.integration.test_tasks_runtime import USER, _dropin
 
@@ -118,11 +125,7 @@ def test_overlapped_workers_survive_a_kill_and_a_restart(tmp_path, procs, coordi
     addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
     ws = {i: procs.worker(i, addr, out, long) for i in range(3)}
     wait_until(lambda: min(last_round(out / f"w{i}") for i in range(3)) >= 3, 90, "round 3")
-    ws[2].send_signal(signal.SIGKILL)
-    t_kill = time.time()
-    ws[2].wait()
-    killed_last = last_round(out / "w2")
-    (out / "w2").rename(out / "w2-killed")
+    t_kill, killed_last = kill(ws, 2, out)
     wait_until(lambda: all(last_round(out / f"w{i}") >= killed_last + 2 for i in (0, 1)), 60,
                "two rounds of the survivors")
     for i in (0, 1):

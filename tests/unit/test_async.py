@@ -30,12 +30,17 @@ def _step(opt, p, g):
     opt.step()
 
 
-def test_delayed_nesterov_every_step_is_torchs_nesterov_sgd():
-    torch.manual_seed(0)
+def _pair(seed: int, lr: float, momentum: float, every: int):
+    """Six random gradients, and DelayedNesterov beside torch's Nesterov SGD, from zeros."""
+    torch.manual_seed(seed)
     grads = [torch.randn(5) for _ in range(6)]
     a, b = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(5))
-    mine = DelayedNesterov([a], lr=0.7, momentum=0.9, every=1)
-    theirs = torch.optim.SGD([b], lr=0.7, momentum=0.9, nesterov=True)
+    return (grads, a, b, DelayedNesterov([a], lr=lr, momentum=momentum, every=every),
+            torch.optim.SGD([b], lr=lr, momentum=momentum, nesterov=True))
+
+
+def test_delayed_nesterov_every_step_is_torchs_nesterov_sgd():
+    grads, a, b, mine, theirs = _pair(0, 0.7, 0.9, every=1)
     for g in grads:
         _step(mine, a, g)
         _step(theirs, b, g)
@@ -43,11 +48,7 @@ def test_delayed_nesterov_every_step_is_torchs_nesterov_sgd():
 
 
 def test_delayed_nesterov_window_is_one_nesterov_step_on_the_mean():
-    torch.manual_seed(1)
-    grads = [torch.randn(4) for _ in range(6)]
-    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
-    delayed = DelayedNesterov([a], lr=0.5, momentum=0.8, every=3)
-    sync = torch.optim.SGD([b], lr=0.5, momentum=0.8, nesterov=True)
+    grads, a, b, delayed, sync = _pair(1, 0.5, 0.8, every=3)
     for window in (grads[:3], grads[3:]):
         for g in window:
             _step(delayed, a, g)

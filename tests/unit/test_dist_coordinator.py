@@ -348,14 +348,25 @@ def test_a_round_that_keeps_failing_gives_up_instead_of_looping():
         c.stop()
 
 
+def _three_started(c: Coordinator) -> dict:
+    """Workers 0, 1 and 2 past round 0's start."""
+    chs = {w: _worker(c, w) for w in range(3)}
+    _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
+    return chs
+
+
+def _ready(chs: dict) -> dict:
+    """Those workers at round 0's ready (members 0, 1, 2); their replies."""
+    return _ask(chs, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2]}
+                      for w in chs})
+
+
 def test_with_a_deadline_a_straggler_holds_neither_ready_nor_the_next_start():
     c = Coordinator("127.0.0.1", 0, token=b"tok", deadline_s=0.3, heartbeat_timeout_s=30).start()
     try:
-        chs = {w: _worker(c, w) for w in range(3)}
-        _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
+        chs = _three_started(c)
         fast = {w: chs[w] for w in (0, 1)}
-        ready = _ask(fast, {w: {"op": "ready", "round": 0, "attempt": 0,
-                                "members": [0, 1, 2]} for w in fast})
+        ready = _ready(fast)
         assert ready[0]["members"] == [0, 1] and ready[0]["left_out"] == [2]
         _ask(fast, {w: {"op": "commit", "round": 0, "attempt": 0, "ok": True, "hash": "g",
                         "members": [0, 1]} for w in fast})
@@ -375,19 +386,15 @@ def test_with_a_quorum_the_ready_barrier_goes_ahead_after_the_grace_window():
     c = Coordinator("127.0.0.1", 0, token=b"tok", min_quorum=2, grace_s=0.2,
                     heartbeat_timeout_s=30).start()
     try:
-        chs = {w: _worker(c, w) for w in range(3)}
-        _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
-        fast = {w: chs[w] for w in (0, 1)}
-        ready = _ask(fast, {w: {"op": "ready", "round": 0, "attempt": 0,
-                                "members": [0, 1, 2]} for w in fast})
+        chs = _three_started(c)
+        ready = _ready({w: chs[w] for w in (0, 1)})
         assert ready[0]["members"] == [0, 1] and ready[0]["left_out"] == [2]
     finally:
         c.stop()
     c = Coordinator("127.0.0.1", 0, token=b"tok", min_quorum=3, grace_s=0.0,
                     heartbeat_timeout_s=30).start()
     try:
-        chs = {w: _worker(c, w) for w in range(3)}
-        _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
+        chs = _three_started(c)
         for w in (0, 1):
             chs[w].send({"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2]})
         time.sleep(0.3)  # ticks of the coordinator pass: the quorum of 3 is not there

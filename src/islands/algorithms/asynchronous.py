@@ -154,12 +154,6 @@ class AsyncLocalSGD(Algorithm):
         worker.pulled = self.applied(worker)
         worker.samples = 0
 
-    def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
-        state = super().shared_state(worker)
-        for k, v in sorted(worker.outer.state[worker.global_params].items()):
-            state[f"outer/{k}"] = v
-        return state
-
 
 @register("algorithm", "async_local_sgd", sections={"outer": OuterConfig})
 @dataclass(frozen=True, kw_only=True)

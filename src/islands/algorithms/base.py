@@ -283,6 +283,10 @@ class Algorithm(ABC):
         state = {"global_params": self.global_state(worker)}
         if worker.global_buffers is not None:
             state["global_buffers"] = worker.global_buffers
+        if worker.outer is not None:  # what load_shared_state installs back (outer/<key>)
+            for k, v in sorted(worker.outer.state[worker.global_params].items()):
+                if torch.is_tensor(v):
+                    state[f"outer/{k}"] = v
         return state
 
     @torch.no_grad()

@@ -181,13 +181,6 @@ class DiLoCo(Algorithm):
         # with either, a joiner receives the state at the next round's start instead.
         return self.ddp_steps == 0 and self.outer_schedule is None
 
-    def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
-        state = super().shared_state(worker)
-        for k, v in sorted(worker.outer.state[worker.global_params].items()):
-            if torch.is_tensor(v):
-                state[f"outer/{k}"] = v
-        return state
-
     def load_shared_state(self, worker: Worker, state: dict[str, torch.Tensor], *,
                           reset_params: bool = True) -> None:
         super().load_shared_state(worker, state, reset_params=reset_params)

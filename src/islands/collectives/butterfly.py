@@ -400,32 +400,27 @@ class Group:
                         raise non_finite(j, what)
 
     def broadcast(self, src: int, tensor: torch.Tensor | None, codec: Codec,
-                  dsts: tuple[int, ...], tag: str = "broadcast") -> dict[int, torch.Tensor]:
-        """Sends ``tensor`` from ``src`` to each of ``dsts`` (state sync for stale workers).
+                  dsts: tuple[int, ...], tag: str = "broadcast", *, echo: bool = False
+                  ) -> dict[int, torch.Tensor]:
+        """Sends ``tensor`` from ``src`` to each of ``dsts`` (state sync for stale workers; an
+        asynchronous update, inside ``transport.posting()``, to every other member).
 
-        Returns {local destination: received tensor}.
+        Args:
+            echo: ``src`` (if local) decodes the payload it sent as well, so every member
+                applies the same values whatever the codec loses.
+
+        Returns {local destination (and ``src`` with ``echo``): decoded tensor}.
         """
-        outgoing = {}
+        outgoing, payload = {}, None
         if src in self.local:
             payload = codec.encode(tensor, key=f"w{src}/{tag}")
             outgoing = {(src, d): Message(payload, MESSAGE_HEADER_BYTES) for d in dsts}
         incoming = self.transport.exchange(outgoing, self.members, phase=tag)
-        return {d: codec.decode(incoming[(src, d)].payload) for d in dsts if d in self.local}
-
-    def post(self, src: int, tensor: torch.Tensor | None, codec: Codec, tag: str = "post"
-             ) -> dict[int, torch.Tensor]:
-        """A one-way post: ``src``'s ``tensor`` to every other member (an asynchronous
-        update; inside ``transport.posting()`` nobody waits for it at once).
-
-        Returns {local member: decoded tensor}, ``src`` included: it decodes the payload it
-        sent, so every member applies the same values whatever the codec loses.
-        """
-        dsts = tuple(m for m in self.members if m != src)
-        payload = codec.encode(tensor, key=f"w{src}/{tag}") if src in self.local else None
-        outgoing = ({(src, d): Message(payload, MESSAGE_HEADER_BYTES) for d in dsts}
-                    if payload is not None else {})
-        incoming = self.transport.exchange(outgoing, self.members, phase=tag)
         got = {d: codec.decode(incoming[(src, d)].payload) for d in dsts if d in self.local}
-        if payload is not None:
+        if echo and payload is not None:
             got[src] = codec.decode(payload)
-        return dict(sorted(got.items()))
+        return got
+
+    def others(self, member: int) -> tuple[int, ...]:
+        """The members but ``member``."""
+        return tuple(m for m in self.members if m != member)

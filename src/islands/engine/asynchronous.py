@@ -9,10 +9,10 @@ pulled; the worker that finishes first (on its own clock) posts next:
     before it to arrive  ->  the worker pulls the global parameters  ->  its next inner steps
 
 Every replica applies the same updates in the same order, so they stay identical; a worker
-sends its own at once and waits only for the posts that must reach it before it can pull. The budget is the synchronous
-run's data: ``workers × steps`` inner steps in all. Each update writes one ``metrics.jsonl``
-row (its worker's); the evaluation runs when the mean inner steps per worker cross a multiple
-of ``eval_every``, and after the last update.
+sends its own at once and waits only for the posts that must reach it before it can pull.
+The budget is the synchronous run's data: ``workers × steps`` inner steps in all. Each update
+writes one ``metrics.jsonl`` row (its worker's); the evaluation runs when the mean inner steps
+per worker cross a multiple of ``eval_every``, and after the last update.
 
 The order "first to finish" needs each worker's step time before it trains: the simulator's
 modelled step times. Real processes would post in the order they finish; they refuse the
@@ -54,7 +54,8 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None) ->
                                     Group(engine.transport, (w.id,)))
         # its place in the order is now: the updates before it are those already applied
         stale = alg.staleness(w)
-        if stale <= alg.max_staleness:
+        kept = stale <= alg.max_staleness
+        if kept:
             _post(engine, everyone, w)  # sent at once, while it waits for the earlier ones
             staleness.append(stale)
         else:
@@ -65,7 +66,7 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None) ->
         done += steps
         point = engine.record(
             k, (w.id,), losses, marks,
-            {"staleness": stale, "dropped": stale > alg.max_staleness, "inner_steps": steps},
+            {"staleness": stale, "dropped": not kept, "inner_steps": steps},
             step=done // cfg.workers, at_s=clock.time_s(w.id),
             due=budget.spent or done // every > (done - steps) // every)
         k += 1
@@ -91,8 +92,10 @@ def _post(engine: Engine, everyone: Group, w) -> None:
     [c] = engine.algorithm.contribute(w)
     flat = w.flat_buffers()
     with engine.transport.posting():
-        got = everyone.post(w.id, c.tensor, w.codec, tag=c.tag)
-        buffers = (everyone.post(w.id, flat, engine._exact, tag="buffers")
+        got = everyone.broadcast(w.id, c.tensor, w.codec, everyone.others(w.id), tag=c.tag,
+                                 echo=True)
+        buffers = (everyone.broadcast(w.id, flat, engine._exact, everyone.others(w.id),
+                                      tag="buffers", echo=True)
                    if flat is not None else None)
     for v in engine.workers:
         engine.algorithm.apply(v, [got[v.id]])

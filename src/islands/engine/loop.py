@@ -289,9 +289,7 @@ class Engine:
             if workers[0].steps < self.bounds[-1] and self.algorithm.overlap_steps != 0:
                 self._to_issue = (group, workers)
                 return
-            with self.transport.in_background() as flight:
-                sync = self.start_sync(group, workers, flight=flight)
-            self._wait(sync)
+            self._wait(self._in_background(group, workers))
             for w in workers:
                 self.algorithm.restart(w, settled=True)
         else:
@@ -306,13 +304,16 @@ class Engine:
         if self._to_issue is None:
             return
         (group, workers), self._to_issue = self._to_issue, None
-        with self.transport.in_background() as flight:
-            sync = self.start_sync(group, workers, flight=flight)
+        self._pending = self._in_background(group, workers)
         for w in workers:
             self.algorithm.restart(w, settled=False)
         delay = self.algorithm.overlap_steps
-        self._pending = sync
         self._due = None if delay is None else workers[0].steps + delay
+
+    def _in_background(self, group: Group, workers: list[Worker]) -> Sync:
+        """The workers' sync, issued through ``transport.in_background``."""
+        with self.transport.in_background() as flight:
+            return self.start_sync(group, workers, flight=flight)
 
     def land_due(self, step: int) -> None:
         """Before inner step ``step``: the sync in flight lands if it is due by then (an
@@ -372,8 +373,8 @@ class Engine:
             works = []
             for k in range(count):
                 items = {wid: p[k] for wid, p in plans.items()}
-                exact = items[workers[0].id].tag == "buffers"
                 first = items[workers[0].id]
+                exact = first.tag == "buffers"
                 weights = (None if first.weight is None
                            else {wid: c.weight for wid, c in items.items()})
                 tensors = {wid: c.tensor for wid, c in items.items()}
