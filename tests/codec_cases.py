@@ -8,12 +8,16 @@ import torch
 from islands.codecs import (
     FP4,
     Cast,
+    Chain,
+    ChunkTopK,
+    DCTTopK,
     Entropy,
     ErrorFeedback,
     Identity,
     Int4,
     Int8,
     PowerSGD,
+    Quant,
     RandomK,
     Sign,
     TopK,
@@ -40,6 +44,15 @@ FACTORIES = {
     "ef-sign": lambda: ErrorFeedback(Sign()),
     "entropy-int8": lambda: Entropy(Int8(block=32)),
     "entropy-ef-powersgd": lambda: Entropy(ErrorFeedback(PowerSGD(2))),
+    "chunk_topk": lambda: ChunkTopK(0.2, chunk=16),
+    "dct_topk": lambda: DCTTopK(count=3, chunk=8),
+    "quant": lambda: Quant(2, block=8),
+    "quant-1bit": lambda: Quant(1, block=None),
+    "chain-chunk_topk-quant": lambda: Chain(ChunkTopK(count=3, chunk=16), Quant(2, block=4)),
+    "chain-dct-sign": lambda: Chain(DCTTopK(count=2, chunk=8), Sign()),
+    "ef-sparseloco": lambda: ErrorFeedback(Chain(ChunkTopK(count=3, chunk=16), Quant(2)),
+                                           beta=0.9),
+    "entropy-chain": lambda: Entropy(Chain(ChunkTopK(count=3, chunk=16), Quant(3, block=4))),
 }
 
 

@@ -76,6 +76,25 @@ def check_bound(name: str, x: torch.Tensor, d: torch.Tensor) -> None:
             torch.testing.assert_close(db.abs().sum(), xb.abs().sum(), rtol=1e-4, atol=1e-30)
     elif name == "powersgd":
         assert float((x - d).norm()) <= float(x.norm()) * (1 + 1e-4) + 1e-6
+    elif name == "chunk_topk":  # per chunk of 16, ceil(0.2 * 16) = 4 kept
+        for xb, db in zip(blocks(x, 16), blocks(d, 16)):
+            kept = db != 0
+            assert float((xb - db).square().sum()) <= (1 - 4 / 16) * float(
+                xb.square().sum()) * (1 + 1e-5) + 1e-30
+            if kept.any() and (~kept).any():
+                assert float(xb[~kept].abs().max()) <= float(xb[kept].abs().min())
+    elif name == "dct_topk":  # orthonormal per chunk of 8 (the last padded), 3 kept
+        for xb, db in zip(blocks(x, 8), blocks(d, 8)):
+            bound = (1 - 3 / 8) * float(xb.square().sum())
+            assert float((xb - db).square().sum()) <= bound * (1 + 1e-4) + 1e-6 * bound + 1e-30
+    elif name.startswith("quant"):
+        bits, block = (2, 8) if name == "quant" else (1, max(1, x.numel()))
+        for xb, db in zip(blocks(x, block), blocks(d, block)):
+            m = xb.abs()
+            half_bin = (m.max() - m.min()) / 2 ** bits
+            assert bool(((xb - db).abs() <= half_bin * (1 + 1e-5) + ulp(xb) * 4).all())
+            nonzero = db != 0
+            assert bool((torch.sign(db) == torch.where(xb < 0, -1.0, 1.0))[nonzero].all())
 
 
 finite32 = st.floats(-6e4, 6e4, width=32, allow_nan=False, allow_infinity=False)
@@ -105,7 +124,8 @@ def test_error_within_bound(name, data, offset):
     check_bound(name, x, make(name).decode(make(name).encode(x, offset=offset)))
 
 
-@pytest.mark.parametrize("inner", ["int8", "int4", "fp4", "topk", "sign", "powersgd"])
+@pytest.mark.parametrize("inner", ["int8", "int4", "fp4", "topk", "sign", "powersgd",
+                                   "chain-chunk_topk-quant"])
 @given(data=vectors)
 def test_entropy_stage_is_lossless(inner, data):
     x = torch.from_numpy(data)
@@ -116,7 +136,8 @@ def test_entropy_stage_is_lossless(inner, data):
     assert torch.equal(want, got)
 
 
-@pytest.mark.parametrize("inner", ["topk", "sign", "int4", "fp4", "powersgd", "randomk"])
+@pytest.mark.parametrize("inner", ["topk", "sign", "int4", "fp4", "powersgd", "randomk",
+                                   "chunk_topk", "dct_topk", "chain-chunk_topk-quant"])
 @given(rounds=st.lists(hnp.arrays(np.float32, 64, elements=finite32), min_size=1, max_size=6),
        offset=st.integers(0, 100))
 def test_error_feedback_conserves_the_sum(inner, rounds, offset):

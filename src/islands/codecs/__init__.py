@@ -3,25 +3,31 @@
 
 Composition: ``error_feedback`` wraps the lossy codec, ``entropy`` wraps the result, so
 ``codec.name = "topk"``, ``error_feedback = true``, ``entropy = true`` builds
-``entropy(error_feedback(topk(0.01)))``. See ``docs/codecs.md`` for wire sizes and error bounds.
+``entropy(error_feedback(topk(0.01)))``; ``codec.name = "chain"`` puts a value codec after a
+sparsifier (``chunk_topk`` then 2-bit ``quant``). See ``docs/codecs.md`` for wire sizes and
+error bounds.
 """
 
 from __future__ import annotations
 
 from islands.codecs.base import Codec, Encoded, check_finite
 from islands.codecs.cast import Cast, CastConfig, Identity, IdentityConfig
+from islands.codecs.chain import Chain, ChainConfig
+from islands.codecs.chunk_topk import ChunkTopK, ChunkTopKConfig
+from islands.codecs.dct import DCTTopK, DCTTopKConfig
 from islands.codecs.entropy import Entropy
 from islands.codecs.error_feedback import ErrorFeedback
 from islands.codecs.fp4 import FP4, FP4Config
 from islands.codecs.int4 import Int4, Int4Config
 from islands.codecs.int8 import Int8, Int8Config
 from islands.codecs.powersgd import PowerSGD, PowerSGDConfig
+from islands.codecs.quant import Quant, QuantConfig
 from islands.codecs.randomk import RandomK
 from islands.codecs.sign import Sign, SignConfig
 from islands.codecs.topk import SparseConfig, TopK
 from islands.core import registry
 from islands.core.config import build_component
-from islands.core.sections import CodecConfig
+from islands.core.sections import CodecConfig, check
 
 
 def codec_names() -> list[str]:
@@ -39,9 +45,13 @@ def build_codec(cfg: CodecConfig) -> Codec:
     """Returns a fresh codec for one worker from its ``[codec]`` section (one per worker, since
     codecs may hold state): the named codec, wrapped in error feedback, then entropy coding,
     as asked."""
+    check(0 <= cfg.error_feedback_beta <= 1, "codec.error_feedback_beta",
+          cfg.error_feedback_beta, "must be in [0, 1] (1: plain error feedback)")
+    check(cfg.error_feedback or cfg.error_feedback_beta == 1, "codec.error_feedback_beta",
+          cfg.error_feedback_beta, "needs codec.error_feedback = true")
     codec = cfg.make()
     if cfg.error_feedback:
-        codec = ErrorFeedback(codec)
+        codec = ErrorFeedback(codec, beta=cfg.error_feedback_beta)
     if cfg.entropy:
         codec = Entropy(codec)
     return codec
@@ -51,6 +61,12 @@ __all__ = [
     "FP4",
     "Cast",
     "CastConfig",
+    "Chain",
+    "ChainConfig",
+    "ChunkTopK",
+    "ChunkTopKConfig",
+    "DCTTopK",
+    "DCTTopKConfig",
     "Codec",
     "CodecConfig",
     "Encoded",
@@ -60,6 +76,8 @@ __all__ = [
     "Int4",
     "Int8",
     "PowerSGD",
+    "Quant",
+    "QuantConfig",
     "RandomK",
     "Sign",
     "TopK",

@@ -89,6 +89,9 @@ class Codec(ABC):
     # A receiver may then put that tensor straight where the decoded values belong, and read
     # it without decoding (:meth:`decoded_view`).
     raw_tensor: str | None = None
+    # A sparsifier: its payload holds the kept values as a float32 "values" tensor (and says
+    # how many: ``kept(numel)``), which a value codec may encode further (codecs.chain).
+    sparse: bool = False
 
     def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0, *,
                finite: bool = False) -> Encoded:

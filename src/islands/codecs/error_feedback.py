@@ -8,6 +8,11 @@ does). Encoding ``x`` at ``offset`` sends ``C(x + r)`` and keeps ``r = (x + r) -
 so what was lost is sent later: after ``T`` rounds ``Σ decoded + r_T = Σ x`` (up to float32
 rounding). The residuals are part of the worker's state (:meth:`state_dict`).
 
+With a decay ``beta < 1`` (SparseLoCo's accumulator, Sarfi et al. 2025: ``e ← β·e + Δ``,
+``c = C(e)``, ``e ← e − c``) the residual is multiplied by ``beta`` before ``x`` is added, so old
+errors fade: ``Σ_t β^(T−t) (x_t − decoded_t) = r_T``. The accumulator then does the work of the
+outer momentum, which SparseLoCo drops.
+
 Wire size and error bound per message: the inner codec's. Decoding never uses the residual, so
 any worker decodes any other's payload.
 """
@@ -24,10 +29,14 @@ class ErrorFeedback(Codec):
 
     Args:
         inner: the (usually biased) codec whose error is fed back.
+        beta: the residual's decay per encode, in [0, 1] (1: plain error feedback).
     """
 
-    def __init__(self, inner: Codec) -> None:
+    def __init__(self, inner: Codec, *, beta: float = 1.0) -> None:
+        if not 0 <= beta <= 1:
+            raise ValueError(f"beta ({beta}) must be in [0, 1]")
         self.inner = inner
+        self.beta = beta
         self.name = f"error_feedback({inner.name})"
         self.residuals: dict[str, torch.Tensor] = {}
 
@@ -43,6 +52,8 @@ class ErrorFeedback(Codec):
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         n = x.numel()
         r = self._residual(key, offset + n, x.device)[offset:offset + n]
+        if self.beta != 1:
+            r.mul_(self.beta)
         corrected = as_float32(x) + r
         # The inner codec checks corrected for NaN/Inf too (a residual could overflow).
         e = self.inner.encode(corrected, key, offset)
@@ -75,4 +86,5 @@ class ErrorFeedback(Codec):
                                     if k.startswith("inner/")})
 
     def __repr__(self) -> str:
-        return f"error_feedback({self.inner!r})"
+        beta = "" if self.beta == 1 else f", beta={self.beta}"
+        return f"error_feedback({self.inner!r}{beta})"

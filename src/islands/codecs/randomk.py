@@ -44,6 +44,7 @@ class RandomK(Codec):
     """
 
     name = "randomk"
+    sparse = True  # sends float32 "values" a value codec may re-encode (codecs.chain)
 
     def __init__(self, fraction: float | None = None, *, count: int | None = None,
                  seed: int = 0) -> None:
@@ -52,6 +53,10 @@ class RandomK(Codec):
         self.count = count
         self.seed = seed
         self._calls: dict[tuple[str, int], int] = {}
+
+    def kept(self, numel: int) -> int:
+        """Values sent for a tensor of ``numel`` values."""
+        return kept_count(numel, self.fraction, self.count)
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         dtype, x = x.dtype, as_float32(x)

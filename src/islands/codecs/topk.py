@@ -27,12 +27,14 @@ from islands.core.sections import CodecConfig, check
 DEFAULT_FRACTION = 0.01
 
 
-def check_sparsity(fraction: float | None, count: int | None) -> None:
-    """Exactly one of ``fraction`` (in (0, 1]) and ``count`` (>= 1) must be given."""
+def check_sparsity(fraction: float | None, count: int | None, *,
+                   share: str = "fraction") -> None:
+    """Exactly one of ``fraction`` (in (0, 1]; named ``share`` in errors) and ``count`` (>= 1)
+    must be given."""
     if (fraction is None) == (count is None):
-        raise ValueError(f"give exactly one of fraction ({fraction}) and count ({count})")
+        raise ValueError(f"give exactly one of {share} ({fraction}) and count ({count})")
     if fraction is not None and not 0 < fraction <= 1:
-        raise ValueError(f"fraction ({fraction}) must be in (0, 1]")
+        raise ValueError(f"{share} ({fraction}) must be in (0, 1]")
     if count is not None and count < 1:
         raise ValueError(f"count ({count}) must be >= 1")
 
@@ -54,11 +56,16 @@ class TopK(Codec):
     """
 
     name = "topk"
+    sparse = True  # sends float32 "values" a value codec may re-encode (codecs.chain)
 
     def __init__(self, fraction: float | None = None, *, count: int | None = None) -> None:
         check_sparsity(fraction, count)
         self.fraction = fraction
         self.count = count
+
+    def kept(self, numel: int) -> int:
+        """Values sent for a tensor of ``numel`` values."""
+        return kept_count(numel, self.fraction, self.count)
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         dtype, x = x.dtype, as_float32(x)
@@ -109,10 +116,11 @@ class SparseConfig(CodecConfig):
         return cls(self.fraction if self.fraction is not None else DEFAULT_FRACTION)
 
 
-def check_sparsity_config(fraction: float | None, count: int | None) -> None:
-    """``[codec]`` ``fraction`` and ``count``: each in range, not both."""
-    check(fraction is None or 0 < fraction <= 1, "codec.fraction", fraction, "must be in (0, 1]")
+def check_sparsity_config(fraction: float | None, count: int | None, *,
+                          share: str = "fraction") -> None:
+    """``[codec]`` ``fraction`` (named ``share``) and ``count``: each in range, not both."""
+    check(fraction is None or 0 < fraction <= 1, f"codec.{share}", fraction, "must be in (0, 1]")
     check(count is None or count >= 1, "codec.count", count, "must be >= 1")
     if fraction is not None and count is not None:
-        raise ConfigError(f"codec.fraction ({fraction}) and codec.count ({count}) are "
+        raise ConfigError(f"codec.{share} ({fraction}) and codec.count ({count}) are "
                           "exclusive; set one of them")
