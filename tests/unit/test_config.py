@@ -41,17 +41,19 @@ def test_int_accepted_for_float_and_resolved_config_roundtrips():
     ("algorithm.sync_every=0", "algorithm.sync_every (0) must be >= 1"),
     ("algorithm.name=adam",
      "algorithm.name ('adam') must be one of ['async_local_sgd', 'ddp', 'diloco', "
-     "'local_sgd', 'streaming_diloco']"),
+     "'local_sgd', 'sparseloco', 'streaming_diloco']"),
     ("algorithm.name=dilco",
-     "must be one of ['async_local_sgd', 'ddp', 'diloco', 'local_sgd', 'streaming_diloco'] "
+     "must be one of ['async_local_sgd', 'ddp', 'diloco', 'local_sgd', 'sparseloco', "
+     "'streaming_diloco'] "
      "(did you mean "
      "'diloco'?)"),
     ("workers=two", "workers ('two') must be int"),
     ("workers=2.5", "workers (2.5) must be int"),
     ("inner.lr=-1", "inner.lr (-1.0) must be > 0"),
     ("algorithm.sync_every_steps=3", "unknown key algorithm.sync_every_steps in [algorithm] (did "
-                                     "you mean algorithm.sync_every?); allowed: ddp_steps, "
-                                     "grace_s, min_quorum, name, overlap, sync_every"),
+                                     "you mean algorithm.sync_every?); allowed: collective, "
+                                     "ddp_steps, grace_s, min_quorum, name, overlap, "
+                                     "sync_every"),
     ("modle.n_layer=3", "unknown key modle in the top level (did you mean model?)"),
     ("inner.l=0.1", "unknown key inner.l in [inner] (did you mean inner.lr?)"),
     ("model.n_head=3", "model.n_embd (128) must be a multiple of model.n_head (3)"),
@@ -146,7 +148,8 @@ def test_config_json_records_only_what_the_runs_components_read():
     assert "model" not in d and "outer" not in d
     assert d["data"] == {"partition": "iid", "alpha": 0.5, "batch_size": 8}
     assert d["algorithm"] == {"name": "ddp"}
-    assert d["codec"] == {"name": "identity", "error_feedback": False, "entropy": False}
+    assert d["codec"] == {"name": "identity", "error_feedback": False,
+                          "error_feedback_beta": 1.0, "entropy": False}
 
 
 def test_a_task_object_is_recorded_as_such_without_the_gpts_sections():
@@ -170,6 +173,7 @@ def test_an_other_algorithms_section_warns_when_set_and_is_dropped():
 
     with pytest.warns(IslandsWarning, match=r"outer.lr \(0.5\) is read by algorithm "
                                             r"'async_local_sgd', algorithm 'diloco', "
+                                            r"algorithm 'sparseloco', "
                                             r"algorithm 'streaming_diloco' only; algorithm "
                                             r"'ddp' does not read it"):
         cfg = load_config(None, ["algorithm.name=ddp", "outer.lr=0.5"])

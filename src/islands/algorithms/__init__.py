@@ -1,5 +1,5 @@
-"""The DiLoCo family on one interface: DDP, LocalSGD (FedAvg), DiLoCo, Streaming DiLoCo and
-asynchronous local SGD.
+"""The DiLoCo family on one interface: DDP, LocalSGD (FedAvg), DiLoCo, SparseLoCo, Streaming
+DiLoCo and asynchronous local SGD.
 
 Each algorithm registers its ``[algorithm]`` section beside its code (``DDPConfig``,
 ``LocalSGDConfig``, ``DiLoCoConfig``); the section builds the algorithm.
@@ -13,6 +13,7 @@ from islands.algorithms.ddp import DDP, DDPConfig
 from islands.algorithms.diloco import DiLoCo, DiLoCoConfig, nesterov_sgd
 from islands.algorithms.local_sgd import LocalSGD, LocalSGDConfig
 from islands.algorithms.outer import OuterConfig, outer_factory
+from islands.algorithms.sparseloco import SparseLoCoConfig
 from islands.algorithms.streaming import StreamingDiLoCo, StreamingDiLoCoConfig
 
 
@@ -33,7 +34,7 @@ def check_algorithm(cfg) -> None:
 
 __all__ = ["Algorithm", "AsyncLocalSGD", "AsyncLocalSGDConfig", "Contribution", "DDP",
            "DDPConfig", "DiLoCo", "DiLoCoConfig",
-           "LocalSGD", "LocalSGDConfig", "OuterConfig", "StreamingDiLoCo",
+           "LocalSGD", "LocalSGDConfig", "OuterConfig", "SparseLoCoConfig", "StreamingDiLoCo",
            "StreamingDiLoCoConfig", "Worker",
            "build_aggregator", "build_algorithm", "check_algorithm", "nesterov_sgd",
            "outer_factory"]

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from islands.algorithms.base import Algorithm, Contribution, Worker
+from islands.algorithms.base import COLLECTIVES, Algorithm, Contribution, Worker
 from islands.algorithms.outer import OuterConfig, outer_factory
 from islands.algorithms.schedule import SyncEvery, outer_schedule, sync_every_setting
 from islands.core.registry import register
@@ -73,6 +73,10 @@ class DiLoCo(Algorithm):
             ``t``'s outer step runs at the end of round ``t + 1``, with that round's settings.
         overlap: ``"none"`` (blocking), ``"delayed"`` or ``"eager"`` (see the module).
         min_quorum, grace_s: the straggler policy (see :class:`DiLoCoConfig`).
+        collective: how the pseudo-gradients are combined: ``"all_reduce"`` (the butterfly)
+            or ``"all_gather"`` (each worker's whole encoded pseudo-gradient to every other,
+            decoded and averaged there: sparse codecs are applied once, not again to the
+            reduced shards; SparseLoCo).
     """
 
     name = "diloco"
@@ -81,12 +85,15 @@ class DiLoCo(Algorithm):
                  ddp_steps: int = 0,
                  outer_schedule: Callable[[int], dict[str, float]] | None = None,
                  overlap: str = "none", min_quorum: int = 0, grace_s: float = 0.0,
-                 **kwargs) -> None:
+                 collective: str = "all_reduce", **kwargs) -> None:
         super().__init__(sync_every, **kwargs)
         if ddp_steps < 0:
             raise ValueError(f"ddp_steps ({ddp_steps}) must be >= 0")
         if overlap not in OVERLAPS:
             raise ValueError(f"overlap ({overlap!r}) must be one of {', '.join(OVERLAPS)}")
+        if collective not in COLLECTIVES:
+            raise ValueError(f"collective ({collective!r}) must be one of {COLLECTIVES}")
+        self.collective = collective
         self.outer_factory = outer
         self.ddp_steps = ddp_steps
         self.outer_schedule = outer_schedule
@@ -122,9 +129,10 @@ class DiLoCo(Algorithm):
         weight = float(worker.id not in observers) if observers else None
         if self.overlaps:
             worker.fresh = worker.round_start - worker.flat_params()
-            return [Contribution(worker.fresh.clone(), weight, tag="pseudo-gradient")]
+            return [Contribution(worker.fresh.clone(), weight, tag="pseudo-gradient",
+                                 collective=self.collective)]
         delta = worker.global_params.detach() - worker.flat_params()
-        return [Contribution(delta, weight, tag="pseudo-gradient")]
+        return [Contribution(delta, weight, tag="pseudo-gradient", collective=self.collective)]
 
     def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
         if self.syncs_gradients_at(worker.steps):
@@ -215,6 +223,10 @@ class DiLoCoConfig(AlgorithmConfig):
             committed state. On real processes the coordinator applies it at the round's
             ``ready`` (beside ``runtime.round_deadline_s``).
         grace_s: seconds the sync waits for more members after the quorum is ready.
+        collective: ``"all_reduce"`` (the butterfly: each shard averaged by its owner, then
+            re-encoded) or ``"all_gather"`` (every worker's encoded pseudo-gradient reaches
+            every other, encoded once: for sparse codecs; the download grows with the
+            workers).
     """
 
     name: str = "diloco"
@@ -223,6 +235,7 @@ class DiLoCoConfig(AlgorithmConfig):
     overlap: str = "none"
     min_quorum: int = 0
     grace_s: float = 0.0
+    collective: str = "all_reduce"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
@@ -235,6 +248,8 @@ class DiLoCoConfig(AlgorithmConfig):
         check(self.grace_s >= 0, "algorithm.grace_s", self.grace_s, "must be >= 0")
         check(self.overlap == "none" or not self.min_quorum, "algorithm.min_quorum",
               self.min_quorum, "works with algorithm.overlap = 'none' only for now")
+        check(self.collective in COLLECTIVES, "algorithm.collective", self.collective,
+              f"must be one of {', '.join(repr(c) for c in COLLECTIVES)}")
 
     def build(self, run, aggregator) -> DiLoCo:
         return DiLoCo(self.sync_every, outer=outer_factory(run.outer), aggregator=aggregator,
@@ -242,4 +257,4 @@ class DiLoCoConfig(AlgorithmConfig):
                       outer_schedule=outer_schedule(lr=run.outer.lr,
                                                     momentum=run.outer.momentum),
                       overlap=self.overlap, min_quorum=self.min_quorum,
-                      grace_s=self.grace_s)
+                      grace_s=self.grace_s, collective=self.collective)

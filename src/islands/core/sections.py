@@ -79,6 +79,12 @@ class AlgorithmConfig:
     tolerated: ClassVar[frozenset[str]] = frozenset()
     name: str = "diloco"
 
+    def wire_codec(self, codec: CodecConfig) -> CodecConfig:
+        """The codec the workers encode with: the run's ``[codec]`` section, unless the
+        algorithm brings its own (SparseLoCo's compressor), refusing a ``[codec]`` it would
+        ignore."""
+        return codec
+
 
 @dataclass(frozen=True, kw_only=True)
 class CodecConfig:
@@ -89,6 +95,8 @@ class CodecConfig:
     Attributes:
         name: ``identity`` (fp32), ``fp16``, ``bf16``, ``int8``, ... (``islands.codecs``).
         error_feedback: wrap the codec in error feedback (residual kept per worker).
+        error_feedback_beta: the residual's decay per round, in [0, 1] (1: plain error
+            feedback; SparseLoCo's accumulator uses 0.95).
         entropy: follow the codec with a lossless entropy stage.
     """
 
@@ -96,6 +104,7 @@ class CodecConfig:
     tolerated: ClassVar[frozenset[str]] = frozenset()
     name: str = "identity"
     error_feedback: bool = False
+    error_feedback_beta: float = 1.0
     entropy: bool = False
 
 
@@ -148,12 +157,20 @@ class InnerConfig:
     builds it for a user's own loop).
 
     Attributes:
-        optimizer: ``"adamw"`` or ``"sgd"``.
+        optimizer: ``"adamw"``, ``"sgd"`` or ``"muon"``: Muon on the hidden matrices (the
+            weights of every ``nn.Linear`` layer except the last one, the head, and any tied
+            to an embedding) and AdamW on everything else (embeddings, the head, biases,
+            norms, convolution kernels), as one optimizer (``islands.engine.muon``). Muon's
+            step is scaled to AdamW's update size (``adjust_lr_fn="match_rms_adamw"``), so
+            one ``lr`` and ``weight_decay`` serve both. With ``algorithm.name = "diloco"``
+            this is MuLoCo (Therien et al., 2025, arXiv:2505.23725).
         lr: peak learning rate.
-        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay, on parameters of 2 or more
-            dimensions only (matrices; not biases or norms), as nanoGPT.
-        betas: AdamW betas.
+        weight_decay: decoupled (AdamW, Muon) or L2 (SGD) weight decay, on parameters of 2 or
+            more dimensions only (matrices; not biases or norms), as nanoGPT.
+        betas: AdamW betas (also the AdamW part of ``"muon"``).
         momentum: SGD momentum (0: plain SGD).
+        muon_momentum: Muon's (Nesterov) momentum, for ``"muon"`` only.
+        muon_ns_steps: Muon's Newton-Schulz iterations per step, for ``"muon"`` only.
         warmup_steps: linear warm-up length in inner steps.
         schedule: ``"constant"`` after warm-up, or ``"cosine"`` decay to ``min_lr_ratio`` at
             the run's last inner step.
@@ -161,11 +178,13 @@ class InnerConfig:
         grad_clip: max global gradient norm (None: off), applied before every inner step.
     """
 
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "muon"] = "adamw"
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     momentum: float = 0.0
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
     warmup_steps: int = 20
     schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = 0.1
@@ -177,6 +196,10 @@ class InnerConfig:
         check(all(0 <= b < 1 for b in self.betas), "inner.betas", self.betas,
               "must be two numbers in [0, 1)")
         check(0 <= self.momentum < 1, "inner.momentum", self.momentum, "must be in [0, 1)")
+        check(0 <= self.muon_momentum < 1, "inner.muon_momentum", self.muon_momentum,
+              "must be in [0, 1) (Muon's usual value: 0.95)")
+        check(1 <= self.muon_ns_steps <= 99, "inner.muon_ns_steps", self.muon_ns_steps,
+              "must be in [1, 99] (Muon's usual value: 5)")
         check(self.warmup_steps >= 0, "inner.warmup_steps", self.warmup_steps, "must be >= 0")
         check(0 <= self.min_lr_ratio <= 1, "inner.min_lr_ratio", self.min_lr_ratio,
               "must be in [0, 1]")

@@ -11,6 +11,7 @@ from islands.engine.build import (
     inner_optimizer,
     resolve_device,
     resolve_threads,
+    run_codec,
     threads,
     warm_start,
 )
@@ -18,4 +19,4 @@ from islands.engine.loop import Driver, Engine, RoundPlan, Sync, WallClock
 
 __all__ = ["Driver", "Engine", "RoundPlan", "Sync", "WallClock", "attach", "build_worker",
            "check_config", "fresh_state", "initial_model", "inner_optimizer", "resolve_device",
-           "resolve_threads", "threads", "warm_start"]
+           "resolve_threads", "run_codec", "threads", "warm_start"]

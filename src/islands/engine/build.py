@@ -16,10 +16,12 @@ import torch.nn as nn
 
 from islands.algorithms import Algorithm, Worker, check_algorithm
 from islands.algorithms.schedule import h_at
-from islands.codecs import build_codec
+from islands.codecs import Codec, build_codec
 from islands.core.config import RunConfig
 from islands.core.errors import ConfigError, IslandsWarning
+from islands.core.sections import InnerConfig
 from islands.core.seeding import derive_seed
+from islands.engine.muon import MuonAdamW, hidden_matrices
 from islands.tasks import Task, build_task, checked_loss, to_device
 
 
@@ -63,7 +65,7 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     Raises:
         ConfigError: naming the key, the value and the fix.
     """
-    build_codec(cfg.codec)
+    run_codec(cfg)
     check_algorithm(cfg)
     resolve_device(cfg.device)
     _warn_rounds(cfg)
@@ -96,9 +98,17 @@ def _warn_rounds(cfg: RunConfig) -> None:
             "run ends in one shortened round"), stacklevel=3)
 
 
+def run_codec(cfg: RunConfig) -> Codec:
+    """A fresh codec for one worker: the one ``[codec]`` names, or the algorithm's own
+    (SparseLoCo's compressor; ``AlgorithmConfig.wire_codec``)."""
+    return build_codec(cfg.algorithm.wire_codec(cfg.codec))
+
+
 def inner_optimizer(model: nn.Module, cfg: RunConfig):
     """The inner optimizer and lr schedule the simulator builds for ``cfg``: ``[inner]``'s
-    AdamW (betas, weight decay on parameters of 2+ dimensions only, as nanoGPT) or SGD, and a
+    AdamW (betas, weight decay on parameters of 2+ dimensions only, as nanoGPT), SGD, or Muon
+    on the hidden matrices with AdamW on the rest (:class:`~islands.engine.muon.MuonAdamW`,
+    one optimizer: its groups are Muon's, then AdamW's with and without weight decay), and a
     ``LambdaLR`` of the linear warm-up then the constant or cosine schedule over ``steps``.
     Step the scheduler once per inner step (``trainer.step()`` does, and clips at
     ``inner.grad_clip``). Frozen parameters (``requires_grad=False``) are left out.
@@ -107,13 +117,7 @@ def inner_optimizer(model: nn.Module, cfg: RunConfig):
         ``(optimizer, scheduler)``.
     """
     c = cfg.inner
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": c.weight_decay},
-              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-    if c.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas)
-    else:
-        opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
+    opt = _optimizer(model, c)
 
     def factor(step: int) -> float:
         if step < c.warmup_steps:
@@ -124,6 +128,27 @@ def inner_optimizer(model: nn.Module, cfg: RunConfig):
         return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _optimizer(model: nn.Module, c: InnerConfig) -> torch.optim.Optimizer:
+    """``[inner]``'s optimizer over the trainable parameters (see :func:`inner_optimizer`)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    muon = {id(p) for p in hidden_matrices(model)} if c.optimizer == "muon" else set()
+    rest = [p for p in trainable if id(p) not in muon]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": c.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas)
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
+    if not muon:
+        warnings.warn(IslandsWarning(
+            f"inner.optimizer ('muon'): {type(model).__name__} has no hidden matrices (weights "
+            "of nn.Linear layers other than the last and than embeddings), so AdamW trains "
+            "every parameter; use 'adamw' to say so"), stacklevel=3)
+    return MuonAdamW([{"params": [p for p in trainable if id(p) in muon],
+                       "weight_decay": c.weight_decay}], groups,
+                     lr=c.lr, betas=c.betas, momentum=c.muon_momentum, ns_steps=c.muon_ns_steps)
 
 
 def initial_model(cfg: RunConfig, task: Task, device: torch.device, *,
@@ -182,7 +207,7 @@ def build_worker(cfg: RunConfig, worker_id: int, base: nn.Module, *, data_size: 
     """One worker: a copy of ``base``, its inner optimizer and schedule, its own codec."""
     model = copy.deepcopy(base)
     opt, sched = inner_optimizer(model, cfg)
-    codec = build_codec(cfg.codec)
+    codec = run_codec(cfg)
     codec.bind_layout([p.shape for p in model.parameters() if p.requires_grad])
     return Worker(worker_id, model, opt, codec, scheduler=sched,
                   grad_clip=cfg.inner.grad_clip, data_size=data_size)

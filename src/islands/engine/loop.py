@@ -544,7 +544,8 @@ class Engine:
             "algorithm": cfg.algorithm.name, "workers": cfg.workers, "steps": cfg.steps,
             "rounds": self.rounds, "sync_every": _plain(self.algorithm.sync_every),
             **({"ddp_steps": ddp} if (ddp := getattr(cfg.algorithm, "ddp_steps", 0)) else {}),
-            "codec": cfg.codec.name, "aggregator": cfg.aggregator.name,
+            "codec": cfg.algorithm.wire_codec(cfg.codec).name,
+            "codec_detail": repr(self.workers[0].codec), "aggregator": cfg.aggregator.name,
             "params": sum(p.numel() for p in self.workers[0].params),
             "final_eval_loss": final.get("eval_loss"),
             **{f"final_eval_{k}": v for k, v in final.items()

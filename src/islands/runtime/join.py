@@ -43,11 +43,10 @@ import torch
 import torch.nn as nn
 
 from islands.algorithms import Worker, build_algorithm
-from islands.codecs import build_codec
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig, load_config, parse_overrides
 from islands.core.errors import CommError, ConfigError, StorageError, TaskError
-from islands.engine import Engine, WallClock, attach, fresh_state, inner_optimizer
+from islands.engine import Engine, WallClock, attach, fresh_state, inner_optimizer, run_codec
 from islands.metrics.run_dir import RunDir, check_writable
 from islands.runtime import outputs
 from islands.runtime.auth import load_token
@@ -230,7 +229,7 @@ class Trainer:
                  scheduler, evaluate) -> None:
         cfg, me = job.cfg, job.me
         self.job, self.cfg = job, cfg
-        codec = build_codec(cfg.codec)
+        codec = run_codec(cfg)
         codec.bind_layout([p.shape for p in model.parameters() if p.requires_grad])
         worker = Worker(me, model, optimizer, codec, scheduler=scheduler,
                         grad_clip=cfg.inner.grad_clip, data_size=job.data_size)

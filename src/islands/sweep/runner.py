@@ -22,10 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from islands.algorithms import build_algorithm, check_algorithm
-from islands.codecs import build_codec
 from islands.core.config import RunConfig, load_config
 from islands.core.errors import ConfigError
-from islands.engine import resolve_device, resolve_threads
+from islands.engine import resolve_device, resolve_threads, run_codec
 from islands.metrics.run_dir import RunDir, plain, write_json
 from islands.sweep.space import Point
 
@@ -93,7 +92,7 @@ def _resolve(config: str | None, sets: list[str], point: Point) -> RunConfig:
     try:
         cfg = load_config(config, [*sets, *point.sets])
         check_algorithm(cfg)
-        build_codec(cfg.codec)
+        run_codec(cfg)
         return cfg
     except ConfigError as e:
         raise ConfigError(f"{flag} {', '.join(point.sets) or '(the base config)'}: {e}") \
