@@ -15,6 +15,22 @@ hour with ``--jobs 2``; ``--report`` merges the JSON of separate runs into one t
     python benchmarks/codecs_frontier.py --report bench-results/diloco.json bench-results/ddp.json
 
 Writes ``bench-results/codecs_frontier.json`` and ``.png`` (``--json`` moves both).
+
+``--sparse`` runs the sparse frontier instead: SparseLoCo, DeMo-style DCT top-k and MuLoCo
+beside DDP and DiLoCo fp32/int8/int4/fp4 (``METHODS``), on the main job's setup (4 workers,
+400 inner steps from the shared 1000-step warm start; ``--sync-every`` sets H) or from the
+cold-start recipe (``--setup cold``: ``examples/cold_start_recipe.toml``, its H schedule), over
+``--seeds``; the table gives each method's mean ± std final eval loss, upload and download per
+worker, and its loss change and byte reduction against fp32 DiLoCo and bytes against fp32 DDP
+(measured when a ``ddp`` row is there, else DiLoCo's bytes per round times the inner steps:
+the same all-reduce every step). About 1.5 minutes per simulation on one core:
+
+    python benchmarks/codecs_frontier.py --sparse --seeds 0 1 2 --jobs 2
+    python benchmarks/codecs_frontier.py --sparse --sync-every 25 --methods diloco,"sparseloco 3%"
+    python benchmarks/codecs_frontier.py --sparse --setup cold --seeds 0
+    python benchmarks/codecs_frontier.py --sparse --report bench-results/sparse_*.json
+
+Writes ``bench-results/sparse_frontier.json`` and ``.png`` (``--json`` moves both).
 """
 
 from __future__ import annotations
@@ -151,6 +167,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    import sys
+
+    if "--sparse" in sys.argv:
+        import sparse_frontier
+
+        sys.argv.remove("--sparse")
+        sparse_frontier.main()
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algorithms", default="diloco,ddp", help="comma-separated")
     p.add_argument("--codecs", default=None,

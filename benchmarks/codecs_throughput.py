@@ -2,7 +2,8 @@
 tensor (the ceiling: a codec reads its input and writes an output, as a copy does).
 
 Throughput is float32 bytes in (``4 · numel``) over the encode plus decode time, the best of
-``--repeats`` runs after a warm-up, measured two ways:
+``--repeats`` runs after a warm-up, measured two ways (and ``x copy``: encode plus decode into
+a buffer, as a multiple of the ``copy_`` into one; 1.0 would be as fast as the copy):
 
 * ``GB/s into``: decoding into a buffer that already exists (``Codec.decode_into``), as the
   butterfly all-reduce does (the rows it aggregates, the result it returns); the ceiling is a
@@ -53,6 +54,14 @@ CODECS: dict[str, dict] = {
     "powersgd4": {"name": "powersgd", "rank": 4},
     "int8+zstd": {"name": "int8", "entropy": True},
     "ef(int8)": {"name": "int8", "error_feedback": True},
+    "quant2": {"name": "quant", "bits": 2},
+    "chunk_topk1.6%": {"name": "chunk_topk"},
+    # SparseLoCo's compressor: chunked top-k 64 of 4096, then 2-bit values; with its decaying
+    # accumulator (what a worker runs per round)
+    "sparseloco": {"name": "chain"},
+    "sparseloco+ef": {"name": "chain", "error_feedback": True, "error_feedback_beta": 0.95},
+    "dct4/64+sign": {"name": "chain", "stages": [{"name": "dct_topk", "count": 4, "chunk": 64},
+                                                 {"name": "sign"}]},
 }
 
 
@@ -116,13 +125,15 @@ def main() -> None:
 
     rows = copies(x, args.repeats)
     print(f"{'codec':16} {'GB/s into':>9} {'GB/s new':>8} {'encode s':>9} {'dec into s':>10} "
-          f"{'dec new s':>9} {'ratio':>7} {'rel err':>9}")
+          f"{'dec new s':>9} {'ratio':>7} {'rel err':>9} {'x copy':>7}")
     for label in args.codecs.split(","):
         rows.append(measure(label, x, args.repeats))
+    copy_s = rows[0]["decode_into_s"]
     for r in rows:
+        r["x_copy"] = (r["encode_s"] + r["decode_into_s"]) / copy_s
         print(f"{r['codec']:16} {r['gb_per_s_into']:9.2f} {r['gb_per_s']:8.2f} "
               f"{r['encode_s']:9.4f} {r['decode_into_s']:10.4f} {r['decode_s']:9.4f} "
-              f"{r['ratio']:6.2f}x {r['rel_l2_error']:9.2e}", flush=True)
+              f"{r['ratio']:6.2f}x {r['rel_l2_error']:9.2e} {r['x_copy']:7.1f}", flush=True)
     env = {"numel": args.numel, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if x.is_cuda else "cpu",
            "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),

@@ -45,6 +45,7 @@ FACTORIES = {
     "entropy-int8": lambda: Entropy(Int8(block=32)),
     "entropy-ef-powersgd": lambda: Entropy(ErrorFeedback(PowerSGD(2))),
     "chunk_topk": lambda: ChunkTopK(0.2, chunk=16),
+    "chunk_topk-rice": lambda: ChunkTopK(0.2, chunk=16, index="rice"),
     "dct_topk": lambda: DCTTopK(count=3, chunk=8),
     "quant": lambda: Quant(2, block=8),
     "quant-1bit": lambda: Quant(1, block=None),

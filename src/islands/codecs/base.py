@@ -90,7 +90,7 @@ class Codec(ABC):
     # it without decoding (:meth:`decoded_view`).
     raw_tensor: str | None = None
     # A sparsifier: its payload holds the kept values as a float32 "values" tensor (and says
-    # how many: ``kept(numel)``), which a value codec may encode further (codecs.chain).
+    # how many: ``kept(numel, offset)``), which a value codec may encode further (codecs.chain).
     sparse: bool = False
 
     def encode(self, x: torch.Tensor, key: str = "tensor", offset: int = 0, *,

@@ -67,12 +67,15 @@ class Chain(Codec):
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
         head = self.first.wire_bytes(numel, offset)
-        kept = self.first.kept(numel)
+        kept = self.first.kept(numel, offset)
         tail = self.values.wire_bytes(kept, offset)
         return None if head is None or tail is None else head - 4 * kept + tail
 
-    def kept(self, numel: int) -> int:
-        return self.first.kept(numel)
+    def kept(self, numel: int, offset: int = 0) -> int:
+        return self.first.kept(numel, offset)
+
+    def bind_layout(self, shapes: list[torch.Size]) -> None:
+        self.first.bind_layout(shapes)  # the value stage sees kept values, not tensors
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"first/{k}": v for k, v in self.first.state_dict().items()}

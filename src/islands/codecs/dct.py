@@ -1,8 +1,9 @@
-"""DCT top-k (after DeMo, Peng et al. 2024, "DeMo: Decoupled Momentum Optimization"): the flat
-tensor is cut into chunks of ``chunk`` values (the last one padded with zeros), each chunk goes
-through the orthonormal DCT-II, and each chunk keeps its ``k`` coefficients of largest
-magnitude. Smooth or oscillating chunks concentrate their energy in few coefficients, so the
-same ``k`` carries more of the tensor than top-k of the values themselves.
+"""DCT top-k (after DeMo, Peng et al. 2024, "DeMo: Decoupled Momentum Optimization"): each
+parameter tensor is cut into chunks of ``chunk`` values (a tensor's last one padded with zeros;
+tensors and slices as in :mod:`islands.codecs.chunk_topk`), each chunk goes through the
+orthonormal DCT-II, and each chunk keeps its ``k`` coefficients of largest magnitude. Smooth or
+oscillating chunks concentrate their energy in few coefficients, so the same ``k`` carries more
+of the tensor than top-k of the values themselves.
 
 DeMo sends the top coefficients of the momentum and keeps the rest locally; in islands that is
 ``error_feedback`` around this codec (the residual of an orthonormal transform's top-k is the
@@ -10,7 +11,8 @@ transform of the coefficients left behind), with the kept values signed or quant
 codec after it (``[codec] name = "chain"``). ``k`` per chunk is ``count`` or
 ``ceil(density * chunk)``; offsets are bit-packed at ``ceil(log2 chunk)`` bits.
 
-Wire size: ``4 K + ceil(K b / 8)`` bytes, ``K = ceil(n / chunk) k``, ``b = ceil(log2 chunk)``.
+Wire size: ``4 K + ceil(K b / 8)`` bytes, ``K = k Σ_tensors ceil(n_t / chunk)`` (one tensor:
+``ceil(n / chunk) k``), ``b = ceil(log2 chunk)``.
 Error bound: orthonormal, so per chunk ``||x - x̂||² = ||dropped coefficients||² <=
 (1 - k / chunk) ||x||²`` (plus float32 rounding of the two transforms). Biased: use error
 feedback.
@@ -25,7 +27,7 @@ from functools import lru_cache
 import torch
 
 from islands.codecs.base import Codec, Encoded, as_float32, given
-from islands.codecs.chunk_topk import magnitude_order
+from islands.codecs.chunk_topk import layout_bounds, magnitude_order, runs
 from islands.codecs.packing import index_bits, kept_count, pack_bits, unpack_bits
 from islands.codecs.topk import check_sparsity, check_sparsity_config
 from islands.core.registry import register
@@ -64,34 +66,55 @@ class DCTTopK(Codec):
             raise ValueError(f"chunk ({chunk}) must be >= 1")
         self.density, self.count, self.chunk = density, count, chunk
         self.k = kept_count(chunk, density, count)
+        self.bounds: list[int] | None = None  # where each tensor starts (bind_layout)
 
-    def kept(self, numel: int) -> int:
-        """Coefficients sent for a tensor of ``numel`` values."""
-        return -(-numel // self.chunk) * self.k
+    def bind_layout(self, shapes: list[torch.Size]) -> None:
+        self.bounds = layout_bounds(shapes)
+
+    def _rows(self, numel: int, offset: int) -> list[tuple[int, int, int]]:
+        """``(start in the slice, length, first row)`` of each run; every run pads to whole
+        rows of ``chunk`` coefficients."""
+        out, row = [], 0
+        for a, n in runs(self.bounds, self.chunk, offset, numel):
+            out.append((a, n, row))
+            row += -(-n // self.chunk)
+        return out
+
+    def kept(self, numel: int, offset: int = 0) -> int:
+        """Coefficients sent for ``numel`` values at ``offset``."""
+        return sum(-(-n // self.chunk) for _, n in
+                   runs(self.bounds, self.chunk, offset, numel)) * self.k
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         dtype, x = x.dtype, as_float32(x)
-        rows = -(-x.numel() // self.chunk)
-        padded = torch.zeros(rows * self.chunk, device=x.device)
-        padded[:x.numel()] = x
-        coefficients = padded.view(rows, self.chunk) @ dct_matrix(self.chunk).T  # (rows, chunk)
-        offsets = torch.topk(magnitude_order(coefficients), self.k, dim=1, sorted=False).indices
+        pieces = self._rows(x.numel(), offset)
+        rows = self.kept(x.numel(), offset) // self.k
+        padded = torch.zeros(rows, self.chunk, device=x.device)
+        for a, n, row in pieces:
+            padded.view(-1)[row * self.chunk:row * self.chunk + n] = x[a:a + n]
+        coefficients = padded @ dct_matrix(self.chunk).T  # (rows, chunk)
+        offsets = torch.topk(magnitude_order(coefficients), self.k, dim=1,
+                             sorted=False).indices.sort(dim=1).values  # canonical bytes
         values = coefficients.gather(1, offsets).reshape(-1)
         return Encoded({"values": values,
                         "indices": pack_bits(offsets.reshape(-1), index_bits(self.chunk))},
-                       numel=x.numel(), dtype=dtype)
+                       numel=x.numel(), dtype=dtype, meta={"offset": offset})
 
     def decode(self, e: Encoded) -> torch.Tensor:
-        rows = -(-e.numel // self.chunk)
+        pieces = self._rows(e.numel, e.meta["offset"])
+        rows = self.kept(e.numel, e.meta["offset"]) // self.k
         offsets = unpack_bits(e.tensors["indices"], index_bits(self.chunk), rows * self.k)
         coefficients = torch.zeros(rows, self.chunk)
         coefficients.scatter_(1, offsets.view(rows, self.k),
                               e.tensors["values"].float().view(rows, self.k))
-        out = (coefficients @ dct_matrix(self.chunk)).view(-1)[:e.numel]
+        flat = (coefficients @ dct_matrix(self.chunk)).view(-1)
+        out = torch.empty(e.numel)
+        for a, n, row in pieces:
+            out[a:a + n] = flat[row * self.chunk:row * self.chunk + n]
         return out if e.dtype == torch.float32 else out.to(e.dtype)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int:
-        kept = self.kept(numel)
+        kept = self.kept(numel, offset)
         return 4 * kept + -(-kept * index_bits(self.chunk) // 8)
 
     def __repr__(self) -> str:

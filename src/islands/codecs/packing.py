@@ -257,3 +257,39 @@ def stream_seed(seed: int, key: str, offset: int, numel: int, counter: int, *,
     """
     stream = _PHASE_SUFFIX.sub("", _WORKER_PREFIX.sub("", key)) if shared else key
     return derive_seed(seed, stream, offset, numel, counter)
+
+
+def rice_parameter(mean_gap: float) -> int:
+    """The Rice parameter for geometric-like gaps of mean ``mean_gap``: about
+    ``log2(ln 2 · mean)`` (Golomb 1966; Gallager & van Voorhis 1975), at least 0."""
+    return max(0, round(math.log2(max(1.0, mean_gap * math.log(2)))))
+
+
+def rice_encode(values: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Golomb-Rice codes of non-negative integers, as two streams: each value's quotient
+    ``v >> r`` in unary (that many 1 bits, then a 0), and its ``r`` low bits packed.
+
+    Returns:
+        ``(unary, low)`` uint8: ``ceil((Σ q + n) / 8)`` and ``ceil(n r / 8)`` bytes.
+    """
+    v = values.reshape(-1).to(torch.int64)
+    q = v >> r
+    ends = torch.cumsum(q + 1, 0) - 1  # where each value's terminating 0 goes
+    bits = torch.ones(int(ends[-1]) + 1 if v.numel() else 0, dtype=torch.uint8,
+                      device=v.device)
+    bits[ends] = 0
+    low = pack_bits(v & ((1 << r) - 1), r) if r else torch.empty(0, dtype=torch.uint8)
+    return pack_bits(bits, 1), low
+
+
+def rice_decode(unary: torch.Tensor, low: torch.Tensor, r: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`rice_encode`: ``(count,)`` int64."""
+    if not count:
+        return torch.empty(0, dtype=torch.int64)
+    bits = unpack_bits(unary, 1, unary.numel() * 8)
+    ends = (bits == 0).nonzero().reshape(-1)[:count]  # the padding's 0s come after the last
+    if ends.numel() != count:
+        raise ValueError(f"a Rice stream of {unary.numel()} bytes holds {ends.numel()} "
+                         f"values, expected {count}")
+    q = torch.diff(ends, prepend=ends.new_full((1,), -1)) - 1
+    return (q << r) | (unpack_bits(low, r, count) if r else 0)

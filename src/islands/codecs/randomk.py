@@ -54,8 +54,8 @@ class RandomK(Codec):
         self.seed = seed
         self._calls: dict[tuple[str, int], int] = {}
 
-    def kept(self, numel: int) -> int:
-        """Values sent for a tensor of ``numel`` values."""
+    def kept(self, numel: int, offset: int = 0) -> int:
+        """Values sent for a tensor of ``numel`` values (at any ``offset``)."""
         return kept_count(numel, self.fraction, self.count)
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:

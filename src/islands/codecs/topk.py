@@ -63,8 +63,8 @@ class TopK(Codec):
         self.fraction = fraction
         self.count = count
 
-    def kept(self, numel: int) -> int:
-        """Values sent for a tensor of ``numel`` values."""
+    def kept(self, numel: int, offset: int = 0) -> int:
+        """Values sent for a tensor of ``numel`` values (at any ``offset``)."""
         return kept_count(numel, self.fraction, self.count)
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
