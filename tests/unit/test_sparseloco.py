@@ -143,3 +143,24 @@ def test_rice_coded_offsets_send_fewer_bytes_for_the_same_training():
     assert b["final_eval_loss"] == a["final_eval_loss"]  # the offsets are coded losslessly
     assert torch.equal(packed.final_params, rice.final_params)
     assert b["bytes_sent_per_worker"] < a["bytes_sent_per_worker"]
+
+
+def test_a_joiner_in_the_fault_plan_starts_with_an_empty_accumulator(monkeypatch):
+    """Worker 2 joins at round 2 of 3: its first contribution goes in with no residual, and
+    every worker ends on the same global parameters."""
+    seen: dict[int, int] = {}
+    original = ErrorFeedback._encode
+
+    def spy(self, x, key, offset):
+        worker = int(key.split("/")[0][1:])
+        if worker not in seen:
+            seen[worker] = len(self.residuals)  # residual streams before its first encode
+        return original(self, x, key, offset)
+
+    monkeypatch.setattr(ErrorFeedback, "_encode", spy)
+    sim = Simulation(tiny_config(*SPARSE, 'faults=[{kind = "join", worker = 2, round = 2}]'))
+    summary = sim.run()
+    assert [e["members"] for e in summary["epochs"]] == [[0, 1], [0, 1, 2]]
+    assert seen == {0: 0, 1: 0, 2: 0}
+    assert all(torch.equal(s["global_params"], sim.shared_states[0]["global_params"])
+               for s in sim.shared_states)
