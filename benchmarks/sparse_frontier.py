@@ -23,7 +23,9 @@ DEMO = ["algorithm.collective='all_gather'", "codec.name='chain'",
         "codec.stages=[{name='dct_topk', count=4, chunk=64}, {name='sign'}]",
         "codec.error_feedback=true", "codec.error_feedback_beta=0.95", "outer.lr=1.0",
         "outer.momentum=0.0", "outer.nesterov=false"]
-MUON = ["inner.optimizer='muon'"]
+# Muon's runs start from the warm start the AdamW runs share (warm-started with Muon, they
+# would start from another, better, checkpoint)
+MUON = ["inner.optimizer='muon'", "init.warm_start_optimizer='adamw'"]
 
 # label -> overrides; "diloco" is the baseline every ratio is taken against
 METHODS: dict[str, list[str]] = {

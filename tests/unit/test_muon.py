@@ -233,3 +233,17 @@ def test_a_checkpoint_and_a_joiners_handover_restore_the_inner_state(tmp_path):
     mine, theirs = joiner.inner.state_dict()["state"], w.inner.state_dict()["state"]
     assert set(mine[0]) == {"momentum_buffer"} and set(mine) == set(theirs)
     assert all(torch.equal(mine[i][k], theirs[i][k]) for i in theirs for k in theirs[i])
+
+
+def test_a_muon_run_can_start_from_the_warm_start_adamw_runs_share():
+    from islands.engine.build import warm_start
+    from islands.tasks import build_task
+
+    base = ["init.warm_start_steps=3"]
+    adamw = tiny_config(*base)
+    shared = tiny_config(*base, "inner.optimizer='muon'", "init.warm_start_optimizer='adamw'")
+    own = tiny_config(*base, "inner.optimizer='muon'")
+    task = build_task(adamw)
+    a, b, c = (warm_start(x, task, torch.device("cpu")) for x in (adamw, shared, own))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # warm-started with Muon: another one

@@ -217,9 +217,13 @@ class InitConfig:
             own batch stream) and every worker of every algorithm starts from the result, as
             the DiLoCo paper starts from a pretrained checkpoint. 0: start from the random
             initialization of the seed. Not counted in ``steps``, bytes or virtual time.
+        warm_start_optimizer: the optimizer of the warm start (None: ``inner.optimizer``).
+            ``"adamw"`` gives a Muon run (``inner.optimizer = "muon"``) the warm start AdamW
+            runs share, so the two compare from the same checkpoint.
     """
 
     warm_start_steps: int = 0
+    warm_start_optimizer: Literal["adamw", "sgd", "muon"] | None = None
 
     def __post_init__(self) -> None:
         check(self.warm_start_steps >= 0, "init.warm_start_steps", self.warm_start_steps,

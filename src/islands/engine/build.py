@@ -181,17 +181,18 @@ def warm_start(cfg: RunConfig, task: Task, device: torch.device, *,
     stream of its own (seed-derived, so it never replays the batches of the run's workers).
     The validation data is never seen. Cached per process.
     """
-    d = cfg.to_dict()
-    key = json.dumps([d[k] for k in ("seed", "task", "model", "data", "inner", "init")]
-                     + [str(device), task_key, torch.get_num_threads()], sort_keys=True,
+    steps = cfg.init.warm_start_steps
+    # one worker alone: the run's per-worker settings (links, step times, faults) name
+    # workers it does not have
+    pre = cfg.replace(**{"workers": 1, "steps": steps, "inner.schedule": "constant",
+                         "init.warm_start_steps": 0, "network.worker": [],
+                         "compute.worker": [], "faults": [],
+                         "inner.optimizer": cfg.init.warm_start_optimizer or cfg.inner.optimizer})
+    d = pre.to_dict()
+    key = json.dumps([d[k] for k in ("seed", "task", "model", "data", "inner")]
+                     + [steps, str(device), task_key, torch.get_num_threads()], sort_keys=True,
                      default=str)  # (the thread count changes the float sums)
     if key not in _WARM_STARTS:
-        steps = cfg.init.warm_start_steps
-        # one worker alone: the run's per-worker settings (links, step times, faults) name
-        # workers it does not have
-        pre = cfg.replace(**{"workers": 1, "steps": steps, "inner.schedule": "constant",
-                             "init.warm_start_steps": 0, "network.worker": [],
-                             "compute.worker": [], "faults": []})
         data = task.data(1, derive_seed(cfg.seed, "warm-start"), pre.data)
         worker = build_worker(pre, 0, initial_model(pre, task, device), data_size=0)
         for step in range(steps):
