@@ -93,12 +93,15 @@ def run_one(setup: str, h: int | None, method: str, seed: int, threads: int) -> 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """One line per (setup, H, method): mean ± std over seeds and the ratios."""
-    groups: dict[tuple, list[dict]] = {}
+    latest: dict[tuple, dict] = {}  # a run repeated (merged reports) counts once
     for r in rows:
         method = r["method"]
         if "chunk_topk" in r.get("codec", "") and "rice" not in r["codec"]:
             method += " (packed offsets)"  # a run from before offsets were Rice-coded
-        groups.setdefault((r["setup"], str(r["H"]), method), []).append(r)
+        latest[(r["setup"], str(r["H"]), method, r["seed"])] = r
+    groups: dict[tuple, list[dict]] = {}
+    for (setup, h, method, _), r in latest.items():
+        groups.setdefault((setup, h, method), []).append(r)
     lines = []
     for (setup, h, method), runs in groups.items():
         losses = [r["final_eval_loss"] for r in runs]
@@ -162,6 +165,7 @@ def verdicts(lines: list[dict]) -> list[str]:
         for who, muon_too in (("AdamW inner", False), ("any inner optimizer", True)):
             close = [x for x in lines if (x["setup"], x["H"]) == key and x["method"] != "ddp"
                      and (muon_too or "mu" not in x["method"])
+                     and "warm start" not in x["method"]  # not from the shared checkpoint
                      and math.isfinite(x["paired_pct_mean"]) and x["paired_pct_mean"] <= 1.0]
             if not close:
                 out.append(f"{key[0]} H={key[1]} ({who}): no method within 1% of fp32 DiLoCo")
@@ -184,12 +188,16 @@ def plot(lines: list[dict], path: Path) -> None:
     from codecs_frontier import pareto
 
     panels = sorted({(x["setup"], x["H"]) for x in lines})
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False)
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 5.5 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     markers = {"ddp": "s", "diloco": "o", "sparseloco": "^", "sparseloco+muon": "P",
                "demo": "D", "muloco": "v"}
-    for ax, key in zip(axes[0], panels):
-        good = [x for x in lines if (x["setup"], x["H"]) == key
-                and math.isfinite(x["paired_pct_mean"])]
+    for ax, key in zip(axes.flat, panels):
+        good = [x for x in lines if (x["setup"], x["H"]) == key  # (another start: table only)
+                and math.isfinite(x["paired_pct_mean"]) and "warm start" not in x["method"]]
         for x in good:
             ax.errorbar(x["sent"], x["paired_pct_mean"], yerr=x["paired_pct_std"], capsize=2,
                         fmt=markers.get(x["method"].split()[0], "x"), ms=5)

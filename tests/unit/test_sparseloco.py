@@ -164,3 +164,22 @@ def test_a_joiner_in_the_fault_plan_starts_with_an_empty_accumulator(monkeypatch
     assert seen == {0: 0, 1: 0, 2: 0}
     assert all(torch.equal(s["global_params"], sim.shared_states[0]["global_params"])
                for s in sim.shared_states)
+
+
+def test_the_accumulator_is_saved_in_the_workers_checkpoint_and_outside_the_hash(tmp_path):
+    from islands.runtime import checkpoint, state
+
+    sim = Simulation(tiny_config(*SPARSE))
+    sim.run()
+    w = sim.workers[1]
+    residual = w.codec.state_dict()["residual/w1/pseudo-gradient"]
+    assert residual.abs().sum() > 0
+    path = tmp_path / "ck.safetensors"
+    shared = sim.shared_states[1]
+    checkpoint.save(path, shared, {"round": 3, "hash": state.digest(shared)}, w)
+    tensors, facts = checkpoint.load(path)
+    assert set(checkpoint.shared_part(tensors)) == {"global_params"}  # what the hash covers
+    fresh = Simulation(tiny_config(*SPARSE)).build().workers[1]
+    assert not fresh.codec.state_dict()  # a new process: an empty accumulator
+    checkpoint.restore_worker(fresh, checkpoint.worker_part(tensors), facts["worker"])
+    assert torch.equal(fresh.codec.state_dict()["residual/w1/pseudo-gradient"], residual)

@@ -35,9 +35,27 @@ def block_range(m: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0, 2)
 
 
-def per_value(scales: torch.Tensor, numel: int, block: int) -> torch.Tensor:
-    """A block's ``(lo, hi)`` beside each of its values: ``(numel, 2)``."""
-    return scales.repeat_interleave(block, 0)[:numel] if numel else scales[:0]
+def _parts(block: int, *tensors: torch.Tensor):
+    """The tensors (1-D, alike) as their full blocks ``(rows, block)``, then their tail
+    ``(1, tail)``: tuples of views, one per part."""
+    pieces = [split_blocks(t, block) for t in tensors]
+    out = []
+    if pieces and pieces[0][0].numel():
+        out.append(tuple(rows for rows, _ in pieces))
+    if pieces and pieces[0][1].numel():
+        out.append(tuple(tail.view(1, -1) for _, tail in pieces))
+    return out
+
+
+def _ranges(scales: torch.Tensor, block: int, numel: int):
+    """Each part's ``(lo, hi)`` as columns ``(rows, 1)`` (see :func:`_parts`)."""
+    full = numel // block
+    out = []
+    if full:
+        out.append((scales[:full, 0:1], scales[:full, 1:2]))
+    if numel % block:
+        out.append((scales[full:, 0:1], scales[full:, 1:2]))
+    return out
 
 
 class Quant(Codec):
@@ -66,20 +84,26 @@ class Quant(Codec):
         dtype, x = x.dtype, as_float32(x)
         block, m = self._block(x.numel()), x.abs()
         scales = block_range(m, block)
-        lo, hi = per_value(scales, x.numel(), block).unbind(1)
-        width = (hi - lo) / self.levels
-        bins = torch.where(width > 0, (m - lo) / width, torch.zeros_like(m))
-        codes = bins.floor_().clamp_(0, self.levels - 1).to(torch.int64)
-        codes |= (x < 0).to(torch.int64) << (self.bits - 1)
+        codes = torch.empty(x.numel(), dtype=torch.int64, device=x.device)
+        # block by block through views (a (lo, hi) beside every value would be 8 bytes each)
+        for (xs, ms, cs), (lo, hi) in zip(_parts(block, x, m, codes), _ranges(scales, block,
+                                                                               x.numel())):
+            width = (hi - lo) / self.levels
+            bins = torch.where(width > 0, (ms - lo) / width, torch.zeros_like(ms))
+            cs.copy_(bins.floor_().clamp_(0, self.levels - 1))
+            cs |= (xs < 0).to(torch.int64) << (self.bits - 1)
         return Encoded({"codes": pack_bits(codes, self.bits), "scales": scales},
                        numel=x.numel(), dtype=dtype, meta={"block": block})
 
     def decode(self, e: Encoded) -> torch.Tensor:
         codes = unpack_bits(e.tensors["codes"], self.bits, e.numel)
-        lo, hi = per_value(e.tensors["scales"], e.numel, e.meta["block"]).unbind(1)
-        bins = (codes & (self.levels - 1)).to(torch.float32)
-        out = lo + (bins + 0.5) * ((hi - lo) / self.levels)
-        out = torch.where((codes >> (self.bits - 1)).bool(), -out, out)
+        out = torch.empty(e.numel)
+        block = e.meta["block"]
+        for (cs, os), (lo, hi) in zip(_parts(block, codes, out),
+                                      _ranges(e.tensors["scales"], block, e.numel)):
+            bins = (cs & (self.levels - 1)).to(torch.float32)
+            torch.add(lo, (bins + 0.5) * ((hi - lo) / self.levels), out=os)
+            os.copy_(torch.where((cs >> (self.bits - 1)).bool(), -os, os))
         return out if e.dtype == torch.float32 else out.to(e.dtype)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int:
