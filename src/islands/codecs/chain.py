@@ -58,12 +58,18 @@ class Chain(Codec):
         return head
 
     def decode(self, e: Encoded) -> torch.Tensor:
+        return self.first.decode(self._head(e))
+
+    def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        return self.first.decode_into(self._head(e), out)
+
+    def _head(self, e: Encoded) -> Encoded:
+        """The first stage's payload, its values decoded by the value stage."""
         tail = Encoded({k[len(VALUES):]: t for k, t in e.tensors.items() if k.startswith(VALUES)},
                        numel=e.meta["kept"], meta=e.meta["values"])
         head = {k: t for k, t in e.tensors.items() if not k.startswith(VALUES)}
         head["values"] = self.values.decode(tail)
-        return self.first.decode(Encoded(head, numel=e.numel, dtype=e.dtype,
-                                         meta=e.meta["first"]))
+        return Encoded(head, numel=e.numel, dtype=e.dtype, meta=e.meta["first"])
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
         head = self.first.wire_bytes(numel, offset)

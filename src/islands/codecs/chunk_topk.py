@@ -191,9 +191,18 @@ class ChunkTopK(Codec):
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     def decode(self, e: Encoded) -> torch.Tensor:
+        return scatter(e.numel, self._where(e), e.tensors["values"], e.dtype)
+
+    def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        # zeros and the kept values straight into out: no fresh tensor of e.numel values
+        out.zero_()
+        out[self._where(e)] = e.tensors["values"].to(out.dtype)
+        return out
+
+    def _where(self, e: Encoded) -> torch.Tensor:
+        """The positions of the kept values in the slice."""
         starts = self._starts(runs(self.bounds, self.chunk, e.meta["offset"], e.numel))
-        offsets = self._offsets(e, starts)
-        return scatter(e.numel, offsets + starts, e.tensors["values"], e.dtype)
+        return self._offsets(e, starts) + starts
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
         if self.index == "rice":
