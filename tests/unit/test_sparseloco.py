@@ -47,6 +47,14 @@ def test_bad_settings_name_the_field(override, fragment):
     assert fragment in str(e.value)
 
 
+def test_an_outer_momentum_under_the_accumulator_is_warned_about():
+    from islands.core.errors import IslandsWarning
+
+    with pytest.warns(IslandsWarning, match=r"outer.momentum \(0.9\) under algorithm.name = "
+                                            r"'sparseloco': its accumulator replaces"):
+        build_algorithm(tiny_config(*SPARSE, "outer.momentum=0.9", "outer.nesterov=true"))
+
+
 def test_the_codec_section_may_add_entropy_coding_around_it():
     codec = run_codec(tiny_config(*SPARSE, "codec.entropy=true"))
     assert codec.name.startswith("entropy(error_feedback(")

@@ -20,15 +20,16 @@ starts with a zero accumulator (what it never trained it never owed).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from islands.algorithms.diloco import DiLoCo
 from islands.algorithms.outer import OuterConfig, outer_factory
-from islands.algorithms.schedule import outer_schedule, sync_every_setting
+from islands.algorithms.schedule import largest, outer_schedule, sync_every_setting
 from islands.codecs.chain import ChainConfig
 from islands.codecs.chunk_topk import INDEX_CODINGS, ChunkTopKConfig
 from islands.codecs.quant import QuantConfig
-from islands.core.errors import ConfigError
+from islands.core.errors import ConfigError, IslandsWarning
 from islands.core.registry import register
 from islands.core.sections import AlgorithmConfig, CodecConfig, check
 
@@ -95,6 +96,12 @@ class SparseLoCoConfig(AlgorithmConfig):
 
     def build(self, run, aggregator) -> DiLoCo:
         self.wire_codec(run.codec)
+        if largest(run.outer.momentum) > 0:
+            warnings.warn(IslandsWarning(
+                f"outer.momentum ({run.outer.momentum}) under algorithm.name = 'sparseloco': "
+                "its accumulator replaces the outer momentum, and with both the main job "
+                "ended 21% higher (docs/codecs.md); set outer.momentum = 0 and "
+                "outer.nesterov = false unless you mean to compare"), stacklevel=3)
         return DiLoCo(self.sync_every, outer=outer_factory(run.outer), aggregator=aggregator,
                       outer_schedule=outer_schedule(lr=run.outer.lr,
                                                     momentum=run.outer.momentum),
