@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -92,44 +91,40 @@ def run_one(setup: str, h: int | None, method: str, seed: int, threads: int) -> 
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One line per (setup, H, method): mean ± std over seeds and the ratios."""
+    """One line per (setup, H, method): mean ± std over seeds, the change against fp32 DiLoCo
+    seed by seed, and the byte ratios."""
+    from islands.metrics.seeds import mean_std
+
     latest: dict[tuple, dict] = {}  # a run repeated (merged reports) counts once
     for r in rows:
         method = r["method"]
         if "chunk_topk" in r.get("codec", "") and "rice" not in r["codec"]:
             method += " (packed offsets)"  # a run from before offsets were Rice-coded
         latest[(r["setup"], str(r["H"]), method, r["seed"])] = r
+    diloco = {(setup, h, seed): r["final_eval_loss"]
+              for (setup, h, method, seed), r in latest.items() if method == "diloco"}
     groups: dict[tuple, list[dict]] = {}
     for (setup, h, method, _), r in latest.items():
         groups.setdefault((setup, h, method), []).append(r)
     lines = []
     for (setup, h, method), runs in groups.items():
         losses = [r["final_eval_loss"] for r in runs]
-        ok = [x for x in losses if math.isfinite(x)]
+        pct = [100 * (r["final_eval_loss"] / diloco[(setup, h, r["seed"])] - 1)
+               for r in runs if (setup, h, r["seed"]) in diloco]
+        loss_mean, loss_std = mean_std(losses)  # (NaN when a run diverged)
+        pct_mean, pct_std = mean_std(pct) if pct else (float("nan"), None)
         lines.append({
             "setup": setup, "H": h, "method": method, "seeds": sorted(r["seed"] for r in runs),
-            "loss_mean": statistics.fmean(ok) if len(ok) == len(losses) else float("nan"),
-            "loss_std": statistics.stdev(ok) if len(ok) > 1 else 0.0,
-            "sent": statistics.fmean(r["bytes_sent_per_worker"] for r in runs),
-            "received": statistics.fmean(r["bytes_received_per_worker"] for r in runs),
+            "loss_mean": loss_mean, "loss_std": loss_std or 0.0,
+            "paired_pct_mean": pct_mean, "paired_pct_std": pct_std or 0.0,
+            "sent": mean_std([r["bytes_sent_per_worker"] for r in runs])[0],
+            "received": mean_std([r["bytes_received_per_worker"] for r in runs])[0],
             "rounds": runs[0].get("rounds"), "steps": runs[0].get("steps"),
-            "errors": [r["error"] for r in runs if r["error"]], "runs": runs})
-    by_seed = {(r["setup"], str(r["H"]), r["seed"]): r["final_eval_loss"] for r in rows
-               if r["method"] == "diloco"}
-    for (setup, h, _), runs in groups.items():  # the change against DiLoCo, seed by seed
-        line = next(x for x in lines if x["runs"] is runs)
-        pct = [100 * (r["final_eval_loss"] / by_seed[(setup, h, r["seed"])] - 1)
-               for r in runs if (setup, h, r["seed"]) in by_seed]
-        line["paired_pct_mean"] = statistics.fmean(pct) if pct else float("nan")
-        line["paired_pct_std"] = statistics.stdev(pct) if len(pct) > 1 else 0.0
+            "errors": [r["error"] for r in runs if r["error"]]})
+    by_key = {(x["setup"], x["H"], x["method"]): x for x in lines}
     for line in lines:
-        del line["runs"]
-    for line in lines:
-        same = {x["method"]: x for x in lines if (x["setup"], x["H"]) == (line["setup"],
-                                                                         line["H"])}
-        base, ddp = same.get("diloco"), same.get("ddp")
-        line["loss_vs_diloco_pct"] = (100 * (line["loss_mean"] / base["loss_mean"] - 1)
-                                      if base else float("nan"))
+        base = by_key.get((line["setup"], line["H"], "diloco"))
+        ddp = by_key.get((line["setup"], line["H"], "ddp"))
         line["fewer_than_diloco_x"] = base["sent"] / line["sent"] if base else float("nan")
         if ddp is not None:
             ddp_sent, line["ddp_bytes"] = ddp["sent"], "measured"

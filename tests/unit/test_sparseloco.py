@@ -13,7 +13,7 @@ from islands.algorithms import DiLoCo, build_algorithm
 from islands.codecs import Chain, ErrorFeedback, Quant
 from islands.collectives.butterfly import MESSAGE_HEADER_BYTES
 from islands.core.errors import ConfigError
-from islands.engine import run_codec
+from islands.engine import check_config, run_codec
 from islands.sim.runner import Simulation
 from tests.conftest import tiny_config
 
@@ -42,8 +42,7 @@ def test_the_config_is_diloco_gathering_with_plain_sgd_and_its_own_compressor():
 ])
 def test_bad_settings_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:
-        cfg = tiny_config(*SPARSE, override)
-        build_algorithm(cfg)
+        check_config(tiny_config(*SPARSE, override))  # as every run does before it starts
     assert fragment in str(e.value)
 
 

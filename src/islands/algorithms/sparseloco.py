@@ -95,7 +95,7 @@ class SparseLoCoConfig(AlgorithmConfig):
                            entropy=codec.entropy)
 
     def build(self, run, aggregator) -> DiLoCo:
-        self.wire_codec(run.codec)
+        # (the codec it would refuse is refused by wire_codec, which builds every worker's)
         if largest(run.outer.momentum) > 0:
             warnings.warn(IslandsWarning(
                 f"outer.momentum ({run.outer.momentum}) under algorithm.name = 'sparseloco': "

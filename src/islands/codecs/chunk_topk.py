@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from islands.codecs.base import Codec, Encoded, as_float32, given
+from islands.codecs.base import Codec, Encoded, as_float32
 from islands.codecs.packing import (
     index_bits,
     kept_count,
@@ -40,7 +40,14 @@ from islands.codecs.packing import (
     rice_parameter,
     unpack_bits,
 )
-from islands.codecs.topk import check_sparsity, check_sparsity_config, scatter
+from islands.codecs.topk import (
+    check_sparsity,
+    check_sparsity_config,
+    scatter,
+    share,
+    shown,
+    sparse_bytes,
+)
 from islands.core.registry import register
 from islands.core.sections import CodecConfig, check
 
@@ -85,8 +92,9 @@ def runs(bounds: list[int] | None, chunk: int, offset: int, numel: int
          ) -> list[tuple[int, int]]:
     """The slice ``[offset, offset + numel)`` as ``(start in the slice, length)`` runs, each
     beginning where a chunk does: every tensor's part of the slice (``bounds``: where the
-    tensors start; None: the slice is one tensor), its first run the rest of the chunk the
-    slice starts in when that is inside a tensor."""
+    tensors start; None, or a layout shorter than the slice (not the tensor it was bound
+    for): the slice is one tensor), its first run the rest of the chunk the slice starts in
+    when that is inside a tensor."""
     if bounds is None or bounds[-1] < offset + numel:
         return [(0, numel)] if numel else []
     out, end = [], offset + numel
@@ -207,13 +215,11 @@ class ChunkTopK(Codec):
     def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
         if self.index == "rice":
             return None  # the gaps' codes depend on where the kept values are
-        kept = self.kept(numel, offset)
-        return 4 * kept + -(-kept * index_bits(self.chunk) // 8)
+        return sparse_bytes(self.kept(numel, offset), index_bits(self.chunk))
 
     def __repr__(self) -> str:
-        share = f"count={self.count}" if self.count is not None else self.density
         index = "" if self.index == "packed" else f", index={self.index!r}"
-        return f"chunk_topk({share}, chunk={self.chunk}{index})"
+        return f"chunk_topk({shown(self.density, self.count)}, chunk={self.chunk}{index})"
 
 
 def _firsts(starts: torch.Tensor) -> torch.Tensor:
@@ -248,7 +254,5 @@ class ChunkTopKConfig(CodecConfig):
               f"must be one of {', '.join(repr(i) for i in INDEX_CODINGS)}")
 
     def make(self) -> Codec:
-        share = (given(density=self.density, count=self.count)
-                 if self.density is not None or self.count is not None
-                 else {"density": DEFAULT_DENSITY})
-        return ChunkTopK(**share, chunk=self.chunk, index=self.index)
+        density, count = share(self.density, self.count, DEFAULT_DENSITY)
+        return ChunkTopK(density, count=count, chunk=self.chunk, index=self.index)

@@ -26,10 +26,16 @@ from functools import lru_cache
 
 import torch
 
-from islands.codecs.base import Codec, Encoded, as_float32, given
+from islands.codecs.base import Codec, Encoded, as_float32
 from islands.codecs.chunk_topk import layout_bounds, magnitude_order, runs
 from islands.codecs.packing import index_bits, kept_count, pack_bits, unpack_bits
-from islands.codecs.topk import check_sparsity, check_sparsity_config
+from islands.codecs.topk import (
+    check_sparsity,
+    check_sparsity_config,
+    share,
+    shown,
+    sparse_bytes,
+)
 from islands.core.registry import register
 from islands.core.sections import CodecConfig, check
 
@@ -71,24 +77,22 @@ class DCTTopK(Codec):
     def bind_layout(self, shapes: list[torch.Size]) -> None:
         self.bounds = layout_bounds(shapes)
 
-    def _rows(self, numel: int, offset: int) -> list[tuple[int, int, int]]:
-        """``(start in the slice, length, first row)`` of each run; every run pads to whole
-        rows of ``chunk`` coefficients."""
-        out, row = [], 0
+    def _rows(self, numel: int, offset: int) -> tuple[list[tuple[int, int, int]], int]:
+        """``(start in the slice, length, first row)`` of each run (every run pads to whole
+        rows of ``chunk`` coefficients), and the rows in all."""
+        pieces, rows = [], 0
         for a, n in runs(self.bounds, self.chunk, offset, numel):
-            out.append((a, n, row))
-            row += -(-n // self.chunk)
-        return out
+            pieces.append((a, n, rows))
+            rows += -(-n // self.chunk)
+        return pieces, rows
 
     def kept(self, numel: int, offset: int = 0) -> int:
         """Coefficients sent for ``numel`` values at ``offset``."""
-        return sum(-(-n // self.chunk) for _, n in
-                   runs(self.bounds, self.chunk, offset, numel)) * self.k
+        return self._rows(numel, offset)[1] * self.k
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         dtype, x = x.dtype, as_float32(x)
-        pieces = self._rows(x.numel(), offset)
-        rows = self.kept(x.numel(), offset) // self.k
+        pieces, rows = self._rows(x.numel(), offset)
         padded = torch.zeros(rows, self.chunk, device=x.device)
         for a, n, row in pieces:
             padded.view(-1)[row * self.chunk:row * self.chunk + n] = x[a:a + n]
@@ -101,8 +105,7 @@ class DCTTopK(Codec):
                        numel=x.numel(), dtype=dtype, meta={"offset": offset})
 
     def decode(self, e: Encoded) -> torch.Tensor:
-        pieces = self._rows(e.numel, e.meta["offset"])
-        rows = self.kept(e.numel, e.meta["offset"]) // self.k
+        pieces, rows = self._rows(e.numel, e.meta["offset"])
         offsets = unpack_bits(e.tensors["indices"], index_bits(self.chunk), rows * self.k)
         coefficients = torch.zeros(rows, self.chunk)
         coefficients.scatter_(1, offsets.view(rows, self.k),
@@ -114,12 +117,10 @@ class DCTTopK(Codec):
         return out if e.dtype == torch.float32 else out.to(e.dtype)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int:
-        kept = self.kept(numel, offset)
-        return 4 * kept + -(-kept * index_bits(self.chunk) // 8)
+        return sparse_bytes(self.kept(numel, offset), index_bits(self.chunk))
 
     def __repr__(self) -> str:
-        share = f"count={self.count}" if self.count is not None else self.density
-        return f"dct_topk({share}, chunk={self.chunk})"
+        return f"dct_topk({shown(self.density, self.count)}, chunk={self.chunk})"
 
 
 @register("codec", "dct_topk")
@@ -143,6 +144,5 @@ class DCTTopKConfig(CodecConfig):
         check(self.chunk >= 1, "codec.chunk", self.chunk, "must be >= 1")
 
     def make(self) -> Codec:
-        if self.density is None and self.count is None:
-            return DCTTopK(DEFAULT_DCT_DENSITY, chunk=self.chunk)
-        return DCTTopK(**given(density=self.density, count=self.count), chunk=self.chunk)
+        density, count = share(self.density, self.count, DEFAULT_DCT_DENSITY)
+        return DCTTopK(density, count=count, chunk=self.chunk)

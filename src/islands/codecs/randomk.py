@@ -25,7 +25,7 @@ from islands.codecs.packing import (
     kept_count,
     stream_seed,
 )
-from islands.codecs.topk import check_sparsity, scatter
+from islands.codecs.topk import check_sparsity, scatter, shown
 
 
 def positions(seed: int, numel: int, k: int) -> torch.Tensor:
@@ -64,7 +64,7 @@ class RandomK(Codec):
         calls = self._calls.get((key, offset), 0)
         self._calls[(key, offset)] = calls + 1
         seed = stream_seed(self.seed, key, offset, n, calls, shared=True)
-        k = kept_count(n, self.fraction, self.count)
+        k = self.kept(n)
         values = x[positions(seed, n, k)]
         return Encoded({"seed": torch.tensor([seed], dtype=torch.int64), "values": values},
                        numel=n, dtype=dtype, meta={"k": k})
@@ -74,7 +74,7 @@ class RandomK(Codec):
         return scatter(e.numel, idx, e.tensors["values"], e.dtype)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int:
-        return 8 + 4 * kept_count(numel, self.fraction, self.count)
+        return 8 + 4 * self.kept(numel)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         # The call counters keep a resumed run on the positions an uninterrupted one draws.
@@ -84,4 +84,4 @@ class RandomK(Codec):
         self._calls = counters_from_state(state)
 
     def __repr__(self) -> str:
-        return f"randomk({self.fraction if self.count is None else f'count={self.count}'})"
+        return f"randomk({shown(self.fraction, self.count)})"

@@ -39,6 +39,25 @@ def check_sparsity(fraction: float | None, count: int | None, *,
         raise ValueError(f"count ({count}) must be >= 1")
 
 
+def share(value: float | None, count: int | None, default: float) -> tuple[float | None,
+                                                                         int | None]:
+    """A sparsifier's ``(share, count)`` from a config: ``count`` if set, else the share, else
+    ``default``."""
+    if count is not None:
+        return None, count
+    return (value if value is not None else default), None
+
+
+def sparse_bytes(kept: int, bits: int) -> int:
+    """Wire bytes of ``kept`` float32 values and their ``bits``-bit packed indices."""
+    return 4 * kept + -(-kept * bits // 8)
+
+
+def shown(value: float | None, count: int | None) -> str:
+    """How a sparsifier's repr names what it keeps: ``0.01`` or ``count=5``."""
+    return f"count={count}" if count is not None else str(value)
+
+
 def scatter(numel: int, indices: torch.Tensor, values: torch.Tensor,
             dtype: torch.dtype) -> torch.Tensor:
     """A dense ``(numel,)`` tensor of zeros holding ``values`` at ``indices``."""
@@ -70,7 +89,7 @@ class TopK(Codec):
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         dtype, x = x.dtype, as_float32(x)
         n = x.numel()
-        k = kept_count(n, self.fraction, self.count)
+        k = self.kept(n)
         idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
         return Encoded({"values": x[idx], "indices": pack_bits(idx, index_bits(n))},
                        numel=n, dtype=dtype, meta={"k": k})
@@ -81,11 +100,10 @@ class TopK(Codec):
         return scatter(e.numel, idx, e.tensors["values"], e.dtype)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int:
-        k = kept_count(numel, self.fraction, self.count)
-        return 4 * k + -(-k * index_bits(numel) // 8)
+        return sparse_bytes(self.kept(numel), index_bits(numel))
 
     def __repr__(self) -> str:
-        return f"topk({self.fraction if self.count is None else f'count={self.count}'})"
+        return f"topk({shown(self.fraction, self.count)})"
 
 
 @register("codec", "randomk")
@@ -111,9 +129,8 @@ class SparseConfig(CodecConfig):
         from islands.codecs.randomk import RandomK  # (randomk builds on this module)
 
         cls = TopK if self.name == "topk" else RandomK
-        if self.count is not None:
-            return cls(count=self.count)
-        return cls(self.fraction if self.fraction is not None else DEFAULT_FRACTION)
+        fraction, count = share(self.fraction, self.count, DEFAULT_FRACTION)
+        return cls(fraction, count=count)
 
 
 def check_sparsity_config(fraction: float | None, count: int | None, *,

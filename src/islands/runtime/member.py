@@ -410,7 +410,8 @@ class Member:
         state.load(self.algorithm, self.worker, shared)
         if state.adopt_inner(self.worker, inner):
             log.info("worker %d: adopted worker %d's inner optimizer moments", self.me, src)
-        if "error_feedback" in repr(self.worker.codec) and not self.worker.codec.state_dict():
+        if (self.cfg.algorithm.wire_codec(self.cfg.codec).error_feedback
+                and not self.worker.codec.state_dict()):
             # per-worker state, never handed over (SparseLoCo's accumulator): zeros
             log.info("worker %d: its error-feedback accumulator starts empty (a joiner owes "
                      "nothing it did not train)", self.me)
