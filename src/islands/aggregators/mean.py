@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from islands.aggregators.rule import Rule, check_clip_norm
 from islands.core.registry import register
 from islands.core.sections import AggregatorConfig
 
@@ -95,13 +96,42 @@ def mean_of_rows(rows: list[torch.Tensor], weights: torch.Tensor | None, out: to
     return out
 
 
+class Mean(Rule):
+    """The (weighted) mean as a :class:`~islands.aggregators.rule.Rule`, for rows clipped
+    first (``clip_norm``). Breakdown: 0 (one row moves it arbitrarily far; clipped, by at
+    most its normalized weight times ``2 · clip_norm``). ``influence``: 1 for every row.
+
+    Args:
+        clip_norm: see :class:`~islands.aggregators.rule.Rule`.
+    """
+
+    def _aggregate(self, stacked, weights, key):
+        return mean(stacked, weights), torch.ones(stacked.shape[0], dtype=torch.float64)
+
+    def breakdown(self, n: int) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return f"Mean({self._clip_repr()})"
+
+
 @register("aggregator", "mean", default=True)
 @dataclass(frozen=True, kw_only=True)
 class MeanConfig(AggregatorConfig):
-    """``[aggregator] name = "mean"``: the (weighted) mean, no settings of its own."""
+    """``[aggregator] name = "mean"``: the (weighted) mean.
+
+    Attributes:
+        clip_norm: clip every row to this L2 norm first; None: no clipping (the plain
+            :func:`mean`, which the butterfly streams without stacking the rows).
+    """
 
     name: str = "mean"
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        check_clip_norm(self.clip_norm, self.name)
 
     def build(self):
-        """The aggregator function: ``(stacked (n, numel), weights (n,) | None) -> (numel,)``."""
-        return mean
+        """The aggregator: :func:`mean` itself (``(stacked (n, numel), weights (n,) | None)
+        -> (numel,)``), or a new :class:`Mean` when ``clip_norm`` is set."""
+        return mean if self.clip_norm is None else Mean(clip_norm=self.clip_norm)

@@ -1,0 +1,107 @@
+"""The per-worker object of a robust aggregation rule: optional row clipping, the rule, and
+what the rule did (each row's influence).
+
+The rules themselves are pure functions over stacked contributions (``coordinate``, ``krum``,
+``centered_clip``, ``similarity``); a :class:`Rule` wraps one for the engine, which builds
+one per worker from the ``[aggregator]`` section and calls it on every shard it aggregates.
+The rules: Krum and Multi-Krum (Blanchard et al. 2017), the coordinate median and trimmed mean
+(Yin et al. 2018), Bulyan (El Mhamdi et al. 2018), FoolsGold (Fung et al. 2020) and CenteredClip
+(Karimireddy et al. 2021).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import ClassVar
+
+import torch
+
+from islands.aggregators.clipping import clip_rows
+from islands.core.sections import check
+
+
+def check_rows(stacked: torch.Tensor, rule: str) -> None:
+    """Raises ``ValueError`` unless ``stacked`` is a floating (n, numel) tensor with n >= 1."""
+    if stacked.dim() != 2 or stacked.shape[0] < 1 or not stacked.is_floating_point():
+        raise ValueError(f"{rule}: stacked ({tuple(stacked.shape)}, {stacked.dtype}) must be "
+                         f"a floating (n, numel) tensor with n >= 1 rows")
+
+
+def check_clip_norm(clip_norm: float | None, rule: str) -> None:
+    """The ``aggregator.clip_norm`` check every rule's section shares."""
+    check(clip_norm is None or clip_norm > 0, "aggregator.clip_norm", clip_norm,
+          f"must be > 0 for {rule} (the largest L2 norm a contribution keeps), or None for "
+          f"no clipping")
+
+
+class Rule:
+    """An aggregation rule for the engine: ``rule(stacked, weights, key=...) -> (numel,)``.
+
+    Subclasses implement :meth:`_aggregate` (and :meth:`breakdown`); a subclass with state
+    (:class:`~islands.aggregators.centered_clip.CenteredClip`'s centers) also overrides
+    :meth:`state_dict` and :meth:`load_state_dict`.
+
+    Attributes:
+        whole_vector: the rule needs whole contributions (distances between rows), not shards:
+            the engine all-gathers the rows instead of reducing shard by shard.
+        influence: after each call, (n,) float64 in [0, 1]: how much each row counted,
+            relative to a plain mean (1: fully); each rule says what it measures.
+
+    Args:
+        clip_norm: clip every row to this L2 norm before the rule (:func:`clip_rows`);
+            None: no clipping.
+    """
+
+    whole_vector: ClassVar[bool] = False
+
+    def __init__(self, *, clip_norm: float | None = None) -> None:
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm ({clip_norm!r}) must be > 0, or None for no clipping")
+        self.clip_norm = clip_norm
+        self.influence: torch.Tensor | None = None
+        self._reports: list[tuple[Hashable, int, torch.Tensor]] = []
+
+    def __call__(self, stacked: torch.Tensor, weights: torch.Tensor | None = None, *,
+                 key: Hashable = None) -> torch.Tensor:
+        """Clips the rows (``clip_norm``), then aggregates them.
+
+        Args:
+            stacked: (n, numel) contributions in member order; read only.
+            weights: (n,) float64 aggregation weights, or None; used only where a rule says.
+            key: which shard this is (any hashable, such as ``(tag, offset, numel)``); a rule
+                with state keeps it per key.
+
+        Returns:
+            (numel,) a new tensor.
+        """
+        check_rows(stacked, type(self).__name__)
+        rows = stacked if self.clip_norm is None else clip_rows(stacked, self.clip_norm)
+        out, influence = self._aggregate(rows, weights, key)
+        self.influence = influence
+        self._reports.append((key, int(stacked.shape[1]), influence))
+        return out
+
+    def _aggregate(self, stacked: torch.Tensor, weights: torch.Tensor | None,
+                   key: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
+        """The result (numel,) and the influence (n,) float64 of one call."""
+        raise NotImplementedError
+
+    def breakdown(self, n: int) -> int:
+        """The most Byzantine rows out of ``n`` the rule is documented to tolerate."""
+        raise NotImplementedError
+
+    def take_reports(self) -> list[tuple[Hashable, int, torch.Tensor]]:
+        """``(key, numel, influence)`` of every call since the last take, oldest first; the
+        list is cleared."""
+        reports, self._reports = self._reports, []
+        return reports
+
+    def state_dict(self) -> dict:
+        """What the rule carries between calls (nothing, unless a subclass says)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict`'s output."""
+
+    def _clip_repr(self, sep: str = "") -> str:
+        return "" if self.clip_norm is None else f"{sep}clip_norm={self.clip_norm}"
