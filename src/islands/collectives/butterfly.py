@@ -40,11 +40,12 @@ the next chunks are on the wire.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import struct
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from islands.aggregators import mean
+from islands.aggregators import Rule, mean
 from islands.aggregators.mean import mean_of_rows, streams
 from islands.codecs.base import Codec, Encoded, all_finite
 from islands.codecs.cast import Identity
@@ -66,6 +67,38 @@ MESSAGE_HEADER_BYTES = 16
 STEP = 1 << 20
 
 Aggregator = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# one rule for every member, or each member's own (a stateful rule: CenteredClip's center)
+Aggregators = Aggregator | Mapping[int, Aggregator]
+
+
+def rule_of(aggregator: Aggregators, member: int) -> Aggregator:
+    """The rule ``member`` aggregates with."""
+    return aggregator[member] if isinstance(aggregator, Mapping) else aggregator
+
+
+def aggregate(rule: Aggregator, stacked: torch.Tensor, weights: torch.Tensor | None,
+              key: tuple) -> torch.Tensor:
+    """``rule(stacked, weights)``; a rule with state per shard (:class:`~islands.aggregators.
+    Rule`) is told which shard: ``key = (tag, offset, numel)``."""
+    if isinstance(rule, Rule):
+        return rule(stacked, weights, key=key)
+    return rule(stacked, weights)
+
+
+def header_weights(msgs: list[Message], members: tuple[int, ...],
+                   weights: dict[int, float], what: str) -> torch.Tensor:
+    """The aggregation weights of ``members``' messages: the round's own where this process
+    knows them (``weights``: every member's in the simulator, the local worker's in the
+    runtime), checked against the sender's header (a forged weight is refused, naming the
+    sender); the header's otherwise."""
+    out = []
+    for s, m in zip(members, msgs):
+        # the header holds an f32 (MESSAGE_HEADER_BYTES): compared as one
+        if s in weights and _f32(m.weight) != _f32(weights[s]):
+            raise PeerRefused(f"{what}: worker {s} claims aggregation weight {m.weight:g}, "
+                              f"the round gives it {float(weights[s]):g}; refused", s)
+        out.append(float(weights[s]) if s in weights else m.weight)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 class Work:
@@ -104,6 +137,18 @@ def _finished(pending: Exchange) -> Iterator[None]:
     pending.wait()
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", float(x)))[0]
+
+
+def _claim(weights: dict[int, float] | None, claims: dict[int, float] | None,
+           sender: int) -> float:
+    """The weight ``sender``'s headers carry."""
+    if claims is not None and sender in claims:
+        return float(claims[sender])
+    return 1.0 if weights is None else float(weights[sender])
+
+
 def _arrived(pending: Exchange, key: tuple[int, int], payload: Encoded) -> None:
     for name, t in payload.tensors.items():
         pending.wait_for(key, name, t.numel() * t.element_size())
@@ -130,23 +175,28 @@ class Group:
         self.local = tuple(m for m in members if m in transport.local)
 
     def all_reduce(self, contributions: dict[int, torch.Tensor], *, codecs: dict[int, Codec],
-                   aggregator: Aggregator = mean, weights: dict[int, float] | None = None,
+                   aggregator: Aggregators = mean, weights: dict[int, float] | None = None,
                    tag: str = "all-reduce", native: bool = False) -> dict[int, torch.Tensor]:
         """:meth:`start_all_reduce`, waited on."""
         return self.start_all_reduce(contributions, codecs=codecs, aggregator=aggregator,
                                      weights=weights, tag=tag, native=native).wait()
 
     def start_all_reduce(self, contributions: dict[int, torch.Tensor], *,
-                         codecs: dict[int, Codec], aggregator: Aggregator = mean,
+                         codecs: dict[int, Codec], aggregator: Aggregators = mean,
                          weights: dict[int, float] | None = None, tag: str = "all-reduce",
-                         native: bool = False) -> Work:
+                         native: bool = False, claims: dict[int, float] | None = None) -> Work:
         """Reduces one flat tensor per member; the handle gives each local member's result.
 
         Args:
             contributions: {local worker: 1-D tensor}, all of the same length.
             codecs: {local worker: its codec}.
-            aggregator: applied to each shard's stacked decoded contributions.
-            weights: {worker: weight} for weighted aggregation (sent in the header).
+            aggregator: applied to each shard's stacked decoded contributions (one rule, or
+                {member: its rule}: the shard's owner applies its own).
+            weights: {worker: weight} for weighted aggregation: the round's weights (sent in
+                the header; a received header that differs from a weight given here is
+                refused, :func:`header_weights`).
+            claims: {local worker: the weight its headers say}, where not its ``weights``
+                (an attacker's forged weight).
             tag: names the stream (no round number: codec state carries across rounds).
             native: a trusted job (``runtime.trust = "cluster"``): where the codec is
                 lossless, the rule the plain mean and the transport has a collective of its
@@ -154,7 +204,8 @@ class Group:
                 the engine's are fresh tensors). Otherwise the butterfly.
         """
         assert set(contributions) == set(self.local), (sorted(contributions), self.local)
-        if native and weights is None and aggregator is mean and len(self.local) == 1 and all(
+        plain = all(rule_of(aggregator, j) is mean for j in self.local)
+        if native and weights is None and plain and len(self.local) == 1 and all(
                 type(c) is Identity for c in codecs.values()):
             (me, x), = contributions.items()
             out = self.transport.all_reduce_mean(x, self.members, f"{tag}/all-reduce")
@@ -175,14 +226,13 @@ class Group:
             with timed(sw, "encode"):
                 payload = codecs[i].encode(contributions[i][a:b], key=f"w{i}/{tag}/scatter",
                                            offset=a)
-            return Message(payload, MESSAGE_HEADER_BYTES,
-                           weight=1.0 if weights is None else float(weights[i]))
+            return Message(payload, MESSAGE_HEADER_BYTES, weight=_claim(weights, claims, i))
 
         scatter = f"{tag}/reduce-scatter"
         with self._or_give_up(scatter):  # a NaN contribution: the peers hear it at once
             outgoing = {(i, j): scattered(i, j) for i in self.local for j in self.members
                         if i != j}
-        stream = aggregator is mean and streams(len(self.members), dtype)
+        stream = plain and streams(len(self.members), dtype)
         rank = {m: r for r, m in enumerate(self.members)}
 
         def row_place(src, dst):  # the kept buffer of a streamed row, or its row of the stack
@@ -204,10 +254,11 @@ class Group:
             for j in self.local:
                 a, b = owner[j]
                 msgs = [received(pending, (i, j), scatter) for i in self.members]
-                wts = None if weights is None else torch.tensor([m.weight for m in msgs],
-                                                               dtype=torch.float64)
-                reduced, rows, finite = self._reduce(pending, j, codecs[j], aggregator, wts,
-                                                     stream, out[j][a:b], a, tag)
+                wts = None if weights is None else header_weights(msgs, self.members,
+                                                                  weights, scatter)
+                reduced, rows, finite = self._reduce(pending, j, codecs[j],
+                                                     rule_of(aggregator, j), wts, stream,
+                                                     out[j][a:b], a, tag)
                 with timed(sw, "encode"):
                     payload = self._encode_reduced(codecs[j], reduced, rows, finite,
                                                    f"w{j}/{tag}/gather", a, scatter)
@@ -223,7 +274,8 @@ class Group:
         return Work(out)
 
     def gather_rows(self, contributions: dict[int, torch.Tensor], *, codecs: dict[int, Codec],
-                    weights: dict[int, float] | None = None, tag: str = "all-gather"
+                    weights: dict[int, float] | None = None, tag: str = "all-gather",
+                    claims: dict[int, float] | None = None
                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """An all-gather: every member's whole tensor, encoded once by its own codec, to
         every other member, for contributions a reduced shard must not be re-encoded from
@@ -233,7 +285,7 @@ class Group:
         Args:
             contributions: {local worker: 1-D tensor}, all of the same length.
             codecs: {local worker: its codec}.
-            weights: {worker: weight} (sent in the header, as the all-reduce's).
+            weights, claims: as the all-reduce's (:meth:`start_all_reduce`).
             tag: names the stream (keys codec state such as error-feedback residuals).
 
         Returns:
@@ -246,8 +298,7 @@ class Group:
         with self._or_give_up(tag):
             for i in self.local:
                 sent[i] = Message(codecs[i].encode(contributions[i], key=f"w{i}/{tag}"),
-                                  MESSAGE_HEADER_BYTES,
-                                  weight=1.0 if weights is None else float(weights[i]))
+                                  MESSAGE_HEADER_BYTES, weight=_claim(weights, claims, i))
         outgoing = {(i, j): sent[i] for i in self.local for j in self.members if j != i}
         incoming = self.transport.exchange(outgoing, self.members, phase=tag)
         x0 = next(iter(contributions.values()))
@@ -260,19 +311,20 @@ class Group:
             for s, m, row in zip(self.members, msgs, rows):
                 decode_checked(codecs[d], m.payload, row, 0, s, tag)
             refuse_non_finite(list(rows), self.members, tag)
-            wts = None if weights is None else torch.tensor([m.weight for m in msgs],
-                                                            dtype=torch.float64)
+            wts = None if weights is None else header_weights(msgs, self.members, weights, tag)
             out[d] = (rows, wts)
         return out
 
     def start_all_gather(self, contributions: dict[int, torch.Tensor], *,
-                         codecs: dict[int, Codec], aggregator: Aggregator = mean,
-                         weights: dict[int, float] | None = None, tag: str = "all-gather"
-                         ) -> Work:
-        """:meth:`gather_rows`, then the aggregator over the whole rows on every member: the
+                         codecs: dict[int, Codec], aggregator: Aggregators = mean,
+                         weights: dict[int, float] | None = None, tag: str = "all-gather",
+                         claims: dict[int, float] | None = None) -> Work:
+        """:meth:`gather_rows`, then each local member's rule over the whole rows: the
         handle gives each local member's result (the same on every member)."""
-        gathered = self.gather_rows(contributions, codecs=codecs, weights=weights, tag=tag)
-        return Work({d: aggregator(rows, wts) for d, (rows, wts) in gathered.items()})
+        gathered = self.gather_rows(contributions, codecs=codecs, weights=weights, tag=tag,
+                                    claims=claims)
+        return Work({d: aggregate(rule_of(aggregator, d), rows, wts, (tag, 0, rows.shape[1]))
+                     for d, (rows, wts) in gathered.items()})
 
     @contextlib.contextmanager
     def _or_give_up(self, phase: str) -> Iterator[None]:
@@ -344,7 +396,7 @@ class Group:
             with timed(sw, "decode"):
                 refuse_non_finite(rows, self.members, what)
         with timed(sw, "reduce"):
-            return aggregator(stacked, weights), rows, False
+            return aggregate(aggregator, stacked, weights, (tag, a, n)), rows, False
 
     def _encode_reduced(self, codec: Codec, reduced: torch.Tensor, rows: list[torch.Tensor],
                         finite: bool, key: str, offset: int, what: str) -> Encoded:

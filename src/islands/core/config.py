@@ -42,6 +42,7 @@ from islands.core.sections import (
     COMPONENT_BASES,
     AggregatorConfig,
     AlgorithmConfig,
+    AttackConfig,
     CodecConfig,
     ComputeConfig,
     DataConfig,
@@ -97,7 +98,7 @@ class RunConfig:
             ``name`` registered.
         model, outer: sections a component reads (the ``byte_gpt`` task's GPT, DiLoCo's outer
             optimizer); None when no chosen component reads them.
-        data, inner, init, network, compute, runtime: the sections core owns
+        data, inner, init, network, compute, runtime, attack: the sections core owns
             (:mod:`islands.core.sections`); ``data`` is the class the task reads.
         config_dir: the folder of the TOML file this was loaded from (task paths resolve from
             it); not part of the run's identity, never saved.
@@ -122,6 +123,7 @@ class RunConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     faults: tuple[Fault, ...] = ()
     config_dir: str | None = field(default=None, compare=False, repr=False)
 
@@ -137,6 +139,7 @@ class RunConfig:
                       f"must name a worker in [0, {self.workers - 1}] (workers = {self.workers})")
         for i, f in enumerate(self.faults):
             f.check(i, self.workers)
+        self.attack.ids(self.workers)
         _normalize(self)
 
     @property

@@ -115,11 +115,24 @@ class AggregatorConfig:
 
     Attributes:
         name: ``"mean"`` (weighted by the algorithm's weights: samples for local_sgd).
+        ban_after: the ban rule (``islands.engine.judge``): a worker whose influence on the
+            aggregate stays under ``ban_below`` times the round's median influence for this
+            many syncs in a row is excluded from the job (None: never).
+        ban_below: the ban rule's threshold, a fraction of the median influence.
     """
 
     kind: ClassVar[str] = "aggregator"
     tolerated: ClassVar[frozenset[str]] = frozenset()
     name: str = "mean"
+    ban_after: int | None = 5
+    ban_below: float = 0.25
+
+    def check_ban(self) -> None:
+        """Validates the ban rule's keys."""
+        check(self.ban_after is None or self.ban_after >= 1, "aggregator.ban_after",
+              self.ban_after, "must be >= 1 (syncs in a row), or unset to never ban")
+        check(0 < self.ban_below < 1, "aggregator.ban_below", self.ban_below,
+              "must be in (0, 1): a fraction of the round's median influence")
 
 
 COMPONENT_BASES: dict[str, type] = {"task": TaskConfig, "algorithm": AlgorithmConfig,
@@ -303,6 +316,85 @@ class ComputeConfig:
         for i, w in enumerate(self.worker):
             check(w.step_time_s > 0, f"compute.worker[{i}].step_time_s", w.step_time_s,
                   "must be > 0")
+
+
+ATTACKS = ("none", "sign_flip", "noise", "alie", "ipm", "constant", "label_flip", "stale",
+           "nan", "sybil", "lying_aggregator", "forged_weight", "false_accuser")
+
+# each attack's ``scale`` when the config leaves it unset (see AttackConfig)
+ATTACK_SCALES = {"sign_flip": 10.0, "noise": 10.0, "alie": 1.0, "ipm": 0.5, "constant": 10.0,
+                 "sybil": 1.0, "lying_aggregator": 10.0, "forged_weight": 1e9}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackConfig:
+    """Byzantine workers (``[attack]``): which workers attack, from which round, and how
+    (``islands.engine.attacks`` carries them out; in the simulator they are omniscient where the
+    attack needs it: ALIE and IPM see the honest pseudo-gradients of the round).
+
+    Attributes:
+        name: ``"none"``, or the attack every attacker carries out: ``"sign_flip"`` (sends
+            ``-scale`` times its pseudo-gradient), ``"noise"`` (Gaussian noise, its standard
+            deviation ``scale`` times the RMS of its pseudo-gradient), ``"alie"`` ("a little is
+            enough", Baruch et al. 2019: the honest mean minus ``scale * z`` standard
+            deviations per coordinate, ``z`` the paper's for the group's size and attackers),
+            ``"ipm"`` (inner-product manipulation, Xie et al. 2020: ``-scale`` times the honest
+            mean), ``"constant"`` (one fixed random direction of ``scale`` times its
+            pseudo-gradient's norm), ``"label_flip"`` (trains honestly on flipped labels:
+            ``y -> labels - 1 - y``), ``"stale"`` (its pseudo-gradient of ``delay_rounds``
+            rounds ago), ``"nan"`` (NaN values), ``"sybil"`` (every attacker sends one and the
+            same update: ``-scale`` times the first attacker's pseudo-gradient),
+            ``"lying_aggregator"`` (as a shard's owner in the butterfly, returns ``-scale``
+            times the true aggregate), ``"forged_weight"`` (claims aggregation weight
+            ``scale``), ``"false_accuser"`` (blames honest workers; the real runtime's blame
+            protocol, not built yet).
+        attackers: how many workers attack (the highest ids: ``workers - attackers`` on), or
+            their ids.
+        start_round: the first round they attack (honest before: turning malicious).
+        scale: the attack's strength (None: its default, :data:`ATTACK_SCALES`).
+        delay_rounds: ``"stale"``: how old its pseudo-gradient is, in rounds.
+        seed: draws the attacks' randomness (noise, the constant direction).
+    """
+
+    name: str = "none"
+    attackers: int | tuple[int, ...] = 0
+    start_round: int = 0
+    scale: float | None = None
+    delay_rounds: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.name in ATTACKS, "attack.name", self.name,
+              f"must be one of {', '.join(ATTACKS)}")
+        if not isinstance(self.attackers, int):
+            object.__setattr__(self, "attackers", tuple(int(i) for i in self.attackers))
+            check(len(set(self.attackers)) == len(self.attackers), "attack.attackers",
+                  list(self.attackers), "must name each worker once")
+        else:
+            check(self.attackers >= 0, "attack.attackers", self.attackers,
+                  "must be >= 0 (a count) or a list of worker ids")
+        check(self.start_round >= 0, "attack.start_round", self.start_round, "must be >= 0")
+        check(self.delay_rounds >= 1, "attack.delay_rounds", self.delay_rounds, "must be >= 1")
+        check(self.scale is None or self.scale == self.scale, "attack.scale", self.scale,
+              "must be a number (None: the attack's default)")
+
+    def ids(self, workers: int) -> tuple[int, ...]:
+        """The attackers' ids in a job of ``workers`` workers (none for ``name = "none"``)."""
+        if self.name == "none":
+            return ()
+        if isinstance(self.attackers, int):
+            check(self.attackers < workers, "attack.attackers", self.attackers,
+                  f"must leave at least one honest worker (workers = {workers})")
+            return tuple(range(workers - self.attackers, workers))
+        for i in self.attackers:
+            check(0 <= i < workers, "attack.attackers", list(self.attackers),
+                  f"must name workers in [0, {workers - 1}] (workers = {workers})")
+        return tuple(sorted(self.attackers))
+
+    @property
+    def strength(self) -> float:
+        """``scale``, or the attack's default."""
+        return ATTACK_SCALES.get(self.name, 1.0) if self.scale is None else float(self.scale)
 
 
 FAULT_KINDS = ("crash", "leave", "join", "slow", "link")

@@ -21,6 +21,7 @@ from islands.core.config import RunConfig
 from islands.core.errors import ConfigError, IslandsWarning
 from islands.core.sections import InnerConfig
 from islands.core.seeding import derive_seed
+from islands.engine.attacks import Attack
 from islands.engine.muon import MuonAdamW, hidden_matrices
 from islands.tasks import Task, build_task, checked_loss, to_device
 
@@ -67,9 +68,17 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     """
     run_codec(cfg)
     check_algorithm(cfg)
+    cfg.aggregator.check_ban()
     resolve_device(cfg.device)
     _warn_rounds(cfg)
-    return task if task is not None else build_task(cfg)
+    task = task if task is not None else build_task(cfg)
+    if cfg.attack.name != "none":
+        if getattr(cfg.algorithm, "name", None) == "async_local_sgd":
+            raise ConfigError("attack.name: attacks on async_local_sgd are not supported yet "
+                              "(its posts bypass the round's collectives); use a synchronous "
+                              "algorithm or attack.name = 'none'")
+        Attack(cfg.attack, cfg.workers, classes=getattr(task, "classes", None))
+    return task
 
 
 def _warn_rounds(cfg: RunConfig) -> None:
@@ -186,7 +195,7 @@ def warm_start(cfg: RunConfig, task: Task, device: torch.device, *,
     # workers it does not have
     pre = cfg.replace(**{"workers": 1, "steps": steps, "inner.schedule": "constant",
                          "init.warm_start_steps": 0, "network.worker": [],
-                         "compute.worker": [], "faults": [],
+                         "compute.worker": [], "faults": [], "attack.name": "none",
                          "inner.optimizer": cfg.init.warm_start_optimizer or cfg.inner.optimizer})
     d = pre.to_dict()
     key = json.dumps([d[k] for k in ("seed", "task", "model", "data", "inner")]

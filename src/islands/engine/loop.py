@@ -39,6 +39,8 @@ from islands.collectives.butterfly import Group, Work
 from islands.core.config import RunConfig
 from islands.core.errors import CommError
 from islands.engine.asynchronous import run_async
+from islands.engine.attacks import Attack
+from islands.engine.judge import Judge, worker_rules
 from islands.metrics.run_dir import RunDir
 from islands.tasks import Partition, Task, checked_loss, to_device
 from islands.transports.base import Flight, Transport
@@ -193,6 +195,14 @@ class Engine:
         self._due: int | None = None
         self._to_issue: tuple[Group, list[Worker]] | None = None  # committed, not yet issued
         self.peak_round_sent = 0  # the most bytes a local worker sent in one round
+        self.round = 0  # the round in progress (Engine.begin)
+        self.attack = (None if cfg.attack.name == "none" else
+                       Attack(cfg.attack, cfg.workers, classes=getattr(task, "classes", None)))
+        self.aggregators = worker_rules(cfg, algorithm, workers)
+        rules = (self.aggregators.values() if isinstance(self.aggregators, dict)
+                 else [self.aggregators])
+        self.whole_vector = any(getattr(a, "whole_vector", False) for a in rules)
+        self.judge = Judge(cfg.aggregator)
 
     # --- a round's pieces ------------------------------------------------------------------
 
@@ -257,6 +267,8 @@ class Engine:
             for w in active:
                 t0 = time.perf_counter()
                 batch = to_device(self.partition.batch(w.id, step), self.device)
+                if self.attack is not None:
+                    batch = self.attack.batch(w.id, self.round, batch)
                 losses[w.id].append(w.backward(self._loss, batch, self.task.batch_size(batch)))
                 self.clock.compute(w.id, time.perf_counter() - t0 if self.step_time_s is None
                                    else self.step_time_s[w.id])
@@ -368,6 +380,14 @@ class Engine:
             if flat is not None:
                 plans[w.id].append(Contribution(flat, plans[w.id][0].weight, tag="buffers"))
         count = len(plans[workers[0].id])
+        r, attack = self.round, self.attack
+        claims = [None] * count
+        if attack is not None:  # what the Byzantine among the local workers send instead
+            attack.corrupt(r, plans)
+            claims = [{w.id: c for w in workers
+                       if (c := attack.claims(w.id, r, plans[w.id][k].weight))
+                       != plans[w.id][k].weight} or None for k in range(count)]
+        sent = {wid: p[0].tensor for wid, p in plans.items()}
 
         def issue() -> list[Work]:
             works = []
@@ -379,20 +399,24 @@ class Engine:
                            else {wid: c.weight for wid, c in items.items()})
                 tensors = {wid: c.tensor for wid, c in items.items()}
                 codecs = {w.id: self._exact if exact else w.codec for w in workers}
-                if first.collective == "all_gather":
+                if attack is not None:
+                    codecs = {wid: attack.codec(wid, r, c) for wid, c in codecs.items()}
+                rules = self.aggregators
+                if first.collective == "all_gather" or self.whole_vector:
                     works.append(group.start_all_gather(
-                        tensors, codecs=codecs, aggregator=self.algorithm.aggregator,
-                        weights=weights, tag=first.tag))
+                        tensors, codecs=codecs, aggregator=rules, weights=weights,
+                        tag=first.tag, claims=claims[k]))
                 else:
                     works.append(group.start_all_reduce(
-                        tensors, codecs=codecs, aggregator=self.algorithm.aggregator,
-                        weights=weights, tag=first.tag, native=self._native))
+                        tensors, codecs=codecs, aggregator=rules, weights=weights,
+                        tag=first.tag, native=self._native, claims=claims[k]))
             return works
 
         has_buffers = workers[0].buffers != []
 
         def apply(results: list[dict]) -> None:
             mine = results[:-1] if has_buffers else results
+            self.judge.observe(r, group.members, sent, mine[0], self.aggregators)
             for w in workers:
                 self.algorithm.apply(w, [res[w.id] for res in mine])
                 if has_buffers:
@@ -530,7 +554,7 @@ class Engine:
                "bytes_sent_cum": sent, "virtual_time_s": self.clock.time_s(worker.id)}
         if point is not None:
             row.update({k: v for k, v in point.items() if k not in _POINT_FACTS})
-        return {**row, **(extra or {})}
+        return {**row, **self.judge.row(worker.id), **(extra or {})}
 
     def summary(self, wall_s: float) -> dict:
         """The ``summary.json`` figures of the local workers."""
@@ -564,6 +588,7 @@ class Engine:
             "comm_hidden_s_by_worker": [clock.hidden_s[i] for i in ids],
             "eval_curve": self.curve,
             "train_curve": self.train_points(),
+            **self.judge.summary(),
             "wall_time_s": wall_s, "seed": cfg.seed,
             "threads": torch.get_num_threads(),
         }
@@ -596,6 +621,7 @@ class Engine:
         :meth:`step`), then :meth:`finish`."""
         while (plan := driver.next_round(self)) is not None:
             local = self.local(plan.members)
+            self.round = plan.round
             if plan.round == 0 and not self.curve and self.evaluator is not None and local:
                 self.curve.append(self.evaluate(local[0], 0))
             plan.marks = self.marks()

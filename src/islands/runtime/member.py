@@ -81,6 +81,10 @@ def refuse_simulator_only(cfg: RunConfig) -> None:
     if cfg.faults:
         raise ConfigError("[[faults]] is the simulator's fault plan (islands sim); real "
                           "processes fail for real: remove it")
+    if cfg.attack.name != "none":
+        raise ConfigError(f"attack.name ({cfg.attack.name!r}): Byzantine workers run in the "
+                          "simulator only for now (islands sim); real processes do not yet "
+                          "check forged weights or ban: set attack.name = 'none'")
     if cfg.algorithm.name == "async_local_sgd":
         raise ConfigError("algorithm.name ('async_local_sgd') runs in the simulator only for "
                           "now (islands sim); for real processes use diloco (with "

@@ -12,12 +12,14 @@ Run it: ``islands sim CONFIG.toml --out runs/x`` or ``islands.simulate(cfg, out_
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Callable
 
 from islands.algorithms import build_algorithm
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig
+from islands.core.errors import PeerRefused
 from islands.engine import (
     Engine,
     RoundPlan,
@@ -33,23 +35,35 @@ from islands.sim.faults import FaultPlan, catch_up, quorum
 from islands.tasks import Task
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 
+log = logging.getLogger("islands.sim")
+
 
 class _EveryRound:
     """The simulator's driver: rounds in order; the participants the algorithm draws among
-    the members the fault plan leaves (all workers without one)."""
+    the members the fault plan leaves (all workers without one), less the banned.
+
+    A worker is banned (gone from the round on, for good) when a sync refuses its payload
+    (:class:`~islands.core.errors.PeerRefused`: a non-finite or undecodable payload, a forged
+    weight; the sync is then carried out again without it) or when the engine's
+    :class:`~islands.engine.judge.Judge` judges it malicious."""
 
     def __init__(self, everyone: Group, faults: FaultPlan | None = None) -> None:
         self.everyone, self.next, self.faults = everyone, 0, faults
+        self.banned: list[dict] = []  # {"worker", "round", "reason"}, in order
 
     def next_round(self, engine: Engine) -> RoundPlan | None:
         r = self.next
         if r >= engine.rounds:
             return None
         self.next += 1
+        out = {b["worker"] for b in self.banned}
         if self.faults is None:
-            ids = engine.algorithm.participants(r, self.everyone.members)
-            return RoundPlan(r, ids, ids, self.everyone)
+            members = tuple(m for m in self.everyone.members if m not in out)
+            ids = engine.algorithm.participants(r, members)
+            everyone = self.everyone if not out else Group(engine.transport, members)
+            return RoundPlan(r, ids, ids, everyone)
         members, crashing = self.faults.members(r)
+        members = tuple(m for m in members if m not in out)
         ids = engine.algorithm.participants(r, members)
         # the crashing train, then are gone before the sync: no row, no contribution
         synced = tuple(i for i in ids if i not in crashing)
@@ -58,13 +72,28 @@ class _EveryRound:
 
     def sync(self, engine: Engine, plan: RoundPlan, losses) -> dict:
         synced, late = quorum(engine, plan.info.get("synced", plan.participants))
+        while True:
+            try:
+                engine.end_round(Group(engine.transport, synced), engine.local(synced))
+                break
+            except PeerRefused as e:  # the proof is the payload: banned, the sync again
+                if e.sender not in synced or len(synced) == 1:
+                    raise
+                self.ban(plan.round, e.sender, str(e))
+                synced = tuple(m for m in synced if m != e.sender)
+        for verdict in engine.judge.take_verdicts():
+            self.ban(plan.round, verdict["worker"], verdict["reason"])
         for w in set(plan.participants) - set(synced):
             losses.pop(w, None)
         plan.members = tuple(m for m in plan.members if m in synced)  # rows: the kept
-        engine.end_round(Group(engine.transport, synced), engine.local(synced))
         if late:
             catch_up(engine, late, synced)
         return {"left_out": list(late)} if late else {}
+
+    def ban(self, r: int, worker: int, reason: str) -> None:
+        if all(b["worker"] != worker for b in self.banned):
+            log.warning("round %d: worker %d banned: %s", r, worker, reason)
+            self.banned.append({"worker": worker, "round": r, "reason": reason})
 
     def abort(self, engine, plan, error) -> None:  # the simulated network does not fail
         raise error
@@ -136,9 +165,13 @@ class Simulation:
             self.out.start(self.cfg)
         everyone = Group(engine.transport, tuple(range(self.cfg.workers)))
         faults = FaultPlan(self.cfg, engine) if self.cfg.faults else None
-        summary = engine.run(_EveryRound(everyone, faults), self.on_round)
+        driver = _EveryRound(everyone, faults)
+        summary = engine.run(driver, self.on_round)
         if faults is not None:
             summary["epochs"] = faults.epochs
+        if engine.attack is not None or driver.banned:
+            summary["attackers"] = sorted(engine.attack.ids) if engine.attack else []
+            summary["banned"] = driver.banned
         algorithm, workers = engine.algorithm, self.workers
         final = workers[engine.curve[-1]["worker"]]
         self.final_params = algorithm.global_state(final).clone()

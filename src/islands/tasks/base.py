@@ -47,9 +47,13 @@ class Task(ABC):
 
     Attributes:
         name: shown in tables and ``summary.json``.
+        classes: the number of classes of integer targets ``y`` in batches ``(x, y)`` (None:
+            not a classification task; ``[attack] name = "label_flip"`` maps ``y`` to
+            ``classes - 1 - y`` and needs it).
     """
 
     name: str = "task"
+    classes: int | None = None
 
     @abstractmethod
     def model(self) -> nn.Module:

@@ -15,6 +15,7 @@ from islands.core.registry import register
 from islands.core.sections import DataConfig, TaskConfig
 from islands.data import ByteData, TextDataConfig
 from islands.models import GPT, GPTConfig
+from islands.models.gpt import VOCAB
 from islands.tasks.base import Batch, Task, to_device
 
 
@@ -28,6 +29,7 @@ class ByteGPT(Task):
     """
 
     name = "byte_gpt"
+    classes = VOCAB  # the next byte
 
     def __init__(self, model: GPTConfig, data: TextDataConfig, seed: int) -> None:
         self.model_cfg, self.data_cfg, self.seed = model, data, seed

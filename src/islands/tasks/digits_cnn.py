@@ -37,6 +37,7 @@ def make_digits_cnn(channels: int = 16, val_fraction: float = 0.2) -> DatasetTas
     task = DatasetTask(lambda: DigitsCNN(channels), train=TensorDataset(x[train], y[train]),
                        val=TensorDataset(x[val], y[val]), criterion=nn.CrossEntropyLoss(),
                        name="digits_cnn")
+    task.classes = 10
     return task
 
 

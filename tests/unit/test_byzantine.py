@@ -1,0 +1,184 @@
+"""Byzantine workers in the simulator (``[attack]``): what each attack sends, that a provable
+offence (NaN, a forged weight) bans its sender and not its victims, the ban rule on the robust
+rules' influence, and per-worker statistics in the rows; asserted on state, never on time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from islands.algorithms import Contribution
+from islands.core.config import from_dict
+from islands.core.errors import ConfigError
+from islands.core.sections import AttackConfig
+from islands.engine.attacks import Attack, alie_z
+from islands.sim.runner import Simulation
+from tests.conftest import tiny_config
+
+
+def _sim(*sets, workers=5, out_dir=None):
+    sim = Simulation(tiny_config(f"workers={workers}", "steps=24", "eval_every=100",
+                                 "algorithm.name=diloco", "algorithm.sync_every=4", *sets),
+                     out_dir=out_dir)
+    return sim, sim.run()
+
+
+def _plans(rows: dict[int, list[float]]) -> dict[int, list[Contribution]]:
+    return {w: [Contribution(torch.tensor(v), tag="pseudo-gradient")] for w, v in rows.items()}
+
+
+def _attack(name, attackers=1, workers=3, **kw) -> Attack:
+    return Attack(AttackConfig(name=name, attackers=attackers, **kw), workers, classes=4)
+
+
+def test_the_attackers_are_the_highest_ids_or_those_named():
+    assert AttackConfig(name="noise", attackers=2).ids(8) == (6, 7)
+    assert AttackConfig(name="noise", attackers=(0, 3)).ids(8) == (0, 3)
+    assert AttackConfig(name="none", attackers=3).ids(8) == ()
+    with pytest.raises(ConfigError, match="attack.attackers.*honest"):
+        from_dict({"workers": 2, "attack": {"name": "noise", "attackers": 2}})
+    with pytest.raises(ConfigError, match="attack.name.*sign_flip"):
+        from_dict({"attack": {"name": "flip"}})
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("sign_flip", [-100.0, -200.0]),      # -10 x its own
+    ("ipm", [-1.0, -1.0]),                # -0.5 x the honest mean (2, 2)
+])
+def test_what_an_attacker_sends(name, expect):
+    plans = _plans({0: [1.0, 1.0], 1: [3.0, 3.0], 2: [10.0, 20.0]})
+    _attack(name).corrupt(0, plans)
+    assert plans[2][0].tensor.tolist() == pytest.approx(expect)
+    assert plans[0][0].tensor.tolist() == [1.0, 1.0]  # the honest untouched
+
+
+def test_sybil_clones_send_one_update_and_constant_keeps_its_direction():
+    plans = _plans({0: [1.0, 1.0], 1: [2.0, 5.0], 2: [3.0, 4.0]})
+    _attack("sybil", attackers=2).corrupt(0, plans)
+    assert plans[1][0].tensor.tolist() == plans[2][0].tensor.tolist() == [-2.0, -5.0]
+    attack = _attack("constant")
+    sent = []
+    for r in range(2):
+        plans = _plans({0: [1.0, 1.0], 1: [1.0, 1.0], 2: [3.0 * (r + 1), 4.0 * (r + 1)]})
+        attack.corrupt(r, plans)
+        sent.append(plans[2][0].tensor)
+    assert sent[0].norm().item() == pytest.approx(50.0)  # 10 x ||(3, 4)||
+    assert torch.allclose(sent[1], 2 * sent[0])  # the same direction every round
+
+
+def test_alie_sits_z_deviations_below_the_honest_mean():
+    plans = _plans({0: [1.0, 0.0], 1: [3.0, 0.0], 2: [5.0, 0.0], 3: [0.0, 0.0]})
+    attack = Attack(AttackConfig(name="alie", attackers=1), 4)
+    attack.corrupt(0, plans)
+    z = alie_z(4, 1)  # s = 2, z = Phi^-1(1/2) = 0
+    assert z == pytest.approx(0.0, abs=1e-9)
+    assert plans[3][0].tensor.tolist() == pytest.approx([3.0, 0.0])
+    assert alie_z(8, 2) == pytest.approx(0.3186, abs=1e-3)  # the paper's n = 8, f = 2
+
+
+def test_stale_sends_what_it_had_delay_rounds_ago_and_start_round_waits():
+    attack = _attack("stale", delay_rounds=2, start_round=2)
+    sent = []
+    for r in range(5):
+        plans = _plans({0: [0.0], 1: [0.0], 2: [float(r)]})
+        attack.corrupt(r, plans)
+        sent.append(plans[2][0].tensor.item())
+    assert sent == [0.0, 1.0, 0.0, 1.0, 2.0]  # honest in rounds 0 and 1
+
+
+def test_label_flip_and_attacks_not_built_are_refused_clearly():
+    attack = _attack("label_flip")
+    x, y = attack.batch(2, 0, (torch.zeros(2), torch.tensor([0, 3])))
+    assert y.tolist() == [3, 0]
+    assert attack.batch(1, 0, (x, y))[1].tolist() == [3, 0]  # honest: unchanged
+    with pytest.raises(ConfigError, match="classes"):
+        Attack(AttackConfig(name="label_flip", attackers=1), 3)
+    with pytest.raises(ConfigError, match="verification"):
+        _attack("lying_aggregator")
+
+
+def test_a_nan_sender_is_banned_at_once_and_the_run_goes_on(tmp_path):
+    """The payload is the proof: its sender (worker 4) is banned in the round it attacks, the
+    others commit every round without it and end finite."""
+    sim, s = _sim("attack.name='nan'", "attack.attackers=1", "attack.start_round=2",
+                  out_dir=tmp_path / "run")
+    assert [b["worker"] for b in s["banned"]] == [4]
+    assert s["banned"][0]["round"] == 2 and "NaN" in s["banned"][0]["reason"]
+    assert s["attackers"] == [4]
+    assert torch.isfinite(sim.final_params).all()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert sorted(r["round"] for r in rows if r["worker"] == 4) == [0, 1]
+    assert sorted(r["round"] for r in rows if r["worker"] == 0) == list(range(6))
+
+
+def test_a_forged_weight_is_refused_by_its_receivers_and_its_sender_banned():
+    """LocalSGD weighs by samples: an attacker claiming 1e9 would own the average. Every
+    receiver checks the header against the round's weight, so worker 4 is named and banned,
+    and the honest end where a run without it does."""
+    _, s = _sim("algorithm.name=local_sgd", "attack.name=forged_weight",
+                "attack.attackers=1")
+    assert [b["worker"] for b in s["banned"]] == [4]
+    assert "claims aggregation weight 1e+09" in s["banned"][0]["reason"]
+    sim_without, _ = _sim("algorithm.name=local_sgd", "faults=[{kind='leave', worker=4, "
+                          "round=0}]")
+    attacked, _ = _sim("algorithm.name=local_sgd", "attack.name=forged_weight",
+                       "attack.attackers=1")
+    assert torch.equal(attacked.final_params, sim_without.final_params)
+
+
+def test_a_forged_weight_changes_nothing_without_the_check():
+    """The check is what stops it: read from its header, the weight 1e9 gives the attacker
+    the whole average (a mutation of the receivers' check fails this)."""
+    from islands.collectives import butterfly
+
+    clean, _ = _sim("algorithm.name=local_sgd")
+    original = butterfly.header_weights
+    try:
+        butterfly.header_weights = lambda msgs, members, weights, what: torch.tensor(
+            [m.weight for m in msgs], dtype=torch.float64)
+        forged, s = _sim("algorithm.name=local_sgd", "attack.name=forged_weight",
+                         "attack.attackers=1")
+    finally:
+        butterfly.header_weights = original
+    assert s["banned"] == []
+    assert not torch.equal(forged.final_params, clean.final_params)
+
+
+def test_mean_under_sign_flip_is_dragged_and_a_robust_rule_bans_the_attacker(tmp_path):
+    """Two of five flip their sign x10: the mean follows them; the coordinate median does
+    not, its influence statistics put the attackers near 0, and the ban rule excludes both
+    (and no one else) after ban_after syncs."""
+    clean, c = _sim()
+    mean, m = _sim("attack.name=sign_flip", "attack.attackers=2")
+    median, s = _sim("attack.name=sign_flip", "attack.attackers=2", "aggregator.name=median",
+                     "aggregator.ban_after=3", out_dir=tmp_path / "run")
+    assert m["final_eval_loss"] > c["final_eval_loss"] * 1.05
+    assert s["final_eval_loss"] < m["final_eval_loss"]
+    assert sorted(b["worker"] for b in s["banned"]) == [3, 4]
+    assert all(b["round"] == 2 for b in s["banned"])  # the third sync, rounds 0-2
+    infl = s["influence_by_worker"]
+    assert max(infl["3"], infl["4"]) < 0.1 < min(infl[str(i)] for i in range(3))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    first = [r for r in rows if r["round"] == 0]
+    assert {"influence", "distance_to_aggregate", "cosine_to_aggregate"} <= set(first[0])
+    by = {r["worker"]: r for r in first}
+    assert by[4]["cosine_to_aggregate"] < 0 < by[0]["cosine_to_aggregate"]
+
+
+def test_no_attacker_no_ban_and_the_clean_rows_carry_the_statistics():
+    _, s = _sim("aggregator.name=median")
+    assert "banned" not in s and len(s["influence_by_worker"]) == 5
+
+
+def test_attacks_on_async_local_sgd_are_refused():
+    with pytest.raises(ConfigError, match="async_local_sgd"):
+        _sim("algorithm.name=async_local_sgd", "attack.name=noise", "attack.attackers=1")
+
+
+def test_real_processes_refuse_an_attack_before_anything_starts():
+    from islands.runtime.member import refuse_simulator_only
+
+    with pytest.raises(ConfigError, match="simulator only"):
+        refuse_simulator_only(tiny_config("attack.name='noise'", "attack.attackers=1"))
