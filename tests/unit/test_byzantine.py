@@ -95,8 +95,8 @@ def test_label_flip_and_attacks_not_built_are_refused_clearly():
     assert attack.batch(1, 0, (x, y))[1].tolist() == [3, 0]  # honest: unchanged
     with pytest.raises(ConfigError, match="classes"):
         Attack(AttackConfig(name="label_flip", attackers=1), 3)
-    with pytest.raises(ConfigError, match="verification"):
-        _attack("lying_aggregator")
+    with pytest.raises(ConfigError, match="blame"):
+        _attack("false_accuser")
 
 
 def test_a_nan_sender_is_banned_at_once_and_the_run_goes_on(tmp_path):
@@ -182,3 +182,38 @@ def test_real_processes_refuse_an_attack_before_anything_starts():
 
     with pytest.raises(ConfigError, match="simulator only"):
         refuse_simulator_only(tiny_config("attack.name='noise'", "attack.attackers=1"))
+
+
+def test_a_lying_shard_owner_is_caught_by_verification_and_banned():
+    """Worker 4 owns a shard of the butterfly and returns -10x its true aggregate. Without
+    verification every worker applies the lie; with ``aggregator.verify = 1`` its verifier
+    recomputes the shard from the same inputs, the owner (not its victims) is banned, and the
+    others end where a run without worker 4 from the start of the lie does."""
+    clean, c = _sim()
+    lied, s_lied = _sim("attack.name='lying_aggregator'", "attack.attackers=1")
+    assert s_lied["final_eval_loss"] > c["final_eval_loss"] * 1.05
+    assert "banned" in s_lied and s_lied["banned"] == []
+    caught, s = _sim("attack.name='lying_aggregator'", "attack.attackers=1",
+                     "aggregator.verify=1.0")
+    assert [b["worker"] for b in s["banned"]] == [4]
+    assert s["banned"][0]["round"] == 0 and "recomputation" in s["banned"][0]["reason"]
+    without, _ = _sim("faults=[{kind='leave', worker=4, round=0}]")
+    assert torch.equal(caught.final_params, without.final_params)
+
+
+def test_verification_of_honest_owners_changes_nothing_but_the_bytes():
+    plain, p = _sim("aggregator.name=median")
+    verified, v = _sim("aggregator.name=median", "aggregator.verify=1.0")
+    assert torch.equal(plain.final_params, verified.final_params)
+    assert "banned" not in v
+    # each member sends the payloads of one shard to its verifier again: about one more
+    # reduce-scatter's upload, (n - 1) / n of the vector
+    extra = v["bytes_sent_per_worker"] - p["bytes_sent_per_worker"]
+    assert 0.3 * p["bytes_sent_per_worker"] < extra < 0.7 * p["bytes_sent_per_worker"]
+
+
+def test_verify_needs_a_lossless_codec_and_a_rule_without_state():
+    with pytest.raises(ConfigError, match="lossless"):
+        _sim("aggregator.verify=0.5", "codec.name=int8")
+    with pytest.raises(ConfigError, match="all_gather"):
+        _sim("aggregator.verify=0.5", "aggregator.name=centered_clip")

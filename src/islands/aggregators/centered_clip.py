@@ -121,6 +121,8 @@ class CenteredClip(Rule):
         clip_norm: see :class:`~islands.aggregators.rule.Rule`.
     """
 
+    stateful = True
+
     def __init__(self, *, tau: float | None = None, iters: int = 3,
                  clip_norm: float | None = None) -> None:
         super().__init__(clip_norm=clip_norm)

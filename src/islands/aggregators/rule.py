@@ -53,6 +53,8 @@ class Rule:
     """
 
     whole_vector: ClassVar[bool] = False
+    # the rule carries state from call to call: another member cannot recompute its result
+    stateful: ClassVar[bool] = False
 
     def __init__(self, *, clip_norm: float | None = None) -> None:
         if clip_norm is not None and not clip_norm > 0:
@@ -80,6 +82,17 @@ class Rule:
         self.influence = influence
         self._reports.append((key, int(stacked.shape[1]), influence))
         return out
+
+    def recompute(self, stacked: torch.Tensor, weights: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """What :meth:`__call__` returns for these rows, without recording a report (a
+        verifier's recomputation of another member's aggregate); a stateful rule raises."""
+        if self.stateful:
+            raise ValueError(f"{type(self).__name__} carries state between calls: another "
+                             "member cannot recompute its aggregate")
+        check_rows(stacked, type(self).__name__)
+        rows = stacked if self.clip_norm is None else clip_rows(stacked, self.clip_norm)
+        return self._aggregate(rows, weights, None)[0]
 
     def _aggregate(self, stacked: torch.Tensor, weights: torch.Tensor | None,
                    key: Hashable) -> tuple[torch.Tensor, torch.Tensor]:

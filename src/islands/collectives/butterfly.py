@@ -56,6 +56,7 @@ from islands.collectives.checks import (
     refuse_non_finite,
     view_checked,
 )
+from islands.collectives.verify import verify_shards
 from islands.core import memory
 from islands.core.errors import CodecError, CommError, PeerRefused
 from islands.core.shards import shard_bounds
@@ -82,6 +83,16 @@ def aggregate(rule: Aggregator, stacked: torch.Tensor, weights: torch.Tensor | N
     Rule`) is told which shard: ``key = (tag, offset, numel)``."""
     if isinstance(rule, Rule):
         return rule(stacked, weights, key=key)
+    return rule(stacked, weights)
+
+
+def recompute(rule: Aggregator, stacked: torch.Tensor, weights: torch.Tensor | None
+              ) -> torch.Tensor:
+    """``rule``'s aggregate of ``stacked`` as a verifier computes it: without recording it or
+    touching any state (an attacker's wrapper is seen through: it lies only as an owner)."""
+    rule = getattr(rule, "honest", rule)
+    if isinstance(rule, Rule):
+        return rule.recompute(stacked, weights)
     return rule(stacked, weights)
 
 
@@ -184,7 +195,8 @@ class Group:
     def start_all_reduce(self, contributions: dict[int, torch.Tensor], *,
                          codecs: dict[int, Codec], aggregator: Aggregators = mean,
                          weights: dict[int, float] | None = None, tag: str = "all-reduce",
-                         native: bool = False, claims: dict[int, float] | None = None) -> Work:
+                         native: bool = False, claims: dict[int, float] | None = None,
+                         verifiers: dict[int, int] | None = None) -> Work:
         """Reduces one flat tensor per member; the handle gives each local member's result.
 
         Args:
@@ -197,6 +209,8 @@ class Group:
                 refused, :func:`header_weights`).
             claims: {local worker: the weight its headers say}, where not its ``weights``
                 (an attacker's forged weight).
+            verifiers: {owner: the member that recomputes its shard} (None: no
+                verification; :mod:`islands.collectives.verify`).
             tag: names the stream (no round number: codec state carries across rounds).
             native: a trusted job (``runtime.trust = "cluster"``): where the codec is
                 lossless, the rule the plain mean and the transport has a collective of its
@@ -232,6 +246,7 @@ class Group:
         with self._or_give_up(scatter):  # a NaN contribution: the peers hear it at once
             outgoing = {(i, j): scattered(i, j) for i in self.local for j in self.members
                         if i != j}
+        sent = dict(outgoing)  # a verified sync sends them again
         stream = plain and streams(len(self.members), dtype)
         rank = {m: r for r, m in enumerate(self.members)}
 
@@ -250,7 +265,7 @@ class Group:
         gather = f"{tag}/all-gather"
         with self._or_give_up(gather), _finished(pending):
             for i in self.local:
-                pending.messages[(i, i)] = scattered(i, i)
+                pending.messages[(i, i)] = sent[(i, i)] = scattered(i, i)
             for j in self.local:
                 a, b = owner[j]
                 msgs = [received(pending, (i, j), scatter) for i in self.members]
@@ -271,6 +286,12 @@ class Group:
                               lambda src, dst: out[dst][slice(*owner[src])]))
         with _finished(pending):
             self._gather(pending, codecs, owner, out, gather)
+        if verifiers is not None:
+            verify_shards(self.transport, self.members, self.local, sent, out, owner, codecs,
+                          lambda v, rows, w: recompute(rule_of(aggregator, v), rows, w),
+                          lambda msgs: None if weights is None else header_weights(
+                              msgs, self.members, weights, f"{tag}/verify"),
+                          verifiers, tag)
         return Work(out)
 
     def gather_rows(self, contributions: dict[int, torch.Tensor], *, codecs: dict[int, Codec],

@@ -119,6 +119,10 @@ class AggregatorConfig:
             aggregate stays under ``ban_below`` times the round's median influence for this
             many syncs in a row is excluded from the job (None: never).
         ban_below: the ban rule's threshold, a fraction of the median influence.
+        verify: the chance that a sync's butterfly is verified (each member recomputes one
+            shard it does not own from the same inputs; a lying owner is banned:
+            ``islands.collectives.verify``); 0: never. Needs a lossless codec and a rule
+            without state.
     """
 
     kind: ClassVar[str] = "aggregator"
@@ -126,9 +130,12 @@ class AggregatorConfig:
     name: str = "mean"
     ban_after: int | None = 5
     ban_below: float = 0.25
+    verify: float = 0.0
 
-    def check_ban(self) -> None:
-        """Validates the ban rule's keys."""
+    def check_shared(self) -> None:
+        """Validates the keys every aggregator has."""
+        check(0 <= self.verify <= 1, "aggregator.verify", self.verify,
+              "must be in [0, 1]: the chance a sync is verified")
         check(self.ban_after is None or self.ban_after >= 1, "aggregator.ban_after",
               self.ban_after, "must be >= 1 (syncs in a row), or unset to never ban")
         check(0 < self.ban_below < 1, "aggregator.ban_below", self.ban_below,

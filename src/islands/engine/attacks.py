@@ -13,7 +13,9 @@ of an attacker's batches (:meth:`Attack.batch`), and for the header weight an at
 * ``ipm``: inner-product manipulation (Xie et al. 2020): ``-eps`` times the honest mean;
 * ``label_flip`` (trains on ``y -> classes - 1 - y``), ``stale`` (its pseudo-gradient of
   ``delay_rounds`` rounds ago), ``nan``, ``sybil`` (every attacker sends one and the same
-  update), ``forged_weight`` (a false aggregation weight in its headers).
+  update), ``forged_weight`` (a false aggregation weight in its headers),
+  ``lying_aggregator`` (as a shard's owner in the butterfly, ``-scale`` times the true
+  aggregate: :meth:`Attack.rule`).
 
 In the simulator the attacker is omniscient where the attack needs it: ALIE and IPM read the
 honest contributions of the round (every worker is local); an attacking real process sees
@@ -31,14 +33,13 @@ from collections import deque
 import torch
 
 from islands.algorithms import Contribution
+from islands.collectives.butterfly import aggregate
 from islands.core.errors import ConfigError
 from islands.core.sections import AttackConfig
 from islands.core.seeding import derive_seed
 
 # attacks the engine cannot carry out yet, and why
 NOT_BUILT = {
-    "lying_aggregator": "a shard owner that lies needs the verification of aggregators, "
-                        "which is not built yet",
     "false_accuser": "a false accusation needs the real runtime's blame protocol, which is "
                      "not built yet",
 }
@@ -103,6 +104,13 @@ class Attack:
             return self.scale
         return weight
 
+    def rule(self, worker: int, r: int, rule):
+        """The rule ``worker`` aggregates with as a shard's owner (``lying_aggregator``: the
+        honest result times ``-scale``)."""
+        if self.name == "lying_aggregator" and self.attacking(worker, r):
+            return _Lying(rule, self.scale)
+        return rule
+
     def codec(self, worker: int, r: int, codec):
         """The codec ``worker`` encodes with: an attacker sending NaN skips its own codec's
         finiteness check (an honest worker refuses to encode NaN before sending it)."""
@@ -114,7 +122,7 @@ class Attack:
     def corrupt(self, r: int, plans: dict[int, list[Contribution]]) -> None:
         """Rewrites the attackers' contributions of round ``r`` in ``plans`` (every
         contribution but the buffers)."""
-        if self.name in ("none", "label_flip", "forged_weight"):
+        if self.name in ("none", "label_flip", "forged_weight", "lying_aggregator"):
             return
         count = len(next(iter(plans.values())))
         for k in range(count):
@@ -172,3 +180,14 @@ class _Unchecked:
 
     def __getattr__(self, name: str):
         return getattr(self._codec, name)
+
+
+class _Lying:
+    """A shard owner's rule that returns ``-scale`` times the honest aggregate."""
+
+    def __init__(self, honest, scale: float) -> None:
+        self.honest, self.scale = honest, scale
+
+    def __call__(self, stacked: torch.Tensor, weights: torch.Tensor | None = None, *,
+                 key=None) -> torch.Tensor:
+        return -self.scale * aggregate(self.honest, stacked, weights, key)

@@ -68,7 +68,8 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     """
     run_codec(cfg)
     check_algorithm(cfg)
-    cfg.aggregator.check_ban()
+    cfg.aggregator.check_shared()
+    _check_verify(cfg)
     resolve_device(cfg.device)
     _warn_rounds(cfg)
     task = task if task is not None else build_task(cfg)
@@ -79,6 +80,23 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
                               "algorithm or attack.name = 'none'")
         Attack(cfg.attack, cfg.workers, classes=getattr(task, "classes", None))
     return task
+
+
+def _check_verify(cfg: RunConfig) -> None:
+    """A verifier recomputes a shard's aggregate bit for bit: only from lossless payloads and
+    with a rule that carries no state."""
+    if not cfg.aggregator.verify:
+        return
+    codec, rule = run_codec(cfg), cfg.aggregator.build()
+    if codec.raw_tensor is None:
+        raise ConfigError(f"aggregator.verify ({cfg.aggregator.verify}) needs a lossless codec "
+                          f"(the verifier recomputes the aggregate bit for bit); codec "
+                          f"{codec!r} is not: use codec.name = 'identity', or verify = 0")
+    if getattr(rule, "stateful", False):
+        raise ConfigError(f"aggregator.verify ({cfg.aggregator.verify}): {rule!r} carries "
+                          "state from round to round, so another member cannot recompute its "
+                          "aggregate; use algorithm.collective = 'all_gather' (every member "
+                          "aggregates every row itself: no owner to trust) or another rule")
 
 
 def _warn_rounds(cfg: RunConfig) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import random
 import time
 import warnings
 from collections.abc import Callable
@@ -35,9 +36,11 @@ from safetensors.torch import save as save_safetensors
 from islands.algorithms import Algorithm, Contribution, Worker
 from islands.algorithms.base import copy_into, persistent_buffers
 from islands.codecs import Identity
-from islands.collectives.butterfly import Group, Work
+from islands.collectives.butterfly import Group, Work, rule_of
+from islands.collectives.verify import verifiers_for
 from islands.core.config import RunConfig
 from islands.core.errors import CommError
+from islands.core.seeding import derive_seed
 from islands.engine.asynchronous import run_async
 from islands.engine.attacks import Attack
 from islands.engine.judge import Judge, worker_rules
@@ -402,6 +405,8 @@ class Engine:
                 if attack is not None:
                     codecs = {wid: attack.codec(wid, r, c) for wid, c in codecs.items()}
                 rules = self.aggregators
+                if attack is not None:  # a lying shard owner
+                    rules = {w.id: attack.rule(w.id, r, rule_of(rules, w.id)) for w in workers}
                 if first.collective == "all_gather" or self.whole_vector:
                     works.append(group.start_all_gather(
                         tensors, codecs=codecs, aggregator=rules, weights=weights,
@@ -409,7 +414,8 @@ class Engine:
                 else:
                     works.append(group.start_all_reduce(
                         tensors, codecs=codecs, aggregator=rules, weights=weights,
-                        tag=first.tag, native=self._native, claims=claims[k]))
+                        tag=first.tag, native=self._native, claims=claims[k],
+                        verifiers=self._verifiers(r, first.tag, group.members)))
             return works
 
         has_buffers = workers[0].buffers != []
@@ -428,6 +434,17 @@ class Engine:
             return Sync(flight.settle, apply, flight)
         works = issue()
         return Sync(lambda: [w.wait() for w in works], apply)
+
+    def _verifiers(self, r: int, tag: str, members: tuple[int, ...]) -> dict[int, int] | None:
+        """Who verifies whose shard in this sync (None: not verified), drawn alike on every
+        member from the seed, the round and the stream (``aggregator.verify``)."""
+        p = self.cfg.aggregator.verify
+        if not p or len(members) < 2:
+            return None
+        draw = random.Random(derive_seed(self.cfg.seed, "verify", r, tag))
+        if draw.random() >= p:
+            return None
+        return verifiers_for(members, draw.randrange(1, len(members)))
 
     # --- evaluation and metrics ------------------------------------------------------------
 
