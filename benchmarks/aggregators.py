@@ -24,11 +24,10 @@ import itertools
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from collective import median_time
 
 from islands.aggregators import Rule
 from islands.core.registry import lookup
@@ -44,17 +43,6 @@ RULES: dict[str, dict] = {
     "centered_clip": {"name": "centered_clip", "tau": None, "iters": 3},
     "sybil": {"name": "sybil"},
 }
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(label: str, stacked: torch.Tensor, repeats: int) -> dict:

@@ -36,9 +36,11 @@ AGGREGATORS: dict[str, list[str]] = {
     "bulyan": ["aggregator.name='bulyan'", "aggregator.f=1"],
     "centered_clip": ["aggregator.name='centered_clip'"],
     "sybil": ["aggregator.name='sybil'"],
+    # every sync's butterfly verified: each member recomputes a shard it does not own
+    "median+verify": ["aggregator.name='median'", "aggregator.verify=1.0"],
 }
 ATTACKS = ["sign_flip", "noise", "alie", "ipm", "constant", "label_flip", "stale", "nan",
-           "sybil", "forged_weight"]
+           "sybil", "forged_weight", "lying_aggregator"]
 DEFAULT_AGGREGATORS = ["mean", "median", "trimmed_mean", "krum", "centered_clip", "sybil"]
 
 
