@@ -1,6 +1,7 @@
-"""SparseLoCo and MuLoCo on real processes: ``islands launch`` ends with the simulator's global
-parameters and bytes (the all-gather's upload and download per worker), and a worker that joins
-mid-run, with an empty accumulator, is taken in and ends on the same state as the others."""
+"""SparseLoCo, MuLoCo and the robust rules on real processes: ``islands launch`` ends with the
+simulator's global parameters and bytes (the all-gather's upload and download per worker),
+and a worker that joins mid-run, with an empty accumulator, is taken in and ends on the same
+state as the others."""
 
 from __future__ import annotations
 
@@ -20,8 +21,16 @@ MULOCO = ["algorithm.name=diloco", "inner.optimizer=muon", "codec.name=quant", "
           "codec.error_feedback=true"]
 
 
-@pytest.mark.parametrize("method, workers", [(SPARSELOCO, 3), (MULOCO, 2)],
-                         ids=["sparseloco", "muloco"])
+# robust rules: per shard in the butterfly (CenteredClip with its centers per process), and a
+# whole-vector rule over the all-gather
+MEDIAN = ["algorithm.name=diloco", "aggregator.name=median"]
+CENTERED_CLIP = ["algorithm.name=diloco", "aggregator.name=centered_clip"]
+KRUM = ["algorithm.name=diloco", "aggregator.name=krum", "aggregator.f=0"]
+
+
+@pytest.mark.parametrize("method, workers", [(SPARSELOCO, 3), (MULOCO, 2), (MEDIAN, 3),
+                                             (CENTERED_CLIP, 3), (KRUM, 3)],
+                         ids=["sparseloco", "muloco", "median", "centered_clip", "krum"])
 def test_launch_ends_with_the_simulators_parameters_and_bytes(tmp_path, procs, method, workers):
     overrides = [*TINY, f"workers={workers}", *method]
     argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch"]

@@ -29,13 +29,29 @@ from islands.aggregators import Rule
 from islands.core.sections import AggregatorConfig
 
 
+class WorkerRules(dict):
+    """``{worker: its rule}``, each built from the ``[aggregator]`` section the first time it
+    is asked for (the runtime builds its worker after the engine)."""
+
+    def __init__(self, section: AggregatorConfig) -> None:
+        super().__init__()
+        self.section = section
+
+    def __missing__(self, worker: int) -> Rule:
+        self[worker] = rule = self.section.build()
+        return rule
+
+
 def worker_rules(cfg, algorithm, workers) -> object:
     """The rule each local worker aggregates with: a robust rule built once per worker (its
     private state, such as CenteredClip's center, is its own), or the algorithm's one plain
     function for every worker."""
     if not isinstance(algorithm.aggregator, Rule):
         return algorithm.aggregator
-    return {w.id: cfg.aggregator.build() for w in workers}
+    rules = WorkerRules(cfg.aggregator)
+    for w in workers:
+        rules[w.id]  # noqa: B018 (built now)
+    return rules
 
 
 class Judge:

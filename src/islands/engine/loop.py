@@ -202,9 +202,9 @@ class Engine:
         self.attack = (None if cfg.attack.name == "none" else
                        Attack(cfg.attack, cfg.workers, classes=getattr(task, "classes", None)))
         self.aggregators = worker_rules(cfg, algorithm, workers)
-        rules = (self.aggregators.values() if isinstance(self.aggregators, dict)
-                 else [self.aggregators])
-        self.whole_vector = any(getattr(a, "whole_vector", False) for a in rules)
+        probe = (cfg.aggregator.build() if isinstance(self.aggregators, dict)
+                 else self.aggregators)
+        self.whole_vector = getattr(probe, "whole_vector", False)
         self.judge = Judge(cfg.aggregator)
 
     # --- a round's pieces ------------------------------------------------------------------
