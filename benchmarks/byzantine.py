@@ -38,6 +38,9 @@ AGGREGATORS: dict[str, list[str]] = {
     "sybil": ["aggregator.name='sybil'"],
     # every sync's butterfly verified: each member recomputes a shard it does not own
     "median+verify": ["aggregator.name='median'", "aggregator.verify=1.0"],
+    # every member aggregates every row itself: no shard owner to trust
+    "centered_clip+gather": ["aggregator.name='centered_clip'",
+                             "algorithm.collective='all_gather'"],
 }
 ATTACKS = ["sign_flip", "noise", "alie", "ipm", "constant", "label_flip", "stale", "nan",
            "sybil", "forged_weight", "lying_aggregator"]
@@ -75,13 +78,13 @@ def run_one(workers: int, aggregator: str, attack: str, attackers: int, seed: in
 
 
 def jobs_for(args) -> list[tuple]:
-    """The clean run of each aggregator (and of the mean, the baseline), then each attack x
-    aggregator x attackers > 0."""
+    """The clean run of each aggregator (the mean's is the baseline: list it, or merge a
+    report that has it), then each attack x aggregator x attackers > 0."""
     aggs = [a.strip() for a in args.aggregators.split(",")]
     attacks = [a.strip() for a in args.attacks.split(",")]
     out = []
     for seed in args.seeds:
-        for agg in dict.fromkeys(["mean", *aggs]) if args.clean else ():
+        for agg in aggs if args.clean else ():
             out.append((args.workers, agg, "none", 0, seed))
         for k in (k for k in args.attackers if k):
             for attack in attacks:
