@@ -217,3 +217,20 @@ def test_verify_needs_a_lossless_codec_and_a_rule_without_state():
         _sim("aggregator.verify=0.5", "codec.name=int8")
     with pytest.raises(ConfigError, match="all_gather"):
         _sim("aggregator.verify=0.5", "aggregator.name=centered_clip")
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["algorithm.overlap=delayed"], "overlaps"),
+    (["algorithm.name=ddp", "attack.name='nan'"], "data-parallel"),
+])
+def test_attacks_the_simulator_cannot_retry_yet_are_refused(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        _sim("attack.name='noise'", "attack.attackers=1", *sets)
+
+
+def test_ddp_gradients_under_sign_flip_are_held_by_the_median():
+    _, m = _sim("algorithm.name=ddp", "attack.name='sign_flip'", "attack.attackers=1",
+                "aggregator.ban_after=1000")
+    _, r = _sim("algorithm.name=ddp", "attack.name='sign_flip'", "attack.attackers=1",
+                "aggregator.name=median", "aggregator.ban_after=1000")
+    assert r["final_eval_loss"] < m["final_eval_loss"]

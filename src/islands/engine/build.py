@@ -74,12 +74,27 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     _warn_rounds(cfg)
     task = task if task is not None else build_task(cfg)
     if cfg.attack.name != "none":
-        if getattr(cfg.algorithm, "name", None) == "async_local_sgd":
-            raise ConfigError("attack.name: attacks on async_local_sgd are not supported yet "
-                              "(its posts bypass the round's collectives); use a synchronous "
-                              "algorithm or attack.name = 'none'")
+        _check_attack(cfg)
         Attack(cfg.attack, cfg.workers, classes=getattr(task, "classes", None))
     return task
+
+
+def _check_attack(cfg: RunConfig) -> None:
+    """Refuses an attack on an algorithm whose syncs the simulator cannot yet carry out again
+    without a refused sender."""
+    a, name = cfg.algorithm, cfg.attack.name
+    if a.name == "async_local_sgd":
+        raise ConfigError("attack.name: attacks on async_local_sgd are not supported yet "
+                          "(its posts bypass the round's collectives); use a synchronous "
+                          "algorithm or attack.name = 'none'")
+    if getattr(a, "overlap", "none") != "none" or a.name == "streaming_diloco":
+        raise ConfigError(f"attack.name ({name!r}) with a sync that overlaps the next round "
+                          f"({a.name}) is not supported yet: use blocking diloco")
+    refused = name in ("nan", "forged_weight", "lying_aggregator")  # banned mid-sync
+    if refused and (a.name == "ddp" or getattr(a, "ddp_steps", 0)):
+        raise ConfigError(f"attack.name ({name!r}) is refused mid-step, which a data-parallel "
+                          "step cannot yet be carried out again after: use diloco (with "
+                          "ddp_steps = 0) or another attack")
 
 
 def _check_verify(cfg: RunConfig) -> None:

@@ -177,7 +177,9 @@ class Simulation:
         self.final_params = algorithm.global_state(final).clone()
         self.final_state = engine.final_state(final)  # what final.safetensors holds
         self.shared_states = [algorithm.shared_state(w) for w in workers]
-        self.live = sorted(faults.alive) if faults is not None else list(range(len(workers)))
+        gone = {b["worker"] for b in driver.banned}
+        alive = faults.alive if faults is not None else range(len(workers))
+        self.live = sorted(set(alive) - gone)
         if self.out:
             summary["run_id"] = self.out.run_id
             self.out.finish(summary, final=engine.final_bytes(final))
