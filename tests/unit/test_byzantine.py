@@ -234,3 +234,29 @@ def test_ddp_gradients_under_sign_flip_are_held_by_the_median():
     _, r = _sim("algorithm.name=ddp", "attack.name='sign_flip'", "attack.attackers=1",
                 "aggregator.name=median", "aggregator.ban_after=1000")
     assert r["final_eval_loss"] < m["final_eval_loss"]
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_a_coordinate_wise_rule_in_the_butterfly_is_the_rule_on_whole_rows(rule):
+    """Shard by shard, each owner with its own rule object: the same values as the rule over
+    the whole stacked contributions, on every member."""
+    from islands.aggregators import coordinate_median, trimmed_mean
+    from islands.codecs import Identity
+    from islands.collectives.butterfly import Group
+    from islands.core.registry import lookup
+    from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
+
+    n = 7
+    torch.manual_seed(0)
+    xs = {i: torch.randn(1003) * (1 + 10 * (i >= 5)) for i in range(n)}
+    section = lookup("aggregator", rule).config()
+    rules = {i: section.build() for i in range(n)}
+    t = SimTransport(n, NetworkModel(), VirtualClock(n))
+    out = Group(t, tuple(range(n))).all_reduce(xs, codecs={i: Identity() for i in range(n)},
+                                               aggregator=rules)
+    stacked = torch.stack([xs[i] for i in range(n)])
+    want = (coordinate_median(stacked) if rule == "median"
+            else trimmed_mean(stacked, trim=section.trim))
+    for i in range(n):
+        assert torch.equal(out[i], want)
+    assert all(len(r.take_reports()) == 1 for r in rules.values())  # one shard each
