@@ -82,6 +82,29 @@ def test_a_worker_sending_refused_payloads_is_excluded_named_and_never_retried(t
     assert all(p.wait(timeout=30) == 0 for p in ws.values())
 
 
+def test_a_member_misreporting_the_rounds_members_is_excluded_not_its_victims(tmp_path, procs,
+                                                                            coordinator):
+    """Worker 2 declares itself the only member at every ready: the coordinator knows whom it
+    released the round with, excludes worker 2, and the honest two go on together."""
+    coord = coordinator()
+    addr = f"127.0.0.1:{coord.port}"
+    out = tmp_path / "run"
+    over = ["workers=3", *LONG]
+    ws = {i: procs.worker(i, addr, out, over) for i in (0, 1)}
+    liar = procs.start("misreport", [sys.executable, "tests/integration/misreport_worker.py",
+                                     *_run_argv(addr, 2, out / "w2", over)[4:]])
+    assert liar.wait(timeout=90) == 3
+    assert "declared members [2]" in procs.stderr(liar)
+    assert coord.status()["excluded"]["2"]["by"] == "coordinator"
+    r = last_round(out / "w0")
+    wait_until(lambda: last_round(out / "w0") >= r + 3, 30, "rounds without worker 2")
+    assert all(row["participants"] == [0, 1] for row in metrics(out / "w0")
+               if row["round"] > r)
+    for p in ws.values():
+        p.send_signal(signal.SIGTERM)
+    assert all(p.wait(timeout=30) == 0 for p in ws.values())
+
+
 def test_a_straggler_under_a_deadline_holds_nobody_and_ends_when_the_job_does(tmp_path, procs,
                                                                               coordinator):
     coord = coordinator(deadline_s=0.5, heartbeat_timeout_s=10.0)

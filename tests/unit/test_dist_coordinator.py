@@ -332,6 +332,28 @@ def test_a_refused_contribution_excludes_its_sender_from_the_retry_and_the_run(c
     assert retry[0]["members"] == [0, 2]
 
 
+def test_a_member_that_misreports_the_rounds_members_is_excluded_not_its_victims(coord):
+    """Worker 2 reaches ready first declaring itself the only member: the coordinator knows
+    whom it released the round with, so worker 2 is excluded and the honest two go on
+    together (taking the first declaration left them out of the round); a commit that
+    declares other members than the ready released is refused alike."""
+    chs = {w: _worker(coord, w) for w in range(3)}
+    _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
+    chs[2].send({"op": "ready", "round": 0, "attempt": 0, "members": [2]})
+    reply = chs[2].recv()
+    assert reply.get("removed") and "declared members [2]" in reply["error"]
+    out = _ask({w: chs[w] for w in (0, 1)},
+               {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2]}
+                for w in (0, 1)})
+    assert out[0]["members"] == out[1]["members"] == [0, 1]
+    st = coord.status()
+    assert st["excluded"]["2"]["by"] == "coordinator" and st["live"] == [0, 1]
+    chs[0].send({"op": "commit", "round": 0, "attempt": 0, "ok": True, "hash": "x",
+                 "members": [0]})
+    assert chs[0].recv().get("removed")
+    assert coord.status()["live"] == [1]
+
+
 def test_a_round_that_keeps_failing_gives_up_instead_of_looping():
     c = Coordinator("127.0.0.1", 0, token=b"tok", max_attempts=3).start()
     try:

@@ -337,9 +337,11 @@ class Coordinator(RoundRules):
             m.last_seen = time.monotonic()
             if wid in self.excluded:
                 e = self.excluded[wid]
-                return {"error": f"excluded from the run at round {e['round']}: worker "
-                                 f"{e['by']} refused its contribution ({e['why']}); fix the "
-                                 "cause and restart it to rejoin", "removed": True}
+                who = ("the coordinator" if e["by"] == "coordinator"
+                       else f"worker {e['by']} refused its contribution")
+                return {"error": f"excluded from the run at round {e['round']}: {who} "
+                                 f"({e['why']}); fix the cause and restart it to rejoin",
+                        "removed": True}
             if not m.alive and op != "leave":
                 return {"error": "dropped from the membership; restart to rejoin"}
             if op == "hb":
@@ -390,11 +392,16 @@ class Coordinator(RoundRules):
             b = self._open_start
         else:
             key = (op, int(req["round"]), int(req["attempt"]))
+            declared = frozenset(int(i) for i in req.get("members", ()))
+            known = self._known_members(key)
+            if known is not None and not known[0] <= declared <= known[1]:
+                return self._misreported(wid, key, declared, known)
             b = self._barriers.get(key)
             if b is None:
-                # the first arrival declares the members it expects (its epoch's, or the
-                # ready barrier's result): this survives a coordinator restart.
-                expected = frozenset(int(i) for i in req.get("members", ()))
+                # the members the coordinator released the round or attempt with; where it
+                # cannot tell (restarted, or a partial participation it does not draw), the
+                # first arrival's: this survives a coordinator restart.
+                expected = known[1] if known is not None else declared
                 f = self._in_flight
                 if op == "ready" and f is not None and f["round"] == key[1]:
                     expected |= f["joiners"]  # observers admitted before the first arrival
@@ -412,6 +419,37 @@ class Coordinator(RoundRules):
             return self._heal_reply(b.result["round"], b.result["src"],
                                     set(b.result["members"]) | set(b.result["healing"]))
         return b.result or {"error": "coordinator stopping"}
+
+    def _known_members(self, key: tuple) -> tuple[frozenset, frozenset] | None:
+        """The members a ``ready`` or ``commit`` of ``key`` must declare, as the coordinator
+        released them (the least and the most: observers admitted mid-round may or may not be
+        in a declaration); None where it cannot tell."""
+        op, r, attempt = key
+        if op == "commit":
+            ready = self._barriers.get(("ready", r, attempt))
+            got = None if ready is None or ready.result is None else ready.result["members"]
+        elif attempt > 0:
+            commit = self._barriers.get(("commit", r, attempt - 1))
+            got = None if commit is None or commit.result is None else commit.result["members"]
+        else:
+            f = self._in_flight
+            everyone = float(self.fingerprint.get("algorithm.participation", 1.0)) >= 1.0
+            if f is None or f["round"] != r or not everyone:
+                return None
+            return f["members"], f["members"] | f["joiners"]
+        return None if got is None else (frozenset(got), frozenset(got))
+
+    def _misreported(self, wid: int, key: tuple, declared: frozenset, known) -> dict:
+        """A member declared other members than the coordinator released: it is excluded
+        (its declaration would leave the others out of the round)."""
+        why = (f"it declared members {sorted(declared)} at {key[0]} of round {key[1]}, the "
+               f"coordinator released {sorted(known[1])}")
+        self.excluded[wid] = {"by": "coordinator", "round": key[1], "why": why}
+        self.members[wid].alive = False
+        log.warning("worker %d excluded at round %d: %s", wid, key[1], why)
+        self._check()
+        self._cond.notify_all()
+        return {"error": f"excluded from the run at round {key[1]}: {why}", "removed": True}
 
     def _gc(self) -> None:
         while len(self._barriers) > 64:
