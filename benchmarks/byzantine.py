@@ -125,8 +125,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     return lines
 
 
+def _order(aggregators) -> list[str]:
+    """The aggregators in AGGREGATORS' order (the mean first)."""
+    seen = set(aggregators)
+    return [a for a in AGGREGATORS if a in seen]
+
+
 def table(lines: list[dict]) -> str:
-    aggs = list(dict.fromkeys(x["aggregator"] for x in lines))
+    aggs = _order(x["aggregator"] for x in lines)
     out = []
     for w in sorted({x["workers"] for x in lines}):
         cell = {(x["attack"], x["attackers"], x["aggregator"]): x for x in lines
@@ -210,7 +216,7 @@ def plot(lines: list[dict], path: Path) -> None:
     panels = sorted({(x["workers"], x["attackers"]) for x in lines if x["attackers"]})
     if not panels:
         return
-    aggs = list(dict.fromkeys(x["aggregator"] for x in lines))
+    aggs = _order(x["aggregator"] for x in lines)
     fig, axes = plt.subplots(1, len(panels), figsize=(1.1 * len(aggs) * len(panels) + 2, 5.5),
                              squeeze=False)
     for ax, (w, k) in zip(axes.flat, panels):
@@ -218,8 +224,12 @@ def plot(lines: list[dict], path: Path) -> None:
         cell = {(x["attack"], x["aggregator"]): x["pct"] for x in lines
                 if (x["workers"], x["attackers"]) == (w, k)}
         grid = np.array([[cell.get((a, g), np.nan) for g in aggs] for a in attacks])
-        shown = np.clip(np.nan_to_num(grid, nan=100.0), -5, 100)
-        ax.imshow(shown, cmap="RdYlGn_r", vmin=-5, vmax=30, aspect="auto")
+        ran = np.array([[(a, g) in cell for g in aggs] for a in attacks])
+        # not run: blank; diverged or failed: the darkest red
+        shown = np.ma.masked_array(np.clip(np.nan_to_num(grid, nan=100.0), -5, 100), ~ran)
+        cmap = matplotlib.colormaps["RdYlGn_r"].copy()
+        cmap.set_bad("#f2f2f2")
+        ax.imshow(shown, cmap=cmap, vmin=-5, vmax=30, aspect="auto")
         for i in range(len(attacks)):
             for j in range(len(aggs)):
                 v = grid[i, j]
