@@ -8,7 +8,8 @@ After each sync the :class:`Judge` reads, for every member of the group,
   the Sybil defence's weight), averaged over the shards by their sizes;
 * ``distance_to_aggregate``: ``||sent - aggregate|| / ||aggregate||`` and
   ``cosine_to_aggregate``, for the contributions this process saw whole (every worker's in the
-  simulator, its own in the runtime).
+  simulator, its own in the runtime; none under ``runtime.trust = "cluster"``, whose native
+  all-reduce writes the mean over the contribution).
 
 They land in each worker's ``metrics.jsonl`` rows and, averaged, in ``summary.json``
 (``influence_by_worker``). **The ban rule**: a worker whose influence stays under

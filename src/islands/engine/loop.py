@@ -422,7 +422,9 @@ class Engine:
 
         def apply(results: list[dict]) -> None:
             mine = results[:-1] if has_buffers else results
-            self.judge.observe(r, group.members, sent, mine[0], self.aggregators)
+            # (the native all-reduce overwrites the contribution with the mean: nothing to say)
+            self.judge.observe(r, group.members, {} if self._native else sent, mine[0],
+                               self.aggregators)
             for w in workers:
                 self.algorithm.apply(w, [res[w.id] for res in mine])
                 if has_buffers:
