@@ -35,6 +35,8 @@ AGGREGATORS: dict[str, list[str]] = {
     "multi_krum": ["aggregator.name='multi_krum'", "aggregator.f=2"],
     "bulyan": ["aggregator.name='bulyan'", "aggregator.f=1"],
     "centered_clip": ["aggregator.name='centered_clip'"],
+    # with the clone filter in front: rows nearly parallel to an earlier one are dropped
+    "centered_clip+clones": ["aggregator.name='centered_clip'", "aggregator.clones=0.999"],
     "sybil": ["aggregator.name='sybil'"],
     # every sync's butterfly verified: each member recomputes a shard it does not own
     "median+verify": ["aggregator.name='median'", "aggregator.verify=1.0"],
@@ -263,7 +265,7 @@ def main() -> None:
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated: {ATTACKS}")
     p.add_argument("--aggregators", default=",".join(DEFAULT_AGGREGATORS),
                    help=f"comma-separated labels of {list(AGGREGATORS)}")
-    p.add_argument("--default", default="centered_clip",
+    p.add_argument("--default", default="centered_clip+clones",
                    help="the robust configuration the verdicts judge")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--no-clean", dest="clean", action="store_false",

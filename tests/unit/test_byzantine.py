@@ -260,3 +260,29 @@ def test_a_coordinate_wise_rule_in_the_butterfly_is_the_rule_on_whole_rows(rule)
     for i in range(n):
         assert torch.equal(out[i], want)
     assert all(len(r.take_reports()) == 1 for r in rules.values())  # one shard each
+
+
+def test_the_clone_filter_keeps_the_first_of_each_group_and_changes_nothing_else():
+    from islands.aggregators import Median
+
+    torch.manual_seed(0)
+    honest = torch.randn(5, 300)
+    clone = -honest[0]
+    stacked = torch.cat([honest, clone[None], clone[None] * 2.0])  # 2.0 x: cosine 1
+    rule = Median()
+    rule.clones = 0.999
+    out = rule(stacked)
+    assert torch.equal(out, Median()(stacked[:6]))  # the second clone never reached it
+    assert rule.influence[6] == 0 and rule.influence[5] > 0
+    plain = Median()
+    plain.clones = 0.999
+    assert torch.equal(plain(honest), Median()(honest))  # no clones: the same bits
+
+
+def test_sybil_clones_are_filtered_and_banned_while_a_clean_run_is_unchanged():
+    _, s = _sim("attack.name='sybil'", "attack.attackers=2", "aggregator.name=centered_clip",
+                "aggregator.clones=0.999")
+    assert [b["worker"] for b in s["banned"]] == [4]  # the second identity: influence 0
+    clean, _ = _sim("aggregator.name=centered_clip")
+    filtered, _ = _sim("aggregator.name=centered_clip", "aggregator.clones=0.999")
+    assert torch.equal(clean.final_params, filtered.final_params)

@@ -59,3 +59,35 @@ def clip_rows(stacked: torch.Tensor, clip_norm: float) -> torch.Tensor:
         if norm > clip_norm:
             out[i].mul_(clip_norm / norm * shrink)
     return out
+
+
+def gram(stacked: torch.Tensor) -> torch.Tensor:
+    """The rows' inner products ``X Xᵀ``, (n, n) float64, block by block (float32 products
+    are exact in float64: see :mod:`islands.aggregators.krum`)."""
+    n, numel = stacked.shape
+    g = torch.zeros(n, n, dtype=torch.float64, device=stacked.device)
+    for a in range(0, numel, BLOCK):
+        block = stacked[:, a:a + BLOCK].to(torch.float64)
+        g.addmm_(block, block.T)
+    # BLAS may round g[i, j] and g[j, i] differently; a mutual nearest pair must tie exactly
+    return (g + g.T) / 2
+
+
+def cosine_similarities(stacked: torch.Tensor) -> torch.Tensor:
+    """(n, n) float64 cosine similarities of the rows (0 with a zero row), from
+    :func:`gram`."""
+    g = gram(stacked)
+    norms = g.diagonal().sqrt()
+    denom = norms[:, None] * norms[None, :]
+    return torch.where(denom > 0, g / denom.clamp_min(1e-300), 0.0).clamp_(-1.0, 1.0)
+
+
+def first_of_clones(stacked: torch.Tensor, cosine: float) -> torch.Tensor:
+    """(n,) bool: the rows to keep when rows whose cosine similarity to a kept earlier row
+    exceeds ``cosine`` count as its clones (a Sybil's identities sending one update; after
+    SybilWall's similarity test): the first of each group is kept."""
+    cs = cosine_similarities(stacked).cpu()
+    keep = torch.ones(stacked.shape[0], dtype=torch.bool)
+    for i in range(1, stacked.shape[0]):
+        keep[i] = not bool((cs[i, :i][keep[:i]] > cosine).any())
+    return keep

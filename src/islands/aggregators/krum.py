@@ -23,23 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from islands.aggregators.clipping import BLOCK
+from islands.aggregators.clipping import BLOCK, gram
 from islands.aggregators.coordinate import BlockSorter
 from islands.aggregators.rule import Rule, check_clip_norm, check_rows
 from islands.core.registry import register
 from islands.core.sections import AggregatorConfig, check
-
-
-def gram(stacked: torch.Tensor) -> torch.Tensor:
-    """The rows' inner products ``X Xᵀ``, (n, n) float64, block by block (see the module
-    docstring)."""
-    n, numel = stacked.shape
-    g = torch.zeros(n, n, dtype=torch.float64, device=stacked.device)
-    for a in range(0, numel, BLOCK):
-        block = stacked[:, a:a + BLOCK].to(torch.float64)
-        g.addmm_(block, block.T)
-    # BLAS may round g[i, j] and g[j, i] differently; a mutual nearest pair must tie exactly
-    return (g + g.T) / 2
 
 
 def sq_distances(stacked: torch.Tensor) -> torch.Tensor:

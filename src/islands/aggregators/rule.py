@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from islands.aggregators.clipping import clip_rows
+from islands.aggregators.clipping import clip_rows, first_of_clones
 from islands.core.sections import check
 
 
@@ -47,6 +47,12 @@ class Rule:
         influence: after each call, (n,) float64 in [0, 1]: how much each row counted,
             relative to a plain mean (1: fully); each rule says what it measures.
 
+        clones: the cosine similarity above which a row counts as a clone of an earlier
+            one (a Sybil's identities sending one update, SybilWall's test): only the first
+            of each group reaches the rule, the others get influence 0 (None: off). The
+            engine sets it from ``aggregator.clones``. Per shard in the butterfly, clones are
+            clones in every shard.
+
     Args:
         clip_norm: clip every row to this L2 norm before the rule (:func:`clip_rows`);
             None: no clipping.
@@ -60,6 +66,7 @@ class Rule:
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm ({clip_norm!r}) must be > 0, or None for no clipping")
         self.clip_norm = clip_norm
+        self.clones: float | None = None
         self.influence: torch.Tensor | None = None
         self._reports: list[tuple[Hashable, int, torch.Tensor]] = []
 
@@ -76,9 +83,7 @@ class Rule:
         Returns:
             (numel,) a new tensor.
         """
-        check_rows(stacked, type(self).__name__)
-        rows = stacked if self.clip_norm is None else clip_rows(stacked, self.clip_norm)
-        out, influence = self._aggregate(rows, weights, key)
+        out, influence = self._apply(stacked, weights, key)
         self.influence = influence
         self._reports.append((key, int(stacked.shape[1]), influence))
         return out
@@ -90,9 +95,27 @@ class Rule:
         if self.stateful:
             raise ValueError(f"{type(self).__name__} carries state between calls: another "
                              "member cannot recompute its aggregate")
+        return self._apply(stacked, weights, None)[0]
+
+    def _apply(self, stacked: torch.Tensor, weights: torch.Tensor | None,
+               key: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clones dropped, rows clipped, the rule: the result and every row's influence."""
         check_rows(stacked, type(self).__name__)
-        rows = stacked if self.clip_norm is None else clip_rows(stacked, self.clip_norm)
-        return self._aggregate(rows, weights, None)[0]
+        n = stacked.shape[0]
+        keep = (None if self.clones is None or n < 2
+                else first_of_clones(stacked, self.clones).to(stacked.device))
+        if keep is not None and bool(keep.all()):
+            keep = None
+        rows = stacked if keep is None else stacked[keep]
+        if weights is not None and keep is not None:
+            weights = weights[keep.to(weights.device)]
+        rows = rows if self.clip_norm is None else clip_rows(rows, self.clip_norm)
+        out, influence = self._aggregate(rows, weights, key)
+        if keep is not None:
+            full = torch.zeros(n, dtype=torch.float64)
+            full[keep.cpu()] = influence.cpu()
+            influence = full
+        return out, influence
 
     def _aggregate(self, stacked: torch.Tensor, weights: torch.Tensor | None,
                    key: Hashable) -> tuple[torch.Tensor, torch.Tensor]:

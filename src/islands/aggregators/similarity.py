@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from islands.aggregators.clipping import BLOCK
-from islands.aggregators.krum import gram
+from islands.aggregators.clipping import BLOCK, cosine_similarities
 from islands.aggregators.mean import mean
 from islands.aggregators.rule import Rule, check_clip_norm, check_rows
 from islands.core.registry import register
@@ -35,15 +34,6 @@ from islands.core.sections import AggregatorConfig
 
 # below this, 1 - cosine similarity is rounding: the rows point the same way
 SAME = 1e-12
-
-
-def cosine_similarities(stacked: torch.Tensor) -> torch.Tensor:
-    """(n, n) float64 cosine similarities of the rows (0 with a zero row), from the Gram
-    matrix in float64 (:func:`~islands.aggregators.krum.gram`)."""
-    g = gram(stacked)
-    norms = g.diagonal().sqrt()
-    denom = norms[:, None] * norms[None, :]
-    return torch.where(denom > 0, g / denom.clamp_min(1e-300), 0.0).clamp_(-1.0, 1.0)
 
 
 def foolsgold_weights(stacked: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,9 @@ class AggregatorConfig:
             shard it does not own from the same inputs; a lying owner is banned:
             ``islands.collectives.verify``); 0: never. Needs a lossless codec and a rule
             without state.
+        clones: a Sybil defence in front of the rule: rows whose cosine similarity to an
+            earlier row exceeds this count as its clones, and only the first of each group
+            is aggregated (None: off; e.g. 0.999). Honest pseudo-gradients are far less alike.
     """
 
     kind: ClassVar[str] = "aggregator"
@@ -131,9 +134,13 @@ class AggregatorConfig:
     ban_after: int | None = 5
     ban_below: float = 0.25
     verify: float = 0.0
+    clones: float | None = None
 
     def check_shared(self) -> None:
         """Validates the keys every aggregator has."""
+        check(self.clones is None or 0 < self.clones < 1, "aggregator.clones", self.clones,
+              "must be in (0, 1): the cosine similarity above which rows count as clones "
+              "(e.g. 0.999), or unset")
         check(0 <= self.verify <= 1, "aggregator.verify", self.verify,
               "must be in [0, 1]: the chance a sync is verified")
         check(self.ban_after is None or self.ban_after >= 1, "aggregator.ban_after",

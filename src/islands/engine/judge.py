@@ -26,7 +26,7 @@ import statistics
 
 import torch
 
-from islands.aggregators import Rule
+from islands.aggregators import Mean, Rule
 from islands.core.sections import AggregatorConfig
 
 
@@ -39,15 +39,19 @@ class WorkerRules(dict):
         self.section = section
 
     def __missing__(self, worker: int) -> Rule:
-        self[worker] = rule = self.section.build()
+        rule = self.section.build()
+        if not isinstance(rule, Rule):  # the plain mean, with a clone filter in front
+            rule = Mean()
+        rule.clones = self.section.clones
+        self[worker] = rule
         return rule
 
 
 def worker_rules(cfg, algorithm, workers) -> object:
     """The rule each local worker aggregates with: a robust rule built once per worker (its
-    private state, such as CenteredClip's center, is its own), or the algorithm's one plain
-    function for every worker."""
-    if not isinstance(algorithm.aggregator, Rule):
+    private state, such as CenteredClip's center, is its own; ``aggregator.clones`` set), or
+    the algorithm's one plain function for every worker."""
+    if not isinstance(algorithm.aggregator, Rule) and cfg.aggregator.clones is None:
         return algorithm.aggregator
     rules = WorkerRules(cfg.aggregator)
     for w in workers:
