@@ -218,13 +218,18 @@ def plot(lines: list[dict], path: Path) -> None:
     panels = sorted({(x["workers"], x["attackers"]) for x in lines if x["attackers"]})
     if not panels:
         return
-    aggs = _order(x["aggregator"] for x in lines)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.1 * len(aggs) * len(panels) + 2, 5.5),
-                             squeeze=False)
-    for ax, (w, k) in zip(axes.flat, panels):
-        attacks = sorted({x["attack"] for x in lines if (x["workers"], x["attackers"]) == (w, k)})
-        cell = {(x["attack"], x["aggregator"]): x["pct"] for x in lines
-                if (x["workers"], x["attackers"]) == (w, k)}
+    # the largest panel first, full width; the others two to a row, each with its own columns
+    panels.sort(key=lambda p: -sum((x["workers"], x["attackers"]) == p for x in lines))
+    below = len(panels) // 2  # rows for the other panels, two to a row
+    fig = plt.figure(figsize=(14, 6 + 4 * below))
+    grid_spec = fig.add_gridspec(1 + below, 2, height_ratios=[6] + [4] * below)
+    axes = [fig.add_subplot(grid_spec[0, :])] + [
+        fig.add_subplot(grid_spec[1 + i // 2, i % 2]) for i in range(len(panels) - 1)]
+    for ax, (w, k) in zip(axes, panels):
+        here = [x for x in lines if (x["workers"], x["attackers"]) == (w, k)]
+        aggs = _order(x["aggregator"] for x in here)
+        attacks = sorted({x["attack"] for x in here})
+        cell = {(x["attack"], x["aggregator"]): x["pct"] for x in here}
         grid = np.array([[cell.get((a, g), np.nan) for g in aggs] for a in attacks])
         ran = np.array([[(a, g) in cell for g in aggs] for a in attacks])
         # not run: blank; diverged or failed: the darkest red
@@ -238,7 +243,7 @@ def plot(lines: list[dict], path: Path) -> None:
                 text = "" if (attacks[i], aggs[j]) not in cell else (
                     "n/a" if not np.isfinite(v) else f"{v:+.0f}")
                 ax.text(j, i, text, ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(aggs)), aggs, rotation=40, ha="right", fontsize=8)
+        ax.set_xticks(range(len(aggs)), aggs, rotation=25, ha="right", fontsize=8)
         ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
         ax.set_title(f"{k} of {w} workers attacking\n(% eval loss vs clean mean run)",
                      fontsize=9)
