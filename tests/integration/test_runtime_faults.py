@@ -58,16 +58,24 @@ def test_joiners_with_another_config_are_refused_at_once_and_the_job_goes_on(tmp
     assert all(p.wait(timeout=30) == 0 for p in ws.values())
 
 
-def test_a_worker_sending_refused_payloads_is_excluded_named_and_never_retried(tmp_path, procs,
-                                                                               coordinator):
+def _two_honest_and(tmp_path, procs, coordinator, script: str):
+    """Workers 0 and 1, and worker 2 run by ``tests/integration/<script>`` (a hostile one),
+    which must be removed (exit 3); returns the coordinator, the honest, worker 2 and the
+    run folder."""
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "run"
     over = ["workers=3", *LONG]
     ws = {i: procs.worker(i, addr, out, over) for i in (0, 1)}
-    liar = procs.start("liar", [sys.executable, "tests/integration/liar_worker.py",
-                                *_run_argv(addr, 2, out / "w2", over)[4:]])
-    assert liar.wait(timeout=90) == 3
+    bad = procs.start(script, [sys.executable, f"tests/integration/{script}",
+                               *_run_argv(addr, 2, out / "w2", over)[4:]])
+    assert bad.wait(timeout=90) == 3
+    return coord, ws, bad, out
+
+
+def test_a_worker_sending_refused_payloads_is_excluded_named_and_never_retried(tmp_path, procs,
+                                                                               coordinator):
+    coord, ws, liar, out = _two_honest_and(tmp_path, procs, coordinator, "liar_worker.py")
     assert "excluded from the run at round" in procs.stderr(liar)
     excluded = coord.status()["excluded"]["2"]
     assert excluded["by"] in (0, 1) and "payload from worker 2" in excluded["why"]
@@ -86,14 +94,8 @@ def test_a_member_misreporting_the_rounds_members_is_excluded_not_its_victims(tm
                                                                             coordinator):
     """Worker 2 declares itself the only member at every ready: the coordinator knows whom it
     released the round with, excludes worker 2, and the honest two go on together."""
-    coord = coordinator()
-    addr = f"127.0.0.1:{coord.port}"
-    out = tmp_path / "run"
-    over = ["workers=3", *LONG]
-    ws = {i: procs.worker(i, addr, out, over) for i in (0, 1)}
-    liar = procs.start("misreport", [sys.executable, "tests/integration/misreport_worker.py",
-                                     *_run_argv(addr, 2, out / "w2", over)[4:]])
-    assert liar.wait(timeout=90) == 3
+    coord, ws, liar, out = _two_honest_and(tmp_path, procs, coordinator,
+                                           "misreport_worker.py")
     assert "declared members [2]" in procs.stderr(liar)
     assert coord.status()["excluded"]["2"]["by"] == "coordinator"
     r = last_round(out / "w0")

@@ -128,7 +128,7 @@ def test_a_forged_weight_is_refused_by_its_receivers_and_its_sender_banned():
     assert torch.equal(attacked.final_params, sim_without.final_params)
 
 
-def test_a_forged_weight_changes_nothing_without_the_check():
+def test_without_the_check_a_forged_weight_owns_the_average():
     """The check is what stops it: read from its header, the weight 1e9 gives the attacker
     the whole average (a mutation of the receivers' check fails this)."""
     from islands.collectives import butterfly

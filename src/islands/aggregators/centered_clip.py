@@ -29,7 +29,7 @@ import torch
 from islands.aggregators.clipping import BLOCK, row_sq_norms
 from islands.aggregators.coordinate import kept_mean
 from islands.aggregators.mean import _normalized
-from islands.aggregators.rule import Rule, check_clip_norm, check_rows
+from islands.aggregators.rule import Rule, check_rows
 from islands.core.registry import register
 from islands.core.sections import AggregatorConfig, check
 
@@ -166,21 +166,19 @@ class CenteredClipConfig(AggregatorConfig):
         tau: the clipping radius (in the pseudo-gradients' L2 units); None: the median
             distance of the rows to the center, at each iteration.
         iters: iterations per aggregation.
-        clip_norm: clip every row to this L2 norm first; None: no clipping.
     """
 
     name: str = "centered_clip"
     tau: float | None = None
     iters: int = 3
-    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.tau is None or self.tau > 0, "aggregator.tau", self.tau,
               "must be > 0 for centered_clip (the clipping radius), or None for the median "
               "distance at each iteration")
         check(self.iters >= 1, "aggregator.iters", self.iters,
               "must be >= 1 for centered_clip (iterations per aggregation): use e.g. 3")
-        check_clip_norm(self.clip_norm, self.name)
 
     def build(self) -> CenteredClip:
         """A new :class:`CenteredClip` (one per worker: the centers are its own)."""

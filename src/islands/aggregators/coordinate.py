@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from islands.aggregators.clipping import BLOCK
-from islands.aggregators.rule import Rule, check_clip_norm, check_rows
+from islands.aggregators.rule import Rule, check_rows
 from islands.core.registry import register
 from islands.core.sections import AggregatorConfig, check
 
@@ -230,16 +230,10 @@ class TrimmedMean(Rule):
 @dataclass(frozen=True, kw_only=True)
 class MedianConfig(AggregatorConfig):
     """``[aggregator] name = "median"``: the coordinate median.
-
-    Attributes:
-        clip_norm: clip every row to this L2 norm first; None: no clipping.
     """
 
     name: str = "median"
-    clip_norm: float | None = None
 
-    def __post_init__(self) -> None:
-        check_clip_norm(self.clip_norm, self.name)
 
     def build(self) -> Median:
         """A new :class:`Median` (one per worker)."""
@@ -253,18 +247,16 @@ class TrimmedMeanConfig(AggregatorConfig):
 
     Attributes:
         trim: the fraction of rows cut from each end of every coordinate, in [0, 0.5).
-        clip_norm: clip every row to this L2 norm first; None: no clipping.
     """
 
     name: str = "trimmed_mean"
     trim: float = 0.25
-    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(0 <= self.trim < 0.5, "aggregator.trim", self.trim,
               "must be in [0, 0.5) for trimmed_mean (the fraction cut from each end): "
               "use e.g. 0.25, or name = \"median\" to keep only the middle")
-        check_clip_norm(self.clip_norm, self.name)
 
     def build(self) -> TrimmedMean:
         """A new :class:`TrimmedMean` (one per worker)."""

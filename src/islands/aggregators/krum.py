@@ -25,7 +25,7 @@ import torch
 
 from islands.aggregators.clipping import BLOCK, gram
 from islands.aggregators.coordinate import BlockSorter
-from islands.aggregators.rule import Rule, check_clip_norm, check_rows
+from islands.aggregators.rule import Rule, check_rows
 from islands.core.registry import register
 from islands.core.sections import AggregatorConfig, check
 
@@ -297,16 +297,14 @@ class KrumConfig(AggregatorConfig):
 
     Attributes:
         f: the Byzantine workers tolerated.
-        clip_norm: clip every row to this L2 norm first; None: no clipping.
     """
 
     name: str = "krum"
     f: int = 1
-    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_f(self.f, self.name, "2f + 3")
-        check_clip_norm(self.clip_norm, self.name)
 
     def build(self) -> Krum:
         """A new :class:`Krum` (one per worker)."""
@@ -321,19 +319,17 @@ class MultiKrumConfig(AggregatorConfig):
     Attributes:
         f: the Byzantine workers tolerated.
         m: the rows averaged, at most ``workers - f``; None: ``n - f`` of each aggregation.
-        clip_norm: clip every row to this L2 norm first; None: no clipping.
     """
 
     name: str = "multi_krum"
     f: int = 1
     m: int | None = None
-    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_f(self.f, self.name, "2f + 3")
         check(self.m is None or self.m >= 1, "aggregator.m", self.m,
               "must be >= 1 for multi_krum (the rows averaged), or None for n - f")
-        check_clip_norm(self.clip_norm, self.name)
 
     def build(self) -> MultiKrum:
         """A new :class:`MultiKrum` (one per worker)."""
@@ -347,16 +343,14 @@ class BulyanConfig(AggregatorConfig):
 
     Attributes:
         f: the Byzantine workers tolerated.
-        clip_norm: clip every row to this L2 norm first; None: no clipping.
     """
 
     name: str = "bulyan"
     f: int = 1
-    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_f(self.f, self.name, "4f + 3")
-        check_clip_norm(self.clip_norm, self.name)
 
     def build(self) -> Bulyan:
         """A new :class:`Bulyan` (one per worker)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from islands.aggregators.rule import Rule, check_clip_norm
+from islands.aggregators.rule import Rule
 from islands.core.registry import register
 from islands.core.sections import AggregatorConfig
 
@@ -119,17 +119,10 @@ class Mean(Rule):
 @dataclass(frozen=True, kw_only=True)
 class MeanConfig(AggregatorConfig):
     """``[aggregator] name = "mean"``: the (weighted) mean.
-
-    Attributes:
-        clip_norm: clip every row to this L2 norm first; None: no clipping (the plain
-            :func:`mean`, which the butterfly streams without stacking the rows).
     """
 
     name: str = "mean"
-    clip_norm: float | None = None
 
-    def __post_init__(self) -> None:
-        check_clip_norm(self.clip_norm, self.name)
 
     def build(self):
         """The aggregator: :func:`mean` itself (``(stacked (n, numel), weights (n,) | None)

@@ -17,7 +17,6 @@ from typing import ClassVar
 import torch
 
 from islands.aggregators.clipping import clip_rows, first_of_clones
-from islands.core.sections import check
 
 
 def check_rows(stacked: torch.Tensor, rule: str) -> None:
@@ -25,13 +24,6 @@ def check_rows(stacked: torch.Tensor, rule: str) -> None:
     if stacked.dim() != 2 or stacked.shape[0] < 1 or not stacked.is_floating_point():
         raise ValueError(f"{rule}: stacked ({tuple(stacked.shape)}, {stacked.dtype}) must be "
                          f"a floating (n, numel) tensor with n >= 1 rows")
-
-
-def check_clip_norm(clip_norm: float | None, rule: str) -> None:
-    """The ``aggregator.clip_norm`` check every rule's section shares."""
-    check(clip_norm is None or clip_norm > 0, "aggregator.clip_norm", clip_norm,
-          f"must be > 0 for {rule} (the largest L2 norm a contribution keeps), or None for "
-          f"no clipping")
 
 
 class Rule:

@@ -28,7 +28,7 @@ import torch
 
 from islands.aggregators.clipping import BLOCK, cosine_similarities
 from islands.aggregators.mean import mean
-from islands.aggregators.rule import Rule, check_clip_norm, check_rows
+from islands.aggregators.rule import Rule, check_rows
 from islands.core.registry import register
 from islands.core.sections import AggregatorConfig
 
@@ -118,16 +118,10 @@ class FoolsGold(Rule):
 @dataclass(frozen=True, kw_only=True)
 class SybilConfig(AggregatorConfig):
     """``[aggregator] name = "sybil"``: the stateless FoolsGold Sybil defence.
-
-    Attributes:
-        clip_norm: clip every row to this L2 norm first; None: no clipping.
     """
 
     name: str = "sybil"
-    clip_norm: float | None = None
 
-    def __post_init__(self) -> None:
-        check_clip_norm(self.clip_norm, self.name)
 
     def build(self) -> FoolsGold:
         """A new :class:`FoolsGold` (one per worker)."""

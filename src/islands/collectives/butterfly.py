@@ -89,11 +89,9 @@ def aggregate(rule: Aggregator, stacked: torch.Tensor, weights: torch.Tensor | N
 def recompute(rule: Aggregator, stacked: torch.Tensor, weights: torch.Tensor | None
               ) -> torch.Tensor:
     """``rule``'s aggregate of ``stacked`` as a verifier computes it: without recording it or
-    touching any state (an attacker's wrapper is seen through: it lies only as an owner)."""
-    rule = getattr(rule, "honest", rule)
-    if isinstance(rule, Rule):
-        return rule.recompute(stacked, weights)
-    return rule(stacked, weights)
+    touching any state (a rule object's ``recompute``; a plain function has none to touch)."""
+    again = getattr(rule, "recompute", None)
+    return again(stacked, weights) if again is not None else rule(stacked, weights)
 
 
 def header_weights(msgs: list[Message], members: tuple[int, ...],

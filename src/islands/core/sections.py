@@ -115,6 +115,7 @@ class AggregatorConfig:
 
     Attributes:
         name: ``"mean"`` (weighted by the algorithm's weights: samples for local_sgd).
+        clip_norm: every rule clips each row to this L2 norm first (None: no clipping).
         ban_after: the ban rule (``islands.engine.judge``): a worker whose influence on the
             aggregate stays under ``ban_below`` times the round's median influence for this
             many syncs in a row is excluded from the job (None: never).
@@ -131,13 +132,18 @@ class AggregatorConfig:
     kind: ClassVar[str] = "aggregator"
     tolerated: ClassVar[frozenset[str]] = frozenset()
     name: str = "mean"
+    clip_norm: float | None = None
     ban_after: int | None = 5
     ban_below: float = 0.25
     verify: float = 0.0
     clones: float | None = None
 
-    def check_shared(self) -> None:
-        """Validates the keys every aggregator has."""
+    def __post_init__(self) -> None:
+        """Validates the keys every aggregator has (a rule with keys of its own calls this
+        first)."""
+        check(self.clip_norm is None or self.clip_norm > 0, "aggregator.clip_norm",
+              self.clip_norm, f"must be > 0 for {self.name} (the largest L2 norm a "
+              "contribution keeps), or None for no clipping")
         check(self.clones is None or 0 < self.clones < 1, "aggregator.clones", self.clones,
               "must be in (0, 1): the cosine similarity above which rows count as clones "
               "(e.g. 0.999), or unset")

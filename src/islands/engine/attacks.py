@@ -33,7 +33,7 @@ from collections import deque
 import torch
 
 from islands.algorithms import Contribution
-from islands.collectives.butterfly import aggregate
+from islands.collectives.butterfly import aggregate, recompute
 from islands.core.errors import ConfigError
 from islands.core.sections import AttackConfig
 from islands.core.seeding import derive_seed
@@ -83,7 +83,9 @@ class Attack:
         self.cfg, self.name, self.scale = cfg, cfg.name, cfg.strength
         self.ids = frozenset(cfg.ids(workers))
         self.classes = classes
-        self._past: dict[int, deque] = {i: deque(maxlen=cfg.delay_rounds + 1) for i in self.ids}
+        # the stale attack's own pseudo-gradients of the last delay_rounds rounds
+        self._past: dict[int, deque] = ({i: deque(maxlen=cfg.delay_rounds + 1) for i in self.ids}
+                                        if cfg.name == "stale" else {})
         self._direction: torch.Tensor | None = None
         self._gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "attack"))
 
@@ -129,9 +131,9 @@ class Attack:
             items = {wid: p[k] for wid, p in plans.items()}
             if next(iter(items.values())).tag == "buffers":
                 continue
-            for wid, c in items.items():  # the stale attack remembers honest ones
-                if wid in self._past and k == 0:
-                    self._past[wid].append(c.tensor.clone())
+            for wid in self._past if k == 0 else ():
+                if wid in items:
+                    self._past[wid].append(items[wid].tensor.clone())
             bad = [wid for wid in sorted(items) if self.attacking(wid, r)]
             if not bad:
                 continue
@@ -183,7 +185,8 @@ class _Unchecked:
 
 
 class _Lying:
-    """A shard owner's rule that returns ``-scale`` times the honest aggregate."""
+    """A shard owner's rule that returns ``-scale`` times the honest aggregate; as a
+    verifier it recomputes honestly (a lying verifier is not simulated)."""
 
     def __init__(self, honest, scale: float) -> None:
         self.honest, self.scale = honest, scale
@@ -191,3 +194,7 @@ class _Lying:
     def __call__(self, stacked: torch.Tensor, weights: torch.Tensor | None = None, *,
                  key=None) -> torch.Tensor:
         return -self.scale * aggregate(self.honest, stacked, weights, key)
+
+    def recompute(self, stacked: torch.Tensor, weights: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        return recompute(self.honest, stacked, weights)

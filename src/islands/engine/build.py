@@ -68,7 +68,6 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     """
     run_codec(cfg)
     check_algorithm(cfg)
-    cfg.aggregator.check_shared()
     _check_verify(cfg)
     resolve_device(cfg.device)
     _warn_rounds(cfg)

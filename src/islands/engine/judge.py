@@ -67,7 +67,6 @@ class Judge:
     """
 
     def __init__(self, cfg: AggregatorConfig) -> None:
-        cfg.check_shared()
         self.ban_after, self.ban_below = cfg.ban_after, cfg.ban_below
         self.latest: dict[int, dict] = {}  # worker -> its statistics of the latest sync
         self._low: dict[int, int] = {}  # worker -> syncs in a row under the threshold
