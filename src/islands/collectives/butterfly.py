@@ -238,7 +238,8 @@ class Group:
             with timed(sw, "encode"):
                 payload = codecs[i].encode(contributions[i][a:b], key=f"w{i}/{tag}/scatter",
                                            offset=a)
-            return Message(payload, MESSAGE_HEADER_BYTES, weight=_claim(weights, claims, i))
+            return Message(payload, MESSAGE_HEADER_BYTES, weight=_claim(weights, claims, i),
+                           claim=True)
 
         scatter = f"{tag}/reduce-scatter"
         with self._or_give_up(scatter):  # a NaN contribution: the peers hear it at once
@@ -317,7 +318,8 @@ class Group:
         with self._or_give_up(tag):
             for i in self.local:
                 sent[i] = Message(codecs[i].encode(contributions[i], key=f"w{i}/{tag}"),
-                                  MESSAGE_HEADER_BYTES, weight=_claim(weights, claims, i))
+                                  MESSAGE_HEADER_BYTES, weight=_claim(weights, claims, i),
+                                  claim=True)
         outgoing = {(i, j): sent[i] for i in self.local for j in self.members if j != i}
         incoming = self.transport.exchange(outgoing, self.members, phase=tag)
         x0 = next(iter(contributions.values()))

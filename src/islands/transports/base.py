@@ -32,11 +32,17 @@ class Message:
         header_bytes: bytes of the collective's own header (shard, length, weight) counted
             on the wire besides ``payload.nbytes``.
         weight: the sender's aggregation weight (travels in the header).
+        claim: ``weight`` is the sender's claim for its own contribution (checked against
+            the round's weights by every receiver), not an aggregate's or a state's 1.
+        proof: the header as its sender signed it (an open job's real transport:
+            :func:`islands.transports.wire.pack_header`), shown as evidence against it.
     """
 
     payload: Encoded
     header_bytes: int
     weight: float = 1.0
+    claim: bool = False
+    proof: dict | None = None
 
     @property
     def nbytes(self) -> int:

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from islands.core.errors import CodecError, CommError, PeerGaveUp, PeerRefused, Stopping
+from islands.core.signing import Signer
 from islands.core.timing import timed
 from islands.transports import wire
 from islands.transports.base import Exchange, Flight, Message, Place, ThreadedFlight, Transport
@@ -88,10 +89,15 @@ class DistTransport(Transport):
     Args:
         worker: the id of the worker this process drives.
         timeout_s: an exchange waiting longer than this raises :class:`CommError`.
+        signer: this process's key (an open job): every header it sends is signed, every
+            header it receives must be signed with the sender's key in ``keys`` and name
+            the exchange's context (``context``, the phase, sender and receiver); what was
+            received in the current context is kept (``kept``) as evidence.
     """
 
     def __init__(self, worker: int, timeout_s: float = 30.0, *,
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None, signer: Signer | None = None
+                 ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s ({timeout_s}) must be > 0")
         self.worker = worker
@@ -100,6 +106,10 @@ class DistTransport(Transport):
         self.group: dist.ProcessGroup | None = None
         self.ranks: dict[int, int] = {}
         self.abort_event = threading.Event()
+        self.signer = signer
+        self.keys: dict[int, str] = {}  # {worker: its registered public key}
+        self.context = ""
+        self.kept: dict[tuple[str, int], Message] = {}  # {(phase, sender): its message}
         self.group_since = 0.0  # time.monotonic() when the current group was formed
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -120,6 +130,14 @@ class DistTransport(Transport):
     def received(self, worker: int) -> int:
         assert worker == self.worker, (worker, self.worker)
         return self.bytes_received
+
+    def set_context(self, context: str, keys: dict[int, str]) -> None:
+        """Where the next exchanges belong (e.g. ``"round/attempt"``) and the members' keys;
+        what was kept as evidence from the last context is dropped."""
+        self.context, self.keys, self.kept = context, dict(keys), {}
+
+    def _ctx(self, phase: str, src: int, dst: int) -> str:
+        return f"{self.context}/{phase}/{src}>{dst}"
 
     @property
     def in_flight(self) -> bool:
@@ -169,7 +187,8 @@ class DistTransport(Transport):
         sw = self.stopwatch
         with timed(sw, "pack"):
             try:
-                heads = {p: wire.pack_header(out.get((me, p))) for p in peers}
+                heads = {p: wire.pack_header(out.get((me, p)), self.signer,
+                                             self._ctx(phase, me, p)) for p in peers}
             except CommError as e:  # our own message cannot go: we are the one to blame
                 raise PeerRefused(f"{phase}: worker {me}'s own message cannot be sent: {e}",
                                   me) from None
@@ -182,7 +201,9 @@ class DistTransport(Transport):
             specs, refused = {}, {}
             for p in peers:
                 try:
-                    if (h := wire.unpack_header(head_bufs[p], p)) is not None:
+                    key = None if self.signer is None else self.keys.get(p, "")
+                    if (h := wire.unpack_header(head_bufs[p], p, key,
+                                                self._ctx(phase, p, me))) is not None:
                         specs[p] = h
                 except (PeerRefused, PeerGaveUp) as e:
                     refused[p] = e
@@ -192,6 +213,8 @@ class DistTransport(Transport):
             sends = [(wire.as_bytes(m.payload.tensors[k]), dst) for (_, dst), m in out.items()
                      if dst != me and dst not in refused for k in sorted(m.payload.tensors)]
         arriving = _Arriving(self, phase, specs, received, check_finite)
+        if self.signer is not None:
+            self.kept.update({(phase, src): m for (src, _), m in arriving.messages.items()})
         arriving.post(sends)
         # counted once everything has gone through (Exchange.wait)
         arriving.counts = {

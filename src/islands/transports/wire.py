@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from islands.codecs.base import PAYLOAD_DTYPES, Encoded, all_finite
-from islands.core import memory
+from islands.core import memory, signing
 from islands.core.errors import CommError, PeerGaveUp, PeerRefused
 from islands.transports.base import Message
 
@@ -63,10 +63,19 @@ class Header:
     codec_header_bytes: int
     meta: dict
     tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    proof: dict | None = None  # a signed header: {"h": the signed JSON, "s": its signature}
+    claim: bool = False  # the weight is the sender's claim for its own contribution
 
 
-def pack_header(msg: Message | None) -> torch.Tensor:
-    """``u32 length | JSON`` as a uint8 tensor (``null`` for no message)."""
+def pack_header(msg: Message | None, signer: signing.Signer | None = None,
+                ctx: str = "") -> torch.Tensor:
+    """``u32 length | JSON`` as a uint8 tensor (``null`` for no message).
+
+    With ``signer`` (an open job), a message's header also names its context ``ctx`` (round,
+    attempt, phase, sender and receiver: a signed header cannot be replayed elsewhere) and
+    each tensor's Merkle root, and travels as ``{"h": header JSON, "s": signature}``: the
+    receiver checks it against the sender's registered key, and can later show a third party
+    what the sender said, and any 16 KiB of its payload (:mod:`islands.core.signing`)."""
     if msg is None:
         head = b"null"
     else:
@@ -75,10 +84,19 @@ def pack_header(msg: Message | None) -> torch.Tensor:
                   "eh": p.header_bytes, "meta": p.meta,
                   "t": [[k, str(p.tensors[k].dtype), list(p.tensors[k].shape)]
                         for k in sorted(p.tensors)]}
+        if msg.claim:
+            fields["c"] = 1
+        if signer is not None:
+            fields["ctx"] = ctx
+            fields["mr"] = [signing.merkle_root(as_bytes(p.tensors[k]).numpy())
+                            for k in sorted(p.tensors)]
         try:
             head = json.dumps(fields, separators=(",", ":")).encode()
         except TypeError as e:
             raise CommError(f"codec meta {p.meta!r} is not JSON-serializable: {e}") from None
+        if signer is not None:
+            head = json.dumps({"h": head.decode(), "s": signer.sign(head).hex()},
+                              separators=(",", ":")).encode()
     if 4 + len(head) > MAX_HEADER_BYTES:
         raise CommError(f"a message header of {len(head)} bytes exceeds the wire's "
                         f"{MAX_HEADER_BYTES - 4} (codec meta too large)")
@@ -104,8 +122,14 @@ def header_length(buf: torch.Tensor) -> int:
     return 4 + struct.unpack("<I", buf[:4].numpy().tobytes())[0]
 
 
-def unpack_header(buf: torch.Tensor, peer: int) -> Header | None:
-    """Parses and validates a header received from ``peer`` (None: no message)."""
+def unpack_header(buf: torch.Tensor, peer: int, key: str | None = None,
+                  ctx: str = "") -> Header | None:
+    """Parses and validates a header received from ``peer`` (None: no message).
+
+    Args:
+        key: ``peer``'s registered public key (an open job): a message's header must be
+            signed with it and name ``ctx`` as its context.
+    """
     try:
         if buf.numel() < 4:
             raise ValueError(f"{buf.numel()} bytes, shorter than the length prefix")
@@ -118,6 +142,9 @@ def unpack_header(buf: torch.Tensor, peer: int) -> Header | None:
         if isinstance(raw, dict) and "void" in raw:
             raise PeerGaveUp(f"worker {peer} gave up the exchange: {str(raw['void'])[:500]}",
                              peer)
+        proof = None
+        if key is not None:
+            raw, proof = _signed(raw, peer, key, ctx)
         tensors, names, total = [], set(), 0
         for name, dtype, shape in raw["t"]:
             if not isinstance(name, str) or name in names:
@@ -131,7 +158,7 @@ def unpack_header(buf: torch.Tensor, peer: int) -> Header | None:
         if total > MAX_MESSAGE_BYTES:
             raise ValueError(f"a payload of {total} bytes (at most {MAX_MESSAGE_BYTES})")
         h = Header(float(raw["w"]), int(raw["hb"]), int(raw["n"]), PAYLOAD_DTYPES[raw["dt"]],
-                   int(raw["eh"]), dict(raw["meta"]), tensors)
+                   int(raw["eh"]), dict(raw["meta"]), tensors, proof, raw.get("c") == 1)
     except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
         raise PeerRefused(f"malformed message from worker {peer}: {e}", peer) from None
     if h.numel < 0 or h.header_bytes < 0 or h.codec_header_bytes < 0 \
@@ -139,6 +166,26 @@ def unpack_header(buf: torch.Tensor, peer: int) -> Header | None:
         raise PeerRefused(f"message from worker {peer}: bad numel, header size or weight; "
                           "refused", peer)
     return h
+
+
+def _signed(raw, peer: int, key: str, ctx: str) -> tuple[dict, dict]:
+    """The header inside a signed frame, once its signature and context are checked."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("h"), str) \
+            or not isinstance(raw.get("s"), str):
+        raise ValueError("not signed (this job's members sign every message)")
+    try:
+        sig = bytes.fromhex(raw["s"])
+    except ValueError:
+        raise ValueError("a signature that is not hex") from None
+    if not signing.check_signature(key, raw["h"].encode(), sig):
+        raise ValueError("a signature that is not its registered key's")
+    inner = json.loads(raw["h"])
+    if not isinstance(inner, dict) or inner.get("ctx") != ctx:
+        raise ValueError(f"signed for {str(inner.get('ctx'))[:80]!r} "
+                         f"(context {ctx!r}): replayed or misdirected")
+    if not isinstance(inner.get("mr"), list) or len(inner["mr"]) != len(inner.get("t", ())):
+        raise ValueError("no Merkle root per tensor")
+    return inner, {"h": raw["h"], "s": raw["s"]}
 
 
 def receive_buffers(h: Header, place: TensorPlace | None) -> dict[str, torch.Tensor]:
@@ -168,7 +215,7 @@ def chunks(nbytes: int) -> list[tuple[int, int]]:
 def message(h: Header, tensors: dict[str, torch.Tensor]) -> Message:
     payload = Encoded(tensors, numel=h.numel, dtype=h.dtype, header_bytes=h.codec_header_bytes,
                       meta=h.meta)
-    return Message(payload, h.header_bytes, weight=h.weight)
+    return Message(payload, h.header_bytes, weight=h.weight, claim=h.claim, proof=h.proof)
 
 
 def check_finite(msg: Message, peer: int) -> None:
