@@ -14,6 +14,7 @@ from islands.core.config import from_dict
 from islands.core.errors import ConfigError
 from islands.core.sections import AttackConfig
 from islands.engine.attacks import Attack, alie_z
+from islands.runtime.member import refuse_simulator_only
 from islands.sim.runner import Simulation
 from tests.conftest import tiny_config
 
@@ -88,15 +89,18 @@ def test_stale_sends_what_it_had_delay_rounds_ago_and_start_round_waits():
     assert sent == [0.0, 1.0, 0.0, 1.0, 2.0]  # honest in rounds 0 and 1
 
 
-def test_label_flip_and_attacks_not_built_are_refused_clearly():
+def test_label_flip_and_attacks_of_the_other_world_are_refused_clearly(tmp_path):
     attack = _attack("label_flip")
     x, y = attack.batch(2, 0, (torch.zeros(2), torch.tensor([0, 3])))
     assert y.tolist() == [3, 0]
     assert attack.batch(1, 0, (x, y))[1].tolist() == [3, 0]  # honest: unchanged
     with pytest.raises(ConfigError, match="classes"):
         Attack(AttackConfig(name="label_flip", attackers=1), 3)
-    with pytest.raises(ConfigError, match="blame"):
-        _attack("false_accuser")
+    with pytest.raises(ConfigError, match="real processes only"):
+        _sim("attack.name='false_accuser'", "attack.attackers=1", out_dir=tmp_path)
+    for name in ("alie", "ipm", "sybil"):
+        with pytest.raises(ConfigError, match="simulator only"):
+            refuse_simulator_only(from_dict({"workers": 3, "attack": {"name": name}}))
 
 
 def test_a_nan_sender_is_banned_at_once_and_the_run_goes_on(tmp_path):
@@ -177,11 +181,9 @@ def test_attacks_on_async_local_sgd_are_refused():
         _sim("algorithm.name=async_local_sgd", "attack.name=noise", "attack.attackers=1")
 
 
-def test_real_processes_refuse_an_attack_before_anything_starts():
-    from islands.runtime.member import refuse_simulator_only
-
-    with pytest.raises(ConfigError, match="simulator only"):
-        refuse_simulator_only(tiny_config("attack.name='noise'", "attack.attackers=1"))
+def test_real_processes_take_the_attacks_a_lone_process_can_carry_out():
+    for name in ("noise", "nan", "forged_weight", "false_accuser"):
+        refuse_simulator_only(tiny_config(f"attack.name='{name}'", "attack.attackers=1"))
 
 
 def test_a_lying_shard_owner_is_caught_by_verification_and_banned():

@@ -13,14 +13,6 @@ from islands.runtime.auth import client_connect
 from islands.runtime.coordinator import Coordinator
 
 
-@pytest.fixture
-def coord():
-    c = Coordinator("127.0.0.1", 0, token=b"tok", heartbeat_timeout_s=1.0,
-                    handshake_timeout_s=0.5).start()
-    yield c
-    c.stop()
-
-
 def _worker(c: Coordinator, wid: int, token: bytes = b"tok", fp: dict | None = None,
             incarnation: str | None = None):
     return client_connect(f"127.0.0.1:{c.port}", token,
@@ -321,7 +313,8 @@ def test_a_refused_contribution_excludes_its_sender_from_the_retry_and_the_run(c
                          "members": [0, 1, 2], "blame": blame}})
     assert not out[0]["commit"] and out[0]["members"] == [0, 2]
     assert out[0]["excluded"] == [{"worker": 1, "by": 0, "round": 0,
-                                   "why": "payload from worker 1 holds 49 values"}]
+                                   "why": "payload from worker 1 holds 49 values (refused by "
+                                          "workers [0, 2] alike)"}]
     chs[1].send({"op": "ready", "round": 0, "attempt": 1, "members": [0, 2]})
     reply = chs[1].recv()
     assert reply.get("removed") and "worker 0 refused its contribution" in reply["error"]

@@ -267,6 +267,13 @@ class Algorithm(ABC):
         """Whether a worker can join a round in flight as a weight-0 observer."""
         return False
 
+    def weight(self, worker: Worker) -> float | None:
+        """The aggregation weight ``worker`` contributes with this round, by the algorithm's
+        rule (None: the plain mean, every worker alike). The real runtime reports it to the
+        coordinator at ``ready``; every receiver then holds each sender to the weight the
+        coordinator recorded, never to the sender's own header."""
+        return None
+
     def restart(self, worker: Worker, settled: bool) -> None:
         """An overlapped algorithm (``overlaps``), after its round's contribution is issued:
         puts the worker where the next round starts. ``settled``: the round's own result has

@@ -64,7 +64,7 @@ class LocalSGD(Algorithm):
         stale = tuple(w for w in self.participants(round, members) if w not in previous)
         return (previous[0], stale) if stale else None
 
-    def _weight(self, worker: Worker) -> float:
+    def weight(self, worker: Worker) -> float:
         if self.weighting == "samples":
             return float(worker.samples)
         if self.weighting == "dataset":
@@ -76,7 +76,7 @@ class LocalSGD(Algorithm):
 
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:
-        weight = 0.0 if worker.id in observers else self._weight(worker)
+        weight = 0.0 if worker.id in observers else self.weight(worker)
         return [Contribution(worker.flat_params(), weight, tag="parameters")]
 
     def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:

@@ -38,10 +38,15 @@ from islands.core.errors import ConfigError
 from islands.core.sections import AttackConfig
 from islands.core.seeding import derive_seed
 
-# attacks the engine cannot carry out yet, and why
-NOT_BUILT = {
-    "false_accuser": "a false accusation needs the real runtime's blame protocol, which is "
-                     "not built yet",
+# attacks one world cannot carry out, and why
+SIMULATOR_ONLY = {
+    "alie": "it reads the honest workers' updates, which a real process never sees",
+    "ipm": "it reads the honest workers' updates, which a real process never sees",
+    "sybil": "its identities send one update, which separate real processes cannot share",
+}
+RUNTIME_ONLY = {
+    "false_accuser": "it abuses the real runtime's blame protocol (a commit that accuses an "
+                     "honest peer, with forged evidence), which the simulator does not run",
 }
 
 
@@ -73,9 +78,6 @@ class Attack:
     """
 
     def __init__(self, cfg: AttackConfig, workers: int, *, classes: int | None = None) -> None:
-        if cfg.name in NOT_BUILT:
-            raise ConfigError(f"attack.name ({cfg.name!r}): {NOT_BUILT[cfg.name]}; choose "
-                              "another attack")
         if cfg.name == "label_flip" and classes is None:
             raise ConfigError("attack.name ('label_flip') needs the task's number of classes "
                               "(Task.classes); this task does not say it: choose another "
@@ -124,7 +126,8 @@ class Attack:
     def corrupt(self, r: int, plans: dict[int, list[Contribution]]) -> None:
         """Rewrites the attackers' contributions of round ``r`` in ``plans`` (every
         contribution but the buffers)."""
-        if self.name in ("none", "label_flip", "forged_weight", "lying_aggregator"):
+        if self.name in ("none", "label_flip", "forged_weight", "lying_aggregator",
+                         "false_accuser"):
             return
         count = len(next(iter(plans.values())))
         for k in range(count):

@@ -206,6 +206,9 @@ class Engine:
                  else self.aggregators)
         self.whole_vector = getattr(probe, "whole_vector", False)
         self.judge = Judge(cfg.aggregator)
+        # {member: its aggregation weight this round, as the coordinator recorded it} (the
+        # real runtime's other members; the simulator knows every worker's own)
+        self.round_weights: dict[int, float] = {}
 
     # --- a round's pieces ------------------------------------------------------------------
 
@@ -399,7 +402,10 @@ class Engine:
                 first = items[workers[0].id]
                 exact = first.tag == "buffers"
                 weights = (None if first.weight is None
-                           else {wid: c.weight for wid, c in items.items()})
+                           else {**{m: 0.0 if m in observers else w
+                                    for m, w in self.round_weights.items()
+                                    if m in group.members},
+                                 **{wid: c.weight for wid, c in items.items()}})
                 tensors = {wid: c.tensor for wid, c in items.items()}
                 codecs = {w.id: self._exact if exact else w.codec for w in workers}
                 if attack is not None:

@@ -77,6 +77,7 @@ class Member:
     store: list
     last_seen: float
     alive: bool = True
+    key: str = ""  # its Ed25519 public key (hex; an open job's members sign their messages)
 
 
 class Coordinator(RoundRules):
@@ -119,6 +120,7 @@ class Coordinator(RoundRules):
         self.max_attempts = max_attempts
         self.adopt_settings = adopt_settings
         self.excluded: dict[int, dict] = {}  # worker -> {"by", "why", "round"}
+        self.disputes: list[dict] = []  # accusations no evidence settled (both sides sat out)
         self.refusals: deque = deque(maxlen=20)  # the latest refused joins, with why
         self._commits: deque = deque(maxlen=50)  # (unix time, seconds the round took)
         self._behind: set[int] = set()  # left out of a round, still computing it
@@ -179,6 +181,7 @@ class Coordinator(RoundRules):
                     "rounds_committed": self.rounds_committed,
                     "aborted_attempts": self.aborted_attempts, "last_round": self.last_round,
                     "excluded": {str(w): e for w, e in sorted(self.excluded.items())},
+                    "disputes": list(self.disputes),
                     "refused_joins": list(self.refusals),
                     "hash_mismatches": self.hash_mismatches}
 
@@ -200,6 +203,7 @@ class Coordinator(RoundRules):
                     "median_round_s": median(c[1] for c in self._commits) if self._commits
                     else None,
                     "excluded": {str(w): e for w, e in sorted(self.excluded.items())},
+                    "disputes": list(self.disputes),
                     "refused_joins": list(self.refusals),
                     "refused_connections": self.refused,
                     "hash_mismatches": self.hash_mismatches}
@@ -269,13 +273,16 @@ class Coordinator(RoundRules):
                 self.refusals.append({"worker": wid, "why": why})
                 return why
             why = self._check_fingerprint(hello.get("fingerprint"))
+            key = hello.get("key") or ""
+            if why is None and not _is_key(key):
+                why = "hello with a malformed public key (64 hex digits expected)"
             if why is not None:
                 self.refusals.append({"worker": wid, "why": why})
                 return why
             if m is not None and m.alive:
                 log.info("worker %d restarted (new incarnation)", wid)
             self.excluded.pop(wid, None)  # a clean restart may come back
-            self.members[wid] = Member(incarnation, list(hello.get("store", [])), now)
+            self.members[wid] = Member(incarnation, list(hello.get("store", [])), now, key=key)
             log.info("worker %d joined from store %s", wid, hello.get("store"))
             self._cond.notify_all()
             return None
@@ -396,6 +403,9 @@ class Coordinator(RoundRules):
             known = self._known_members(key)
             if known is not None and not known[0] <= declared <= known[1]:
                 return self._misreported(wid, key, declared, known)
+            if known is not None and wid not in known[1]:
+                return {"error": f"worker {wid} is not a member of round {key[1]} attempt "
+                                 f"{key[2]} (it sits out the retry)"}
             b = self._barriers.get(key)
             if b is None:
                 # the members the coordinator released the round or attempt with; where it
@@ -451,6 +461,21 @@ class Coordinator(RoundRules):
         self._cond.notify_all()
         return {"error": f"excluded from the run at round {key[1]}: {why}", "removed": True}
 
+    def _keys(self, members) -> dict[str, str]:
+        """The registered public keys of ``members`` (for a barrier's result)."""
+        return {str(i): self.members[i].key for i in members
+                if i in self.members and self.members[i].key}
+
     def _gc(self) -> None:
         while len(self._barriers) > 64:
             self._barriers.pop(next(iter(self._barriers)))
+
+
+def _is_key(key) -> bool:
+    if not isinstance(key, str) or len(key) not in (0, 64):
+        return False
+    try:
+        bytes.fromhex(key)
+    except ValueError:
+        return False
+    return True

@@ -239,7 +239,8 @@ class Trainer:
         if isinstance(cfg.threads, int):  # the user's process: only a count changes it
             torch.set_num_threads(int(cfg.threads))
         self.transport = DistTransport(me, cfg.runtime.collective_timeout_s,
-                                       stopping=job.stopping)
+                                       stopping=job.stopping,
+                                       signer=getattr(job.membership, "signer", None))
         self.engine = Engine(cfg, algorithm, self.transport, [worker], task=None,
                              partition=None, device=device, clock=WallClock((me,)),
                              eval_model=copy.deepcopy(model) if evaluate else None,

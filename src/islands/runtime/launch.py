@@ -63,6 +63,7 @@ def connect(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: b
             host: str | None = None, stopping: threading.Event | None = None):
     """This worker's membership (not yet started) and rendezvous store: a coordinator's
     client and a store this worker hosts, or a fixed torchrun group and its store."""
+    from islands.core.signing import Signer
     from islands.runtime.membership import CoordinatorClient, FixedMembership
     from islands.runtime.worker import advertised_host
     from islands.transports.dist import open_store
@@ -76,10 +77,12 @@ def connect(cfg: RunConfig, worker_id: int, *, coordinator: str | None, token: b
         return FixedMembership(world), store
     host = host or advertised_host(coordinator)
     store = open_store(host, 0, is_master=True, timeout_s=timeout)
+    signer = Signer() if cfg.runtime.trust == "open" else None
     membership = CoordinatorClient(coordinator, token, worker_id, [host, store.port],
                                    heartbeat_s=cfg.runtime.heartbeat_s,
                                    reconnect_s=cfg.runtime.join_timeout_s, stopping=stopping,
-                                   coordinator_timeout_s=cfg.runtime.coordinator_timeout_s)
+                                   coordinator_timeout_s=cfg.runtime.coordinator_timeout_s,
+                                   signer=signer)
     return membership, store
 
 

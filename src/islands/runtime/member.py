@@ -48,7 +48,8 @@ from islands.core.errors import (
 )
 from islands.core.files import remove_temp
 from islands.engine import Engine, RoundPlan
-from islands.runtime import checkpoint, state
+from islands.engine.attacks import SIMULATOR_ONLY
+from islands.runtime import checkpoint, evidence, state
 from islands.runtime.auth import derive
 from islands.runtime.membership import CoordinatorRestarted, Removed
 from islands.transports.dist import DistTransport, new_group, open_store
@@ -76,15 +77,20 @@ class Stats:
     excluded_members: list = field(default_factory=list)  # who was excluded, by whom, why
 
 
+def _keys(res: dict) -> dict[int, str]:
+    """The members' public keys a barrier's result names."""
+    return {int(k): str(v) for k, v in res.get("keys", {}).items()}
+
+
 def refuse_simulator_only(cfg: RunConfig) -> None:
     """Refuses, before anything connects, a setting only the simulator carries out."""
     if cfg.faults:
         raise ConfigError("[[faults]] is the simulator's fault plan (islands sim); real "
                           "processes fail for real: remove it")
-    if cfg.attack.name != "none":
-        raise ConfigError(f"attack.name ({cfg.attack.name!r}): Byzantine workers run in the "
-                          "simulator only for now (islands sim); real processes do not yet "
-                          "check forged weights or ban: set attack.name = 'none'")
+    if cfg.attack.name in SIMULATOR_ONLY:
+        raise ConfigError(f"attack.name ({cfg.attack.name!r}) runs in the simulator only "
+                          f"(islands sim): {SIMULATOR_ONLY[cfg.attack.name]}; choose another "
+                          "attack for real processes")
     if cfg.algorithm.name == "async_local_sgd":
         raise ConfigError("algorithm.name ('async_local_sgd') runs in the simulator only for "
                           "now (islands sim); for real processes use diloco (with "
@@ -328,6 +334,7 @@ class Member:
         if self.engine.in_flight and res["need_state"]:
             self._land_early()
         self._join_epoch(res)
+        self.transport.set_context(f"{res['round']}/start", _keys(res))
         if res["need_state"]:
             self._receive_or_send(res)
         if self.stats.joined_round is None:
@@ -440,20 +447,23 @@ class Member:
         """
         members, attempt, ready = list(ids), 0, None
         if observer:  # wait for the members' inner steps while the optimizers are built
-            ready = self.membership.request("ready", round=r, attempt=0, members=members)
+            ready = self._ready(r, 0, members, None)
             self._built()
             snap = state.snapshot(self.algorithm, self.worker)
         local = self.worker.flat_params().clone()
         samples, codec_state = self.worker.samples, copy.deepcopy(self.worker.codec.state_dict())
         while True:
             if ready is None:
-                ready = self.membership.request("ready", round=r, attempt=attempt,
-                                                members=members)
+                ready = self._ready(r, attempt, members, self.algorithm.weight(self.worker))
             if self.me not in ready["members"]:
                 raise Excluded(f"round {r}: left out ({ready.get('left_out')})")
             if observer and self.me not in ready.get("heal", {}).get("dsts", []):
                 raise Excluded(f"round {r}: no member left to heal from")
             self._join_epoch(ready)
+            # the attempt's signed context, the members' keys and the weights recorded
+            self.transport.set_context(f"{r}/{attempt}", _keys(ready))
+            self.engine.round_weights = {int(k): float(w)
+                                         for k, w in ready.get("weights", {}).items()}
             log.info("worker %d: round %d collective starts with %s%s", self.me, r,
                      ready["members"], f" (observers {ready['observers']})"
                      if ready.get("observers") else "")
@@ -467,12 +477,18 @@ class Member:
                 raise
             except PeerRefused as e:  # a peer's contribution (or our own, unsendable)
                 ok, why, blame = False, str(e), {"worker": e.sender, "why": str(e)}
+                proof = evidence.gather(self.transport.kept, e.sender,
+                                        self.engine.round_weights)
+                if proof is not None:
+                    blame["evidence"] = proof
             except CodecError as e:  # our own contribution cannot be encoded (NaN, range)
                 ok, why = False, str(e)
                 blame = {"worker": self.me, "why": f"its own contribution: {e}"}
             except CommError as e:
                 ok, why = False, str(e)
             h = self.hash() if ok else None
+            if self._accuses(r):  # a false accuser (attack.name = 'false_accuser')
+                ok, h, why, blame = False, None, "an accusation", self._false_accusation(ready)
             res = self.membership.request("commit", round=r, attempt=attempt, ok=ok, hash=h,
                                           members=ready["members"], why=why, blame=blame)
             self._note_exclusions(res)
@@ -487,22 +503,49 @@ class Member:
             self.stats.aborted_attempts += 1
             log.warning("worker %d: round %d attempt %d aborted%s; restored, retrying with %s",
                         self.me, r, attempt, f" ({why})" if why else "", res["members"])
+            if self.me not in res["members"]:  # one side of a dispute no evidence settled
+                raise Excluded(f"round {r}: sits out the retry (a dispute without evidence)")
             state.load(self.algorithm, self.worker, snap, reset_params=False)
             self.worker.load_flat(local)
             self.worker.samples = samples
             self.worker.codec.load_state_dict(copy.deepcopy(codec_state))
             members, attempt, ready = res["members"], attempt + 1, None
 
+    def _ready(self, r: int, attempt: int, members: list[int], weight: float | None) -> dict:
+        """The ``ready`` barrier, with this worker's aggregation weight for the round (the
+        algorithm's rule, recorded by the coordinator and held against every header)."""
+        fields = {} if weight is None else {"weight": float(weight)}
+        return self.membership.request("ready", round=r, attempt=attempt, members=members,
+                                       **fields)
+
+    def _accuses(self, r: int) -> bool:
+        attack = self.engine.attack
+        return (attack is not None and attack.name == "false_accuser"
+                and attack.attacking(self.me, r))
+
+    def _false_accusation(self, ready: dict) -> dict:
+        """What a false accuser says at commit: the lowest other member sent a forged
+        weight, with that member's own signed header as the "evidence" (it shows no such
+        thing; without signed headers, its word alone)."""
+        victim = min(m for m in ready["members"] if m != self.me)
+        blame = {"worker": victim, "why": f"worker {victim} claims a forged weight"}
+        for (_, src), msg in sorted(self.transport.kept.items(), key=lambda kv: kv[0]):
+            if src == victim and msg.proof is not None and msg.claim:
+                blame["evidence"] = {"rule": "weight", **msg.proof}
+                break
+        return blame
+
     def _note_exclusions(self, res: dict) -> None:
         """Records the members the coordinator excluded; this one, if it is among them,
         leaves the run (``Removed``: it may come back only as a new process)."""
         for e in res.get("excluded", []):
             self.stats.excluded_members.append(e)
-            log.warning("worker %d: worker %s excluded at round %s by worker %s: %s", self.me,
-                        e["worker"], e["round"], e["by"], e["why"])
+            by = "the coordinator" if e["by"] == "coordinator" else f"worker {e['by']}"
+            log.warning("worker %d: worker %s excluded at round %s by %s: %s", self.me,
+                        e["worker"], e["round"], by, e["why"])
             if e["worker"] == self.me:
-                raise Removed(f"excluded from the run at round {e['round']}: worker {e['by']} "
-                              f"refused this worker's contribution ({e['why']})")
+                raise Removed(f"excluded from the run at round {e['round']} by {by}: "
+                              f"{e['why']}")
 
     def _row(self, r: int, outcome: dict, r0: float, t_sync: float,
              observer: bool = False) -> dict:

@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 from islands.core.errors import AuthError, CommError, IslandsError, Stopping
+from islands.core.signing import Signer
 from islands.runtime.auth import Channel, client_connect
 
 
@@ -57,6 +58,8 @@ class CoordinatorClient:
         stopping: set by SIGTERM: a request waiting on the coordinator gives up at once
             (:class:`Stopping`) instead of holding the process.
         coordinator_timeout_s: unreachable this long, the coordinator is gone for good.
+        signer: this process's key (an open job): its public half is registered at join, and
+            every message this worker sends its peers is signed with it.
     """
 
     def __init__(self, addr: str, token: bytes, worker: int, store: list, *,
@@ -64,8 +67,9 @@ class CoordinatorClient:
                  on_live: Callable[[set[int], float], None] | None = None,
                  fingerprint: dict | None = None,
                  stopping: threading.Event | None = None,
-                 coordinator_timeout_s: float = 60.0) -> None:
+                 coordinator_timeout_s: float = 60.0, signer: Signer | None = None) -> None:
         self.addr, self.token, self.worker, self.store = addr, token, worker, store
+        self.signer = signer
         self.host = store[0]  # the address peers reach this worker at (gloo binds there)
         self.coordinator_timeout_s = coordinator_timeout_s
         self._lost_since: float | None = None  # since when no request has gone through
@@ -89,7 +93,8 @@ class CoordinatorClient:
                 ch = client_connect(self.addr, self.token,
                                     {"role": "worker", "id": self.worker, "channel": channel,
                                      "incarnation": self.incarnation, "store": self.store,
-                                     "fingerprint": self.fingerprint})
+                                     "fingerprint": self.fingerprint,
+                                     "key": self.signer.public if self.signer else ""})
                 ch.sock.settimeout(None)
                 return ch
             except AuthError as e:

@@ -8,9 +8,12 @@ Every method runs with the coordinator's lock held.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+from islands.runtime import evidence
 
 log = logging.getLogger("islands.coordinator")
 
@@ -125,6 +128,7 @@ class RoundRules:
         self._in_flight = {"round": top, "members": frozenset(members), "src": good[0],
                            "joiners": set(healing), "since": time.monotonic()}
         return {**out, "round": top, "src": good[0], "hash": majority, "healing": healing,
+                "keys": self._keys(here),
                 "need_state": [i for i in stale if i not in healing]}
 
     def _release_ready(self, b: Barrier, here: set[int]) -> dict:
@@ -137,7 +141,10 @@ class RoundRules:
             # member lost mid-round, say), which the next start must wait for
             at_start = self._open_start.arrivals if self._open_start is not None else {}
             self._behind |= set(left_out) - set(at_start)
-        out = {**self._new_epoch(members), "left_out": left_out}
+        out = {**self._new_epoch(members), "left_out": left_out, "keys": self._keys(members),
+               "weights": {str(i): float(w) for i in members
+                           if isinstance(w := b.arrivals[i].get("weight"), (int, float))
+                           and not isinstance(w, bool) and math.isfinite(w)}}
         f = self._in_flight
         if f is not None and f["round"] == b.key[1]:
             observers = sorted(f["joiners"] & here)
@@ -168,8 +175,8 @@ class RoundRules:
                 log.warning("round %d: hash mismatch on %s", r, mismatched)
             return {**out, "commit": True, "members": sorted(here)}
         self.aborted_attempts += 1
-        excluded = self._blame(b, here)
-        members = sorted(here - set(excluded))
+        excluded, sit_out = self._blame(b, here)
+        members = sorted(here - excluded - sit_out)
         log.warning("round %d attempt %d aborted (members %s, arrived %s%s)", r, attempt,
                     sorted(b.expected), sorted(here),
                     f"; excluded {sorted(excluded)}" if excluded else "")
@@ -183,23 +190,69 @@ class RoundRules:
         return {**out, "commit": False, "members": members,
                 "excluded": [{"worker": w, **self.excluded[w]} for w in sorted(excluded)]}
 
-    def _blame(self, b: Barrier, here: set[int]) -> set[int]:
-        """The members whose contribution was refused in this attempt, as reported by their
-        peers (or by themselves, when their own contribution could not be encoded): excluded
-        from the run and from the retry."""
-        blamed: dict[int, dict] = {}
+    def _blame(self, b: Barrier, here: set[int]) -> tuple[set[int], set[int]]:
+        """Judges the accusations of an aborted attempt (:mod:`islands.runtime.evidence`):
+        returns who is excluded from the run (the proven culprits, those who blamed
+        themselves, the seconded, the authors of evidence that proves nothing) and who sits
+        out the retry (both sides of a dispute that no evidence settles)."""
+        r, attempt = b.key[1], b.key[2]
+        ready = self._barriers.get(("ready", r, attempt))
+        arrivals = ready.arrivals if ready is not None else {}
+        weights = {i: float(w) for i, a in arrivals.items()
+                   if isinstance(w := a.get("weight"), (int, float)) and not isinstance(w, bool)}
+        excluded: dict[int, dict] = {}
+        unproven: dict[int, dict[int, str]] = {}  # {accused: {accuser: why}}
+        themselves: dict[int, dict] = {}
         for reporter in sorted(here):
             blame = b.arrivals[reporter].get("blame")
-            if isinstance(blame, dict) and blame.get("worker") in b.expected:
-                blamed.setdefault(int(blame["worker"]), {"by": reporter, "round": b.key[1],
-                                                         "why": str(blame.get("why"))[:300]})
-        for w, info in blamed.items():
+            if not isinstance(blame, dict) or blame.get("worker") not in b.expected:
+                continue
+            accused, why = int(blame["worker"]), str(blame.get("why"))[:300]
+            proof = blame.get("evidence")
+            if accused == reporter:  # its own contribution could not be encoded
+                themselves[accused] = {"by": reporter, "round": r, "why": why}
+            elif isinstance(proof, dict) and accused in self.members:
+                proven, verdict = evidence.judge(
+                    proof, key=self.members[accused].key, accused=accused, accuser=reporter,
+                    context=f"{r}/{attempt}", weights=weights)
+                if proven:
+                    excluded.setdefault(accused, {"by": reporter, "round": r,
+                                                  "why": f"{why} (proven: {verdict})"})
+                else:
+                    excluded[reporter] = {"by": "coordinator", "round": r,
+                                          "why": f"a false accusation of worker {accused}: "
+                                                 f"{verdict}"}
+            else:
+                unproven.setdefault(accused, {})[reporter] = why
+        sit_out: set[int] = set()
+        for accused, whys in sorted(unproven.items()):
+            accusers = set(whys) - set(excluded)
+            if not accusers or accused in excluded:
+                continue
+            if evidence.seconded(accusers, accused, here):
+                first = min(accusers)
+                excluded[accused] = {"by": first, "round": r, "why": f"{whys[first]} (refused "
+                                     f"by workers {sorted(accusers)} alike)"}
+                continue
+            if accused in themselves:  # it owned up: no dispute
+                continue
+            sit_out |= accusers | {accused}
+            self.disputes.append({"round": r, "attempt": attempt, "accused": accused,
+                                  "accusers": sorted(accusers)})
+            log.warning("round %d: worker(s) %s refused worker %d's contribution without "
+                        "evidence, seconded by no one: both sides sit out the retry", r,
+                        sorted(accusers), accused)
+        for w, info in themselves.items():
+            excluded.setdefault(w, info)
+            sit_out.discard(w)
+        for w, info in excluded.items():
             self.excluded[w] = info
             if w in self.members:
                 self.members[w].alive = False
-            log.warning("worker %d excluded at round %d: worker %d refused its contribution "
-                        "(%s)", w, info["round"], info["by"], info["why"])
-        return set(blamed)
+            log.warning("worker %d excluded at round %d by %s: %s", w, info["round"],
+                        "the coordinator" if info["by"] == "coordinator"
+                        else f"worker {info['by']}", info["why"])
+        return set(excluded), sit_out - set(excluded)
 
 
 def _majority(hash_by_worker: dict[int, str]) -> tuple[str | None, bool]:

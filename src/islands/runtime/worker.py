@@ -82,7 +82,8 @@ class RuntimeWorker:
         self.error: str | None = None  # a file it could not write (exit status 2)
         self.stopping = stopping or threading.Event()
         self.transport = DistTransport(worker_id, cfg.runtime.collective_timeout_s,
-                                       stopping=self.stopping)
+                                       stopping=self.stopping,
+                                       signer=getattr(membership, "signer", None))
         self.member: Member | None = None
         self.removed: str | None = None  # why this worker could not go on (exit status 3)
         self.final_params: torch.Tensor | None = None

@@ -19,7 +19,7 @@ from typing import Callable
 from islands.algorithms import build_algorithm
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig
-from islands.core.errors import PeerRefused
+from islands.core.errors import ConfigError, PeerRefused
 from islands.engine import (
     Engine,
     RoundPlan,
@@ -30,6 +30,7 @@ from islands.engine import (
     resolve_device,
     threads,
 )
+from islands.engine.attacks import RUNTIME_ONLY
 from islands.metrics.run_dir import RunDir, read_summary
 from islands.sim.faults import FaultPlan, catch_up, quorum
 from islands.tasks import Task
@@ -125,6 +126,9 @@ class Simulation:
         # its name named would read (a user task's config.json has no [model])
         self.cfg = cfg = cfg if task is None else cfg.with_task_object(task.name)
         self.task = check_config(cfg, task)  # every setting checked before anything runs
+        if cfg.attack.name in RUNTIME_ONLY:
+            raise ConfigError(f"attack.name ({cfg.attack.name!r}) runs on real processes only "
+                              f"(islands launch): {RUNTIME_ONLY[cfg.attack.name]}")
         self._task_key = None if task is None else f"object:{id(task)}"
         self.out = RunDir(out_dir) if out_dir is not None else None
         self.found = self.out.claim(cfg, existing=existing) if self.out else "fresh"

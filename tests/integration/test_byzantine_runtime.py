@@ -1,0 +1,44 @@
+"""Hostile workers with real processes (``[attack]`` on ``islands run``): the culprit is named
+and excluded on the coordinator's check of the evidence its victims show (signed headers, a
+signed leaf of the payload), never a victim; the honest workers go on together."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.integration.conftest import last_round, metrics, wait_until
+from tests.integration.test_runtime_faults import LONG
+
+
+@pytest.mark.parametrize("attack, algorithm, verdict", [
+    ("forged_weight", "local_sgd", "proven: it claimed aggregation weight 1e+09, the "
+                                   "coordinator recorded"),
+    ("nan", "diloco", "proven: its payload's tensor"),
+    ("false_accuser", "local_sgd", "a false accusation of worker 0: the header's weight"),
+])
+def test_an_attacker_turning_hostile_is_excluded_on_evidence_not_its_victims(
+        tmp_path, procs, coordinator, attack, algorithm, verdict):
+    """Worker 2 is honest for two rounds, then attacks: a forged weight (LocalSGD weighs by
+    samples), NaN values past its own codec's check, or an accusation of worker 0 that shows
+    worker 0's own signed header as a forged weight."""
+    coord = coordinator()
+    addr = f"127.0.0.1:{coord.port}"
+    out = tmp_path / "run"
+    over = ["workers=3", *LONG, f"algorithm.name={algorithm}", f"attack.name='{attack}'",
+            "attack.attackers=1", "attack.start_round=2"]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
+    assert ws[2].wait(timeout=90) == 3
+    excluded = coord.status()["excluded"]
+    assert list(excluded) == ["2"] and verdict in excluded["2"]["why"], excluded
+    assert excluded["2"]["round"] == 2
+    assert excluded["2"]["by"] in (("coordinator",) if attack == "false_accuser" else (0, 1))
+    r = last_round(out / "w0")
+    wait_until(lambda: last_round(out / "w0") >= r + 3, 30, "rounds without worker 2")
+    rows = metrics(out / "w0")
+    assert [row["participants"] for row in rows if row["round"] < 2] == [[0, 1, 2]] * 2
+    assert all(row["participants"] == [0, 1] for row in rows if row["round"] >= 2)
+    for p in (ws[0], ws[1]):
+        p.send_signal(signal.SIGTERM)
+    assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))
