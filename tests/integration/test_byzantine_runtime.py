@@ -42,3 +42,33 @@ def test_an_attacker_turning_hostile_is_excluded_on_evidence_not_its_victims(
     for p in (ws[0], ws[1]):
         p.send_signal(signal.SIGTERM)
     assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))
+
+
+def test_a_scaled_contribution_is_clipped_and_pinned_on_its_sender_not_its_victims(
+        tmp_path, procs, coordinator):
+    """Worker 2 sends -1000 times its pseudo-gradient from round 1. Under the mean its
+    victims' updates would go NaN and they would blame themselves; under CenteredClip it is
+    clipped, every member's rule gives it almost no influence, and after ``ban_after`` syncs
+    both honest judges name it: it is excluded, the honest two train on, finite."""
+    coord = coordinator()
+    addr = f"127.0.0.1:{coord.port}"
+    out = tmp_path / "run"
+    over = ["workers=3", *LONG, "attack.name=sign_flip", "attack.scale=1000",
+            "attack.attackers=1", "attack.start_round=1", "aggregator.name=centered_clip",
+            "aggregator.ban_after=2"]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
+    assert ws[2].wait(timeout=90) == 3
+    st = coord.status()
+    assert list(st["excluded"]) == ["2"], st["excluded"]
+    assert "judged malicious by workers [0, 1]" in st["excluded"]["2"]["why"]
+    assert st["excluded"]["2"]["round"] == 2  # its second attacked sync
+    r = last_round(out / "w0")
+    wait_until(lambda: last_round(out / "w0") >= r + 2, 30, "rounds without worker 2")
+    assert st["workers"]["2"]["influence"] < 0.1 < st["workers"]["0"]["influence"]
+    rows = metrics(out / "w0")
+    assert all(row["participants"] == [0, 1] for row in rows if row["round"] > 2)
+    losses = [row["eval_loss"] for row in rows if row.get("eval_loss") is not None]
+    assert losses and all(x == x and x < 10 for x in losses)  # finite, not blown up
+    for p in (ws[0], ws[1]):
+        p.send_signal(signal.SIGTERM)
+    assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))

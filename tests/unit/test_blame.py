@@ -114,3 +114,28 @@ def test_two_accusers_without_evidence_exclude_the_accused(coord):
     out = _commit(chs, {0: {"worker": 2, "why": "does not decode"},
                         1: {"worker": 2, "why": "does not decode"}})
     assert out[0]["members"] == [0, 1] and [e["worker"] for e in out[0]["excluded"]] == [2]
+
+
+def test_a_worker_the_others_judges_find_malicious_is_excluded_after_the_commit(coord):
+    """Each member's judge (the ban rule on its own view of the influence) names worker 2;
+    named by both others, it is excluded once the round has committed; a judge of one is
+    not enough. The statistics land in status()'s workers."""
+    chs, _ = _round(coord)
+    low = {"worker": 2, "reason": "influence under 0.25 x the median for 5 syncs in a row"}
+
+    def stats(w):
+        return {"0": {"influence": 0.5}, "1": {"influence": 0.5}, "2": {"influence": 0.01},
+                str(w): {"influence": 0.5 if w < 2 else 0.01, "distance_to_aggregate": w + 1.0,
+                         "cosine_to_aggregate": 0.9}}
+
+    out = _ask(chs, {w: {"op": "commit", "round": 0, "attempt": 0, "ok": True, "hash": "x",
+                         "members": [0, 1, 2], "stats": stats(w),
+                         "judged": [low] if w < 2 else [{"worker": 0, "reason": "spite"}]}
+                     for w in chs})
+    assert out[0]["commit"] and [e["worker"] for e in out[0]["excluded"]] == [2]
+    st = coord.status()
+    assert list(st["excluded"]) == ["2"] and "judged malicious by workers [0, 1]" in \
+        st["excluded"]["2"]["why"]
+    assert st["workers"]["2"] == {"round": 0, "influence": 0.01, "distance_to_aggregate": 3.0,
+                                  "cosine_to_aggregate": 0.9}
+    assert st["workers"]["0"]["influence"] == 0.5

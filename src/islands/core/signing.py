@@ -53,7 +53,9 @@ def check_signature(public_hex: str, data: bytes, signature: bytes) -> bool:
 
 
 def _leaf(block) -> bytes:
-    return hashlib.sha256(b"\x00" + bytes(block)).digest()
+    h = hashlib.sha256(b"\x00")
+    h.update(block)  # a memoryview: hashed where it lies, not copied
+    return h.digest()
 
 
 def _up(level: list[bytes]) -> list[bytes]:

@@ -24,11 +24,17 @@ another. Each round passes three barriers, as torchft's quorum and ``should_comm
 
 The coordinator refuses, at the handshake, a worker whose config fingerprint differs from the
 job's (:mod:`islands.runtime.fingerprint`) and a second process claiming the id of a worker
-that is alive (heartbeat within ``heartbeat_timeout_s``). A member whose contribution another
-member refused (``PeerRefused``: malformed, non-finite, undecodable; or its own contribution
-failed to encode) is *excluded*: the round is retried without it, the exclusion is recorded
-(``status()``, ``metrics.jsonl``), and the excluded process is told why; it can come back only
-as a new process (a clean restart). A round that fails ``max_attempts`` times without a change
+that is alive (heartbeat within ``heartbeat_timeout_s``). In an open job each worker registers
+its public key in its hello, and ``ready`` records each member's aggregation weight; barrier
+results give both to the members. A member whose contribution another member refused
+(``PeerRefused``) is *excluded* when the refusal holds up (:mod:`islands.runtime.evidence`:
+signed evidence the coordinator checks, or a majority of accusers, or its own contribution
+failed to encode); evidence that proves nothing excludes the accuser; a lone accusation
+without evidence has both sides sit out the retry (``disputes``). A worker named by a
+majority of the members' judges (the engine's influence rule) is excluded after the commit.
+The round is retried without the excluded, the exclusion is recorded (``status()``,
+``metrics.jsonl``), and the excluded process is told why; it can come back only as a new
+process (a clean restart). A round that fails ``max_attempts`` times without a change
 of members fails the run instead of looping. With ``deadline_s`` the ``start`` barrier too
 releases that long after its first arrival, so a straggler holds nobody back; once the job's
 last round is committed, a worker still behind is told the job finished without it.
@@ -121,6 +127,7 @@ class Coordinator(RoundRules):
         self.adopt_settings = adopt_settings
         self.excluded: dict[int, dict] = {}  # worker -> {"by", "why", "round"}
         self.disputes: list[dict] = []  # accusations no evidence settled (both sides sat out)
+        self.statistics: dict[int, dict] = {}  # worker -> its latest committed statistics
         self.refusals: deque = deque(maxlen=20)  # the latest refused joins, with why
         self._commits: deque = deque(maxlen=50)  # (unix time, seconds the round took)
         self._behind: set[int] = set()  # left out of a round, still computing it
@@ -204,6 +211,8 @@ class Coordinator(RoundRules):
                     else None,
                     "excluded": {str(w): e for w, e in sorted(self.excluded.items())},
                     "disputes": list(self.disputes),
+                    # distance/cosine to the aggregate, influence (robust rules), per worker
+                    "workers": {str(w): s for w, s in sorted(self.statistics.items())},
                     "refused_joins": list(self.refusals),
                     "refused_connections": self.refused,
                     "hash_mismatches": self.hash_mismatches}

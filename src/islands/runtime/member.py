@@ -489,8 +489,12 @@ class Member:
             h = self.hash() if ok else None
             if self._accuses(r):  # a false accuser (attack.name = 'false_accuser')
                 ok, h, why, blame = False, None, "an accusation", self._false_accusation(ready)
+            judge = self.engine.judge
+            said = {"stats": {str(w): v for w, v in judge.latest.items()},
+                    "judged": judge.take_verdicts()} if ok else {}
             res = self.membership.request("commit", round=r, attempt=attempt, ok=ok, hash=h,
-                                          members=ready["members"], why=why, blame=blame)
+                                          members=ready["members"], why=why, blame=blame,
+                                          **said)
             self._note_exclusions(res)
             if res.get("fatal"):
                 raise Removed(res["fatal"])

@@ -12,6 +12,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from statistics import median
 
 from islands.runtime import evidence
 
@@ -173,7 +174,10 @@ class RoundRules:
             if mismatched:
                 self.hash_mismatches += len(mismatched)
                 log.warning("round %d: hash mismatch on %s", r, mismatched)
-            return {**out, "commit": True, "members": sorted(here)}
+            self._note_statistics(b, here, r)
+            judged = self._judged(b, here, r)
+            return {**out, "commit": True, "members": sorted(here),
+                    "excluded": [{"worker": w, **self.excluded[w]} for w in judged]}
         self.aborted_attempts += 1
         excluded, sit_out = self._blame(b, here)
         members = sorted(here - excluded - sit_out)
@@ -253,6 +257,46 @@ class RoundRules:
                         "the coordinator" if info["by"] == "coordinator"
                         else f"worker {info['by']}", info["why"])
         return set(excluded), sit_out - set(excluded)
+
+
+    def _judged(self, b: Barrier, here: set[int], r: int) -> list[int]:
+        """After a commit: the members each member's judge (the engine's ban rule on its
+        view of the influence statistics) found malicious; one named by a majority of the
+        others (:func:`evidence.seconded`) is excluded from the run."""
+        reasons: dict[int, dict[int, str]] = {}  # {accused: {judge: reason}}
+        for reporter in sorted(here):
+            for v in b.arrivals[reporter].get("judged") or ():
+                if isinstance(v, dict) and v.get("worker") in here and v["worker"] != reporter:
+                    reasons.setdefault(int(v["worker"]), {})[reporter] = str(v.get("reason"))
+        out = []
+        for accused, by in sorted(reasons.items()):
+            if not evidence.seconded(set(by), accused, here):
+                continue
+            first = min(by)
+            self.excluded[accused] = {"by": first, "round": r, "why": f"judged malicious by "
+                                      f"workers {sorted(by)}: {by[first][:200]}"}
+            self.members[accused].alive = False
+            log.warning("worker %d excluded at round %d: %s", accused, r,
+                        self.excluded[accused]["why"])
+            out.append(accused)
+        return out
+
+    def _note_statistics(self, b: Barrier, here: set[int], r: int) -> None:
+        """Each member's statistics of a committed round (``status()``'s ``workers``): its
+        own distance and cosine to the aggregate, and the median of the influence the
+        members' rules gave it."""
+        views = {i: v for i in here if isinstance(v := b.arrivals[i].get("stats"), dict)}
+        for w in here:
+            own = views.get(w, {}).get(str(w))
+            own = own if isinstance(own, dict) else {}
+            seen = [float(x) for v in views.values() if isinstance(v.get(str(w)), dict)
+                    and isinstance(x := v[str(w)].get("influence"), (int, float))]
+            row = {k: float(own[k]) for k in ("distance_to_aggregate", "cosine_to_aggregate")
+                   if isinstance(own.get(k), (int, float))}
+            if seen:
+                row["influence"] = median(seen)
+            if row:
+                self.statistics[w] = {"round": r, **row}
 
 
 def _majority(hash_by_worker: dict[int, str]) -> tuple[str | None, bool]:

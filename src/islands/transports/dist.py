@@ -187,8 +187,9 @@ class DistTransport(Transport):
         sw = self.stopwatch
         with timed(sw, "pack"):
             try:
+                roots: dict = {}  # a tensor sent to several peers is hashed once
                 heads = {p: wire.pack_header(out.get((me, p)), self.signer,
-                                             self._ctx(phase, me, p)) for p in peers}
+                                             self._ctx(phase, me, p), roots) for p in peers}
             except CommError as e:  # our own message cannot go: we are the one to blame
                 raise PeerRefused(f"{phase}: worker {me}'s own message cannot be sent: {e}",
                                   me) from None

@@ -68,14 +68,16 @@ class Header:
 
 
 def pack_header(msg: Message | None, signer: signing.Signer | None = None,
-                ctx: str = "") -> torch.Tensor:
+                ctx: str = "", roots: dict | None = None) -> torch.Tensor:
     """``u32 length | JSON`` as a uint8 tensor (``null`` for no message).
 
     With ``signer`` (an open job), a message's header also names its context ``ctx`` (round,
     attempt, phase, sender and receiver: a signed header cannot be replayed elsewhere) and
     each tensor's Merkle root, and travels as ``{"h": header JSON, "s": signature}``: the
     receiver checks it against the sender's registered key, and can later show a third party
-    what the sender said, and any 16 KiB of its payload (:mod:`islands.core.signing`)."""
+    what the sender said, and any 16 KiB of its payload (:mod:`islands.core.signing`).
+    ``roots`` caches the roots of the tensors of one exchange (a shard's aggregate goes to
+    every member: hashed once)."""
     if msg is None:
         head = b"null"
     else:
@@ -88,7 +90,7 @@ def pack_header(msg: Message | None, signer: signing.Signer | None = None,
             fields["c"] = 1
         if signer is not None:
             fields["ctx"] = ctx
-            fields["mr"] = [signing.merkle_root(as_bytes(p.tensors[k]).numpy())
+            fields["mr"] = [_root(p.tensors[k], {} if roots is None else roots)
                             for k in sorted(p.tensors)]
         try:
             head = json.dumps(fields, separators=(",", ":")).encode()
@@ -101,6 +103,13 @@ def pack_header(msg: Message | None, signer: signing.Signer | None = None,
         raise CommError(f"a message header of {len(head)} bytes exceeds the wire's "
                         f"{MAX_HEADER_BYTES - 4} (codec meta too large)")
     return _framed(head)
+
+
+def _root(t: torch.Tensor, roots: dict) -> str:
+    key = (t.data_ptr(), t.numel(), t.dtype, t.device)
+    if key not in roots:
+        roots[key] = signing.merkle_root(as_bytes(t).numpy())
+    return roots[key]
 
 
 def pack_void(reason: str) -> torch.Tensor:
