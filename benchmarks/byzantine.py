@@ -43,6 +43,10 @@ AGGREGATORS: dict[str, list[str]] = {
     # every member aggregates every row itself: no shard owner to trust
     "centered_clip+gather": ["aggregator.name='centered_clip'",
                              "algorithm.collective='all_gather'"],
+    # both: no owner to trust, and clones dropped
+    "centered_clip+gather+clones": ["aggregator.name='centered_clip'",
+                                    "algorithm.collective='all_gather'",
+                                    "aggregator.clones=0.999"],
 }
 ATTACKS = ["sign_flip", "noise", "alie", "ipm", "constant", "label_flip", "stale", "nan",
            "sybil", "forged_weight", "lying_aggregator"]

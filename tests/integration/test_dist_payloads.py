@@ -26,7 +26,7 @@ for how in sys.argv[4:]:  # one all-reduce per kind of malformed payload, in the
     codec = _Liar(how) if rank == 1 else Identity()
     if how == "header" and rank == 1:  # a header that is not JSON (the last kind: worker 1
         # is then left waiting for its own transfers)
-        wire.pack_header = lambda msg: torch.frombuffer(bytearray(b"\\x05\\x00\\x00\\x00{oops"),
+        wire.pack_header = lambda *_: torch.frombuffer(bytearray(b"\\x05\\x00\\x00\\x00{oops"),
                                                         dtype=torch.uint8)
     try:
         Group(t, tuple(range(n))).all_reduce({rank: torch.randn(150)}, codecs={rank: codec},

@@ -35,6 +35,7 @@ from islands.aggregators import (
     trimmed_mean,
 )
 from islands.aggregators.coordinate import NETWORK_MAX_ROWS, BlockSorter, network
+from islands.aggregators.rule import capped
 from islands.core.config import from_dict
 from islands.core.errors import ConfigError
 
@@ -259,3 +260,15 @@ def test_the_sorting_network_sorts(n):
 def test_more_rows_than_the_network_sort_with_torch():
     x = torch.randn(NETWORK_MAX_ROWS + 3, 50, dtype=torch.float64)
     assert torch.allclose(trimmed_mean(x, trim=0.1), x.sort(dim=0).values[3:-3].mean(dim=0))
+
+
+def test_a_robust_rule_counts_no_weight_above_the_median_and_the_mean_keeps_fedavgs():
+    """One member claiming 1e9 samples counts as a typical member under CenteredClip (its
+    result equals the one with the weight it would have had), while the mean follows it."""
+    w = torch.tensor([3.0, 5.0, 4.0, 1e9], dtype=torch.float64)
+    assert capped(w).tolist() == [3.0, 4.0, 4.0, 4.0]
+    assert capped(torch.tensor([0.0, 2.0, 6.0], dtype=torch.float64)).tolist() == [0, 2, 2]
+    rows = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    typical = torch.tensor([3.0, 5.0, 4.0, 4.0], dtype=torch.float64)
+    assert torch.equal(CenteredClip()(rows, w), CenteredClip()(rows, typical))
+    assert torch.allclose(Mean()(rows, w), rows[3], atol=1e-6)

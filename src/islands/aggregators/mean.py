@@ -105,6 +105,8 @@ class Mean(Rule):
         clip_norm: see :class:`~islands.aggregators.rule.Rule`.
     """
 
+    caps_weights = False  # FedAvg's weights as they are
+
     def _aggregate(self, stacked, weights, key):
         return mean(stacked, weights), torch.ones(stacked.shape[0], dtype=torch.float64)
 

@@ -26,6 +26,16 @@ def check_rows(stacked: torch.Tensor, rule: str) -> None:
                          f"a floating (n, numel) tensor with n >= 1 rows")
 
 
+def capped(weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` with none above the median of the positive ones (the lower middle one for
+    an even count): a robust rule's weights, where a forged or inflated weight counts as a
+    typical member's and the others are unchanged."""
+    positive = weights[weights > 0]
+    if positive.numel() == 0:
+        return weights
+    return torch.minimum(weights, positive.median())
+
+
 class Rule:
     """An aggregation rule for the engine: ``rule(stacked, weights, key=...) -> (numel,)``.
 
@@ -39,6 +49,9 @@ class Rule:
         influence: after each call, (n,) float64 in [0, 1]: how much each row counted,
             relative to a plain mean (1: fully); each rule says what it measures.
 
+        caps_weights: the rule counts no row's weight above the median of the positive
+            weights (:func:`capped`), so that one member claiming many samples cannot outweigh
+            the rest (every robust rule; the mean keeps FedAvg's weights as they are).
         clones: the cosine similarity above which a row counts as a clone of an earlier
             one (a Sybil's identities sending one update, SybilWall's test): only the first
             of each group reaches the rule, the others get influence 0 (None: off). The
@@ -51,6 +64,7 @@ class Rule:
     """
 
     whole_vector: ClassVar[bool] = False
+    caps_weights: ClassVar[bool] = True
     # the rule carries state from call to call: another member cannot recompute its result
     stateful: ClassVar[bool] = False
 
@@ -101,6 +115,8 @@ class Rule:
         rows = stacked if keep is None else stacked[keep]
         if weights is not None and keep is not None:
             weights = weights[keep.to(weights.device)]
+        if weights is not None and self.caps_weights:
+            weights = capped(weights)
         rows = rows if self.clip_norm is None else clip_rows(rows, self.clip_norm)
         out, influence = self._aggregate(rows, weights, key)
         if keep is not None:

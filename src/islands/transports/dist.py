@@ -110,6 +110,7 @@ class DistTransport(Transport):
         self.keys: dict[int, str] = {}  # {worker: its registered public key}
         self.context = ""
         self.kept: dict[tuple[str, int], Message] = {}  # {(phase, sender): its message}
+        self._thread = threading.local()  # a flight's own context (in_background)
         self.group_since = 0.0  # time.monotonic() when the current group was formed
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -137,7 +138,7 @@ class DistTransport(Transport):
         self.context, self.keys, self.kept = context, dict(keys), {}
 
     def _ctx(self, phase: str, src: int, dst: int) -> str:
-        return f"{self.context}/{phase}/{src}>{dst}"
+        return f"{getattr(self._thread, 'context', self.context)}/{phase}/{src}>{dst}"
 
     @property
     def in_flight(self) -> bool:
@@ -161,8 +162,10 @@ class DistTransport(Transport):
     @contextlib.contextmanager
     def in_background(self) -> Iterator[Flight]:
         """Collectives issued inside run on a thread of their own while this worker computes
-        (:class:`ThreadedFlight`); nothing else may use this transport until they settle."""
-        yield ThreadedFlight()
+        (:class:`ThreadedFlight`); nothing else may use this transport until they settle.
+        Their messages are signed for the context in force now, where every member issues
+        them (the caller's next round may change it meanwhile)."""
+        yield _InContext(self, self.context)
 
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
                  phase: str, *, place: Place | None = None,
@@ -347,6 +350,21 @@ class DistTransport(Transport):
             raise
         if errors:
             raise CommError(f"{phase}: a peer failed: {str(errors[0]).splitlines()[0]}")
+
+
+class _InContext(ThreadedFlight):
+    """A flight whose exchanges are signed for the context it was issued in."""
+
+    def __init__(self, transport: DistTransport, context: str) -> None:
+        super().__init__()
+        self.transport, self.context = transport, context
+
+    def run(self, work) -> None:
+        def in_context():
+            self.transport._thread.context = self.context
+            return work()
+
+        super().run(in_context)
 
 
 class _Arriving(Exchange):
