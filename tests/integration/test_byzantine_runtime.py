@@ -1,6 +1,7 @@
-"""Hostile workers with real processes (``[attack]`` on ``islands run``): the culprit is named
-and excluded on the coordinator's check of the evidence its victims show (signed headers, a
-signed leaf of the payload), never a victim; the honest workers go on together."""
+"""Hostile workers with real processes (``islands run --attack``, or ``[attack]`` in every
+worker's config): the culprit is named and excluded on the coordinator's check of the
+evidence its victims show (signed headers, a signed leaf of the payload), never a victim;
+the honest workers go on together."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def test_an_attacker_turning_hostile_is_excluded_on_evidence_not_its_victims(
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "run"
-    over = ["workers=3", *LONG, f"algorithm.name={algorithm}", f"attack.name='{attack}'",
-            "attack.attackers=1", "attack.start_round=2"]
-    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
+    over = ["workers=3", *LONG, f"algorithm.name={algorithm}"]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(2)}  # honest: no [attack]
+    ws[2] = procs.worker(2, addr, out, [*over, "attack.start_round=2"], ["--attack", attack])
     assert ws[2].wait(timeout=90) == 3
     excluded = coord.status()["excluded"]
     assert list(excluded) == ["2"] and verdict in excluded["2"]["why"], excluded
@@ -56,7 +57,7 @@ def test_a_scaled_contribution_is_clipped_and_pinned_on_its_sender_not_its_victi
     over = ["workers=3", *LONG, "attack.name=sign_flip", "attack.scale=1000",
             "attack.attackers=1", "attack.start_round=1", "aggregator.name=centered_clip",
             "aggregator.ban_after=2"]
-    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
+    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}  # one config for all
     assert ws[2].wait(timeout=90) == 3
     st = coord.status()
     assert list(st["excluded"]) == ["2"], st["excluded"]

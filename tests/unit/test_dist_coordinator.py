@@ -236,6 +236,8 @@ def test_a_coordinator_config_fingerprint_is_the_jobs_and_learns_derived_keys():
     from islands.runtime.fingerprint import config_fingerprint
 
     job = config_fingerprint(load_config(None, ["codec.name=int8"]))
+    hostile = load_config(None, ["codec.name=int8", "attack.name=noise", "attack.attackers=1"])
+    assert config_fingerprint(hostile) == job  # a hostile worker's own [attack] (--attack)
     c = Coordinator("127.0.0.1", 0, token=b"tok", fingerprint=job).start()
     try:
         mine = config_fingerprint(load_config(None, ["threads=2", "device=cpu"]))

@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="remove a run already in --out first (without it, another run there, "
                         "or this worker's finished, is refused)")
     r.add_argument("--host", default=None, help="address peers reach this worker at")
+    r.add_argument("--attack", default=None, metavar="NAME",
+                   help="this worker turns Byzantine (drills and tests): as --set "
+                        "attack.name=NAME --set attack.attackers=[ID]; --set attack.start_round "
+                        "and attack.scale tune it (attack.* may differ between workers)")
     r.set_defaults(func=cmd_run)
 
     la = sub.add_parser("launch", help="coordinator and N workers on this machine")
@@ -110,9 +114,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     stopping = threading.Event()  # first: SIGTERM is honoured from here on
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     setup_logging()
-    cfg = load_config(args.config, args.overrides)
     wid = parse_worker_id(args.worker_id if args.worker_id is not None
                           else os.environ.get("RANK", "0"))
+    attack = ([f"attack.name='{args.attack}'", f"attack.attackers=[{wid}]"]
+              if args.attack else [])
+    cfg = load_config(args.config, [*args.overrides, *attack])
     out = Path(args.out or job_folder(cfg))
     if args.out is None or (args.coordinator is None and "WORLD_SIZE" in os.environ):
         out = out / f"w{wid}"  # a job folder: one run directory per worker below it

@@ -7,7 +7,8 @@ codecs or data would otherwise fail later, in the state transfer or as a silentl
 run.
 
 Everything in the config is in it, except what may differ per worker: ``threads``, ``device``,
-``name``, ``eval_every``, ``[runtime]`` (but not the keys the coordinator reads:
+``name``, ``eval_every``, ``[attack]`` (a hostile worker's own; ``islands run --attack``),
+``[runtime]`` (but not the keys the coordinator reads:
 :data:`~islands.core.sections.COORDINATOR_KEYS`, nor ``trust``, which picks the collective),
 ``[network]`` and ``[compute]``
 (simulator-only), and ``data.corpus`` (the path may differ between machines; the data must not,
@@ -33,7 +34,7 @@ from islands.metrics.run_dir import plain
 
 # keys (dotted prefixes) a worker may set differently from the others
 MAY_DIFFER = ("threads", "device", "name", "eval_every", "runtime.", "network.", "compute.",
-              "data.corpus")
+              "data.corpus", "attack.")
 # ... except these, which the coordinator reads (one value for the whole job)
 COORDINATOR_READS = tuple(f"runtime.{k}" for k in COORDINATOR_KEYS)
 # ... and the collective every member must run alike
