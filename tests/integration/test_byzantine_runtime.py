@@ -73,3 +73,28 @@ def test_a_scaled_contribution_is_clipped_and_pinned_on_its_sender_not_its_victi
     for p in (ws[0], ws[1]):
         p.send_signal(signal.SIGTERM)
     assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))
+
+
+def test_a_lying_shard_owner_caught_by_its_verifier_is_a_dispute_that_costs_no_honest_exclusion(
+        tmp_path, procs, coordinator):
+    """Worker 2 returns -10 times its shard's aggregate; every sync is verified, and worker
+    2's verifier recomputes the shard and refuses it. That is the verifier's word alone (the
+    inputs are too large to show the coordinator), so both sit out the retry and the third
+    member commits: the lie never lands, no honest worker is excluded, and the disputes name
+    worker 2 every round."""
+    coord = coordinator()
+    addr = f"127.0.0.1:{coord.port}"
+    out = tmp_path / "run"
+    over = ["workers=3", *LONG, "aggregator.name=median", "aggregator.verify=1.0"]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(2)}
+    ws[2] = procs.worker(2, addr, out, [*over, "attack.start_round=1"],
+                         ["--attack", "lying_aggregator"])
+    wait_until(lambda: last_round(out / "w0") >= 4, 90, "round 4")
+    st = coord.status()
+    assert st["excluded"] == {}
+    assert st["disputes"] and all(d["accused"] == 2 for d in st["disputes"])
+    rows = metrics(out / "w0") + metrics(out / "w1")
+    assert all(2 not in row["participants"] for row in rows if row["round"] >= 1)
+    for p in ws.values():
+        p.send_signal(signal.SIGTERM)
+    assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))

@@ -26,11 +26,15 @@ MULOCO = ["algorithm.name=diloco", "inner.optimizer=muon", "codec.name=quant", "
 MEDIAN = ["algorithm.name=diloco", "aggregator.name=median"]
 CENTERED_CLIP = ["algorithm.name=diloco", "aggregator.name=centered_clip"]
 KRUM = ["algorithm.name=diloco", "aggregator.name=krum", "aggregator.f=0"]
+# every sync verified: each member recomputes a shard it does not own, from the payloads the
+# others send it again (signed, like every message of an open job)
+VERIFIED = ["algorithm.name=diloco", "aggregator.name=median", "aggregator.verify=1.0"]
 
 
 @pytest.mark.parametrize("method, workers", [(SPARSELOCO, 3), (MULOCO, 2), (MEDIAN, 3),
-                                             (CENTERED_CLIP, 3), (KRUM, 3)],
-                         ids=["sparseloco", "muloco", "median", "centered_clip", "krum"])
+                                             (CENTERED_CLIP, 3), (KRUM, 3), (VERIFIED, 3)],
+                         ids=["sparseloco", "muloco", "median", "centered_clip", "krum",
+                              "median+verify"])
 def test_launch_ends_with_the_simulators_parameters_and_bytes(tmp_path, procs, method, workers):
     overrides = [*TINY, f"workers={workers}", *method]
     argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch"]
