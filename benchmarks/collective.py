@@ -11,6 +11,9 @@ table gives medians over the repeats.
 
 * ``goodput``: fp32 bytes of the tensor (``4 · numel``) over the time, in GB/s.
 * ``vs gloo``: gloo's time over the butterfly's (> 1: the butterfly is faster).
+* ``streams vs signed``: the signed butterfly over gloo's pairs, its time over the same
+  over islands' framed TCP streams (``runtime.wire = "streams"``: a peer cannot make the
+  receiver abort), side by side.
 * ``signed vs bfly``: the butterfly's time over its own with every header signed (an open
   job's real runtime: Ed25519 per header, the payload's Merkle roots, checked on receipt),
   side by side in the same processes.
@@ -102,6 +105,7 @@ def worker_main(args: argparse.Namespace) -> None:
     from islands.collectives.butterfly import Group
     from islands.core.signing import Signer
     from islands.transports.dist import DistTransport, new_group, open_store
+    from islands.transports.streams import Listener
 
     torch.set_num_threads(1)
     if args.chunk_mb:
@@ -116,6 +120,9 @@ def worker_main(args: argparse.Namespace) -> None:
     signer = Signer()  # an open job's key; its public half shared through the store
     store.set(f"key/{rank}", signer.public)
     keys = {r: store.get(f"key/{r}").decode() for r in range(n)}
+    transport.streams = Listener(args.host, signer)  # runtime.wire = "streams"
+    transport.open_streams(store, "bench-streams/", tuple(range(n)), keys)
+    streams, transport._epoch = transport._epoch, None  # gloo's pairs unless swapped in
     transport.stopwatch = Stopwatch()
     group = Group(transport, tuple(range(n)))
     rows = []
@@ -125,7 +132,7 @@ def worker_main(args: argparse.Namespace) -> None:
         for label in args.codecs:
             codec = make_codec(label, numel)
             row = {"size_mb": size_mb, "codec": label, "gloo_s": [], "butterfly_s": [],
-                   "native_s": [], "signed_s": [], "breakdown": []}
+                   "native_s": [], "signed_s": [], "streams_s": [], "breakdown": []}
             # Each collective's repeats in a block of their own, after its own warm-up: over a
             # shaped link a collective run right after another inherits the TCP state the
             # other left on the pairs (gloo's ring grows the neighbours' windows and leaves
@@ -157,16 +164,18 @@ def worker_main(args: argparse.Namespace) -> None:
                     row["breakdown"].append(dict(transport.stopwatch.seconds))
                 row["bytes_sent"] = transport.bytes_sent - sent
                 del out
-            for rep in range(args.repeats + 1):  # the same, every header signed and checked
-                transport.signer = signer
-                transport.set_context(f"bench/{rep}", keys)
-                pg.barrier().wait()
-                start = time.perf_counter()
-                out = group.all_reduce({rank: x}, codecs={rank: codec}, tag="bench")[rank]
-                if rep:
-                    row["signed_s"].append(time.perf_counter() - start)
-                transport.signer = None
-                del out
+            for wire, key in ((None, "signed_s"), (streams, "streams_s")):
+                # the same, every header signed and checked; over gloo, then over streams
+                transport.signer, transport._epoch = signer, wire
+                for rep in range(args.repeats + 1):
+                    transport.set_context(f"bench/{key}/{rep}", keys)
+                    pg.barrier().wait()
+                    start = time.perf_counter()
+                    out = group.all_reduce({rank: x}, codecs={rank: codec}, tag="bench")[rank]
+                    if rep:
+                        row[key].append(time.perf_counter() - start)
+                    del out
+                transport.signer, transport._epoch = None, None
             # Every worker must hold the same result: compared by the parent through a digest.
             row["digest"] = digest(group.all_reduce({rank: x}, codecs={rank: codec},
                                                     tag="bench")[rank])
@@ -246,14 +255,16 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
         g, b = statistics.median(gloo), statistics.median(bfly)
         native = ([max(r["native_s"][i] for r in parts) for i in range(args.repeats)]
                   if parts[0].get("native_s") else None)
-        signed = statistics.median(max(r["signed_s"][i] for r in parts)
-                                   for i in range(args.repeats))
+        signed, over_streams = (statistics.median(max(r[k][i] for r in parts)
+                                                  for i in range(args.repeats))
+                                for k in ("signed_s", "streams_s"))
         rows.append({"workers": n, "size_mb": parts[0]["size_mb"], "codec": parts[0]["codec"],
                      "gloo_s": g, "butterfly_s": b, "gloo_gbps": 4 * numel / g / 1e9,
                      "butterfly_gbps": 4 * numel / b / 1e9, "vs_gloo": g / b,
                      "breakdown_s": breakdown, "gloo_repeats_s": gloo,
                      "butterfly_repeats_s": bfly, "signed_s": signed, "signed_vs_butterfly":
-                     b / signed,
+                     b / signed, "streams_s": over_streams,
+                     "streams_vs_signed": signed / over_streams,
                      **({"native_s": statistics.median(native), "native_repeats_s": native,
                          "native_vs_gloo": g / statistics.median(native)} if native else {}),
                      "bytes_sent_per_worker": parts[0]["bytes_sent"],
@@ -304,7 +315,8 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
 
     t = Table(title="butterfly over DistTransport vs gloo all_reduce (medians, 1 thread each)")
     for col in ("workers", "MB", "codec", "gloo s", "gloo GB/s", "bfly s", "bfly GB/s",
-                "vs gloo", "native vs gloo", "signed vs bfly", *ACTIVITIES, "other", "same"):
+                "vs gloo", "native vs gloo", "signed vs bfly", "streams vs signed", *ACTIVITIES,
+                "other", "same"):
         t.add_column(col, justify="right")
     for r in dist_rows:
         bd = r["breakdown_s"]
@@ -312,7 +324,7 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
                   f"{r['gloo_gbps']:.2f}", f"{r['butterfly_s']:.3f}",
                   f"{r['butterfly_gbps']:.2f}", f"{r['vs_gloo']:.2f}x",
                   f"{r['native_vs_gloo']:.3f}x" if "native_vs_gloo" in r else "—",
-                  f"{r['signed_vs_butterfly']:.2f}x",
+                  f"{r['signed_vs_butterfly']:.2f}x", f"{r['streams_vs_signed']:.2f}x",
                   *(f"{1e3 * bd[a]:.0f}" for a in (*ACTIVITIES, "other")),
                   "yes" if r["identical_on_every_worker"] else "NO")
     s = Table(title="simulator's butterfly (one process, 1 thread): time per worker vs copy_")

@@ -172,10 +172,11 @@ def kill(workers: dict, i: int, out: Path) -> tuple[float, int]:
     return t_kill, last
 
 
-def workers_in_a_collective(procs: "Procs", addr: str, out: Path, n: int) -> dict:
+def workers_in_a_collective(procs: "Procs", addr: str, out: Path, n: int,
+                            overrides=()) -> dict:
     """Start ``n`` workers of the BIG model; return once all committed round 1 and the last
     one has just entered a collective (its log says so)."""
-    ws = {i: procs.worker(i, addr, out, [f"workers={n}", *BIG]) for i in range(n)}
+    ws = {i: procs.worker(i, addr, out, [f"workers={n}", *BIG, *overrides]) for i in range(n)}
     wait_until(lambda: min(last_round(out / f"w{i}") for i in range(n)) >= 1, 90, "round 1")
     seen = procs.stderr(ws[n - 1]).count("collective starts")
     wait_until(lambda: procs.stderr(ws[n - 1]).count("collective starts") > seen, 30,

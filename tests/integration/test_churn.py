@@ -9,6 +9,8 @@ import socket
 import sys
 import time
 
+import pytest
+
 from tests.integration.conftest import (
     kill,
     last_round,
@@ -140,14 +142,16 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit("run with pytest")
 
 
-def test_kill_during_a_collective(tmp_path, procs, coordinator):
+@pytest.mark.parametrize("wire", ["gloo", "streams"])
+def test_kill_during_a_collective(tmp_path, procs, coordinator, wire):
     """A model big enough that the all-reduce takes a while; worker 2 is killed right after
     it enters a collective. The survivors abort that attempt, restore, and commit the round
-    without it; no partial reduction survives (every hash agrees)."""
+    without it; no partial reduction survives (every hash agrees). Over gloo's pairs and over
+    islands' streams alike."""
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "run"
-    ws = workers_in_a_collective(procs, addr, out, 3)
+    ws = workers_in_a_collective(procs, addr, out, 3, [f"runtime.wire={wire}"])
     ws[2].send_signal(signal.SIGKILL)
     t_kill = time.time()
     ws[2].wait()

@@ -57,3 +57,57 @@ def test_a_malformed_payload_over_gloo_is_a_comm_error_naming_the_sender():
                 else "payload from worker 1"
             assert words in errors[r][how], (how, errors[r][how])
             assert "refused" in errors[r][how] or how == "header"
+
+
+STREAMS = """
+import json, sys, torch
+sys.path.insert(0, ".")
+from islands.transports.dist import DistTransport, open_store, new_group
+from islands.transports.streams import Listener
+from islands.collectives.butterfly import Group
+from islands.codecs.cast import Identity
+from islands.core.errors import CommError
+from islands.core.signing import Signer
+import islands.transports.wire as wire
+rank, n, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+store = open_store("127.0.0.1", port, is_master=rank == 0, timeout_s=30)
+signer = Signer()
+store.set(f"key/{rank}", signer.public)
+keys = {r: store.get(f"key/{r}").decode() for r in range(n)}
+t = DistTransport(rank, timeout_s=10, signer=signer, streams=Listener("127.0.0.1", signer))
+t.use_group(new_group(store, "test/", rank, n, 30), tuple(range(n)))
+as_bytes, pack_header = wire.as_bytes, wire.pack_header
+errors = {}
+for how in sys.argv[4:]:  # each kind in an epoch of its own (a refused stream stays shut)
+    t.open_streams(store, f"test/{how}/", tuple(range(n)), keys)
+    t.set_context(how, keys)
+    if rank == 1 and how == "long-header":  # 2 MiB where at most 1 MiB is posted
+        wire.pack_header = lambda *_: torch.zeros(2 << 20, dtype=torch.uint8)
+    if rank == 1 and how == "long-payload":  # 4 bytes more than its signed header says
+        wire.pack_header = pack_header
+        wire.as_bytes = lambda x: torch.cat([as_bytes(x), torch.zeros(4, dtype=torch.uint8)])
+    try:
+        Group(t, tuple(range(n))).all_reduce({rank: torch.randn(150)},
+                                             codecs={rank: Identity()}, tag=how)
+        errors[how] = None
+    except CommError as e:
+        errors[how] = str(e)
+print(json.dumps(errors), flush=True)
+"""
+
+
+def test_a_message_longer_than_posted_over_streams_is_refused_naming_its_sender_no_abort():
+    """Over gloo's pairs either message aborts the receiving process (gloo's assertion on its
+    I/O thread); over islands' streams (``runtime.wire = "streams"``) the honest receivers
+    refuse it, name worker 1, and go on to exit 0."""
+    n, port = 3, free_port()
+    kinds = ["clean", "long-header", "long-payload"]
+    ran = run_ranks(STREAMS, n, str(port), *kinds)
+    ps, outs = [p for p, _, _ in ran], [(o, e) for _, o, e in ran]
+    for r in (0, 2):
+        assert ps[r].returncode == 0, outs[r][1]
+    errors = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs[::2]]
+    for e in errors:
+        assert e["clean"] is None
+        for how in ("long-header", "long-payload"):
+            assert "worker 1 sent a message of" in e[how] and "refused" in e[how], (how, e)

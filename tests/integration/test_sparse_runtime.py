@@ -29,12 +29,15 @@ KRUM = ["algorithm.name=diloco", "aggregator.name=krum", "aggregator.f=0"]
 # every sync verified: each member recomputes a shard it does not own, from the payloads the
 # others send it again (signed, like every message of an open job)
 VERIFIED = ["algorithm.name=diloco", "aggregator.name=median", "aggregator.verify=1.0"]
+# every message over islands' framed streams instead of gloo's pairs
+STREAMS = ["algorithm.name=diloco", "aggregator.name=median", "runtime.wire=streams"]
 
 
 @pytest.mark.parametrize("method, workers", [(SPARSELOCO, 3), (MULOCO, 2), (MEDIAN, 3),
-                                             (CENTERED_CLIP, 3), (KRUM, 3), (VERIFIED, 3)],
+                                             (CENTERED_CLIP, 3), (KRUM, 3), (VERIFIED, 3),
+                                             (STREAMS, 3)],
                          ids=["sparseloco", "muloco", "median", "centered_clip", "krum",
-                              "median+verify"])
+                              "median+verify", "streams"])
 def test_launch_ends_with_the_simulators_parameters_and_bytes(tmp_path, procs, method, workers):
     overrides = [*TINY, f"workers={workers}", *method]
     argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch"]

@@ -9,12 +9,11 @@ run.
 Everything in the config is in it, except what may differ per worker: ``threads``, ``device``,
 ``name``, ``eval_every``, ``[attack]`` (a hostile worker's own; ``islands run --attack``),
 ``[runtime]`` (but not the keys the coordinator reads:
-:data:`~islands.core.sections.COORDINATOR_KEYS`, nor ``trust``, which picks the collective),
-``[network]`` and ``[compute]``
-(simulator-only), and ``data.corpus`` (the path may differ between machines; the data must not,
-so the sizes of every worker's share are in it). Derived facts are added: the model's parameter
-and buffer shapes (a user's task may build its model from code the config does not show) and
-the number of rounds.
+:data:`~islands.core.sections.COORDINATOR_KEYS`, nor ``trust`` and ``wire``, which pick the
+collective and how it travels), ``[network]`` and ``[compute]`` (simulator-only), and
+``data.corpus`` (the path may differ between machines; the data must not, so the sizes of every
+worker's share are in it). Derived facts are added: the model's parameter and buffer shapes (a
+user's task may build its model from code the config does not show) and the number of rounds.
 
 The coordinator's own keys are how a setting only the coordinator reads is never silently
 ignored on a worker: a coordinator started with a config refuses a worker whose values differ
@@ -38,7 +37,7 @@ MAY_DIFFER = ("threads", "device", "name", "eval_every", "runtime.", "network.",
 # ... except these, which the coordinator reads (one value for the whole job)
 COORDINATOR_READS = tuple(f"runtime.{k}" for k in COORDINATOR_KEYS)
 # ... and the collective every member must run alike
-JOB_WIDE = (*COORDINATOR_READS, "runtime.trust")
+JOB_WIDE = (*COORDINATOR_READS, "runtime.trust", "runtime.wire")
 
 
 def _shapes(model: torch.nn.Module) -> str:

@@ -52,11 +52,10 @@ from islands.runtime import outputs
 from islands.runtime.auth import load_token
 from islands.runtime.fingerprint import fingerprint
 from islands.runtime.launch import connect, parse_worker_id
-from islands.runtime.member import Member, refuse_simulator_only
+from islands.runtime.member import Member, member_transport, refuse_simulator_only
 from islands.runtime.membership import Removed, Unauthorized
 from islands.runtime.worker import check_worker_id
 from islands.tasks import ShareSampler, Task
-from islands.transports.dist import DistTransport
 
 log = logging.getLogger("islands.worker")
 
@@ -238,9 +237,7 @@ class Trainer:
         device = next(model.parameters()).device
         if isinstance(cfg.threads, int):  # the user's process: only a count changes it
             torch.set_num_threads(int(cfg.threads))
-        self.transport = DistTransport(me, cfg.runtime.collective_timeout_s,
-                                       stopping=job.stopping,
-                                       signer=getattr(job.membership, "signer", None))
+        self.transport = member_transport(cfg, me, job.membership, job.stopping)
         self.engine = Engine(cfg, algorithm, self.transport, [worker], task=None,
                              partition=None, device=device, clock=WallClock((me,)),
                              eval_model=copy.deepcopy(model) if evaluate else None,

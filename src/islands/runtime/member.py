@@ -53,6 +53,7 @@ from islands.runtime import checkpoint, evidence, state
 from islands.runtime.auth import derive
 from islands.runtime.membership import CoordinatorRestarted, Removed
 from islands.transports.dist import DistTransport, new_group, open_store
+from islands.transports.streams import Listener
 
 log = logging.getLogger("islands.worker")
 
@@ -80,6 +81,22 @@ class Stats:
 def _keys(res: dict) -> dict[int, str]:
     """The members' public keys a barrier's result names."""
     return {int(k): str(v) for k, v in res.get("keys", {}).items()}
+
+
+def member_transport(cfg: RunConfig, me: int, membership,
+                     stopping: threading.Event) -> DistTransport:
+    """A worker process's transport: its messages signed with the membership's key (an open
+    job) and, with ``runtime.wire = "streams"``, carried on islands' own streams."""
+    signer = getattr(membership, "signer", None)
+    streams = None
+    if cfg.runtime.wire == "streams":
+        if signer is None:
+            raise ConfigError("runtime.wire = 'streams' needs an open job with a coordinator "
+                              "(runtime.trust = 'open', islands run --coordinator): its "
+                              "connections are signed with the members' keys")
+        streams = Listener(membership.host, signer)
+    return DistTransport(me, cfg.runtime.collective_timeout_s, stopping=stopping,
+                         signer=signer, streams=streams)
 
 
 def refuse_simulator_only(cfg: RunConfig) -> None:
@@ -219,6 +236,7 @@ class Member:
                                              len(members), self.cfg.runtime.collective_timeout_s,
                                              host=host))
         self.transport.use_group(group, members)
+        self.transport.open_streams(store, prefix, members, _keys(res))
         self.epoch, self._prefix = res["epoch"], res["prefix"]
         log.info("worker %d: epoch %d with members %s (group formed in %.3f s)", self.me,
                  res["epoch"], list(members), time.perf_counter() - t0)

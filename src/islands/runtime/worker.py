@@ -38,9 +38,8 @@ from islands.engine import (
 from islands.metrics.run_dir import RunDir
 from islands.runtime import outputs
 from islands.runtime.fingerprint import fingerprint
-from islands.runtime.member import Member, refuse_simulator_only
+from islands.runtime.member import Member, member_transport, refuse_simulator_only
 from islands.runtime.membership import Removed, Unauthorized
-from islands.transports.dist import DistTransport
 
 log = logging.getLogger("islands.worker")
 
@@ -81,9 +80,7 @@ class RuntimeWorker:
         self.append = append
         self.error: str | None = None  # a file it could not write (exit status 2)
         self.stopping = stopping or threading.Event()
-        self.transport = DistTransport(worker_id, cfg.runtime.collective_timeout_s,
-                                       stopping=self.stopping,
-                                       signer=getattr(membership, "signer", None))
+        self.transport = member_transport(cfg, worker_id, membership, self.stopping)
         self.member: Member | None = None
         self.removed: str | None = None  # why this worker could not go on (exit status 3)
         self.final_params: torch.Tensor | None = None

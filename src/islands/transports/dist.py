@@ -46,6 +46,7 @@ from islands.core.signing import Signer
 from islands.core.timing import timed
 from islands.transports import wire
 from islands.transports.base import Exchange, Flight, Message, Place, ThreadedFlight, Transport
+from islands.transports.streams import Epoch, Listener
 
 # at most this many pieces of a native all_reduce (each at least 2^23 values)
 NATIVE_PIECES = 4
@@ -93,11 +94,14 @@ class DistTransport(Transport):
             header it receives must be signed with the sender's key in ``keys`` and name
             the exchange's context (``context``, the phase, sender and receiver); what was
             received in the current context is kept (``kept``) as evidence.
+        streams: this process's listener (``runtime.wire = "streams"``): every message goes
+            over islands' framed TCP streams (:mod:`islands.transports.streams`) instead of
+            gloo's pairs, once :meth:`open_streams` opened an epoch's.
     """
 
     def __init__(self, worker: int, timeout_s: float = 30.0, *,
-                 stopping: threading.Event | None = None, signer: Signer | None = None
-                 ) -> None:
+                 stopping: threading.Event | None = None, signer: Signer | None = None,
+                 streams: Listener | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s ({timeout_s}) must be > 0")
         self.worker = worker
@@ -111,6 +115,8 @@ class DistTransport(Transport):
         self.context = ""
         self.kept: dict[tuple[str, int], Message] = {}  # {(phase, sender): its message}
         self._thread = threading.local()  # a flight's own context (in_background)
+        self.streams = streams
+        self._epoch: Epoch | None = None
         self.group_since = 0.0  # time.monotonic() when the current group was formed
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -136,6 +142,25 @@ class DistTransport(Transport):
         """Where the next exchanges belong (e.g. ``"round/attempt"``) and the members' keys;
         what was kept as evidence from the last context is dropped."""
         self.context, self.keys, self.kept = context, dict(keys), {}
+
+    def open_streams(self, store: dist.Store, prefix: str, members: tuple[int, ...],
+                     keys: dict[int, str]) -> None:
+        """An epoch's streams (``runtime.wire = "streams"``): publishes this worker's address
+        under ``prefix`` in ``store``, reads the others' and connects to each; the last
+        epoch's connections are closed (a transfer pending on them fails at once)."""
+        if self.streams is None:
+            return
+        if self._epoch is not None:
+            self._epoch.close()
+            self._epoch = None
+        me, listener = self.worker, self.streams
+        try:
+            store.set(f"{prefix}streams/{me}", f"{listener.host}:{listener.port}")
+            peers = {p: store.get(f"{prefix}streams/{p}").decode()
+                     for p in members if p != me}
+        except (RuntimeError, dist.DistStoreError) as e:
+            raise CommError(f"the streams of {prefix!r} could not be set up: {e}") from None
+        self._epoch = Epoch(listener, prefix, me, peers, keys, self.timeout_s)
 
     def _ctx(self, phase: str, src: int, dst: int) -> str:
         return f"{getattr(self._thread, 'context', self.context)}/{phase}/{src}>{dst}"
@@ -306,6 +331,8 @@ class DistTransport(Transport):
         # data is already flowing, that notice would wait behind all of it, and the peer's
         # data could not start until ours had crossed: a full-duplex link used one way at a
         # time (half its capacity over a slow link).
+        if self._epoch is not None:
+            return self._epoch.post(sends, recvs, tag)
         try:
             recv_works = [self.group.recv([t], self.ranks[p], tag) for t, p in recvs]
             works = [self.group.send([t], self.ranks[p], tag) for t, p in sends]
@@ -349,6 +376,8 @@ class DistTransport(Transport):
             self.drop_scratch()  # the waiter still holds receives into them
             raise
         if errors:
+            if isinstance(errors[0], PeerRefused):  # a stream refused what a peer sent
+                raise PeerRefused(f"{phase}: {errors[0]}", errors[0].sender)
             raise CommError(f"{phase}: a peer failed: {str(errors[0]).splitlines()[0]}")
 
 
