@@ -274,7 +274,7 @@ def main() -> None:
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated: {ATTACKS}")
     p.add_argument("--aggregators", default=",".join(DEFAULT_AGGREGATORS),
                    help=f"comma-separated labels of {list(AGGREGATORS)}")
-    p.add_argument("--default", default="centered_clip+clones",
+    p.add_argument("--default", default="centered_clip+gather+clones",
                    help="the robust configuration the verdicts judge")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--no-clean", dest="clean", action="store_false",

@@ -515,11 +515,12 @@ class RuntimeConfig:
             its sender) or ``"cluster"`` (trusted members on one network: a lossless codec
             and the plain mean go through ``torch.distributed.all_reduce``, gloo's or
             NCCL's, after each member checks its own contribution; see ``islands.collectives``).
-        wire: how an open job's messages travel between members: ``"gloo"`` (gloo's
-            point-to-point pairs; a peer sending more bytes than its header said aborts the
-            receiving process inside gloo) or ``"streams"`` (TCP connections islands frames
-            and reads itself: such a message is refused, naming its sender;
-            ``islands.transports.streams``). The same on every worker.
+        wire: how an open job's messages travel between members (with a coordinator):
+            ``"streams"`` (TCP connections islands frames and reads itself: a message longer
+            than its header said is refused, naming its sender;
+            ``islands.transports.streams``) or ``"gloo"`` (gloo's point-to-point pairs, where
+            such a message aborts the receiving process inside gloo). A trusted cluster and
+            a torchrun group always use gloo's. The same on every worker.
     """
 
     heartbeat_s: float = 0.1
@@ -532,7 +533,7 @@ class RuntimeConfig:
     max_attempts: int = 5
     coordinator_timeout_s: float = 60.0
     trust: Literal["open", "cluster"] = "open"
-    wire: Literal["gloo", "streams"] = "gloo"
+    wire: Literal["gloo", "streams"] = "streams"
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "heartbeat_timeout_s", "collective_timeout_s",

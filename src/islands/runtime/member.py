@@ -85,16 +85,12 @@ def _keys(res: dict) -> dict[int, str]:
 
 def member_transport(cfg: RunConfig, me: int, membership,
                      stopping: threading.Event) -> DistTransport:
-    """A worker process's transport: its messages signed with the membership's key (an open
-    job) and, with ``runtime.wire = "streams"``, carried on islands' own streams."""
-    signer = getattr(membership, "signer", None)
-    streams = None
-    if cfg.runtime.wire == "streams":
-        if signer is None:
-            raise ConfigError("runtime.wire = 'streams' needs an open job with a coordinator "
-                              "(runtime.trust = 'open', islands run --coordinator): its "
-                              "connections are signed with the members' keys")
-        streams = Listener(membership.host, signer)
+    """A worker process's transport: in an open job with a coordinator, its messages signed
+    with the membership's key and, with ``runtime.wire = "streams"`` (the default), carried
+    on islands' own streams; otherwise (a trusted cluster, a torchrun group) gloo's pairs."""
+    signer = getattr(membership, "signer", None)  # an open job with a coordinator
+    streams = (Listener(membership.host, signer)
+               if cfg.runtime.wire == "streams" and signer is not None else None)
     return DistTransport(me, cfg.runtime.collective_timeout_s, stopping=stopping,
                          signer=signer, streams=streams)
 
