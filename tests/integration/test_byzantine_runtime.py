@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from tests.integration.conftest import last_round, metrics, wait_until
-from tests.integration.test_runtime_faults import LONG
+from tests.integration.test_runtime_faults import LONG, _two_honest_and
 
 
 @pytest.mark.parametrize("attack, algorithm, verdict", [
@@ -98,3 +98,19 @@ def test_a_lying_shard_owner_caught_by_its_verifier_is_a_dispute_that_costs_no_h
     for p in ws.values():
         p.send_signal(signal.SIGTERM)
     assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))
+
+
+def test_a_worker_sending_more_bytes_than_its_headers_say_is_refused_by_name_no_one_aborts(
+        tmp_path, procs, coordinator):
+    """Worker 2's payloads carry 4 bytes more than its signed headers say. Over islands'
+    streams (the default) both receivers refuse them naming it, their accusations second each
+    other, and worker 2 is excluded; the honest two go on and exit 0 (over gloo's pairs both
+    died with SIGABRT)."""
+    coord, ws, bad, out = _two_honest_and(tmp_path, procs, coordinator, "oversize_worker.py")
+    why = coord.status()["excluded"]["2"]["why"]
+    assert "worker 2 sent a message of" in why and "refused by workers [0, 1] alike" in why
+    r = last_round(out / "w0")
+    wait_until(lambda: last_round(out / "w0") >= r + 2, 30, "rounds without worker 2")
+    for p in ws.values():
+        p.send_signal(signal.SIGTERM)
+    assert all(p.wait(timeout=30) == 0 for p in ws.values())
