@@ -366,9 +366,9 @@ class AttackConfig:
             same update: ``-scale`` times the first attacker's pseudo-gradient),
             ``"lying_aggregator"`` (as a shard's owner in the butterfly, returns ``-scale``
             times the true aggregate), ``"forged_weight"`` (claims aggregation weight
-            ``scale``), ``"false_accuser"`` (real processes only: at every commit it accuses
-            the lowest honest member, showing that member's own signed header as evidence
-            of a forged weight). ``alie``, ``ipm`` and ``sybil`` run in the simulator only.
+            ``scale``), ``"false_accuser"`` (accuses the lowest other member of every sync of
+            a forged weight, on real processes with that member's own signed header as the
+            evidence). ``alie``, ``ipm`` and ``sybil`` run in the simulator only.
         attackers: how many workers attack (the highest ids: ``workers - attackers`` on), or
             their ids.
         start_round: the first round they attack (honest before: turning malicious).

@@ -44,10 +44,6 @@ SIMULATOR_ONLY = {
     "ipm": "it reads the honest workers' updates, which a real process never sees",
     "sybil": "its identities send one update, which separate real processes cannot share",
 }
-RUNTIME_ONLY = {
-    "false_accuser": "it abuses the real runtime's blame protocol (a commit that accuses an "
-                     "honest peer, with forged evidence), which the simulator does not run",
-}
 
 
 def alie_z(n: int, f: int) -> float:

@@ -19,7 +19,7 @@ from typing import Callable
 from islands.algorithms import build_algorithm
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig
-from islands.core.errors import ConfigError, PeerRefused
+from islands.core.errors import PeerRefused
 from islands.engine import (
     Engine,
     RoundPlan,
@@ -30,7 +30,6 @@ from islands.engine import (
     resolve_device,
     threads,
 )
-from islands.engine.attacks import RUNTIME_ONLY
 from islands.metrics.run_dir import RunDir, read_summary
 from islands.sim.faults import FaultPlan, catch_up, quorum
 from islands.tasks import Task
@@ -45,8 +44,9 @@ class _EveryRound:
 
     A worker is banned (gone from the round on, for good) when a sync refuses its payload
     (:class:`~islands.core.errors.PeerRefused`: a non-finite or undecodable payload, a forged
-    weight; the sync is then carried out again without it) or when the engine's
-    :class:`~islands.engine.judge.Judge` judges it malicious."""
+    weight; the sync is then carried out again without it), when the engine's
+    :class:`~islands.engine.judge.Judge` judges it malicious, or when it accuses another
+    falsely."""
 
     def __init__(self, everyone: Group, faults: FaultPlan | None = None) -> None:
         self.everyone, self.next, self.faults = everyone, 0, faults
@@ -84,12 +84,29 @@ class _EveryRound:
                 synced = tuple(m for m in synced if m != e.sender)
         for verdict in engine.judge.take_verdicts():
             self.ban(plan.round, verdict["worker"], verdict["reason"])
+        self._judge_accusations(engine, plan.round, synced)
         for w in set(plan.participants) - set(synced):
             losses.pop(w, None)
         plan.members = tuple(m for m in plan.members if m in synced)  # rows: the kept
         if late:
             catch_up(engine, late, synced)
         return {"left_out": list(late)} if late else {}
+
+    def _judge_accusations(self, engine: Engine, r: int, synced: tuple[int, ...]) -> None:
+        """A false accuser (``attack.name = "false_accuser"``) accuses the lowest other
+        member of the sync, as on real processes. The simulator sees every message, so it
+        checks the accusation against what the accused sent: unless the sync refused the
+        accused's messages, the accusation is false and the accuser is banned (its own
+        contribution to the round, honest, stays)."""
+        attack = engine.attack
+        if attack is None or attack.name != "false_accuser":
+            return
+        refused = {b["worker"] for b in self.banned if b["round"] == r}
+        for accuser in (w for w in synced if attack.attacking(w, r)):
+            victim = min(m for m in synced if m != accuser)
+            if victim not in refused:
+                self.ban(r, accuser, f"a false accusation of worker {victim}: its messages of "
+                                     f"round {r} passed every check")
 
     def ban(self, r: int, worker: int, reason: str) -> None:
         if all(b["worker"] != worker for b in self.banned):
@@ -126,9 +143,6 @@ class Simulation:
         # its name named would read (a user task's config.json has no [model])
         self.cfg = cfg = cfg if task is None else cfg.with_task_object(task.name)
         self.task = check_config(cfg, task)  # every setting checked before anything runs
-        if cfg.attack.name in RUNTIME_ONLY:
-            raise ConfigError(f"attack.name ({cfg.attack.name!r}) runs on real processes only "
-                              f"(islands launch): {RUNTIME_ONLY[cfg.attack.name]}")
         self._task_key = None if task is None else f"object:{id(task)}"
         self.out = RunDir(out_dir) if out_dir is not None else None
         self.found = self.out.claim(cfg, existing=existing) if self.out else "fresh"
