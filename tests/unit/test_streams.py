@@ -79,3 +79,19 @@ def test_closing_the_epoch_fails_what_is_still_pending(pair):
     pair[1].close()
     with pytest.raises(CommError, match="closed"):
         work.wait()
+
+
+def test_a_stream_that_ends_mid_message_fails_the_receive_in_progress(pair):
+    """The sender's connection goes after half a message: the receive it was filling fails
+    (no waiter is left hanging on it), and so does every later one from that peer."""
+    got, later = torch.zeros(8, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)
+    works = pair[1].post([], [(got, 0), (later, 0)], 0)
+    sender = pair[0].senders[1]
+    pair[0].post([(_bytes(1), 1)], [], 0)[0].wait()  # connected; the first receive filled
+    sender.sock.sendall(b"\x00\x00\x00\x00\x08\x00\x00\x00\x00\x00\x00\x00\x01\x02")
+    sender.sock.close()
+    works[0].wait()
+    with pytest.raises(CommError, match="ended"):
+        works[1].wait()
+    with pytest.raises(CommError):
+        pair[1].post([], [(later, 0)], 0)[0].wait()

@@ -157,6 +157,7 @@ class Epoch:
         return works
 
     def _read(self, peer: int, conn: socket.socket) -> None:
+        work = None  # the receive in progress, failed with the stream if it ends mid-way
         try:
             while True:
                 tag, length = FRAME.unpack(_read_exactly(conn, FRAME.size))
@@ -173,11 +174,12 @@ class Epoch:
                                       "header said); refused", peer)
                 _read_into(conn, into[:length])
                 work.finish()
+                work = None
         except PeerRefused as e:  # nothing more is read from it
             conn.close()
             self._break(peer, e, work)
         except (OSError, CommError) as e:
-            self._break(peer, CommError(f"the stream from worker {peer} ended: {e}"), None)
+            self._break(peer, CommError(f"the stream from worker {peer} ended: {e}"), work)
 
     def _break(self, peer: int, error: BaseException, work: Work | None) -> None:
         """Fails the receive in progress and every one posted from ``peer``; later ones
