@@ -319,7 +319,7 @@ def test_a_refused_contribution_excludes_its_sender_from_the_retry_and_the_run(c
                                           "workers [0, 2] alike)"}]
     chs[1].send({"op": "ready", "round": 0, "attempt": 1, "members": [0, 2]})
     reply = chs[1].recv()
-    assert reply.get("removed") and "worker 0 refused its contribution" in reply["error"]
+    assert reply.get("removed") and "by worker 0: payload from worker 1" in reply["error"]
     assert coord.status()["excluded"]["1"]["by"] == 0
     retry = _ask({w: chs[w] for w in (0, 2)},
                  {w: {"op": "ready", "round": 0, "attempt": 1, "members": [0, 2]}

@@ -25,7 +25,7 @@ CTX = "3/0/pseudo-gradient/reduce-scatter/2>0"  # round 3, attempt 0, from 2 to 
                                   5 * signing.LEAF_BYTES + 7, 9 * signing.LEAF_BYTES])
 def test_every_leaf_proves_itself_and_nothing_else(size):
     data = os.urandom(size)
-    root, n = signing.merkle_root(data), signing.leaves(memoryview(data))
+    root, n = signing.merkle_root(data), max(1, -(-size // signing.LEAF_BYTES))
     for i in range(n):
         leaf, path = signing.leaf_proof(data, i)
         assert leaf == data[i * signing.LEAF_BYTES:(i + 1) * signing.LEAF_BYTES]

@@ -229,11 +229,9 @@ class TrimmedMean(Rule):
 @register("aggregator", "median")
 @dataclass(frozen=True, kw_only=True)
 class MedianConfig(AggregatorConfig):
-    """``[aggregator] name = "median"``: the coordinate median.
-    """
+    """``[aggregator] name = "median"``: the coordinate median."""
 
     name: str = "median"
-
 
     def build(self) -> Median:
         """A new :class:`Median` (one per worker)."""

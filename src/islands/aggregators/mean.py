@@ -120,11 +120,9 @@ class Mean(Rule):
 @register("aggregator", "mean", default=True)
 @dataclass(frozen=True, kw_only=True)
 class MeanConfig(AggregatorConfig):
-    """``[aggregator] name = "mean"``: the (weighted) mean.
-    """
+    """``[aggregator] name = "mean"``: the (weighted) mean."""
 
     name: str = "mean"
-
 
     def build(self):
         """The aggregator: :func:`mean` itself (``(stacked (n, numel), weights (n,) | None)

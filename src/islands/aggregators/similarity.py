@@ -117,11 +117,9 @@ class FoolsGold(Rule):
 @register("aggregator", "sybil")
 @dataclass(frozen=True, kw_only=True)
 class SybilConfig(AggregatorConfig):
-    """``[aggregator] name = "sybil"``: the stateless FoolsGold Sybil defence.
-    """
+    """``[aggregator] name = "sybil"``: the stateless FoolsGold Sybil defence."""
 
     name: str = "sybil"
-
 
     def build(self) -> FoolsGold:
         """A new :class:`FoolsGold` (one per worker)."""

@@ -102,8 +102,7 @@ def header_weights(msgs: list[Message], members: tuple[int, ...],
     sender); the header's otherwise."""
     out = []
     for s, m in zip(members, msgs):
-        # the header holds an f32 (MESSAGE_HEADER_BYTES): compared as one
-        if s in weights and _f32(m.weight) != _f32(weights[s]):
+        if s in weights and not same_weight(m.weight, weights[s]):
             raise PeerRefused(f"{what}: worker {s} claims aggregation weight {m.weight:g}, "
                               f"the round gives it {float(weights[s]):g}; refused", s)
         out.append(float(weights[s]) if s in weights else m.weight)
@@ -144,6 +143,12 @@ def _finished(pending: Exchange) -> Iterator[None]:
             pending.wait()
         raise
     pending.wait()
+
+
+def same_weight(claimed: float, recorded: float) -> bool:
+    """Whether a header's weight is the round's: compared as the f32 the header carries
+    (``MESSAGE_HEADER_BYTES``)."""
+    return _f32(claimed) == _f32(recorded)
 
 
 def _f32(x: float) -> float:

@@ -38,6 +38,9 @@ from islands.core.errors import ConfigError
 from islands.core.sections import AttackConfig
 from islands.core.seeding import derive_seed
 
+# attacks that send their contributions as they are (they lie elsewhere)
+LEAVE_CONTRIBUTIONS = frozenset({"none", "label_flip", "forged_weight", "lying_aggregator",
+                                 "false_accuser"})
 # attacks one world cannot carry out, and why
 SIMULATOR_ONLY = {
     "alie": "it reads the honest workers' updates, which a real process never sees",
@@ -91,6 +94,15 @@ class Attack:
         """Whether ``worker`` attacks in round ``r``."""
         return worker in self.ids and r >= self.cfg.start_round
 
+    def accuses(self, worker: int, r: int) -> bool:
+        """Whether ``worker`` makes a false accusation in round ``r`` (``false_accuser``)."""
+        return self.name == "false_accuser" and self.attacking(worker, r)
+
+    @staticmethod
+    def victim(worker: int, members) -> int:
+        """Whom a false accuser accuses: the lowest other member of the sync."""
+        return min(m for m in members if m != worker)
+
     def batch(self, worker: int, r: int, batch):
         """The batch ``worker`` trains on in round ``r`` (flipped labels for a label
         flipper)."""
@@ -122,8 +134,7 @@ class Attack:
     def corrupt(self, r: int, plans: dict[int, list[Contribution]]) -> None:
         """Rewrites the attackers' contributions of round ``r`` in ``plans`` (every
         contribution but the buffers)."""
-        if self.name in ("none", "label_flip", "forged_weight", "lying_aggregator",
-                         "false_accuser"):
+        if self.name in LEAVE_CONTRIBUTIONS:
             return
         count = len(next(iter(plans.values())))
         for k in range(count):

@@ -353,10 +353,9 @@ class Coordinator(RoundRules):
             m.last_seen = time.monotonic()
             if wid in self.excluded:
                 e = self.excluded[wid]
-                who = ("the coordinator" if e["by"] == "coordinator"
-                       else f"worker {e['by']} refused its contribution")
-                return {"error": f"excluded from the run at round {e['round']}: {who} "
-                                 f"({e['why']}); fix the cause and restart it to rejoin",
+                who = "the coordinator" if e["by"] == "coordinator" else f"worker {e['by']}"
+                return {"error": f"excluded from the run at round {e['round']} by {who}: "
+                                 f"{e['why']}; fix the cause and restart it to rejoin",
                         "removed": True}
             if not m.alive and op != "leave":
                 return {"error": "dropped from the membership; restart to rejoin"}
@@ -463,9 +462,7 @@ class Coordinator(RoundRules):
         (its declaration would leave the others out of the round)."""
         why = (f"it declared members {sorted(declared)} at {key[0]} of round {key[1]}, the "
                f"coordinator released {sorted(known[1])}")
-        self.excluded[wid] = {"by": "coordinator", "round": key[1], "why": why}
-        self.members[wid].alive = False
-        log.warning("worker %d excluded at round %d: %s", wid, key[1], why)
+        self._exclude(wid, {"by": "coordinator", "round": key[1], "why": why})
         self._check()
         self._cond.notify_all()
         return {"error": f"excluded from the run at round {key[1]}: {why}", "removed": True}

@@ -28,28 +28,29 @@ import json
 import torch
 
 from islands.codecs.base import PAYLOAD_DTYPES, all_finite
+from islands.collectives.butterfly import same_weight
 from islands.core import signing
 from islands.transports.base import Message
-from islands.transports.wire import as_bytes
-
-
-def _f32(x: float) -> float:
-    return float(torch.tensor(float(x), dtype=torch.float32))
+from islands.transports.wire import as_bytes, signed_header
 
 
 def gather(kept: dict[tuple[str, int], Message], sender: int,
            weights: dict[int, float]) -> dict | None:
     """Evidence that ``sender`` broke a checkable rule, from the messages of the attempt
     (``kept``: {(phase, sender): message}); None where none holds it."""
-    for (_, src), msg in sorted(kept.items(), key=lambda kv: kv[0]):
-        if src != sender or msg.proof is None:
-            continue
-        if msg.claim and sender in weights and _f32(msg.weight) != _f32(weights[sender]):
+    for msg in signed_by(kept, sender):
+        if msg.claim and sender in weights and not same_weight(msg.weight, weights[sender]):
             return {"rule": "weight", **msg.proof}
         leaf = _non_finite_leaf(msg)
         if leaf is not None:
             return {"rule": "finite", **msg.proof, **leaf}
     return None
+
+
+def signed_by(kept: dict[tuple[str, int], Message], sender: int) -> list[Message]:
+    """``sender``'s signed messages among ``kept``, in phase order."""
+    return [m for (_, src), m in sorted(kept.items(), key=lambda kv: kv[0])
+            if src == sender and m.proof is not None]
 
 
 def _non_finite_leaf(msg: Message) -> dict | None:
@@ -75,11 +76,9 @@ def judge(evidence: dict, *, key: str, accused: int, accuser: int, context: str,
     """Whether ``evidence`` proves that ``accused`` broke its rule in the message it sent
     ``accuser`` in ``context`` (``"round/attempt"``), and why (or why not)."""
     try:
-        sig = bytes.fromhex(str(evidence["s"]))
-        signed = str(evidence["h"])
-        if not signing.check_signature(key, signed.encode(), sig):
+        head = signed_header(evidence, key)
+        if head is None:
             return False, f"the header shown is not signed with worker {accused}'s key"
-        head = json.loads(signed)
         ctx = str(head.get("ctx", ""))
         if not ctx.startswith(f"{context}/") or not ctx.endswith(f"/{accused}>{accuser}"):
             return False, (f"the header shown was signed for {ctx[:80]!r}, not a message "
@@ -88,7 +87,7 @@ def judge(evidence: dict, *, key: str, accused: int, accuser: int, context: str,
         if rule == "weight":
             if head.get("c") != 1 or accused not in weights:
                 return False, "the header shown carries no weight the round recorded"
-            if _f32(head["w"]) == _f32(weights[accused]):
+            if same_weight(head["w"], weights[accused]):
                 return False, (f"the header's weight {head['w']:g} is the one recorded for "
                                f"worker {accused}")
             return True, (f"it claimed aggregation weight {head['w']:g}, the coordinator "

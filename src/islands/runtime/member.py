@@ -501,7 +501,7 @@ class Member:
             except CommError as e:
                 ok, why = False, str(e)
             h = self.hash() if ok else None
-            if self._accuses(r):  # a false accuser (attack.name = 'false_accuser')
+            if self.engine.attack is not None and self.engine.attack.accuses(self.me, r):
                 ok, h, why, blame = False, None, "an accusation", self._false_accusation(ready)
             judge = self.engine.judge
             said = {"stats": {str(w): v for w, v in judge.latest.items()},
@@ -536,21 +536,15 @@ class Member:
         return self.membership.request("ready", round=r, attempt=attempt, members=members,
                                        **fields)
 
-    def _accuses(self, r: int) -> bool:
-        attack = self.engine.attack
-        return (attack is not None and attack.name == "false_accuser"
-                and attack.attacking(self.me, r))
-
     def _false_accusation(self, ready: dict) -> dict:
         """What a false accuser says at commit: the lowest other member sent a forged
         weight, with that member's own signed header as the "evidence" (it shows no such
         thing; without signed headers, its word alone)."""
-        victim = min(m for m in ready["members"] if m != self.me)
+        victim = self.engine.attack.victim(self.me, ready["members"])
         blame = {"worker": victim, "why": f"worker {victim} claims a forged weight"}
-        for (_, src), msg in sorted(self.transport.kept.items(), key=lambda kv: kv[0]):
-            if src == victim and msg.proof is not None and msg.claim:
-                blame["evidence"] = {"rule": "weight", **msg.proof}
-                break
+        claims = [m for m in evidence.signed_by(self.transport.kept, victim) if m.claim]
+        if claims:
+            blame["evidence"] = {"rule": "weight", **claims[0].proof}
         return blame
 
     def _note_exclusions(self, res: dict) -> None:

@@ -142,6 +142,7 @@ class RoundRules:
             # member lost mid-round, say), which the next start must wait for
             at_start = self._open_start.arrivals if self._open_start is not None else {}
             self._behind |= set(left_out) - set(at_start)
+        # each member's aggregation weight, as it reported it (held against every header)
         out = {**self._new_epoch(members), "left_out": left_out, "keys": self._keys(members),
                "weights": {str(i): float(w) for i in members
                            if isinstance(w := b.arrivals[i].get("weight"), (int, float))
@@ -201,9 +202,8 @@ class RoundRules:
         out the retry (both sides of a dispute that no evidence settles)."""
         r, attempt = b.key[1], b.key[2]
         ready = self._barriers.get(("ready", r, attempt))
-        arrivals = ready.arrivals if ready is not None else {}
-        weights = {i: float(w) for i, a in arrivals.items()
-                   if isinstance(w := a.get("weight"), (int, float)) and not isinstance(w, bool)}
+        recorded = (ready.result or {}).get("weights", {}) if ready is not None else {}
+        weights = {int(i): w for i, w in recorded.items()}
         excluded: dict[int, dict] = {}
         unproven: dict[int, dict[int, str]] = {}  # {accused: {accuser: why}}
         themselves: dict[int, dict] = {}
@@ -250,14 +250,8 @@ class RoundRules:
             excluded.setdefault(w, info)
             sit_out.discard(w)
         for w, info in excluded.items():
-            self.excluded[w] = info
-            if w in self.members:
-                self.members[w].alive = False
-            log.warning("worker %d excluded at round %d by %s: %s", w, info["round"],
-                        "the coordinator" if info["by"] == "coordinator"
-                        else f"worker {info['by']}", info["why"])
+            self._exclude(w, info)
         return set(excluded), sit_out - set(excluded)
-
 
     def _judged(self, b: Barrier, here: set[int], r: int) -> list[int]:
         """After a commit: the members each member's judge (the engine's ban rule on its
@@ -273,13 +267,19 @@ class RoundRules:
             if not evidence.seconded(set(by), accused, here):
                 continue
             first = min(by)
-            self.excluded[accused] = {"by": first, "round": r, "why": f"judged malicious by "
-                                      f"workers {sorted(by)}: {by[first][:200]}"}
-            self.members[accused].alive = False
-            log.warning("worker %d excluded at round %d: %s", accused, r,
-                        self.excluded[accused]["why"])
+            self._exclude(accused, {"by": first, "round": r, "why": f"judged malicious by "
+                                    f"workers {sorted(by)}: {by[first][:200]}"})
             out.append(accused)
         return out
+
+    def _exclude(self, w: int, info: dict) -> None:
+        """Excludes worker ``w`` from the run (``info``: by whom, at which round, why)."""
+        self.excluded[w] = info
+        if w in self.members:
+            self.members[w].alive = False
+        log.warning("worker %d excluded at round %d by %s: %s", w, info["round"],
+                    "the coordinator" if info["by"] == "coordinator" else f"worker {info['by']}",
+                    info["why"])
 
     def _note_statistics(self, b: Barrier, here: set[int], r: int) -> None:
         """Each member's statistics of a committed round (``status()``'s ``workers``): its

@@ -99,11 +99,11 @@ class _EveryRound:
         accused's messages, the accusation is false and the accuser is banned (its own
         contribution to the round, honest, stays)."""
         attack = engine.attack
-        if attack is None or attack.name != "false_accuser":
+        if attack is None:
             return
         refused = {b["worker"] for b in self.banned if b["round"] == r}
-        for accuser in (w for w in synced if attack.attacking(w, r)):
-            victim = min(m for m in synced if m != accuser)
+        for accuser in (w for w in synced if attack.accuses(w, r)):
+            victim = attack.victim(accuser, synced)
             if victim not in refused:
                 self.ban(r, accuser, f"a false accusation of worker {victim}: its messages of "
                                      f"round {r} passed every check")

@@ -177,19 +177,29 @@ def unpack_header(buf: torch.Tensor, peer: int, key: str | None = None,
     return h
 
 
+def signed_header(frame: dict, key: str) -> dict | None:
+    """The header inside a signed frame ``{"h": JSON, "s": signature}`` when the signature
+    is ``key``'s (None otherwise): what a receiver reads, and what a third party checks in
+    evidence (:mod:`islands.runtime.evidence`)."""
+    try:
+        sig = bytes.fromhex(frame["s"])
+        if not signing.check_signature(key, frame["h"].encode(), sig):
+            return None
+        inner = json.loads(frame["h"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return inner if isinstance(inner, dict) else None
+
+
 def _signed(raw, peer: int, key: str, ctx: str) -> tuple[dict, dict]:
     """The header inside a signed frame, once its signature and context are checked."""
     if not isinstance(raw, dict) or not isinstance(raw.get("h"), str) \
             or not isinstance(raw.get("s"), str):
         raise ValueError("not signed (this job's members sign every message)")
-    try:
-        sig = bytes.fromhex(raw["s"])
-    except ValueError:
-        raise ValueError("a signature that is not hex") from None
-    if not signing.check_signature(key, raw["h"].encode(), sig):
+    inner = signed_header(raw, key)
+    if inner is None:
         raise ValueError("a signature that is not its registered key's")
-    inner = json.loads(raw["h"])
-    if not isinstance(inner, dict) or inner.get("ctx") != ctx:
+    if inner.get("ctx") != ctx:
         raise ValueError(f"signed for {str(inner.get('ctx'))[:80]!r} "
                          f"(context {ctx!r}): replayed or misdirected")
     if not isinstance(inner.get("mr"), list) or len(inner["mr"]) != len(inner.get("t", ())):
