@@ -228,18 +228,19 @@ class Member:
         prefix = f"{res['prefix']}/{derive(self.token, res['prefix'])}/"
         t0 = time.perf_counter()
         host = getattr(self.membership, "host", None)  # gloo binds where peers reach us
-        group = self._form(lambda: new_group(store, prefix, members.index(self.me),
-                                             len(members), self.cfg.runtime.collective_timeout_s,
-                                             host=host))
+        timeout_s = self.cfg.runtime.collective_timeout_s
+        group, peers = self._form(lambda: (
+            new_group(store, prefix, members.index(self.me), len(members), timeout_s, host=host),
+            self.transport.stream_addresses(store, prefix, members)))
         self.transport.use_group(group, members)
-        self.transport.open_streams(store, prefix, members, _keys(res))
+        self.transport.open_streams(store, prefix, members, _keys(res), peers)
         self.epoch, self._prefix = res["epoch"], res["prefix"]
         log.info("worker %d: epoch %d with members %s (group formed in %.3f s)", self.me,
                  res["epoch"], list(members), time.perf_counter() - t0)
 
     def _form(self, make: Callable):
-        """Runs ``make`` (a blocking group formation) in a thread; a SIGTERM meanwhile gives
-        up at once (the thread is left to its own timeout)."""
+        """Runs ``make`` (a blocking group formation, the streams' addresses) in a thread; a
+        SIGTERM meanwhile gives up at once (the thread is left to its own timeout)."""
         out: dict = {}
 
         def run() -> None:

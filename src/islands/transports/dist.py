@@ -144,23 +144,32 @@ class DistTransport(Transport):
         self.context, self.keys, self.kept = context, dict(keys), {}
 
     def open_streams(self, store: dist.Store, prefix: str, members: tuple[int, ...],
-                     keys: dict[int, str]) -> None:
-        """An epoch's streams (``runtime.wire = "streams"``): publishes this worker's address
-        under ``prefix`` in ``store``, reads the others' and connects to each; the last
+                     keys: dict[int, str], peers: dict[int, str] | None = None) -> None:
+        """An epoch's streams (``runtime.wire = "streams"``): connects to each member at its
+        address in ``peers`` (by default :meth:`stream_addresses` reads them now); the last
         epoch's connections are closed (a transfer pending on them fails at once)."""
         if self.streams is None:
             return
+        if peers is None:
+            peers = self.stream_addresses(store, prefix, members)
         if self._epoch is not None:
             self._epoch.close()
             self._epoch = None
+        self._epoch = Epoch(self.streams, prefix, self.worker, peers, keys, self.timeout_s)
+
+    def stream_addresses(self, store: dist.Store, prefix: str,
+                         members: tuple[int, ...]) -> dict[int, str] | None:
+        """Publishes this worker's stream address under ``prefix`` in ``store`` and reads the
+        other members' (blocking until each published, or the store's timeout); None without
+        streams."""
+        if self.streams is None:
+            return None
         me, listener = self.worker, self.streams
         try:
             store.set(f"{prefix}streams/{me}", f"{listener.host}:{listener.port}")
-            peers = {p: store.get(f"{prefix}streams/{p}").decode()
-                     for p in members if p != me}
+            return {p: store.get(f"{prefix}streams/{p}").decode() for p in members if p != me}
         except (RuntimeError, dist.DistStoreError) as e:
             raise CommError(f"the streams of {prefix!r} could not be set up: {e}") from None
-        self._epoch = Epoch(listener, prefix, me, peers, keys, self.timeout_s)
 
     def _ctx(self, phase: str, src: int, dst: int) -> str:
         return f"{getattr(self._thread, 'context', self.context)}/{phase}/{src}>{dst}"
