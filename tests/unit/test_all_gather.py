@@ -81,6 +81,8 @@ def test_an_algorithm_asks_the_engine_for_an_all_gather(monkeypatch):
 
 
 def test_a_contribution_names_a_collective_the_engine_has():
-    assert COLLECTIVES == ("all_reduce", "all_gather")
+    assert COLLECTIVES == ("all_reduce", "all_gather", "neighbours")
     with pytest.raises(ValueError, match="collective"):
         Contribution(torch.zeros(3), collective="gossip")
+    with pytest.raises(ValueError, match="mixing row"):  # gossip says whom it mixes with
+        Contribution(torch.zeros(3), collective="neighbours")

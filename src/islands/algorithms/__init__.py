@@ -1,5 +1,5 @@
 """The DiLoCo family on one interface: DDP, LocalSGD (FedAvg), DiLoCo, SparseLoCo, Streaming
-DiLoCo and asynchronous local SGD.
+DiLoCo, asynchronous local SGD, and gossip (decentralized SGD, gossip DiLoCo).
 
 Each algorithm registers its ``[algorithm]`` section beside its code (``DDPConfig``,
 ``LocalSGDConfig``, ``DiLoCoConfig``); the section builds the algorithm.
@@ -11,6 +11,7 @@ from islands.algorithms.asynchronous import AsyncLocalSGD, AsyncLocalSGDConfig
 from islands.algorithms.base import Aggregator, Algorithm, Contribution, Worker
 from islands.algorithms.ddp import DDP, DDPConfig
 from islands.algorithms.diloco import DiLoCo, DiLoCoConfig, nesterov_sgd
+from islands.algorithms.gossip import DSGD, DSGDConfig, GossipDiLoCo, GossipDiLoCoConfig
 from islands.algorithms.local_sgd import LocalSGD, LocalSGDConfig
 from islands.algorithms.outer import OuterConfig, outer_factory
 from islands.algorithms.sparseloco import SparseLoCoConfig
@@ -33,7 +34,8 @@ def check_algorithm(cfg) -> None:
 
 
 __all__ = ["Algorithm", "AsyncLocalSGD", "AsyncLocalSGDConfig", "Contribution", "DDP",
-           "DDPConfig", "DiLoCo", "DiLoCoConfig",
+           "DDPConfig", "DSGD", "DSGDConfig", "DiLoCo", "DiLoCoConfig", "GossipDiLoCo",
+           "GossipDiLoCoConfig",
            "LocalSGD", "LocalSGDConfig", "OuterConfig", "SparseLoCoConfig", "StreamingDiLoCo",
            "StreamingDiLoCoConfig", "Worker",
            "build_aggregator", "build_algorithm", "check_algorithm", "nesterov_sgd",

@@ -168,22 +168,35 @@ class Contribution:
             worker of the collective must give None).
         tag: names the stream (keys codec state such as error-feedback residuals).
         collective: how the engine combines it: ``"all_reduce"`` (the butterfly: each shard
-            aggregated by its owner, then re-encoded and gathered) or ``"all_gather"`` (each
+            aggregated by its owner, then re-encoded and gathered), ``"all_gather"`` (each
             worker's whole tensor to every other, encoded once, the aggregator over whole
-            rows on every worker: sparse contributions, whole-vector rules).
+            rows on every worker: sparse contributions, whole-vector rules) or
+            ``"neighbours"`` (gossip: the worker's row of a mixing matrix applied to what its
+            neighbours send, :mod:`islands.collectives.neighbours`; no aggregator, no weight).
+        mixing: ``"neighbours"``: this worker's row of the mixing matrix, ``{worker j: W_ij}``
+            (itself included; the weights sum to 1).
+        send_to: ``"neighbours"``: the workers whose rows name this one (its receivers).
+        steps: ``"neighbours"``: gossip steps (each one exchange on the last one's result).
     """
 
     tensor: torch.Tensor
     weight: float | None = None
     tag: str = "all-reduce"
     collective: str = "all_reduce"
+    mixing: dict[int, float] | None = None
+    send_to: tuple[int, ...] = ()
+    steps: int = 1
 
     def __post_init__(self) -> None:
         if self.collective not in COLLECTIVES:
             raise ValueError(f"collective ({self.collective!r}) must be one of {COLLECTIVES}")
+        if (self.collective == "neighbours") != (self.mixing is not None):
+            raise ValueError("a 'neighbours' contribution, and only one, needs its mixing row")
 
 
-COLLECTIVES = ("all_reduce", "all_gather")  # what a Contribution may ask the engine for
+# what a Contribution may ask the engine for: a collective over every member, or gossip
+GLOBAL_COLLECTIVES = ("all_reduce", "all_gather")
+COLLECTIVES = (*GLOBAL_COLLECTIVES, "neighbours")
 
 
 class Algorithm(ABC):
@@ -203,6 +216,13 @@ class Algorithm(ABC):
 
     name = "algorithm"
     syncs_gradients = False
+    # every member holds the same global parameters after a committed round (hashed,
+    # transferred to joiners); False for gossip: each worker's are its own, and the run
+    # evaluates their average and reports the consensus distance
+    shares_parameters = True
+    # after the run's last round, every member's global parameters are averaged exactly
+    # (a gossip run's single final merge)
+    final_merge = False
     overlaps = False  # the round's sync lands during the next round (see restart)
     # no rounds: each worker posts its update when it finishes (the engine's asynchronous
     # loop; see islands.algorithms.asynchronous)

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from islands.algorithms.base import COLLECTIVES, Algorithm, Contribution, Worker
+from islands.algorithms.base import GLOBAL_COLLECTIVES, Algorithm, Contribution, Worker
 from islands.algorithms.outer import OuterConfig, outer_factory
 from islands.algorithms.schedule import SyncEvery, outer_schedule, sync_every_setting
 from islands.core.registry import register
@@ -91,8 +91,8 @@ class DiLoCo(Algorithm):
             raise ValueError(f"ddp_steps ({ddp_steps}) must be >= 0")
         if overlap not in OVERLAPS:
             raise ValueError(f"overlap ({overlap!r}) must be one of {', '.join(OVERLAPS)}")
-        if collective not in COLLECTIVES:
-            raise ValueError(f"collective ({collective!r}) must be one of {COLLECTIVES}")
+        if collective not in GLOBAL_COLLECTIVES:
+            raise ValueError(f"collective ({collective!r}) must be one of {GLOBAL_COLLECTIVES}")
         self.collective = collective
         self.outer_factory = outer
         self.ddp_steps = ddp_steps
@@ -248,8 +248,8 @@ class DiLoCoConfig(AlgorithmConfig):
         check(self.grace_s >= 0, "algorithm.grace_s", self.grace_s, "must be >= 0")
         check(self.overlap == "none" or not self.min_quorum, "algorithm.min_quorum",
               self.min_quorum, "works with algorithm.overlap = 'none' only for now")
-        check(self.collective in COLLECTIVES, "algorithm.collective", self.collective,
-              f"must be one of {', '.join(repr(c) for c in COLLECTIVES)}")
+        check(self.collective in GLOBAL_COLLECTIVES, "algorithm.collective", self.collective,
+              f"must be one of {', '.join(repr(c) for c in GLOBAL_COLLECTIVES)}")
 
     def build(self, run, aggregator) -> DiLoCo:
         return DiLoCo(self.sync_every, outer=outer_factory(run.outer), aggregator=aggregator,

@@ -96,8 +96,9 @@ class RunConfig:
             changes results in the last bits, not their meaning.
         task, algorithm, codec, aggregator: the components' sections, each the class its
             ``name`` registered.
-        model, outer: sections a component reads (the ``byte_gpt`` task's GPT, DiLoCo's outer
-            optimizer); None when no chosen component reads them.
+        model, outer, topology: sections a component reads (the ``byte_gpt`` task's GPT,
+            DiLoCo's outer optimizer, the gossip algorithms' graph); None when no chosen
+            component reads them.
         data, inner, init, network, compute, runtime, attack: the sections core owns
             (:mod:`islands.core.sections`); ``data`` is the class the task reads.
         config_dir: the folder of the TOML file this was loaded from (task paths resolve from
@@ -118,6 +119,7 @@ class RunConfig:
     init: InitConfig = field(default_factory=InitConfig)
     algorithm: AlgorithmConfig = field(default_factory=_default("algorithm"))
     outer: Any = None
+    topology: Any = None
     aggregator: AggregatorConfig = field(default_factory=_default("aggregator"))
     codec: CodecConfig = field(default_factory=_default("codec"))
     network: NetworkConfig = field(default_factory=NetworkConfig)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -37,10 +38,12 @@ from islands.algorithms import Algorithm, Contribution, Worker
 from islands.algorithms.base import copy_into, persistent_buffers
 from islands.codecs import Identity
 from islands.collectives.butterfly import Group, Work, rule_of
+from islands.collectives.neighbours import start_neighbours
 from islands.collectives.verify import verifiers_for
 from islands.core.config import RunConfig
 from islands.core.errors import CommError
 from islands.core.seeding import derive_seed
+from islands.engine import consensus
 from islands.engine.asynchronous import run_async
 from islands.engine.attacks import Attack
 from islands.engine.judge import Judge, worker_rules
@@ -209,6 +212,7 @@ class Engine:
         # {member: its aggregation weight this round, as the coordinator recorded it} (the
         # real runtime's other members; the simulator knows every worker's own)
         self.round_weights: dict[int, float] = {}
+        self._members = tuple(w.id for w in workers)  # the last recorded round's
 
     # --- a round's pieces ------------------------------------------------------------------
 
@@ -312,6 +316,19 @@ class Engine:
                 self.algorithm.restart(w, settled=True)
         else:
             self.start_sync(group, workers, observers).wait()
+            if self.algorithm.final_merge and workers[0].steps >= self.bounds[-1]:
+                self.merge(group, workers)
+
+    def merge(self, group: Group, workers: list[Worker]) -> None:
+        """The single final merge of a gossip run: every member's global parameters
+        averaged exactly (fp32, the all-reduce's bytes counted), loaded by every member."""
+        state = {w.id: self.algorithm.global_state(w) for w in workers}
+        merged = group.start_all_reduce(state, codecs={w.id: self._exact for w in workers},
+                                        tag="final-merge", native=self._native).wait()
+        with torch.no_grad():
+            for w in workers:
+                w.global_params.copy_(merged[w.id])
+                w.load_flat(w.global_params.detach())
 
     def issue_overlapped(self) -> None:
         """After a committed round of an overlapped algorithm: its sync is issued in the
@@ -384,7 +401,11 @@ class Engine:
         for w in workers:
             flat = w.flat_buffers()
             if flat is not None:
-                plans[w.id].append(Contribution(flat, plans[w.id][0].weight, tag="buffers"))
+                first = plans[w.id][0]
+                plans[w.id].append(
+                    dataclasses.replace(first, tensor=flat, tag="buffers")
+                    if first.collective == "neighbours"
+                    else Contribution(flat, first.weight, tag="buffers"))
         count = len(plans[workers[0].id])
         r, attack = self.round, self.attack
         claims = [None] * count
@@ -413,7 +434,12 @@ class Engine:
                 rules = self.aggregators
                 if attack is not None:  # a lying shard owner
                     rules = {w.id: attack.rule(w.id, r, rule_of(rules, w.id)) for w in workers}
-                if first.collective == "all_gather" or self.whole_vector:
+                if first.collective == "neighbours":
+                    works.append(start_neighbours(
+                        group, tensors, codecs=codecs, tag=first.tag, steps=first.steps,
+                        rows={wid: c.mixing for wid, c in items.items()},
+                        send_to={wid: c.send_to for wid, c in items.items()}))
+                elif first.collective == "all_gather" or self.whole_vector:
                     works.append(group.start_all_gather(
                         tensors, codecs=codecs, aggregator=rules, weights=weights,
                         tag=first.tag, claims=claims[k]))
@@ -461,20 +487,49 @@ class Engine:
         return steps.stop // every > steps.start // every or r == self.rounds - 1
 
     @torch.no_grad()
-    def evaluate(self, worker: Worker, step: int) -> dict:
-        """The task's metrics of ``worker``'s global state (parameters and buffers)."""
+    def evaluate(self, worker: Worker, step: int, members: tuple[int, ...] | None = None
+                 ) -> dict:
+        """The task's metrics of ``worker``'s global state (parameters and buffers). Without
+        shared parameters (gossip): of the average of the ``members``' global states (default:
+        every local worker), with ``loss_own``, the mean eval loss of a fixed sample of the
+        workers' own (:func:`~islands.engine.consensus.own_sample`), and the
+        ``consensus_distance``."""
+        if self.algorithm.shares_parameters:
+            metrics = self._metrics(self.algorithm.global_state(worker), worker.global_buffers)
+        else:
+            metrics = self._gossip_metrics(self.local(members or [w.id for w in self.workers]))
+        return {"step": step, "worker": worker.id, **metrics,
+                "bytes_sent_per_worker": self.sent_per_worker(),
+                "virtual_time_s": self.clock.makespan_s}
+
+    def _metrics(self, params: torch.Tensor, buffers: torch.Tensor | None) -> dict:
         m = self.eval_model
-        copy_into(self.algorithm.global_state(worker), [p for p in m.parameters()
-                                                        if p.requires_grad])
-        if worker.global_buffers is not None:
-            copy_into(worker.global_buffers, persistent_buffers(m))
+        copy_into(params, [p for p in m.parameters() if p.requires_grad])
+        if buffers is not None:
+            copy_into(buffers, persistent_buffers(m))
         m.eval()
         metrics = self.evaluator(m)
         if "eval_loss" not in metrics:
             raise ValueError(f"evaluate() must return 'eval_loss' (got {sorted(metrics)})")
-        return {"step": step, "worker": worker.id, **{k: float(v) for k, v in metrics.items()},
-                "bytes_sent_per_worker": self.sent_per_worker(),
-                "virtual_time_s": self.clock.makespan_s}
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _gossip_metrics(self, workers: list[Worker]) -> dict:
+        alg = self.algorithm
+        metrics = self._metrics(consensus.average(alg, workers), _mean_buffers(workers))
+        sample = consensus.own_sample(self.cfg.seed, self.cfg.workers,
+                                      tuple(w.id for w in workers))
+        own = [self._metrics(alg.global_state(w), w.global_buffers)["eval_loss"]
+               for w in self.local(sample)]
+        return {**metrics, "loss_own": sum(own) / len(own),
+                "consensus_distance": consensus.distance(alg, workers)}
+
+    def final_params(self, worker: Worker) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The run's result: ``worker``'s global parameters and buffers (flat), or, without
+        shared parameters (gossip), the average of the last round's members'."""
+        if self.algorithm.shares_parameters:
+            return self.algorithm.global_state(worker), worker.global_buffers
+        members = self.local(self._members)
+        return consensus.average(self.algorithm, members), _mean_buffers(members)
 
     @torch.no_grad()
     def final_state(self, worker: Worker) -> dict[str, torch.Tensor]:
@@ -482,10 +537,10 @@ class Engine:
         (every name, frozen parameters included; on the CPU; no two entries share memory, so
         tied weights appear under each name)."""
         model = copy.deepcopy(self.eval_model if self.eval_model is not None else worker.model)
-        copy_into(self.algorithm.global_state(worker),
-                  [p for p in model.parameters() if p.requires_grad])
-        if worker.global_buffers is not None:
-            copy_into(worker.global_buffers, persistent_buffers(model))
+        params, buffers = self.final_params(worker)
+        copy_into(params, [p for p in model.parameters() if p.requires_grad])
+        if buffers is not None:
+            copy_into(buffers, persistent_buffers(model))
         return {k: v.detach().to("cpu", copy=True).contiguous()
                 for k, v in model.state_dict().items()}
 
@@ -537,10 +592,14 @@ class Engine:
             self._keep_train_point(self._last_point)
         point = None
         local = self.local(members)
+        self._members = tuple(members)
+        if not self.algorithm.shares_parameters and local:  # every round, cheap
+            extra = {"consensus_distance": consensus.distance(self.algorithm, local),
+                     **(extra or {})}
         due = self.eval_due(r) if due is None else due
         if evaluate and self.evaluator is not None and local and due:
             fresh = next((w for w in local if losses.get(w.id)), local[0])
-            point = {**self.evaluate(fresh, step), "virtual_time_s": at_s}
+            point = {**self.evaluate(fresh, step, tuple(members)), "virtual_time_s": at_s}
             self.curve.append(point)
         for w in local:
             self.peak_round_sent = max(self.peak_round_sent,
@@ -609,11 +668,15 @@ class Engine:
             "idle_s_by_worker": [max(0.0, span - clock.compute_s[i] - clock.comm_s[i])
                                  for i in ids],
             "peak_round_bytes_sent": self.peak_round_sent,
+            **({"busiest_link_bytes": max(links.values(), default=0)}
+               if (links := getattr(t, "link_bytes", None)) is not None else {}),
             "comm_exposed_s_by_worker": [clock.comm_s[i] for i in ids],
             "comm_hidden_s_by_worker": [clock.hidden_s[i] for i in ids],
             "eval_curve": self.curve,
             "train_curve": self.train_points(),
             **self.judge.summary(),
+            **({"topology": describe()}
+               if (describe := getattr(self.algorithm, "describe", None)) else {}),
             "wall_time_s": wall_s, "seed": cfg.seed,
             "threads": torch.get_num_threads(),
         }
@@ -678,6 +741,13 @@ class Engine:
                       "eval_loss": self.curve[-1]["eval_loss"] if self.curve else None,
                       "bytes_sent_per_worker": self.sent_per_worker()})
         return point
+
+
+def _mean_buffers(workers: list[Worker]) -> torch.Tensor | None:
+    """The mean of the workers' committed buffers (None: the model has none)."""
+    if workers[0].global_buffers is None:
+        return None
+    return torch.stack([w.global_buffers.float() for w in workers]).mean(0)
 
 
 def _plain(sync_every):

@@ -192,7 +192,7 @@ class Simulation:
             summary["banned"] = driver.banned
         algorithm, workers = engine.algorithm, self.workers
         final = workers[engine.curve[-1]["worker"]]
-        self.final_params = algorithm.global_state(final).clone()
+        self.final_params = engine.final_params(final)[0].clone()
         self.final_state = engine.final_state(final)  # what final.safetensors holds
         self.shared_states = [algorithm.shared_state(w) for w in workers]
         gone = {b["worker"] for b in driver.banned}

@@ -18,6 +18,7 @@ sender goes on at once, a receiver waits for it only at :meth:`VirtualClock.awai
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -194,6 +195,8 @@ class SimTransport(Transport):
         self.clock = clock
         self.bytes_sent = [0] * workers
         self.bytes_received = [0] * workers
+        # {(sender, receiver): bytes}: what crossed each directed link (the busiest one)
+        self.link_bytes: collections.Counter = collections.Counter()
         self._posting = False
 
     @property
@@ -216,6 +219,7 @@ class SimTransport(Transport):
             if src != dst:
                 sent[src] += msg.nbytes
                 received[dst] += msg.nbytes
+                self.link_bytes[(src, dst)] += msg.nbytes
         for m in members:
             self.bytes_sent[m] += sent[m]
             self.bytes_received[m] += received[m]
@@ -233,6 +237,7 @@ class SimTransport(Transport):
         ledger and charged to both as a blocking exchange."""
         self.bytes_sent[src] += nbytes
         self.bytes_received[dst] += nbytes
+        self.link_bytes[(src, dst)] += nbytes
         self.clock.barrier((src, dst), self._duration({src: nbytes, dst: 0},
                                                       {src: 0, dst: nbytes}))
 

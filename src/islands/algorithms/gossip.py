@@ -1,0 +1,209 @@
+"""Gossip: no global collective, each worker averages with its neighbours on a topology.
+
+* **Decentralized SGD** (D-PSGD, Lian et al. 2017, "Can Decentralized Algorithms Outperform
+  Centralized Algorithms?"): every ``sync_every`` inner steps (default 1) each worker's
+  parameters become its row of the mixing matrix applied to its neighbours' parameters,
+  ``x_i ← Σ_j W_ij x_j``. On a complete graph with uniform weights, one gossip step and plain
+  SGD this is DDP's update exactly (up to float rounding).
+* **Gossip DiLoCo**: DiLoCo's rounds with neighbour averaging in place of the all-reduce. Each
+  worker keeps its own global parameters ``θ_i`` and outer optimizer; after its ``H`` inner
+  steps it sends ``[Δ_i, θ_i]`` (its pseudo-gradient and its global parameters) to its
+  neighbours, mixes both with its row, ``Δ̄_i = Σ_j W_ij Δ_j`` and ``θ̄_i = Σ_j W_ij θ_j``,
+  and takes its outer step from ``θ̄_i`` with ``Δ̄_i``. Mixing the global parameters too is
+  what pulls the workers together; it doubles the bytes of each message.
+
+Both take several gossip steps per round (``gossip_steps``: ``W^k``, DFedSAM-MGS) and an
+optional single exact average of every worker's global parameters after the last round
+(``final_merge``, "A Single Merging Suffices"). Neither has shared state: each worker's
+parameters are its own, so the run evaluates their average and reports the consensus
+distance (the engine does; ``shares_parameters = False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from islands.algorithms.base import Algorithm, Contribution, Worker
+from islands.algorithms.outer import OuterConfig, outer_factory
+from islands.algorithms.schedule import SyncEvery, sync_every_setting
+from islands.collectives.topology import Topology
+from islands.core.registry import register
+from islands.core.sections import AlgorithmConfig, check
+
+OuterFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class _Gossip(Algorithm):
+    """What both gossip algorithms share: the round's topology among its members, and a
+    contribution mixed over it."""
+
+    shares_parameters = False
+
+    def __init__(self, sync_every: SyncEvery, *, topology: Topology, gossip_steps: int = 1,
+                 final_merge: bool = False) -> None:
+        super().__init__(sync_every)
+        if gossip_steps < 1:
+            raise ValueError(f"gossip_steps ({gossip_steps}) must be >= 1")
+        self.topology, self.gossip_steps = topology, gossip_steps
+        self.final_merge = final_merge
+        self._round, self._members = 0, ()
+
+    def begin_round(self, group, workers: list[Worker], round: int) -> None:
+        self._round, self._members = round, tuple(group.members)
+
+    def _mixed(self, worker: Worker, tensor: torch.Tensor, tag: str) -> Contribution:
+        r, members = self._round, self._members
+        return Contribution(tensor, tag=tag, collective="neighbours",
+                            mixing=self.topology.rows(r, members)[worker.id],
+                            send_to=self.topology.receivers(r, worker.id, members),
+                            steps=self.gossip_steps)
+
+    def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
+        return {}  # each worker's parameters are its own
+
+    def describe(self) -> dict:
+        """The topology's facts for ``summary.json``."""
+        return self.topology.describe(self._members)
+
+
+class DSGD(_Gossip):
+    """Decentralized SGD: local steps, then parameters mixed with the neighbours'."""
+
+    name = "dsgd"
+
+    def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
+                   ) -> list[Contribution]:
+        return [self._mixed(worker, worker.flat_params(), "parameters")]
+
+    @torch.no_grad()
+    def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
+        worker.global_params = reduced[0].clone()
+        worker.load_flat(worker.global_params)
+        worker.samples = 0
+
+
+class GossipDiLoCo(_Gossip):
+    """DiLoCo with neighbour averaging of the pseudo-gradients and global parameters."""
+
+    name = "gossip_diloco"
+
+    def __init__(self, sync_every: SyncEvery, *, topology: Topology, outer: OuterFactory,
+                 gossip_steps: int = 1, final_merge: bool = False) -> None:
+        super().__init__(sync_every, topology=topology, gossip_steps=gossip_steps,
+                         final_merge=final_merge)
+        self.outer_factory = outer
+
+    def attach(self, worker: Worker) -> None:
+        worker.global_params = nn.Parameter(worker.flat_params().clone())
+        worker.outer = self.outer_factory([worker.global_params])
+
+    def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
+                   ) -> list[Contribution]:
+        theta = worker.global_params.detach()
+        return [self._mixed(worker, torch.cat([theta - worker.flat_params(), theta]),
+                            "pseudo-gradient+global")]
+
+    def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
+        n = worker.global_params.numel()
+        delta, theta = reduced[0][:n], reduced[0][n:]
+        with torch.no_grad():
+            worker.global_params.copy_(theta)
+        worker.global_params.grad = delta
+        worker.outer.step()
+        worker.global_params.grad = None
+        worker.load_flat(worker.global_params.detach())
+        worker.samples = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopologyConfig:
+    """``[topology]``: the graph gossip algorithms mix over (:mod:`islands.collectives.topology`).
+
+    Attributes:
+        name: ``"ring"``, ``"torus"``, ``"exponential"``, ``"regular"``,
+            ``"barabasi_albert"``, ``"complete"``, or a time-varying one: ``"matching"`` (a
+            new random matching every round), ``"one_peer_exponential"``.
+        degree: a random regular graph's degree (default 3), Barabási-Albert's edges per new
+            node (default 2); None: the default.
+        seed: the random graphs' seed (None: the run's).
+        time_varying: redraw a random graph every round (None: only the time-varying names).
+        gossip_steps: gossip steps per round (each one exchange with the neighbours).
+    """
+
+    name: str = "ring"
+    degree: int | None = None
+    seed: int | None = None
+    time_varying: bool | None = None
+    gossip_steps: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.gossip_steps >= 1, "topology.gossip_steps", self.gossip_steps,
+              "must be >= 1")
+        self.build(0)  # the name, degree and time_varying are checked here
+
+    def build(self, run_seed: int) -> Topology:
+        return Topology(self.name, degree=self.degree,
+                        seed=run_seed if self.seed is None else self.seed,
+                        time_varying=self.time_varying)
+
+
+@register("algorithm", "dsgd", sections={"topology": TopologyConfig})
+@dataclass(frozen=True, kw_only=True)
+class DSGDConfig(AlgorithmConfig):
+    """``[algorithm] name = "dsgd"``: decentralized SGD over ``[topology]``.
+
+    Attributes:
+        sync_every: inner steps between gossip exchanges (1: D-PSGD; more: gossip local SGD).
+        final_merge: average every worker's parameters exactly once, after the last round.
+    """
+
+    name: str = "dsgd"
+    sync_every: int | tuple[tuple[int, int], ...] = 1
+    final_merge: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
+
+    def build(self, run, aggregator) -> DSGD:
+        _plain_mean(run)
+        return DSGD(self.sync_every, topology=run.topology.build(run.seed),
+                    gossip_steps=run.topology.gossip_steps, final_merge=self.final_merge)
+
+
+@register("algorithm", "gossip_diloco", sections={"outer": OuterConfig,
+                                                  "topology": TopologyConfig})
+@dataclass(frozen=True, kw_only=True)
+class GossipDiLoCoConfig(AlgorithmConfig):
+    """``[algorithm] name = "gossip_diloco"``: DiLoCo over ``[topology]``, outer optimizer
+    ``[outer]`` (each worker its own).
+
+    Attributes:
+        sync_every: inner steps per round (H).
+        final_merge: average every worker's global parameters exactly once, after the last
+            round.
+    """
+
+    name: str = "gossip_diloco"
+    sync_every: int | tuple[tuple[int, int], ...] = 50
+    final_merge: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
+
+    def build(self, run, aggregator) -> GossipDiLoCo:
+        _plain_mean(run)
+        return GossipDiLoCo(self.sync_every, topology=run.topology.build(run.seed),
+                            outer=outer_factory(run.outer),
+                            gossip_steps=run.topology.gossip_steps,
+                            final_merge=self.final_merge)
+
+
+def _plain_mean(run) -> None:
+    """Gossip mixes with the topology's weights: a robust rule would be ignored."""
+    check(run.aggregator.name == "mean", "aggregator.name", run.aggregator.name,
+          f"is not used by algorithm.name = {run.algorithm.name!r} (gossip mixes with the "
+          "topology's weights); remove it")

@@ -1,0 +1,85 @@
+"""Neighbour exchange: gossip over a topology, no global collective.
+
+Each member ``i`` sends its tensor, encoded once by its own codec, to the members that put
+weight on it, receives the tensors of the members it puts weight on, and ends with its row of
+the mixing matrix applied: ``x_i ← Σ_j W_ij x_j`` (decentralized SGD's averaging step, Lian et
+al. 2017). ``steps`` > 1 repeats the exchange on the mixed values (several gossip steps per
+round, DFedSAM-MGS): the result is row ``i`` of ``W^steps`` applied, at ``steps`` times the
+bytes.
+
+Bytes, per member and step: its encoded payload (plus a header of
+:data:`~islands.collectives.butterfly.MESSAGE_HEADER_BYTES`) once per receiver; nothing to or
+from anyone else. A member's own term uses its exact tensor (never decoded from its payload:
+only what crosses the wire loses precision). Sums run in ascending member order, so a member's
+result is the same in the simulator and over real processes. Every received payload is checked
+as the butterfly's are (:mod:`.checks`): a malformed or non-finite one is refused naming its
+sender.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from islands.codecs.base import Codec
+from islands.collectives.butterfly import MESSAGE_HEADER_BYTES, Group, Work
+from islands.collectives.checks import decode_checked, received, refuse_non_finite
+from islands.transports.base import Exchange, Message
+
+
+def start_neighbours(group: Group, contributions: dict[int, torch.Tensor], *,
+                     codecs: dict[int, Codec], rows: dict[int, dict[int, float]],
+                     send_to: dict[int, tuple[int, ...]], steps: int = 1,
+                     tag: str = "neighbours") -> Work:
+    """Mixes each local member's tensor with its neighbours' (``steps`` gossip steps).
+
+    Args:
+        group: the members (the local ones contribute; the others are peers of the wire).
+        contributions: {local member: 1-D tensor}, all of the same length.
+        codecs: {local member: its codec} (encodes what it sends, decodes what it receives).
+        rows: {local member i: {member j: W_ij}} (``j = i`` included; the row sums to 1).
+        send_to: {local member i: the members whose rows name i} (its receivers).
+        steps: gossip steps (each one exchange on the values the last one mixed).
+        tag: names the stream (keys codec state such as error-feedback residuals).
+
+    Returns:
+        A handle whose :meth:`~Work.wait` gives {local member: mixed tensor (fp32)}.
+    """
+    assert set(contributions) == set(group.local), (sorted(contributions), group.local)
+    assert steps >= 1, steps
+    values = {i: x.float() for i, x in contributions.items()}
+    for s in range(steps):
+        values = _step(group, values, codecs, rows, send_to, f"{tag}/{s}" if s else tag)
+    return Work(values)
+
+
+def _step(group: Group, values: dict[int, torch.Tensor], codecs: dict[int, Codec],
+          rows: dict[int, dict[int, float]], send_to: dict[int, tuple[int, ...]],
+          tag: str) -> dict[int, torch.Tensor]:
+    outgoing: dict[tuple[int, int], Message] = {}
+    for i, x in values.items():
+        to = [j for j in send_to[i] if j != i]
+        if to:
+            msg = Message(codecs[i].encode(x, key=f"w{i}/{tag}"), MESSAGE_HEADER_BYTES)
+            outgoing.update({(i, j): msg for j in to})
+    peers = set(group.local)
+    for i in group.local:
+        peers.update(rows[i], send_to[i])
+    members = tuple(m for m in group.members if m in peers)
+    pending = Exchange(group.transport.exchange(outgoing, members, phase=tag))
+    return {i: _mixed(pending, values, codecs[i], rows[i], i, tag) for i in group.local}
+
+
+def _mixed(pending: Exchange, values: dict[int, torch.Tensor], codec: Codec,
+           row: dict[int, float], me: int, tag: str) -> torch.Tensor:
+    """``Σ_j row[j] x_j`` in ascending ``j``; ``x_me`` exact, the others decoded and checked."""
+    own = values[me]
+    out = torch.zeros_like(own)
+    for j in sorted(row):
+        if j == me:
+            x = own
+        else:
+            x = torch.empty_like(own)
+            decode_checked(codec, received(pending, (j, me), tag).payload, x, 0, j, tag)
+            refuse_non_finite([x], (j,), tag)
+        out.add_(x, alpha=float(row[j]))
+    return out

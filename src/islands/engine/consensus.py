@@ -1,0 +1,45 @@
+"""What a run of workers that do not share parameters (gossip) reports in place of one global
+state: the average of the members' global parameters (what is evaluated, and what
+``final.safetensors`` holds), the consensus distance (the mean Euclidean distance of the
+members' global parameters to that average), and the evaluation of a fixed sample of the
+workers' own models.
+
+These need every member's parameters in this process: the simulator has them; the real
+runtime refuses gossip algorithms for now (``islands.runtime``).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from islands.algorithms import Algorithm, Worker
+from islands.core.seeding import derive_seed
+
+# how many workers' own models an evaluation of a gossip run also evaluates
+OWN_SAMPLE = 4
+
+
+def average(algorithm: Algorithm, workers: list[Worker]) -> torch.Tensor:
+    """The mean of the workers' global parameters (fp32, summed in id order)."""
+    total = torch.zeros_like(algorithm.global_state(workers[0]), dtype=torch.float32)
+    for w in sorted(workers, key=lambda w: w.id):
+        total.add_(algorithm.global_state(w).float())
+    return total.div_(len(workers))
+
+
+def distance(algorithm: Algorithm, workers: list[Worker]) -> float:
+    """The consensus distance: ``mean_i ||θ_i − θ̄||₂`` (0 when all agree)."""
+    mean = average(algorithm, workers)
+    return sum(float((algorithm.global_state(w).float() - mean).norm())
+               for w in workers) / len(workers)
+
+
+def own_sample(seed: int, n_workers: int, members: tuple[int, ...]) -> list[int]:
+    """The workers whose own models an evaluation also evaluates: a sample of
+    :data:`OWN_SAMPLE` drawn once from the seed, those of them still members (or the first
+    member, if none is)."""
+    drawn = random.Random(derive_seed(seed, "own-eval")).sample(
+        range(n_workers), min(OWN_SAMPLE, n_workers))
+    return sorted(w for w in drawn if w in members) or [min(members)]

@@ -1,0 +1,109 @@
+"""Gossip algorithms in the simulator: decentralized SGD and gossip DiLoCo mix over a topology,
+each worker exchanges only with its neighbours, the final merge averages exactly, and the run
+reports the average model, the workers' own and the consensus distance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from islands.algorithms import check_algorithm
+from islands.codecs.base import Encoded
+from islands.codecs.cast import Identity
+from islands.collectives.butterfly import Group
+from islands.collectives.neighbours import start_neighbours
+from islands.core.errors import ConfigError, PeerRefused
+from islands.runtime.member import refuse_simulator_only
+from islands.sim.runner import Simulation
+from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
+from tests.conftest import tiny_config
+
+BASE = ("workers=4", "steps=12", "eval_every=6", "inner.optimizer='sgd'", "inner.lr=0.05",
+        "inner.warmup_steps=0", "inner.grad_clip=none")
+
+
+def _run(*sets):
+    sim = Simulation(tiny_config(*BASE, *sets))
+    return sim, sim.run()
+
+
+def test_dsgd_on_a_complete_graph_with_plain_sgd_equals_ddp_up_to_rounding():
+    ddp, _ = _run("algorithm.name=ddp")
+    dsgd, s = _run("algorithm.name=dsgd", "topology.name=complete")
+    assert torch.allclose(dsgd.final_params, ddp.final_params, rtol=0, atol=1e-5)
+    assert s["final_eval_loss"] < s["eval_curve"][0]["eval_loss"]  # it trained
+    assert s["topology"]["spectral_gap"] == pytest.approx(1.0)
+    assert s["final_eval_consensus_distance"] < 1e-5  # all alike after each full average
+
+
+def _exchange(n, rows, send_to, tensors, steps=1):
+    transport = SimTransport(n, NetworkModel(), VirtualClock(n))
+    group = Group(transport, tuple(range(n)))
+    work = start_neighbours(group, tensors, codecs={i: Identity() for i in range(n)},
+                            rows=rows, send_to=send_to, steps=steps)
+    return transport, work.wait()
+
+
+def test_a_neighbour_exchange_applies_each_row_and_sends_only_to_receivers():
+    n = 4  # a ring, weights 1/3
+    rows = {i: {j: 1 / 3 for j in ((i - 1) % n, i, (i + 1) % n)} for i in range(n)}
+    send_to = {i: ((i - 1) % n, (i + 1) % n) for i in range(n)}
+    xs = {i: torch.full((5,), float(i)) for i in range(n)}
+    transport, out = _exchange(n, rows, send_to, xs)
+    for i in range(n):
+        want = sum(xs[j] * w for j, w in sorted(rows[i].items()))
+        assert torch.allclose(out[i], want)
+    assert set(transport.link_bytes) == {(i, j) for i in range(n) for j in send_to[i]}
+    assert len(set(transport.bytes_sent)) == 1 and transport.bytes_sent[0] == 2 * (20 + 16)
+    _, twice = _exchange(n, rows, send_to, xs, steps=2)  # W^2: two exchanges
+    w = torch.tensor([[rows[i].get(j, 0.0) for j in range(n)] for i in range(n)])
+    x = torch.stack([xs[i] for i in range(n)])
+    assert torch.allclose(torch.stack([twice[i] for i in range(n)]), w @ w @ x)
+
+
+def test_a_non_finite_neighbour_is_refused_by_name():
+    n = 3
+    rows = {i: {j: 1 / 3 for j in range(n)} for i in range(n)}
+    send_to = {i: tuple(j for j in range(n) if j != i) for i in range(n)}
+    xs = {i: torch.ones(4) for i in range(n)}
+    xs[2][1] = float("nan")
+    codecs = {i: Identity() for i in range(n)}
+    # worker 2 skips its own encoder's check and sends the NaN as it is
+    codecs[2].encode = lambda x, key=None: Encoded({"values": x.clone()}, numel=x.numel())
+    group = Group(SimTransport(n, NetworkModel(), VirtualClock(n)), tuple(range(n)))
+    with pytest.raises(PeerRefused, match="worker 2"):
+        start_neighbours(group, xs, codecs=codecs, rows=rows, send_to=send_to)
+
+
+def test_gossip_diloco_on_a_ring_with_a_final_merge_ends_with_one_model():
+    sim, s = _run("algorithm.name=gossip_diloco", "algorithm.sync_every=4",
+                  "topology.name=ring", "algorithm.final_merge=true", "inner.optimizer='adamw'",
+                  "inner.lr=3e-3")
+    states = [w.global_params.detach() for w in sim.workers]
+    assert all(torch.equal(states[0], x) for x in states[1:])
+    assert s["final_eval_consensus_distance"] == 0.0
+    assert s["final_eval_loss"] == pytest.approx(s["final_eval_loss_own"], abs=1e-6)
+    assert s["final_eval_loss"] < s["eval_curve"][0]["eval_loss"]
+    # each worker sent [Δ, θ] to its two neighbours each round, plus the merge's all-reduce
+    assert s["topology"]["name"] == "ring" and s["topology"]["max_degree"] == 2
+    assert s["busiest_link_bytes"] > 0
+
+
+def test_without_a_merge_the_workers_own_models_differ_and_the_distance_is_reported():
+    sim, s = _run("algorithm.name=gossip_diloco", "algorithm.sync_every=4",
+                  "topology.name=ring", "inner.optimizer='adamw'", "inner.lr=3e-3")
+    states = [w.global_params.detach() for w in sim.workers]
+    assert not torch.equal(states[0], states[2])
+    assert s["final_eval_consensus_distance"] > 0
+    assert {"final_eval_loss", "final_eval_loss_own"} <= set(s)
+    avg = torch.stack(states).mean(0)
+    assert torch.allclose(sim.final_params, avg, atol=1e-6)  # final.safetensors: the average
+
+
+def test_gossip_settings_are_checked_and_refused_on_real_processes():
+    with pytest.raises(ConfigError, match="aggregator.name"):
+        check_algorithm(tiny_config("algorithm.name=dsgd", "aggregator.name=median"))
+    with pytest.raises(ConfigError, match="topology.gossip_steps"):
+        tiny_config("algorithm.name=dsgd", "topology.gossip_steps=0")
+    with pytest.raises(ConfigError, match="simulator only"):
+        refuse_simulator_only(tiny_config("algorithm.name=gossip_diloco"))
