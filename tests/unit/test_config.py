@@ -41,10 +41,10 @@ def test_int_accepted_for_float_and_resolved_config_roundtrips():
     ("algorithm.sync_every=0", "algorithm.sync_every (0) must be >= 1"),
     ("algorithm.name=adam",
      "algorithm.name ('adam') must be one of ['async_local_sgd', 'ddp', 'diloco', 'dsgd', "
-     "'gossip_diloco', 'local_sgd', 'sparseloco', 'streaming_diloco']"),
+     "'gossip_diloco', 'local_sgd', 'modest', 'sparseloco', 'streaming_diloco']"),
     ("algorithm.name=dilco",
      "must be one of ['async_local_sgd', 'ddp', 'diloco', 'dsgd', 'gossip_diloco', "
-     "'local_sgd', 'sparseloco', 'streaming_diloco'] "
+     "'local_sgd', 'modest', 'sparseloco', 'streaming_diloco'] "
      "(did you mean "
      "'diloco'?)"),
     ("workers=two", "workers ('two') must be int"),

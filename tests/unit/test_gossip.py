@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from islands.algorithms import check_algorithm
+from islands.algorithms import LocalSGD, check_algorithm
+from islands.algorithms.gossip import SENDS
 from islands.codecs.base import Encoded
 from islands.codecs.cast import Identity
 from islands.collectives.butterfly import Group
@@ -75,18 +76,24 @@ def test_a_non_finite_neighbour_is_refused_by_name():
         start_neighbours(group, xs, codecs=codecs, rows=rows, send_to=send_to)
 
 
-def test_gossip_diloco_on_a_ring_with_a_final_merge_ends_with_one_model():
+@pytest.mark.parametrize("send", SENDS)
+def test_gossip_diloco_on_a_ring_with_a_final_merge_ends_with_one_model(send):
     sim, s = _run("algorithm.name=gossip_diloco", "algorithm.sync_every=4",
                   "topology.name=ring", "algorithm.final_merge=true", "inner.optimizer='adamw'",
-                  "inner.lr=3e-3")
+                  "inner.lr=3e-3", f"algorithm.send={send}")
     states = [w.global_params.detach() for w in sim.workers]
     assert all(torch.equal(states[0], x) for x in states[1:])
     assert s["final_eval_consensus_distance"] == 0.0
     assert s["final_eval_loss"] == pytest.approx(s["final_eval_loss_own"], abs=1e-6)
     assert s["final_eval_loss"] < s["eval_curve"][0]["eval_loss"]
-    # each worker sent [Δ, θ] to its two neighbours each round, plus the merge's all-reduce
+    # each worker sent its vector (two with "both") to its two neighbours each round (3
+    # rounds), then the merge's all-reduce of one vector (2 * 3/4 of it, in 4 shards)
+    numel, shard = s["params"] * (2 if send == "both" else 1), s["params"] // 4
+    assert s["params"] % 4 == 0  # equal shards: the sums below are exact
+    assert s["bytes_sent_by_worker"] == [3 * 2 * (4 * numel + 16) + 2 * 3 * (4 * shard + 16)] * 4
     assert s["topology"]["name"] == "ring" and s["topology"]["max_degree"] == 2
-    assert s["busiest_link_bytes"] > 0
+    # a ring link: 3 gossip messages, then the merge's shard each way of the butterfly
+    assert s["busiest_link_bytes"] == 3 * (4 * numel + 16) + 2 * (4 * shard + 16)
 
 
 def test_without_a_merge_the_workers_own_models_differ_and_the_distance_is_reported():
@@ -107,3 +114,29 @@ def test_gossip_settings_are_checked_and_refused_on_real_processes():
         tiny_config("algorithm.name=dsgd", "topology.gossip_steps=0")
     with pytest.raises(ConfigError, match="simulator only"):
         refuse_simulator_only(tiny_config("algorithm.name=gossip_diloco"))
+
+
+def test_modest_keeps_training_when_80_percent_of_the_workers_stop_answering_mid_run():
+    """10 workers, 2 drawn per round; 8 of them crash at round 3 of 8, the round's whole
+    sample among them (that round is lost). The sample is then drawn from the two left, who go
+    on from the newest model one of them holds: no hang, and the loss falls again."""
+    gone = [w for w in range(10) if w not in (3, 7)]
+    crashes = ", ".join("{kind='crash', worker=%d, round=3}" % w for w in gone)
+    sim, s = _run("workers=10", "steps=32", "eval_every=4", "algorithm.name=modest",
+                  "algorithm.sync_every=4", "algorithm.sample_fraction=0.2",
+                  "inner.optimizer='adamw'", "inner.lr=3e-3", f"faults=[{crashes}]")
+    assert sim.live == [3, 7] and s["rounds"] == 8
+    curve = {p["step"]: p["eval_loss"] for p in s["eval_curve"]}
+    assert 16 not in curve  # round 3: every participant crashed before the sync
+    after = [curve[step] for step in (20, 24, 28, 32)]
+    assert after == sorted(after, reverse=True) and after[-1] < curve[0]
+
+
+def test_modest_refreshes_a_new_sample_from_the_newest_holders_left():
+    a = LocalSGD(4, participation=0.5, remember=True)
+    draws = {0: (0, 1), 1: (2, 3), 2: (4, 5)}
+    a.participants = lambda r, members: draws[r]
+    assert a.refresh(0, tuple(range(6))) is None
+    assert a.refresh(1, tuple(range(6))) == (0, (2, 3))
+    # the whole last sample is gone: the one before it holds the newest state left
+    assert a.refresh(2, (0, 1, 4, 5)) == (0, (4, 5))

@@ -6,11 +6,17 @@
   ``x_i ← Σ_j W_ij x_j``. On a complete graph with uniform weights, one gossip step and plain
   SGD this is DDP's update exactly (up to float rounding).
 * **Gossip DiLoCo**: DiLoCo's rounds with neighbour averaging in place of the all-reduce. Each
-  worker keeps its own global parameters ``θ_i`` and outer optimizer; after its ``H`` inner
-  steps it sends ``[Δ_i, θ_i]`` (its pseudo-gradient and its global parameters) to its
-  neighbours, mixes both with its row, ``Δ̄_i = Σ_j W_ij Δ_j`` and ``θ̄_i = Σ_j W_ij θ_j``,
-  and takes its outer step from ``θ̄_i`` with ``Δ̄_i``. Mixing the global parameters too is
-  what pulls the workers together; it doubles the bytes of each message.
+  worker keeps its own global parameters ``θ_i`` and outer optimizer. What crosses the wire
+  (``send``):
+
+  - ``"local"`` (one vector): its parameters after the inner steps, ``θ_i^loc``. It takes its
+    outer step from ``θ_i`` with ``Δ̄_i = θ_i − Σ_j W_ij θ_j^loc = Σ_j W_ij Δ_j +
+    Σ_j W_ij (θ_i − θ_j)``: the neighbours' pseudo-gradients averaged, plus a pull toward
+    their global parameters.
+  - ``"both"`` (two vectors): ``[Δ_i, θ_i]``, both mixed with its row, and the outer step
+    taken from ``θ̄_i = Σ_j W_ij θ_j`` with ``Δ̄_i = Σ_j W_ij Δ_j``, at twice the bytes.
+  - ``"stepped"`` (one vector; adapt, then combine): it takes its own outer step with its own
+    ``Δ_i`` as it contributes, sends the result ``θ_i⁺`` and keeps ``Σ_j W_ij θ_j⁺``.
 
 Both take several gossip steps per round (``gossip_steps``: ``W^k``, DFedSAM-MGS) and an
 optional single exact average of every worker's global parameters after the last round
@@ -92,10 +98,12 @@ class GossipDiLoCo(_Gossip):
     name = "gossip_diloco"
 
     def __init__(self, sync_every: SyncEvery, *, topology: Topology, outer: OuterFactory,
-                 gossip_steps: int = 1, final_merge: bool = False) -> None:
+                 send: str = "local", gossip_steps: int = 1, final_merge: bool = False) -> None:
         super().__init__(sync_every, topology=topology, gossip_steps=gossip_steps,
                          final_merge=final_merge)
-        self.outer_factory = outer
+        if send not in SENDS:
+            raise ValueError(f"send ({send!r}) must be one of {SENDS}")
+        self.outer_factory, self.send = outer, send
 
     def attach(self, worker: Worker) -> None:
         worker.global_params = nn.Parameter(worker.flat_params().clone())
@@ -103,20 +111,37 @@ class GossipDiLoCo(_Gossip):
 
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:
+        if self.send == "local":
+            return [self._mixed(worker, worker.flat_params(), "parameters")]
         theta = worker.global_params.detach()
+        if self.send == "stepped":  # its own outer step now; the sync mixes the results
+            self._outer_step(worker, theta - worker.flat_params())
+            return [self._mixed(worker, theta.clone(), "parameters")]
         return [self._mixed(worker, torch.cat([theta - worker.flat_params(), theta]),
                             "pseudo-gradient+global")]
 
     def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
-        n = worker.global_params.numel()
-        delta, theta = reduced[0][:n], reduced[0][n:]
-        with torch.no_grad():
-            worker.global_params.copy_(theta)
+        if self.send == "local":
+            self._outer_step(worker, worker.global_params.detach() - reduced[0])
+        elif self.send == "both":
+            n = worker.global_params.numel()
+            with torch.no_grad():
+                worker.global_params.copy_(reduced[0][n:])
+            self._outer_step(worker, reduced[0][:n])
+        else:
+            with torch.no_grad():
+                worker.global_params.copy_(reduced[0])
+        worker.load_flat(worker.global_params.detach())
+        worker.samples = 0
+
+    @staticmethod
+    def _outer_step(worker: Worker, delta: torch.Tensor) -> None:
         worker.global_params.grad = delta
         worker.outer.step()
         worker.global_params.grad = None
-        worker.load_flat(worker.global_params.detach())
-        worker.samples = 0
+
+
+SENDS = ("local", "both", "stepped")  # what gossip DiLoCo sends its neighbours
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,21 +208,28 @@ class GossipDiLoCoConfig(AlgorithmConfig):
 
     Attributes:
         sync_every: inner steps per round (H).
+        send: what each worker sends its neighbours: ``"local"`` (its parameters after the
+            inner steps: one vector), ``"both"`` (its pseudo-gradient and its global
+            parameters: two vectors) or ``"stepped"`` (its global parameters after its own
+            outer step: one vector); see :mod:`islands.algorithms.gossip`.
         final_merge: average every worker's global parameters exactly once, after the last
             round.
     """
 
     name: str = "gossip_diloco"
     sync_every: int | tuple[tuple[int, int], ...] = 50
+    send: str = "local"
     final_merge: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
+        check(self.send in SENDS, "algorithm.send", self.send,
+              f"must be one of {', '.join(repr(x) for x in SENDS)}")
 
     def build(self, run, aggregator) -> GossipDiLoCo:
         _plain_mean(run)
         return GossipDiLoCo(self.sync_every, topology=run.topology.build(run.seed),
-                            outer=outer_factory(run.outer),
+                            outer=outer_factory(run.outer), send=self.send,
                             gossip_steps=run.topology.gossip_steps,
                             final_merge=self.final_merge)
 

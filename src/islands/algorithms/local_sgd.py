@@ -31,13 +31,18 @@ class LocalSGD(Algorithm):
         weighting: ``"samples"`` (samples trained this round), ``"dataset"`` (partition
             size, FedAvg's n_k) or ``"uniform"``.
         seed: draws the participants of each round.
+        remember: refresh stale workers from a worker this process saw drawn for the last
+            round, among the members still there (MoDeST; the simulator, which sees every
+            round), rather than from the last round's draw recomputed over the current
+            members (what every process of a real run computes alike, even a joiner).
         aggregator: combines each shard's parameters (default: the weighted mean).
     """
 
     name = "local_sgd"
 
     def __init__(self, sync_every: int, *, participation: float = 1.0,
-                 weighting: str = "samples", seed: int = 0, **kwargs) -> None:
+                 weighting: str = "samples", seed: int = 0, remember: bool = False,
+                 **kwargs) -> None:
         super().__init__(sync_every, **kwargs)
         if not 0 < participation <= 1:
             raise ValueError(f"participation ({participation}) must be in (0, 1]")
@@ -46,6 +51,9 @@ class LocalSGD(Algorithm):
         self.participation = participation
         self.weighting = weighting
         self.seed = seed
+        self.remember = remember
+        self._drawn: tuple[int, ...] = ()  # remember: the last round's participants
+        self._holders: tuple[int, ...] = ()  # remember: who holds the latest global state
 
     def participants(self, round: int, workers: tuple[int, ...]) -> tuple[int, ...]:
         if self.participation >= 1.0 or round < 0:
@@ -57,12 +65,19 @@ class LocalSGD(Algorithm):
     def refresh(self, round: int, members: tuple[int, ...]
                 ) -> tuple[int, tuple[int, ...]] | None:
         """Workers drawn for ``round`` after sitting the last one out receive the global
-        state from the first worker of the last round."""
-        if round == 0 or self.participation >= 1.0:
+        state from the first worker of the last round (``remember``: of the last sample
+        this process saw that is still there)."""
+        if self.participation >= 1.0:
             return None
-        previous = self.participants(round - 1, members)
-        stale = tuple(w for w in self.participants(round, members) if w not in previous)
-        return (previous[0], stale) if stale else None
+        now = self.participants(round, members)
+        if self.remember:  # the last sample, or, if none of it is left, the one before
+            self._holders = tuple(w for w in self._drawn if w in members) or self._holders
+            previous = tuple(w for w in self._holders if w in members)
+            self._drawn = now
+        else:
+            previous = self.participants(round - 1, members)
+        stale = tuple(w for w in now if w not in previous)
+        return (previous[0], stale) if round > 0 and stale and previous else None
 
     def weight(self, worker: Worker) -> float:
         if self.weighting == "samples":
@@ -115,3 +130,38 @@ class LocalSGDConfig(AlgorithmConfig):
     def build(self, run, aggregator) -> LocalSGD:
         return LocalSGD(self.sync_every, participation=self.participation,
                         weighting=self.weighting, seed=run.seed, aggregator=aggregator)
+
+
+@register("algorithm", "modest")
+@dataclass(frozen=True, kw_only=True)
+class MoDeSTConfig(AlgorithmConfig):
+    """``[algorithm] name = "modest"``: MoDeST (de Vos et al. 2023, "MoDeST: Bridging the Gap
+    between Federated and Decentralized Learning with Decentralized Sampling"). Each round a
+    random sample of the current members, drawn alike by all from the seed, trains and
+    averages among itself (its own all-reduce: no server); the others wait. A worker drawn
+    after sitting out first receives the model from a worker of the last round's sample that
+    is still there. Workers that stop answering leave the membership, and the sample is drawn
+    from those left. The simulator only, for now.
+
+    Attributes:
+        sync_every: inner steps per round (H).
+        sample_fraction: the fraction of the current members drawn each round (at least one).
+        weighting: as ``local_sgd``'s.
+    """
+
+    name: str = "modest"
+    sync_every: int | tuple[tuple[int, int], ...] = 50
+    sample_fraction: float = 0.25
+    weighting: Literal["samples", "dataset", "uniform"] = "samples"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
+        check(0 < self.sample_fraction <= 1, "algorithm.sample_fraction",
+              self.sample_fraction, "must be in (0, 1]")
+
+    def build(self, run, aggregator) -> LocalSGD:
+        algorithm = LocalSGD(self.sync_every, participation=self.sample_fraction,
+                             weighting=self.weighting, seed=run.seed, remember=True,
+                             aggregator=aggregator)
+        algorithm.name = "modest"
+        return algorithm

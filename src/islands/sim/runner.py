@@ -73,6 +73,10 @@ class _EveryRound:
 
     def sync(self, engine: Engine, plan: RoundPlan, losses) -> dict:
         synced, late = quorum(engine, plan.info.get("synced", plan.participants))
+        if not synced:  # every participant crashed before the sync: the round is lost
+            losses.clear()
+            plan.members = ()
+            return {}
         while True:
             try:
                 engine.end_round(Group(engine.transport, synced), engine.local(synced))

@@ -1,0 +1,214 @@
+"""Gossip against the all-reduce in the simulator: each topology x gossip algorithm on the
+main-job setup (400 inner steps from the shared warm start, H = 50, 100 Mbit/s, 50 ms), beside
+all-reduce DiLoCo and DDP.
+
+Each run reports the final eval loss of the workers' average model (what the single final
+merge, ``algorithm.final_merge``, gives every worker: the merge is that average, exactly) and
+of the workers' own models (the mean over a fixed sample of four: what each would keep without
+the merge), the consensus distance over rounds, bytes sent per worker, the busiest directed
+link's bytes and the virtual time. ``--partition dirichlet`` gives each worker a skewed share
+(Dirichlet, ``data.alpha``); ``--modest`` runs MoDeST with and without 80% of the workers
+crashing at the middle of the run instead.
+
+Run it (a simulation of 8 workers takes about 1.5 minutes on one core; ``--jobs 2`` runs two
+at once):
+
+    python benchmarks/gossip.py --jobs 2
+    python benchmarks/gossip.py --workers 16 --topologies ring exponential --jobs 2
+    python benchmarks/gossip.py --partition dirichlet --jobs 2
+    python benchmarks/gossip.py --modest --workers 10 --jobs 2
+
+Writes ``bench-results/gossip.json`` and ``.png`` (``--json`` moves both): eval loss against
+bytes sent and against virtual time, one panel per topology.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+MAIN_JOB = ["steps=400", "init.warm_start_steps=1000", "algorithm.sync_every=50",
+            "network.latency_s=0.05"]
+TOPOLOGIES = ("ring", "torus", "exponential", "regular", "barabasi_albert", "complete",
+              "matching", "one_peer_exponential")
+# label -> overrides (the topology is added per row)
+ALGORITHMS: dict[str, list[str]] = {
+    "gossip_diloco": ["algorithm.name=gossip_diloco"],
+    "gossip_diloco, send both": ["algorithm.name=gossip_diloco", "algorithm.send=both"],
+    "gossip_diloco, 2 gossip steps": ["algorithm.name=gossip_diloco", "topology.gossip_steps=2"],
+    "gossip local SGD": ["algorithm.name=dsgd"],  # sync_every 50: local SGD with gossip
+}
+BASELINES: dict[str, list[str]] = {
+    "all-reduce DiLoCo": ["algorithm.name=diloco"],
+    "DDP": ["algorithm.name=ddp"],
+}
+# --modest: a sample of 20% trains and averages each round; 80% of the workers crash at the
+# middle of the run (the simulator's crash: the round they compute is their last)
+MODEST = ["algorithm.name=modest", "algorithm.sample_fraction=0.2"]
+
+
+def modest_crash(workers: int, steps: int = 400, h: int = 50) -> str:
+    gone = range(workers - max(1, round(0.8 * workers)), workers)
+    middle = steps // h // 2
+    return "faults=[" + ", ".join(f"{{kind='crash', worker={w}, round={middle}}}"
+                                  for w in gone) + "]"
+
+
+def run_one(label: str, topology: str | None, workers: int, seed: int, partition: str,
+            threads: int) -> dict:
+    import torch
+
+    from islands import load_config, simulate
+
+    torch.set_num_threads(threads)
+    sets = [*MAIN_JOB, f"workers={workers}", f"seed={seed}", f"data.partition={partition}",
+            *overrides(label, topology, workers)]
+    t0 = time.perf_counter()
+    s = simulate(load_config(None, sets))
+    curve = s["eval_curve"]
+    return {"label": label, "topology": topology, "workers": workers, "seed": seed,
+            "partition": partition, "overrides": overrides(label, topology, workers),
+            "final_eval_loss": s["final_eval_loss"],
+            "final_eval_loss_own": s.get("final_eval_loss_own", s["final_eval_loss"]),
+            "spectral_gap": s.get("topology", {}).get("spectral_gap"),
+            "consensus": [(p["step"], p.get("consensus_distance", 0.0)) for p in curve],
+            "bytes_sent_per_worker": s["bytes_sent_per_worker"],
+            "busiest_link_bytes": s["busiest_link_bytes"],
+            "virtual_time_s": s["virtual_time_s"],
+            "eval_curve": [(p["virtual_time_s"], p["bytes_sent_per_worker"], p["eval_loss"])
+                           for p in curve],
+            "wall_s": time.perf_counter() - t0}
+
+
+def overrides(label: str, topology: str | None, workers: int) -> list[str]:
+    if label in BASELINES:
+        return BASELINES[label]
+    if label.startswith("MoDeST"):
+        return [*MODEST, *([modest_crash(workers)] if "crash" in label else [])]
+    return [*ALGORITHMS[label], f"topology.name={topology}"]
+
+
+def table(rows: list[dict]) -> Table:
+    t = Table(title="Gossip in the simulator (mean over seeds ± std; vs: the average model "
+                    "against all-reduce DiLoCo, same workers, partition and seed)")
+    for col in ("workers", "algorithm", "topology", "gap", "seeds", "average model", "vs",
+                "own models", "consensus", "MB/worker", "busiest link MB", "virtual s"):
+        t.add_column(col, justify="left" if col in ("algorithm", "topology") else "right")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["workers"], r["partition"], r["label"], r["topology"]),
+                          []).append(r)
+    for (workers, partition, label, topology), rs in groups.items():
+        def stat(key, fmt):
+            xs = [r[key] for r in rs if r.get(key) is not None]
+            if not xs:
+                return "-"
+            sd = f" ± {statistics.stdev(xs):{fmt.lstrip('+')}}" if len(xs) > 1 else ""
+            return f"{statistics.mean(xs):{fmt}}{sd}"
+        gap = rs[0]["spectral_gap"]
+        t.add_row(f"{workers}{'' if partition == 'iid' else ' ' + partition}", label,
+                  topology or "-", "-" if gap is None else f"{gap:.3f}", str(len(rs)),
+                  stat("final_eval_loss", ".4f"), stat("vs_allreduce_pct", "+.2f") + "%",
+                  stat("final_eval_loss_own", ".4f"),
+                  f"{statistics.mean(r['consensus'][-1][1] for r in rs):.3g}",
+                  f"{rs[0]['bytes_sent_per_worker'] / 1e6:.1f}",
+                  f"{rs[0]['busiest_link_bytes'] / 1e6:.1f}", stat("virtual_time_s", ".1f"))
+    return t
+
+
+def add_comparisons(rows: list[dict]) -> None:
+    base = {(r["workers"], r["partition"], r["seed"]): r for r in rows
+            if r["label"] == "all-reduce DiLoCo"}
+    for r in rows:
+        b = base.get((r["workers"], r["partition"], r["seed"]))
+        r["vs_allreduce_pct"] = (None if b is None else
+                                 100 * (r["final_eval_loss"] / b["final_eval_loss"] - 1))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    topologies = sorted({r["topology"] for r in rows if r["topology"]}) or ["-"]
+    seed = min(r["seed"] for r in rows)
+    fig, axes = plt.subplots(2, len(topologies), figsize=(4.5 * len(topologies), 8),
+                             squeeze=False)
+    for k, topology in enumerate(topologies):
+        for r in rows:
+            if r["seed"] != seed or r["topology"] not in (topology, None):
+                continue
+            t, b, loss = zip(*r["eval_curve"])
+            skew = "" if r["partition"] == "iid" else f", {r['partition']}"
+            name = f"{r['label']} ({r['workers']}{skew})"
+            style = "--" if r["topology"] is None else "-"
+            axes[0][k].plot([x / 1e6 for x in b], loss, style, marker=".", label=name)
+            axes[1][k].plot(t, loss, style, marker=".", label=name)
+        axes[0][k].set(title=topology, xlabel="MB sent per worker", ylabel="eval loss",
+                       xscale="symlog")
+        axes[1][k].set(xlabel="virtual time (s)", ylabel="eval loss")
+        axes[0][k].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[8])
+    p.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=TOPOLOGIES)
+    p.add_argument("--algorithms", nargs="+", default=["gossip_diloco"],
+                   choices=list(ALGORITHMS))
+    p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES))
+    p.add_argument("--modest", action="store_true",
+                   help="MoDeST with and without 80%% of the workers crashing mid-run instead")
+    p.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--jobs", type=int, default=1, help="simulations at once")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per simulation")
+    p.add_argument("--json", default="bench-results/gossip.json")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: merge the rows of earlier --json files into --json, its "
+                        "table and its plot")
+    args = p.parse_args()
+    if args.modest:
+        runs = [(label, None) for label in ("MoDeST", "MoDeST, 80% crash mid-run")]
+    else:
+        runs = [(b, None) for b in args.baselines] + [
+            (a, t) for a in args.algorithms for t in args.topologies]
+    todo = [(label, t, n, s) for n in args.workers for s in args.seeds for label, t in runs]
+    rows = []
+    if args.report:
+        todo = []
+        for path in args.report:
+            rows += json.loads(Path(path).read_text())["rows"]
+    console = Console(width=200)
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_one, label, t, n, s, args.partition, args.threads)
+                   for label, t, n, s in todo]
+        for i, f in enumerate(futures, 1):
+            r = f.result()
+            rows.append(r)
+            console.print(f"[{i}/{len(todo)}] {r['workers']} workers, {r['label']}"
+                          f"{', ' + r['topology'] if r['topology'] else ''}, seed {r['seed']}: "
+                          f"average {r['final_eval_loss']:.4f}, own "
+                          f"{r['final_eval_loss_own']:.4f} ({r['wall_s']:.0f} s)")
+    add_comparisons(rows)
+    console.print(table(rows))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"setup": MAIN_JOB, "threads_per_simulation": args.threads,
+                               "rows": rows}, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    console.print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
