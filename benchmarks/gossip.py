@@ -40,9 +40,13 @@ TOPOLOGIES = ("ring", "torus", "exponential", "regular", "barabasi_albert", "com
               "matching", "one_peer_exponential")
 # label -> overrides (the topology is added per row)
 ALGORITHMS: dict[str, list[str]] = {
+    # two exchanges a round: the pseudo-gradients, then the outer steps' results
     "gossip_diloco": ["algorithm.name=gossip_diloco"],
+    # one: the parameters after the inner steps (half the bytes)
+    "gossip_diloco, send local": ["algorithm.name=gossip_diloco", "algorithm.send=local"],
+    "gossip_diloco, send local, 2 gossip steps": [
+        "algorithm.name=gossip_diloco", "algorithm.send=local", "topology.gossip_steps=2"],
     "gossip_diloco, send both": ["algorithm.name=gossip_diloco", "algorithm.send=both"],
-    "gossip_diloco, 2 gossip steps": ["algorithm.name=gossip_diloco", "topology.gossip_steps=2"],
     "gossip local SGD": ["algorithm.name=dsgd"],  # sync_every 50: local SGD with gossip
 }
 BASELINES: dict[str, list[str]] = {
@@ -166,7 +170,7 @@ def main() -> None:
     p.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=TOPOLOGIES)
     p.add_argument("--algorithms", nargs="+", default=["gossip_diloco"],
                    choices=list(ALGORITHMS))
-    p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES))
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
     p.add_argument("--modest", action="store_true",
                    help="MoDeST with and without 80%% of the workers crashing mid-run instead")
     p.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))

@@ -88,12 +88,14 @@ def test_gossip_diloco_on_a_ring_with_a_final_merge_ends_with_one_model(send):
     assert s["final_eval_loss"] < s["eval_curve"][0]["eval_loss"]
     # each worker sent its vector (two with "both") to its two neighbours each round (3
     # rounds), then the merge's all-reduce of one vector (2 * 3/4 of it, in 4 shards)
-    numel, shard = s["params"] * (2 if send == "both" else 1), s["params"] // 4
-    assert s["params"] % 4 == 0  # equal shards: the sums below are exact
-    assert s["bytes_sent_by_worker"] == [3 * 2 * (4 * numel + 16) + 2 * 3 * (4 * shard + 16)] * 4
+    p, shard = s["params"], s["params"] // 4
+    assert p % 4 == 0  # equal shards: the sums below are exact
+    message = {"both": 8 * p + 16, "state": 8 * p + 16,  # two vectors in one message
+               "two_phase": 2 * (4 * p + 16)}.get(send, 4 * p + 16)  # or two messages
+    assert s["bytes_sent_by_worker"] == [3 * 2 * message + 2 * 3 * (4 * shard + 16)] * 4
     assert s["topology"]["name"] == "ring" and s["topology"]["max_degree"] == 2
     # a ring link: 3 gossip messages, then the merge's shard each way of the butterfly
-    assert s["busiest_link_bytes"] == 3 * (4 * numel + 16) + 2 * (4 * shard + 16)
+    assert s["busiest_link_bytes"] == 3 * message + 2 * (4 * shard + 16)
 
 
 def test_without_a_merge_the_workers_own_models_differ_and_the_distance_is_reported():

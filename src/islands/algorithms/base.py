@@ -294,6 +294,12 @@ class Algorithm(ABC):
         coordinator recorded, never to the sender's own header."""
         return None
 
+    def syncs_again(self, worker: Worker) -> bool:
+        """After a blocking sync was applied: whether the round syncs once more (a second
+        exchange that needs the first one's result; ``contribute`` then says what it sends).
+        False by default."""
+        return False
+
     def restart(self, worker: Worker, settled: bool) -> None:
         """An overlapped algorithm (``overlaps``), after its round's contribution is issued:
         puts the worker where the next round starts. ``settled``: the round's own result has

@@ -17,6 +17,12 @@
     taken from ``θ̄_i = Σ_j W_ij θ_j`` with ``Δ̄_i = Σ_j W_ij Δ_j``, at twice the bytes.
   - ``"stepped"`` (one vector; adapt, then combine): it takes its own outer step with its own
     ``Δ_i`` as it contributes, sends the result ``θ_i⁺`` and keeps ``Σ_j W_ij θ_j⁺``.
+  - ``"two_phase"`` (one vector, twice): ``Δ_i`` first, mixed; the outer step from ``θ_i``
+    with ``Δ̄_i``; then the results ``θ_i⁺``, mixed: ``θ_i ← Σ_j W_ij θ_j⁺`` (two exchanges
+    in a row, each waiting for the last).
+  - ``"state"`` (one vector per tensor of the outer state: two for Nesterov SGD): as
+    ``"stepped"``, with the outer optimizer's state (the momentum) mixed alongside, so the
+    workers' momenta do not drift apart.
 
 Both take several gossip steps per round (``gossip_steps``: ``W^k``, DFedSAM-MGS) and an
 optional single exact average of every worker's global parameters after the last round
@@ -98,7 +104,7 @@ class GossipDiLoCo(_Gossip):
     name = "gossip_diloco"
 
     def __init__(self, sync_every: SyncEvery, *, topology: Topology, outer: OuterFactory,
-                 send: str = "local", gossip_steps: int = 1, final_merge: bool = False) -> None:
+                 send: str = "two_phase", gossip_steps: int = 1, final_merge: bool = False) -> None:
         super().__init__(sync_every, topology=topology, gossip_steps=gossip_steps,
                          final_merge=final_merge)
         if send not in SENDS:
@@ -108,20 +114,36 @@ class GossipDiLoCo(_Gossip):
     def attach(self, worker: Worker) -> None:
         worker.global_params = nn.Parameter(worker.flat_params().clone())
         worker.outer = self.outer_factory([worker.global_params])
+        worker.second_exchange = False  # two_phase: the round's second exchange is next
 
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:
         if self.send == "local":
             return [self._mixed(worker, worker.flat_params(), "parameters")]
         theta = worker.global_params.detach()
-        if self.send == "stepped":  # its own outer step now; the sync mixes the results
+        if self.send == "two_phase":
+            second = worker.second_exchange
+            return [self._mixed(worker, theta.clone() if second else theta - worker.flat_params(),
+                                "parameters" if second else "pseudo-gradient")]
+        if self.send in ("stepped", "state"):  # its own outer step now; the sync mixes it
             self._outer_step(worker, theta - worker.flat_params())
-            return [self._mixed(worker, theta.clone(), "parameters")]
+            state = _outer_state(worker) if self.send == "state" else []
+            return [self._mixed(worker, torch.cat([theta, *state]), "parameters")]
         return [self._mixed(worker, torch.cat([theta - worker.flat_params(), theta]),
                             "pseudo-gradient+global")]
 
+    def syncs_again(self, worker: Worker) -> bool:
+        return worker.second_exchange
+
     def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
-        if self.send == "local":
+        if self.send == "two_phase":
+            worker.second_exchange = not worker.second_exchange
+            if worker.second_exchange:  # the stepped parameters go out next
+                self._outer_step(worker, reduced[0])
+                return
+            with torch.no_grad():
+                worker.global_params.copy_(reduced[0])
+        elif self.send == "local":
             self._outer_step(worker, worker.global_params.detach() - reduced[0])
         elif self.send == "both":
             n = worker.global_params.numel()
@@ -129,8 +151,11 @@ class GossipDiLoCo(_Gossip):
                 worker.global_params.copy_(reduced[0][n:])
             self._outer_step(worker, reduced[0][:n])
         else:
+            n = worker.global_params.numel()
             with torch.no_grad():
-                worker.global_params.copy_(reduced[0])
+                worker.global_params.copy_(reduced[0][:n])
+                for k, t in enumerate(_outer_state(worker) if self.send == "state" else []):
+                    t.copy_(reduced[0][(k + 1) * n:(k + 2) * n])
         worker.load_flat(worker.global_params.detach())
         worker.samples = 0
 
@@ -141,7 +166,16 @@ class GossipDiLoCo(_Gossip):
         worker.global_params.grad = None
 
 
-SENDS = ("local", "both", "stepped")  # what gossip DiLoCo sends its neighbours
+# what gossip DiLoCo sends its neighbours
+SENDS = ("local", "both", "stepped", "state", "two_phase")
+
+
+def _outer_state(worker: Worker) -> list[torch.Tensor]:
+    """The outer optimizer's per-parameter tensors of the worker's global parameters (SGD's
+    momentum buffer; Adam's moments), by key: what ``send = "state"`` mixes."""
+    slot = worker.outer.state[worker.global_params]
+    return [v for _, v in sorted(slot.items())
+            if torch.is_tensor(v) and v.shape == worker.global_params.shape]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,15 +244,16 @@ class GossipDiLoCoConfig(AlgorithmConfig):
         sync_every: inner steps per round (H).
         send: what each worker sends its neighbours: ``"local"`` (its parameters after the
             inner steps: one vector), ``"both"`` (its pseudo-gradient and its global
-            parameters: two vectors) or ``"stepped"`` (its global parameters after its own
-            outer step: one vector); see :mod:`islands.algorithms.gossip`.
+            parameters: two vectors), ``"stepped"`` (its global parameters after its own
+            outer step: one vector) or ``"state"`` (those and its outer optimizer's state);
+            see :mod:`islands.algorithms.gossip`.
         final_merge: average every worker's global parameters exactly once, after the last
             round.
     """
 
     name: str = "gossip_diloco"
     sync_every: int | tuple[tuple[int, int], ...] = 50
-    send: str = "local"
+    send: str = "two_phase"
     final_merge: bool = False
 
     def __post_init__(self) -> None:

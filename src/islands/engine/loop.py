@@ -316,6 +316,8 @@ class Engine:
                 self.algorithm.restart(w, settled=True)
         else:
             self.start_sync(group, workers, observers).wait()
+            while self.algorithm.syncs_again(workers[0]):  # a second exchange of the round
+                self.start_sync(group, workers, observers).wait()
             if self.algorithm.final_merge and workers[0].steps >= self.bounds[-1]:
                 self.merge(group, workers)
 
