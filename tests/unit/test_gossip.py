@@ -142,3 +142,14 @@ def test_modest_refreshes_a_new_sample_from_the_newest_holders_left():
     assert a.refresh(1, tuple(range(6))) == (0, (2, 3))
     # the whole last sample is gone: the one before it holds the newest state left
     assert a.refresh(2, (0, 1, 4, 5)) == (0, (4, 5))
+
+
+def test_on_the_one_peer_exponential_graph_each_worker_sends_one_message_a_round():
+    _, gossip = _run("algorithm.name=gossip_diloco", "algorithm.send=local",
+                     "algorithm.sync_every=4", "topology.name=one_peer_exponential")
+    _, diloco = _run("algorithm.name=diloco", "algorithm.sync_every=4")
+    p = gossip["params"]
+    assert gossip["bytes_sent_by_worker"] == [3 * (4 * p + 16)] * 4  # 3 rounds, one peer
+    assert gossip["bytes_sent_per_worker"] < diloco["bytes_sent_per_worker"]  # butterfly: 1.5x
+    # shifts 1, 2, 1 in rounds 0, 1, 2 (4 workers): the shift-1 links carry two messages
+    assert gossip["topology"]["time_varying"] and gossip["busiest_link_bytes"] == 2 * (4 * p + 16)
