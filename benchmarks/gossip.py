@@ -144,22 +144,39 @@ def plot(rows: list[dict], path: Path) -> None:
 
     topologies = sorted({r["topology"] for r in rows if r["topology"]}) or ["-"]
     seed = min(r["seed"] for r in rows)
-    fig, axes = plt.subplots(2, len(topologies), figsize=(4.5 * len(topologies), 8),
+    labels = sorted({(r["label"], r["workers"], r["partition"]) for r in rows})
+    color = {key: plt.get_cmap("tab10")(i % 10) for i, key in enumerate(labels)}
+    cols = min(4, len(topologies))
+    per = -(-len(topologies) // cols)  # rows of panels per measure
+    fig, axes = plt.subplots(3 * per, cols, figsize=(4.5 * cols, 3.6 * 3 * per),
                              squeeze=False)
     for k, topology in enumerate(topologies):
+        by_bytes, by_time = axes[k // cols][k % cols], axes[per + k // cols][k % cols]
+        spread = axes[2 * per + k // cols][k % cols]
         for r in rows:
             if r["seed"] != seed or r["topology"] not in (topology, None):
                 continue
             t, b, loss = zip(*r["eval_curve"])
             skew = "" if r["partition"] == "iid" else f", {r['partition']}"
             name = f"{r['label']} ({r['workers']}{skew})"
-            style = "--" if r["topology"] is None else "-"
-            axes[0][k].plot([x / 1e6 for x in b], loss, style, marker=".", label=name)
-            axes[1][k].plot(t, loss, style, marker=".", label=name)
-        axes[0][k].set(title=topology, xlabel="MB sent per worker", ylabel="eval loss",
-                       xscale="symlog")
-        axes[1][k].set(xlabel="virtual time (s)", ylabel="eval loss")
-        axes[0][k].legend(fontsize=7)
+            kw = {"marker": ".", "label": name,
+                  "color": color[(r["label"], r["workers"], r["partition"])],
+                  "linestyle": "--" if r["topology"] is None else "-"}
+            by_bytes.plot([x / 1e6 for x in b], loss, **kw)
+            by_time.plot(t, loss, **kw)
+            if r["topology"] is not None:
+                spread.plot(*zip(*r["consensus"]), **kw)
+        by_bytes.set(title=f"{topology}: loss against bytes", xlabel="MB sent per worker",
+                     ylabel="eval loss (average model)", xscale="symlog")
+        by_time.set(title=f"{topology}: loss against time", xlabel="virtual time (s)",
+                    ylabel="eval loss (average model)")
+        spread.set(title=f"{topology}: consensus distance", xlabel="inner step",
+                   ylabel="mean distance to the average")
+        by_bytes.legend(fontsize=6)
+    for k in range(len(topologies), per * cols):  # empty panels
+        axes[k // cols][k % cols].axis("off")
+        axes[per + k // cols][k % cols].axis("off")
+        axes[2 * per + k // cols][k % cols].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
