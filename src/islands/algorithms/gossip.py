@@ -49,47 +49,58 @@ from islands.core.sections import AlgorithmConfig, check
 OuterFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
-class _Gossip(Algorithm):
-    """What both gossip algorithms share: the round's topology among its members, and a
-    contribution mixed over it."""
+class Mixing:
+    """What both gossip algorithms share (held, not inherited): the round's topology among
+    its members, and a contribution mixed over it.
 
-    shares_parameters = False
+    Args:
+        topology: the graph and its mixing matrices.
+        gossip_steps: exchanges per sync (``W^k``).
+    """
 
-    def __init__(self, sync_every: SyncEvery, *, topology: Topology, gossip_steps: int = 1,
-                 final_merge: bool = False) -> None:
-        super().__init__(sync_every)
+    def __init__(self, topology: Topology, gossip_steps: int = 1) -> None:
         if gossip_steps < 1:
             raise ValueError(f"gossip_steps ({gossip_steps}) must be >= 1")
         self.topology, self.gossip_steps = topology, gossip_steps
-        self.final_merge = final_merge
-        self._round, self._members = 0, ()
+        self.round, self.members = 0, ()
 
-    def begin_round(self, group, workers: list[Worker], round: int) -> None:
-        self._round, self._members = round, tuple(group.members)
+    def begin_round(self, group, round: int) -> None:
+        self.round, self.members = round, tuple(group.members)
 
-    def _mixed(self, worker: Worker, tensor: torch.Tensor, tag: str) -> Contribution:
-        r, members = self._round, self._members
+    def contribution(self, worker: Worker, tensor: torch.Tensor, tag: str) -> Contribution:
+        """``tensor`` mixed with the worker's neighbours' in this round's graph."""
+        r, members = self.round, self.members
         return Contribution(tensor, tag=tag, collective="neighbours",
                             mixing=self.topology.rows(r, members)[worker.id],
                             send_to=self.topology.receivers(r, worker.id, members),
                             steps=self.gossip_steps)
 
-    def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
-        return {}  # each worker's parameters are its own
-
     def describe(self) -> dict:
         """The topology's facts for ``summary.json``."""
-        return self.topology.describe(self._members)
+        return self.topology.describe(self.members)
 
 
-class DSGD(_Gossip):
+class DSGD(Algorithm):
     """Decentralized SGD: local steps, then parameters mixed with the neighbours'."""
 
     name = "dsgd"
+    shares_parameters = False
+
+    def __init__(self, sync_every: SyncEvery, *, topology: Topology, gossip_steps: int = 1,
+                 final_merge: bool = False) -> None:
+        super().__init__(sync_every)
+        self.mixing, self.final_merge = Mixing(topology, gossip_steps), final_merge
+        self.describe = self.mixing.describe
+
+    def begin_round(self, group, workers: list[Worker], round: int) -> None:
+        self.mixing.begin_round(group, round)
+
+    def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
+        return {}  # each worker's parameters are its own
 
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:
-        return [self._mixed(worker, worker.flat_params(), "parameters")]
+        return [self.mixing.contribution(worker, worker.flat_params(), "parameters")]
 
     @torch.no_grad()
     def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
@@ -98,18 +109,27 @@ class DSGD(_Gossip):
         worker.samples = 0
 
 
-class GossipDiLoCo(_Gossip):
-    """DiLoCo with neighbour averaging of the pseudo-gradients and global parameters."""
+class GossipDiLoCo(Algorithm):
+    """DiLoCo with neighbour averaging in place of the all-reduce (``send`` says of what)."""
 
     name = "gossip_diloco"
+    shares_parameters = False
 
     def __init__(self, sync_every: SyncEvery, *, topology: Topology, outer: OuterFactory,
-                 send: str = "two_phase", gossip_steps: int = 1, final_merge: bool = False) -> None:
-        super().__init__(sync_every, topology=topology, gossip_steps=gossip_steps,
-                         final_merge=final_merge)
+                 send: str = "two_phase", gossip_steps: int = 1,
+                 final_merge: bool = False) -> None:
+        super().__init__(sync_every)
         if send not in SENDS:
             raise ValueError(f"send ({send!r}) must be one of {SENDS}")
+        self.mixing, self.final_merge = Mixing(topology, gossip_steps), final_merge
+        self.describe = self.mixing.describe
         self.outer_factory, self.send = outer, send
+
+    def begin_round(self, group, workers: list[Worker], round: int) -> None:
+        self.mixing.begin_round(group, round)
+
+    def shared_state(self, worker: Worker) -> dict[str, torch.Tensor]:
+        return {}  # each worker's parameters and outer state are its own
 
     def attach(self, worker: Worker) -> None:
         worker.global_params = nn.Parameter(worker.flat_params().clone())
@@ -119,18 +139,20 @@ class GossipDiLoCo(_Gossip):
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:
         if self.send == "local":
-            return [self._mixed(worker, worker.flat_params(), "parameters")]
+            return [self.mixing.contribution(worker, worker.flat_params(), "parameters")]
         theta = worker.global_params.detach()
         if self.send == "two_phase":
-            second = worker.second_exchange
-            return [self._mixed(worker, theta.clone() if second else theta - worker.flat_params(),
-                                "parameters" if second else "pseudo-gradient")]
+            if worker.second_exchange:  # the stepped parameters
+                return [self.mixing.contribution(worker, theta.clone(), "parameters")]
+            return [self.mixing.contribution(worker, theta - worker.flat_params(),
+                                             "pseudo-gradient")]
         if self.send in ("stepped", "state"):  # its own outer step now; the sync mixes it
             self._outer_step(worker, theta - worker.flat_params())
             state = _outer_state(worker) if self.send == "state" else []
-            return [self._mixed(worker, torch.cat([theta, *state]), "parameters")]
-        return [self._mixed(worker, torch.cat([theta - worker.flat_params(), theta]),
-                            "pseudo-gradient+global")]
+            return [self.mixing.contribution(worker, torch.cat([theta, *state]),
+                                             "parameters")]
+        return [self.mixing.contribution(
+            worker, torch.cat([theta - worker.flat_params(), theta]), "pseudo-gradient+global")]
 
     def syncs_again(self, worker: Worker) -> bool:
         return worker.second_exchange
