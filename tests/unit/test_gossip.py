@@ -153,3 +153,12 @@ def test_on_the_one_peer_exponential_graph_each_worker_sends_one_message_a_round
     assert gossip["bytes_sent_per_worker"] < diloco["bytes_sent_per_worker"]  # butterfly: 1.5x
     # shifts 1, 2, 1 in rounds 0, 1, 2 (4 workers): the shift-1 links carry two messages
     assert gossip["topology"]["time_varying"] and gossip["busiest_link_bytes"] == 2 * (4 * p + 16)
+
+
+def test_dsgd_with_a_final_merge_ends_with_one_model_on_every_worker():
+    sim, s = _run("algorithm.name=dsgd", "algorithm.sync_every=2", "topology.name=ring",
+                  "algorithm.final_merge=true")
+    states = [w.global_params for w in sim.workers]
+    assert all(torch.equal(states[0], x) for x in states[1:])
+    assert all(torch.equal(states[0], w.flat_params()) for w in sim.workers)  # loaded too
+    assert s["final_eval_consensus_distance"] == 0.0

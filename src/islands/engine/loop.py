@@ -594,7 +594,7 @@ class Engine:
             self._keep_train_point(self._last_point)
         point = None
         local = self.local(members)
-        self._members = tuple(members)
+        self._members = tuple(members) or self._members  # a lost round keeps the last
         if not self.algorithm.shares_parameters and local:  # every round, cheap
             extra = {"consensus_distance": consensus.distance(self.algorithm, local),
                      **(extra or {})}
