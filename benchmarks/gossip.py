@@ -46,7 +46,6 @@ ALGORITHMS: dict[str, list[str]] = {
     "gossip_diloco, send local": ["algorithm.name=gossip_diloco", "algorithm.send=local"],
     "gossip_diloco, send local, 2 gossip steps": [
         "algorithm.name=gossip_diloco", "algorithm.send=local", "topology.gossip_steps=2"],
-    "gossip_diloco, send both": ["algorithm.name=gossip_diloco", "algorithm.send=both"],
     "gossip local SGD": ["algorithm.name=dsgd"],  # sync_every 50: local SGD with gossip
 }
 BASELINES: dict[str, list[str]] = {

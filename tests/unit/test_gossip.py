@@ -90,8 +90,7 @@ def test_gossip_diloco_on_a_ring_with_a_final_merge_ends_with_one_model(send):
     # rounds), then the merge's all-reduce of one vector (2 * 3/4 of it, in 4 shards)
     p, shard = s["params"], s["params"] // 4
     assert p % 4 == 0  # equal shards: the sums below are exact
-    message = {"both": 8 * p + 16, "state": 8 * p + 16,  # two vectors in one message
-               "two_phase": 2 * (4 * p + 16)}.get(send, 4 * p + 16)  # or two messages
+    message = (2 if send == "two_phase" else 1) * (4 * p + 16)  # messages a round per link
     assert s["bytes_sent_by_worker"] == [3 * 2 * message + 2 * 3 * (4 * shard + 16)] * 4
     assert s["topology"]["name"] == "ring" and s["topology"]["max_degree"] == 2
     # a ring link: 3 gossip messages, then the merge's shard each way of the butterfly

@@ -13,16 +13,13 @@
     outer step from ``θ_i`` with ``Δ̄_i = θ_i − Σ_j W_ij θ_j^loc = Σ_j W_ij Δ_j +
     Σ_j W_ij (θ_i − θ_j)``: the neighbours' pseudo-gradients averaged, plus a pull toward
     their global parameters.
-  - ``"both"`` (two vectors): ``[Δ_i, θ_i]``, both mixed with its row, and the outer step
-    taken from ``θ̄_i = Σ_j W_ij θ_j`` with ``Δ̄_i = Σ_j W_ij Δ_j``, at twice the bytes.
-  - ``"stepped"`` (one vector; adapt, then combine): it takes its own outer step with its own
-    ``Δ_i`` as it contributes, sends the result ``θ_i⁺`` and keeps ``Σ_j W_ij θ_j⁺``.
   - ``"two_phase"`` (one vector, twice): ``Δ_i`` first, mixed; the outer step from ``θ_i``
     with ``Δ̄_i``; then the results ``θ_i⁺``, mixed: ``θ_i ← Σ_j W_ij θ_j⁺`` (two exchanges
     in a row, each waiting for the last).
-  - ``"state"`` (one vector per tensor of the outer state: two for Nesterov SGD): as
-    ``"stepped"``, with the outer optimizer's state (the momentum) mixed alongside, so the
-    workers' momenta do not drift apart.
+
+  Three other readings trained worse at the same bytes and are not offered (docs/gossip.md):
+  ``[Δ_i, θ_i]`` mixed in one message, the worker's own outer step before mixing, and that
+  with the outer momentum mixed too.
 
 Both take several gossip steps per round (``gossip_steps``: ``W^k``, DFedSAM-MGS) and an
 optional single exact average of every worker's global parameters after the last round
@@ -42,7 +39,7 @@ import torch.nn as nn
 from islands.algorithms.base import Algorithm, Contribution, Worker
 from islands.algorithms.outer import OuterConfig, outer_factory
 from islands.algorithms.schedule import SyncEvery, sync_every_setting
-from islands.collectives.topology import Topology
+from islands.algorithms.topology import Topology
 from islands.core.registry import register
 from islands.core.sections import AlgorithmConfig, check
 
@@ -141,43 +138,25 @@ class GossipDiLoCo(Algorithm):
         if self.send == "local":
             return [self.mixing.contribution(worker, worker.flat_params(), "parameters")]
         theta = worker.global_params.detach()
-        if self.send == "two_phase":
-            if worker.second_exchange:  # the stepped parameters
-                return [self.mixing.contribution(worker, theta.clone(), "parameters")]
-            return [self.mixing.contribution(worker, theta - worker.flat_params(),
-                                             "pseudo-gradient")]
-        if self.send in ("stepped", "state"):  # its own outer step now; the sync mixes it
-            self._outer_step(worker, theta - worker.flat_params())
-            state = _outer_state(worker) if self.send == "state" else []
-            return [self.mixing.contribution(worker, torch.cat([theta, *state]),
-                                             "parameters")]
-        return [self.mixing.contribution(
-            worker, torch.cat([theta - worker.flat_params(), theta]), "pseudo-gradient+global")]
+        if worker.second_exchange:  # two_phase: the stepped parameters
+            return [self.mixing.contribution(worker, theta.clone(), "parameters")]
+        return [self.mixing.contribution(worker, theta - worker.flat_params(),
+                                         "pseudo-gradient")]
 
     def syncs_again(self, worker: Worker) -> bool:
         return worker.second_exchange
 
     def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
-        if self.send == "two_phase":
-            worker.second_exchange = not worker.second_exchange
-            if worker.second_exchange:  # the stepped parameters go out next
-                self._outer_step(worker, reduced[0])
-                return
+        if self.send == "local":
+            self._outer_step(worker, worker.global_params.detach() - reduced[0])
+        elif not worker.second_exchange:  # two_phase, the mixed pseudo-gradient
+            self._outer_step(worker, reduced[0])
+            worker.second_exchange = True  # the stepped parameters go out next
+            return
+        else:  # two_phase, the mixed stepped parameters
+            worker.second_exchange = False
             with torch.no_grad():
                 worker.global_params.copy_(reduced[0])
-        elif self.send == "local":
-            self._outer_step(worker, worker.global_params.detach() - reduced[0])
-        elif self.send == "both":
-            n = worker.global_params.numel()
-            with torch.no_grad():
-                worker.global_params.copy_(reduced[0][n:])
-            self._outer_step(worker, reduced[0][:n])
-        else:
-            n = worker.global_params.numel()
-            with torch.no_grad():
-                worker.global_params.copy_(reduced[0][:n])
-                for k, t in enumerate(_outer_state(worker) if self.send == "state" else []):
-                    t.copy_(reduced[0][(k + 1) * n:(k + 2) * n])
         worker.load_flat(worker.global_params.detach())
         worker.samples = 0
 
@@ -188,21 +167,12 @@ class GossipDiLoCo(Algorithm):
         worker.global_params.grad = None
 
 
-# what gossip DiLoCo sends its neighbours
-SENDS = ("local", "both", "stepped", "state", "two_phase")
-
-
-def _outer_state(worker: Worker) -> list[torch.Tensor]:
-    """The outer optimizer's per-parameter tensors of the worker's global parameters (SGD's
-    momentum buffer; Adam's moments), by key: what ``send = "state"`` mixes."""
-    slot = worker.outer.state[worker.global_params]
-    return [v for _, v in sorted(slot.items())
-            if torch.is_tensor(v) and v.shape == worker.global_params.shape]
+SENDS = ("two_phase", "local")  # what gossip DiLoCo sends its neighbours
 
 
 @dataclass(frozen=True, kw_only=True)
 class TopologyConfig:
-    """``[topology]``: the graph gossip algorithms mix over (:mod:`islands.collectives.topology`).
+    """``[topology]``: the graph gossip algorithms mix over (:mod:`islands.algorithms.topology`).
 
     Attributes:
         name: ``"ring"``, ``"torus"``, ``"exponential"``, ``"regular"``,
@@ -264,11 +234,10 @@ class GossipDiLoCoConfig(AlgorithmConfig):
 
     Attributes:
         sync_every: inner steps per round (H).
-        send: what each worker sends its neighbours: ``"local"`` (its parameters after the
-            inner steps: one vector), ``"both"`` (its pseudo-gradient and its global
-            parameters: two vectors), ``"stepped"`` (its global parameters after its own
-            outer step: one vector) or ``"state"`` (those and its outer optimizer's state);
-            see :mod:`islands.algorithms.gossip`.
+        send: what each worker sends its neighbours: ``"two_phase"`` (its pseudo-gradient,
+            then its global parameters after its outer step: two exchanges a round) or
+            ``"local"`` (its parameters after the inner steps: one); see
+            :mod:`islands.algorithms.gossip`.
         final_merge: average every worker's global parameters exactly once, after the last
             round.
     """

@@ -29,9 +29,11 @@ def average(algorithm: Algorithm, workers: list[Worker]) -> torch.Tensor:
     return total.div_(len(workers))
 
 
-def distance(algorithm: Algorithm, workers: list[Worker]) -> float:
-    """The consensus distance: ``mean_i ||θ_i − θ̄||₂`` (0 when all agree)."""
-    mean = average(algorithm, workers)
+def distance(algorithm: Algorithm, workers: list[Worker],
+             mean: torch.Tensor | None = None) -> float:
+    """The consensus distance: ``mean_i ||θ_i − θ̄||₂`` (0 when all agree); ``mean``: their
+    :func:`average`, when the caller has it."""
+    mean = average(algorithm, workers) if mean is None else mean
     return sum(float((algorithm.global_state(w).float() - mean).norm())
                for w in workers) / len(workers)
 

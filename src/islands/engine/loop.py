@@ -517,13 +517,14 @@ class Engine:
 
     def _gossip_metrics(self, workers: list[Worker]) -> dict:
         alg = self.algorithm
-        metrics = self._metrics(consensus.average(alg, workers), _mean_buffers(workers))
+        mean = consensus.average(alg, workers)
+        metrics = self._metrics(mean, _mean_buffers(workers))
         sample = consensus.own_sample(self.cfg.seed, self.cfg.workers,
                                       tuple(w.id for w in workers))
         own = [self._metrics(alg.global_state(w), w.global_buffers)["eval_loss"]
                for w in self.local(sample)]
         return {**metrics, "loss_own": sum(own) / len(own),
-                "consensus_distance": consensus.distance(alg, workers)}
+                "consensus_distance": consensus.distance(alg, workers, mean)}
 
     def final_params(self, worker: Worker) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The run's result: ``worker``'s global parameters and buffers (flat), or, without

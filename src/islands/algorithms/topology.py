@@ -260,11 +260,6 @@ class Topology:
         return {i: {members[b]: float(w[a, b]) for b in np.flatnonzero(w[a] > 0)}
                 for a, i in enumerate(members)}
 
-    def senders(self, round: int, worker: int, members: tuple[int, ...]) -> tuple[int, ...]:
-        """The workers ``worker`` receives from in ``round`` (itself excluded), sorted."""
-        w, k, members = self.matrix(round, members), _index(worker, members), tuple(members)
-        return tuple(members[j] for j in np.flatnonzero(w[k] > 0) if j != k)
-
     def receivers(self, round: int, worker: int, members: tuple[int, ...]) -> tuple[int, ...]:
         """The workers that receive from ``worker`` in ``round`` (itself excluded), sorted."""
         w, k, members = self.matrix(round, members), _index(worker, members), tuple(members)
