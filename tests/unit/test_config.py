@@ -41,10 +41,10 @@ def test_int_accepted_for_float_and_resolved_config_roundtrips():
     ("algorithm.sync_every=0", "algorithm.sync_every (0) must be >= 1"),
     ("algorithm.name=adam",
      "algorithm.name ('adam') must be one of ['async_local_sgd', 'ddp', 'diloco', 'dsgd', "
-     "'gossip_diloco', 'local_sgd', 'modest', 'sparseloco', 'streaming_diloco']"),
+     "'gossip_diloco', 'local_sgd', 'modest', 'noloco', 'sparseloco', 'streaming_diloco']"),
     ("algorithm.name=dilco",
      "must be one of ['async_local_sgd', 'ddp', 'diloco', 'dsgd', 'gossip_diloco', "
-     "'local_sgd', 'modest', 'sparseloco', 'streaming_diloco'] "
+     "'local_sgd', 'modest', 'noloco', 'sparseloco', 'streaming_diloco'] "
      "(did you mean "
      "'diloco'?)"),
     ("workers=two", "workers ('two') must be int"),
@@ -173,7 +173,8 @@ def test_an_other_algorithms_section_warns_when_set_and_is_dropped():
 
     with pytest.warns(IslandsWarning, match=r"outer.lr \(0.5\) is read by algorithm "
                                             r"'async_local_sgd', algorithm 'diloco', "
-                                            r"algorithm 'gossip_diloco', algorithm 'sparseloco', "
+                                            r"algorithm 'gossip_diloco', algorithm 'noloco', "
+                                            r"algorithm 'sparseloco', "
                                             r"algorithm 'streaming_diloco' only; algorithm "
                                             r"'ddp' does not read it"):
         cfg = load_config(None, ["algorithm.name=ddp", "outer.lr=0.5"])

@@ -14,7 +14,6 @@ from islands.codecs.cast import Identity
 from islands.collectives.butterfly import Group
 from islands.collectives.neighbours import start_neighbours
 from islands.core.errors import ConfigError, PeerRefused
-from islands.runtime.member import refuse_simulator_only
 from islands.sim.runner import Simulation
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 from tests.conftest import tiny_config
@@ -108,13 +107,11 @@ def test_without_a_merge_the_workers_own_models_differ_and_the_distance_is_repor
     assert torch.allclose(sim.final_params, avg, atol=1e-6)  # final.safetensors: the average
 
 
-def test_gossip_settings_are_checked_and_refused_on_real_processes():
+def test_gossip_settings_are_checked():
     with pytest.raises(ConfigError, match="aggregator.name"):
         check_algorithm(tiny_config("algorithm.name=dsgd", "aggregator.name=median"))
     with pytest.raises(ConfigError, match="topology.gossip_steps"):
         tiny_config("algorithm.name=dsgd", "topology.gossip_steps=0")
-    with pytest.raises(ConfigError, match="simulator only"):
-        refuse_simulator_only(tiny_config("algorithm.name=gossip_diloco"))
 
 
 def test_modest_keeps_training_when_80_percent_of_the_workers_stop_answering_mid_run():
@@ -161,3 +158,32 @@ def test_dsgd_with_a_final_merge_ends_with_one_model_on_every_worker():
     assert all(torch.equal(states[0], x) for x in states[1:])
     assert all(torch.equal(states[0], w.flat_params()) for w in sim.workers)  # loaded too
     assert s["final_eval_consensus_distance"] == 0.0
+
+
+def test_noloco_steps_each_worker_toward_its_pair_s_mean_local_parameters():
+    """NoLoCo (one round, heavy-ball outer step): ``φ_i ← φ_i − lr (φ_i − mean_pair θ^loc)``.
+    Decentralized SGD over the same pairing gives ``mean_pair θ^loc`` itself (same inner steps
+    from the same start), so the two runs pin the rule down; each worker sends one vector, to
+    its partner only."""
+    one_round = ("steps=6", "algorithm.sync_every=6", "topology.seed=3")
+    pairs, _ = _run("algorithm.name=dsgd", "topology.name=matching", *one_round)
+    noloco, s = _run("algorithm.name=noloco", "outer.nesterov=false", "outer.momentum=0.3",
+                     "outer.lr=0.7", *one_round)
+    start = Simulation(tiny_config(*BASE, "algorithm.name=noloco", *one_round))
+    start.build()
+    phi0 = start.workers[0].flat_params()
+    for w, mean_pair in zip(noloco.workers, pairs.workers):
+        expected = phi0 - 0.7 * (phi0 - mean_pair.flat_params())
+        assert torch.allclose(w.global_params.detach(), expected, rtol=0, atol=1e-6), w.id
+    assert s["topology"]["name"] == "matching"
+    p = s["params"]
+    assert s["bytes_sent_by_worker"] == [4 * p + 16] * 4  # one vector, one peer, one round
+    states = [w.global_params.detach() for w in noloco.workers]
+    assert sum(torch.equal(states[0], x) for x in states) == 2  # worker 0 and its partner
+
+
+def test_noloco_settings_are_checked():
+    with pytest.raises(ConfigError, match="algorithm.groups"):
+        tiny_config("algorithm.name=noloco", "algorithm.groups=triples")
+    with pytest.raises(ConfigError, match="aggregator.name"):
+        check_algorithm(tiny_config("algorithm.name=noloco", "aggregator.name=median"))

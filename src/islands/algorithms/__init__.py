@@ -11,7 +11,13 @@ from islands.algorithms.asynchronous import AsyncLocalSGD, AsyncLocalSGDConfig
 from islands.algorithms.base import Aggregator, Algorithm, Contribution, Worker
 from islands.algorithms.ddp import DDP, DDPConfig
 from islands.algorithms.diloco import DiLoCo, DiLoCoConfig, nesterov_sgd
-from islands.algorithms.gossip import DSGD, DSGDConfig, GossipDiLoCo, GossipDiLoCoConfig
+from islands.algorithms.gossip import (
+    DSGD,
+    DSGDConfig,
+    GossipDiLoCo,
+    GossipDiLoCoConfig,
+    NoLoCoConfig,
+)
 from islands.algorithms.local_sgd import LocalSGD, LocalSGDConfig
 from islands.algorithms.outer import OuterConfig, outer_factory
 from islands.algorithms.sparseloco import SparseLoCoConfig
@@ -35,7 +41,7 @@ def check_algorithm(cfg) -> None:
 
 __all__ = ["Algorithm", "AsyncLocalSGD", "AsyncLocalSGDConfig", "Contribution", "DDP",
            "DDPConfig", "DSGD", "DSGDConfig", "DiLoCo", "DiLoCoConfig", "GossipDiLoCo",
-           "GossipDiLoCoConfig",
+           "GossipDiLoCoConfig", "NoLoCoConfig",
            "LocalSGD", "LocalSGDConfig", "OuterConfig", "SparseLoCoConfig", "StreamingDiLoCo",
            "StreamingDiLoCoConfig", "Worker",
            "build_aggregator", "build_algorithm", "check_algorithm", "nesterov_sgd",

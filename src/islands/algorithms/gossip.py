@@ -260,6 +260,52 @@ class GossipDiLoCoConfig(AlgorithmConfig):
                             final_merge=self.final_merge)
 
 
+@register("algorithm", "noloco", sections={"outer": OuterConfig, "topology": TopologyConfig})
+@dataclass(frozen=True, kw_only=True)
+class NoLoCoConfig(AlgorithmConfig):
+    """``[algorithm] name = "noloco"``: NoLoCo (Kolehmainen et al. 2025, "No-all-reduce Low
+    Communication"): every H inner steps each worker averages with a small random group
+    instead of everyone, and its outer step pulls it toward the group.
+
+    With the authors' reference code's rule (the pseudo-gradient's and the pull's step sizes
+    both the outer lr), worker ``i`` of group ``G`` takes its outer step from its own global
+    parameters ``φ_i`` with ``g_i = φ_i − mean_{j∈G} θ_j^loc = mean_{j∈G} Δ_j + (φ_i −
+    mean_{j∈G} φ_j)``: the group's mean pseudo-gradient plus the distance to the group's mean
+    global parameters. That is gossip DiLoCo with ``send = "local"`` (one vector a round) over
+    a new random pairing each round; the reference steps with heavy-ball momentum
+    (``outer.nesterov = false``), and ``[outer]`` chooses.
+
+    Attributes:
+        sync_every: inner steps per round (H).
+        groups: ``"pairs"``: a new random pairing of the members every round (the paper's
+            groups of two; with an odd count one member keeps its own), seeded by
+            ``topology.seed`` (default: the run's); ``"topology"``: the ``[topology]`` graph's
+            neighbours, with its Metropolis-Hastings weights.
+        final_merge: average every worker's global parameters exactly once, after the last
+            round.
+    """
+
+    name: str = "noloco"
+    sync_every: int | tuple[tuple[int, int], ...] = 50
+    groups: str = "pairs"
+    final_merge: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
+        check(self.groups in ("pairs", "topology"), "algorithm.groups", self.groups,
+              "must be 'pairs' (a random pairing each round) or 'topology' (the [topology] "
+              "graph)")
+
+    def build(self, run, aggregator) -> GossipDiLoCo:
+        _plain_mean(run)
+        seed = run.seed if run.topology.seed is None else run.topology.seed
+        topology = (Topology("matching", seed=seed) if self.groups == "pairs"
+                    else run.topology.build(run.seed))
+        return GossipDiLoCo(self.sync_every, topology=topology, outer=outer_factory(run.outer),
+                            send="local", gossip_steps=run.topology.gossip_steps,
+                            final_merge=self.final_merge)
+
+
 def _plain_mean(run) -> None:
     """Gossip mixes with the topology's weights: a robust rule would be ignored."""
     check(run.aggregator.name == "mean", "aggregator.name", run.aggregator.name,

@@ -244,6 +244,8 @@ class Engine:
             return
         src, stale = refresh
         sub = Group(self.transport, (src, *stale))
+        if not sub.local:  # a process whose worker neither sends nor receives the state
+            return
         by_id = {w.id: w for w in workers}
         have = by_id.get(src)
         got = sub.broadcast(src, have.global_params if have else None, self._exact, stale,
@@ -272,7 +274,7 @@ class Engine:
         """Inner steps ``steps`` of the workers ``active`` (the step index picks each batch);
         returns their losses."""
         losses: dict[int, list[float]] = {w.id: [] for w in active}
-        for step in steps:
+        for step in steps if active else ():  # (a process whose worker sits the round out)
             self.land_due(step)
             for w in active:
                 t0 = time.perf_counter()
@@ -499,7 +501,7 @@ class Engine:
         if self.algorithm.shares_parameters:
             metrics = self._metrics(self.algorithm.global_state(worker), worker.global_buffers)
         else:
-            metrics = self._gossip_metrics(self.local(members or [w.id for w in self.workers]))
+            metrics = self._gossip_metrics(members or tuple(w.id for w in self.workers))
         return {"step": step, "worker": worker.id, **metrics,
                 "bytes_sent_per_worker": self.sent_per_worker(),
                 "virtual_time_s": self.clock.makespan_s}
@@ -515,10 +517,15 @@ class Engine:
             raise ValueError(f"evaluate() must return 'eval_loss' (got {sorted(metrics)})")
         return {k: float(v) for k, v in metrics.items()}
 
-    def _gossip_metrics(self, workers: list[Worker]) -> dict:
-        alg = self.algorithm
+    def _gossip_metrics(self, members: tuple[int, ...]) -> dict:
+        """The members' average model evaluated, its own models' sampled, the consensus
+        distance; where this engine holds only some members (a real process holds its own),
+        its own models' average and no distance (the others' parameters are not here)."""
+        alg, workers = self.algorithm, self.local(members)
         mean = consensus.average(alg, workers)
         metrics = self._metrics(mean, _mean_buffers(workers))
+        if len(workers) < len(members):
+            return {**metrics, "loss_own": metrics["eval_loss"]}
         sample = consensus.own_sample(self.cfg.seed, self.cfg.workers,
                                       tuple(w.id for w in workers))
         own = [self._metrics(alg.global_state(w), w.global_buffers)["eval_loss"]
@@ -596,7 +603,7 @@ class Engine:
         point = None
         local = self.local(members)
         self._members = tuple(members) or self._members  # a lost round keeps the last
-        if not self.algorithm.shares_parameters and local:  # every round, cheap
+        if not self.algorithm.shares_parameters and local and len(local) == len(members):
             extra = {"consensus_distance": consensus.distance(self.algorithm, local),
                      **(extra or {})}
         due = self.eval_due(r) if due is None else due

@@ -139,6 +139,7 @@ class Coordinator(RoundRules):
         self.epoch = 0
         self.current: tuple[int, ...] = ()
         self.last_round = -1
+        self._last_committers: frozenset[int] = frozenset()  # of the last round committed
         self.refused = 0
         self.hash_mismatches = 0
         self._barriers: dict[tuple, Barrier] = {}
@@ -451,11 +452,18 @@ class Coordinator(RoundRules):
             got = None if commit is None or commit.result is None else commit.result["members"]
         else:
             f = self._in_flight
-            everyone = float(self.fingerprint.get("algorithm.participation", 1.0)) >= 1.0
-            if f is None or f["round"] != r or not everyone:
+            if f is None or f["round"] != r or self.sampled:
                 return None
             return f["members"], f["members"] | f["joiners"]
         return None if got is None else (frozenset(got), frozenset(got))
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the algorithm draws a sample of the members each round (FedAvg's
+        ``participation``, MoDeST's ``sample_fraction``): then only the last round's
+        participants hold its state."""
+        return any(float(self.fingerprint.get(f"algorithm.{k}", 1.0)) < 1.0
+                   for k in ("participation", "sample_fraction"))
 
     def _misreported(self, wid: int, key: tuple, declared: frozenset, known) -> dict:
         """A member declared other members than the coordinator released: it is excluded

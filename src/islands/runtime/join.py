@@ -46,13 +46,21 @@ from islands.algorithms import Worker, build_algorithm
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig, load_config, parse_overrides
 from islands.core.errors import CommError, ConfigError, StorageError, TaskError
-from islands.engine import Engine, WallClock, attach, fresh_state, inner_optimizer, run_codec
+from islands.engine import (
+    Engine,
+    WallClock,
+    attach,
+    fresh_state,
+    inner_optimizer,
+    run_codec,
+)
 from islands.metrics.run_dir import RunDir, check_writable
 from islands.runtime import outputs
 from islands.runtime.auth import load_token
 from islands.runtime.fingerprint import fingerprint
+from islands.runtime.gossip import member_class
 from islands.runtime.launch import connect, parse_worker_id
-from islands.runtime.member import Member, member_transport, refuse_simulator_only
+from islands.runtime.member import member_transport, refuse_simulator_only
 from islands.runtime.membership import Removed, Unauthorized
 from islands.runtime.worker import check_worker_id
 from islands.tasks import ShareSampler, Task
@@ -88,10 +96,11 @@ def join(coordinator: str | None = None, *, config: str | Path | RunConfig | Non
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides or [])
     if isinstance(config, RunConfig) and overrides:
         cfg = config.replace(**parse_overrides(overrides))
-    if getattr(cfg.algorithm, "participation", 1.0) < 1:
-        raise ConfigError(f"algorithm.participation ({cfg.algorithm.participation}) below 1 "
-                          "is not supported by the drop-in loop (every worker trains every "
-                          "round); use islands run")
+    for key in ("participation", "sample_fraction"):
+        if getattr(cfg.algorithm, key, 1.0) < 1:
+            raise ConfigError(f"algorithm.{key} ({getattr(cfg.algorithm, key)}) below 1 is "
+                              "not supported by the drop-in loop (every worker trains every "
+                              "round); use islands run")
     if cfg.init.warm_start_steps:
         raise ConfigError(f"init.warm_start_steps ({cfg.init.warm_start_steps}) is not "
                           "supported by the drop-in loop (your code builds the model): load "
@@ -242,10 +251,10 @@ class Trainer:
                              partition=None, device=device, clock=WallClock((me,)),
                              eval_model=copy.deepcopy(model) if evaluate else None,
                              out=job.out, evaluate=evaluate)
-        self.member = Member(cfg, me, job.membership, job.store, self.transport, self.engine,
-                             lambda: worker, fresh_state(model), background=False,
-                             token=job.token, checkpoint_dir=job.checkpoint_dir,
-                             stopping=job.stopping)
+        self.member = member_class(algorithm)(
+            cfg, me, job.membership, job.store, self.transport, self.engine, lambda: worker,
+            fresh_state(model), background=False, token=job.token,
+            checkpoint_dir=job.checkpoint_dir, stopping=job.stopping)
         job.membership.on_live = self.member.on_live
         signal.signal(signal.SIGTERM, lambda *_: job.stopping.set())
         if hasattr(job.membership, "start"):  # the coordinator checks the model's fingerprint

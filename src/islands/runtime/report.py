@@ -58,6 +58,8 @@ def merge(summaries: list[dict], coordinator: dict | None = None) -> dict:
         "idle_s_by_worker": [s["idle_s_by_worker"][0] for s in ordered],
         "wall_time_s": max(s["wall_time_s"] for s in ordered),
         "final_hashes": sorted({s["final_hash"] for s in ordered}),
+        # each worker's own model (they differ in a gossip run without a final merge)
+        "final_eval_loss_by_worker": [s.get("final_eval_loss") for s in ordered],
         "rounds_committed_by_worker": [s["rounds_committed"] for s in ordered],
         "aborted_attempts": sum(s["aborted_attempts"] for s in ordered),
         "state_transfers": sum(s["state_transfers"] for s in ordered),

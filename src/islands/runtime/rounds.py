@@ -107,12 +107,18 @@ class RoundRules:
     def _release_start(self, b: Barrier, here: set[int]) -> dict:
         reports = {i: b.arrivals[i] for i in here}
         top = max(int(r["round"]) for r in reports.values())
-        majority, tied = _majority({i: r["hash"] for i, r in reports.items()
-                                    if int(r["round"]) == top})
-        if tied:
-            log.warning("round %d: states tie; keeping the lowest worker id's", top)
-        good = sorted(i for i, r in reports.items()
-                      if int(r["round"]) == top and r["hash"] == majority)
+        at_top = {i: r["hash"] for i, r in reports.items() if int(r["round"]) == top}
+        if self.sampled:
+            # a sampled round leaves its state with its participants only: no majority (the
+            # members' states differ by design; the algorithm's refresh brings a drawn
+            # worker up to date), and a joiner's source committed the last round if it can
+            good = sorted(at_top, key=lambda i: (i not in self._last_committers, i))
+            majority = at_top[good[0]]
+        else:
+            majority, tied = _majority(at_top)
+            if tied:
+                log.warning("round %d: states tie; keeping the lowest worker id's", top)
+            good = sorted(i for i, h in at_top.items() if h == majority)
         stale = sorted(set(here) - set(good))
         for i in stale:
             if int(reports[i]["round"]) == top:
@@ -167,6 +173,7 @@ class RoundRules:
         if ok:
             if r > self.last_round:
                 self.rounds_committed += 1
+            self._last_committers = frozenset(here)
             self.last_round = max(self.last_round, r)
             f = self._in_flight
             if f is not None and f["round"] == r:

@@ -38,6 +38,7 @@ from islands.engine import (
 from islands.metrics.run_dir import RunDir
 from islands.runtime import outputs
 from islands.runtime.fingerprint import fingerprint
+from islands.runtime.gossip import member_class
 from islands.runtime.member import Member, member_transport, refuse_simulator_only
 from islands.runtime.membership import Removed, Unauthorized
 
@@ -96,6 +97,10 @@ class RuntimeWorker:
         partition = task.data(cfg.workers, cfg.seed, cfg.data)
         base = initial_model(cfg, task, device)
         algorithm = build_algorithm(cfg)
+        if getattr(algorithm, "remember", False):
+            # MoDeST: a process that joins mid-run has not seen the earlier draws, so every
+            # process recomputes the last round's draw over the current members instead
+            algorithm.remember = False
         self.engine = Engine(cfg, algorithm, self.transport, [], task=task, partition=partition,
                              device=device, clock=WallClock((me,)),
                              eval_model=copy.deepcopy(base), out=self.out)
@@ -109,10 +114,10 @@ class RuntimeWorker:
             self.membership.fingerprint = fingerprint(
                 cfg, base, rounds=self.engine.rounds,
                 data_sizes=[partition.size(w) for w in range(cfg.workers)])
-        self.member = Member(cfg, me, self.membership, self.store, self.transport, self.engine,
-                             build, fresh_state(base), background=not self.resume,
-                             token=self.token, checkpoint_dir=self.checkpoint_dir,
-                             stopping=self.stopping)
+        self.member = member_class(algorithm)(
+            cfg, me, self.membership, self.store, self.transport, self.engine, build,
+            fresh_state(base), background=not self.resume, token=self.token,
+            checkpoint_dir=self.checkpoint_dir, stopping=self.stopping)
         if self.resume:
             self.member.resume(self.resume)
 
