@@ -17,6 +17,7 @@ at once):
     python benchmarks/gossip.py --workers 16 --topologies ring exponential --jobs 2
     python benchmarks/gossip.py --partition dirichlet --jobs 2
     python benchmarks/gossip.py --modest --workers 10 --jobs 2
+    python benchmarks/gossip.py --algorithms noloco --topologies matching --seeds 0 1 2
 
 Writes ``bench-results/gossip.json`` and ``.png`` (``--json`` moves both): eval loss against
 bytes sent and against virtual time, one panel per topology.
@@ -47,6 +48,10 @@ ALGORITHMS: dict[str, list[str]] = {
     "gossip_diloco, send local, 2 gossip steps": [
         "algorithm.name=gossip_diloco", "algorithm.send=local", "topology.gossip_steps=2"],
     "gossip local SGD": ["algorithm.name=dsgd"],  # sync_every 50: local SGD with gossip
+    # NoLoCo: one vector a round to a random partner (its own pairing, whatever the topology)
+    "noloco": ["algorithm.name=noloco"],
+    "noloco, heavy-ball 0.3": ["algorithm.name=noloco", "outer.nesterov=false",
+                               "outer.momentum=0.3"],
 }
 BASELINES: dict[str, list[str]] = {
     "all-reduce DiLoCo": ["algorithm.name=diloco"],

@@ -44,6 +44,22 @@ def _exchange(n, rows, send_to, tensors, steps=1):
     return transport, work.wait()
 
 
+def test_a_gossip_step_holds_each_worker_only_for_its_own_neighbours():
+    """Virtual time: on a ring of 6, worker 0 comes 5 s late. Its neighbours 1 and 5 wait
+    for it; 2, 3 and 4 do not (one step: they only exchange with 1..5 among themselves)."""
+    n = 6
+    rows = {i: {j: 1 / 3 for j in ((i - 1) % n, i, (i + 1) % n)} for i in range(n)}
+    send_to = {i: ((i - 1) % n, (i + 1) % n) for i in range(n)}
+    transport = SimTransport(n, NetworkModel(1e9, 0.0), VirtualClock(n))
+    transport.clock.compute(0, 5.0)
+    start_neighbours(Group(transport, tuple(range(n))),
+                     {i: torch.ones(250) for i in range(n)},
+                     codecs={i: Identity() for i in range(n)}, rows=rows, send_to=send_to)
+    now = [transport.clock.time_s(i) for i in range(n)]
+    assert now[0] > 5.0 and now[1] == now[5] == now[0]
+    assert now[2] == now[3] == now[4] < 0.01  # 2 x (1000 + 16) bytes at 1 Gbit/s
+
+
 def test_a_neighbour_exchange_applies_each_row_and_sends_only_to_receivers():
     n = 4  # a ring, weights 1/3
     rows = {i: {j: 1 / 3 for j in ((i - 1) % n, i, (i + 1) % n)} for i in range(n)}
@@ -187,3 +203,38 @@ def test_noloco_settings_are_checked():
         tiny_config("algorithm.name=noloco", "algorithm.groups=triples")
     with pytest.raises(ConfigError, match="aggregator.name"):
         check_algorithm(tiny_config("algorithm.name=noloco", "aggregator.name=median"))
+
+
+def test_a_partition_keeps_gossip_on_each_side_until_it_heals(tmp_path):
+    """A ring of 4 cut into {0, 1} | {2, 3} from round 1 to round 4: in between each worker
+    sends to its one neighbour on its side (half the bytes), the sides drift apart (the
+    consensus distance grows), and after the heal they mix again."""
+    from islands.metrics.run_dir import read_metrics
+
+    cut = ("faults=[{kind='partition', workers=[0, 1], round=1}, {kind='heal', round=4}]")
+    sim = Simulation(tiny_config(*BASE, "algorithm.name=dsgd", "algorithm.sync_every=2",
+                                 "topology.name=ring", cut), tmp_path)
+    s = sim.run()
+    rows = [r for r in read_metrics(tmp_path) if r["worker"] == 0]
+    message = 4 * s["params"] + 16
+    assert [r["bytes_sent"] for r in rows] == [2 * message] + [message] * 3 + [2 * message] * 2
+    whole = Simulation(tiny_config(*BASE, "algorithm.name=dsgd", "algorithm.sync_every=2",
+                                   "topology.name=ring"), tmp_path / "whole")
+    whole.run()
+    apart = {r["round"]: r["consensus_distance"] for r in rows}
+    together = {r["round"]: r["consensus_distance"]
+                for r in read_metrics(tmp_path / "whole") if r["worker"] == 0}
+    assert apart[0] == together[0]  # the same run until the cut
+    assert all(apart[r] > together[r] for r in (1, 2, 3))
+
+
+def test_partition_faults_are_checked():
+    with pytest.raises(ConfigError, match=r"faults\[0\].workers"):
+        tiny_config("algorithm.name=dsgd", "faults=[{kind='partition', round=1}]")
+    with pytest.raises(ConfigError, match=r"faults\[0\].worker "):
+        tiny_config("algorithm.name=dsgd", "faults=[{kind='heal', worker=1, round=1}]")
+    with pytest.raises(ConfigError, match=r"faults\[0\].workers"):
+        tiny_config("workers=4", "faults=[{kind='partition', workers=[0, 1, 2, 3], round=1}]")
+    with pytest.raises(ConfigError, match="partitions apply to gossip algorithms"):
+        Simulation(tiny_config("workers=4", "algorithm.name=diloco",
+                               "faults=[{kind='partition', workers=[0], round=1}]")).run()

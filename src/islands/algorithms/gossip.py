@@ -60,16 +60,23 @@ class Mixing:
             raise ValueError(f"gossip_steps ({gossip_steps}) must be >= 1")
         self.topology, self.gossip_steps = topology, gossip_steps
         self.round, self.members = 0, ()
+        self.reachable: Callable[[int, int], bool] = lambda a, b: True
 
     def begin_round(self, group, round: int) -> None:
         self.round, self.members = round, tuple(group.members)
+        self.reachable = group.transport.reachable
 
     def contribution(self, worker: Worker, tensor: torch.Tensor, tag: str) -> Contribution:
-        """``tensor`` mixed with the worker's neighbours' in this round's graph."""
-        r, members = self.round, self.members
-        return Contribution(tensor, tag=tag, collective="neighbours",
-                            mixing=self.topology.rows(r, members)[worker.id],
-                            send_to=self.topology.receivers(r, worker.id, members),
+        """``tensor`` mixed with the worker's neighbours' in this round's graph. A neighbour
+        behind a cut link (a partition) is left out and its weight stays with the worker
+        (``W_ii += W_ij``): the matrix stays symmetric and doubly stochastic."""
+        r, members, me = self.round, self.members, worker.id
+        row = dict(self.topology.rows(r, members)[me])
+        for j in [j for j in row if not self.reachable(me, j)]:
+            row[me] += row.pop(j)
+        return Contribution(tensor, tag=tag, collective="neighbours", mixing=row,
+                            send_to=tuple(j for j in self.topology.receivers(r, me, members)
+                                          if self.reachable(me, j)),
                             steps=self.gossip_steps)
 
     def describe(self) -> dict:

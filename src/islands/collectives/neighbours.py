@@ -65,7 +65,8 @@ def _step(group: Group, values: dict[int, torch.Tensor], codecs: dict[int, Codec
     for i in group.local:
         peers.update(rows[i], send_to[i])
     members = tuple(m for m in group.members if m in peers)
-    pending = Exchange(group.transport.exchange(outgoing, members, phase=tag))
+    with group.transport.pairwise():  # each waits for its own neighbours only
+        pending = Exchange(group.transport.exchange(outgoing, members, phase=tag))
     return {i: _mixed(pending, values, codecs[i], rows[i], i, tag) for i in group.local}
 
 

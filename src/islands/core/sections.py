@@ -418,7 +418,8 @@ class AttackConfig:
         return ATTACK_SCALES.get(self.name, 1.0) if self.scale is None else float(self.scale)
 
 
-FAULT_KINDS = ("crash", "leave", "join", "slow", "link")
+FAULT_KINDS = ("crash", "leave", "join", "slow", "link", "partition", "heal")
+NETWORK_WIDE = ("partition", "heal")  # events of the whole network, not of one worker
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -431,8 +432,11 @@ class Fault:
             (it takes part from the round on, with the committed state from a live member;
             one absent from the start joins so too), ``"slow"`` (its inner steps take
             ``factor`` times as long from then on), ``"link"`` (its link becomes
-            ``upload_bps`` / ``download_bps`` / ``latency_s`` from then on).
-        worker: the worker's id.
+            ``upload_bps`` / ``download_bps`` / ``latency_s`` from then on), ``"partition"``
+            (every link between ``workers`` and the rest is cut from then on: gossip
+            exchanges stay on each side; no ``worker``), ``"heal"`` (the cut links are back).
+        worker: the worker's id (not for ``partition`` and ``heal``).
+        workers: ``partition``: the ids on one side of the cut (the others are the other).
         round: the round it happens at (or ``at_s``).
         at_s: the virtual time it happens at: the first round that starts at or after it
             (a crash: the round the worker is computing at that time).
@@ -441,7 +445,8 @@ class Fault:
     """
 
     kind: str
-    worker: int
+    worker: int | None = None
+    workers: tuple[int, ...] | None = None
     round: int | None = None
     at_s: float | None = None
     factor: float | None = None
@@ -453,8 +458,21 @@ class Fault:
         key = f"faults[{i}]"
         check(self.kind in FAULT_KINDS, f"{key}.kind", self.kind,
               f"must be one of {', '.join(FAULT_KINDS)}")
-        check(0 <= self.worker < workers, f"{key}.worker", self.worker,
-              f"must name a worker in [0, {workers - 1}] (workers = {workers})")
+        if self.kind in NETWORK_WIDE:
+            check(self.worker is None, f"{key}.worker", self.worker,
+                  f"is not read by kind = {self.kind!r} (a network event): remove it")
+        else:
+            check(self.worker is not None and 0 <= self.worker < workers, f"{key}.worker",
+                  self.worker, f"must name a worker in [0, {workers - 1}] (workers = "
+                  f"{workers})")
+        check((self.workers is not None) == (self.kind == "partition"), f"{key}.workers",
+              self.workers, "is set for kind = 'partition' only (one side of the cut), and "
+              "needed there")
+        if self.workers is not None:
+            side = set(self.workers)
+            check(0 < len(side) < workers and side <= set(range(workers)), f"{key}.workers",
+                  list(self.workers), f"must name some but not all of the workers [0, "
+                  f"{workers - 1}] (one side of the cut)")
         check((self.round is None) != (self.at_s is None), f"{key}.round", self.round,
               "needs exactly one of round (a round index) and at_s (virtual seconds)")
         check(self.round is None or self.round >= 0, f"{key}.round", self.round, "must be >= 0")

@@ -13,6 +13,11 @@ What the survivors do is what the real runtime's do:
   whose first membership event in the plan is a ``join`` is absent until then.
 * ``slow``: its inner steps take ``factor`` times its configured step time from then on.
 * ``link``: its link's settings change from then on.
+* ``partition``: every link between ``workers`` and the others is cut from then on, until a
+  ``heal``. Only gossip algorithms take it (an all-reduce cannot cross a cut): each worker
+  keeps the weight a cut neighbour had in its row of the mixing matrix for itself (the matrix
+  stays doubly stochastic), so each side averages within itself and the sides drift apart
+  until the cut heals.
 
 The straggler policy (``algorithm.min_quorum``, ``algorithm.grace_s``, :func:`quorum`) lives
 here too: a member later than the quorum's grace window is left out of the round's sync.
@@ -46,6 +51,11 @@ class FaultPlan:
             raise ConfigError(f"faults with algorithm {engine.algorithm.name!r} overlapping "
                               "its syncs are not supported yet: remove [[faults]] or use a "
                               "blocking algorithm")
+        cuts = [f for f in self.faults if f.kind == "partition"]
+        if cuts and engine.algorithm.shares_parameters:
+            raise ConfigError(f"a partition fault cuts links that algorithm "
+                              f"{engine.algorithm.name!r}'s all-reduce needs: partitions apply "
+                              "to gossip algorithms (dsgd, gossip_diloco, noloco); remove it")
         self.applied: set[int] = set()
         first: dict[int, str] = {}
         for f in self.faults:
@@ -93,6 +103,10 @@ class FaultPlan:
                 changes = {k: getattr(f, k) for k in ("upload_bps", "download_bps", "latency_s")
                            if getattr(f, k) is not None}
                 net.overrides[f.worker] = replace(net.link(f.worker), **changes)
+            elif f.kind == "partition":
+                self.engine.transport.network.cut = frozenset(f.workers)
+            elif f.kind == "heal":
+                self.engine.transport.network.cut = None
         members = tuple(sorted(self.alive))
         if not members:
             raise ConfigError(f"the fault plan leaves no worker at round {r}: keep one, or "

@@ -171,6 +171,11 @@ class Transport(ABC):
     def received(self, worker: int) -> int:
         """Bytes a local worker has received so far."""
 
+    def reachable(self, a: int, b: int) -> bool:
+        """Whether the link between workers ``a`` and ``b`` is up (the simulator's network
+        model cuts links in a partition; a real transport finds out by trying)."""
+        return True
+
     @abstractmethod
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
                  phase: str, *, place: Place | None = None,
@@ -208,6 +213,13 @@ class Transport(ABC):
         :class:`Flight` yielded settles them (the simulator's clock charges each member only
         the part it waits for). This default: they complete when issued."""
         yield Flight()
+
+    @contextlib.contextmanager
+    def pairwise(self) -> Iterator[None]:
+        """Exchanges inside are a gossip step: each worker waits only for the workers it
+        sends to or receives from, not for every member. This default: nothing to change
+        (a real process's exchange already names only its own peers)."""
+        yield
 
     @contextlib.contextmanager
     def posting(self) -> Iterator[None]:

@@ -52,6 +52,11 @@ class NetworkModel:
         self.default = Link(bandwidth_bps, bandwidth_bps, latency_s)
         self.overrides = {w: Link(**{**self.default.__dict__, **o})
                           for w, o in (overrides or {}).items()}
+        self.cut: frozenset[int] | None = None  # a partition: one side (the fault plan's)
+
+    def reachable(self, a: int, b: int) -> bool:
+        """Whether the link between ``a`` and ``b`` is up (not across a partition)."""
+        return self.cut is None or (a in self.cut) == (b in self.cut)
 
     @classmethod
     def from_config(cls, cfg) -> NetworkModel:
@@ -114,6 +119,21 @@ class VirtualClock:
             else:
                 self.comm_s[m] += duration_s
                 self.now[m] = start + duration_s
+
+    def neighbourhoods(self, peers: dict[int, tuple[int, ...]],
+                       durations: dict[int, float]) -> None:
+        """A gossip step: each worker waits for the last of its ``peers`` (itself included)
+        and for their links, then spends its own ``durations`` entry; the waits are taken
+        from the times before the step, so a worker is held only by its neighbourhood.
+        Issued in the background it falls back to :meth:`barrier` over everyone."""
+        if self._flight is not None:
+            self.barrier(tuple(peers), max(durations.values(), default=0.0))
+            return
+        start = {m: max(max(self.now[j], self.link_free[j]) for j in p)
+                 for m, p in peers.items()}
+        for m, t0 in start.items():
+            self.link_free[m] = self.now[m] = t0 + durations[m]
+            self.comm_s[m] += durations[m]
 
     def abandon(self, worker: int, at_s: float) -> None:
         """``worker`` stops computing at ``at_s`` (its round, left out, is abandoned): the
@@ -198,6 +218,7 @@ class SimTransport(Transport):
         # {(sender, receiver): bytes}: what crossed each directed link (the busiest one)
         self.link_bytes: collections.Counter = collections.Counter()
         self._posting = False
+        self._pairwise = False
 
     @property
     def local(self) -> tuple[int, ...]:
@@ -208,6 +229,9 @@ class SimTransport(Transport):
 
     def received(self, worker: int) -> int:
         return self.bytes_received[worker]
+
+    def reachable(self, a: int, b: int) -> bool:
+        return self.network.reachable(a, b)
 
     def exchange(self, messages: dict[tuple[int, int], Message], members: tuple[int, ...],
                  phase: str, *, place: Place | None = None,
@@ -228,6 +252,15 @@ class SimTransport(Transport):
                 self.clock.post(src, sent[src], {d: msg.nbytes for (s, d), msg
                                                  in messages.items() if s == src and d != s},
                                 self.network)
+        elif self._pairwise:
+            peers = {m: {m} for m in members}
+            for src, dst in messages:
+                peers[src].add(dst)
+                peers[dst].add(src)
+            self.clock.neighbourhoods(
+                {m: tuple(p) for m, p in peers.items()},
+                {m: self._duration({j: sent[j] for j in p}, {j: received[j] for j in p})
+                 for m, p in peers.items()})
         else:
             self.clock.barrier(members, self._duration(sent, received))
         return dict(messages)
@@ -245,6 +278,14 @@ class SimTransport(Transport):
     def in_background(self) -> Iterator[Flight]:
         with self.clock.background() as flight:
             yield Flight(lambda: self.clock.settle(flight))
+
+    @contextlib.contextmanager
+    def pairwise(self) -> Iterator[None]:
+        self._pairwise = True
+        try:
+            yield
+        finally:
+            self._pairwise = False
 
     @contextlib.contextmanager
     def posting(self) -> Iterator[None]:
