@@ -18,6 +18,8 @@ at once):
     python benchmarks/gossip.py --partition dirichlet --jobs 2
     python benchmarks/gossip.py --modest --workers 10 --jobs 2
     python benchmarks/gossip.py --algorithms noloco --topologies matching --seeds 0 1 2
+    python benchmarks/gossip.py --topologies ring --baselines --algorithms \
+        "gossip_diloco, cut in half rounds 2-5" "gossip_diloco, variance-corrected"
 
 Writes ``bench-results/gossip.json`` and ``.png`` (``--json`` moves both): eval loss against
 bytes sent and against virtual time, one panel per topology.
@@ -52,6 +54,14 @@ ALGORITHMS: dict[str, list[str]] = {
     "noloco": ["algorithm.name=noloco"],
     "noloco, heavy-ball 0.3": ["algorithm.name=noloco", "outer.nesterov=false",
                                "outer.momentum=0.3"],
+    "gossip_diloco, variance-corrected": ["algorithm.name=gossip_diloco",
+                                          "topology.variance_correction=true"],
+}
+# a gossip DiLoCo ring cut in half (workers [0, n/2) | the rest) at round 2, healed at round 6
+# of 8 or never: the fault plan's partition and heal
+PARTITIONS: dict[str, tuple[int, int | None]] = {
+    "gossip_diloco, cut in half rounds 2-5": (2, 6),
+    "gossip_diloco, cut in half from round 2": (2, None),
 }
 BASELINES: dict[str, list[str]] = {
     "all-reduce DiLoCo": ["algorithm.name=diloco"],
@@ -67,6 +77,13 @@ def modest_crash(workers: int, steps: int = 400, h: int = 50) -> str:
     middle = steps // h // 2
     return "faults=[" + ", ".join(f"{{kind='crash', worker={w}, round={middle}}}"
                                   for w in gone) + "]"
+
+
+def partition_faults(workers: int, cut: int, heal: int | None) -> str:
+    events = [f"{{kind='partition', workers={list(range(workers // 2))}, round={cut}}}"]
+    if heal is not None:
+        events.append(f"{{kind='heal', round={heal}}}")
+    return "faults=[" + ", ".join(events) + "]"
 
 
 def run_one(label: str, topology: str | None, workers: int, seed: int, partition: str,
@@ -100,6 +117,9 @@ def overrides(label: str, topology: str | None, workers: int) -> list[str]:
         return BASELINES[label]
     if label.startswith("MoDeST"):
         return [*MODEST, *([modest_crash(workers)] if "crash" in label else [])]
+    if label in PARTITIONS:
+        return ["algorithm.name=gossip_diloco", f"topology.name={topology}",
+                partition_faults(workers, *PARTITIONS[label])]
     return [*ALGORITHMS[label], f"topology.name={topology}"]
 
 
@@ -190,7 +210,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[8])
     p.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=TOPOLOGIES)
     p.add_argument("--algorithms", nargs="+", default=["gossip_diloco"],
-                   choices=list(ALGORITHMS))
+                   choices=[*ALGORITHMS, *PARTITIONS])
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
     p.add_argument("--modest", action="store_true",
                    help="MoDeST with and without 80%% of the workers crashing mid-run instead")

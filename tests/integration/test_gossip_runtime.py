@@ -117,6 +117,21 @@ def test_gossip_peers_keep_training_for_30_s_after_the_coordinator_is_killed(tmp
         assert last["commit_unix"] > t_kill + 29 and last["participants"] == [0, 1, 2, 3]
 
 
+def test_a_worker_arriving_after_a_gossip_job_started_is_refused(tmp_path, procs,
+                                                                 coordinator):
+    coord = coordinator(join_timeout_s=1.0)
+    addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
+    over = ["workers=4", "steps=100000", "algorithm.name=dsgd", "eval_every=100000"]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
+    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(3)) >= 2, 90, "round 2")
+    late = procs.worker(3, addr, out, over)
+    assert late.wait(timeout=60) == 3
+    assert "were fixed at its start" in procs.stderr(late)
+    r = last_round(out / "w0")
+    wait_until(lambda: last_round(out / "w0") >= r + 3, 30, "the three going on")
+    assert all(p.poll() is None for p in ws.values())
+
+
 def test_modest_trains_on_when_4_of_5_processes_stop_answering(tmp_path, procs, coordinator):
     """MoDeST draws 2 of 5 workers each round; workers 1-4 are stopped (SIGSTOP: no answer,
     no exit) mid-run. The coordinator drops them, and worker 0 goes on drawing itself: no

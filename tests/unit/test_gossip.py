@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from islands.algorithms import LocalSGD, check_algorithm
-from islands.algorithms.gossip import SENDS
+from islands.algorithms.gossip import SENDS, GossipDiLoCoConfig
 from islands.codecs.base import Encoded
 from islands.codecs.cast import Identity
 from islands.collectives.butterfly import Group
@@ -238,3 +238,60 @@ def test_partition_faults_are_checked():
     with pytest.raises(ConfigError, match="partitions apply to gossip algorithms"):
         Simulation(tiny_config("workers=4", "algorithm.name=diloco",
                                "faults=[{kind='partition', workers=[0], round=1}]")).run()
+
+
+def test_variance_corrected_mixing_keeps_each_tensor_s_spread():
+    """Three uncorrelated models averaged: each tensor's spread falls to about 1/sqrt(3) of
+    theirs; corrected, it is their weighted mean spread again, about the same mean."""
+    n, segments = 3, (1000, 500)
+    rows = {i: {j: 1 / 3 for j in range(n)} for i in range(n)}
+    send_to = {i: tuple(j for j in range(n) if j != i) for i in range(n)}
+    gen = torch.Generator().manual_seed(0)
+    xs = {i: torch.cat([torch.randn(1000, generator=gen),
+                        5 + 0.1 * torch.randn(500, generator=gen)]) for i in range(n)}
+    plain = start_neighbours(Group(SimTransport(n, NetworkModel(), VirtualClock(n)),
+                                   tuple(range(n))), xs,
+                             codecs={i: Identity() for i in range(n)}, rows=rows,
+                             send_to=send_to).wait()
+    fixed = start_neighbours(Group(SimTransport(n, NetworkModel(), VirtualClock(n)),
+                                   tuple(range(n))), xs,
+                             codecs={i: Identity() for i in range(n)}, rows=rows,
+                             send_to=send_to, segments=segments).wait()
+    for k, (lo, hi) in enumerate(((0, 1000), (1000, 1500))):
+        want = sum(float(xs[j][lo:hi].std(correction=0)) for j in range(n)) / n
+        got_plain = float(plain[0][lo:hi].std(correction=0))
+        got = float(fixed[0][lo:hi].std(correction=0))
+        assert got_plain < 0.7 * want  # shrunk (uncorrelated: about 0.58)
+        assert got == pytest.approx(want, rel=1e-5)
+        assert float(fixed[0][lo:hi].mean()) == pytest.approx(float(plain[0][lo:hi].mean()),
+                                                              abs=1e-5)
+
+
+def test_dsgd_with_variance_correction_trains_and_differs_from_plain_mixing():
+    plain, _ = _run("algorithm.name=dsgd", "algorithm.sync_every=3", "topology.name=ring")
+    fixed, s = _run("algorithm.name=dsgd", "algorithm.sync_every=3", "topology.name=ring",
+                    "topology.variance_correction=true")
+    assert s["final_eval_loss"] < s["eval_curve"][0]["eval_loss"]
+    assert not torch.equal(fixed.final_params, plain.final_params)
+
+
+def test_a_gossip_joiner_takes_a_live_worker_s_own_state():
+    """A gossip joiner (the fault plan's handover) starts from the source's own global
+    parameters and outer momentum: gossip shares no state, so the handover is the source's
+    own, not nothing (the joiner would keep the initial model)."""
+    from islands.sim.faults import hand_state
+
+    sim, _ = _run("algorithm.name=gossip_diloco", "algorithm.sync_every=3",
+                  "topology.name=ring", "inner.optimizer='adamw'")
+    src, dst = sim.workers[0], sim.workers[3]
+    assert not torch.equal(src.global_params, dst.global_params)
+    transport = SimTransport(4, NetworkModel(), VirtualClock(4))
+    engine = type("E", (), {"algorithm": GossipDiLoCoConfig().build(
+        tiny_config(*BASE, "algorithm.name=gossip_diloco"), None), "transport": transport})
+    hand_state(engine, src, [dst])
+    assert torch.equal(dst.global_params, src.global_params)
+    assert torch.equal(dst.flat_params(), src.global_params.detach())
+    momentum = dst.outer.state[dst.global_params]["momentum_buffer"]
+    assert torch.equal(momentum, src.outer.state[src.global_params]["momentum_buffer"])
+    # the parameters and the momentum, fp32, counted on the link
+    assert transport.link_bytes[(0, 3)] == 2 * 4 * src.flat_params().numel()

@@ -177,6 +177,8 @@ class Contribution:
             (itself included; the weights sum to 1).
         send_to: ``"neighbours"``: the workers whose rows name this one (its receivers).
         steps: ``"neighbours"``: gossip steps (each one exchange on the last one's result).
+        segments: ``"neighbours"``: the lengths of the tensors ``tensor`` joins, to correct
+            each one's variance after mixing (variance-corrected averaging); empty: none.
     """
 
     tensor: torch.Tensor
@@ -186,6 +188,7 @@ class Contribution:
     mixing: dict[int, float] | None = None
     send_to: tuple[int, ...] = ()
     steps: int = 1
+    segments: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.collective not in COLLECTIVES:
@@ -321,6 +324,14 @@ class Algorithm(ABC):
                 if torch.is_tensor(v):
                     state[f"outer/{k}"] = v
         return state
+
+    def handover(self, worker: Worker) -> dict[str, torch.Tensor]:
+        """What a joiner adopts from ``worker``: the shared state, or, where each worker's
+        parameters are its own (``shares_parameters`` False: gossip), that worker's own
+        global parameters, buffers and outer state (the same fields)."""
+        if self.shares_parameters:
+            return self.shared_state(worker)
+        return Algorithm.shared_state(self, worker)
 
     @torch.no_grad()
     def load_shared_state(self, worker: Worker, state: dict[str, torch.Tensor], *,

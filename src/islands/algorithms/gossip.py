@@ -53,12 +53,16 @@ class Mixing:
     Args:
         topology: the graph and its mixing matrices.
         gossip_steps: exchanges per sync (``W^k``).
+        variance_correction: rescale each tensor of mixed parameters to the spread the
+            mixed models had (:mod:`islands.collectives.neighbours`).
     """
 
-    def __init__(self, topology: Topology, gossip_steps: int = 1) -> None:
+    def __init__(self, topology: Topology, gossip_steps: int = 1,
+                 variance_correction: bool = False) -> None:
         if gossip_steps < 1:
             raise ValueError(f"gossip_steps ({gossip_steps}) must be >= 1")
         self.topology, self.gossip_steps = topology, gossip_steps
+        self.variance_correction = variance_correction
         self.round, self.members = 0, ()
         self.reachable: Callable[[int, int], bool] = lambda a, b: True
 
@@ -74,13 +78,17 @@ class Mixing:
         row = dict(self.topology.rows(r, members)[me])
         for j in [j for j in row if not self.reachable(me, j)]:
             row[me] += row.pop(j)
+        segments = (tuple(p.numel() for p in worker.params)
+                    if self.variance_correction and tag == "parameters" else ())
         return Contribution(tensor, tag=tag, collective="neighbours", mixing=row,
                             send_to=tuple(j for j in self.topology.receivers(r, me, members)
                                           if self.reachable(me, j)),
-                            steps=self.gossip_steps)
+                            steps=self.gossip_steps, segments=segments)
 
     def describe(self) -> dict:
-        """The topology's facts for ``summary.json``."""
+        """The topology's facts for ``summary.json`` (its name only before any round)."""
+        if not self.members:
+            return {"name": self.topology.name}
         return self.topology.describe(self.members)
 
 
@@ -91,9 +99,10 @@ class DSGD(Algorithm):
     shares_parameters = False
 
     def __init__(self, sync_every: SyncEvery, *, topology: Topology, gossip_steps: int = 1,
-                 final_merge: bool = False) -> None:
+                 final_merge: bool = False, variance_correction: bool = False) -> None:
         super().__init__(sync_every)
-        self.mixing, self.final_merge = Mixing(topology, gossip_steps), final_merge
+        self.mixing = Mixing(topology, gossip_steps, variance_correction)
+        self.final_merge = final_merge
         self.describe = self.mixing.describe
 
     def begin_round(self, group, workers: list[Worker], round: int) -> None:
@@ -121,11 +130,12 @@ class GossipDiLoCo(Algorithm):
 
     def __init__(self, sync_every: SyncEvery, *, topology: Topology, outer: OuterFactory,
                  send: str = "two_phase", gossip_steps: int = 1,
-                 final_merge: bool = False) -> None:
+                 final_merge: bool = False, variance_correction: bool = False) -> None:
         super().__init__(sync_every)
         if send not in SENDS:
             raise ValueError(f"send ({send!r}) must be one of {SENDS}")
-        self.mixing, self.final_merge = Mixing(topology, gossip_steps), final_merge
+        self.mixing = Mixing(topology, gossip_steps, variance_correction)
+        self.final_merge = final_merge
         self.describe = self.mixing.describe
         self.outer_factory, self.send = outer, send
 
@@ -190,6 +200,8 @@ class TopologyConfig:
         seed: the random graphs' seed (None: the run's).
         time_varying: redraw a random graph every round (None: only the time-varying names).
         gossip_steps: gossip steps per round (each one exchange with the neighbours).
+        variance_correction: after mixing parameters, rescale each tensor to the spread the
+            mixed models had (variance-corrected averaging; not for mixed pseudo-gradients).
     """
 
     name: str = "ring"
@@ -197,6 +209,7 @@ class TopologyConfig:
     seed: int | None = None
     time_varying: bool | None = None
     gossip_steps: int = 1
+    variance_correction: bool = False
 
     def __post_init__(self) -> None:
         check(self.gossip_steps >= 1, "topology.gossip_steps", self.gossip_steps,
@@ -229,7 +242,8 @@ class DSGDConfig(AlgorithmConfig):
     def build(self, run, aggregator) -> DSGD:
         _plain_mean(run)
         return DSGD(self.sync_every, topology=run.topology.build(run.seed),
-                    gossip_steps=run.topology.gossip_steps, final_merge=self.final_merge)
+                    gossip_steps=run.topology.gossip_steps, final_merge=self.final_merge,
+                    variance_correction=run.topology.variance_correction)
 
 
 @register("algorithm", "gossip_diloco", sections={"outer": OuterConfig,
@@ -264,7 +278,8 @@ class GossipDiLoCoConfig(AlgorithmConfig):
         return GossipDiLoCo(self.sync_every, topology=run.topology.build(run.seed),
                             outer=outer_factory(run.outer), send=self.send,
                             gossip_steps=run.topology.gossip_steps,
-                            final_merge=self.final_merge)
+                            final_merge=self.final_merge,
+                            variance_correction=run.topology.variance_correction)
 
 
 @register("algorithm", "noloco", sections={"outer": OuterConfig, "topology": TopologyConfig})
@@ -310,7 +325,8 @@ class NoLoCoConfig(AlgorithmConfig):
                     else run.topology.build(run.seed))
         return GossipDiLoCo(self.sync_every, topology=topology, outer=outer_factory(run.outer),
                             send="local", gossip_steps=run.topology.gossip_steps,
-                            final_merge=self.final_merge)
+                            final_merge=self.final_merge,
+                            variance_correction=run.topology.variance_correction)
 
 
 def _plain_mean(run) -> None:

@@ -14,6 +14,13 @@ only what crosses the wire loses precision). Sums run in ascending member order,
 result is the same in the simulator and over real processes. Every received payload is checked
 as the butterfly's are (:mod:`.checks`): a malformed or non-finite one is refused naming its
 sender.
+
+**Variance-corrected averaging** (``segments``; Tian et al. 2024, "Vanishing Variance Problem
+in Fully Decentralized Neural-Network Systems"): averaging models that do not agree shrinks
+each weight tensor's spread below what the models had. With ``segments`` (the lengths of the
+tensors the flat vector joins), each tensor of the mixed result is rescaled about its mean so
+that its standard deviation is the row's weighted mean of the mixed tensors' standard
+deviations (a tensor whose result has none is left as it is).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from islands.transports.base import Exchange, Message
 def start_neighbours(group: Group, contributions: dict[int, torch.Tensor], *,
                      codecs: dict[int, Codec], rows: dict[int, dict[int, float]],
                      send_to: dict[int, tuple[int, ...]], steps: int = 1,
-                     tag: str = "neighbours") -> Work:
+                     tag: str = "neighbours", segments: tuple[int, ...] = ()) -> Work:
     """Mixes each local member's tensor with its neighbours' (``steps`` gossip steps).
 
     Args:
@@ -40,6 +47,7 @@ def start_neighbours(group: Group, contributions: dict[int, torch.Tensor], *,
         send_to: {local member i: the members whose rows name i} (its receivers).
         steps: gossip steps (each one exchange on the values the last one mixed).
         tag: names the stream (keys codec state such as error-feedback residuals).
+        segments: correct each tensor's variance after every step (see the module).
 
     Returns:
         A handle whose :meth:`~Work.wait` gives {local member: mixed tensor (fp32)}.
@@ -48,13 +56,14 @@ def start_neighbours(group: Group, contributions: dict[int, torch.Tensor], *,
     assert steps >= 1, steps
     values = {i: x.float() for i, x in contributions.items()}
     for s in range(steps):
-        values = _step(group, values, codecs, rows, send_to, f"{tag}/{s}" if s else tag)
+        values = _step(group, values, codecs, rows, send_to, f"{tag}/{s}" if s else tag,
+                       segments)
     return Work(values)
 
 
 def _step(group: Group, values: dict[int, torch.Tensor], codecs: dict[int, Codec],
           rows: dict[int, dict[int, float]], send_to: dict[int, tuple[int, ...]],
-          tag: str) -> dict[int, torch.Tensor]:
+          tag: str, segments: tuple[int, ...]) -> dict[int, torch.Tensor]:
     outgoing: dict[tuple[int, int], Message] = {}
     for i, x in values.items():
         to = [j for j in send_to[i] if j != i]
@@ -67,14 +76,18 @@ def _step(group: Group, values: dict[int, torch.Tensor], codecs: dict[int, Codec
     members = tuple(m for m in group.members if m in peers)
     with group.transport.pairwise():  # each waits for its own neighbours only
         pending = Exchange(group.transport.exchange(outgoing, members, phase=tag))
-    return {i: _mixed(pending, values, codecs[i], rows[i], i, tag) for i in group.local}
+    return {i: _mixed(pending, values, codecs[i], rows[i], i, tag, segments)
+            for i in group.local}
 
 
 def _mixed(pending: Exchange, values: dict[int, torch.Tensor], codec: Codec,
-           row: dict[int, float], me: int, tag: str) -> torch.Tensor:
-    """``Σ_j row[j] x_j`` in ascending ``j``; ``x_me`` exact, the others decoded and checked."""
+           row: dict[int, float], me: int, tag: str, segments: tuple[int, ...]
+           ) -> torch.Tensor:
+    """``Σ_j row[j] x_j`` in ascending ``j``; ``x_me`` exact, the others decoded and checked;
+    with ``segments``, each tensor's spread restored (see the module)."""
     own = values[me]
     out = torch.zeros_like(own)
+    spread = torch.zeros(len(segments), dtype=torch.float64)
     for j in sorted(row):
         if j == me:
             x = own
@@ -83,4 +96,14 @@ def _mixed(pending: Exchange, values: dict[int, torch.Tensor], codec: Codec,
             decode_checked(codec, received(pending, (j, me), tag).payload, x, 0, j, tag)
             refuse_non_finite([x], (j,), tag)
         out.add_(x, alpha=float(row[j]))
+        if segments:
+            spread += row[j] * torch.stack([t.double().std(correction=0)
+                                            for t in x.split(segments)])
+    if segments:
+        with torch.no_grad():
+            for t, target in zip(out.split(segments), spread.tolist()):
+                sd = float(t.double().std(correction=0))
+                if sd > 0 and target > 0:
+                    mean = t.mean()
+                    t.sub_(mean).mul_(target / sd).add_(mean)
     return out

@@ -407,7 +407,7 @@ class Engine:
             if flat is not None:
                 first = plans[w.id][0]
                 plans[w.id].append(
-                    dataclasses.replace(first, tensor=flat, tag="buffers")
+                    dataclasses.replace(first, tensor=flat, tag="buffers", segments=())
                     if first.collective == "neighbours"
                     else Contribution(flat, first.weight, tag="buffers"))
         count = len(plans[workers[0].id])
@@ -441,6 +441,7 @@ class Engine:
                 if first.collective == "neighbours":
                     works.append(start_neighbours(
                         group, tensors, codecs=codecs, tag=first.tag, steps=first.steps,
+                        segments=first.segments,
                         rows={wid: c.mixing for wid, c in items.items()},
                         send_to={wid: c.send_to for wid, c in items.items()}))
                 elif first.collective == "all_gather" or self.whole_vector:
@@ -538,7 +539,7 @@ class Engine:
         shared parameters (gossip), the average of the last round's members'."""
         if self.algorithm.shares_parameters:
             return self.algorithm.global_state(worker), worker.global_buffers
-        members = self.local(self._members)
+        members = self.local(self._members) or [worker]  # (no round recorded here yet)
         return consensus.average(self.algorithm, members), _mean_buffers(members)
 
     @torch.no_grad()

@@ -1,27 +1,28 @@
 """One worker's side of a gossip run over real processes: no barrier after the start.
 
 An algorithm whose workers' parameters differ by design (``Algorithm.shares_parameters`` is
-False: ``dsgd``, ``gossip_diloco``) has no global state to commit, hash or repair. Its
-:class:`GossipMember` passes the coordinator's ``start`` barrier once, which admits the
-members (every worker of the config), forms the epoch's process group and opens its
-streams. From then on each round's sync is the algorithm's neighbour exchange on the
-round's topology (:func:`~islands.collectives.neighbours.start_neighbours`): the worker
-sends to and waits for its neighbours only, pairwise over the streams, and goes on to the
-next round as soon as they answered. No ``ready``, no ``commit``, no hash check: a worker may
+False: ``dsgd``, ``gossip_diloco``, ``noloco``) has no global state to commit, hash or
+repair. Its :class:`GossipMember` passes the coordinator's ``start`` barrier once, which
+admits the members (the workers there within ``runtime.join_timeout_s``), forms the epoch's
+process group and opens its streams. From then on each round's sync is the algorithm's
+neighbour exchange on the round's topology
+(:func:`~islands.collectives.neighbours.start_neighbours`): the worker sends to and waits
+for its neighbours only, pairwise over the streams, and goes on to the next round as soon as
+they answered. No ``ready``, no ``commit``, no hash check: a worker may
 be a round ahead of a neighbour that is still waiting for a third; the graph's distances
 bound how far apart two workers can drift.
 
 The coordinator is asked nothing after the start: if it dies, the members keep training
 with the topology they computed from the members it admitted (the heartbeats keep trying to
-reach it in the background). A worker that joins later waits at ``start`` until the
-coordinator is back.
+reach it in the background).
 
 What is left out (documented in ``docs/gossip.md``): the members are fixed at the start. A
 neighbour that fails (its exchange breaks or times out after
 ``runtime.collective_timeout_s``) ends this worker's run with an error naming it, since the
 others' rows of the mixing matrix still count on it; re-forming the topology over the
-survivors without a global barrier is not built yet. The final merge
-(``algorithm.final_merge``) is the one global collective, at the very end.
+survivors without a global barrier is not built yet, and a worker that arrives after the
+start is refused. The final merge (``algorithm.final_merge``) is the one global collective,
+at the very end.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import logging
 import time
 
-from islands.algorithms import Algorithm
 from islands.collectives.butterfly import Group
 from islands.core.errors import CommError, ConfigError, Stopping
 from islands.engine import Engine, RoundPlan
@@ -52,6 +52,7 @@ class GossipMember(Member):
         if kwargs.get("checkpoint_dir"):
             raise ConfigError(NO_CHECKPOINTS)
         super().__init__(*args, **kwargs)
+        self._start_fields = {"fixed": True}  # a worker coming after the start is refused
         self.members: tuple[int, ...] = ()  # admitted at the start, fixed for the run
         self._keys_of: dict[int, str] = {}
 
@@ -64,7 +65,7 @@ class GossipMember(Member):
         final merge)."""
         if self._builder is not None:
             return self._fresh_hash
-        return state.digest(Algorithm.shared_state(self.algorithm, self.worker))
+        return state.digest(self.algorithm.handover(self.worker))
 
     def next_round(self, engine: Engine) -> RoundPlan | None:
         """The job's start (the one barrier), then every round in turn."""
@@ -72,7 +73,13 @@ class GossipMember(Member):
             return None
         t0 = time.perf_counter()
         if not self.members:
-            res = self._start()  # builds the worker, forms the group, opens the streams
+            try:
+                res = self._start()  # builds the worker, forms the group, opens the streams
+            except Stopping:
+                raise
+            except CommError as e:  # no second chance: the members are fixed at the start
+                raise Removed(f"worker {self.me} could not join the gossip run at its "
+                              f"start: {e}") from None
             if res.get("heal") or res["need_state"] or res["round"] != self.round:
                 raise Removed(f"a gossip run admits its members at its start only; worker "
                               f"{self.me} came at round {res['round']} (members "

@@ -148,6 +148,7 @@ class Member:
         self.epoch = self._prefix = None
         self.resumed = False
         self._wait_for = cfg.workers
+        self._start_fields: dict = {}  # what else this driver tells the coordinator at start
         self._fresh_hash = state.digest(fresh)
         self._snap: dict | None = None
         self._build_fn, self._build_error = build, None
@@ -337,7 +338,8 @@ class Member:
         # wait_for only holds a coordinator's very first barrier: the job's start (all
         # workers), or its restart (the members of the last epoch).
         res = self.membership.request("start", round=self.round, hash=self.hash(),
-                                      wait_for=self._wait_for, heal=self._may_heal())
+                                      wait_for=self._wait_for, heal=self._may_heal(),
+                                      **self._start_fields)
         self._wait_for = 1
         if res.get("finished"):
             raise Removed(f"the job finished (last round committed: {res['last_round']}) "

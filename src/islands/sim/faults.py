@@ -139,9 +139,10 @@ class FaultPlan:
 
 
 def hand_state(engine, src, dsts) -> None:
-    """``src``'s committed shared state installed on each of ``dsts`` (their parameters
-    reset to it), its bytes counted and charged to both links as a blocking transfer."""
-    state = {k: v.detach().clone() for k, v in engine.algorithm.shared_state(src).items()}
+    """``src``'s committed shared state (gossip: its own, ``Algorithm.handover``) installed
+    on each of ``dsts`` (their parameters reset to it), its bytes counted and charged to both
+    links as a blocking transfer."""
+    state = {k: v.detach().clone() for k, v in engine.algorithm.handover(src).items()}
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     for w in dsts:
         engine.algorithm.load_shared_state(w, state, reset_params=True)
