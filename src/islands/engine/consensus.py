@@ -4,8 +4,9 @@ state: the average of the members' global parameters (what is evaluated, and wha
 members' global parameters to that average), and the evaluation of a fixed sample of the
 workers' own models.
 
-These need every member's parameters in this process: the simulator has them; the real
-runtime refuses gossip algorithms for now (``islands.runtime``).
+These need every member's parameters in this process: the simulator has them. A real
+process holds its own only, so it evaluates its own model and reports no distance; a job's
+``final.safetensors`` is the workers' average (``islands.runtime.report``).
 """
 
 from __future__ import annotations

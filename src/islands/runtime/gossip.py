@@ -8,9 +8,9 @@ process group and opens its streams. From then on each round's sync is the algor
 neighbour exchange on the round's topology
 (:func:`~islands.collectives.neighbours.start_neighbours`): the worker sends to and waits
 for its neighbours only, pairwise over the streams, and goes on to the next round as soon as
-they answered. No ``ready``, no ``commit``, no hash check: a worker may
-be a round ahead of a neighbour that is still waiting for a third; the graph's distances
-bound how far apart two workers can drift.
+they answered. No ``ready``, no ``commit``, no hash check: a worker may be a round ahead of
+a neighbour that is still waiting for a third; the graph's distances bound how far apart two
+workers can drift.
 
 The coordinator is asked nothing after the start: if it dies, the members keep training
 with the topology they computed from the members it admitted (the heartbeats keep trying to
@@ -58,6 +58,11 @@ class GossipMember(Member):
 
     def resume(self, path) -> None:
         raise ConfigError(NO_CHECKPOINTS)
+
+    def on_live(self, live: set[int], sent_at: float) -> None:
+        """Nothing: a member the coordinator no longer lists may simply have finished its
+        last round (the others finish theirs without it); a neighbour that fails shows up
+        in the exchange itself (its stream closes, or the collective times out)."""
 
     def hash(self) -> str:
         """The digest of this worker's own state (parameters, buffers, outer state): what

@@ -46,14 +46,7 @@ from islands.algorithms import Worker, build_algorithm
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig, load_config, parse_overrides
 from islands.core.errors import CommError, ConfigError, StorageError, TaskError
-from islands.engine import (
-    Engine,
-    WallClock,
-    attach,
-    fresh_state,
-    inner_optimizer,
-    run_codec,
-)
+from islands.engine import Engine, WallClock, attach, fresh_state, inner_optimizer, run_codec
 from islands.metrics.run_dir import RunDir, check_writable
 from islands.runtime import outputs
 from islands.runtime.auth import load_token

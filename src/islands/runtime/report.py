@@ -87,11 +87,19 @@ def write_job(job: Path, coordinator: dict | None = None, *, title: str = "") ->
         dirs = worker_dirs(job)
         if not dirs:
             return None
-        merged = merge([json.loads((d / "summary.json").read_text()) for d in dirs], coordinator)
+        summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+        merged = merge(summaries, coordinator)
         first = dirs[0] / "final.safetensors"
+        finals = [d / "final.safetensors" for d in dirs]
         if len(merged["final_hashes"]) == 1 and first.is_file():
             write_atomic(job / "final.safetensors", first.read_bytes(),
                          what="the final parameters")
+        elif ("topology" in summaries[0] and len(dirs) == merged["workers"]
+              and all(f.is_file() for f in finals)):
+            # a gossip job without a final merge: the workers' average, as the simulator's
+            write_atomic(job / "final.safetensors", average_states(finals),
+                         what="the workers' average model")
+            merged["final_safetensors"] = "the average of the workers' own models"
         write_json(job / "summary.json", merged)
     finally:
         os.close(fd)
@@ -104,3 +112,21 @@ def write_job(job: Path, coordinator: dict | None = None, *, title: str = "") ->
     except Exception as e:  # noqa: BLE001 (optional output)
         log.warning("%s: loss.png not drawn (%s: %s)", job, type(e).__name__, e)
     return merged
+
+
+def average_states(paths: list[Path]) -> bytes:
+    """The mean of the workers' ``final.safetensors`` (every tensor, fp32 sums in worker
+    order, as the simulator averages), as ``safetensors`` bytes with the first's metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    states = [load_file(p) for p in paths]
+    with safe_open(paths[0], "pt") as f:
+        metadata = f.metadata()
+    mean = {}
+    for name, t in states[0].items():
+        total = t.float().clone()
+        for s in states[1:]:
+            total.add_(s[name].float())
+        mean[name] = total.div_(len(states)).to(t.dtype)
+    return save(mean, metadata=metadata)
