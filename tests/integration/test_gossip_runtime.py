@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     assert_final_equal,
     final_state,
     free_port,
+    kill,
     last_round,
     metrics,
     wait_until,
@@ -116,19 +117,33 @@ def test_gossip_peers_keep_training_for_30_s_after_the_coordinator_is_killed(tmp
         assert last["commit_unix"] > t_kill + 29 and last["participants"] == [0, 1, 2, 3]
 
 
-def test_a_worker_arriving_after_a_gossip_job_started_is_refused(tmp_path, procs,
-                                                                 coordinator):
-    coord = coordinator(join_timeout_s=1.0)
+def test_gossip_members_regroup_when_a_worker_dies_and_when_one_joins(tmp_path, procs,
+                                                                     coordinator):
+    """A ring of 4: worker 3 is killed, its neighbours' exchanges fail, every survivor
+    undoes its round and the three regroup at the coordinator and go on as a ring of 3. A new
+    worker 3 then joins: the members regroup with it (it receives a member's own state) and
+    go on as a ring of 4 again."""
+    coord = coordinator()
     addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
-    over = ["workers=4", "steps=100000", "algorithm.name=dsgd", "eval_every=100000"]
-    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
-    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(3)) >= 2, 90, "round 2")
-    late = procs.worker(3, addr, out, over)
-    assert late.wait(timeout=60) == 3
-    assert "were fixed at its start" in procs.stderr(late)
-    r = last_round(out / "w0")
-    wait_until(lambda: last_round(out / "w0") >= r + 3, 30, "the three going on")
+    over = ["workers=4", "steps=100000", "algorithm.name=gossip_diloco", "topology.name=ring",
+            "eval_every=100000"]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(4)}
+    wait_until(lambda: min(last_round(out / f"w{i}") for i in range(4)) >= 2, 90, "round 2")
+    kill(ws, 3, out)
+    three = [0, 1, 2]
+    wait_until(lambda: all(sum(r["participants"] == three for r in metrics(out / f"w{i}")) >= 3
+                           for i in three), 60, "three rounds of the three")
+    ws[3] = procs.worker(3, addr, out, over)
+    wait_until(lambda: len(metrics(out / "w3")) >= 3, 60, "three rounds of the joiner")
+    joined = metrics(out / "w3")
+    assert joined[0]["round"] > 2 and all(r["participants"] == [0, 1, 2, 3] for r in joined)
+    assert "received the shared state" in procs.stderr(ws[3])
+    after = [r for r in metrics(out / "w0") if r["round"] >= joined[0]["round"]]
+    assert after and all(r["participants"] == [0, 1, 2, 3] for r in after)
     assert all(p.poll() is None for p in ws.values())
+    groups = [e["members"] for e in coord.epochs]
+    print(f"regroupings: {groups}")
+    assert groups[0] == [0, 1, 2, 3] and [0, 1, 2] in groups and groups[-1] == [0, 1, 2, 3]
 
 
 def test_modest_trains_on_when_4_of_5_processes_stop_answering(tmp_path, procs, coordinator):

@@ -150,6 +150,11 @@ class GossipDiLoCo(Algorithm):
         worker.outer = self.outer_factory([worker.global_params])
         worker.second_exchange = False  # two_phase: the round's second exchange is next
 
+    def load_shared_state(self, worker: Worker, state: dict[str, torch.Tensor], *,
+                          reset_params: bool = True) -> None:
+        super().load_shared_state(worker, state, reset_params=reset_params)
+        worker.second_exchange = False  # a state loaded (a joiner, a round undone) starts one
+
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:
         if self.send == "local":

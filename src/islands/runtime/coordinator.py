@@ -396,11 +396,6 @@ class Coordinator(RoundRules):
             log.warning("worker %d: malformed request refused: %s", wid, why)
             return {"error": why}
         if op == "start":
-            if req.get("fixed") and self.epoch > 0 and wid not in self.current:
-                # a gossip job admits its members at its start only (runtime.gossip)
-                return {"error": f"this job's members {list(self.current)} were fixed at its "
-                                 "start (a gossip algorithm); restart the job to add worker "
-                                 f"{wid}", "removed": True}
             self._behind.discard(wid)
             rounds = self.fingerprint.get("rounds")
             if isinstance(rounds, int) and self.last_round >= rounds - 1:

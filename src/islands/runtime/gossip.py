@@ -1,34 +1,42 @@
-"""One worker's side of a gossip run over real processes: no barrier after the start.
+"""One worker's side of a gossip run over real processes: no barrier per round.
 
 An algorithm whose workers' parameters differ by design (``Algorithm.shares_parameters`` is
 False: ``dsgd``, ``gossip_diloco``, ``noloco``) has no global state to commit, hash or
-repair. Its :class:`GossipMember` passes the coordinator's ``start`` barrier once, which
-admits the members (the workers there within ``runtime.join_timeout_s``), forms the epoch's
-process group and opens its streams. From then on each round's sync is the algorithm's
-neighbour exchange on the round's topology
-(:func:`~islands.collectives.neighbours.start_neighbours`): the worker sends to and waits
-for its neighbours only, pairwise over the streams, and goes on to the next round as soon as
-they answered. No ``ready``, no ``commit``, no hash check: a worker may be a round ahead of
-a neighbour that is still waiting for a third; the graph's distances bound how far apart two
-workers can drift.
+repair. Its :class:`GossipMember` passes the coordinator's ``start`` barrier to form a group:
+the members (the workers there), the epoch's process group and streams, and the round to go
+on from. Then each round's sync is the algorithm's neighbour exchange on the round's
+topology (:func:`~islands.collectives.neighbours.start_neighbours`): the worker sends to and
+waits for its neighbours only, pairwise over the streams, and goes on to the next round as
+soon as they answered. No ``ready``, no ``commit``, no hash check: a worker may be a round
+ahead of a neighbour that is still waiting for a third; the graph's distances bound how far
+apart two workers can drift. If the coordinator dies, the members keep training with the
+topology they have (the heartbeats keep trying to reach it in the background).
 
-The coordinator is asked nothing after the start: if it dies, the members keep training
-with the topology they computed from the members it admitted (the heartbeats keep trying to
-reach it in the background).
+**Churn: regrouping.** The members change only at a regrouping, the coordinator's ``start``
+again (its job: membership and topology):
 
-What is left out (documented in ``docs/gossip.md``): the members are fixed at the start. A
-neighbour that fails (its exchange breaks or times out after
-``runtime.collective_timeout_s``) ends this worker's run with an error naming it, since the
-others' rows of the mixing matrix still count on it; re-forming the topology over the
-survivors without a global barrier is not built yet, and a worker that arrives after the
-start is refused. The final merge (``algorithm.final_merge``) is the one global collective,
-at the very end.
+* a neighbour exchange fails (a peer crashed: its stream closed; or one hung past
+  ``runtime.collective_timeout_s``): the worker undoes the round (its own state as the round
+  began), closes its streams, so that its neighbours fail at once and regroup too (the whole
+  graph follows within a round), and goes to ``start``;
+* the coordinator lists a worker that is not a member (a joiner waiting at ``start``): every
+  member aborts its round at its next exchange and regroups.
+
+The coordinator releases the regrouping once every live worker is there (a dead one is
+dropped after ``runtime.heartbeat_timeout_s``): the members are those present, the round the
+furthest any of them reached (the others skip to it, keeping their parameters), and a joiner
+that never trained receives a member's own state (parameters, outer state, inner moments).
+The coordinator's live set is not read otherwise: a member that finished its last round and
+left is no failure. The final merge (``algorithm.final_merge``) is the one global
+collective, at the very end.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+
+import torch
 
 from islands.collectives.butterfly import Group
 from islands.core.errors import CommError, ConfigError, Stopping
@@ -40,29 +48,26 @@ from islands.runtime.membership import Removed
 log = logging.getLogger("islands.worker")
 
 NO_CHECKPOINTS = ("a gossip run (algorithm.shares_parameters is False) has no checkpoints yet: "
-                  "each worker's parameters are its own and its members are fixed at its "
-                  "start; run it without --checkpoint-dir and --resume")
+                  "each worker's parameters are its own; run it without --checkpoint-dir and "
+                  "--resume")
 
 
 class GossipMember(Member):
-    """Drives a gossip worker: one ``start`` barrier, then rounds with neighbours only (an
-    :class:`~islands.engine.Driver`, as :class:`Member`, whose constructor it shares)."""
+    """Drives a gossip worker: a ``start`` barrier to (re)group, then rounds with neighbours
+    only (an :class:`~islands.engine.Driver`, as :class:`Member`, whose constructor it
+    shares)."""
 
     def __init__(self, *args, **kwargs) -> None:
         if kwargs.get("checkpoint_dir"):
             raise ConfigError(NO_CHECKPOINTS)
         super().__init__(*args, **kwargs)
-        self._start_fields = {"fixed": True}  # a worker coming after the start is refused
-        self.members: tuple[int, ...] = ()  # admitted at the start, fixed for the run
+        self.members: tuple[int, ...] = ()  # the group's (empty: regroup at the next round)
         self._keys_of: dict[int, str] = {}
+        self._round_start: dict[str, torch.Tensor] = {}  # own state as the round began
+        self.regroups = 0
 
     def resume(self, path) -> None:
         raise ConfigError(NO_CHECKPOINTS)
-
-    def on_live(self, live: set[int], sent_at: float) -> None:
-        """Nothing: a member the coordinator no longer lists may simply have finished its
-        last round (the others finish theirs without it); a neighbour that fails shows up
-        in the exchange itself (its stream closes, or the collective times out)."""
 
     def hash(self) -> str:
         """The digest of this worker's own state (parameters, buffers, outer state): what
@@ -72,8 +77,24 @@ class GossipMember(Member):
             return self._fresh_hash
         return state.digest(self.algorithm.handover(self.worker))
 
+    def _start_extra(self) -> dict:
+        """A gossip (re)grouping; ``fresh``: this worker never trained a round (a joiner)."""
+        return {"gossip": True, "fresh": self.stats.first_commit_unix is None}
+
+    def on_live(self, live: set[int], sent_at: float) -> None:
+        """Heartbeat thread: a worker the coordinator lists that is not a member (a joiner at
+        ``start``) makes this member regroup: its exchange in flight, or its next one,
+        aborts. Departures are not read here (see the module)."""
+        if (not self.members or sent_at < self.transport.group_since
+                or self.round >= self.engine.rounds):
+            return
+        if live - set(self.members) and not self.transport.abort_event.is_set():
+            log.info("worker %d: workers %s wait to join; regrouping", self.me,
+                     sorted(live - set(self.members)))
+            self.transport.abort_event.set()
+
     def next_round(self, engine: Engine) -> RoundPlan | None:
-        """The job's start (the one barrier), then every round in turn."""
+        """A (re)grouping when due, then the next round."""
         if self.stopping.is_set() or self.round >= engine.rounds:
             return None
         t0 = time.perf_counter()
@@ -82,17 +103,18 @@ class GossipMember(Member):
                 res = self._start()  # builds the worker, forms the group, opens the streams
             except Stopping:
                 raise
-            except CommError as e:  # no second chance: the members are fixed at the start
-                raise Removed(f"worker {self.me} could not join the gossip run at its "
-                              f"start: {e}") from None
-            if res.get("heal") or res["need_state"] or res["round"] != self.round:
-                raise Removed(f"a gossip run admits its members at its start only; worker "
-                              f"{self.me} came at round {res['round']} (members "
-                              f"{sorted(res['members'])}): restart the job to add workers")
+            except CommError as e:
+                raise Removed(f"worker {self.me} could not (re)join the gossip run: {e}"
+                              ) from None
+            if res["round"] > self.round:  # others went further: skip to where they are
+                self.fast_forward(res["round"])
+                self.round = res["round"]
             self.members = tuple(sorted(res["members"]))
             self._keys_of = _keys(res)
-            log.info("worker %d: gossip with members %s from round %d; no barrier from here "
-                     "on", self.me, list(self.members), self.round)
+            log.info("worker %d: gossip with members %s from round %d; no barrier until the "
+                     "members change", self.me, list(self.members), self.round)
+        self._round_start = {k: v.detach().clone()
+                             for k, v in self.algorithm.handover(self.worker).items()}
         r = self.round
         return RoundPlan(r, self.members, self.algorithm.participants(r, self.members),
                          Group(self.transport, self.members), info={"t0": t0})
@@ -103,16 +125,22 @@ class GossipMember(Member):
         self.transport.set_context(f"{plan.round}/gossip", self._keys_of)
         engine.end_round(plan.everyone, [self.worker])
         self.round = plan.round + 1
-        return self._row(plan.round, {"members": list(plan.participants)}, plan.info["t0"],
-                         t_sync)
+        return self._row(plan.round, {"members": list(plan.participants),
+                                      "attempts": self.regroups + 1}, plan.info["t0"], t_sync)
 
     def abort(self, engine: Engine, plan: RoundPlan | None, error: CommError) -> None:
-        """A neighbour failed: the fixed topology cannot go on without it (see the module)."""
+        """An exchange failed (or a joiner waits): undo the round and regroup."""
         if isinstance(error, Stopping):
             self.stopping.set()
             return
-        raise Removed(f"round {self.round}: a neighbour exchange failed ({error}); a gossip "
-                      "run's members are fixed at its start, so this worker stops") from None
+        log.warning("worker %d: round %d: %s; undoing the round and regrouping", self.me,
+                    self.round, error)
+        if self._round_start:
+            state.load(self.algorithm, self.worker, self._round_start, reset_params=True)
+        self.transport.close_streams()  # its neighbours fail now, not at their timeout
+        self.members = ()
+        self.regroups += 1
+        self.stats.aborted_attempts += 1
 
 
 def member_class(algorithm) -> type[Member]:

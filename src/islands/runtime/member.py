@@ -148,7 +148,6 @@ class Member:
         self.epoch = self._prefix = None
         self.resumed = False
         self._wait_for = cfg.workers
-        self._start_fields: dict = {}  # what else this driver tells the coordinator at start
         self._fresh_hash = state.digest(fresh)
         self._snap: dict | None = None
         self._build_fn, self._build_error = build, None
@@ -339,7 +338,7 @@ class Member:
         # workers), or its restart (the members of the last epoch).
         res = self.membership.request("start", round=self.round, hash=self.hash(),
                                       wait_for=self._wait_for, heal=self._may_heal(),
-                                      **self._start_fields)
+                                      **self._start_extra())
         self._wait_for = 1
         if res.get("finished"):
             raise Removed(f"the job finished (last round committed: {res['last_round']}) "
@@ -357,6 +356,10 @@ class Member:
         if self.stats.joined_round is None:
             self.stats.joined_round = res["round"]
         return res
+
+    def _start_extra(self) -> dict:
+        """What else this driver tells the coordinator at ``start`` (nothing)."""
+        return {}
 
     def _land_early(self) -> None:
         """The sync in flight (an overlapped round's) lands before anything else uses the
@@ -426,7 +429,7 @@ class Member:
             return False
         mine = None
         if self.me == src:  # the shared state, and the inner moments a fresh joiner adopts
-            mine = {**self.algorithm.shared_state(self.worker), **state.inner_state(self.worker)}
+            mine = {**self.algorithm.handover(self.worker), **state.inner_state(self.worker)}
         before, t0 = self.transport.bytes_received, time.perf_counter()
         got = state.transfer(self.transport, tuple(members), src, list(dsts), mine)
         dt = time.perf_counter() - t0  # the exchange only (includes waiting for the source)
@@ -434,7 +437,7 @@ class Member:
             return False
         inner = {k: v for k, v in got.items() if k.startswith("inner/")}
         shared = {k: v for k, v in got.items() if not k.startswith("inner/")}
-        state.check(shared, self.algorithm.shared_state(self.worker), src)
+        state.check(shared, self.algorithm.handover(self.worker), src)
         state.load(self.algorithm, self.worker, shared)
         if state.adopt_inner(self.worker, inner):
             log.info("worker %d: adopted worker %d's inner optimizer moments", self.me, src)

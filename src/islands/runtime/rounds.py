@@ -106,6 +106,8 @@ class RoundRules:
 
     def _release_start(self, b: Barrier, here: set[int]) -> dict:
         reports = {i: b.arrivals[i] for i in here}
+        if any(r.get("gossip") for r in reports.values()):
+            return self._release_gossip(reports, here)
         top = max(int(r["round"]) for r in reports.values())
         at_top = {i: r["hash"] for i, r in reports.items() if int(r["round"]) == top}
         if self.sampled:
@@ -137,6 +139,21 @@ class RoundRules:
         return {**out, "round": top, "src": good[0], "hash": majority, "healing": healing,
                 "keys": self._keys(here),
                 "need_state": [i for i in stale if i not in healing]}
+
+    def _release_gossip(self, reports: dict, here: set[int]) -> dict:
+        """A gossip job's (re)grouping (:mod:`islands.runtime.gossip`): its members hold
+        parameters of their own, so no majority and no repair. The round is the furthest any
+        member reached (the others skip to it with their own parameters); a fresh worker (a
+        joiner that never trained) receives the state of the lowest member that has."""
+        top = max(int(r["round"]) for r in reports.values())
+        fresh = sorted(i for i, r in reports.items() if r.get("fresh"))
+        sources = sorted(set(here) - set(fresh))
+        out = self._new_epoch(tuple(sorted(here)))
+        log.info("gossip members %s from round %d%s", sorted(here), top,
+                 f"; {fresh} take worker {sources[0]}'s state" if fresh and sources else "")
+        return {**out, "round": top, "src": sources[0] if sources else min(here),
+                "hash": None, "healing": [], "keys": self._keys(here),
+                "need_state": fresh if sources else []}
 
     def _release_ready(self, b: Barrier, here: set[int]) -> dict:
         members = tuple(sorted(here))

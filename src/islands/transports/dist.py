@@ -157,6 +157,13 @@ class DistTransport(Transport):
             self._epoch = None
         self._epoch = Epoch(self.streams, prefix, self.worker, peers, keys, self.timeout_s)
 
+    def close_streams(self) -> None:
+        """Closes the current epoch's streams now: the peers' transfers with this worker fail
+        at once instead of at their timeout (a gossip member leaving its epoch to regroup)."""
+        if self._epoch is not None:
+            self._epoch.close()
+            self._epoch = None
+
     def stream_addresses(self, store: dist.Store, prefix: str,
                          members: tuple[int, ...]) -> dict[int, str] | None:
         """Publishes this worker's stream address under ``prefix`` in ``store`` and reads the
