@@ -72,6 +72,9 @@ def test_a_gossip_job_ends_with_the_simulator_s_per_worker_parameters(tmp_path, 
     else:  # four models; the job's final.safetensors is their average, the simulator's
         assert len(job["final_hashes"]) == 4 and len(set(job["final_eval_loss_by_worker"])) == 4
         assert_final_equal(tmp_path / "job", sim.final_state, "the workers' average")
+        for key in ("final_eval_loss", "final_eval_loss_own", "final_eval_consensus_distance"):
+            assert job[key] == pytest.approx(summary[key], rel=1e-6), key
+        assert job["final_eval_consensus_distance"] > 0
 
 
 def test_a_modest_job_ends_with_the_simulator_s_per_worker_parameters(tmp_path, procs):
@@ -153,7 +156,8 @@ def test_modest_trains_on_when_4_of_5_processes_stop_answering(tmp_path, procs, 
     coord = coordinator()
     addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
     over = ["workers=5", "steps=100000", "algorithm.name=modest",
-            "algorithm.sample_fraction=0.4", "eval_every=100000"]
+            "algorithm.sample_fraction=0.4", "eval_every=100000",
+            "runtime.collective_timeout_s=10"]  # a wait on a stopped peer ends sooner
     ws = {i: procs.worker(i, addr, out, over) for i in range(5)}
     wait_until(lambda: min(last_round(out / f"w{i}") for i in range(5)) >= 3, 90, "round 3")
     drawn = {tuple(r["participants"]) for i in range(5) for r in metrics(out / f"w{i}")}

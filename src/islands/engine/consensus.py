@@ -22,12 +22,22 @@ from islands.core.seeding import derive_seed
 OWN_SAMPLE = 4
 
 
+def mean_of(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of flat vectors (fp32, summed in the given order)."""
+    total = torch.zeros_like(vectors[0], dtype=torch.float32)
+    for v in vectors:
+        total.add_(v.float())
+    return total.div_(len(vectors))
+
+
+def distance_of(vectors: list[torch.Tensor], mean: torch.Tensor) -> float:
+    """``mean_i ||v_i − mean||₂`` (0 when all agree)."""
+    return sum(float((v.float() - mean).norm()) for v in vectors) / len(vectors)
+
+
 def average(algorithm: Algorithm, workers: list[Worker]) -> torch.Tensor:
     """The mean of the workers' global parameters (fp32, summed in id order)."""
-    total = torch.zeros_like(algorithm.global_state(workers[0]), dtype=torch.float32)
-    for w in sorted(workers, key=lambda w: w.id):
-        total.add_(algorithm.global_state(w).float())
-    return total.div_(len(workers))
+    return mean_of([algorithm.global_state(w) for w in sorted(workers, key=lambda w: w.id)])
 
 
 def distance(algorithm: Algorithm, workers: list[Worker],
@@ -35,8 +45,7 @@ def distance(algorithm: Algorithm, workers: list[Worker],
     """The consensus distance: ``mean_i ||θ_i − θ̄||₂`` (0 when all agree); ``mean``: their
     :func:`average`, when the caller has it."""
     mean = average(algorithm, workers) if mean is None else mean
-    return sum(float((algorithm.global_state(w).float() - mean).norm())
-               for w in workers) / len(workers)
+    return distance_of([algorithm.global_state(w) for w in workers], mean)
 
 
 def own_sample(seed: int, n_workers: int, members: tuple[int, ...]) -> list[int]:

@@ -534,6 +534,32 @@ class Engine:
         return {**metrics, "loss_own": sum(own) / len(own),
                 "consensus_distance": consensus.distance(alg, workers, mean)}
 
+    @torch.no_grad()
+    def evaluate_states(self, states: dict[int, dict[str, torch.Tensor]]) -> dict:
+        """A gossip job's end from its workers' ``final.safetensors`` ({worker: state_dict}),
+        as the simulator reports it: the average model's metrics (``final_eval_*``), the
+        mean eval loss of the same sample of own models (``final_eval_loss_own``) and the
+        consensus distance over the trainable parameters."""
+        model, ids = self.eval_model, sorted(states)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        flats = [torch.cat([states[i][n].reshape(-1).float() for n in names]) for i in ids]
+
+        def metrics(state: dict[str, torch.Tensor]) -> dict:
+            model.load_state_dict(state)
+            model.eval()
+            return {k: float(v) for k, v in self.evaluator(model).items()}
+
+        mean = {k: consensus.mean_of([states[i][k] for i in ids]).to(v.dtype)
+                for k, v in states[ids[0]].items()}
+        avg = metrics(mean)
+        sample = consensus.own_sample(self.cfg.seed, self.cfg.workers, tuple(ids))
+        own = [metrics(states[i])["eval_loss"] for i in sample]
+        return {"final_eval_loss": avg["eval_loss"],
+                **{f"final_eval_{k}": v for k, v in avg.items() if k != "eval_loss"},
+                "final_eval_loss_own": sum(own) / len(own),
+                "final_eval_consensus_distance": consensus.distance_of(
+                    flats, consensus.mean_of(flats))}
+
     def final_params(self, worker: Worker) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The run's result: ``worker``'s global parameters and buffers (flat), or, without
         shared parameters (gossip), the average of the last round's members'."""

@@ -240,8 +240,13 @@ class Member:
 
     def _form(self, make: Callable):
         """Runs ``make`` (a blocking group formation, the streams' addresses) in a thread; a
-        SIGTERM meanwhile gives up at once (the thread is left to its own timeout)."""
+        SIGTERM meanwhile gives up at once, and so does a formation that outlasts
+        ``runtime.collective_timeout_s`` (gloo's connection to a peer that was stopped after
+        it published its address can block past its own timeout); the thread is left to
+        end on its own."""
         out: dict = {}
+        limit_s = self.cfg.runtime.collective_timeout_s
+        deadline = time.monotonic() + limit_s
 
         def run() -> None:
             try:
@@ -255,6 +260,9 @@ class Member:
             t.join(0.05)
             if self.stopping.is_set():
                 raise Stopping("asked to stop while forming a process group")
+            if time.monotonic() > deadline:
+                raise CommError(f"the process group did not form within {limit_s:g} s "
+                                "(runtime.collective_timeout_s): a member is not answering")
         if "error" in out:
             raise out["error"]
         return out["group"]

@@ -52,7 +52,9 @@ def finish(out: RunDir, engine: Engine, member, wall_s: float, extra: dict) -> d
     out.finish(summary, final=engine.final_bytes(member.worker))
     if is_worker_dir(out.path):
         try:
-            write_job(out.path.parent)
+            write_job(out.path.parent, evaluate_states=(
+                engine.evaluate_states if engine.evaluator is not None
+                and not engine.algorithm.shares_parameters else None))
         except Exception as e:  # noqa: BLE001 (the job's merge is optional: this worker's
             # own files are written)
             log.warning("the job's summary in %s not written (%s: %s)", out.path.parent,

@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from islands.core.files import write_atomic
@@ -75,7 +76,9 @@ def worker_dirs(job: Path) -> list[Path]:
                    and (d / "summary.json").is_file()), key=lambda d: int(d.name[1:]))
 
 
-def write_job(job: Path, coordinator: dict | None = None, *, title: str = "") -> dict | None:
+def write_job(job: Path, coordinator: dict | None = None, *, title: str = "",
+              evaluate_states: Callable[[dict[int, dict]], dict] | None = None
+              ) -> dict | None:
     """Merges the finished workers of ``job`` into ``job/summary.json``, copies their common
     ``final.safetensors`` (when every final hash agrees) and, once every worker is in, draws
     ``job/loss.png``; returns the merged summary (None: no worker has finished). Safe to call
@@ -96,10 +99,19 @@ def write_job(job: Path, coordinator: dict | None = None, *, title: str = "") ->
                          what="the final parameters")
         elif ("topology" in summaries[0] and len(dirs) == merged["workers"]
               and all(f.is_file() for f in finals)):
-            # a gossip job without a final merge: the workers' average, as the simulator's
+            # a gossip job without a final merge: the workers' average, as the simulator's,
+            # evaluated by the worker that writes it (it has the task) once
             write_atomic(job / "final.safetensors", average_states(finals),
                          what="the workers' average model")
             merged["final_safetensors"] = "the average of the workers' own models"
+            facts = job / "average.json"
+            if evaluate_states is not None and not facts.is_file():
+                from safetensors.torch import load_file
+
+                states = {int(d.name[1:]): load_file(d / "final.safetensors") for d in dirs}
+                write_json(facts, evaluate_states(states))
+            if facts.is_file():
+                merged.update(json.loads(facts.read_text()))
         write_json(job / "summary.json", merged)
     finally:
         os.close(fd)
@@ -120,13 +132,10 @@ def average_states(paths: list[Path]) -> bytes:
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
+    from islands.engine.consensus import mean_of
+
     states = [load_file(p) for p in paths]
     with safe_open(paths[0], "pt") as f:
         metadata = f.metadata()
-    mean = {}
-    for name, t in states[0].items():
-        total = t.float().clone()
-        for s in states[1:]:
-            total.add_(s[name].float())
-        mean[name] = total.div_(len(states)).to(t.dtype)
-    return save(mean, metadata=metadata)
+    return save({name: mean_of([s[name] for s in states]).to(t.dtype)
+                 for name, t in states[0].items()}, metadata=metadata)
