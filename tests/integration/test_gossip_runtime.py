@@ -95,13 +95,16 @@ def test_a_modest_job_ends_with_the_simulator_s_per_worker_parameters(tmp_path, 
 
 def test_gossip_peers_keep_training_for_30_s_after_the_coordinator_is_killed(tmp_path,
                                                                             procs):
+    """A ring of 4 (of a 5-worker config) loses its coordinator at round 2 and keeps
+    training with its members for 30 s; then a new coordinator starts on the same port and
+    worker 4 joins through it: the members regroup with it."""
     port = free_port()
-    coord = procs.start("coordinator", [sys.executable, "-m", "islands.cli.runtime_cmd",
-                                        "coordinator", "--port", str(port), "--host",
-                                        "127.0.0.1"])
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "coordinator", "--port",
+            str(port), "--host", "127.0.0.1"]
+    coord = procs.start("coordinator", argv)
     addr, out = f"127.0.0.1:{port}", tmp_path / "run"
-    over = ["workers=4", "steps=100000", "algorithm.name=gossip_diloco", "topology.name=ring",
-            "eval_every=100000"]
+    over = ["workers=5", "steps=100000", "algorithm.name=gossip_diloco", "topology.name=ring",
+            "eval_every=100000", "runtime.join_timeout_s=2"]
     ws = {i: procs.worker(i, addr, out, over) for i in range(4)}
     wait_until(lambda: min(last_round(out / f"w{i}") for i in range(4)) >= 2, 90, "round 2")
     coord.send_signal(signal.SIGKILL)
@@ -118,6 +121,11 @@ def test_gossip_peers_keep_training_for_30_s_after_the_coordinator_is_killed(tmp
         assert at_kill[i] < at_25[i] < at_30[i], f"worker {i} stalled"
         last = metrics(out / f"w{i}")[-1]
         assert last["commit_unix"] > t_kill + 29 and last["participants"] == [0, 1, 2, 3]
+    procs.start("coordinator2", argv)
+    ws[4] = procs.worker(4, addr, out, over)
+    wait_until(lambda: len(metrics(out / "w4")) >= 3, 60, "three rounds of the joiner")
+    assert all(r["participants"] == [0, 1, 2, 3, 4] for r in metrics(out / "w4"))
+    assert all(p.poll() is None for p in ws.values())
 
 
 def test_gossip_members_regroup_when_a_worker_dies_and_when_one_joins(tmp_path, procs,

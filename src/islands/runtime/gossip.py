@@ -43,7 +43,7 @@ from islands.core.errors import CommError, ConfigError, Stopping
 from islands.engine import Engine, RoundPlan
 from islands.runtime import state
 from islands.runtime.member import Member, _keys
-from islands.runtime.membership import Removed
+from islands.runtime.membership import CoordinatorRestarted, Removed
 
 log = logging.getLogger("islands.worker")
 
@@ -99,13 +99,7 @@ class GossipMember(Member):
             return None
         t0 = time.perf_counter()
         if not self.members:
-            try:
-                res = self._start()  # builds the worker, forms the group, opens the streams
-            except Stopping:
-                raise
-            except CommError as e:
-                raise Removed(f"worker {self.me} could not (re)join the gossip run: {e}"
-                              ) from None
+            res = self._regroup()
             if res["round"] > self.round:  # others went further: skip to where they are
                 self.fast_forward(res["round"])
                 self.round = res["round"]
@@ -118,6 +112,23 @@ class GossipMember(Member):
         r = self.round
         return RoundPlan(r, self.members, self.algorithm.participants(r, self.members),
                          Group(self.transport, self.members), info={"t0": t0})
+
+    def _regroup(self) -> dict:
+        """The coordinator's ``start``: builds the worker (the first time), forms the group
+        and opens its streams. A coordinator restarted meanwhile (it forgot the members; this
+        client has registered again) is asked again."""
+        for _ in range(3):
+            try:
+                return self._start()
+            except Stopping:
+                raise
+            except CoordinatorRestarted as e:
+                log.warning("worker %d: %s; asking the new coordinator", self.me, e)
+            except CommError as e:
+                raise Removed(f"worker {self.me} could not (re)join the gossip run: {e}"
+                              ) from None
+        raise Removed(f"worker {self.me} could not (re)join the gossip run: the coordinator "
+                      "kept restarting")
 
     def sync(self, engine: Engine, plan: RoundPlan, losses) -> dict:
         """The round's neighbour exchange (and, after the last round, the final merge)."""
