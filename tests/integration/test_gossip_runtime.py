@@ -93,6 +93,7 @@ def test_a_modest_job_ends_with_the_simulator_s_per_worker_parameters(tmp_path, 
     assert len(drawn) > 1 and all(len(d) == 2 for d in drawn)
 
 
+@pytest.mark.slow  # 30 s of waiting by design: once per CI run (.ci/run's first pass)
 def test_gossip_peers_keep_training_for_30_s_after_the_coordinator_is_killed(tmp_path,
                                                                             procs):
     """A ring of 4 (of a 5-worker config) loses its coordinator at round 2 and keeps
