@@ -4,6 +4,8 @@ reports the average model, the workers' own and the consensus distance."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -286,8 +288,9 @@ def test_a_gossip_joiner_takes_a_live_worker_s_own_state():
     src, dst = sim.workers[0], sim.workers[3]
     assert not torch.equal(src.global_params, dst.global_params)
     transport = SimTransport(4, NetworkModel(), VirtualClock(4))
-    engine = type("E", (), {"algorithm": GossipDiLoCoConfig().build(
-        tiny_config(*BASE, "algorithm.name=gossip_diloco"), None), "transport": transport})
+    # what hand_state reads of the simulation's engine: its algorithm and transport
+    engine = SimpleNamespace(algorithm=GossipDiLoCoConfig().build(
+        tiny_config(*BASE, "algorithm.name=gossip_diloco"), None), transport=transport)
     hand_state(engine, src, [dst])
     assert torch.equal(dst.global_params, src.global_params)
     assert torch.equal(dst.flat_params(), src.global_params.detach())

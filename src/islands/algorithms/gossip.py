@@ -98,12 +98,11 @@ class DSGD(Algorithm):
     name = "dsgd"
     shares_parameters = False
 
-    def __init__(self, sync_every: SyncEvery, *, topology: Topology, gossip_steps: int = 1,
-                 final_merge: bool = False, variance_correction: bool = False) -> None:
+    def __init__(self, sync_every: SyncEvery, *, mixing: Mixing,
+                 final_merge: bool = False) -> None:
         super().__init__(sync_every)
-        self.mixing = Mixing(topology, gossip_steps, variance_correction)
-        self.final_merge = final_merge
-        self.describe = self.mixing.describe
+        self.mixing, self.final_merge = mixing, final_merge
+        self.describe = mixing.describe
 
     def begin_round(self, group, workers: list[Worker], round: int) -> None:
         self.mixing.begin_round(group, round)
@@ -128,15 +127,13 @@ class GossipDiLoCo(Algorithm):
     name = "gossip_diloco"
     shares_parameters = False
 
-    def __init__(self, sync_every: SyncEvery, *, topology: Topology, outer: OuterFactory,
-                 send: str = "two_phase", gossip_steps: int = 1,
-                 final_merge: bool = False, variance_correction: bool = False) -> None:
+    def __init__(self, sync_every: SyncEvery, *, mixing: Mixing, outer: OuterFactory,
+                 send: str = "two_phase", final_merge: bool = False) -> None:
         super().__init__(sync_every)
         if send not in SENDS:
             raise ValueError(f"send ({send!r}) must be one of {SENDS}")
-        self.mixing = Mixing(topology, gossip_steps, variance_correction)
-        self.final_merge = final_merge
-        self.describe = self.mixing.describe
+        self.mixing, self.final_merge = mixing, final_merge
+        self.describe = mixing.describe
         self.outer_factory, self.send = outer, send
 
     def begin_round(self, group, workers: list[Worker], round: int) -> None:
@@ -222,9 +219,18 @@ class TopologyConfig:
         self.build(0)  # the name, degree and time_varying are checked here
 
     def build(self, run_seed: int) -> Topology:
-        return Topology(self.name, degree=self.degree,
-                        seed=run_seed if self.seed is None else self.seed,
+        return Topology(self.name, degree=self.degree, seed=self._seed(run_seed),
                         time_varying=self.time_varying)
+
+    def mixing(self, run_seed: int, *, pairs: bool = False) -> Mixing:
+        """The mixing over this graph (``pairs``: over a new random pairing every round
+        instead, NoLoCo's groups), with this section's gossip steps and correction."""
+        topology = (Topology("matching", seed=self._seed(run_seed)) if pairs
+                    else self.build(run_seed))
+        return Mixing(topology, self.gossip_steps, self.variance_correction)
+
+    def _seed(self, run_seed: int) -> int:
+        return run_seed if self.seed is None else self.seed
 
 
 @register("algorithm", "dsgd", sections={"topology": TopologyConfig})
@@ -246,9 +252,8 @@ class DSGDConfig(AlgorithmConfig):
 
     def build(self, run, aggregator) -> DSGD:
         _plain_mean(run)
-        return DSGD(self.sync_every, topology=run.topology.build(run.seed),
-                    gossip_steps=run.topology.gossip_steps, final_merge=self.final_merge,
-                    variance_correction=run.topology.variance_correction)
+        return DSGD(self.sync_every, mixing=run.topology.mixing(run.seed),
+                    final_merge=self.final_merge)
 
 
 @register("algorithm", "gossip_diloco", sections={"outer": OuterConfig,
@@ -280,11 +285,9 @@ class GossipDiLoCoConfig(AlgorithmConfig):
 
     def build(self, run, aggregator) -> GossipDiLoCo:
         _plain_mean(run)
-        return GossipDiLoCo(self.sync_every, topology=run.topology.build(run.seed),
+        return GossipDiLoCo(self.sync_every, mixing=run.topology.mixing(run.seed),
                             outer=outer_factory(run.outer), send=self.send,
-                            gossip_steps=run.topology.gossip_steps,
-                            final_merge=self.final_merge,
-                            variance_correction=run.topology.variance_correction)
+                            final_merge=self.final_merge)
 
 
 @register("algorithm", "noloco", sections={"outer": OuterConfig, "topology": TopologyConfig})
@@ -325,13 +328,10 @@ class NoLoCoConfig(AlgorithmConfig):
 
     def build(self, run, aggregator) -> GossipDiLoCo:
         _plain_mean(run)
-        seed = run.seed if run.topology.seed is None else run.topology.seed
-        topology = (Topology("matching", seed=seed) if self.groups == "pairs"
-                    else run.topology.build(run.seed))
-        return GossipDiLoCo(self.sync_every, topology=topology, outer=outer_factory(run.outer),
-                            send="local", gossip_steps=run.topology.gossip_steps,
-                            final_merge=self.final_merge,
-                            variance_correction=run.topology.variance_correction)
+        return GossipDiLoCo(self.sync_every,
+                            mixing=run.topology.mixing(run.seed, pairs=self.groups == "pairs"),
+                            outer=outer_factory(run.outer), send="local",
+                            final_merge=self.final_merge)
 
 
 def _plain_mean(run) -> None:

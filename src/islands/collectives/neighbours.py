@@ -76,18 +76,19 @@ def _step(group: Group, values: dict[int, torch.Tensor], codecs: dict[int, Codec
     members = tuple(m for m in group.members if m in peers)
     with group.transport.pairwise():  # each waits for its own neighbours only
         pending = Exchange(group.transport.exchange(outgoing, members, phase=tag))
-    return {i: _mixed(pending, values, codecs[i], rows[i], i, tag, segments)
+    index = Segments(segments) if segments else None
+    return {i: _mixed(pending, values, codecs[i], rows[i], i, tag, index)
             for i in group.local}
 
 
 def _mixed(pending: Exchange, values: dict[int, torch.Tensor], codec: Codec,
-           row: dict[int, float], me: int, tag: str, segments: tuple[int, ...]
+           row: dict[int, float], me: int, tag: str, segments: Segments | None
            ) -> torch.Tensor:
     """``Σ_j row[j] x_j`` in ascending ``j``; ``x_me`` exact, the others decoded and checked;
     with ``segments``, each tensor's spread restored (see the module)."""
     own = values[me]
     out = torch.zeros_like(own)
-    spread = torch.zeros(len(segments), dtype=torch.float64)
+    spread = None if segments is None else torch.zeros_like(segments.counts)
     for j in sorted(row):
         if j == me:
             x = own
@@ -96,14 +97,27 @@ def _mixed(pending: Exchange, values: dict[int, torch.Tensor], codec: Codec,
             decode_checked(codec, received(pending, (j, me), tag).payload, x, 0, j, tag)
             refuse_non_finite([x], (j,), tag)
         out.add_(x, alpha=float(row[j]))
-        if segments:
-            spread += row[j] * torch.stack([t.double().std(correction=0)
-                                            for t in x.split(segments)])
-    if segments:
-        with torch.no_grad():
-            for t, target in zip(out.split(segments), spread.tolist()):
-                sd = float(t.double().std(correction=0))
-                if sd > 0 and target > 0:
-                    mean = t.mean()
-                    t.sub_(mean).mul_(target / sd).add_(mean)
+        if segments is not None:
+            spread.add_(segments.stats(x)[1], alpha=float(row[j]))
+    if segments is not None:
+        mean, sd = segments.stats(out)
+        scale = torch.where((sd > 0) & (spread > 0), spread / sd, torch.ones_like(sd))
+        at = segments.ids
+        out.copy_((out.double() - mean[at]) * scale[at] + mean[at])
     return out
+
+
+class Segments:
+    """The tensors a flat vector joins (their lengths), for per-tensor statistics computed in
+    one pass over the vector (no loop over tensors)."""
+
+    def __init__(self, lengths: tuple[int, ...]) -> None:
+        self.counts = torch.tensor(lengths, dtype=torch.float64)
+        self.ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+    def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each tensor's mean and (population) standard deviation, fp64."""
+        x = x.double()
+        mean = torch.zeros_like(self.counts).index_add_(0, self.ids, x) / self.counts
+        var = torch.zeros_like(self.counts).index_add_(0, self.ids, (x - mean[self.ids]) ** 2)
+        return mean, (var / self.counts).sqrt()

@@ -418,6 +418,9 @@ class AttackConfig:
         return ATTACK_SCALES.get(self.name, 1.0) if self.scale is None else float(self.scale)
 
 
+# the [algorithm] keys with which a round draws a sample of the members (FedAvg's C, MoDeST)
+SAMPLING_KEYS = ("participation", "sample_fraction")
+
 FAULT_KINDS = ("crash", "leave", "join", "slow", "link", "partition", "heal")
 NETWORK_WIDE = ("partition", "heal")  # events of the whole network, not of one worker
 

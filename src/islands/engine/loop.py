@@ -265,16 +265,19 @@ class Engine:
         return [w for w in self.workers if w.id in ids]
 
     def train(self, r: int, participants: tuple[int, ...]) -> dict[int, list[float]]:
-        """The round's inner steps for the local participants; returns their losses."""
-        return self.inner_steps(self.local(participants), self.steps_of(r),
-                                Group(self.transport, participants))
+        """The round's inner steps for the local participants; returns their losses (none:
+        a process whose worker sits the round out)."""
+        active = self.local(participants)
+        if not active:
+            return {}
+        return self.inner_steps(active, self.steps_of(r), Group(self.transport, participants))
 
     def inner_steps(self, active: list[Worker], steps: range, group: Group
                     ) -> dict[int, list[float]]:
         """Inner steps ``steps`` of the workers ``active`` (the step index picks each batch);
         returns their losses."""
         losses: dict[int, list[float]] = {w.id: [] for w in active}
-        for step in steps if active else ():  # (a process whose worker sits the round out)
+        for step in steps:
             self.land_due(step)
             for w in active:
                 t0 = time.perf_counter()
@@ -535,30 +538,31 @@ class Engine:
                 "consensus_distance": consensus.distance(alg, workers, mean)}
 
     @torch.no_grad()
-    def evaluate_states(self, states: dict[int, dict[str, torch.Tensor]]) -> dict:
-        """A gossip job's end from its workers' ``final.safetensors`` ({worker: state_dict}),
-        as the simulator reports it: the average model's metrics (``final_eval_*``), the
-        mean eval loss of the same sample of own models (``final_eval_loss_own``) and the
-        consensus distance over the trainable parameters."""
-        model, ids = self.eval_model, sorted(states)
+    def evaluate_states(self, states: dict[int, dict[str, torch.Tensor]],
+                        mean: dict[str, torch.Tensor]) -> dict:
+        """A gossip job's end from its workers' ``final.safetensors`` ({worker: state_dict})
+        and their average (``mean``), as the simulator reports it: the average's metrics
+        (``final_eval_*``), the mean eval loss of the same sample of own models
+        (``final_eval_loss_own``) and the consensus distance over the trainable parameters."""
+        model = self.eval_model
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        flats = [torch.cat([states[i][n].reshape(-1).float() for n in names]) for i in ids]
+
+        def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.cat([state[n].reshape(-1).float() for n in names])
 
         def metrics(state: dict[str, torch.Tensor]) -> dict:
             model.load_state_dict(state)
             model.eval()
             return {k: float(v) for k, v in self.evaluator(model).items()}
 
-        mean = {k: consensus.mean_of([states[i][k] for i in ids]).to(v.dtype)
-                for k, v in states[ids[0]].items()}
         avg = metrics(mean)
-        sample = consensus.own_sample(self.cfg.seed, self.cfg.workers, tuple(ids))
+        sample = consensus.own_sample(self.cfg.seed, self.cfg.workers, tuple(sorted(states)))
         own = [metrics(states[i])["eval_loss"] for i in sample]
         return {"final_eval_loss": avg["eval_loss"],
                 **{f"final_eval_{k}": v for k, v in avg.items() if k != "eval_loss"},
                 "final_eval_loss_own": sum(own) / len(own),
                 "final_eval_consensus_distance": consensus.distance_of(
-                    flats, consensus.mean_of(flats))}
+                    [flat(states[i]) for i in sorted(states)], flat(mean))}
 
     def final_params(self, worker: Worker) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The run's result: ``worker``'s global parameters and buffers (flat), or, without

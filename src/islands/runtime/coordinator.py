@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from statistics import median
 
 from islands.core.errors import AuthError, CommError
+from islands.core.sections import SAMPLING_KEYS
 from islands.runtime.auth import Channel, server_handshake
 from islands.runtime.fingerprint import COORDINATOR_READS, refusal
 from islands.runtime.rounds import Barrier, RoundRules
@@ -463,7 +464,7 @@ class Coordinator(RoundRules):
         ``participation``, MoDeST's ``sample_fraction``): then only the last round's
         participants hold its state."""
         return any(float(self.fingerprint.get(f"algorithm.{k}", 1.0)) < 1.0
-                   for k in ("participation", "sample_fraction"))
+                   for k in SAMPLING_KEYS)
 
     def _misreported(self, wid: int, key: tuple, declared: frozenset, known) -> dict:
         """A member declared other members than the coordinator released: it is excluded

@@ -36,8 +36,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from islands.collectives.butterfly import Group
 from islands.core.errors import CommError, ConfigError, Stopping
 from islands.engine import Engine, RoundPlan
@@ -63,8 +61,7 @@ class GossipMember(Member):
         super().__init__(*args, **kwargs)
         self.members: tuple[int, ...] = ()  # the group's (empty: regroup at the next round)
         self._keys_of: dict[int, str] = {}
-        self._round_start: dict[str, torch.Tensor] = {}  # own state as the round began
-        self.regroups = 0
+        self._round_start: dict = {}  # its own state as the round began (state.snapshot)
 
     def resume(self, path) -> None:
         raise ConfigError(NO_CHECKPOINTS)
@@ -107,8 +104,7 @@ class GossipMember(Member):
             self._keys_of = _keys(res)
             log.info("worker %d: gossip with members %s from round %d; no barrier until the "
                      "members change", self.me, list(self.members), self.round)
-        self._round_start = {k: v.detach().clone()
-                             for k, v in self.algorithm.handover(self.worker).items()}
+        self._round_start = state.snapshot(self.algorithm, self.worker)
         r = self.round
         return RoundPlan(r, self.members, self.algorithm.participants(r, self.members),
                          Group(self.transport, self.members), info={"t0": t0})
@@ -136,8 +132,8 @@ class GossipMember(Member):
         self.transport.set_context(f"{plan.round}/gossip", self._keys_of)
         engine.end_round(plan.everyone, [self.worker])
         self.round = plan.round + 1
-        return self._row(plan.round, {"members": list(plan.participants),
-                                      "attempts": self.regroups + 1}, plan.info["t0"], t_sync)
+        return self._row(plan.round, {"members": list(plan.participants)}, plan.info["t0"],
+                         t_sync)
 
     def abort(self, engine: Engine, plan: RoundPlan | None, error: CommError) -> None:
         """An exchange failed (or a joiner waits): undo the round and regroup."""
@@ -150,8 +146,7 @@ class GossipMember(Member):
             state.load(self.algorithm, self.worker, self._round_start, reset_params=True)
         self.transport.close_streams()  # its neighbours fail now, not at their timeout
         self.members = ()
-        self.regroups += 1
-        self.stats.aborted_attempts += 1
+        self.stats.aborted_attempts += 1  # (a regrouping: summary.json's aborted_attempts)
 
 
 def member_class(algorithm) -> type[Member]:

@@ -46,6 +46,7 @@ from islands.algorithms import Worker, build_algorithm
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig, load_config, parse_overrides
 from islands.core.errors import CommError, ConfigError, StorageError, TaskError
+from islands.core.sections import SAMPLING_KEYS
 from islands.engine import Engine, WallClock, attach, fresh_state, inner_optimizer, run_codec
 from islands.metrics.run_dir import RunDir, check_writable
 from islands.runtime import outputs
@@ -89,7 +90,7 @@ def join(coordinator: str | None = None, *, config: str | Path | RunConfig | Non
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides or [])
     if isinstance(config, RunConfig) and overrides:
         cfg = config.replace(**parse_overrides(overrides))
-    for key in ("participation", "sample_fraction"):
+    for key in SAMPLING_KEYS:
         if getattr(cfg.algorithm, key, 1.0) < 1:
             raise ConfigError(f"algorithm.{key} ({getattr(cfg.algorithm, key)}) below 1 is "
                               "not supported by the drop-in loop (every worker trains every "

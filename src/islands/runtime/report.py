@@ -77,13 +77,14 @@ def worker_dirs(job: Path) -> list[Path]:
 
 
 def write_job(job: Path, coordinator: dict | None = None, *, title: str = "",
-              evaluate_states: Callable[[dict[int, dict]], dict] | None = None
+              evaluate_states: Callable[[dict[int, dict], dict], dict] | None = None
               ) -> dict | None:
     """Merges the finished workers of ``job`` into ``job/summary.json``, copies their common
-    ``final.safetensors`` (when every final hash agrees) and, once every worker is in, draws
-    ``job/loss.png``; returns the merged summary (None: no worker has finished). Safe to call
-    from several workers at once (a lock on the folder): the last to finish writes the whole
-    job."""
+    ``final.safetensors`` (when every final hash agrees; a gossip job's workers differ: their
+    average, evaluated once by ``evaluate_states``, see :func:`_write_average`) and, once every
+    worker is in, draws ``job/loss.png``; returns the merged summary (None: no worker has
+    finished). Safe to call from several workers at once (a lock on the folder): the last to
+    finish writes the whole job."""
     fd = os.open(job, os.O_RDONLY)  # the folder itself is the lock: nothing left behind
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -93,25 +94,12 @@ def write_job(job: Path, coordinator: dict | None = None, *, title: str = "",
         summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
         merged = merge(summaries, coordinator)
         first = dirs[0] / "final.safetensors"
-        finals = [d / "final.safetensors" for d in dirs]
         if len(merged["final_hashes"]) == 1 and first.is_file():
             write_atomic(job / "final.safetensors", first.read_bytes(),
                          what="the final parameters")
         elif ("topology" in summaries[0] and len(dirs) == merged["workers"]
-              and all(f.is_file() for f in finals)):
-            # a gossip job without a final merge: the workers' average, as the simulator's,
-            # evaluated by the worker that writes it (it has the task) once
-            write_atomic(job / "final.safetensors", average_states(finals),
-                         what="the workers' average model")
-            merged["final_safetensors"] = "the average of the workers' own models"
-            facts = job / "average.json"
-            if evaluate_states is not None and not facts.is_file():
-                from safetensors.torch import load_file
-
-                states = {int(d.name[1:]): load_file(d / "final.safetensors") for d in dirs}
-                write_json(facts, evaluate_states(states))
-            if facts.is_file():
-                merged.update(json.loads(facts.read_text()))
+              and all((d / "final.safetensors").is_file() for d in dirs)):
+            _write_average(job, dirs, merged, evaluate_states)
         write_json(job / "summary.json", merged)
     finally:
         os.close(fd)
@@ -126,16 +114,27 @@ def write_job(job: Path, coordinator: dict | None = None, *, title: str = "",
     return merged
 
 
-def average_states(paths: list[Path]) -> bytes:
-    """The mean of the workers' ``final.safetensors`` (every tensor, fp32 sums in worker
-    order, as the simulator averages), as ``safetensors`` bytes with the first's metadata."""
+def _write_average(job: Path, dirs: list[Path], merged: dict, evaluate_states) -> None:
+    """A gossip job without a final merge: ``job/final.safetensors`` is the workers' average
+    (every tensor, fp32 sums in worker order, as the simulator averages); the first worker to
+    write it with ``evaluate_states`` (it has the task) keeps the evaluation in
+    ``job/average.json``, which every later merge reads into ``merged``."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
     from islands.engine.consensus import mean_of
 
-    states = [load_file(p) for p in paths]
-    with safe_open(paths[0], "pt") as f:
+    states = {int(d.name[1:]): load_file(d / "final.safetensors") for d in dirs}
+    ids = sorted(states)
+    mean = {name: mean_of([states[i][name] for i in ids]).to(t.dtype)
+            for name, t in states[ids[0]].items()}
+    with safe_open(dirs[0] / "final.safetensors", "pt") as f:
         metadata = f.metadata()
-    return save({name: mean_of([s[name] for s in states]).to(t.dtype)
-                 for name, t in states[0].items()}, metadata=metadata)
+    write_atomic(job / "final.safetensors", save(mean, metadata=metadata),
+                 what="the workers' average model")
+    merged["final_safetensors"] = "the average of the workers' own models"
+    facts = job / "average.json"
+    if evaluate_states is not None and not facts.is_file():
+        write_json(facts, evaluate_states(states, mean))
+    if facts.is_file():
+        merged.update(json.loads(facts.read_text()))

@@ -33,8 +33,9 @@ def digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def snapshot(algorithm: Algorithm, worker: Worker) -> dict[str, torch.Tensor]:
-    """A detached copy of the shared state (to restore an aborted round)."""
-    return {k: v.detach().clone() for k, v in algorithm.shared_state(worker).items()}
+    """A detached copy of the shared state (to restore an aborted round; gossip: the
+    worker's own, ``Algorithm.handover``)."""
+    return {k: v.detach().clone() for k, v in algorithm.handover(worker).items()}
 
 
 def load(algorithm: Algorithm, worker: Worker, state: dict[str, torch.Tensor],

@@ -51,8 +51,8 @@ class FaultPlan:
             raise ConfigError(f"faults with algorithm {engine.algorithm.name!r} overlapping "
                               "its syncs are not supported yet: remove [[faults]] or use a "
                               "blocking algorithm")
-        cuts = [f for f in self.faults if f.kind == "partition"]
-        if cuts and engine.algorithm.shares_parameters:
+        if engine.algorithm.shares_parameters and any(f.kind == "partition"
+                                                      for f in self.faults):
             raise ConfigError(f"a partition fault cuts links that algorithm "
                               f"{engine.algorithm.name!r}'s all-reduce needs: partitions apply "
                               "to gossip algorithms (dsgd, gossip_diloco, noloco); remove it")

@@ -120,8 +120,7 @@ class VirtualClock:
                 self.comm_s[m] += duration_s
                 self.now[m] = start + duration_s
 
-    def neighbourhoods(self, peers: dict[int, tuple[int, ...]],
-                       durations: dict[int, float]) -> None:
+    def neighbourhoods(self, peers: dict[int, set[int]], durations: dict[int, float]) -> None:
         """A gossip step: each worker waits for the last of its ``peers`` (itself included)
         and for their links, then spends its own ``durations`` entry; the waits are taken
         from the times before the step, so a worker is held only by its neighbourhood.
@@ -257,10 +256,9 @@ class SimTransport(Transport):
             for src, dst in messages:
                 peers[src].add(dst)
                 peers[dst].add(src)
-            self.clock.neighbourhoods(
-                {m: tuple(p) for m, p in peers.items()},
-                {m: self._duration({j: sent[j] for j in p}, {j: received[j] for j in p})
-                 for m, p in peers.items()})
+            self.clock.neighbourhoods(peers, {
+                m: self._duration({j: sent[j] for j in p}, {j: received[j] for j in p})
+                for m, p in peers.items()})
         else:
             self.clock.barrier(members, self._duration(sent, received))
         return dict(messages)
