@@ -31,9 +31,12 @@ def test_a_sigterm_while_waiting_for_a_gone_peers_stream_address_stops_the_membe
         stopping=threading.Event())
     member._form = lambda make: Member._form(member, make)
 
+    kept = []  # the peer's group lives to the end: dropped early, it closes its sockets
+    # while worker 0 may still be connecting, and worker 0 fails to form instead of waiting
+
     def peer() -> None:  # forms the group, then leaves without publishing its address
         own = open_store("127.0.0.1", store.port, is_master=False, timeout_s=60)
-        new_group(own, prefix, 1, 2, 60)
+        kept.append(new_group(own, prefix, 1, 2, 60))
         own.wait([f"{prefix}streams/0"])  # worker 0 is now waiting for worker 1's
         member.stopping.set()  # SIGTERM
 
