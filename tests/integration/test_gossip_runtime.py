@@ -66,6 +66,11 @@ def test_a_gossip_job_ends_with_the_simulator_s_per_worker_parameters(tmp_path, 
     rows = metrics(tmp_path / "job" / "w0")
     assert [r["round"] for r in rows] == list(range(summary["rounds"]))
     assert all("consensus_distance" not in r for r in rows[1:])  # not knowable from one
+    exact = {p["step"]: p["consensus_distance"] for p in summary["eval_curve"]}
+    estimated = {p["step"]: p["consensus_distance"] for p in job["eval_curve"]}
+    assert estimated.keys() == exact.keys() and len(exact) > 1  # from the workers' sketches
+    for step, d in exact.items():
+        assert estimated[step] == pytest.approx(d, rel=0.05, abs=1e-6), step
     if "algorithm.final_merge=true" in extra:  # one model: the job's final.safetensors
         assert len(job["final_hashes"]) == 1
         assert_final_equal(tmp_path / "job", sim.final_state, "the merged model")

@@ -16,6 +16,7 @@ from islands.codecs.cast import Identity
 from islands.collectives.butterfly import Group
 from islands.collectives.neighbours import start_neighbours
 from islands.core.errors import ConfigError, PeerRefused
+from islands.engine import consensus
 from islands.sim.runner import Simulation
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 from tests.conftest import tiny_config
@@ -298,3 +299,26 @@ def test_a_gossip_joiner_takes_a_live_worker_s_own_state():
     assert torch.equal(momentum, src.outer.state[src.global_params]["momentum_buffer"])
     # the parameters and the momentum, fp32, counted on the link
     assert transport.link_bytes[(0, 3)] == 2 * 4 * src.flat_params().numel()
+
+
+def test_count_sketches_estimate_the_consensus_distance_of_a_run():
+    """The distance from the workers' sketches is the exact one within a few percent; a
+    sketch is linear and the same in every process (its seed); equal parameters sketch
+    alike (distance 0)."""
+    sim, _ = _run("algorithm.name=gossip_diloco", "algorithm.sync_every=4", "topology.name=ring",
+                  "inner.optimizer='adamw'", "inner.lr=3e-3")
+    states = [w.global_params.detach() for w in sim.workers]
+    exact = consensus.distance_of(states, consensus.mean_of(states))
+    sketches = [consensus.sketch(v, seed=7) for v in states]
+    estimate = consensus.distance_of(sketches, consensus.mean_of(sketches))
+    assert exact > 0 and estimate == pytest.approx(exact, rel=0.05)
+    a, b = states[0], states[1]
+    assert torch.allclose(consensus.sketch(a - 2 * b, 7),
+                          consensus.sketch(a, 7) - 2 * consensus.sketch(b, 7), atol=1e-4)
+    assert torch.equal(consensus.sketch(a, 7), consensus.sketch(a.clone(), 7))
+    assert not torch.equal(consensus.sketch(a, 7), consensus.sketch(a, 8))
+    assert consensus.distance_of([sketches[0]] * 3, sketches[0]) == 0
+    rng = torch.Generator().manual_seed(0)  # a spread of random vectors: within 5% each
+    for _ in range(20):
+        x = torch.randn(50_000, generator=rng)
+        assert float(consensus.sketch(x, 3).norm()) == pytest.approx(float(x.norm()), rel=0.05)

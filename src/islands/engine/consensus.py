@@ -5,8 +5,10 @@ members' global parameters to that average), and the evaluation of a fixed sampl
 workers' own models.
 
 These need every member's parameters in this process: the simulator has them. A real
-process holds its own only, so it evaluates its own model and reports no distance; a job's
-``final.safetensors`` is the workers' average (``islands.runtime.report``).
+process holds its own only, so it evaluates its own model and keeps a :func:`sketch` of its
+parameters at each evaluation: a job's summary estimates the distance of every evaluated
+round from its workers' sketches, and its ``final.safetensors`` is the workers' average
+(``islands.runtime.report``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from islands.core.seeding import derive_seed
 
 # how many workers' own models an evaluation of a gossip run also evaluates
 OWN_SAMPLE = 4
+# a sketch's length: 16 KB per worker and evaluation; distances from it are off by about
+# sqrt(1 / SKETCH_BUCKETS), 1.6%, each (less once averaged over the workers)
+SKETCH_BUCKETS = 4096
+_SKETCH_CHUNK = 1 << 22  # entries hashed at once (bounded memory for any model size)
 
 
 def mean_of(vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -46,6 +52,23 @@ def distance(algorithm: Algorithm, workers: list[Worker],
     :func:`average`, when the caller has it."""
     mean = average(algorithm, workers) if mean is None else mean
     return distance_of([algorithm.global_state(w) for w in workers], mean)
+
+
+def sketch(vector: torch.Tensor, seed: int) -> torch.Tensor:
+    """A count sketch of a flat vector: each entry, times a random sign, added into one of
+    :data:`SKETCH_BUCKETS` random buckets (signs and buckets drawn from ``seed``, the same in
+    every process). It is linear, and ``||sketch(a) − sketch(b)||²`` estimates
+    ``||a − b||²`` without bias (relative spread about ``sqrt(2 / SKETCH_BUCKETS)``), so
+    :func:`distance_of` the workers' sketches estimates their consensus distance from 16 KB
+    each instead of their parameters."""
+    out = torch.zeros(SKETCH_BUCKETS, dtype=torch.float64)
+    for i, start in enumerate(range(0, vector.numel(), _SKETCH_CHUNK)):
+        part = vector[start:start + _SKETCH_CHUNK].detach().to("cpu", torch.float64)
+        g = torch.Generator().manual_seed(derive_seed(seed, "consensus-sketch", i))
+        buckets = torch.randint(SKETCH_BUCKETS, part.shape, generator=g)
+        signs = torch.randint(2, part.shape, generator=g).mul_(2).sub_(1)
+        out.index_add_(0, buckets, part.mul_(signs))
+    return out.float()
 
 
 def own_sample(seed: int, n_workers: int, members: tuple[int, ...]) -> list[int]:

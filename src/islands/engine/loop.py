@@ -187,6 +187,9 @@ class Engine:
         self.bounds = algorithm.round_bounds(cfg.steps)
         self.rounds = len(self.bounds) - 1
         self.curve: list[dict] = []  # evaluations of the global state
+        # a real gossip worker's parameters at each evaluation ({step: count sketch}), for
+        # the job's consensus distance
+        self.sketches: dict[int, torch.Tensor] = {}
         # the mean train loss per round trained here, every ``_curve_every``-th round: at most
         # TRAIN_CURVE_POINTS points however long the run (metrics.jsonl has every round)
         self.train_curve: list[dict] = []
@@ -505,7 +508,7 @@ class Engine:
         if self.algorithm.shares_parameters:
             metrics = self._metrics(self.algorithm.global_state(worker), worker.global_buffers)
         else:
-            metrics = self._gossip_metrics(members or tuple(w.id for w in self.workers))
+            metrics = self._gossip_metrics(members or tuple(w.id for w in self.workers), step)
         return {"step": step, "worker": worker.id, **metrics,
                 "bytes_sent_per_worker": self.sent_per_worker(),
                 "virtual_time_s": self.clock.makespan_s}
@@ -521,14 +524,18 @@ class Engine:
             raise ValueError(f"evaluate() must return 'eval_loss' (got {sorted(metrics)})")
         return {k: float(v) for k, v in metrics.items()}
 
-    def _gossip_metrics(self, members: tuple[int, ...]) -> dict:
+    def _gossip_metrics(self, members: tuple[int, ...], step: int) -> dict:
         """The members' average model evaluated, its own models' sampled, the consensus
         distance; where this engine holds only some members (a real process holds its own),
-        its own models' average and no distance (the others' parameters are not here)."""
+        its own models' average and no distance (the others' parameters are not here): a
+        real process keeps a sketch of its parameters in ``sketches`` instead (see
+        :func:`~islands.engine.consensus.sketch`)."""
         alg, workers = self.algorithm, self.local(members)
         mean = consensus.average(alg, workers)
         metrics = self._metrics(mean, _mean_buffers(workers))
         if len(workers) < len(members):
+            if len(workers) == 1:
+                self.sketches[step] = consensus.sketch(mean, self.cfg.seed)
             return {**metrics, "loss_own": metrics["eval_loss"]}
         sample = consensus.own_sample(self.cfg.seed, self.cfg.workers,
                                       tuple(w.id for w in workers))

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 
+from safetensors.torch import save
+
 from islands.core.errors import ConfigError
+from islands.core.files import write_atomic
 from islands.engine import Engine
 from islands.metrics.run_dir import RunDir
-from islands.runtime.report import write_job
+from islands.runtime.report import SKETCHES, write_job
 
 log = logging.getLogger("islands.worker")
 
@@ -41,14 +44,19 @@ def is_worker_dir(path) -> bool:
 
 
 def finish(out: RunDir, engine: Engine, member, wall_s: float, extra: dict) -> dict:
-    """Writes the worker's folder (final parameters, summary, rows, ``loss.png``), then
-    merges its job's folder; returns the worker's summary.
+    """Writes the worker's folder (a gossip worker's consensus sketches, final parameters,
+    summary, rows, ``loss.png``), then merges its job's folder; returns the worker's
+    summary.
 
     Raises:
         StorageError: the final parameters or the summary cannot be written.
     """
     summary = {**engine.summary(wall_s), **member.summary_fields(), **extra,
                "run_id": out.run_id}
+    if engine.sketches:  # before summary.json: a worker merging the job reads both
+        write_atomic(out.path / SKETCHES, save({f"step{s}": v for s, v in
+                                                engine.sketches.items()}),
+                     what="the consensus sketches")
     out.finish(summary, final=engine.final_bytes(member.worker))
     if is_worker_dir(out.path):
         try:

@@ -23,6 +23,9 @@ from islands.metrics.run_dir import write_json
 
 log = logging.getLogger("islands.report")
 
+# a gossip worker's count sketches of its parameters at each evaluation ({"step<s>": sketch})
+SKETCHES = "consensus_sketch.safetensors"
+
 # taken from the lowest worker: the same on every worker of a run that ended well
 _SHARED = ("name", "task", "algorithm", "workers", "steps", "rounds", "sync_every", "codec",
            "aggregator", "params", "eval_curve", "train_curve", "seed", "threads", "clock")
@@ -100,6 +103,8 @@ def write_job(job: Path, coordinator: dict | None = None, *, title: str = "",
         elif ("topology" in summaries[0] and len(dirs) == merged["workers"]
               and all((d / "final.safetensors").is_file() for d in dirs)):
             _write_average(job, dirs, merged, evaluate_states)
+        if "topology" in summaries[0]:
+            _estimate_consensus(dirs, merged)
         write_json(job / "summary.json", merged)
     finally:
         os.close(fd)
@@ -112,6 +117,27 @@ def write_job(job: Path, coordinator: dict | None = None, *, title: str = "",
     except Exception as e:  # noqa: BLE001 (optional output)
         log.warning("%s: loss.png not drawn (%s: %s)", job, type(e).__name__, e)
     return merged
+
+
+def _estimate_consensus(dirs: list[Path], merged: dict) -> None:
+    """A gossip job's consensus distance at each evaluation, estimated from the sketches its
+    workers kept (:func:`~islands.engine.consensus.sketch`; those present at that step,
+    two at least): ``consensus_distance`` in the points of ``eval_curve``, as the simulator
+    reports the exact one."""
+    from safetensors.torch import load_file
+
+    from islands.engine.consensus import SKETCH_BUCKETS, distance_of, mean_of
+
+    at: dict[int, list] = {}
+    for d in dirs:
+        if (d / SKETCHES).is_file():
+            for name, v in sorted(load_file(d / SKETCHES).items()):
+                at.setdefault(int(name.removeprefix("step")), []).append(v)
+    curve = [{**p, "consensus_distance": distance_of(at[p["step"]], mean_of(at[p["step"]]))}
+             if len(at.get(p["step"], ())) > 1 else p for p in merged.get("eval_curve", ())]
+    if any("consensus_distance" in p for p in curve):
+        merged["eval_curve"] = curve
+        merged["consensus_distance_sketch_buckets"] = SKETCH_BUCKETS
 
 
 def _write_average(job: Path, dirs: list[Path], merged: dict, evaluate_states) -> None:
