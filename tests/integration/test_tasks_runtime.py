@@ -14,6 +14,7 @@ from islands.core.config import load_config
 from islands.sim.runner import Simulation
 from tests.integration.conftest import (
     assert_final_equal,
+    final_state,
     free_port,
     last_round,
     metrics,
@@ -113,6 +114,33 @@ def test_dropin_loop_with_two_processes_matches_the_simulator(tmp_path, procs, c
             assert (d / "loss.png").stat().st_size > 10_000, d
 
 
+def test_a_dropin_gossip_job_ends_with_the_simulator_s_per_worker_parameters(tmp_path, procs,
+                                                                          coordinator):
+    """The user's loop under gossip DiLoCo on a ring of 4: each worker ends with the
+    simulator's worker's own parameters, the coordinator held no barrier after the start,
+    and the job estimates the consensus distance the simulator computes."""
+    overrides = [*USER, "workers=4", "steps=20", "eval_every=5", "algorithm.name=gossip_diloco",
+                 "algorithm.sync_every=5", "topology.name=ring",
+                 "runtime.heartbeat_timeout_s=5.0"]
+    coord = coordinator(heartbeat_timeout_s=5.0)
+    ws = [_dropin(procs, i, f"127.0.0.1:{coord.port}", tmp_path, overrides) for i in range(4)]
+    sim, summary = _sim(overrides)
+    assert all(p.wait(timeout=120) == 0 for p in ws)
+    names = [n for n, q in sim.workers[0].model.named_parameters() if q.requires_grad]
+    for w in sim.workers:
+        state = final_state(tmp_path / f"w{w.id}")
+        got = torch.cat([state[n].reshape(-1).float() for n in names])
+        assert torch.equal(got, w.global_params.detach()), f"worker {w.id}"
+    job = json.loads((tmp_path / "summary.json").read_text())
+    assert len(job["final_hashes"]) == 4 and job["coordinator"]["rounds_committed"] == 0
+    assert_final_equal(tmp_path, sim.final_state, "the workers' average")
+    exact = {p["step"]: p["consensus_distance"] for p in summary["eval_curve"]}
+    estimated = {p["step"]: p.get("consensus_distance") for p in job["eval_curve"]}
+    assert estimated.keys() == exact.keys() and max(exact.values()) > 0
+    for step, d in exact.items():
+        assert estimated[step] == pytest.approx(d, rel=0.05, abs=1e-7), step
+
+
 @pytest.mark.parametrize("policy", [["runtime.round_deadline_s=0.5"],
                                     ["algorithm.min_quorum=2", "algorithm.grace_s=0.5"]],
                          ids=["deadline", "quorum"])
@@ -130,7 +158,7 @@ def test_a_dropin_worker_stuck_in_its_step_past_the_deadline_is_left_out(tmp_pat
     addr, out = f"127.0.0.1:{coord.port}", tmp_path / "stuck"
     ws = [_dropin(procs, i, addr, out, overrides,
                   ["--step-s", "0.02", *(["--stall", "2:3"] if i == 2 else [])])
-          for i in range(3)]
+          for i in range(4)]
     assert all(p.wait(timeout=120) == 0 for p in ws)
     # the workers' setting, not silently ignored
     assert (coord.deadline_s, coord.min_quorum) == ((0.5, 0) if "deadline" in policy[0]
@@ -177,7 +205,7 @@ def test_dropin_survives_a_sigkill_and_restart(tmp_path, procs, coordinator):
     # the reference afterwards: run while the workers did, it kept them from the cores and
     # the whole job could end before the kill
     _, calm = _sim(overrides)
-    runs = [json.loads((out / f"w{i}" / "summary.json").read_text()) for i in range(3)]
+    runs = [json.loads((out / f"w{i}" / "summary.json").read_text()) for i in range(4)]
     assert_hashes_agree([out / f"w{i}" for i in range(3)] + [out / "w2-killed"])
     assert len({s["final_hash"] for s in runs}) == 1
     for i in (0, 1):  # the survivors committed every round, in order
