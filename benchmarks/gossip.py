@@ -20,6 +20,9 @@ at once):
     python benchmarks/gossip.py --algorithms noloco --topologies matching --seeds 0 1 2
     python benchmarks/gossip.py --topologies ring --baselines --algorithms \
         "gossip_diloco, cut in half rounds 2-5" "gossip_diloco, variance-corrected"
+    python benchmarks/gossip.py --topologies barabasi_albert --baselines --algorithms \
+        gossip_diloco "gossip_diloco, cut in half from round 2" \
+        "gossip_diloco, half crash at round 2" --seeds 0 1 2 --jobs 2
 
 Writes ``bench-results/gossip.json`` and ``.png`` (``--json`` moves both): eval loss against
 bytes sent and against virtual time, one panel per topology.
@@ -56,6 +59,10 @@ ALGORITHMS: dict[str, list[str]] = {
                                "outer.momentum=0.3"],
     "gossip_diloco, variance-corrected": ["algorithm.name=gossip_diloco",
                                           "topology.variance_correction=true"],
+    # NoLoCo's pull toward the pair's global parameters at another weight than the
+    # pseudo-gradient's (the paper's γ/β): two vectors a round
+    "noloco, pull 0.5": ["algorithm.name=noloco", "algorithm.pull=0.5"],
+    "noloco, pull 2": ["algorithm.name=noloco", "algorithm.pull=2"],
 }
 # a gossip DiLoCo ring cut in half (workers [0, n/2) | the rest) at round 2, healed at round 6
 # of 8 or never: the fault plan's partition and heal
@@ -63,6 +70,10 @@ PARTITIONS: dict[str, tuple[int, int | None]] = {
     "gossip_diloco, cut in half rounds 2-5": (2, 6),
     "gossip_diloco, cut in half from round 2": (2, None),
 }
+# the disaster-scenario contrast: from round 2 of 8, half the workers lose their links to the
+# others (the partition above: every worker's data stays) or crash (their data is gone; the
+# survivors regroup on a new graph of their own)
+CRASHES: dict[str, int] = {"gossip_diloco, half crash at round 2": 2}
 BASELINES: dict[str, list[str]] = {
     "all-reduce DiLoCo": ["algorithm.name=diloco"],
     "DDP": ["algorithm.name=ddp"],
@@ -72,11 +83,13 @@ BASELINES: dict[str, list[str]] = {
 MODEST = ["algorithm.name=modest", "algorithm.sample_fraction=0.2"]
 
 
-def modest_crash(workers: int, steps: int = 400, h: int = 50) -> str:
-    gone = range(workers - max(1, round(0.8 * workers)), workers)
-    middle = steps // h // 2
-    return "faults=[" + ", ".join(f"{{kind='crash', worker={w}, round={middle}}}"
+def crash_faults(gone, round: int) -> str:
+    return "faults=[" + ", ".join(f"{{kind='crash', worker={w}, round={round}}}"
                                   for w in gone) + "]"
+
+
+def modest_crash(workers: int, steps: int = 400, h: int = 50) -> str:
+    return crash_faults(range(workers - max(1, round(0.8 * workers)), workers), steps // h // 2)
 
 
 def partition_faults(workers: int, cut: int, heal: int | None) -> str:
@@ -120,6 +133,9 @@ def overrides(label: str, topology: str | None, workers: int) -> list[str]:
     if label in PARTITIONS:
         return ["algorithm.name=gossip_diloco", f"topology.name={topology}",
                 partition_faults(workers, *PARTITIONS[label])]
+    if label in CRASHES:
+        return ["algorithm.name=gossip_diloco", f"topology.name={topology}",
+                crash_faults(range(workers // 2, workers), CRASHES[label])]
     return [*ALGORITHMS[label], f"topology.name={topology}"]
 
 
@@ -210,7 +226,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[8])
     p.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=TOPOLOGIES)
     p.add_argument("--algorithms", nargs="+", default=["gossip_diloco"],
-                   choices=[*ALGORITHMS, *PARTITIONS])
+                   choices=[*ALGORITHMS, *PARTITIONS, *CRASHES])
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
     p.add_argument("--modest", action="store_true",
                    help="MoDeST with and without 80%% of the workers crashing mid-run instead")

@@ -50,7 +50,8 @@ def _assert_per_worker_equal(job_dir, sim, summary) -> dict:
     ["algorithm.name=gossip_diloco", "topology.name=ring"],
     ["algorithm.name=dsgd", "topology.name=one_peer_exponential", "algorithm.final_merge=true",
      "inner.optimizer=sgd", "inner.lr=0.05"],
-], ids=["gossip_diloco-ring", "dsgd-one_peer-merge"])
+    ["algorithm.name=noloco", "algorithm.pull=0.5"],
+], ids=["gossip_diloco-ring", "dsgd-one_peer-merge", "noloco-pull"])
 def test_a_gossip_job_ends_with_the_simulator_s_per_worker_parameters(tmp_path, procs, extra):
     """4 workers through `islands launch`: each ends with its own parameters exactly as the
     simulator's worker of the same id (bytes per worker too), and the coordinator held no

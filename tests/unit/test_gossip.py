@@ -201,9 +201,30 @@ def test_noloco_steps_each_worker_toward_its_pair_s_mean_local_parameters():
     assert sum(torch.equal(states[0], x) for x in states) == 2  # worker 0 and its partner
 
 
+def test_noloco_s_pull_weighs_the_distance_to_the_pair_s_global_parameters():
+    """``algorithm.pull`` (the paper's γ/β): ``g = φ − mean θ^loc + (pull − 1)(φ − mean φ)``
+    (the pseudo-gradients' mean plus ``pull`` times the distance); it sends the global
+    parameters too, two vectors a round."""
+    sets = ("algorithm.name=noloco", "algorithm.pull=0.25", "outer.nesterov=false",
+            "outer.momentum=0", "outer.lr=0.5", "steps=6", "algorithm.sync_every=6")
+    sim = Simulation(tiny_config(*BASE, *sets))
+    engine = sim.build()
+    w = sim.workers[0]
+    phi = w.global_params.detach().clone()
+    local_mean, global_mean = torch.randn_like(phi), torch.randn_like(phi)
+    engine.algorithm.apply(w, [local_mean, global_mean])
+    expected = phi - 0.5 * ((phi - local_mean) - 0.75 * (phi - global_mean))
+    assert torch.allclose(w.global_params.detach(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(w.flat_params(), w.global_params.detach())
+    _, s = _run(*sets)
+    assert s["bytes_sent_by_worker"] == [2 * (4 * s["params"] + 16)] * 4
+
+
 def test_noloco_settings_are_checked():
     with pytest.raises(ConfigError, match="algorithm.groups"):
         tiny_config("algorithm.name=noloco", "algorithm.groups=triples")
+    with pytest.raises(ConfigError, match="algorithm.pull"):
+        tiny_config("algorithm.name=noloco", "algorithm.pull=-1")
     with pytest.raises(ConfigError, match="aggregator.name"):
         check_algorithm(tiny_config("algorithm.name=noloco", "aggregator.name=median"))
 

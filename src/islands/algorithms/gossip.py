@@ -128,13 +128,20 @@ class GossipDiLoCo(Algorithm):
     shares_parameters = False
 
     def __init__(self, sync_every: SyncEvery, *, mixing: Mixing, outer: OuterFactory,
-                 send: str = "two_phase", final_merge: bool = False) -> None:
+                 send: str = "two_phase", final_merge: bool = False, pull: float = 1.0
+                 ) -> None:
+        """``pull`` (``send = "local"`` only): the weight of the pull toward the neighbours'
+        global parameters beside their averaged pseudo-gradient, ``Δ̄_i = Σ_j W_ij Δ_j +
+        pull · Σ_j W_ij (θ_i − θ_j)`` (NoLoCo's ``γ/β``); other than 1 it needs the global
+        parameters too, a second vector a round."""
         super().__init__(sync_every)
         if send not in SENDS:
             raise ValueError(f"send ({send!r}) must be one of {SENDS}")
+        if pull != 1.0 and send != "local":
+            raise ValueError(f"pull ({pull}) needs send = 'local'")
         self.mixing, self.final_merge = mixing, final_merge
         self.describe = mixing.describe
-        self.outer_factory, self.send = outer, send
+        self.outer_factory, self.send, self.pull = outer, send, pull
 
     def begin_round(self, group, workers: list[Worker], round: int) -> None:
         self.mixing.begin_round(group, round)
@@ -155,7 +162,11 @@ class GossipDiLoCo(Algorithm):
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:
         if self.send == "local":
-            return [self.mixing.contribution(worker, worker.flat_params(), "parameters")]
+            local = [self.mixing.contribution(worker, worker.flat_params(), "parameters")]
+            if self.pull == 1.0:
+                return local
+            return [*local, self.mixing.contribution(
+                worker, worker.global_params.detach().clone(), "global parameters")]
         theta = worker.global_params.detach()
         if worker.second_exchange:  # two_phase: the stepped parameters
             return [self.mixing.contribution(worker, theta.clone(), "parameters")]
@@ -167,7 +178,11 @@ class GossipDiLoCo(Algorithm):
 
     def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
         if self.send == "local":
-            self._outer_step(worker, worker.global_params.detach() - reduced[0])
+            theta = worker.global_params.detach()
+            delta = theta - reduced[0]  # the mean pseudo-gradient plus the pull (weight 1)
+            if self.pull != 1.0:
+                delta.add_(theta - reduced[1], alpha=self.pull - 1.0)
+            self._outer_step(worker, delta)
         elif not worker.second_exchange:  # two_phase, the mixed pseudo-gradient
             self._outer_step(worker, reduced[0])
             worker.second_exchange = True  # the stepped parameters go out next
@@ -313,15 +328,22 @@ class NoLoCoConfig(AlgorithmConfig):
             neighbours, with its Metropolis-Hastings weights.
         final_merge: average every worker's global parameters exactly once, after the last
             round.
+        pull: the pull's weight relative to the pseudo-gradient's, the paper's ``γ/β``:
+            ``g_i = mean_{j∈G} Δ_j + pull · (φ_i − mean_{j∈G} φ_j)``. 1 (the reference
+            code's rule) sends one vector a round; any other value sends ``φ_i`` as well,
+            twice the bytes.
     """
 
     name: str = "noloco"
     sync_every: int | tuple[tuple[int, int], ...] = 50
     groups: str = "pairs"
     final_merge: bool = False
+    pull: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sync_every", sync_every_setting(self.sync_every))
+        check(self.pull >= 0, "algorithm.pull", self.pull,
+              "must be >= 0 (1: the reference rule, one vector a round)")
         check(self.groups in ("pairs", "topology"), "algorithm.groups", self.groups,
               "must be 'pairs' (a random pairing each round) or 'topology' (the [topology] "
               "graph)")
@@ -331,7 +353,7 @@ class NoLoCoConfig(AlgorithmConfig):
         return GossipDiLoCo(self.sync_every,
                             mixing=run.topology.mixing(run.seed, pairs=self.groups == "pairs"),
                             outer=outer_factory(run.outer), send="local",
-                            final_merge=self.final_merge)
+                            final_merge=self.final_merge, pull=float(self.pull))
 
 
 def _plain_mean(run) -> None:
