@@ -22,8 +22,8 @@ from islands.core.seeding import derive_seed
 
 # how many workers' own models an evaluation of a gossip run also evaluates
 OWN_SAMPLE = 4
-# a sketch's length: 16 KB per worker and evaluation; distances from it are off by about
-# sqrt(1 / SKETCH_BUCKETS), 1.6%, each (less once averaged over the workers)
+# a sketch's length: 16 KB per worker and evaluation; a distance from sketches is off by
+# about 1 / sqrt(2 · SKETCH_BUCKETS), 1.1% (less once averaged over the workers)
 SKETCH_BUCKETS = 4096
 _SKETCH_CHUNK = 1 << 22  # entries hashed at once (bounded memory for any model size)
 
