@@ -252,6 +252,25 @@ def test_a_partition_keeps_gossip_on_each_side_until_it_heals(tmp_path):
     assert all(apart[r] > together[r] for r in (1, 2, 3))
 
 
+def test_a_neighbour_that_crashes_before_the_sync_is_left_out_of_that_round_s_mix(tmp_path):
+    """A ring of 4, worker 3 crashing in round 1 (it trains, then is gone before the sync):
+    its neighbours mix without it that round (worker 0 sends to worker 1 only), and from
+    round 2 the graph is drawn over the three left (a ring of 3: both others)."""
+    from islands.metrics.run_dir import read_metrics
+
+    sim = Simulation(tiny_config(*BASE, "algorithm.name=dsgd", "algorithm.sync_every=2",
+                                 "topology.name=ring",
+                                 "faults=[{kind='crash', worker=3, round=1}]"), tmp_path)
+    s = sim.run()
+    every = read_metrics(tmp_path)
+    message = 4 * s["params"] + 16
+    sent = {(r["round"], r["worker"]): r["bytes_sent"] for r in every}
+    assert [sent[r, 0] for r in range(6)] == [2 * message, message] + [2 * message] * 4
+    assert sent[1, 1] == 2 * message  # not a neighbour of worker 3's: both of its own
+    assert [r["round"] for r in every if r["worker"] == 3] == [0]
+    assert s["final_eval_loss"] < s["eval_curve"][0]["eval_loss"]
+
+
 def test_partition_faults_are_checked():
     with pytest.raises(ConfigError, match=r"faults\[0\].workers"):
         tiny_config("algorithm.name=dsgd", "faults=[{kind='partition', round=1}]")
