@@ -40,6 +40,31 @@ def assert_final_equal(run_dir: Path, expected: dict, what: str = "") -> None:
         assert torch.equal(got[k], v.cpu()), f"{what}: {k} differs from the simulator's"
 
 
+def assert_per_worker_equal(job_dir: Path, sim, summary: dict) -> dict:
+    """A gossip job: each worker's ``final.safetensors`` holds the simulator's worker's own
+    global parameters bit for bit, and it sent the same bytes; at every evaluation the
+    job's consensus distance (estimated from its workers' sketches) is the simulator's
+    exact one within 5%. Returns the job's summary."""
+    import json
+
+    import torch
+
+    job = json.loads((job_dir / "summary.json").read_text())
+    names = [n for n, q in sim.workers[0].model.named_parameters() if q.requires_grad]
+    for w in sim.workers:
+        state = final_state(job_dir / f"w{w.id}")
+        got = torch.cat([state[n].reshape(-1).float() for n in names])
+        assert torch.equal(got, w.global_params.detach()), f"worker {w.id}"
+    assert job["bytes_sent_by_worker"] == summary["bytes_sent_by_worker"]
+    if "topology" in summary:  # parameters of their own (not MoDeST's)
+        exact = {p["step"]: p["consensus_distance"] for p in summary["eval_curve"]}
+        estimated = {p["step"]: p.get("consensus_distance") for p in job["eval_curve"]}
+        assert estimated.keys() == exact.keys() and max(exact.values()) > 0
+        for step, d in exact.items():
+            assert estimated[step] == pytest.approx(d, rel=0.05, abs=1e-6), step
+    return job
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,20 +4,18 @@ stopped."""
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
 
 import pytest
-import torch
 
 from islands.core.config import load_config
 from islands.sim.runner import Simulation
 from tests.integration.conftest import (
     TINY,
     assert_final_equal,
-    final_state,
+    assert_per_worker_equal,
     free_port,
     kill,
     last_round,
@@ -31,19 +29,6 @@ def _launch(procs, out, overrides):
     for o in overrides:
         argv += ["--set", o]
     return procs.start("launch", argv)
-
-
-def _assert_per_worker_equal(job_dir, sim, summary) -> dict:
-    """Each worker's ``final.safetensors`` holds the simulator's worker's own global
-    parameters bit for bit, and sent its bytes; returns the job's summary."""
-    job = json.loads((job_dir / "summary.json").read_text())
-    names = [n for n, q in sim.workers[0].model.named_parameters() if q.requires_grad]
-    for w in sim.workers:
-        state = final_state(job_dir / f"w{w.id}")
-        got = torch.cat([state[n].reshape(-1).float() for n in names])
-        assert torch.equal(got, w.global_params.detach()), f"worker {w.id}"
-    assert job["bytes_sent_by_worker"] == summary["bytes_sent_by_worker"]
-    return job
 
 
 @pytest.mark.parametrize("extra", [
@@ -61,17 +46,12 @@ def test_a_gossip_job_ends_with_the_simulator_s_per_worker_parameters(tmp_path, 
     sim = Simulation(load_config(None, overrides))
     summary = sim.run()
     assert p.wait(timeout=120) == 0
-    job = _assert_per_worker_equal(tmp_path / "job", sim, summary)
+    job = assert_per_worker_equal(tmp_path / "job", sim, summary)
     assert job["coordinator"]["rounds_committed"] == 0  # only the start barrier
     assert len(job["coordinator"]["epochs"]) == 1
     rows = metrics(tmp_path / "job" / "w0")
     assert [r["round"] for r in rows] == list(range(summary["rounds"]))
     assert all("consensus_distance" not in r for r in rows[1:])  # not knowable from one
-    exact = {p["step"]: p["consensus_distance"] for p in summary["eval_curve"]}
-    estimated = {p["step"]: p["consensus_distance"] for p in job["eval_curve"]}
-    assert estimated.keys() == exact.keys() and len(exact) > 1  # from the workers' sketches
-    for step, d in exact.items():
-        assert estimated[step] == pytest.approx(d, rel=0.05, abs=1e-6), step
     if "algorithm.final_merge=true" in extra:  # one model: the job's final.safetensors
         assert len(job["final_hashes"]) == 1
         assert_final_equal(tmp_path / "job", sim.final_state, "the merged model")
@@ -93,7 +73,7 @@ def test_a_modest_job_ends_with_the_simulator_s_per_worker_parameters(tmp_path, 
     sim = Simulation(load_config(None, overrides))
     summary = sim.run()
     assert p.wait(timeout=120) == 0
-    job = _assert_per_worker_equal(tmp_path / "job", sim, summary)
+    job = assert_per_worker_equal(tmp_path / "job", sim, summary)
     assert job["hash_mismatches"] == 0 and job["state_transfers"] == 0
     drawn = {tuple(r["participants"]) for r in metrics(tmp_path / "job" / "w0")}
     assert len(drawn) > 1 and all(len(d) == 2 for d in drawn)
