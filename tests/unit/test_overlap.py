@@ -27,8 +27,8 @@ def test_blocking_algorithms_keep_the_releases_virtual_times_and_losses(case):
     ref = REFERENCE[case]
     s = Simulation(tiny_config("workers=3", "steps=12", "eval_every=6", *ref["overrides"])).run()
     for key, value in ref.items():
-        if key == "final_eval_loss":  # float kernels round differently from one CPU to
-            # another (AVX2, AVX-512): the same computation, not the same last bits
+        if key == "final_eval_loss":  # the math library's kernels differ from one CPU to
+            # another and round differently: the same computation, not the same last bits
             assert s[key] == pytest.approx(value, rel=1e-6, abs=0), key
         elif key != "overrides":  # the clock and the bytes: exact on any machine
             assert s[key] == value, key
