@@ -343,8 +343,8 @@ def test_a_gossip_joiner_takes_a_live_worker_s_own_state():
 
 def test_count_sketches_estimate_the_consensus_distance_of_a_run():
     """The distance from the workers' sketches is the exact one within a few percent; a
-    sketch is linear and the same in every process (its seed); equal parameters sketch
-    alike (distance 0)."""
+    sketch is linear and the same in every process (its seed), another seed another
+    sketch."""
     sim, _ = _run("algorithm.name=gossip_diloco", "algorithm.sync_every=4", "topology.name=ring",
                   "inner.optimizer='adamw'", "inner.lr=3e-3")
     states = [w.global_params.detach() for w in sim.workers]
@@ -357,7 +357,6 @@ def test_count_sketches_estimate_the_consensus_distance_of_a_run():
                           consensus.sketch(a, 7) - 2 * consensus.sketch(b, 7), atol=1e-4)
     assert torch.equal(consensus.sketch(a, 7), consensus.sketch(a.clone(), 7))
     assert not torch.equal(consensus.sketch(a, 7), consensus.sketch(a, 8))
-    assert consensus.distance_of([sketches[0]] * 3, sketches[0]) == 0
     rng = torch.Generator().manual_seed(0)  # a spread of random vectors: within 5% each
     for _ in range(20):
         x = torch.randn(50_000, generator=rng)
