@@ -64,25 +64,20 @@ class Mixing:
         self.topology, self.gossip_steps = topology, gossip_steps
         self.variance_correction = variance_correction
         self.round, self.members = 0, ()
-        self.reachable: Callable[[int, int], bool] = lambda a, b: True
 
     def begin_round(self, group, round: int) -> None:
         self.round, self.members = round, tuple(group.members)
-        self.reachable = group.transport.reachable
 
     def contribution(self, worker: Worker, tensor: torch.Tensor, tag: str) -> Contribution:
-        """``tensor`` mixed with the worker's neighbours' in this round's graph. A neighbour
-        behind a cut link (a partition) is left out and its weight stays with the worker
-        (``W_ii += W_ij``): the matrix stays symmetric and doubly stochastic."""
-        r, members, me = self.round, self.members, worker.id
-        row = dict(self.topology.rows(r, members)[me])
-        for j in [j for j in row if not self.reachable(me, j)]:
-            row[me] += row.pop(j)
+        """``tensor`` mixed with the worker's neighbours' in this round's graph (a neighbour
+        gone or behind a cut link is left out by the collective, its weight kept by the
+        worker: :func:`~islands.collectives.neighbours.start_neighbours`)."""
+        r, me = self.round, worker.id
         segments = (tuple(p.numel() for p in worker.params)
                     if self.variance_correction and tag == "parameters" else ())
-        return Contribution(tensor, tag=tag, collective="neighbours", mixing=row,
-                            send_to=tuple(j for j in self.topology.receivers(r, me, members)
-                                          if self.reachable(me, j)),
+        return Contribution(tensor, tag=tag, collective="neighbours",
+                            mixing=dict(self.topology.rows(r, self.members)[me]),
+                            send_to=tuple(self.topology.receivers(r, me, self.members)),
                             steps=self.gossip_steps, segments=segments)
 
     def describe(self) -> dict:

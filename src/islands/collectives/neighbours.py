@@ -14,7 +14,8 @@ only what crosses the wire loses precision). Sums run in ascending member order,
 result is the same in the simulator and over real processes. Every received payload is checked
 as the butterfly's are (:mod:`.checks`): a malformed or non-finite one is refused naming its
 sender. A neighbour a row names that is not in the group (it left after the round's graph
-was drawn) is left out, its weight kept by the member (``W_ii += W_ij``).
+was drawn) or that the transport cannot reach (a cut link) is left out, its weight kept by
+the member (``W_ii += W_ij``).
 
 **Variance-corrected averaging** (``segments``; Tian et al. 2024, "Vanishing Variance Problem
 in Fully Decentralized Neural-Network Systems"): averaging models that do not agree shrinks
@@ -25,6 +26,8 @@ deviations (a tensor whose result has none is left as it is).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -55,8 +58,11 @@ def start_neighbours(group: Group, contributions: dict[int, torch.Tensor], *,
     """
     assert set(contributions) == set(group.local), (sorted(contributions), group.local)
     assert steps >= 1, steps
-    rows = {i: _within(group.members, i, row) for i, row in rows.items()}
-    send_to = {i: tuple(j for j in to if j in group.members) for i, to in send_to.items()}
+    here = group.members
+    reach = group.transport.reachable
+    rows = {i: _within(i, row, lambda j: j in here and reach(i, j)) for i, row in rows.items()}
+    send_to = {i: tuple(j for j in to if j in here and reach(i, j))
+               for i, to in send_to.items()}
     values = {i: x.float() for i, x in contributions.items()}
     for s in range(steps):
         values = _step(group, values, codecs, rows, send_to, f"{tag}/{s}" if s else tag,
@@ -64,14 +70,16 @@ def start_neighbours(group: Group, contributions: dict[int, torch.Tensor], *,
     return Work(values)
 
 
-def _within(members: tuple[int, ...], i: int, row: dict[int, float]) -> dict[int, float]:
-    """Row ``i`` without the neighbours that are not in the group (gone since the round's
-    graph was drawn: a crash before the sync, a straggler left out, a banned sender); their
-    weight stays with ``i``, so a symmetric matrix stays doubly stochastic."""
-    if all(j in members for j in row):
+def _within(i: int, row: dict[int, float], present: Callable[[int], bool]
+            ) -> dict[int, float]:
+    """Row ``i`` without the neighbours that are not ``present``: gone since the round's
+    graph was drawn (a crash before the sync, a straggler left out, a banned sender) or
+    behind a cut link (a partition). Their weight stays with ``i``, so a symmetric matrix
+    stays doubly stochastic."""
+    if all(present(j) for j in row if j != i):
         return row
-    kept = {j: w for j, w in row.items() if j in members}
-    kept[i] = kept.get(i, 0.0) + sum(w for j, w in row.items() if j not in members)
+    kept = {j: w for j, w in row.items() if j == i or present(j)}
+    kept[i] = kept.get(i, 0.0) + sum(w for j, w in row.items() if j not in kept)
     return kept
 
 
