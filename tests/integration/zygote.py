@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # what every test process would import anyway, loaded once in the zygote
 PRELOAD = ("torch", "torch._dynamo", "numpy", "islands", "islands.cli.runtime_cmd",
            "islands.cli.main", "islands.runtime.worker", "islands.runtime.launch",
-           "islands.engine", "islands.metrics.plots", "islands.sweep")
+           "islands.engine", "islands.metrics.plots", "islands.sweep",
+           "islands.codecs.kernels")
 
 
 def enabled() -> bool:

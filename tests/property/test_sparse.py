@@ -61,6 +61,89 @@ def test_chunked_top_k_keeps_exactly_k_per_chunk_and_the_largest(sizes, chunk, k
     assert e.nbytes == 4 * want + math.ceil(want * max(1, (chunk - 1).bit_length()) / 8)
 
 
+def _reference_top(x: np.ndarray, chunk: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (ascending, per chunk) and values of each chunk's k largest |x|, ties to the
+    lower offset: a full sort, written plainly."""
+    offsets, values = [], []
+    for a in range(0, len(x), chunk):
+        part = x[a:a + chunk]
+        order = np.lexsort((np.arange(len(part)), -np.abs(part)))[:k]  # |x| desc, offset asc
+        kept = np.sort(order)
+        offsets += kept.tolist()
+        values += part[kept].tolist()
+    return np.array(offsets, np.int64), np.array(values, np.float32)
+
+
+@settings(max_examples=80)
+@given(data=hnp.arrays(np.float32, st.integers(0, 400),
+                       elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 3e-39,
+                                                 7.0, 1e30]) | finite),
+       chunk=st.integers(1, 100), k=st.integers(1, 30))
+def test_the_compiled_selection_is_a_full_sort_s_first_k_with_ties_to_the_lower_offset(
+        data, chunk, k):
+    from islands.codecs import kernels
+
+    k = min(k, chunk)
+    offsets, values, all_finite = kernels.chunk_top(torch.from_numpy(data), chunk, k)
+    want_offsets, want_values = _reference_top(data, chunk, k)
+    assert all_finite
+    assert offsets.tolist() == want_offsets.tolist()
+    assert values.numpy().tobytes() == want_values.tobytes()  # the very bits (signed zeros)
+    # decoding: each chunk zeroed, the kept values at their offsets
+    out = torch.full((len(data),), 9.0)
+    kernels.scatter(out, offsets, values, chunk, k)
+    want = np.zeros_like(data)
+    starts = np.repeat(np.arange(0, len(data), chunk), [min(k, len(data) - a)
+                                                        for a in range(0, len(data), chunk)])
+    want[starts + want_offsets] = want_values
+    assert out.numpy().tobytes() == want.tobytes()
+
+
+def test_the_compiled_kernels_leave_torch_s_thread_count_as_they_found_it():
+    """Numba's OpenMP layer can share torch's runtime: setting one's count set the other's
+    (a benchmark at one torch thread ran on two after the first top-k)."""
+    from islands.codecs import kernels
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            offsets, values, _ = kernels.chunk_top(torch.randn(10_000), 64, 2)
+            assert torch.get_num_threads() == threads
+            kernels.scatter(torch.empty(10_000), offsets, values, 64, 2)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_value_is_refused_by_the_compiled_chunked_top_k(bad):
+    from islands.core.errors import CodecError
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    x[777] = bad
+    codec = Chain(ChunkTopK(count=4, chunk=64), Quant(2, block=8))
+    assert codec.checks_finite  # the selection's read is the check: no second pass
+    with pytest.raises(CodecError, match=r"'delta\[100:1100\]' holds 1 NaN/Inf"):
+        codec.encode(x, key="delta", offset=100)
+
+
+@settings(max_examples=40)
+@given(sizes=st.lists(st.integers(1, 90), min_size=1, max_size=4), chunk=st.integers(1, 40),
+       k=st.integers(1, 12), cut=st.integers(0, 400), seed=st.integers(0, 2**31))
+def test_decoding_a_shard_into_a_buffer_equals_decoding_it_afresh(sizes, chunk, k, cut, seed):
+    """A butterfly shard starts inside a tensor: the compiled decode writes each piece's
+    chunks where the torch decode (a scatter of every kept position) does."""
+    total = sum(sizes)
+    a = cut % total
+    x = torch.randn(total, generator=torch.Generator().manual_seed(seed))[a:]
+    codec = ChunkTopK(count=min(k, chunk), chunk=chunk)
+    codec.bind_layout([torch.Size([n]) for n in sizes])
+    e = codec.encode(x, offset=a)
+    out = torch.full_like(x, 5.0)
+    assert torch.equal(codec.decode_into(e, out), codec.decode(e))
+
+
 @settings(max_examples=60)
 @given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4),
        chunk=st.sampled_from([1, 7, 16, 64, 256]), k=st.integers(1, 20),

@@ -48,6 +48,10 @@ class Chain(Codec):
         self.first, self.values = first, values
         self.name = f"{first.name}+{values.name}"
 
+    @property
+    def checks_finite(self) -> bool:  # the first stage sees every value; the values stage
+        return self.first.checks_finite  # only those it keeps
+
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         head = self.first.encode(x, key, offset, finite=True)
         kept = head.tensors.pop("values")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from islands.codecs.base import Codec, Encoded, as_float32
+from islands.codecs.base import Codec, Encoded, as_float32, check_finite, tensor_name
 from islands.codecs.packing import (
     index_bits,
     kept_count,
@@ -137,6 +137,7 @@ class ChunkTopK(Codec):
     """
 
     name = "chunk_topk"
+    checks_finite = True  # the selection reads every value anyway (CPU), or checks first
     sparse = True  # sends float32 "values" a value codec may re-encode (codecs.chain)
 
     def __init__(self, density: float | None = None, *, count: int | None = None,
@@ -161,15 +162,24 @@ class ChunkTopK(Codec):
         return kept_in(runs(self.bounds, self.chunk, offset, numel), self.chunk, self.k)
 
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
-        dtype, x = x.dtype, as_float32(x)
-        if self._keys.numel() != x.numel() or self._keys.device != x.device:
-            self._keys = torch.empty(x.numel(), dtype=torch.int32, device=x.device)
-        keys = magnitude_order(x, self._keys)
+        dtype, x = x.dtype, as_float32(x).contiguous()
         pieces = runs(self.bounds, self.chunk, offset, x.numel())
-        offsets = [chunk_top(keys[a:a + n], self.chunk, self.k) for a, n in pieces]
-        flat = torch.cat(offsets) if offsets else torch.empty(0, dtype=torch.int64)
         starts = self._starts(pieces)
-        values = x[flat + starts]
+        if x.device.type == "cpu":  # compiled: one read of x, the finite check in it
+            from islands.codecs import kernels
+            found = [kernels.chunk_top(x[a:a + n], self.chunk, self.k) for a, n in pieces]
+            if not all(finite for _, _, finite in found):
+                check_finite(x, tensor_name(key, offset, x.numel()))
+            flat = _cat([f[0] for f in found], torch.int64)
+            values = _cat([f[1] for f in found], torch.float32)
+        else:
+            check_finite(x, tensor_name(key, offset, x.numel()))
+            if self._keys.numel() != x.numel() or self._keys.device != x.device:
+                self._keys = torch.empty(x.numel(), dtype=torch.int32, device=x.device)
+            keys = magnitude_order(x, self._keys)
+            flat = _cat([chunk_top(keys[a:a + n], self.chunk, self.k) for a, n in pieces],
+                        torch.int64, x.device)
+            values = x[flat + starts]
         return Encoded({"values": values, **self._code(flat, starts)}, numel=x.numel(),
                        dtype=dtype, meta={"offset": offset})
 
@@ -203,8 +213,19 @@ class ChunkTopK(Codec):
 
     def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
         # zeros and the kept values straight into out: no fresh tensor of e.numel values
+        values = e.tensors["values"]
+        if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
+            from islands.codecs import kernels
+            pieces = runs(self.bounds, self.chunk, e.meta["offset"], e.numel)
+            offsets, first = self._offsets(e, self._starts(pieces)), 0
+            for a, n in pieces:  # each piece's chunks start at its first value
+                kept = kept_in([(a, n)], self.chunk, self.k)
+                kernels.scatter(out[a:a + n], offsets[first:first + kept],
+                                values[first:first + kept].float(), self.chunk, self.k)
+                first += kept
+            return out
         out.zero_()
-        out[self._where(e)] = e.tensors["values"].to(out.dtype)
+        out[self._where(e)] = values.to(out.dtype)
         return out
 
     def _where(self, e: Encoded) -> torch.Tensor:
@@ -220,6 +241,10 @@ class ChunkTopK(Codec):
     def __repr__(self) -> str:
         index = "" if self.index == "packed" else f", index={self.index!r}"
         return f"chunk_topk({shown(self.density, self.count)}, chunk={self.chunk}{index})"
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype, device=None) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
 
 
 def _firsts(starts: torch.Tensor) -> torch.Tensor:
