@@ -18,7 +18,9 @@ Run it (each simulation takes about 1.5 minutes on one core; ``--jobs 2`` runs t
 ``--weather`` runs the straggler policy and the fault plan instead (100 Mbit/s): one worker 3x
 slower, DiLoCo waiting for it against DiLoCo with a quorum of 3 of 4, asynchronous local SGD
 and DDP; then the same with a crash every 8 virtual seconds (the crashed worker back 4 s
-later; asynchronous local SGD does not take a fault plan yet).
+later; asynchronous local SGD's fault plan takes no join); then two workers lost for good
+(crashes at 8 and 16 s): DiLoCo waiting, DiLoCo with the delayed overlap, asynchronous local
+SGD.
 
 Writes ``bench-results/overlap.json`` and ``.png`` (``--json`` moves both).
 """
@@ -67,6 +69,7 @@ SLOW = ["compute.worker=[{id = 3, step_time_s = 0.3}]"]
 CRASHES = ("faults=[" + ", ".join(
     f'{{kind = "crash", worker = {w}, at_s = {t}}}, {{kind = "join", worker = {w}, '
     f'at_s = {t + 4}}}' for w, t in ((1, 8), (2, 16), (1, 24), (2, 32))) + "]")
+LOSSES = 'faults=[{kind = "crash", worker = 1, at_s = 8}, {kind = "crash", worker = 2, at_s = 16}]'
 WEATHER: dict[str, list[str]] = {
     "straggler: DiLoCo waits": [*SLOW],
     "straggler: DiLoCo, quorum 3 of 4": [*SLOW, "algorithm.min_quorum=3"],
@@ -75,6 +78,11 @@ WEATHER: dict[str, list[str]] = {
     "crashes + straggler: DiLoCo waits": [*SLOW, CRASHES],
     "crashes + straggler: DiLoCo, quorum 3": [*SLOW, CRASHES, "algorithm.min_quorum=3"],
     "crashes + straggler: DDP": [*SLOW, CRASHES, "algorithm.name=ddp"],
+    # two workers lost for good (crashes at 8 and 16 virtual seconds, no rejoin): the fault
+    # plan of the overlapped and asynchronous algorithms (which take no join)
+    "losses + straggler: DiLoCo waits": [*SLOW, LOSSES],
+    "losses + straggler: DiLoCo, delayed overlap": [*SLOW, LOSSES, *VARIANTS["delayed"]],
+    "losses + straggler: async local SGD": [*SLOW, *ASYNC, LOSSES],
 }
 
 
@@ -104,8 +112,8 @@ def add_comparisons(rows: list[dict]) -> None:
     """Loss change against the baseline on the same link and seed (blocking DiLoCo; in the
     weather rows, DiLoCo waiting for the straggler); time to its loss + 2%."""
     def baseline(variant: str) -> str:
-        if variant.startswith("crashes"):
-            return "crashes + straggler: DiLoCo waits"
+        if variant.startswith(("crashes", "losses")):
+            return f"{variant.split(':')[0]}: DiLoCo waits"
         return "straggler: DiLoCo waits" if variant.startswith("straggler") else "blocking"
 
     base = {(r["variant"], r["mbit"], r["seed"]): r for r in rows}
@@ -161,7 +169,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.plot(*zip(*r["eval_curve"]), marker=".", label=r["variant"])
         ax.set(title=f"{mbit:g} Mbit/s, 50 ms", xlabel="virtual time (s)",
                ylabel="eval loss", yscale="log", xscale="log" if any(
-                   r["variant"].startswith(("straggler", "crashes")) for r in rows) else "linear")
+                   r["variant"].startswith(("straggler", "crashes", "losses"))
+                   for r in rows) else "linear")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -98,11 +98,46 @@ def test_a_bad_fault_names_its_entry_and_key(event, key):
         tiny_config("workers=3", _faults(event))
 
 
-def test_a_plan_that_leaves_nobody_or_overlaps_is_refused():
+def test_a_plan_that_leaves_nobody_or_joins_an_overlapped_run_is_refused():
     with pytest.raises(ConfigError, match="no worker"):
         _sim(_faults(*(f'kind = "leave", worker = {i}, round = 2' for i in range(3))))
-    with pytest.raises(ConfigError, match="overlapping"):
-        _sim("algorithm.overlap=delayed", _faults('kind = "leave", worker = 1, round = 2'))
+    with pytest.raises(ConfigError, match=r"faults\[1\] \(kind = 'join'\).*in flight"):
+        _sim("algorithm.overlap=delayed", _faults('kind = "crash", worker = 1, round = 2',
+                                                  'kind = "join", worker = 1, round = 3'))
+
+
+OVERLAPPED = {"delayed": ["algorithm.overlap=delayed"],
+              "eager": ["algorithm.overlap=eager"],
+              "streaming": ["algorithm.name=streaming_diloco", "algorithm.fragments=2",
+                            "algorithm.tau=1"]}
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAPPED))
+def test_an_overlapped_run_commits_a_crashed_round_without_the_worker_as_a_leave_does(name):
+    """The crashed worker's round is lost; its previous round, committed and still in flight
+    when it dies, lands in every survivor: a crash at round 2 ends where a leave at round 2
+    does, not where a leave at round 1 (whose round-1 contribution never existed) does."""
+    sets = [*OVERLAPPED[name], "compute.step_time_s=0.1"]
+    crash, c = _sim(*sets, _faults('kind = "crash", worker = 2, round = 2'))
+    leave, _ = _sim(*sets, _faults('kind = "leave", worker = 2, round = 2'))
+    earlier, _ = _sim(*sets, _faults('kind = "leave", worker = 2, round = 1'))
+    assert torch.equal(crash.final_params, leave.final_params)
+    assert not torch.equal(crash.final_params, earlier.final_params)
+    assert [e["members"] for e in c["epochs"]] == [[0, 1, 2], [0, 1]]
+    assert crash.live == [0, 1] and _live_states_agree(crash)
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAPPED))
+def test_a_slowdown_in_an_overlapped_run_moves_its_times_not_its_math(name):
+    sets = [*OVERLAPPED[name], "compute.step_time_s=0.1"]
+    _, base = _sim(*sets)
+    _, slow = _sim(*sets, _faults('kind = "slow", worker = 0, round = 2, factor = 3.0'))
+    assert slow["final_eval_loss"] == base["final_eval_loss"]
+    # from round 2 on (streaming's rounds are H / fragments = 2 steps) at 0.3 s, not 0.1 s
+    extra = 0.2 * (20 - 2 * (2 if name == "streaming" else 4))
+    assert slow["compute_s_by_worker"][0] == pytest.approx(base["compute_s_by_worker"][0] + extra)
+    assert slow["virtual_time_s"] > base["virtual_time_s"] + extra - 0.5  # the others wait
+    assert slow["idle_s_by_worker"][1] > base["idle_s_by_worker"][1] + extra / 2
 
 
 # --- the straggler policy: a minimum quorum and a grace window --------------------------
@@ -161,3 +196,63 @@ def test_a_crash_in_virtual_time_hits_the_round_in_progress_and_a_rejoin_follows
                         'kind = "join", worker = 1, at_s = 0.3'))
     assert [(e["from_round"], e["members"]) for e in s["epochs"]] == [
         (0, [0, 2]), (1, [0, 1, 2])]
+
+
+# --- the asynchronous loop's fault plan (no rounds: events at virtual times) ------------
+
+ASYNC = ["algorithm.name=async_local_sgd", "algorithm.sync_every=4",
+         "algorithm.dynamic_steps=false", "compute.step_time_s=0.1",
+         "network.bandwidth_bps=1e15", "network.latency_s=0.0"]  # updates of 0.4 s each
+
+
+def _async(*events: str, workers: int = 3):
+    sim = Simulation(tiny_config(f"workers={workers}", "steps=20", "eval_every=100", *ASYNC,
+                                 *([_faults(*events)] if events else [])))
+    return sim, sim.run()
+
+
+def test_an_async_crash_loses_the_update_in_progress_and_the_others_spend_its_steps():
+    """Updates of 0.4 s: a crash at 1.0 s hits worker 2's third (0.8-1.2 s), never posted;
+    the others spend the run's 60 inner steps without it."""
+    crash, c = _async('kind = "crash", worker = 2, at_s = 1.0')
+    assert c["inner_steps_by_worker"][2] == 8
+    assert sum(c["inner_steps_by_worker"]) == 3 * 20
+    assert c["compute_s_by_worker"][2] == pytest.approx(1.0)  # it computed until its crash
+    assert c["epochs"] == [{"epoch": 1, "members": [0, 1, 2], "from_update": 0, "at_s": 0.0},
+                           {"epoch": 2, "members": [0, 1], "from_update": 6, "at_s": 1.0}]
+    assert crash.live == [0, 1] and _live_states_agree(crash)
+    _, plain = _async()  # 5 updates posted without the crash, 2 with it
+    assert c["bytes_sent_by_worker"][2] == plain["bytes_sent_by_worker"][2] * 2 // 5
+
+
+def test_an_async_leave_posts_the_update_in_progress_then_is_gone():
+    leave, s = _async('kind = "leave", worker = 2, at_s = 1.0')
+    assert s["inner_steps_by_worker"][2] == 12  # its third update (0.8-1.2 s) was posted
+    assert sum(s["inner_steps_by_worker"]) == 3 * 20
+    # gone once it posted that update (the 9th: the three workers' third ones end alike)
+    assert s["epochs"][-1] == {"epoch": 2, "members": [0, 1], "from_update": 9,
+                               "at_s": pytest.approx(1.2)}
+    assert leave.live == [0, 1] and _live_states_agree(leave)
+    _, plain = _async()  # the posts of 1.6 s on go to the two left: a third fewer bytes
+    assert s["bytes_sent_by_worker"][0] < plain["bytes_sent_by_worker"][0]
+
+
+def test_an_async_slowdown_applies_from_the_next_update_that_starts_after_it():
+    _, s = _async('kind = "slow", worker = 0, at_s = 1.0, factor = 2.0')
+    steps = s["inner_steps_by_worker"]
+    # three updates at 0.1 s a step (the third started at 0.8 s), the rest at 0.2 s
+    assert s["compute_s_by_worker"][0] == pytest.approx(1.2 + 0.2 * (steps[0] - 12))
+    _, plain = _async()
+    assert sum(steps) == 3 * 20 and s["virtual_time_s"] > plain["virtual_time_s"] + 0.7
+
+
+@pytest.mark.parametrize("event, match", [
+    ('kind = "crash", worker = 1, round = 2', r"faults\[0\].round \(2\).*no rounds.*at_s"),
+    ('kind = "join", worker = 1, at_s = 1.0', r"faults\[0\] \(kind = 'join'\).*not carried"),
+    ('kind = "partition", workers = [0], at_s = 1.0', r"faults\[0\] \(kind = 'partition'\)"),
+])
+def test_an_async_plan_names_what_it_cannot_carry_out(event, match):
+    with pytest.raises(ConfigError, match=match):
+        _async(event)
+    with pytest.raises(ConfigError, match="leaves no worker"):
+        _async(*(f'kind = "crash", worker = {i}, at_s = 0.5' for i in range(3)))

@@ -27,7 +27,9 @@ in which they were posted, so every replica stays bit-identical. A worker sends 
 at once and, before it pulls, waits only for the updates posted before its own that have not
 reached it yet. The run's
 budget is the synchronous run's data: ``workers × steps`` inner steps in all, however they
-are spread over the workers (the fast ones take more). The simulator only for now.
+are spread over the workers (the fast ones take more). The simulator only for now; its fault
+plan takes crashes, leaves, slowdowns and link changes at virtual times
+(:class:`islands.sim.faults.AsyncFaultPlan`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from islands.algorithms.outer import OuterConfig
 from islands.core.errors import ConfigError
 from islands.core.registry import register
 from islands.core.sections import AlgorithmConfig, check
+
+ASYNC_FAULTS = ("crash", "leave", "slow", "link")  # the fault kinds its loop carries out
 
 
 class DelayedNesterov(torch.optim.Optimizer):
@@ -190,9 +194,16 @@ class AsyncLocalSGDConfig(AlgorithmConfig):
               "must be >= 0 (0: the number of workers)")
 
     def build(self, run, aggregator) -> AsyncLocalSGD:
-        if run.faults:
-            raise ConfigError("[[faults]] with algorithm.name = 'async_local_sgd' is not "
-                              "carried out yet: remove the fault plan, or use diloco")
+        for i, f in enumerate(run.faults):  # what its loop carries out (sim.faults)
+            if f.round is not None:
+                raise ConfigError(f"faults[{i}].round ({f.round}): algorithm.name = "
+                                  "'async_local_sgd' has no rounds; give the event's virtual "
+                                  "time instead (at_s)")
+            if f.kind not in ASYNC_FAULTS:
+                raise ConfigError(
+                    f"faults[{i}] (kind = {f.kind!r}) with algorithm.name = 'async_local_sgd' "
+                    f"is not carried out yet ({', '.join(ASYNC_FAULTS)} are): remove it, or "
+                    "use a round-based algorithm")
         outer = run.outer
         if outer.optimizer.lower() != "sgd" or outer.kwargs:
             raise ConfigError(f"outer.optimizer ({outer.optimizer!r}) with async_local_sgd "

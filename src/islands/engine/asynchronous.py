@@ -24,7 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from islands.collectives.butterfly import Group
 from islands.core.errors import ConfigError
@@ -33,21 +33,45 @@ if TYPE_CHECKING:
     from islands.engine.loop import Engine
 
 
-def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None) -> dict:
+class AsyncFaults(Protocol):
+    """A fault plan the asynchronous loop carries out (the simulator's
+    :class:`islands.sim.faults.AsyncFaultPlan`)."""
+
+    alive: set[int]  # the workers taking part now
+
+    def timing(self) -> None:
+        """Applies the slowdowns and link changes due by the live workers' clocks."""
+
+    def crashes(self, before_s: float, update: int) -> list[tuple[int, float]]:
+        """``(worker, at_s)`` of the live workers that crash before ``before_s``, gone now."""
+
+    def leaves(self, worker: int, by_s: float, update: int) -> bool:
+        """Whether ``worker`` has left by ``by_s`` (gone now if so)."""
+
+
+def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
+              faults: AsyncFaults | None = None) -> dict:
     """Runs an asynchronous algorithm's updates until the budget is spent; returns the summary
-    figures (:meth:`Engine.summary` with the updates' own fields)."""
+    figures (:meth:`Engine.summary` with the updates' own fields). ``faults``: workers that
+    crash, leave or slow down on the way (their unspent inner steps go to the others)."""
     if engine.step_time_s is None:
         raise ConfigError(f"algorithm.name ({engine.cfg.algorithm.name!r}) needs modelled step "
                           "times to order its updates: the simulator only for now")
     started = time.perf_counter()
     alg, clock, cfg, workers = engine.algorithm, engine.clock, engine.cfg, engine.workers
-    everyone = Group(engine.transport, tuple(w.id for w in workers))
-    budget = _Budget(cfg.workers * cfg.steps, alg, clock, workers)
+    alive = faults.alive if faults is not None else {w.id for w in workers}
+    budget = _Budget(cfg.workers * cfg.steps, alg, clock, workers, alive)
     every = cfg.eval_every * cfg.workers  # inner steps in all between two evaluations
     if engine.evaluator is not None:
         engine.curve.append(engine.evaluate(workers[0], 0))
     done, staleness, dropped, k = 0, [], 0, 0
-    while (w := budget.next_to_post(engine.step_time_s)) is not None:
+    while True:
+        if faults is not None:
+            faults.timing()
+        if (w := budget.next_to_post(engine.step_time_s)) is None:
+            break
+        if faults is not None and _gone(engine, faults, budget, w, k):
+            continue
         steps = budget.planned[w.id]
         marks = engine.marks()
         losses = engine.inner_steps([w], range(w.steps, w.steps + steps),
@@ -55,14 +79,18 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None) ->
         # its place in the order is now: the updates before it are those already applied
         stale = alg.staleness(w)
         kept = stale <= alg.max_staleness
-        if kept:
-            _post(engine, everyone, w)  # sent at once, while it waits for the earlier ones
+        if kept:  # sent at once, while it waits for the earlier ones
+            _post(engine, Group(engine.transport, tuple(sorted(alive))), w)
             staleness.append(stale)
         else:
             dropped += 1
+        posted_s = clock.time_s(w.id)
         clock.await_posts(w.id)  # the updates posted before its own reach it: it pulls
         alg.restart(w)
         budget.allot(w)
+        if faults is not None and faults.leaves(w.id, posted_s, k + 1):
+            budget.give_back(w.id)  # it posted the update it was computing, and is gone
+            budget.reallot()
         done += steps
         point = engine.record(
             k, (w.id,), losses, marks,
@@ -75,8 +103,8 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None) ->
                       "step": done // cfg.workers, "train_loss": engine.last_loss,
                       "eval_loss": point["eval_loss"] if point else None,
                       "bytes_sent_per_worker": engine.sent_per_worker()})
-    for w in workers:  # the run ends once every replica holds every update
-        clock.await_posts(w.id)
+    for w in sorted(alive):  # the run ends once every replica holds every update
+        clock.await_posts(w)
     summary = engine.summary(time.perf_counter() - started)
     summary.update({
         "rounds": k, "async_updates": len(staleness), "async_dropped_updates": dropped,
@@ -84,6 +112,27 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None) ->
         "staleness_max": max(staleness, default=None),
         "inner_steps_by_worker": [w.steps for w in workers]})
     return summary
+
+
+def _gone(engine: Engine, faults: AsyncFaults, budget: _Budget, w, k: int) -> bool:
+    """Before ``w`` trains its next update (post number ``k``): the live workers that crash
+    before it would post (each computes until its crash, and its update is lost), and
+    whether ``w`` itself has left. The inner steps the gone will not spend go back to the
+    budget, and from it to live workers that had none left. True: ``w`` does not post."""
+    clock = engine.clock
+    start = clock.time_s(w.id)
+    gone = faults.crashes(start + budget.planned[w.id] * engine.step_time_s[w.id], k)
+    for v, at_s in gone:
+        if budget.planned[v]:  # it was computing an update: lost, computed to the crash
+            clock.compute(v, max(0.0, at_s - clock.time_s(v)))
+    if w.id in faults.alive and faults.leaves(w.id, start, k):  # before its next update
+        gone.append((w.id, start))
+    if not gone:
+        return False
+    for v, _ in gone:
+        budget.give_back(v)
+    budget.reallot()
+    return True
 
 
 def _post(engine: Engine, everyone: Group, w) -> None:
@@ -97,7 +146,7 @@ def _post(engine: Engine, everyone: Group, w) -> None:
         buffers = (everyone.broadcast(w.id, flat, engine._exact, everyone.others(w.id),
                                       tag="buffers", echo=True)
                    if flat is not None else None)
-    for v in engine.workers:
+    for v in engine.local(everyone.members):  # the live replicas
         engine.algorithm.apply(v, [got[v.id]])
         if buffers is not None:
             v.global_buffers = buffers[v.id]
@@ -108,12 +157,27 @@ def _post(engine: Engine, everyone: Group, w) -> None:
 class _Budget:
     """The inner steps left to hand out, and each worker's current share of them."""
 
-    def __init__(self, total: int, alg, clock, workers) -> None:
+    def __init__(self, total: int, alg, clock, workers, alive: set[int]) -> None:
         self.total, self.left, self.alg, self.clock = total, total, alg, clock
-        self.workers = workers
-        self.planned: dict[int, int] = {}
-        for w in workers:
+        self.everyone, self.alive = workers, alive  # alive: the fault plan's, kept current
+        self.planned: dict[int, int] = {w.id: 0 for w in workers}
+        for w in self.workers:
             self.allot(w)
+
+    @property
+    def workers(self) -> list:
+        return [w for w in self.everyone if w.id in self.alive]
+
+    def give_back(self, worker: int) -> None:
+        """A gone worker's unspent inner steps return to the budget."""
+        self.left += self.planned[worker]
+        self.planned[worker] = 0
+
+    def reallot(self) -> None:
+        """Live workers with nothing left to do take their share of what is left."""
+        for w in self.workers:
+            if not self.planned[w.id]:
+                self.allot(w)
 
     @property
     def spent(self) -> bool:

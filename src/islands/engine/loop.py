@@ -735,7 +735,8 @@ class Engine:
         """Runs rounds while the driver hands them out; returns the summary figures (the
         caller writes them, with its own fields)."""
         if self.algorithm.asynchronous:  # no rounds: updates in the order they are posted
-            return run_async(self, on_round)
+            # (a driver's fault plan for it: the simulator's, AsyncFaultPlan)
+            return run_async(self, on_round, getattr(driver, "async_faults", None))
         started = time.perf_counter()
         while (plan := self.begin(driver)) is not None:
             try:

@@ -31,7 +31,7 @@ from islands.engine import (
     threads,
 )
 from islands.metrics.run_dir import RunDir, read_summary
-from islands.sim.faults import FaultPlan, catch_up, quorum
+from islands.sim.faults import AsyncFaultPlan, FaultPlan, catch_up, quorum
 from islands.tasks import Task
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 
@@ -51,6 +51,7 @@ class _EveryRound:
     def __init__(self, everyone: Group, faults: FaultPlan | None = None) -> None:
         self.everyone, self.next, self.faults = everyone, 0, faults
         self.banned: list[dict] = []  # {"worker", "round", "reason"}, in order
+        self.async_faults: AsyncFaultPlan | None = None  # an asynchronous run's plan
 
     def next_round(self, engine: Engine) -> RoundPlan | None:
         r = self.next
@@ -186,8 +187,10 @@ class Simulation:
             self.out.reserve(engine.final_nbytes())
             self.out.start(self.cfg)
         everyone = Group(engine.transport, tuple(range(self.cfg.workers)))
-        faults = FaultPlan(self.cfg, engine) if self.cfg.faults else None
-        driver = _EveryRound(everyone, faults)
+        plan = AsyncFaultPlan if engine.algorithm.asynchronous else FaultPlan
+        faults = plan(self.cfg, engine) if self.cfg.faults else None
+        driver = _EveryRound(everyone, None if engine.algorithm.asynchronous else faults)
+        driver.async_faults = faults if engine.algorithm.asynchronous else None
         summary = engine.run(driver, self.on_round)
         if faults is not None:
             summary["epochs"] = faults.epochs
