@@ -18,7 +18,7 @@ Run it (each simulation takes about 1.5 minutes on one core; ``--jobs 2`` runs t
 ``--weather`` runs the straggler policy and the fault plan instead (100 Mbit/s): one worker 3x
 slower, DiLoCo waiting for it against DiLoCo with a quorum of 3 of 4, asynchronous local SGD
 and DDP; then the same with a crash every 8 virtual seconds (the crashed worker back 4 s
-later; asynchronous local SGD's fault plan takes no join); then two workers lost for good
+later); then two workers lost for good
 (crashes at 8 and 16 s): DiLoCo waiting, DiLoCo with the delayed overlap, asynchronous local
 SGD.
 
@@ -78,8 +78,9 @@ WEATHER: dict[str, list[str]] = {
     "crashes + straggler: DiLoCo waits": [*SLOW, CRASHES],
     "crashes + straggler: DiLoCo, quorum 3": [*SLOW, CRASHES, "algorithm.min_quorum=3"],
     "crashes + straggler: DDP": [*SLOW, CRASHES, "algorithm.name=ddp"],
-    # two workers lost for good (crashes at 8 and 16 virtual seconds, no rejoin): the fault
-    # plan of the overlapped and asynchronous algorithms (which take no join)
+    # two workers lost for good (crashes at 8 and 16 virtual seconds, no rejoin), also for
+    # the overlapped algorithms, whose fault plan takes no join
+    "crashes + straggler: async local SGD": [*SLOW, *ASYNC, CRASHES],
     "losses + straggler: DiLoCo waits": [*SLOW, LOSSES],
     "losses + straggler: DiLoCo, delayed overlap": [*SLOW, LOSSES, *VARIANTS["delayed"]],
     "losses + straggler: async local SGD": [*SLOW, *ASYNC, LOSSES],

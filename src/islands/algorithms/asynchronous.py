@@ -28,7 +28,7 @@ at once and, before it pulls, waits only for the updates posted before its own t
 reached it yet. The run's
 budget is the synchronous run's data: ``workers × steps`` inner steps in all, however they
 are spread over the workers (the fast ones take more). The simulator only for now; its fault
-plan takes crashes, leaves, slowdowns and link changes at virtual times
+plan takes crashes, leaves, joins, slowdowns and link changes at virtual times
 (:class:`islands.sim.faults.AsyncFaultPlan`).
 """
 
@@ -45,7 +45,7 @@ from islands.core.errors import ConfigError
 from islands.core.registry import register
 from islands.core.sections import AlgorithmConfig, check
 
-ASYNC_FAULTS = ("crash", "leave", "slow", "link")  # the fault kinds its loop carries out
+ASYNC_FAULTS = ("crash", "leave", "join", "slow", "link")  # the fault kinds its loop carries out
 
 
 class DelayedNesterov(torch.optim.Optimizer):

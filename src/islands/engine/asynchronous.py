@@ -42,8 +42,12 @@ class AsyncFaults(Protocol):
     def timing(self) -> None:
         """Applies the slowdowns and link changes due by the live workers' clocks."""
 
-    def crashes(self, before_s: float, update: int) -> list[tuple[int, float]]:
-        """``(worker, at_s)`` of the live workers that crash before ``before_s``, gone now."""
+    def membership(self, before_s: float, update: int) -> list[tuple[str, int, float]]:
+        """``(kind, worker, at_s)`` of the crashes and joins before ``before_s``, in time
+        order, carried out in ``alive``."""
+
+    def join(self, worker, at_s: float) -> None:
+        """Brings a joiner's replica up to date from ``at_s`` on (its bytes and time)."""
 
     def leaves(self, worker: int, by_s: float, update: int) -> bool:
         """Whether ``worker`` has left by ``by_s`` (gone now if so)."""
@@ -53,7 +57,8 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
               faults: AsyncFaults | None = None) -> dict:
     """Runs an asynchronous algorithm's updates until the budget is spent; returns the summary
     figures (:meth:`Engine.summary` with the updates' own fields). ``faults``: workers that
-    crash, leave or slow down on the way (their unspent inner steps go to the others)."""
+    crash, leave, join or slow down on the way (the unspent inner steps of the gone go to
+    the live)."""
     if engine.step_time_s is None:
         raise ConfigError(f"algorithm.name ({engine.cfg.algorithm.name!r}) needs modelled step "
                           "times to order its updates: the simulator only for now")
@@ -70,7 +75,7 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
             faults.timing()
         if (w := budget.next_to_post(engine.step_time_s)) is None:
             break
-        if faults is not None and _gone(engine, faults, budget, w, k):
+        if faults is not None and _membership(engine, faults, budget, w, k):
             continue
         steps = budget.planned[w.id]
         marks = engine.marks()
@@ -114,23 +119,31 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
     return summary
 
 
-def _gone(engine: Engine, faults: AsyncFaults, budget: _Budget, w, k: int) -> bool:
-    """Before ``w`` trains its next update (post number ``k``): the live workers that crash
-    before it would post (each computes until its crash, and its update is lost), and
-    whether ``w`` itself has left. The inner steps the gone will not spend go back to the
-    budget, and from it to live workers that had none left. True: ``w`` does not post."""
+def _membership(engine: Engine, faults: AsyncFaults, budget: _Budget, w, k: int) -> bool:
+    """Before ``w`` trains its next update (post number ``k``): the workers that crash or
+    join before it would post, in time order (a crashed one computes until its crash, and
+    its update is lost; a joiner is brought up to date), and whether ``w`` itself has left.
+    The inner steps the gone will not spend go back to the budget, and from it to the live
+    workers with none planned (joiners included). True: the live set changed, the next
+    poster is chosen again."""
     clock = engine.clock
     start = clock.time_s(w.id)
-    gone = faults.crashes(start + budget.planned[w.id] * engine.step_time_s[w.id], k)
-    for v, at_s in gone:
-        if budget.planned[v]:  # it was computing an update: lost, computed to the crash
-            clock.compute(v, max(0.0, at_s - clock.time_s(v)))
+    events = faults.membership(start + budget.planned[w.id] * engine.step_time_s[w.id], k)
+    for kind, v, at_s in events:
+        if kind == "crash":
+            if budget.planned[v]:  # it was computing an update: lost, computed to the crash
+                clock.compute(v, max(0.0, at_s - clock.time_s(v)))
+            budget.give_back(v)
+        else:  # a join: its replica brought up to date, then it pulls
+            joiner = engine.local([v])[0]
+            faults.join(joiner, at_s)
+            engine.algorithm.restart(joiner)
+            budget.planned[v] = 0
     if w.id in faults.alive and faults.leaves(w.id, start, k):  # before its next update
-        gone.append((w.id, start))
-    if not gone:
+        budget.give_back(w.id)
+        events.append(("leave", w.id, start))
+    if not events:
         return False
-    for v, _ in gone:
-        budget.give_back(v)
     budget.reallot()
     return True
 

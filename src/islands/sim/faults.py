@@ -152,15 +152,19 @@ class AsyncFaultPlan:
       which the others spend.
     * ``leave``: the worker finishes and posts the update it is computing at ``at_s``, then is
       gone (its unspent steps go back as well); ``epochs`` records when it left.
+    * ``join``: from ``at_s`` the worker downloads the global parameters and the outer state
+      from the lowest live worker (one way: that worker trains on; the bytes are counted),
+      adopts its inner optimizer's moments and lr schedule, then trains and receives every
+      post; it takes its share of the inner steps left. A worker whose first membership
+      event is a join is absent until then.
     * ``slow``: its updates that start at or after ``at_s`` take ``factor`` times its
       configured step time.
     * ``link``: its link changes for the transfers that start at or after ``at_s`` (applied
       once every live worker's clock has passed it).
 
-    ``join`` (a replica brought up to date while the others post), ``partition`` (a post
-    goes to every worker) and events at a ``round`` are refused when the config is checked
-    (``AsyncLocalSGDConfig.build``), naming the entry. ``epochs`` lists each membership
-    from the update it began at, with its virtual time.
+    ``partition`` (a post goes to every worker) and events at a ``round`` are refused when
+    the config is checked (``AsyncLocalSGDConfig.build``), naming the entry. ``epochs``
+    lists each membership from the update it began at, with its virtual time.
 
     Args:
         cfg: the run's config.
@@ -168,9 +172,13 @@ class AsyncFaultPlan:
     """
 
     def __init__(self, cfg, engine) -> None:
-        # the config's check refused rounds, joins and partitions (AsyncLocalSGDConfig)
+        # the config's check refused rounds and partitions (AsyncLocalSGDConfig)
         self.faults, self.engine = list(cfg.faults), engine
-        self.alive = set(range(cfg.workers))
+        first: dict[int, str] = {}
+        for f in self.faults:
+            if f.kind in ("crash", "leave", "join"):
+                first.setdefault(f.worker, f.kind)
+        self.alive = {i for i in range(cfg.workers) if first.get(i) != "join"}
         self.base_step_s = dict(engine.step_time_s)
         self.applied: set[int] = set()
         self.epochs = [{"epoch": 1, "members": sorted(self.alive), "from_update": 0,
@@ -198,15 +206,24 @@ class AsyncFaultPlan:
                 net.overrides[f.worker] = replace(net.link(f.worker), **changes)
                 self.applied.add(i)
 
-    def crashes(self, before_s: float, update: int) -> list[tuple[int, float]]:
-        """Live workers that crash before ``before_s`` (the time of post number
-        ``update``): ``(worker, at_s)``, each taken out of the live set."""
+    def membership(self, before_s: float, update: int) -> list[tuple[str, int, float]]:
+        """The crashes and joins before ``before_s`` (the time of post number ``update``),
+        in time order: ``(kind, worker, at_s)``, the live set changed for each (a crash of a
+        worker not live, or a join of one that is, changes nothing and is not listed)."""
         out = []
-        for i, f in self._due(("crash",)):
-            if f.worker in self.alive and f.at_s < before_s:
-                self.applied.add(i)
-                out.append((f.worker, f.at_s))
+        due = sorted(self._due(("crash", "join")), key=lambda e: (e[1].at_s, e[0]))
+        for i, f in due:
+            if f.at_s >= before_s:
+                break
+            self.applied.add(i)
+            if f.kind == "crash" and f.worker in self.alive:
                 self._gone(f.worker, f.at_s, update)
+            elif f.kind == "join" and f.worker not in self.alive:
+                self.alive.add(f.worker)
+                self._epoch(f.at_s, update)
+            else:
+                continue
+            out.append((f.kind, f.worker, f.at_s))
         return out
 
     def leaves(self, worker: int, by_s: float, update: int) -> bool:
@@ -224,9 +241,27 @@ class AsyncFaultPlan:
         self.alive.discard(worker)
         if not self.alive:
             raise ConfigError(f"the fault plan leaves no worker at {at_s:g} s: keep one alive "
-                              "to the end of the run")
+                              "to the end of the run, or add a join before")
+        self._epoch(at_s, update)
+
+    def _epoch(self, at_s: float, update: int) -> None:
         self.epochs.append({"epoch": len(self.epochs) + 1, "members": sorted(self.alive),
                             "from_update": update, "at_s": at_s})
+
+    def join(self, w, at_s: float) -> None:
+        """A joiner (``w``, a worker of the engine) takes the global parameters and the outer
+        state from the lowest other live worker (every live replica holds every update posted
+        so far), one way from ``at_s`` (bytes counted), and that worker's inner optimizer
+        moments and lr schedule; then it pulls and trains."""
+        engine = self.engine
+        src = engine.local([min(self.alive - {w.id})])[0]
+        state = {k: v.detach().clone() for k, v in engine.algorithm.handover(src).items()}
+        engine.algorithm.load_shared_state(w, state, reset_params=True)
+        w.inner.load_state_dict(copy.deepcopy(src.inner.state_dict()))
+        if w.scheduler is not None:
+            w.scheduler.load_state_dict(copy.deepcopy(src.scheduler.state_dict()))
+        engine.transport.fetch_state(src.id, w.id, sum(t.numel() * t.element_size()
+                                                       for t in state.values()), at_s)
 
 
 def hand_state(engine, src, dsts) -> None:

@@ -179,6 +179,19 @@ class VirtualClock:
             self.arrives[d] = max(self.arrives[d], done + up.latency_s)
             self.inbound_s[d] += down_s
 
+    def fetch(self, src: int, dst: int, at_s: float, transfer_s: float, latency_s: float
+              ) -> None:
+        """``dst`` (idle until ``at_s``) downloads ``transfer_s`` seconds of state from
+        ``src`` once both links are free: ``src``'s upload goes on behind its compute (a
+        post's), ``dst`` waits for the last byte."""
+        start = max(at_s, self.now[dst], self.up_free[src], self.down_free[dst])
+        done = start + transfer_s
+        self.up_free[src] = self.down_free[dst] = done
+        self.hidden_s[src] += transfer_s
+        wait = done + latency_s - max(at_s, self.now[dst])
+        self.now[dst] = done + latency_s
+        self.comm_s[dst] += wait
+
     def await_posts(self, worker: int) -> None:
         """``worker`` waits for every post addressed to it so far: the wait is exposed
         communication, the rest of their download time was hidden behind its compute."""
@@ -271,6 +284,17 @@ class SimTransport(Transport):
         self.link_bytes[(src, dst)] += nbytes
         self.clock.barrier((src, dst), self._duration({src: nbytes, dst: 0},
                                                       {src: 0, dst: nbytes}))
+
+    def fetch_state(self, src: int, dst: int, nbytes: int, at_s: float) -> None:
+        """A joiner's state, one way (an asynchronous run's, where ``src`` goes on training):
+        ``nbytes`` from ``src`` to ``dst`` from ``at_s`` on, counted in the ledger; ``dst``
+        waits for it (:meth:`VirtualClock.fetch`)."""
+        self.bytes_sent[src] += nbytes
+        self.bytes_received[dst] += nbytes
+        self.link_bytes[(src, dst)] += nbytes
+        up, down = self.network.link(src), self.network.link(dst)
+        self.clock.fetch(src, dst, at_s, 8 * nbytes / min(up.upload_bps, down.download_bps),
+                         up.latency_s)
 
     @contextlib.contextmanager
     def in_background(self) -> Iterator[Flight]:
