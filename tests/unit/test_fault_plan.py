@@ -98,12 +98,9 @@ def test_a_bad_fault_names_its_entry_and_key(event, key):
         tiny_config("workers=3", _faults(event))
 
 
-def test_a_plan_that_leaves_nobody_or_joins_an_overlapped_run_is_refused():
+def test_a_plan_that_leaves_nobody_is_refused():
     with pytest.raises(ConfigError, match="no worker"):
         _sim(_faults(*(f'kind = "leave", worker = {i}, round = 2' for i in range(3))))
-    with pytest.raises(ConfigError, match=r"faults\[1\] \(kind = 'join'\).*in flight"):
-        _sim("algorithm.overlap=delayed", _faults('kind = "crash", worker = 1, round = 2',
-                                                  'kind = "join", worker = 1, round = 3'))
 
 
 OVERLAPPED = {"delayed": ["algorithm.overlap=delayed"],
@@ -125,6 +122,21 @@ def test_an_overlapped_run_commits_a_crashed_round_without_the_worker_as_a_leave
     assert not torch.equal(crash.final_params, earlier.final_params)
     assert [e["members"] for e in c["epochs"]] == [[0, 1, 2], [0, 1]]
     assert crash.live == [0, 1] and _live_states_agree(crash)
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAPPED))
+def test_an_overlapped_joiner_applies_the_sync_in_flight_and_holds_everyone_s_state(name):
+    """A joiner takes the committed state, which the sync in flight (issued the round
+    before) does not include yet: it applies that sync's result when it lands, as the
+    others do, so every replica ends identical; so does a crashed worker back."""
+    sets = [*OVERLAPPED[name], "compute.step_time_s=0.1"]
+    sim, s = _sim(*sets, _faults('kind = "join", worker = 2, round = 2'))
+    assert [e["members"] for e in s["epochs"]] == [[0, 1], [0, 1, 2]]
+    assert sim.live == [0, 1, 2] and _live_states_agree(sim)
+    sim, s = _sim(*sets, _faults('kind = "crash", worker = 1, round = 1',
+                                 'kind = "join", worker = 1, round = 3'))
+    assert [e["members"] for e in s["epochs"]] == [[0, 1, 2], [0, 2], [0, 1, 2]]
+    assert sim.live == [0, 1, 2] and _live_states_agree(sim)
 
 
 @pytest.mark.parametrize("name", sorted(OVERLAPPED))

@@ -309,6 +309,12 @@ class Algorithm(ABC):
         landed (the run's last round); otherwise only the previous round's has."""
         raise NotImplementedError(f"{self.name} does not overlap its sync")
 
+    def adopt_in_flight(self, joiner: Worker, member: Worker) -> None:
+        """An overlapped algorithm: ``joiner`` took the committed state from ``member`` while
+        a sync ``member`` issued is in flight, and will apply its result when it lands (the
+        simulator's fault plan); it takes what it needs of ``member``'s bookkeeping for that
+        (nothing by default)."""
+
     def global_state(self, worker: Worker) -> torch.Tensor:
         """The committed global parameters as this worker holds them (flat, fp32)."""
         assert worker.global_params is not None, "attach() the worker first"

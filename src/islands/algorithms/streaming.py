@@ -104,6 +104,9 @@ class StreamingDiLoCo(Algorithm):
         worker.load_flat(flat)
         worker.in_flight = None
 
+    def adopt_in_flight(self, joiner: Worker, member: Worker) -> None:
+        joiner.in_flight = member.in_flight  # the fragment whose average it will apply
+
     def restart(self, worker: Worker, settled: bool) -> None:
         """The worker trains on from its own parameters (the landing mixes them)."""
         worker.samples = 0

@@ -139,14 +139,20 @@ class Clock(Protocol):
 
 class Sync:
     """A sync issued: :meth:`wait` waits for its results (collectives issued in the
-    background: for their flight) and applies them; :meth:`discard` only waits."""
+    background: for their flight) and applies them; :meth:`discard` only waits.
 
-    def __init__(self, results: Callable[[], list[dict]], apply: Callable[[list[dict]], None],
-                 flight: Flight | None = None) -> None:
+    ``joiners``: ``(worker, member)`` pairs of workers that joined while it was in flight
+    (they hold the committed state it does not include yet): each applies ``member``'s
+    result too, so every replica takes the same outer step."""
+
+    def __init__(self, results: Callable[[], list[dict]],
+                 apply: Callable[[list[dict], list], None], flight: Flight | None = None
+                 ) -> None:
         self._results, self._apply, self.flight = results, apply, flight
+        self.joiners: list[tuple[Worker, int]] = []
 
     def wait(self) -> None:
-        self._apply(self._results())
+        self._apply(self._results(), self.joiners)
 
     def discard(self) -> None:
         with contextlib.suppress(CommError):
@@ -373,6 +379,14 @@ class Engine:
         if sync is not None:
             self._wait(sync)
 
+    def adopt_in_flight(self, joiner: Worker, member: Worker) -> None:
+        """A worker that joined with ``member``'s committed state while a sync is in flight
+        (an overlapped algorithm's) applies that sync's result too, ``member``'s, when it
+        lands (the simulator's fault plan: the joiner's replica stays everyone's)."""
+        if self._pending is not None:
+            self.algorithm.adopt_in_flight(joiner, member)
+            self._pending.joiners.append((joiner, member.id))
+
     @property
     def in_flight(self) -> bool:
         """Whether a sync is crossing the wire in the background."""
@@ -463,15 +477,15 @@ class Engine:
 
         has_buffers = workers[0].buffers != []
 
-        def apply(results: list[dict]) -> None:
+        def apply(results: list[dict], joiners: list) -> None:
             mine = results[:-1] if has_buffers else results
             # (the native all-reduce overwrites the contribution with the mean: nothing to say)
             self.judge.observe(r, group.members, {} if self._native else sent, mine[0],
                                self.aggregators)
-            for w in workers:
-                self.algorithm.apply(w, [res[w.id] for res in mine])
+            for w, member in [*((w, w.id) for w in workers), *joiners]:
+                self.algorithm.apply(w, [res[member] for res in mine])
                 if has_buffers:
-                    w.global_buffers = results[-1][w.id]
+                    w.global_buffers = results[-1][member]
                     w.load_flat_buffers(w.global_buffers)
 
         if flight is not None:

@@ -10,7 +10,9 @@ What the survivors do is what the real runtime's do:
 * ``join``: the worker takes part from the round on: it receives the committed shared state
   and the inner optimizer's state from the lowest live member (the bytes are counted and
   charged to both links), its step count and lr schedule are put where the run is. A worker
-  whose first membership event in the plan is a ``join`` is absent until then.
+  whose first membership event in the plan is a ``join`` is absent until then. With an
+  overlapped algorithm the sync in flight is not in the committed state: the joiner applies
+  its result when it lands, as its source does (``Engine.adopt_in_flight``).
 * ``slow``: its inner steps take ``factor`` times its configured step time from then on.
 * ``link``: its link's settings change from then on.
 * ``partition``: every link between ``workers`` and the others is cut from then on, until a
@@ -47,14 +49,6 @@ class FaultPlan:
 
     def __init__(self, cfg, engine) -> None:
         self.faults, self.engine = list(cfg.faults), engine
-        joins = [f for f in self.faults if f.kind == "join"]
-        if joins and engine.algorithm.overlaps:
-            raise ConfigError(
-                f"faults[{self.faults.index(joins[0])}] (kind = 'join') with algorithm "
-                f"{engine.algorithm.name!r}, which overlaps its syncs: a joiner would need the "
-                "sync still in flight as well as the committed state, which is not carried "
-                "out yet; crash, leave, slow and link events are. Remove the join, or use a "
-                "blocking algorithm")
         if engine.algorithm.shares_parameters and any(f.kind == "partition"
                                                       for f in self.faults):
             raise ConfigError(f"a partition fault cuts links that algorithm "
@@ -140,6 +134,9 @@ class FaultPlan:
         if dst.scheduler is not None:
             dst.scheduler.load_state_dict(copy.deepcopy(src.scheduler.state_dict()))
         dst.steps = src.steps
+        # an overlapped algorithm: the sync in flight is not in the committed state; the
+        # joiner applies its result when it lands, as the source does
+        engine.adopt_in_flight(dst, src)
 
 
 class AsyncFaultPlan:
