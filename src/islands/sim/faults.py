@@ -39,6 +39,16 @@ from dataclasses import replace
 from islands.core.errors import ConfigError
 
 
+def present_at_start(faults, workers: int) -> set[int]:
+    """The workers present from the start: all but those whose first membership event in
+    the plan is a join."""
+    first: dict[int, str] = {}
+    for f in faults:
+        if f.kind in ("crash", "leave", "join"):
+            first.setdefault(f.worker, f.kind)
+    return {i for i in range(workers) if first.get(i) != "join"}
+
+
 class FaultPlan:
     """Applies ``cfg.faults`` to a simulation round by round.
 
@@ -55,11 +65,7 @@ class FaultPlan:
                               f"{engine.algorithm.name!r}'s all-reduce needs: partitions apply "
                               "to gossip algorithms (dsgd, gossip_diloco, noloco); remove it")
         self.applied: set[int] = set()
-        first: dict[int, str] = {}
-        for f in self.faults:
-            if f.kind in ("crash", "leave", "join"):
-                first.setdefault(f.worker, f.kind)
-        self.alive = {i for i in range(cfg.workers) if first.get(i) != "join"}
+        self.alive = present_at_start(self.faults, cfg.workers)
         self.base_step_s = dict(engine.step_time_s)
         self.epochs: list[dict] = []
         self.crashing: set[int] = set()
@@ -171,11 +177,7 @@ class AsyncFaultPlan:
     def __init__(self, cfg, engine) -> None:
         # the config's check refused rounds and partitions (AsyncLocalSGDConfig)
         self.faults, self.engine = list(cfg.faults), engine
-        first: dict[int, str] = {}
-        for f in self.faults:
-            if f.kind in ("crash", "leave", "join"):
-                first.setdefault(f.worker, f.kind)
-        self.alive = {i for i in range(cfg.workers) if first.get(i) != "join"}
+        self.alive = present_at_start(self.faults, cfg.workers)
         self.base_step_s = dict(engine.step_time_s)
         self.applied: set[int] = set()
         self.epochs = [{"epoch": 1, "members": sorted(self.alive), "from_update": 0,
