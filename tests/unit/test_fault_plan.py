@@ -285,5 +285,8 @@ def test_an_async_joiner_takes_the_live_replica_and_its_share_of_the_steps_left(
 def test_an_async_plan_names_what_it_cannot_carry_out(event, match):
     with pytest.raises(ConfigError, match=match):
         _async(event)
+
+
+def test_an_async_plan_that_leaves_nobody_is_refused():
     with pytest.raises(ConfigError, match="leaves no worker"):
         _async(*(f'kind = "crash", worker = {i}, at_s = 0.5' for i in range(3)))

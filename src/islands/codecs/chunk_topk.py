@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
-from islands.codecs.base import Codec, Encoded, as_float32, check_finite, tensor_name
+from islands.codecs.base import (
+    Codec,
+    Encoded,
+    all_finite,
+    as_float32,
+    check_finite,
+    tensor_name,
+)
 from islands.codecs.packing import (
     index_bits,
     kept_count,
@@ -137,7 +144,7 @@ class ChunkTopK(Codec):
     """
 
     name = "chunk_topk"
-    checks_finite = True  # the selection reads every value anyway (CPU), or checks first
+    checks_finite = True  # a NaN/Inf is always among the kept values (see _encode)
     sparse = True  # sends float32 "values" a value codec may re-encode (codecs.chain)
 
     def __init__(self, density: float | None = None, *, count: int | None = None,
@@ -165,21 +172,22 @@ class ChunkTopK(Codec):
         dtype, x = x.dtype, as_float32(x).contiguous()
         pieces = runs(self.bounds, self.chunk, offset, x.numel())
         starts = self._starts(pieces)
-        if x.device.type == "cpu":  # compiled: one read of x, the finite check in it
+        if x.device.type == "cpu":  # compiled: one read of x (islands.codecs.kernels)
             from islands.codecs import kernels
             found = [kernels.chunk_top(x[a:a + n], self.chunk, self.k) for a, n in pieces]
-            if not all(finite for _, _, finite in found):
-                check_finite(x, tensor_name(key, offset, x.numel()))
             flat = _cat([f[0] for f in found], torch.int64)
             values = _cat([f[1] for f in found], torch.float32)
         else:
-            check_finite(x, tensor_name(key, offset, x.numel()))
             if self._keys.numel() != x.numel() or self._keys.device != x.device:
                 self._keys = torch.empty(x.numel(), dtype=torch.int32, device=x.device)
             keys = magnitude_order(x, self._keys)
             flat = _cat([chunk_top(keys[a:a + n], self.chunk, self.k) for a, n in pieces],
                         torch.int64, x.device)
             values = x[flat + starts]
+        # a NaN/Inf outranks every finite magnitude, so its chunk keeps it: checking the
+        # kept values checks x
+        if not all_finite(values):
+            check_finite(x, tensor_name(key, offset, x.numel()))
         return Encoded({"values": values, **self._code(flat, starts)}, numel=x.numel(),
                        dtype=dtype, meta={"offset": offset})
 

@@ -13,10 +13,12 @@ threads as torch uses) finds a chunk's ``k`` largest ``|x|`` in three steps:
 3. the ``k``-th largest candidate (Hoare's quickselect), then the candidates above it and
    the first of those equal to it.
 
-The same read gives the finite check (NaN's and Inf's bits are the largest magnitudes) and
-the kept values. The order is total and the same on every machine: larger ``|x|`` first, and
-among equal magnitudes the lower offset, so a chunk of ties (zeros, say) keeps its first
-``k``. :func:`scatter` decodes: each chunk zeroed and its kept values written, one pass.
+The same read gives the kept values. A NaN's or Inf's magnitude bits are larger than any
+finite value's, so a chunk holding one keeps it: the caller's finite check needs only the
+kept values (:class:`~islands.codecs.chunk_topk.ChunkTopK`). The order is total and the same
+on every machine: larger ``|x|`` first, and among equal magnitudes the lower offset, so a
+chunk of ties (zeros, say) keeps its first ``k``. :func:`scatter` decodes: each chunk zeroed
+and its kept values written, one pass.
 Numba compiles on first use (about 3 s) and caches the machine code beside this file (or in
 ``NUMBA_CACHE_DIR``) for later processes.
 """
@@ -30,7 +32,6 @@ import numpy as np
 import torch
 
 _BITS = np.int32(0x7FFFFFFF)  # a float32's bits without its sign: ordered as |x| is
-_INF = 0x7F800000  # the bits of +Inf: at or above them, |x| is Inf or NaN
 
 
 @numba.njit(cache=True, nogil=True)
@@ -60,7 +61,7 @@ def _select(a, n, kth):  # pragma: no cover - compiled; tested through chunk_top
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _chunk_top(bits, floats, chunk, k, out, kept, peaks):  # pragma: no cover - compiled
+def _chunk_top(bits, floats, chunk, k, out, kept):  # pragma: no cover - compiled
     n = bits.size
     chunks = (n + chunk - 1) // chunk
     size = max(1, chunk // (2 * k))  # values per block: 2k blocks in a full chunk
@@ -77,7 +78,6 @@ def _chunk_top(bits, floats, chunk, k, out, kept, peaks):  # pragma: no cover - 
             for j in range(start + b * size, start + min(m, (b + 1) * size)):
                 top = max(top, bits[j] & _BITS)
             maxima[b] = top
-        peaks[c] = maxima.max()  # NaN's and Inf's bits are the largest: the finite check
         tau = np.int32(0)
         if blocks >= kk:
             tau = _select(maxima.copy(), blocks, blocks - kk)
@@ -134,22 +134,20 @@ def _threads():
             torch.set_num_threads(torch_threads)
 
 
-def chunk_top(x: torch.Tensor, chunk: int, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def chunk_top(x: torch.Tensor, chunk: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest ``|x|`` of each chunk of a float32 CPU tensor, chunk after chunk,
     then the ``min(k, tail)`` largest of a shorter last chunk (ties: the lower offset):
-    their offsets inside their chunk (int64, ascending), their values, and whether every
-    value of ``x`` is finite (read in the same pass; when not, the rest is meaningless)."""
+    their offsets inside their chunk (int64, ascending) and their values."""
     x = x.contiguous()
     n = x.numel()
     full, tail = divmod(n, chunk)
     out = torch.empty(full * k + min(k, tail), dtype=torch.int64)
     kept = torch.empty(out.numel(), dtype=torch.float32)
-    peaks = np.zeros(full + (1 if tail else 0), np.int32)
     if n:
         with _threads():
             _chunk_top(x.view(torch.int32).numpy(), x.numpy(), chunk, k, out.numpy(),
-                       kept.numpy(), peaks)
-    return out, kept, bool(peaks.max(initial=0) < _INF)
+                       kept.numpy())
+    return out, kept
 
 
 def scatter(out: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, chunk: int,

@@ -138,7 +138,6 @@ def _membership(engine: Engine, faults: AsyncFaults, budget: _Budget, w, k: int)
             joiner = engine.local([v])[0]
             faults.join(joiner, at_s)
             engine.algorithm.restart(joiner)
-            budget.planned[v] = 0
     if w.id in faults.alive and faults.leaves(w.id, start, k):  # before its next update
         budget.give_back(w.id)
         events.append(("leave", w.id, start))

@@ -44,7 +44,7 @@ from islands.core.config import RunConfig
 from islands.core.errors import CommError
 from islands.core.seeding import derive_seed
 from islands.engine import consensus
-from islands.engine.asynchronous import run_async
+from islands.engine.asynchronous import AsyncFaults, run_async
 from islands.engine.attacks import Attack
 from islands.engine.judge import Judge, worker_rules
 from islands.metrics.run_dir import RunDir
@@ -745,12 +745,14 @@ class Engine:
 
     # --- the loop --------------------------------------------------------------------------
 
-    def run(self, driver: Driver, on_round: Callable[[dict], None] | None = None) -> dict:
+    def run(self, driver: Driver, on_round: Callable[[dict], None] | None = None, *,
+            async_faults: AsyncFaults | None = None) -> dict:
         """Runs rounds while the driver hands them out; returns the summary figures (the
-        caller writes them, with its own fields)."""
+        caller writes them, with its own fields). An asynchronous algorithm has no rounds:
+        its loop runs instead (:func:`~islands.engine.asynchronous.run_async`), with
+        ``async_faults`` (the simulator's fault plan for it)."""
         if self.algorithm.asynchronous:  # no rounds: updates in the order they are posted
-            # (a driver's fault plan for it: the simulator's, AsyncFaultPlan)
-            return run_async(self, on_round, getattr(driver, "async_faults", None))
+            return run_async(self, on_round, async_faults)
         started = time.perf_counter()
         while (plan := self.begin(driver)) is not None:
             try:

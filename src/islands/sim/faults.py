@@ -100,13 +100,8 @@ class FaultPlan:
             elif f.kind == "join" and f.worker not in self.alive:
                 self.alive.add(f.worker)
                 joiners.append(f.worker)
-            elif f.kind == "slow":
-                self.engine.step_time_s[f.worker] = self.base_step_s[f.worker] * f.factor
-            elif f.kind == "link":
-                net = self.engine.transport.network
-                changes = {k: getattr(f, k) for k in ("upload_bps", "download_bps", "latency_s")
-                           if getattr(f, k) is not None}
-                net.overrides[f.worker] = replace(net.link(f.worker), **changes)
+            elif f.kind in ("slow", "link"):
+                change_worker(self.engine, self.base_step_s, f)
             elif f.kind == "partition":
                 self.engine.transport.network.cut = frozenset(f.workers)
             elif f.kind == "heal":
@@ -133,12 +128,7 @@ class FaultPlan:
             raise ConfigError(f"worker {w} joins at round {r} with nobody to take the state "
                               "from: keep a worker alive through its join")
         src, dst = engine.local([sources[0]])[0], engine.local([w])[0]
-        hand_state(engine, src, [dst])
-        # the source's inner moments and schedule, where the run is (the runtime's joiner
-        # adopts the same)
-        dst.inner.load_state_dict(copy.deepcopy(src.inner.state_dict()))
-        if dst.scheduler is not None:
-            dst.scheduler.load_state_dict(copy.deepcopy(src.scheduler.state_dict()))
+        join_from(engine, src, dst)
         dst.steps = src.steps
         # an overlapped algorithm: the sync in flight is not in the committed state; the
         # joiner applies its result when it lands, as the source does
@@ -191,18 +181,12 @@ class AsyncFaultPlan:
     def timing(self) -> None:
         """Slowdowns of live workers whose clock (the start of their next update) has
         reached them, and link changes once every live worker's clock has."""
-        clock, net = self.engine.clock, self.engine.transport.network
+        clock = self.engine.clock
         earliest = min(clock.time_s(w) for w in self.alive)
         for i, f in self._due(("slow", "link")):
-            if f.worker not in self.alive:
-                continue
-            if f.kind == "slow" and f.at_s <= clock.time_s(f.worker):
-                self.engine.step_time_s[f.worker] = self.base_step_s[f.worker] * f.factor
-                self.applied.add(i)
-            elif f.kind == "link" and f.at_s <= earliest:
-                changes = {k: getattr(f, k) for k in ("upload_bps", "download_bps", "latency_s")
-                           if getattr(f, k) is not None}
-                net.overrides[f.worker] = replace(net.link(f.worker), **changes)
+            due = clock.time_s(f.worker) if f.kind == "slow" else earliest
+            if f.worker in self.alive and f.at_s <= due:
+                change_worker(self.engine, self.base_step_s, f)
                 self.applied.add(i)
 
     def membership(self, before_s: float, update: int) -> list[tuple[str, int, float]]:
@@ -252,27 +236,43 @@ class AsyncFaultPlan:
         state from the lowest other live worker (every live replica holds every update posted
         so far), one way from ``at_s`` (bytes counted), and that worker's inner optimizer
         moments and lr schedule; then it pulls and trains."""
-        engine = self.engine
-        src = engine.local([min(self.alive - {w.id})])[0]
-        state = {k: v.detach().clone() for k, v in engine.algorithm.handover(src).items()}
-        engine.algorithm.load_shared_state(w, state, reset_params=True)
-        w.inner.load_state_dict(copy.deepcopy(src.inner.state_dict()))
-        if w.scheduler is not None:
-            w.scheduler.load_state_dict(copy.deepcopy(src.scheduler.state_dict()))
-        engine.transport.fetch_state(src.id, w.id, sum(t.numel() * t.element_size()
-                                                       for t in state.values()), at_s)
+        join_from(self.engine, self.engine.local([min(self.alive - {w.id})])[0], w,
+                  at_s=at_s)
 
 
-def hand_state(engine, src, dsts) -> None:
+def change_worker(engine, base_step_s: dict[int, float], f) -> None:
+    """A ``slow`` event (the worker's step time becomes ``factor`` times its configured one)
+    or a ``link`` event (its link's settings given change)."""
+    if f.kind == "slow":
+        engine.step_time_s[f.worker] = base_step_s[f.worker] * f.factor
+        return
+    net = engine.transport.network
+    changes = {k: getattr(f, k) for k in ("upload_bps", "download_bps", "latency_s")
+               if getattr(f, k) is not None}
+    net.overrides[f.worker] = replace(net.link(f.worker), **changes)
+
+
+def join_from(engine, src, dst, *, at_s: float | None = None) -> None:
+    """A joiner ``dst`` takes ``src``'s committed shared state (:func:`hand_state`; from
+    ``at_s`` on, one way, in an asynchronous run) and its inner optimizer's moments and lr
+    schedule, where the run is (the runtime's joiner adopts the same)."""
+    hand_state(engine, src, [dst], at_s=at_s)
+    dst.inner.load_state_dict(copy.deepcopy(src.inner.state_dict()))
+    if dst.scheduler is not None:
+        dst.scheduler.load_state_dict(copy.deepcopy(src.scheduler.state_dict()))
+
+
+def hand_state(engine, src, dsts, *, at_s: float | None = None) -> None:
     """``src``'s committed shared state (gossip: its own, ``Algorithm.handover``) installed
     on each of ``dsts`` (their parameters reset to it), its bytes counted and charged to both
-    links as a blocking transfer."""
+    links as a blocking transfer, or (``at_s``: an asynchronous run, where ``src`` trains on)
+    one way from ``at_s``, the receiver waiting for it."""
     state = {k: v.detach().clone() for k, v in engine.algorithm.handover(src).items()}
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     for w in dsts:
         engine.algorithm.load_shared_state(w, state, reset_params=True)
         w.samples = 0
-        engine.transport.send_state(src.id, w.id, nbytes)
+        engine.transport.send_state(src.id, w.id, nbytes, at_s=at_s)
 
 
 def quorum(engine, synced: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:

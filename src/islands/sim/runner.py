@@ -51,7 +51,6 @@ class _EveryRound:
     def __init__(self, everyone: Group, faults: FaultPlan | None = None) -> None:
         self.everyone, self.next, self.faults = everyone, 0, faults
         self.banned: list[dict] = []  # {"worker", "round", "reason"}, in order
-        self.async_faults: AsyncFaultPlan | None = None  # an asynchronous run's plan
 
     def next_round(self, engine: Engine) -> RoundPlan | None:
         r = self.next
@@ -187,11 +186,12 @@ class Simulation:
             self.out.reserve(engine.final_nbytes())
             self.out.start(self.cfg)
         everyone = Group(engine.transport, tuple(range(self.cfg.workers)))
-        plan = AsyncFaultPlan if engine.algorithm.asynchronous else FaultPlan
+        asynchronous = engine.algorithm.asynchronous
+        plan = AsyncFaultPlan if asynchronous else FaultPlan
         faults = plan(self.cfg, engine) if self.cfg.faults else None
-        driver = _EveryRound(everyone, None if engine.algorithm.asynchronous else faults)
-        driver.async_faults = faults if engine.algorithm.asynchronous else None
-        summary = engine.run(driver, self.on_round)
+        driver = _EveryRound(everyone, None if asynchronous else faults)
+        summary = engine.run(driver, self.on_round,
+                             async_faults=faults if asynchronous else None)
         if faults is not None:
             summary["epochs"] = faults.epochs
         if engine.attack is not None or driver.banned:

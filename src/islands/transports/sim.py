@@ -276,22 +276,19 @@ class SimTransport(Transport):
             self.clock.barrier(members, self._duration(sent, received))
         return dict(messages)
 
-    def send_state(self, src: int, dst: int, nbytes: int) -> None:
+    def send_state(self, src: int, dst: int, nbytes: int, *, at_s: float | None = None
+                   ) -> None:
         """A state transfer (a joiner's): ``nbytes`` from ``src`` to ``dst``, counted in the
-        ledger and charged to both as a blocking exchange."""
+        ledger and charged to both as a blocking exchange; or (``at_s``: an asynchronous
+        run's joiner, ``src`` training on) one way from ``at_s``, ``dst`` waiting for it
+        (:meth:`VirtualClock.fetch`)."""
         self.bytes_sent[src] += nbytes
         self.bytes_received[dst] += nbytes
         self.link_bytes[(src, dst)] += nbytes
-        self.clock.barrier((src, dst), self._duration({src: nbytes, dst: 0},
-                                                      {src: 0, dst: nbytes}))
-
-    def fetch_state(self, src: int, dst: int, nbytes: int, at_s: float) -> None:
-        """A joiner's state, one way (an asynchronous run's, where ``src`` goes on training):
-        ``nbytes`` from ``src`` to ``dst`` from ``at_s`` on, counted in the ledger; ``dst``
-        waits for it (:meth:`VirtualClock.fetch`)."""
-        self.bytes_sent[src] += nbytes
-        self.bytes_received[dst] += nbytes
-        self.link_bytes[(src, dst)] += nbytes
+        if at_s is None:
+            self.clock.barrier((src, dst), self._duration({src: nbytes, dst: 0},
+                                                          {src: 0, dst: nbytes}))
+            return
         up, down = self.network.link(src), self.network.link(dst)
         self.clock.fetch(src, dst, at_s, 8 * nbytes / min(up.upload_bps, down.download_bps),
                          up.latency_s)
