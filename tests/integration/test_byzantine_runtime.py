@@ -22,7 +22,8 @@ from tests.integration.test_runtime_faults import LONG, _two_honest_and
 def test_an_attacker_turning_hostile_is_excluded_on_evidence_not_its_victims(
         tmp_path, procs, coordinator, attack, algorithm, verdict):
     """Worker 2 is honest for two rounds, then attacks: a forged weight (LocalSGD weighs by
-    samples), NaN values past its own codec's check, or an accusation of worker 0 that shows
+    samples; claimed at ``ready`` and in its headers alike, the coordinator records at most
+    H x batch), NaN values past its own codec's check, or an accusation of worker 0 that shows
     worker 0's own signed header as a forged weight."""
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"
@@ -75,13 +76,13 @@ def test_a_scaled_contribution_is_clipped_and_pinned_on_its_sender_not_its_victi
     assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))
 
 
-def test_a_lying_shard_owner_caught_by_its_verifier_is_a_dispute_that_costs_no_honest_exclusion(
+def test_a_lying_shard_owner_caught_by_its_verifier_is_excluded_on_its_own_signed_aggregate(
         tmp_path, procs, coordinator):
-    """Worker 2 returns -10 times its shard's aggregate; every sync is verified, and worker
-    2's verifier recomputes the shard and refuses it. That is the verifier's word alone (the
-    inputs are too large to show the coordinator), so both sit out the retry and the third
-    member commits: the lie never lands, no honest worker is excluded, and the disputes name
-    worker 2 every round."""
+    """Worker 2 returns -10 times its shard's aggregate; every sync is verified. Worker 2 signs,
+    with its aggregate, the roots of the inputs it aggregated; its verifier recomputes the
+    shard, refuses it and shows the coordinator 16 KiB of it and of each input. The coordinator
+    applies the job's median and excludes worker 2, by the verifier's word proven: no dispute,
+    no honest worker excluded, and the lie never lands (no round with worker 2 after it turned)."""
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "run"
@@ -89,14 +90,18 @@ def test_a_lying_shard_owner_caught_by_its_verifier_is_a_dispute_that_costs_no_h
     ws = {i: procs.worker(i, addr, out, over) for i in range(2)}
     ws[2] = procs.worker(2, addr, out, [*over, "attack.start_round=1"],
                          ["--attack", "lying_aggregator"])
-    wait_until(lambda: last_round(out / "w0") >= 4, 90, "round 4")
+    wait_until(lambda: "2" in coord.status()["excluded"], 90, "worker 2 excluded")
     st = coord.status()
-    assert st["excluded"] == {}
-    assert st["disputes"] and all(d["accused"] == 2 for d in st["disputes"])
+    assert list(st["excluded"]) == ["2"] and st["disputes"] == []
+    ex = st["excluded"]["2"]
+    assert ex["by"] in (0, 1) and ex["round"] == 1
+    assert "proven: its signed aggregate is not the rule's" in ex["why"]
+    wait_until(lambda: last_round(out / "w0") >= 3, 60, "round 3 without worker 2")
     rows = metrics(out / "w0") + metrics(out / "w1")
     assert all(2 not in row["participants"] for row in rows if row["round"] >= 1)
-    for p in ws.values():
-        p.send_signal(signal.SIGTERM)
+    assert ws[2].wait(timeout=30) == 3  # removed from the run
+    for i in (0, 1):
+        ws[i].send_signal(signal.SIGTERM)
     assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))
 
 

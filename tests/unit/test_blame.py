@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from islands.aggregators import Median, mean
 from islands.codecs.base import Encoded
+from islands.collectives.verify import Mismatch
 from islands.core import signing
 from islands.runtime import evidence
 from islands.runtime.auth import client_connect
 from islands.transports import wire
-from islands.transports.base import Message
+from islands.transports.base import Message, Sources
 from tests.unit.test_dist_coordinator import _ask
 from tests.unit.test_dist_transport import received
 
@@ -139,3 +141,88 @@ def test_a_worker_the_others_judges_find_malicious_is_excluded_after_the_commit(
     assert st["workers"]["2"] == {"round": 0, "influence": 0.01, "distance_to_aggregate": 3.0,
                                   "cosine_to_aggregate": 0.9}
     assert st["workers"]["0"]["influence"] == 0.5
+
+
+def _verified_shard(lie: float = 1.0, n: int = 5000):
+    """Worker 2 owns a shard of ``n`` values in a verified sync, worker 0 verifies it: the
+    three inputs (as worker 0 holds them) and worker 2's signed aggregate, their median times
+    ``lie``, as worker 0 received it."""
+    g = torch.Generator().manual_seed(0)
+    inputs = tuple(Message(Encoded({"values": torch.randn(n, generator=g)}, numel=n), 16)
+                   for _ in range(3))
+    y = Median().recompute(torch.stack([m.payload.tensors["values"] for m in inputs])) * lie
+    ctx = "0/0/pseudo-gradient/all-gather/2>0"
+    sent = Message(Encoded({"values": y}, numel=n), 16, sources=Sources((0, 1, 2), inputs, None))
+    head = wire.pack_header(sent, KEYS[2], ctx)
+    out = wire.message(wire.unpack_header(received(head), 2, KEYS[2].public, ctx), {"values": y})
+    return out, inputs
+
+
+def test_a_lying_shard_owner_is_excluded_on_its_own_signed_aggregate(coord):
+    """Worker 2 signs, with its aggregate, the roots of the inputs it aggregated; the
+    aggregate is -10 times their median. Worker 0 (its verifier) shows one 16 KiB leaf of it
+    and of each input: the coordinator applies the job's rule and excludes worker 2."""
+    coord.fingerprint = {"aggregator.name": "median", "aggregator.verify": 1.0}
+    chs, _ = _round(coord)
+    out, inputs = _verified_shard(lie=-10.0)
+    proof = evidence.gather({}, 2, {}, Mismatch(out, inputs, (0, 1, 2), (0, 1)), Median())
+    assert proof["rule"] == "aggregate" and proof["leaf"] == 0 and len(proof["rows"]) == 3
+    res = _commit(chs, {0: {"worker": 2, "why": "aggregate differs", "evidence": proof}})
+    assert res[0]["members"] == [0, 1] and [e["worker"] for e in res[0]["excluded"]] == [2]
+    why = coord.status()["excluded"]["2"]["why"]
+    assert "proven" in why and "not the rule's for the inputs it signed for" in why
+
+
+@pytest.mark.parametrize("forge", ["honest_owner", "edited_leaf", "no_rule"])
+def test_a_verifier_accusing_an_honest_owner_shows_nothing_and_is_excluded(coord, forge):
+    """Worker 0 accuses worker 2's aggregate. Honest (the median it signed for), the leaf
+    shown is the rule's (worker 0 had to compute its "evidence" with another rule, the mean);
+    a leaf edited to look wrong is not the one the owner signed; and a job whose rule the
+    coordinator cannot check 16 KiB at a time (the clone filter) believes no such evidence.
+    Each time the accuser is the one excluded."""
+    coord.fingerprint = {"aggregator.name": "median"}
+    if forge == "no_rule":
+        coord.fingerprint["aggregator.clones"] = 0.999
+    chs, _ = _round(coord)
+    out, inputs = _verified_shard(lie=1.0 if forge == "honest_owner" else -10.0)
+    proof = evidence.gather({}, 2, {}, Mismatch(out, inputs, (0, 1, 2), (0,)),
+                            mean if forge == "honest_owner" else Median())
+    if forge == "edited_leaf":  # a true leaf of a lie, shown with the first input's bytes
+        proof["out"] = proof["rows"][0]
+    res = _commit(chs, {0: {"worker": 2, "why": "aggregate differs", "evidence": proof}})
+    assert [e["worker"] for e in res[1]["excluded"]] == [0]
+    why = coord.status()["excluded"]["0"]["why"]
+    assert why.startswith("a false accusation of worker 2") and {
+        "honest_owner": "is what the rule gives", "edited_leaf": "not the ones the owner signed",
+        "no_rule": "cannot be checked 16 KiB at a time"}[forge] in why
+
+
+def test_no_aggregate_evidence_where_the_owner_signed_for_other_inputs_or_the_rule_reads_rows():
+    """The verifier shows nothing (its refusal stays its word) where its inputs are not the
+    bytes the owner signed for (a sender that sent them different bytes), or where its rule
+    is not coordinate-wise (clipping reads whole rows)."""
+    out, inputs = _verified_shard(lie=-10.0)
+    other = (Message(Encoded({"values": torch.zeros(5000)}, numel=5000), 16), *inputs[1:])
+    assert evidence.gather({}, 2, {}, Mismatch(out, other, (0, 1, 2), (0,)), Median()) is None
+    assert evidence.gather({}, 2, {}, Mismatch(out, inputs, (0, 1, 2), (0,)),
+                           Median(clip_norm=1.0)) is None
+    assert evidence.gather({}, 2, {}, Mismatch(out, inputs, (0, 1, 2), (0,)), Median())
+
+
+@pytest.mark.parametrize("weighting, fp, recorded", [
+    ("samples", {"data.sizes": [100] * 3}, {"0": 40.0, "1": 24.0, "2": 40.0}),
+    ("samples", {"algorithm.sync_every": [[0, 2], [10, 4]], "data.sizes": [100] * 3},
+     {"0": 32.0, "1": 24.0, "2": 32.0}),
+    ("samples", {}, {"0": 40.0, "1": 24.0, "2": 1e9}),  # a drop-in's loop: its own batches
+    ("dataset", {"data.sizes": [100, 50, 70]}, {"0": 100.0, "1": 50.0, "2": 70.0}),
+    ("uniform", {}, {"0": 1.0, "1": 1.0, "2": 1.0}),
+])
+def test_the_recorded_weight_is_the_algorithms_rule_where_the_config_fixes_it(
+        coord, weighting, fp, recorded):
+    """LocalSGD weighs by samples (at most H x batch in a round, for a built-in worker),
+    by its share of the data, or alike: the coordinator records that, not a member's word,
+    so a member that claims 1e9 at ready as well as in its headers is still refused."""
+    coord.fingerprint = {"algorithm.name": "local_sgd", "algorithm.weighting": weighting,
+                         "algorithm.sync_every": 5, "data.batch_size": 8, **fp}
+    _, ready = _round(coord, weights=(40.0, 24.0, 1e9))
+    assert ready[0]["weights"] == recorded

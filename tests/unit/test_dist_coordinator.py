@@ -37,6 +37,24 @@ def test_bad_token_garbage_and_silence_are_refused(coord):
     assert coord.refused >= 4 and coord.status()["live"] == []
 
 
+def test_lines_are_held_to_64_kib_unless_a_registered_worker_sends_them(coord):
+    """A registered worker's line may carry a verifier's evidence (a leaf per member), up
+    to 4 MiB; a connection that is no worker (``islands status``) stays at 64 KiB, and so
+    does everyone before the handshake."""
+    with socket.create_connection(("127.0.0.1", coord.port)) as s:
+        s.recv(4096)  # the challenge; then one line longer than 64 KiB
+        s.sendall(b'{"pad": "' + b"x" * (70 << 10))
+        s.settimeout(5)
+        assert b"longer than 65536 bytes" in s.recv(4096)
+    ch = _worker(coord, 0)
+    ch.send({"op": "status", "pad": "x" * (1 << 20)})
+    assert "live" in ch.recv()
+    viewer = client_connect(f"127.0.0.1:{coord.port}", b"tok", {"role": "status"})
+    viewer.send({"op": "status", "pad": "x" * (70 << 10)})
+    with pytest.raises(CommError):
+        viewer.recv()
+
+
 def _start_together(channels: dict) -> dict:
     """Every worker's ``start`` of round 0 at once (``{worker id: channel}``); the replies."""
     out = {}

@@ -33,11 +33,11 @@ from islands.aggregators.krum import (
     multi_krum,
 )
 from islands.aggregators.mean import Mean, MeanConfig, mean
-from islands.aggregators.rule import Rule
+from islands.aggregators.rule import Rule, coordinatewise
 from islands.aggregators.similarity import FoolsGold, SybilConfig, foolsgold_weights, sybil
 
 __all__ = ["Bulyan", "BulyanConfig", "CenteredClip", "CenteredClipConfig", "FoolsGold", "Krum",
            "KrumConfig", "Mean", "MeanConfig", "Median", "MedianConfig", "MultiKrum",
            "MultiKrumConfig", "Rule", "SybilConfig", "TrimmedMean", "TrimmedMeanConfig",
-           "bulyan", "centered_clip", "clip_rows", "coordinate_median", "foolsgold_weights",
-           "krum_scores", "mean", "multi_krum", "sybil", "trimmed_mean"]
+           "bulyan", "centered_clip", "clip_rows", "coordinate_median", "coordinatewise",
+           "foolsgold_weights", "krum_scores", "mean", "multi_krum", "sybil", "trimmed_mean"]

@@ -191,6 +191,8 @@ class Median(Rule):
     ``influence``: each row's share of coordinates whose value lies within the middle
     value(s)."""
 
+    coordinatewise = True
+
     def _aggregate(self, stacked, weights, key):
         return kept_mean(stacked, (stacked.shape[0] - 1) // 2, influence=True)
 
@@ -211,6 +213,8 @@ class TrimmedMean(Rule):
         trim: the fraction cut from each end, in [0, 0.5).
         clip_norm: see :class:`~islands.aggregators.rule.Rule`.
     """
+
+    coordinatewise = True
 
     def __init__(self, *, trim: float, clip_norm: float | None = None) -> None:
         super().__init__(clip_norm=clip_norm)

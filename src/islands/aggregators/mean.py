@@ -48,6 +48,9 @@ def mean(stacked: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Te
     return (w[:, None] * stacked).sum(dim=0)
 
 
+mean.coordinatewise = True  # each coordinate reads only its own (rule.coordinatewise)
+
+
 def streams(n: int, dtype: torch.dtype) -> bool:
     """Whether :func:`mean_of_rows` gives :func:`mean`'s bits for ``n`` rows of ``dtype``
     (float32 and float64, whose sums accumulate in their own precision)."""
@@ -106,6 +109,7 @@ class Mean(Rule):
     """
 
     caps_weights = False  # FedAvg's weights as they are
+    coordinatewise = True
 
     def _aggregate(self, stacked, weights, key):
         return mean(stacked, weights), torch.ones(stacked.shape[0], dtype=torch.float64)

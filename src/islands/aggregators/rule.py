@@ -26,6 +26,16 @@ def check_rows(stacked: torch.Tensor, rule: str) -> None:
                          f"a floating (n, numel) tensor with n >= 1 rows")
 
 
+def coordinatewise(rule) -> bool:
+    """Whether each coordinate of ``rule``'s result depends only on the same coordinate of
+    the rows (the plain and weighted mean, the coordinate median and trimmed mean, without
+    row clipping or the clone filter, which read whole rows): a third party can then check
+    any slice of an aggregate from the same slice of its inputs
+    (:mod:`islands.runtime.evidence`)."""
+    return (bool(getattr(rule, "coordinatewise", False))
+            and getattr(rule, "clip_norm", None) is None and getattr(rule, "clones", None) is None)
+
+
 def capped(weights: torch.Tensor) -> torch.Tensor:
     """``weights`` with none above the median of the positive ones (the lower middle one for
     an even count): a robust rule's weights, where a forged or inflated weight counts as a
@@ -67,6 +77,9 @@ class Rule:
     caps_weights: ClassVar[bool] = True
     # the rule carries state from call to call: another member cannot recompute its result
     stateful: ClassVar[bool] = False
+    # each coordinate of the result reads only that coordinate of the rows (before clipping
+    # and the clone filter: :func:`coordinatewise`)
+    coordinatewise: ClassVar[bool] = False
 
     def __init__(self, *, clip_norm: float | None = None) -> None:
         if clip_norm is not None and not clip_norm > 0:

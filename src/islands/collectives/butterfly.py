@@ -61,7 +61,7 @@ from islands.core import memory
 from islands.core.errors import CodecError, CommError, PeerRefused
 from islands.core.shards import shard_bounds
 from islands.core.timing import timed
-from islands.transports.base import Exchange, Message, Transport
+from islands.transports.base import Exchange, Message, Sources, Transport
 
 MESSAGE_HEADER_BYTES = 16
 # Values per step of the work done while the rest of a payload is on the wire: 4 MiB of fp32.
@@ -84,14 +84,6 @@ def aggregate(rule: Aggregator, stacked: torch.Tensor, weights: torch.Tensor | N
     if isinstance(rule, Rule):
         return rule(stacked, weights, key=key)
     return rule(stacked, weights)
-
-
-def recompute(rule: Aggregator, stacked: torch.Tensor, weights: torch.Tensor | None
-              ) -> torch.Tensor:
-    """``rule``'s aggregate of ``stacked`` as a verifier computes it: without recording it or
-    touching any state (a rule object's ``recompute``; a plain function has none to touch)."""
-    again = getattr(rule, "recompute", None)
-    return again(stacked, weights) if again is not None else rule(stacked, weights)
 
 
 def header_weights(msgs: list[Message], members: tuple[int, ...],
@@ -281,8 +273,11 @@ class Group:
                 with timed(sw, "encode"):
                     payload = self._encode_reduced(codecs[j], reduced, rows, finite,
                                                    f"w{j}/{tag}/gather", a, scatter)
+                # a verified sync's owner vouches for its inputs (signed with the aggregate)
+                src = None if verifiers is None else Sources(
+                    self.members, tuple(msgs), None if wts is None else tuple(wts.tolist()))
                 for k in self.members:
-                    outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES)
+                    outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES, sources=src)
 
         pending = self.transport.start_exchange(
             outgoing, self.members, gather, check_finite=False,
@@ -291,8 +286,8 @@ class Group:
         with _finished(pending):
             self._gather(pending, codecs, owner, out, gather)
         if verifiers is not None:
-            verify_shards(self.transport, self.members, self.local, sent, out, owner, codecs,
-                          lambda v, rows, w: recompute(rule_of(aggregator, v), rows, w),
+            verify_shards(self.transport, self.members, self.local, sent, pending.messages,
+                          out, owner, codecs, lambda v: rule_of(aggregator, v),
                           lambda msgs: None if weights is None else header_weights(
                               msgs, self.members, weights, f"{tag}/verify"),
                           verifiers, tag)

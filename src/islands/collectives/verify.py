@@ -13,18 +13,48 @@ gather phase, bit for bit. A difference is refused as a
 for a lossless codec and a rule without state, which the config check asks for
 (``aggregator.verify``).
 
-What it does not cover yet: a verifier that accuses falsely is believed (the real runtime's
-blame with evidence would have a second member recompute before anyone is excluded).
+What the verifier can prove: in an open job the owner signs, with its aggregate, the Merkle
+roots of the inputs it aggregated and the weights it gave the rule (``Message.sources``). When
+the verifier's inputs are those (the same roots), the refusal carries a :class:`Mismatch`, and
+:mod:`islands.runtime.evidence` shows the coordinator 16 KiB of the aggregate that the rule,
+applied to the same 16 KiB of the inputs, does not give: the owner is excluded on its own
+signed words, and a verifier that accuses an honest owner shows nothing that proves it (it is
+the one excluded). That needs a rule whose every coordinate reads only its own
+(:func:`~islands.aggregators.coordinatewise`: the mean, median and trimmed mean, without
+clipping or the clone filter); with another rule the refusal stays the verifier's word.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from islands.codecs.base import Codec
 from islands.collectives.checks import decode_checked, received, refuse_non_finite
+from islands.core import signing
 from islands.core.errors import PeerRefused
 from islands.transports.base import Exchange, Message, Transport
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """What a verifier saw when an owner's aggregate differed from its recomputation: the
+    owner's gathered shard (its message to the verifier), the inputs the verifier aggregated,
+    in member order (its own phase-1 message among them), and where they differ. Attached to
+    the refusal (``PeerRefused.exhibit``) for :func:`islands.runtime.evidence.gather`."""
+
+    output: Message
+    inputs: tuple[Message, ...]
+    members: tuple[int, ...]
+    leaves: tuple[int, ...]  # the 16 KiB leaves of the output that differ (the first 64)
+
+
+def recompute(rule, stacked: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``rule``'s aggregate of ``stacked`` as a verifier computes it: without recording it or
+    touching any state (a rule object's ``recompute``; a plain function has none to touch)."""
+    again = getattr(rule, "recompute", None)
+    return again(stacked, weights) if again is not None else rule(stacked, weights)
 
 
 def verifiers_for(members: tuple[int, ...], offset: int) -> dict[int, int]:
@@ -36,8 +66,9 @@ def verifiers_for(members: tuple[int, ...], offset: int) -> dict[int, int]:
 
 
 def verify_shards(transport: Transport, members: tuple[int, ...], local: tuple[int, ...],
-                  scattered: dict[tuple[int, int], Message], out: dict[int, torch.Tensor],
-                  owner: dict[int, tuple[int, int]], codecs: dict[int, Codec], recompute,
+                  scattered: dict[tuple[int, int], Message],
+                  gathered: dict[tuple[int, int], Message], out: dict[int, torch.Tensor],
+                  owner: dict[int, tuple[int, int]], codecs: dict[int, Codec], rule_of,
                   weights, verifiers: dict[int, int], tag: str) -> None:
     """Re-sends each local member's phase-1 payloads to the shards' verifiers and checks the
     shards the local members verify.
@@ -45,11 +76,14 @@ def verify_shards(transport: Transport, members: tuple[int, ...], local: tuple[i
     Args:
         scattered: ``{(sender, owner): message}`` of phase 1, for every local sender (its own
             shard too).
+        gathered: ``{(owner, member): message}`` of the all-gather, for the local members.
         out: ``{local member: its result}``, the gathered shards in place.
-        recompute: ``recompute(member, stacked, weights) -> (numel,)``: the member's rule,
-            without recording or state.
+        rule_of: ``member -> its rule`` (recomputed without recording or state).
         weights: ``rows -> (n,) weights or None`` for the verifier's messages.
         verifiers: ``{owner: verifier}`` (:func:`verifiers_for`).
+
+    Raises:
+        PeerRefused: naming an owner whose shard differs, with a :class:`Mismatch`.
     """
     phase = f"{tag}/verify"
     outgoing = {(i, v): scattered[(i, j)] for i in local for j, v in verifiers.items()
@@ -65,10 +99,15 @@ def verify_shards(transport: Transport, members: tuple[int, ...], local: tuple[i
         for i, m, row in zip(members, msgs, stacked):
             decode_checked(codecs[v], m.payload, row, a, i, phase)
         refuse_non_finite(list(stacked), members, phase)
-        expected = recompute(v, stacked, weights(msgs))
+        expected = recompute(rule_of(v), stacked, weights(msgs))
         got = out[v][a:b]
-        if not torch.equal(expected.to(got.dtype), got):
-            diff = float((expected.to(got.dtype) - got).abs().max())
+        expected = expected.to(got.dtype)
+        if not torch.equal(expected, got):
+            diff = float((expected - got).abs().max())
+            at = (expected != got).nonzero().flatten() // (signing.LEAF_BYTES
+                                                         // got.element_size())
             raise PeerRefused(f"{phase}: worker {j}'s aggregate of its shard differs from "
                               f"worker {v}'s recomputation from the same inputs (largest "
-                              f"difference {diff:.3g}); refused", j)
+                              f"difference {diff:.3g}); refused", j,
+                              Mismatch(gathered[(j, v)], tuple(msgs), members,
+                                       tuple(torch.unique(at)[:64].tolist())))

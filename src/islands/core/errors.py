@@ -54,11 +54,15 @@ class PeerRefused(CommError):
     Args:
         message: what was wrong.
         sender: the worker whose message it was.
+        exhibit: what the refusing worker saw, where a third party could check it (a
+            verifier's :class:`~islands.collectives.verify.Mismatch`), for
+            :mod:`islands.runtime.evidence`; None otherwise.
     """
 
-    def __init__(self, message: str, sender: int) -> None:
+    def __init__(self, message: str, sender: int, exhibit: object = None) -> None:
         super().__init__(message)
         self.sender = sender
+        self.exhibit = exhibit
 
 
 class PeerGaveUp(CommError):

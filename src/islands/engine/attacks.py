@@ -33,7 +33,8 @@ from collections import deque
 import torch
 
 from islands.algorithms import Contribution
-from islands.collectives.butterfly import aggregate, recompute
+from islands.collectives.butterfly import aggregate
+from islands.collectives.verify import recompute
 from islands.core.errors import ConfigError
 from islands.core.sections import AttackConfig
 from islands.core.seeding import derive_seed

@@ -446,11 +446,13 @@ class Engine:
                 items = {wid: p[k] for wid, p in plans.items()}
                 first = items[workers[0].id]
                 exact = first.tag == "buffers"
+                # the weights the coordinator recorded (the runtime), a local worker's own
+                # included: where the job's config bounds it, the recorded one is what counts
                 weights = (None if first.weight is None
-                           else {**{m: 0.0 if m in observers else w
+                           else {**{wid: c.weight for wid, c in items.items()},
+                                 **{m: 0.0 if m in observers else w
                                     for m, w in self.round_weights.items()
-                                    if m in group.members},
-                                 **{wid: c.weight for wid, c in items.items()}})
+                                    if m in group.members}})
                 tensors = {wid: c.tensor for wid, c in items.items()}
                 codecs = {w.id: self._exact if exact else w.codec for w in workers}
                 if attack is not None:

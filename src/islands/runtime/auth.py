@@ -1,6 +1,8 @@
 """The control plane's wire format and its authentication.
 
-Messages are JSON objects, one per line, at most :data:`MAX_LINE_BYTES` bytes. A connection
+Messages are JSON objects, one per line, at most :data:`MAX_LINE_BYTES` bytes until the
+handshake has passed (a registered worker's lines may then reach
+:data:`MAX_MEMBER_LINE_BYTES`: a commit carrying a verifier's evidence). A connection
 opens with a challenge: the coordinator sends ``{"nonce": hex}``, the client answers
 ``{"mac": HMAC-SHA256(token, nonce), ...}``. A wrong MAC, a line that is not JSON or is too long,
 or silence past the handshake timeout closes the connection with one log line; nothing from an
@@ -24,6 +26,9 @@ from pathlib import Path
 from islands.core.errors import AuthError, CommError, ConfigError, Stopping
 
 MAX_LINE_BYTES = 1 << 16
+# a registered worker's line: a verifier's evidence shows a 16 KiB leaf (about 22 KB of
+# base64 and its path) of an aggregate and of every input to it: 4 MiB is 150 members
+MAX_MEMBER_LINE_BYTES = 1 << 22
 
 
 def load_token(path: str | Path | None) -> bytes:
@@ -61,6 +66,7 @@ class Channel:
         self.sock = sock
         self.sock.settimeout(timeout_s)
         self._buf = b""
+        self.max_line_bytes = MAX_LINE_BYTES  # raised once the peer is known
 
     def send(self, obj: dict) -> None:
         try:
@@ -82,8 +88,8 @@ class Channel:
 
     def _recv(self, stop: threading.Event | None) -> dict:
         while b"\n" not in self._buf:
-            if len(self._buf) > MAX_LINE_BYTES:
-                raise CommError(f"line longer than {MAX_LINE_BYTES} bytes")
+            if len(self._buf) > self.max_line_bytes:
+                raise CommError(f"line longer than {self.max_line_bytes} bytes")
             try:
                 chunk = self.sock.recv(65536)
             except socket.timeout:
@@ -98,6 +104,8 @@ class Channel:
                 raise CommError("connection closed")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
+        if len(line) > self.max_line_bytes:
+            raise CommError(f"line longer than {self.max_line_bytes} bytes")
         try:
             obj = json.loads(line)
         except ValueError:

@@ -58,7 +58,7 @@ from statistics import median
 
 from islands.core.errors import AuthError, CommError
 from islands.core.sections import SAMPLING_KEYS
-from islands.runtime.auth import Channel, server_handshake
+from islands.runtime.auth import MAX_MEMBER_LINE_BYTES, Channel, server_handshake
 from islands.runtime.fingerprint import COORDINATOR_READS, refusal
 from islands.runtime.rounds import Barrier, RoundRules
 
@@ -258,6 +258,8 @@ class Coordinator(RoundRules):
             return
         ch.send({"ok": True, "instance": self.instance})
         ch.sock.settimeout(None)
+        if hello.get("role") == "worker":  # a commit may carry a verifier's evidence
+            ch.max_line_bytes = MAX_MEMBER_LINE_BYTES
         try:
             while True:
                 req = ch.recv()

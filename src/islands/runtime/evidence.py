@@ -9,13 +9,20 @@ the sender broke that a third party can check from the sender's own signed words
 * ``weight``: a contribution's header claims another aggregation weight than the one the
   coordinator recorded for that sender at ``ready`` (a forged weight);
 * ``finite``: a payload's floating values hold NaN/Inf: the evidence is the 16 KiB leaf that
-  holds the first one, with the hashes that lead from it to the signed root.
+  holds the first one, with the hashes that lead from it to the signed root;
+* ``aggregate``: a verified shard's owner signed an aggregate that its rule does not give for
+  the inputs it signed for (``Message.sources``; :mod:`islands.collectives.verify`): the
+  evidence is one 16 KiB leaf of the aggregate and the same leaf of every input, each with its
+  path to the root the owner signed. The coordinator applies the job's rule to the inputs'
+  values in float64 and convicts when the aggregate lies farther from it than float
+  rounding can explain (:func:`misaggregated`). Only for a rule whose every coordinate reads
+  only its own (:func:`~islands.aggregators.coordinatewise`).
 
 The coordinator (:func:`judge`) checks the signature against the accused's registered key,
 the context against the round, the attempt and the two workers, and then the rule itself. A
 proven accusation excludes the accused; evidence that does not prove what it claims excludes
 the **accuser** (a false accusation). A refusal without such evidence (a payload that does
-not decode, a wrong length, an aggregate a verifier recomputed differently) is the accuser's
+not decode, a wrong length, an aggregate a verifier cannot show 16 KiB of) is the accuser's
 word alone: it is believed when seconded (:func:`seconded`); otherwise accuser and accused
 both sit out the retry, and the round commits from the members not in the dispute.
 """
@@ -27,17 +34,25 @@ import json
 
 import torch
 
+from islands.aggregators import coordinatewise
 from islands.codecs.base import PAYLOAD_DTYPES, all_finite
 from islands.collectives.butterfly import same_weight
+from islands.collectives.verify import Mismatch, recompute
 from islands.core import signing
 from islands.transports.base import Message
 from islands.transports.wire import as_bytes, signed_header
 
 
-def gather(kept: dict[tuple[str, int], Message], sender: int,
-           weights: dict[int, float]) -> dict | None:
+def gather(kept: dict[tuple[str, int], Message], sender: int, weights: dict[int, float],
+           exhibit: object = None, rule=None) -> dict | None:
     """Evidence that ``sender`` broke a checkable rule, from the messages of the attempt
-    (``kept``: {(phase, sender): message}); None where none holds it."""
+    (``kept``: {(phase, sender): message}) or from what the refusal showed (``exhibit``: a
+    verifier's :class:`~islands.collectives.verify.Mismatch`, checked with ``rule``, the
+    verifier's own); None where none holds it."""
+    if isinstance(exhibit, Mismatch) and exhibit.output.proof is not None:
+        proof = _wrong_aggregate(exhibit, rule)
+        if proof is not None:
+            return proof
     for msg in signed_by(kept, sender):
         if msg.claim and sender in weights and not same_weight(msg.weight, weights[sender]):
             return {"rule": "weight", **msg.proof}
@@ -71,10 +86,69 @@ def _non_finite_leaf(msg: Message) -> dict | None:
     return None
 
 
+def _wrong_aggregate(seen: Mismatch, rule) -> dict | None:
+    """The ``aggregate`` evidence of a verifier's mismatch: the first leaf of the owner's
+    aggregate where it differs (``seen.leaves``) that :func:`misaggregated` convicts, with
+    the same leaf of every input. None where it cannot be shown: a rule not coordinate-wise, a
+    payload of several tensors, or inputs whose bytes are not the ones the owner signed for
+    (a sender that sent the owner and the verifier different bytes, or an owner that signed
+    for other inputs: one word against another)."""
+    head = json.loads(seen.output.proof["h"])
+    src = head.get("in")
+    tensors = [seen.output.payload.tensors] + [m.payload.tensors for m in seen.inputs]
+    if not coordinatewise(rule) or not isinstance(src, dict) \
+            or src.get("m") != list(seen.members) or any(len(t) != 1 for t in tensors):
+        return None
+    y, *xs = (next(iter(t.values())).reshape(-1) for t in tensors)
+    if not y.is_floating_point() or any(x.dtype != y.dtype or x.numel() != y.numel()
+                                        for x in xs):
+        return None
+    w = None if src.get("w") is None else torch.tensor(src["w"], dtype=torch.float64)
+    per = signing.LEAF_BYTES // y.element_size()
+    for k in seen.leaves:
+        rows = torch.stack([x[k * per:(k + 1) * per] for x in xs]).cpu()
+        if misaggregated(rule, rows, w, y[k * per:(k + 1) * per].cpu()) is None:
+            continue
+        shown = []
+        for t, roots in zip([y, *xs], [head["mr"], *src["mr"]]):
+            leaf, path = signing.leaf_proof(as_bytes(t).numpy(), k)
+            if not signing.merkle_check(roots[0], k, leaf, path):
+                return None
+            shown.append({"bytes": base64.b64encode(leaf).decode(), "path": path})
+        return {"rule": "aggregate", **seen.output.proof, "leaf": k, "out": shown[0],
+                "rows": shown[1:]}
+    return None
+
+
+def misaggregated(rule, rows: torch.Tensor, weights: torch.Tensor | None,
+                  out: torch.Tensor) -> tuple[int, float, float] | None:
+    """Whether ``out`` is not ``rule``'s aggregate of ``rows`` (a coordinate-wise rule): the
+    rule is applied in float64 and a value of ``out`` is wrong when it lies farther from it
+    than float rounding in ``out``'s dtype can explain, ``2 (n + 2) u max_i |x_i|`` per
+    coordinate (``u`` the unit roundoff: a sum of ``n`` terms, the weights' and the division's
+    rounding, doubled), or is not finite. So any honest order of summation passes, and a lie
+    that moves a value by more than a few ulps of the largest input is caught.
+
+    Returns:
+        None, or (how many values are wrong, the largest gap, the rounding bound there).
+    """
+    n = rows.shape[0]
+    ref = recompute(rule, rows.to(torch.float64), weights)
+    bound = (2 * (n + 2) * torch.finfo(out.dtype).eps / 2) * rows.abs().amax(0).to(torch.float64)
+    gap = (out.to(torch.float64) - ref).abs()
+    wrong = ~(gap <= bound)  # NaN: wrong
+    if not bool(wrong.any()):
+        return None
+    worst = int(torch.where(wrong, gap.nan_to_num(float("inf")), -1.0).argmax())
+    return int(wrong.sum()), float(gap[worst]), float(bound[worst])
+
+
 def judge(evidence: dict, *, key: str, accused: int, accuser: int, context: str,
-          weights: dict[int, float]) -> tuple[bool, str]:
+          weights: dict[int, float], rule=None) -> tuple[bool, str]:
     """Whether ``evidence`` proves that ``accused`` broke its rule in the message it sent
-    ``accuser`` in ``context`` (``"round/attempt"``), and why (or why not)."""
+    ``accuser`` in ``context`` (``"round/attempt"``), and why (or why not). ``rule``: the
+    job's aggregation rule, for ``aggregate`` evidence (None: the job has none that can be
+    checked 16 KiB at a time)."""
     try:
         head = signed_header(evidence, key)
         if head is None:
@@ -83,7 +157,7 @@ def judge(evidence: dict, *, key: str, accused: int, accuser: int, context: str,
         if not ctx.startswith(f"{context}/") or not ctx.endswith(f"/{accused}>{accuser}"):
             return False, (f"the header shown was signed for {ctx[:80]!r}, not a message "
                            f"from worker {accused} to worker {accuser} in {context}")
-        rule = evidence.get("rule")
+        rule, job_rule = evidence.get("rule"), rule
         if rule == "weight":
             if head.get("c") != 1 or accused not in weights:
                 return False, "the header shown carries no weight the round recorded"
@@ -105,9 +179,55 @@ def judge(evidence: dict, *, key: str, accused: int, accuser: int, context: str,
                 return False, f"the values shown of tensor {name!r} are finite"
             return True, (f"its payload's tensor {name!r} holds NaN/Inf (signed leaf {index} "
                           "shown)")
+        if rule == "aggregate":
+            return _judge_aggregate(evidence, head, weights, job_rule)
         return False, f"no rule {rule!r} to check"
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
         return False, f"malformed evidence ({type(e).__name__}: {e})"
+
+
+def _judge_aggregate(evidence: dict, head: dict, weights: dict[int, float],
+                     rule) -> tuple[bool, str]:
+    """``aggregate`` evidence (:func:`_wrong_aggregate`) against the owner's signed header."""
+    if rule is None or not coordinatewise(rule):
+        return False, "the job's rule cannot be checked 16 KiB at a time"
+    src = head.get("in")
+    if not isinstance(src, dict):
+        return False, "the header shown is not a verified shard's aggregate (no inputs signed)"
+    members, signed_w, roots = list(src["m"]), src["w"], list(src["mr"])
+    shown = list(evidence["rows"])
+    if len(head["t"]) != 1 or len(shown) != len(members) or len(roots) != len(members):
+        return False, "the evidence does not show one leaf of each signed input"
+    for i, w in zip(members, signed_w or ()):
+        if i in weights and not same_weight(w, weights[i]):
+            return True, (f"it aggregated worker {i}'s contribution at weight {w:g}, the "
+                          f"coordinator recorded {weights[i]:g} (signed header)")
+    k = int(evidence["leaf"])
+    dtype = PAYLOAD_DTYPES[head["t"][0][1]]
+    leaves = []
+    for what, root, leaf in [("the aggregate", head["mr"][0], evidence["out"]),
+                             *((f"worker {i}'s input", r[0], x)
+                               for i, r, x in zip(members, roots, shown))]:
+        data = base64.b64decode(leaf["bytes"])
+        if not signing.merkle_check(root, k, data, list(leaf["path"])):
+            return False, f"the bytes shown of {what} are not the ones the owner signed for"
+        leaves.append(data)
+    if not dtype.is_floating_point or len({len(d) for d in leaves}) != 1 \
+            or len(leaves[0]) % dtype.itemsize:
+        return False, "the leaves shown are not floating values of one length"
+    out, *xs = (torch.frombuffer(bytearray(d), dtype=dtype) for d in leaves)
+    rows = torch.stack(xs)
+    if not all_finite(rows):
+        return False, "the inputs shown hold NaN/Inf (a verifier refuses those first)"
+    w = None if signed_w is None else torch.tensor(signed_w, dtype=torch.float64)
+    wrong = misaggregated(rule, rows, w, out)
+    if wrong is None:
+        return False, (f"leaf {k} of the aggregate shown is what the rule gives for the "
+                       "inputs its owner signed for")
+    count, gap, bound = wrong
+    return True, (f"its signed aggregate is not the rule's for the inputs it signed for: "
+                  f"{count} of the {out.numel()} values of leaf {k} are off (largest gap "
+                  f"{gap:.3g}, where rounding explains {bound:.3g})")
 
 
 def seconded(accusers: set[int], accused: int, members: set[int]) -> bool:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from islands.algorithms import Worker
-from islands.collectives.butterfly import Group
+from islands.collectives.butterfly import Group, rule_of
 from islands.core.config import RunConfig
 from islands.core.errors import (
     CodecError,
@@ -482,7 +482,10 @@ class Member:
         samples, codec_state = self.worker.samples, copy.deepcopy(self.worker.codec.state_dict())
         while True:
             if ready is None:
-                ready = self._ready(r, attempt, members, self.algorithm.weight(self.worker))
+                weight = self.algorithm.weight(self.worker)
+                if self.engine.attack is not None and weight is not None:
+                    weight = self.engine.attack.claims(self.me, r, weight)  # forged here too
+                ready = self._ready(r, attempt, members, weight)
             if self.me not in ready["members"]:
                 raise Excluded(f"round {r}: left out ({ready.get('left_out')})")
             if observer and self.me not in ready.get("heal", {}).get("dsts", []):
@@ -506,7 +509,8 @@ class Member:
             except PeerRefused as e:  # a peer's contribution (or our own, unsendable)
                 ok, why, blame = False, str(e), {"worker": e.sender, "why": str(e)}
                 proof = evidence.gather(self.transport.kept, e.sender,
-                                        self.engine.round_weights)
+                                        self.engine.round_weights, e.exhibit,
+                                        rule_of(self.engine.aggregators, self.me))
                 if proof is not None:
                     blame["evidence"] = proof
             except CodecError as e:  # our own contribution cannot be encoded (NaN, range)

@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from statistics import median
 
+from islands.core.config import build_component
+from islands.core.errors import ConfigError
 from islands.runtime import evidence
 
 log = logging.getLogger("islands.coordinator")
@@ -165,9 +167,10 @@ class RoundRules:
             # member lost mid-round, say), which the next start must wait for
             at_start = self._open_start.arrivals if self._open_start is not None else {}
             self._behind |= set(left_out) - set(at_start)
-        # each member's aggregation weight, as it reported it (held against every header)
+        # each member's aggregation weight, by the algorithm's rule where the job's config
+        # fixes it, else as it reported it (held against every header)
         out = {**self._new_epoch(members), "left_out": left_out, "keys": self._keys(members),
-               "weights": {str(i): float(w) for i in members
+               "weights": {str(i): self._recorded_weight(i, w) for i in members
                            if isinstance(w := b.arrivals[i].get("weight"), (int, float))
                            and not isinstance(w, bool) and math.isfinite(w)}}
         f = self._in_flight
@@ -178,6 +181,30 @@ class RoundRules:
                 src = f["src"] if f["src"] in senders else senders[0]
                 out.update(observers=observers, heal={"src": src, "dsts": observers})
         return out
+
+    def _recorded_weight(self, worker: int, reported: float) -> float:
+        """The aggregation weight recorded for ``worker``'s report, from the job's config
+        fingerprint where LocalSGD's rule fixes or bounds it: ``uniform`` 1; ``dataset`` its
+        share's size (``data.sizes``); ``samples`` at most ``max H x data.batch_size``, the
+        most a built-in worker can train in a round (a drop-in's loop picks its own batches:
+        no bound). Every receiver holds the sender's header to it, so a forged claim is
+        refused by name wherever the config says what the weight must be."""
+        fp = self.fingerprint
+        rule = fp.get("algorithm.weighting") if fp.get("algorithm.name") == "local_sgd" else None
+        sizes = fp.get("data.sizes")
+        if rule == "uniform":
+            return 1.0
+        if rule == "dataset" and isinstance(sizes, list) and worker < len(sizes):
+            return float(sizes[worker])
+        h, batch = fp.get("algorithm.sync_every"), fp.get("data.batch_size")
+        if rule == "samples" and isinstance(sizes, list) and isinstance(batch, int):
+            most = max((step[1] for step in h), default=0) if isinstance(h, list) else h
+            if isinstance(most, int) and reported > most * batch:
+                log.warning("worker %d reports %g samples this round; at most %d x %d = %d "
+                            "can be trained: recorded %d", worker, reported, most, batch,
+                            most * batch, most * batch)
+                return float(most * batch)
+        return float(reported)
 
     def _release_commit(self, b: Barrier, here: set[int]) -> dict:
         r, attempt = b.key[1], b.key[2]
@@ -219,6 +246,21 @@ class RoundRules:
         return {**out, "commit": False, "members": members,
                 "excluded": [{"worker": w, **self.excluded[w]} for w in sorted(excluded)]}
 
+    def _job_rule(self):
+        """The job's aggregation rule, built from its config fingerprint's ``aggregator.*``
+        keys, to check a verifier's evidence against a shard owner; None where the job has no
+        rule a third party can check 16 KiB at a time (the clone filter reads whole rows)."""
+        section = {k.partition(".")[2]: v for k, v in self.fingerprint.items()
+                   if k.startswith("aggregator.")}
+        if not section or section.get("clones") is not None:
+            return None
+        try:
+            return build_component("aggregator", section).build()
+        except (ConfigError, ValueError, TypeError) as e:
+            log.warning("the job's aggregator cannot be built here (%s): a verifier's "
+                        "evidence cannot be checked", e)
+            return None
+
     def _blame(self, b: Barrier, here: set[int]) -> tuple[set[int], set[int]]:
         """Judges the accusations of an aborted attempt (:mod:`islands.runtime.evidence`):
         returns who is excluded from the run (the proven culprits, those who blamed
@@ -242,7 +284,7 @@ class RoundRules:
             elif isinstance(proof, dict) and accused in self.members:
                 proven, verdict = evidence.judge(
                     proof, key=self.members[accused].key, accused=accused, accuser=reporter,
-                    context=f"{r}/{attempt}", weights=weights)
+                    context=f"{r}/{attempt}", weights=weights, rule=self._job_rule())
                 if proven:
                     excluded.setdefault(accused, {"by": reporter, "round": r,
                                                   "why": f"{why} (proven: {verdict})"})

@@ -36,6 +36,8 @@ class Message:
             the round's weights by every receiver), not an aggregate's or a state's 1.
         proof: the header as its sender signed it (an open job's real transport:
             :func:`islands.transports.wire.pack_header`), shown as evidence against it.
+        sources: what an aggregate was computed from (a verified sync's shard owner): an
+            open job's header signs their Merkle roots and weights with the aggregate.
     """
 
     payload: Encoded
@@ -43,10 +45,24 @@ class Message:
     weight: float = 1.0
     claim: bool = False
     proof: dict | None = None
+    sources: Sources | None = None
 
     @property
     def nbytes(self) -> int:
         return self.payload.nbytes + self.header_bytes
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The inputs of a shard's aggregate, as its owner aggregated them: every member's
+    phase-1 message, in member order, and the weights the rule was given (None: none). The
+    owner signs their Merkle roots with its aggregate, so a verifier holding the same inputs
+    can show a third party any 16 KiB of the aggregate that the rule does not give
+    (:mod:`islands.runtime.evidence`)."""
+
+    members: tuple[int, ...]
+    messages: tuple[Message, ...]
+    weights: tuple[float, ...] | None
 
 
 # place(src, dst, tensor name, dtype, shape) -> where a transport that receives bytes should put

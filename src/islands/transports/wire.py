@@ -37,7 +37,7 @@ import torch
 from islands.codecs.base import PAYLOAD_DTYPES, Encoded, all_finite
 from islands.core import memory, signing
 from islands.core.errors import CommError, PeerGaveUp, PeerRefused
-from islands.transports.base import Message
+from islands.transports.base import Message, Sources
 
 MAX_HEADER_BYTES = 1 << 20  # received into a buffer this large; only the pages used are touched
 MAX_MESSAGE_BYTES = 1 << 33  # 8 GiB: a payload above this from a peer is malformed
@@ -89,9 +89,11 @@ def pack_header(msg: Message | None, signer: signing.Signer | None = None,
         if msg.claim:
             fields["c"] = 1
         if signer is not None:
+            roots = {} if roots is None else roots
             fields["ctx"] = ctx
-            fields["mr"] = [_root(p.tensors[k], {} if roots is None else roots)
-                            for k in sorted(p.tensors)]
+            fields["mr"] = [_root(p.tensors[k], roots) for k in sorted(p.tensors)]
+            if msg.sources is not None:
+                fields["in"] = _sources(msg.sources, roots)
         try:
             head = json.dumps(fields, separators=(",", ":")).encode()
         except TypeError as e:
@@ -103,6 +105,16 @@ def pack_header(msg: Message | None, signer: signing.Signer | None = None,
         raise CommError(f"a message header of {len(head)} bytes exceeds the wire's "
                         f"{MAX_HEADER_BYTES - 4} (codec meta too large)")
     return _framed(head)
+
+
+def _sources(src: Sources, roots: dict) -> dict:
+    """An aggregate's inputs as its signed header names them: the members, the weights the
+    rule was given, and the Merkle roots of each input's bytes as the owner holds them
+    (hashed here, never copied from the sender's header: a sender whose signed roots do
+    not match its bytes must not make the owner vouch for bytes it never aggregated)."""
+    return {"m": list(src.members), "w": None if src.weights is None else list(src.weights),
+            "mr": [[_root(m.payload.tensors[k], roots) for k in sorted(m.payload.tensors)]
+                   for m in src.messages]}
 
 
 def _root(t: torch.Tensor, roots: dict) -> str:
