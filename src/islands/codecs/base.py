@@ -126,6 +126,17 @@ class Codec(ABC):
         """
         return out.copy_(self.decode(e))
 
+    # ``subtract_decoded`` touches only the positions a payload keeps (a sparsifier's, or a
+    # chain that starts with one): error feedback then updates its residual in place.
+    subtracts_sparse: bool = False
+
+    def subtract_decoded(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        """``out -= decode(e)`` in place (1-D, ``e.numel`` values of ``out``'s float dtype),
+        reading and writing only the positions ``e`` keeps, the others left as they are (the
+        same bits as subtracting their decoded zeros); for codecs with
+        :attr:`subtracts_sparse`."""
+        raise NotImplementedError(f"{self!r} decodes every position: decode, then subtract")
+
     def decoded_view(self, e: Encoded) -> torch.Tensor | None:
         """The decoded tensor without a copy (the payload's :attr:`raw_tensor`), or None when
         the codec must compute it. Read only: it is the payload's own memory.

@@ -67,6 +67,13 @@ class Chain(Codec):
     def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
         return self.first.decode_into(self._head(e), out)
 
+    @property
+    def subtracts_sparse(self) -> bool:  # the first stage says where the values go
+        return self.first.subtracts_sparse
+
+    def subtract_decoded(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        return self.first.subtract_decoded(self._head(e), out)
+
     def _head(self, e: Encoded) -> Encoded:
         """The first stage's payload, its values decoded by the value stage."""
         tail = Encoded({k[len(VALUES):]: t for k, t in e.tensors.items() if k.startswith(VALUES)},

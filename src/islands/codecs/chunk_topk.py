@@ -171,8 +171,10 @@ class ChunkTopK(Codec):
     def _encode(self, x: torch.Tensor, key: str, offset: int) -> Encoded:
         dtype, x = x.dtype, as_float32(x).contiguous()
         pieces = runs(self.bounds, self.chunk, offset, x.numel())
-        starts = self._starts(pieces)
-        if x.device.type == "cpu":  # compiled: one read of x (islands.codecs.kernels)
+        cpu = x.device.type == "cpu"
+        # where each kept value's chunk starts: for the GPU's gather and Rice's gaps only
+        starts = None if cpu and self.index == "packed" else self._starts(pieces)
+        if cpu:  # compiled: one read of x (islands.codecs.kernels)
             from islands.codecs import kernels
             found = [kernels.chunk_top(x[a:a + n], self.chunk, self.k) for a, n in pieces]
             flat = _cat([f[0] for f in found], torch.int64)
@@ -191,7 +193,8 @@ class ChunkTopK(Codec):
         return Encoded({"values": values, **self._code(flat, starts)}, numel=x.numel(),
                        dtype=dtype, meta={"offset": offset})
 
-    def _code(self, offsets: torch.Tensor, starts: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _code(self, offsets: torch.Tensor, starts: torch.Tensor | None
+              ) -> dict[str, torch.Tensor]:
         """The offsets' wire tensors: packed, or Rice-coded gaps (a chunk's first offset is
         its gap from -1; ascending offsets make every gap >= 0)."""
         if self.index == "packed":
@@ -201,9 +204,14 @@ class ChunkTopK(Codec):
         unary, low = rice_encode(offsets - previous - 1, self.rice)
         return {"indices": unary, "indices_low": low}
 
-    def _offsets(self, e: Encoded, starts: torch.Tensor) -> torch.Tensor:
+    def _offsets(self, e: Encoded, starts: torch.Tensor | None,
+                 pieces: list[tuple[int, int]]) -> torch.Tensor:
+        """The kept values' offsets inside their chunks (``starts``: :meth:`_starts` of
+        ``pieces``, which packed offsets do not need)."""
         if self.index == "packed":
-            return unpack_bits(e.tensors["indices"], index_bits(self.chunk), starts.numel())
+            return unpack_bits(e.tensors["indices"], index_bits(self.chunk),
+                               kept_in(pieces, self.chunk, self.k))
+        starts = self._starts(pieces) if starts is None else starts
         steps = rice_decode(e.tensors["indices"], e.tensors["indices_low"], self.rice,
                             starts.numel()) + 1
         reached = torch.cumsum(steps, 0)  # offset + 1 within the chunk, plus earlier chunks'
@@ -225,7 +233,7 @@ class ChunkTopK(Codec):
         if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
             from islands.codecs import kernels
             pieces = runs(self.bounds, self.chunk, e.meta["offset"], e.numel)
-            offsets, first = self._offsets(e, self._starts(pieces)), 0
+            offsets, first = self._offsets(e, None, pieces), 0
             for a, n in pieces:  # each piece's chunks start at its first value
                 kept = kept_in([(a, n)], self.chunk, self.k)
                 kernels.scatter(out[a:a + n], offsets[first:first + kept],
@@ -236,10 +244,29 @@ class ChunkTopK(Codec):
         out[self._where(e)] = values.to(out.dtype)
         return out
 
+    subtracts_sparse = True
+
+    def subtract_decoded(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
+        values = e.tensors["values"]
+        if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
+            from islands.codecs import kernels
+            pieces = runs(self.bounds, self.chunk, e.meta["offset"], e.numel)
+            offsets, first = self._offsets(e, None, pieces), 0
+            for a, n in pieces:
+                kept = kept_in([(a, n)], self.chunk, self.k)
+                kernels.subtract(out[a:a + n], offsets[first:first + kept],
+                                 values[first:first + kept].float(), self.chunk, self.k)
+                first += kept
+            return out
+        where = self._where(e)
+        out[where] = out[where] - values.to(out.dtype)
+        return out
+
     def _where(self, e: Encoded) -> torch.Tensor:
         """The positions of the kept values in the slice."""
-        starts = self._starts(runs(self.bounds, self.chunk, e.meta["offset"], e.numel))
-        return self._offsets(e, starts) + starts
+        pieces = runs(self.bounds, self.chunk, e.meta["offset"], e.numel)
+        starts = self._starts(pieces)
+        return self._offsets(e, starts, pieces) + starts
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int | None:
         if self.index == "rice":
@@ -252,6 +279,8 @@ class ChunkTopK(Codec):
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype, device=None) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]
     return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
 
 

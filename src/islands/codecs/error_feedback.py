@@ -54,6 +54,15 @@ class ErrorFeedback(Codec):
         r = self._residual(key, offset + n, x.device)[offset:offset + n]
         if self.beta != 1:
             r.mul_(self.beta)
+        if self.inner.subtracts_sparse:
+            # r = x + r in its own memory (the payload keeps copies of the kept values), then
+            # r -= decoded at the kept positions only: the same bits as below, in 2 passes
+            # over r instead of 4 and no fresh tensor of n values
+            corrected = torch.add(as_float32(x), r, out=r)
+            e = self.inner.encode(corrected, key, offset)
+            self.inner.subtract_decoded(e, r)
+            e.dtype = x.dtype
+            return e
         corrected = as_float32(x) + r
         # The inner codec checks corrected for NaN/Inf too (a residual could overflow).
         e = self.inner.encode(corrected, key, offset)

@@ -173,9 +173,17 @@ def _word(bits: int) -> int | None:
     return values if values * bits <= 56 else None
 
 
+# values from which a CPU tensor is packed by the compiled kernel (below: tensor operations,
+# which cost no compilation and little time)
+COMPILED_FROM = 4096
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Packs non-negative integers below ``2**bits`` into ``ceil(n * bits / 8)`` bytes: a
     little-endian bit stream, value after value."""
+    if values.device.type == "cpu" and values.numel() >= COMPILED_FROM and bits <= 56:
+        from islands.codecs import kernels
+        return kernels.pack(values, bits)
     group = _word(bits)
     if bits == 1 or group is None:
         return _pack_bitwise(values, bits)
@@ -206,6 +214,10 @@ def _pack_bitwise(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``(count,)`` int64."""
+    if packed.device.type == "cpu" and count >= COMPILED_FROM and bits <= 56 \
+            and packed.numel() >= -(-count * bits // 8):
+        from islands.codecs import kernels
+        return kernels.unpack(packed, bits, count)
     group = _word(bits)
     if bits == 1 or group is None:
         return _unpack_bitwise(packed, bits, count)

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from islands.codecs.base import Codec, Encoded, as_float32
-from islands.codecs.packing import num_blocks, pack_bits, split_blocks, unpack_bits
+from islands.codecs.packing import (
+    COMPILED_FROM,
+    num_blocks,
+    pack_bits,
+    split_blocks,
+    unpack_bits,
+)
 from islands.core.registry import register
 from islands.core.sections import CodecConfig, check
 
@@ -33,6 +39,12 @@ def block_range(m: torch.Tensor, block: int) -> torch.Tensor:
     if tail.numel():
         parts.append(torch.stack([tail.amin(), tail.amax()]).view(1, 2))
     return torch.cat(parts) if parts else torch.empty(0, 2)
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    """Whether the compiled kernel codes ``t`` (a large CPU tensor; small ones are quicker
+    with tensor operations, which need no compilation)."""
+    return t.device.type == "cpu" and t.numel() >= COMPILED_FROM
 
 
 def _parts(block: int, *tensors: torch.Tensor):
@@ -84,6 +96,11 @@ class Quant(Codec):
         dtype, x = x.dtype, as_float32(x)
         block, m = self._block(x.numel()), x.abs()
         scales = block_range(m, block)
+        if _compiled(x):  # one pass, the same codes (islands.codecs.kernels)
+            from islands.codecs import kernels
+            return Encoded({"codes": pack_bits(kernels.quant_codes(x, scales, block, self.bits),
+                                               self.bits), "scales": scales},
+                           numel=x.numel(), dtype=dtype, meta={"block": block})
         codes = torch.empty(x.numel(), dtype=torch.int64, device=x.device)
         # block by block through views (a (lo, hi) beside every value would be 8 bytes each)
         for (xs, ms, cs), (lo, hi) in zip(_parts(block, x, m, codes), _ranges(scales, block,
@@ -97,8 +114,12 @@ class Quant(Codec):
 
     def decode(self, e: Encoded) -> torch.Tensor:
         codes = unpack_bits(e.tensors["codes"], self.bits, e.numel)
-        out = torch.empty(e.numel)
         block = e.meta["block"]
+        if _compiled(codes):
+            from islands.codecs import kernels
+            out = kernels.dequant(codes, e.tensors["scales"], block, self.bits)
+            return out if e.dtype == torch.float32 else out.to(e.dtype)
+        out = torch.empty(e.numel)
         for (cs, os), (lo, hi) in zip(_parts(block, codes, out),
                                       _ranges(e.tensors["scales"], block, e.numel)):
             bins = (cs & (self.levels - 1)).to(torch.float32)
