@@ -17,6 +17,11 @@ table gives medians over the repeats.
 * ``signed vs bfly``: the butterfly's time over its own with every header signed (an open
   job's real runtime: Ed25519 per header, the payload's Merkle roots, checked on receipt),
   side by side in the same processes.
+* ``verified vs streams`` (identity rows): the signed butterfly over streams with every sync
+  verified (``aggregator.verify = 1``: every member re-sends its phase-1 payloads to the
+  verifiers, recomputes one shard it does not own, and each owner signs its inputs' Merkle
+  roots with its aggregate), its time over the same unverified: the cost of checking the
+  shard owners, side by side.
 * ``native vs gloo`` (identity rows): gloo's time over that of the path a trusted job takes
   (``runtime.trust = "cluster"``: the contribution divided by n and checked finite in one
   pass, a vector of who found NaN shared, then gloo's ``all_reduce``), side by side.
@@ -103,6 +108,7 @@ def numel_of(size_mb: float) -> int:
 def worker_main(args: argparse.Namespace) -> None:
     """One process of the group: every (size, codec) in order, gloo then the butterfly."""
     from islands.collectives.butterfly import Group
+    from islands.collectives.verify import verifiers_for
     from islands.core.signing import Signer
     from islands.transports.dist import DistTransport, new_group, open_store
     from islands.transports.streams import Listener
@@ -132,7 +138,8 @@ def worker_main(args: argparse.Namespace) -> None:
         for label in args.codecs:
             codec = make_codec(label, numel)
             row = {"size_mb": size_mb, "codec": label, "gloo_s": [], "butterfly_s": [],
-                   "native_s": [], "signed_s": [], "streams_s": [], "breakdown": []}
+                   "native_s": [], "signed_s": [], "streams_s": [], "verified_s": [],
+                   "breakdown": []}
             # Each collective's repeats in a block of their own, after its own warm-up: over a
             # shaped link a collective run right after another inherits the TCP state the
             # other left on the pairs (gloo's ring grows the neighbours' windows and leaves
@@ -176,6 +183,19 @@ def worker_main(args: argparse.Namespace) -> None:
                         row[key].append(time.perf_counter() - start)
                     del out
                 transport.signer, transport._epoch = None, None
+            # the same over streams with every sync verified (lossless codecs only)
+            transport.signer, transport._epoch = signer, streams
+            for rep in range(args.repeats + 1 if label == "identity" and n > 1 else 0):
+                transport.set_context(f"bench/verified/{rep}", keys)
+                pg.barrier().wait()
+                start = time.perf_counter()
+                out = group.start_all_reduce({rank: x}, codecs={rank: codec}, tag="bench",
+                                             verifiers=verifiers_for(group.members, 1))
+                out = out.wait()[rank]
+                if rep:
+                    row["verified_s"].append(time.perf_counter() - start)
+                del out
+            transport.signer, transport._epoch = None, None
             # Every worker must hold the same result: compared by the parent through a digest.
             row["digest"] = digest(group.all_reduce({rank: x}, codecs={rank: codec},
                                                     tag="bench")[rank])
@@ -258,6 +278,9 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
         signed, over_streams = (statistics.median(max(r[k][i] for r in parts)
                                                   for i in range(args.repeats))
                                 for k in ("signed_s", "streams_s"))
+        verified = (statistics.median(max(r["verified_s"][i] for r in parts)
+                                      for i in range(args.repeats))
+                    if parts[0].get("verified_s") else None)
         rows.append({"workers": n, "size_mb": parts[0]["size_mb"], "codec": parts[0]["codec"],
                      "gloo_s": g, "butterfly_s": b, "gloo_gbps": 4 * numel / g / 1e9,
                      "butterfly_gbps": 4 * numel / b / 1e9, "vs_gloo": g / b,
@@ -265,6 +288,8 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
                      "butterfly_repeats_s": bfly, "signed_s": signed, "signed_vs_butterfly":
                      b / signed, "streams_s": over_streams,
                      "streams_vs_signed": signed / over_streams,
+                     **({"verified_s": verified, "verified_vs_streams": over_streams / verified}
+                        if verified else {}),
                      **({"native_s": statistics.median(native), "native_repeats_s": native,
                          "native_vs_gloo": g / statistics.median(native)} if native else {}),
                      "bytes_sent_per_worker": parts[0]["bytes_sent"],
@@ -315,7 +340,8 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
 
     t = Table(title="butterfly over DistTransport vs gloo all_reduce (medians, 1 thread each)")
     for col in ("workers", "MB", "codec", "gloo s", "gloo GB/s", "bfly s", "bfly GB/s",
-                "vs gloo", "native vs gloo", "signed vs bfly", "streams vs signed", *ACTIVITIES,
+                "vs gloo", "native vs gloo", "signed vs bfly", "streams vs signed",
+                "verified vs streams", *ACTIVITIES,
                 "other", "same"):
         t.add_column(col, justify="right")
     for r in dist_rows:
@@ -325,6 +351,7 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
                   f"{r['butterfly_gbps']:.2f}", f"{r['vs_gloo']:.2f}x",
                   f"{r['native_vs_gloo']:.3f}x" if "native_vs_gloo" in r else "—",
                   f"{r['signed_vs_butterfly']:.2f}x", f"{r['streams_vs_signed']:.2f}x",
+                  f"{r['verified_vs_streams']:.2f}x" if "verified_vs_streams" in r else "—",
                   *(f"{1e3 * bd[a]:.0f}" for a in (*ACTIVITIES, "other")),
                   "yes" if r["identical_on_every_worker"] else "NO")
     s = Table(title="simulator's butterfly (one process, 1 thread): time per worker vs copy_")
