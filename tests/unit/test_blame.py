@@ -143,16 +143,17 @@ def test_a_worker_the_others_judges_find_malicious_is_excluded_after_the_commit(
     assert st["workers"]["0"]["influence"] == 0.5
 
 
-def _verified_shard(lie: float = 1.0, n: int = 5000):
+def _verified_shard(lie: float = 1.0, n: int = 5000, weights=None, members=(0, 1, 2)):
     """Worker 2 owns a shard of ``n`` values in a verified sync, worker 0 verifies it: the
     three inputs (as worker 0 holds them) and worker 2's signed aggregate, their median times
-    ``lie``, as worker 0 received it."""
+    ``lie``, as worker 0 received it (the owner signs ``weights`` and ``members``)."""
     g = torch.Generator().manual_seed(0)
     inputs = tuple(Message(Encoded({"values": torch.randn(n, generator=g)}, numel=n), 16)
                    for _ in range(3))
     y = Median().recompute(torch.stack([m.payload.tensors["values"] for m in inputs])) * lie
     ctx = "0/0/pseudo-gradient/all-gather/2>0"
-    sent = Message(Encoded({"values": y}, numel=n), 16, sources=Sources((0, 1, 2), inputs, None))
+    sent = Message(Encoded({"values": y}, numel=n), 16,
+                   sources=Sources(members, inputs, weights))
     head = wire.pack_header(sent, KEYS[2], ctx)
     out = wire.message(wire.unpack_header(received(head), 2, KEYS[2].public, ctx), {"values": y})
     return out, inputs
@@ -226,3 +227,22 @@ def test_the_recorded_weight_is_the_algorithms_rule_where_the_config_fixes_it(
                          "algorithm.sync_every": 5, "data.batch_size": 8, **fp}
     _, ready = _round(coord, weights=(40.0, 24.0, 1e9))
     assert ready[0]["weights"] == recorded
+
+
+def test_an_owner_signing_a_forged_weight_is_convicted_by_it_and_garbage_stops_no_verifier(
+        coord):
+    """The owner's aggregate is its rule's for the weights it signed, but it signed worker
+    1's weight as 1e9 where 8 was recorded: shown, that alone convicts it. An owner that signs
+    nonsense for its inputs (weights that are no numbers) makes the verifier show nothing,
+    without an error in the verifier."""
+    coord.fingerprint = {"aggregator.name": "median"}
+    chs, _ = _round(coord)
+    out, inputs = _verified_shard(weights=(8.0, 1e9, 8.0))
+    proof = evidence.gather({}, 2, {0: 8.0, 1: 8.0, 2: 8.0},
+                            Mismatch(out, inputs, (0, 1, 2), (0,)), Median())
+    res = _commit(chs, {0: {"worker": 2, "why": "aggregate differs", "evidence": proof}})
+    assert [e["worker"] for e in res[0]["excluded"]] == [2]
+    assert "aggregated worker 1's contribution at weight 1e+09, the coordinator recorded 8" \
+        in coord.status()["excluded"]["2"]["why"]
+    out, inputs = _verified_shard(lie=-10.0, weights=("x", None, {}))
+    assert evidence.gather({}, 2, {}, Mismatch(out, inputs, (0, 1, 2), (0,)), Median()) is None

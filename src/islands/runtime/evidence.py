@@ -39,8 +39,12 @@ from islands.codecs.base import PAYLOAD_DTYPES, all_finite
 from islands.collectives.butterfly import same_weight
 from islands.collectives.verify import Mismatch, recompute
 from islands.core import signing
+from islands.runtime.auth import MAX_MEMBER_LINE_BYTES
 from islands.transports.base import Message
 from islands.transports.wire import as_bytes, signed_header
+
+# the most a member's evidence may take on its control line (with room for the rest of it)
+MAX_EVIDENCE_BYTES = MAX_MEMBER_LINE_BYTES - (1 << 20)
 
 
 def gather(kept: dict[tuple[str, int], Message], sender: int, weights: dict[int, float],
@@ -50,8 +54,11 @@ def gather(kept: dict[tuple[str, int], Message], sender: int, weights: dict[int,
     verifier's :class:`~islands.collectives.verify.Mismatch`, checked with ``rule``, the
     verifier's own); None where none holds it."""
     if isinstance(exhibit, Mismatch) and exhibit.output.proof is not None:
-        proof = _wrong_aggregate(exhibit, rule)
-        if proof is not None:
+        try:  # the owner's signed header may hold anything: never let it stop this worker
+            proof = _wrong_aggregate(exhibit, rule, weights)
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError):
+            proof = None
+        if proof is not None and len(json.dumps(proof)) <= MAX_EVIDENCE_BYTES:
             return proof
     for msg in signed_by(kept, sender):
         if msg.claim and sender in weights and not same_weight(msg.weight, weights[sender]):
@@ -86,13 +93,14 @@ def _non_finite_leaf(msg: Message) -> dict | None:
     return None
 
 
-def _wrong_aggregate(seen: Mismatch, rule) -> dict | None:
+def _wrong_aggregate(seen: Mismatch, rule, weights: dict[int, float]) -> dict | None:
     """The ``aggregate`` evidence of a verifier's mismatch: the first leaf of the owner's
-    aggregate where it differs (``seen.leaves``) that :func:`misaggregated` convicts, with
-    the same leaf of every input. None where it cannot be shown: a rule not coordinate-wise, a
-    payload of several tensors, or inputs whose bytes are not the ones the owner signed for
-    (a sender that sent the owner and the verifier different bytes, or an owner that signed
-    for other inputs: one word against another)."""
+    aggregate where it differs (``seen.leaves``) that :func:`misaggregated` convicts (or the
+    first, where the owner signed a weight other than the recorded one), with the same leaf
+    of every input. None where it cannot be shown: a rule not coordinate-wise, a payload of
+    several tensors, or inputs whose bytes are not the ones the owner signed for (a sender
+    that sent the owner and the verifier different bytes, or an owner that signed for other
+    inputs: one word against another)."""
     head = json.loads(seen.output.proof["h"])
     src = head.get("in")
     tensors = [seen.output.payload.tensors] + [m.payload.tensors for m in seen.inputs]
@@ -104,10 +112,12 @@ def _wrong_aggregate(seen: Mismatch, rule) -> dict | None:
                                         for x in xs):
         return None
     w = None if src.get("w") is None else torch.tensor(src["w"], dtype=torch.float64)
+    forged = w is not None and any(i in weights and not same_weight(float(v), weights[i])
+                                   for i, v in zip(seen.members, w.tolist()))
     per = signing.LEAF_BYTES // y.element_size()
     for k in seen.leaves:
         rows = torch.stack([x[k * per:(k + 1) * per] for x in xs]).cpu()
-        if misaggregated(rule, rows, w, y[k * per:(k + 1) * per].cpu()) is None:
+        if not forged and misaggregated(rule, rows, w, y[k * per:(k + 1) * per].cpu()) is None:
             continue
         shown = []
         for t, roots in zip([y, *xs], [head["mr"], *src["mr"]]):
