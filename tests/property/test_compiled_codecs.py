@@ -104,3 +104,36 @@ def test_error_feedback_s_sparse_update_gives_the_dense_residual_bits(codec):
     half = torch.randn(26000, generator=g).bfloat16()  # a bf16 model's pseudo-gradient
     a, b = sparse.encode(half, key="h"), dense.encode(half, key="h")
     assert torch.equal(sparse.decode(a), dense.decode(b)) and a.dtype == torch.bfloat16
+
+
+def test_a_peer_s_malformed_sparse_payload_is_refused_not_written_out_of_bounds():
+    """The compiled decoders read a peer's payload: offsets past their chunk's end (10-bit
+    offsets for chunks of 1000 reach 1023), fewer values than offsets, or 2-bit values whose
+    scales are shaped for another block count (the same bytes) are refused by name, and
+    nothing past the buffer is written. 4808 kept values: past the compiled paths' start."""
+    from islands.codecs.chain import Chain
+    from islands.codecs.chunk_topk import ChunkTopK
+    from islands.collectives.checks import decode_checked
+    from islands.core.errors import PeerRefused
+
+    n, kept = 600_500, 4808  # 600 chunks of 1000 keeping 8, then one of 500 keeping 8
+    codec = Chain(ChunkTopK(count=8, chunk=1000), Quant(2, block=16))
+    good = codec.encode(torch.randn(n, generator=torch.Generator().manual_seed(0)), key="x")
+    assert good.meta["kept"] == kept >= packing.COMPILED_FROM
+    guard = torch.full((n + 100,), 7.0)  # the payload's values, then 100 that must stay
+    decode_checked(codec, good, guard[:n], 0, 3, "gather")
+    assert torch.equal(guard[:n], codec.decode(good)) and bool((guard[n:] == 7).all())
+
+    def forged(meta=None, **tensors):
+        return type(good)({**good.tensors, **tensors}, numel=good.numel, dtype=good.dtype,
+                          meta=meta or good.meta, header_bytes=good.header_bytes)
+
+    offsets = packing.unpack_bits(good.tensors["indices"], 10, kept)
+    offsets[-1] = 550  # the last chunk holds 500 values: 50 past it lies in the guard
+    scales = good.tensors["values.scales"]
+    for bad in (forged(indices=packing.pack_bits(offsets, 10)),
+                forged(meta={**good.meta, "kept": kept - 8}),
+                forged(**{"values.scales": scales.reshape(-1, 1)})):
+        with pytest.raises(PeerRefused, match="worker 3 does not decode"):
+            decode_checked(codec, bad, guard[:n], 0, 3, "gather")
+        assert bool((guard[n:] == 7).all())

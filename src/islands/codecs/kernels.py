@@ -155,11 +155,17 @@ def _chunk_top(bits, floats, chunk, k, out, kept, runs):  # pragma: no cover - c
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _scatter(out, offsets, values, chunk, k):  # pragma: no cover - compiled
     n = out.size
+    outside = 0  # offsets past their chunk's end: not written (a peer's malformed payload)
     for c in numba.prange((n + chunk - 1) // chunk):
         start = c * chunk
-        out[start:min(n, start + chunk)] = 0
+        m = min(chunk, n - start)
+        out[start:start + m] = 0
         for i in range(c * k, min(offsets.size, (c + 1) * k)):
-            out[start + offsets[i]] = values[i]
+            if 0 <= offsets[i] < m:
+                out[start + offsets[i]] = values[i]
+            else:
+                outside += 1
+    return outside
 
 
 @numba.njit(cache=True, nogil=True)
@@ -251,10 +257,16 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _subtract(out, offsets, values, chunk, k):  # pragma: no cover - compiled
     n = out.size
+    outside = 0
     for c in numba.prange((n + chunk - 1) // chunk):
         start = c * chunk
+        m = min(chunk, n - start)
         for i in range(c * k, min(offsets.size, (c + 1) * k)):
-            out[start + offsets[i]] -= values[i]
+            if 0 <= offsets[i] < m:
+                out[start + offsets[i]] -= values[i]
+            else:
+                outside += 1
+    return outside
 
 
 @contextlib.contextmanager
@@ -290,15 +302,44 @@ def chunk_top(x: torch.Tensor, chunk: int, k: int) -> tuple[torch.Tensor, torch.
 def subtract(out: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, chunk: int,
              k: int) -> None:
     """Subtracts :func:`chunk_top`'s ``values`` at their ``offsets`` from the float32 CPU
-    tensor ``out`` (contiguous, its chunks as encoded); nothing else is read or written."""
+    tensor ``out`` (contiguous, its chunks as encoded); nothing else is read or written.
+
+    Raises:
+        ValueError: as :func:`scatter`.
+    """
+    _check_kept(out, offsets, values, chunk, k)
     with _threads():
-        _subtract(out.numpy(), offsets.numpy(), values.numpy(), chunk, k)
+        outside = _subtract(out.numpy(), offsets.numpy(), values.numpy(), chunk, k)
+    _check_outside(outside)
 
 
 def scatter(out: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, chunk: int,
             k: int) -> None:
     """Writes :func:`chunk_top`'s ``values`` at their ``offsets`` into the float32 CPU
     tensor ``out`` (contiguous, its chunks as encoded) and zeros everywhere else: one
-    pass over ``out``."""
+    pass over ``out``.
+
+    Raises:
+        ValueError: ``offsets`` or ``values`` are not the chunks' count, or an offset lies
+            past its chunk's end (a peer's malformed payload: nothing outside ``out`` is
+            written, and the caller refuses it).
+    """
+    _check_kept(out, offsets, values, chunk, k)
     with _threads():
-        _scatter(out.numpy(), offsets.numpy(), values.numpy(), chunk, k)
+        outside = _scatter(out.numpy(), offsets.numpy(), values.numpy(), chunk, k)
+    _check_outside(outside)
+
+
+def _check_kept(out: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, chunk: int,
+                k: int) -> None:
+    full, tail = divmod(out.numel(), chunk)
+    want = full * k + min(k, tail)
+    if offsets.numel() != want or values.numel() != want:
+        raise ValueError(f"{offsets.numel()} offsets and {values.numel()} values for "
+                         f"{out.numel()} values in chunks of {chunk} keeping {k}: {want} "
+                         "of each expected")
+
+
+def _check_outside(outside: int) -> None:
+    if outside:
+        raise ValueError(f"{outside} offsets lie past their chunk's end")

@@ -117,7 +117,14 @@ class Quant(Codec):
         block = e.meta["block"]
         if _compiled(codes):
             from islands.codecs import kernels
-            out = kernels.dequant(codes, e.tensors["scales"], block, self.bits)
+            scales = e.tensors["scales"]  # a peer's: its shape is checked before it is read
+            want = ((num_blocks(e.numel, block), 2)
+                    if isinstance(block, int) and block >= 1 else None)
+            if tuple(scales.shape) != want or scales.dtype != torch.float32:
+                raise ValueError(f"scales {tuple(scales.shape)} {scales.dtype} for "
+                                 f"{e.numel} values in blocks of {block}: {want} float32 "
+                                 "expected")
+            out = kernels.dequant(codes, scales, block, self.bits)
             return out if e.dtype == torch.float32 else out.to(e.dtype)
         out = torch.empty(e.numel)
         for (cs, os), (lo, hi) in zip(_parts(block, codes, out),
