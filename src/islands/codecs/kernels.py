@@ -27,8 +27,8 @@ the kept values (:class:`~islands.codecs.chunk_topk.ChunkTopK`). The order is to
 same on every machine: larger ``|x|`` first, and among equal magnitudes the lower offset, so a
 chunk of ties (zeros, say) keeps its first ``k``. :func:`scatter` decodes: each chunk zeroed
 and its kept values written, one pass.
-Numba compiles on first use (about 3 s) and caches the machine code beside this file (or in
-``NUMBA_CACHE_DIR``) for later processes.
+Numba compiles on first use (the top-k about 5 s, the others under 1 s each) and caches the
+machine code beside this file (or in ``NUMBA_CACHE_DIR``) for later processes.
 """
 
 from __future__ import annotations
