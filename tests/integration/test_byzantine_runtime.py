@@ -22,8 +22,7 @@ from tests.integration.test_runtime_faults import LONG, _two_honest_and
 def test_an_attacker_turning_hostile_is_excluded_on_evidence_not_its_victims(
         tmp_path, procs, coordinator, attack, algorithm, verdict):
     """Worker 2 is honest for two rounds, then attacks: a forged weight (LocalSGD weighs by
-    samples; claimed at ``ready`` and in its headers alike, the coordinator records at most
-    H x batch), NaN values past its own codec's check, or an accusation of worker 0 that shows
+    samples), NaN values past its own codec's check, or an accusation of worker 0 that shows
     worker 0's own signed header as a forged weight."""
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"

@@ -211,20 +211,18 @@ def test_no_aggregate_evidence_where_the_owner_signed_for_other_inputs_or_the_ru
 
 
 @pytest.mark.parametrize("weighting, fp, recorded", [
-    ("samples", {"data.sizes": [100] * 3}, {"0": 40.0, "1": 24.0, "2": 40.0}),
-    ("samples", {"algorithm.sync_every": [[0, 2], [10, 4]], "data.sizes": [100] * 3},
-     {"0": 32.0, "1": 24.0, "2": 32.0}),
-    ("samples", {}, {"0": 40.0, "1": 24.0, "2": 1e9}),  # a drop-in's loop: its own batches
     ("dataset", {"data.sizes": [100, 50, 70]}, {"0": 100.0, "1": 50.0, "2": 70.0}),
     ("uniform", {}, {"0": 1.0, "1": 1.0, "2": 1.0}),
+    ("dataset", {}, {"0": 40.0, "1": 24.0, "2": 1e9}),  # a drop-in's: its own data
+    ("samples", {"data.sizes": [100] * 3}, {"0": 40.0, "1": 24.0, "2": 1e9}),
 ])
 def test_the_recorded_weight_is_the_algorithms_rule_where_the_config_fixes_it(
         coord, weighting, fp, recorded):
-    """LocalSGD weighs by samples (at most H x batch in a round, for a built-in worker),
-    by its share of the data, or alike: the coordinator records that, not a member's word,
-    so a member that claims 1e9 at ready as well as in its headers is still refused."""
-    coord.fingerprint = {"algorithm.name": "local_sgd", "algorithm.weighting": weighting,
-                         "algorithm.sync_every": 5, "data.batch_size": 8, **fp}
+    """LocalSGD weighs by each worker's share of the data or alike: the coordinator records
+    that, not a member's word, so a member that claims 1e9 at ready as well as in its
+    headers is still refused. Samples trained stay each member's report (a task's batches
+    may hold any number), as does a drop-in's share (its data is its own)."""
+    coord.fingerprint = {"algorithm.name": "local_sgd", "algorithm.weighting": weighting, **fp}
     _, ready = _round(coord, weights=(40.0, 24.0, 1e9))
     assert ready[0]["weights"] == recorded
 

@@ -482,10 +482,7 @@ class Member:
         samples, codec_state = self.worker.samples, copy.deepcopy(self.worker.codec.state_dict())
         while True:
             if ready is None:
-                weight = self.algorithm.weight(self.worker)
-                if self.engine.attack is not None and weight is not None:
-                    weight = self.engine.attack.claims(self.me, r, weight)  # forged here too
-                ready = self._ready(r, attempt, members, weight)
+                ready = self._ready(r, attempt, members, self.algorithm.weight(self.worker))
             if self.me not in ready["members"]:
                 raise Excluded(f"round {r}: left out ({ready.get('left_out')})")
             if observer and self.me not in ready.get("heal", {}).get("dsts", []):

@@ -183,12 +183,12 @@ class RoundRules:
         return out
 
     def _recorded_weight(self, worker: int, reported: float) -> float:
-        """The aggregation weight recorded for ``worker``'s report, from the job's config
-        fingerprint where LocalSGD's rule fixes or bounds it: ``uniform`` 1; ``dataset`` its
-        share's size (``data.sizes``); ``samples`` at most ``max H x data.batch_size``, the
-        most a built-in worker can train in a round (a drop-in's loop picks its own batches:
-        no bound). Every receiver holds the sender's header to it, so a forged claim is
-        refused by name wherever the config says what the weight must be."""
+        """The aggregation weight recorded for ``worker``'s report: LocalSGD's rule where the
+        job's config fixes it (its fingerprint), whatever the member says: ``uniform`` 1,
+        ``dataset`` its share's size (``data.sizes``, a built-in worker's). Every receiver
+        holds the sender's header to it, so a forged claim is refused by name. ``samples``
+        (what it trained this round) stays its report: a task's batches may hold any number
+        of samples, which the coordinator cannot know."""
         fp = self.fingerprint
         rule = fp.get("algorithm.weighting") if fp.get("algorithm.name") == "local_sgd" else None
         sizes = fp.get("data.sizes")
@@ -196,14 +196,6 @@ class RoundRules:
             return 1.0
         if rule == "dataset" and isinstance(sizes, list) and worker < len(sizes):
             return float(sizes[worker])
-        h, batch = fp.get("algorithm.sync_every"), fp.get("data.batch_size")
-        if rule == "samples" and isinstance(sizes, list) and isinstance(batch, int):
-            most = max((step[1] for step in h), default=0) if isinstance(h, list) else h
-            if isinstance(most, int) and reported > most * batch:
-                log.warning("worker %d reports %g samples this round; at most %d x %d = %d "
-                            "can be trained: recorded %d", worker, reported, most, batch,
-                            most * batch, most * batch)
-                return float(most * batch)
         return float(reported)
 
     def _release_commit(self, b: Barrier, here: set[int]) -> dict:
