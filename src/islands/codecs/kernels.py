@@ -247,7 +247,13 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """:func:`islands.codecs.packing.unpack_bits` for a CPU tensor and ``bits <= 56``."""
+    """:func:`islands.codecs.packing.unpack_bits` for a CPU tensor and ``bits <= 56``.
+
+    Raises:
+        ValueError: ``packed`` holds fewer than the ``ceil(count * bits / 8)`` bytes it reads.
+    """
+    if packed.numel() < -(-count * bits // 8):
+        raise ValueError(f"{packed.numel()} bytes hold fewer than {count} values of {bits} bits")
     out = torch.empty(count, dtype=torch.int64)
     if count:
         _unpack(packed.reshape(-1).contiguous().numpy(), bits, out.numpy())
