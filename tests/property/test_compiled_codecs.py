@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from islands.codecs import build_codec, codec_config, kernels, packing, quant
+from islands.codecs import build_codec, codec_config, kernels, packing
 from islands.codecs.quant import Quant
 from tests.property.test_sparse import _reference_top
 
@@ -56,7 +56,6 @@ def test_the_compiled_value_stage_gives_the_tensor_operations_codes_and_values(
     x, q = _floats(seed, n, kind), Quant(bits, block=block)
     fast = q.encode(x, key="v")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quant, "COMPILED_FROM", NEVER)
         mp.setattr(packing, "COMPILED_FROM", NEVER)
         slow = q.encode(x, key="v")
         want = q.decode(slow)

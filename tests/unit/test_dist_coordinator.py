@@ -140,10 +140,16 @@ def test_a_joiner_heals_into_the_round_in_flight_as_an_observer(coord):
     healed = chs[2].recv()
     assert healed == {"heal": True, "round": 4, "src": 0, "members": [0, 1, 2]}
     # the members' ready waits for the observer and names it, with who sends it the state
-    ready = _ask(chs, {0: {"op": "ready", "round": 4, "attempt": 0, "members": [0, 1]},
-                       1: {"op": "ready", "round": 4, "attempt": 0, "members": [0, 1]},
-                       2: {"op": "ready", "round": 4, "attempt": 0, "members": [0, 1, 2]}})
+    ready = _ask(chs, {0: {"op": "ready", "round": 4, "attempt": 0, "members": [0, 1],
+                           "weight": 8.0},
+                       1: {"op": "ready", "round": 4, "attempt": 0, "members": [0, 1],
+                           "weight": 8.0},
+                       2: {"op": "ready", "round": 4, "attempt": 0, "members": [0, 1, 2],
+                           "weight": 8.0}})
     assert all(r["members"] == [0, 1, 2] and r["observers"] == [2] for r in ready.values())
+    # the observer contributes nothing: recorded at weight 0, as every member sends it (held
+    # to its report, an honest observer's header or an owner's aggregate would look forged)
+    assert ready[0]["weights"] == {"0": 8.0, "1": 8.0, "2": 0.0}
     assert ready[0]["heal"] == {"src": 0, "dsts": [2]}
     commit = _ask(chs, {w: {"op": "commit", "round": 4, "attempt": 0, "ok": True, "hash": "g",
                             "members": [0, 1, 2]} for w in chs})

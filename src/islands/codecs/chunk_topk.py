@@ -229,38 +229,36 @@ class ChunkTopK(Codec):
 
     def decode_into(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
         # zeros and the kept values straight into out: no fresh tensor of e.numel values
-        values = e.tensors["values"]
-        if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
-            from islands.codecs import kernels
-            pieces = runs(self.bounds, self.chunk, e.meta["offset"], e.numel)
-            offsets, first = self._offsets(e, None, pieces), 0
-            for a, n in pieces:  # each piece's chunks start at its first value
-                kept = kept_in([(a, n)], self.chunk, self.k)
-                kernels.scatter(out[a:a + n], offsets[first:first + kept],
-                                values[first:first + kept].float(), self.chunk, self.k)
-                first += kept
-            return out
-        out.zero_()
-        out[self._where(e)] = values.to(out.dtype)
+        if not self._scatter_into(e, out, subtract=False):
+            out.zero_()
+            out[self._where(e)] = e.tensors["values"].to(out.dtype)
         return out
 
     subtracts_sparse = True
 
     def subtract_decoded(self, e: Encoded, out: torch.Tensor) -> torch.Tensor:
-        values = e.tensors["values"]
-        if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
-            from islands.codecs import kernels
-            pieces = runs(self.bounds, self.chunk, e.meta["offset"], e.numel)
-            offsets, first = self._offsets(e, None, pieces), 0
-            for a, n in pieces:
-                kept = kept_in([(a, n)], self.chunk, self.k)
-                kernels.subtract(out[a:a + n], offsets[first:first + kept],
-                                 values[first:first + kept].float(), self.chunk, self.k)
-                first += kept
-            return out
-        where = self._where(e)
-        out[where] = out[where] - values.to(out.dtype)
+        if not self._scatter_into(e, out, subtract=True):
+            where = self._where(e)
+            out[where] = out[where] - e.tensors["values"].to(out.dtype)
         return out
+
+    def _scatter_into(self, e: Encoded, out: torch.Tensor, *, subtract: bool) -> bool:
+        """Writes (or subtracts) the kept values into ``out`` with the compiled kernel, piece
+        by piece (each piece's chunks start at its first value); False where ``out`` is not a
+        contiguous float32 CPU tensor (the caller's tensor operations do it)."""
+        if out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
+            return False
+        from islands.codecs import kernels
+        values = e.tensors["values"]
+        pieces = runs(self.bounds, self.chunk, e.meta["offset"], e.numel)
+        offsets, first = self._offsets(e, None, pieces), 0
+        for a, n in pieces:
+            kept = kept_in([(a, n)], self.chunk, self.k)
+            kernels.scatter(out[a:a + n], offsets[first:first + kept],
+                            values[first:first + kept].float(), self.chunk, self.k,
+                            subtract=subtract)
+            first += kept
+        return True
 
     def _where(self, e: Encoded) -> torch.Tensor:
         """The positions of the kept values in the slice."""

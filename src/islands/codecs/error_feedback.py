@@ -54,20 +54,17 @@ class ErrorFeedback(Codec):
         r = self._residual(key, offset + n, x.device)[offset:offset + n]
         if self.beta != 1:
             r.mul_(self.beta)
-        if self.inner.subtracts_sparse:
-            # r = x + r in its own memory (the payload keeps copies of the kept values), then
-            # r -= decoded at the kept positions only: the same bits as below, in 2 passes
-            # over r instead of 4 and no fresh tensor of n values
-            corrected = torch.add(as_float32(x), r, out=r)
-            e = self.inner.encode(corrected, key, offset)
-            self.inner.subtract_decoded(e, r)
-            e.dtype = x.dtype
-            return e
-        corrected = as_float32(x) + r
+        sparse = self.inner.subtracts_sparse
+        # sparse: r = x + r in its own memory (the payload keeps copies of the kept values),
+        # then r -= decoded at the kept positions only, the same bits as the dense way in 2
+        # passes over r instead of 4 and no fresh tensor of n values
+        corrected = torch.add(as_float32(x), r, out=r if sparse else None)
         # The inner codec checks corrected for NaN/Inf too (a residual could overflow).
         e = self.inner.encode(corrected, key, offset)
-        # r = corrected - decoded, computed in r's own memory (no temporaries)
-        torch.sub(corrected, self.inner.decode_into(e, r), out=r)
+        if sparse:
+            self.inner.subtract_decoded(e, r)
+        else:  # r = corrected - decoded, computed in r's own memory (no temporaries)
+            torch.sub(corrected, self.inner.decode_into(e, r), out=r)
         e.dtype = x.dtype  # decode in the caller's dtype
         return e
 

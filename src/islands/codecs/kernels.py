@@ -153,18 +153,21 @@ def _chunk_top(bits, floats, chunk, k, out, kept, runs):  # pragma: no cover - c
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _scatter(out, offsets, values, chunk, k):  # pragma: no cover - compiled
+def _scatter(out, offsets, values, chunk, k, subtract):  # pragma: no cover - compiled
     n = out.size
-    outside = 0  # offsets past their chunk's end: not written (a peer's malformed payload)
+    outside = 0  # offsets past their chunk's end: not touched (a peer's malformed payload)
     for c in numba.prange((n + chunk - 1) // chunk):
         start = c * chunk
         m = min(chunk, n - start)
-        out[start:start + m] = 0
+        if not subtract:
+            out[start:start + m] = 0
         for i in range(c * k, min(offsets.size, (c + 1) * k)):
-            if 0 <= offsets[i] < m:
-                out[start + offsets[i]] = values[i]
-            else:
+            if not 0 <= offsets[i] < m:
                 outside += 1
+            elif subtract:
+                out[start + offsets[i]] -= values[i]
+            else:
+                out[start + offsets[i]] = values[i]
     return outside
 
 
@@ -260,21 +263,6 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return out
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _subtract(out, offsets, values, chunk, k):  # pragma: no cover - compiled
-    n = out.size
-    outside = 0
-    for c in numba.prange((n + chunk - 1) // chunk):
-        start = c * chunk
-        m = min(chunk, n - start)
-        for i in range(c * k, min(offsets.size, (c + 1) * k)):
-            if 0 <= offsets[i] < m:
-                out[start + offsets[i]] -= values[i]
-            else:
-                outside += 1
-    return outside
-
-
 @contextlib.contextmanager
 def _threads():
     """Runs a kernel on as many threads as torch uses (one per simulated worker's process,
@@ -305,25 +293,12 @@ def chunk_top(x: torch.Tensor, chunk: int, k: int) -> tuple[torch.Tensor, torch.
     return out, kept
 
 
-def subtract(out: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, chunk: int,
-             k: int) -> None:
-    """Subtracts :func:`chunk_top`'s ``values`` at their ``offsets`` from the float32 CPU
-    tensor ``out`` (contiguous, its chunks as encoded); nothing else is read or written.
-
-    Raises:
-        ValueError: as :func:`scatter`.
-    """
-    _check_kept(out, offsets, values, chunk, k)
-    with _threads():
-        outside = _subtract(out.numpy(), offsets.numpy(), values.numpy(), chunk, k)
-    _check_outside(outside)
-
-
 def scatter(out: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, chunk: int,
-            k: int) -> None:
+            k: int, *, subtract: bool = False) -> None:
     """Writes :func:`chunk_top`'s ``values`` at their ``offsets`` into the float32 CPU
     tensor ``out`` (contiguous, its chunks as encoded) and zeros everywhere else: one
-    pass over ``out``.
+    pass over ``out``. With ``subtract``, subtracts them there instead and leaves every other
+    value as it is (error feedback's residual: nothing else is read or written).
 
     Raises:
         ValueError: ``offsets`` or ``values`` are not the chunks' count, or an offset lies
@@ -332,8 +307,9 @@ def scatter(out: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, chun
     """
     _check_kept(out, offsets, values, chunk, k)
     with _threads():
-        outside = _scatter(out.numpy(), offsets.numpy(), values.numpy(), chunk, k)
-    _check_outside(outside)
+        outside = _scatter(out.numpy(), offsets.numpy(), values.numpy(), chunk, k, subtract)
+    if outside:
+        raise ValueError(f"{outside} offsets lie past their chunk's end")
 
 
 def _check_kept(out: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, chunk: int,
@@ -345,7 +321,3 @@ def _check_kept(out: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, 
                          f"{out.numel()} values in chunks of {chunk} keeping {k}: {want} "
                          "of each expected")
 
-
-def _check_outside(outside: int) -> None:
-    if outside:
-        raise ValueError(f"{outside} offsets lie past their chunk's end")

@@ -173,15 +173,21 @@ def _word(bits: int) -> int | None:
     return values if values * bits <= 56 else None
 
 
-# values from which a CPU tensor is packed by the compiled kernel (below: tensor operations,
+# values from which a CPU tensor is coded by the compiled kernels (below: tensor operations,
 # which cost no compilation and little time)
 COMPILED_FROM = 4096
+
+
+def compiled(t: torch.Tensor) -> bool:
+    """Whether ``t`` is coded by the compiled kernels (:mod:`islands.codecs.kernels`): a CPU
+    tensor of at least :data:`COMPILED_FROM` values."""
+    return t.device.type == "cpu" and t.numel() >= COMPILED_FROM
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Packs non-negative integers below ``2**bits`` into ``ceil(n * bits / 8)`` bytes: a
     little-endian bit stream, value after value."""
-    if values.device.type == "cpu" and values.numel() >= COMPILED_FROM and bits <= 56:
+    if compiled(values) and bits <= 56:
         from islands.codecs import kernels
         return kernels.pack(values, bits)
     group = _word(bits)
@@ -214,6 +220,7 @@ def _pack_bitwise(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``(count,)`` int64."""
+    # compiled from as many values made as pack_bits is from values given
     if packed.device.type == "cpu" and count >= COMPILED_FROM and bits <= 56:
         from islands.codecs import kernels
         return kernels.unpack(packed, bits, count)

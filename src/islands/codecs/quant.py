@@ -21,13 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from islands.codecs.base import Codec, Encoded, as_float32
-from islands.codecs.packing import (
-    COMPILED_FROM,
-    num_blocks,
-    pack_bits,
-    split_blocks,
-    unpack_bits,
-)
+from islands.codecs.packing import compiled, num_blocks, pack_bits, split_blocks, unpack_bits
 from islands.core.registry import register
 from islands.core.sections import CodecConfig, check
 
@@ -39,12 +33,6 @@ def block_range(m: torch.Tensor, block: int) -> torch.Tensor:
     if tail.numel():
         parts.append(torch.stack([tail.amin(), tail.amax()]).view(1, 2))
     return torch.cat(parts) if parts else torch.empty(0, 2)
-
-
-def _compiled(t: torch.Tensor) -> bool:
-    """Whether the compiled kernel codes ``t`` (a large CPU tensor; small ones are quicker
-    with tensor operations, which need no compilation)."""
-    return t.device.type == "cpu" and t.numel() >= COMPILED_FROM
 
 
 def _parts(block: int, *tensors: torch.Tensor):
@@ -96,28 +84,27 @@ class Quant(Codec):
         dtype, x = x.dtype, as_float32(x)
         block, m = self._block(x.numel()), x.abs()
         scales = block_range(m, block)
-        if _compiled(x):  # one pass, the same codes (islands.codecs.kernels)
+        if compiled(x):  # one pass, the same codes (islands.codecs.kernels)
             from islands.codecs import kernels
-            return Encoded({"codes": pack_bits(kernels.quant_codes(x, scales, block, self.bits),
-                                               self.bits), "scales": scales},
-                           numel=x.numel(), dtype=dtype, meta={"block": block})
-        codes = torch.empty(x.numel(), dtype=torch.int64, device=x.device)
-        # block by block through views (a (lo, hi) beside every value would be 8 bytes each)
-        for (xs, ms, cs), (lo, hi) in zip(_parts(block, x, m, codes), _ranges(scales, block,
-                                                                               x.numel())):
-            width = (hi - lo) / self.levels
-            bins = torch.where(width > 0, (ms - lo) / width, torch.zeros_like(ms))
-            cs.copy_(bins.floor_().clamp_(0, self.levels - 1))
-            cs |= (xs < 0).to(torch.int64) << (self.bits - 1)
+            codes = kernels.quant_codes(x, scales, block, self.bits)
+        else:
+            codes = torch.empty(x.numel(), dtype=torch.int64, device=x.device)
+            # block by block through views (a (lo, hi) beside every value: 8 bytes each)
+            for (xs, ms, cs), (lo, hi) in zip(_parts(block, x, m, codes),
+                                              _ranges(scales, block, x.numel())):
+                width = (hi - lo) / self.levels
+                bins = torch.where(width > 0, (ms - lo) / width, torch.zeros_like(ms))
+                cs.copy_(bins.floor_().clamp_(0, self.levels - 1))
+                cs |= (xs < 0).to(torch.int64) << (self.bits - 1)
         return Encoded({"codes": pack_bits(codes, self.bits), "scales": scales},
                        numel=x.numel(), dtype=dtype, meta={"block": block})
 
     def decode(self, e: Encoded) -> torch.Tensor:
         codes = unpack_bits(e.tensors["codes"], self.bits, e.numel)
-        block = e.meta["block"]
-        if _compiled(codes):
+        block, scales = e.meta["block"], e.tensors["scales"]
+        if compiled(codes):
             from islands.codecs import kernels
-            scales = e.tensors["scales"]  # a peer's: its shape is checked before it is read
+            # a peer's scales: their shape is checked before the kernel reads them
             want = ((num_blocks(e.numel, block), 2)
                     if isinstance(block, int) and block >= 1 else None)
             if tuple(scales.shape) != want or scales.dtype != torch.float32:
@@ -125,13 +112,13 @@ class Quant(Codec):
                                  f"{e.numel} values in blocks of {block}: {want} float32 "
                                  "expected")
             out = kernels.dequant(codes, scales, block, self.bits)
-            return out if e.dtype == torch.float32 else out.to(e.dtype)
-        out = torch.empty(e.numel)
-        for (cs, os), (lo, hi) in zip(_parts(block, codes, out),
-                                      _ranges(e.tensors["scales"], block, e.numel)):
-            bins = (cs & (self.levels - 1)).to(torch.float32)
-            torch.add(lo, (bins + 0.5) * ((hi - lo) / self.levels), out=os)
-            os.copy_(torch.where((cs >> (self.bits - 1)).bool(), -os, os))
+        else:
+            out = torch.empty(e.numel)
+            for (cs, os), (lo, hi) in zip(_parts(block, codes, out),
+                                          _ranges(scales, block, e.numel)):
+                bins = (cs & (self.levels - 1)).to(torch.float32)
+                torch.add(lo, (bins + 0.5) * ((hi - lo) / self.levels), out=os)
+                os.copy_(torch.where((cs >> (self.bits - 1)).bool(), -os, os))
         return out if e.dtype == torch.float32 else out.to(e.dtype)
 
     def wire_bytes(self, numel: int, offset: int = 0) -> int:

@@ -447,7 +447,7 @@ class Engine:
                 first = items[workers[0].id]
                 exact = first.tag == "buffers"
                 # the weights the coordinator recorded (the runtime), a local worker's own
-                # included: where the job's config bounds it, the recorded one is what counts
+                # included: where the job's config fixes it, the recorded one is what counts
                 weights = (None if first.weight is None
                            else {**{wid: c.weight for wid, c in items.items()},
                                  **{m: 0.0 if m in observers else w

@@ -75,6 +75,22 @@ def signed_by(kept: dict[tuple[str, int], Message], sender: int) -> list[Message
             if src == sender and m.proof is not None]
 
 
+def _leaf(t: torch.Tensor, root: str, index: int) -> dict | None:
+    """Leaf ``index`` of ``t``'s bytes with its path, as evidence shows it; None when the
+    bytes do not hash to ``root`` (not the ones their author signed for)."""
+    leaf, path = signing.leaf_proof(as_bytes(t).numpy(), index)
+    if not signing.merkle_check(root, index, leaf, path):
+        return None
+    return {"bytes": base64.b64encode(leaf).decode(), "path": path}
+
+
+def _shown(root: str, index: int, shown: dict) -> bytes | None:
+    """The bytes of a leaf evidence shows (:func:`_leaf`), when they are leaf ``index`` of
+    what hashes to ``root``; None otherwise."""
+    data = base64.b64decode(shown["bytes"])
+    return data if signing.merkle_check(root, index, data, list(shown["path"])) else None
+
+
 def _non_finite_leaf(msg: Message) -> dict | None:
     """The leaf holding a payload's first NaN/Inf, with its path to the signed root; None
     when the values are finite or the bytes are not the ones the sender signed (no proof)."""
@@ -85,11 +101,8 @@ def _non_finite_leaf(msg: Message) -> dict | None:
             continue
         first = int((~torch.isfinite(t.reshape(-1))).nonzero()[0])
         index = first * t.element_size() // signing.LEAF_BYTES
-        leaf, path = signing.leaf_proof(as_bytes(t).numpy(), index)
-        if not signing.merkle_check(roots[i], index, leaf, path):
-            return None
-        return {"tensor": i, "leaf": index, "bytes": base64.b64encode(leaf).decode(),
-                "path": path}
+        leaf = _leaf(t, roots[i], index)
+        return None if leaf is None else {"tensor": i, "leaf": index, **leaf}
     return None
 
 
@@ -119,12 +132,9 @@ def _wrong_aggregate(seen: Mismatch, rule, weights: dict[int, float]) -> dict | 
         rows = torch.stack([x[k * per:(k + 1) * per] for x in xs]).cpu()
         if not forged and misaggregated(rule, rows, w, y[k * per:(k + 1) * per].cpu()) is None:
             continue
-        shown = []
-        for t, roots in zip([y, *xs], [head["mr"], *src["mr"]]):
-            leaf, path = signing.leaf_proof(as_bytes(t).numpy(), k)
-            if not signing.merkle_check(roots[0], k, leaf, path):
-                return None
-            shown.append({"bytes": base64.b64encode(leaf).decode(), "path": path})
+        shown = [_leaf(t, roots[0], k) for t, roots in zip([y, *xs], [head["mr"], *src["mr"]])]
+        if None in shown:
+            return None
         return {"rule": "aggregate", **seen.output.proof, "leaf": k, "out": shown[0],
                 "rows": shown[1:]}
     return None
@@ -154,9 +164,9 @@ def misaggregated(rule, rows: torch.Tensor, weights: torch.Tensor | None,
 
 
 def judge(evidence: dict, *, key: str, accused: int, accuser: int, context: str,
-          weights: dict[int, float], rule=None) -> tuple[bool, str]:
+          weights: dict[int, float], job_rule=None) -> tuple[bool, str]:
     """Whether ``evidence`` proves that ``accused`` broke its rule in the message it sent
-    ``accuser`` in ``context`` (``"round/attempt"``), and why (or why not). ``rule``: the
+    ``accuser`` in ``context`` (``"round/attempt"``), and why (or why not). ``job_rule``: the
     job's aggregation rule, for ``aggregate`` evidence (None: the job has none that can be
     checked 16 KiB at a time)."""
     try:
@@ -167,7 +177,7 @@ def judge(evidence: dict, *, key: str, accused: int, accuser: int, context: str,
         if not ctx.startswith(f"{context}/") or not ctx.endswith(f"/{accused}>{accuser}"):
             return False, (f"the header shown was signed for {ctx[:80]!r}, not a message "
                            f"from worker {accused} to worker {accuser} in {context}")
-        rule, job_rule = evidence.get("rule"), rule
+        rule = evidence.get("rule")
         if rule == "weight":
             if head.get("c") != 1 or accused not in weights:
                 return False, "the header shown carries no weight the round recorded"
@@ -178,10 +188,10 @@ def judge(evidence: dict, *, key: str, accused: int, accuser: int, context: str,
                           f"recorded {weights[accused]:g} (signed header)")
         if rule == "finite":
             i, index = int(evidence["tensor"]), int(evidence["leaf"])
-            leaf, path = base64.b64decode(evidence["bytes"]), list(evidence["path"])
             name, dtype_name, _ = head["t"][i]
             dtype = PAYLOAD_DTYPES[dtype_name]
-            if not signing.merkle_check(head["mr"][i], index, leaf, path):
+            leaf = _shown(head["mr"][i], index, evidence)
+            if leaf is None:
                 return False, "the bytes shown are not in the payload the sender signed"
             if not dtype.is_floating_point or len(leaf) % dtype.itemsize:
                 return False, f"tensor {name!r} holds no floating values"
@@ -218,8 +228,8 @@ def _judge_aggregate(evidence: dict, head: dict, weights: dict[int, float],
     for what, root, leaf in [("the aggregate", head["mr"][0], evidence["out"]),
                              *((f"worker {i}'s input", r[0], x)
                                for i, r, x in zip(members, roots, shown))]:
-        data = base64.b64decode(leaf["bytes"])
-        if not signing.merkle_check(root, k, data, list(leaf["path"])):
+        data = _shown(root, k, leaf)
+        if data is None:
             return False, f"the bytes shown of {what} are not the ones the owner signed for"
         leaves.append(data)
     if not dtype.is_floating_point or len({len(d) for d in leaves}) != 1 \

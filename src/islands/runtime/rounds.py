@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from statistics import median
 
+from islands.aggregators import coordinatewise
 from islands.core.config import build_component
 from islands.core.errors import ConfigError
 from islands.runtime import evidence
@@ -180,6 +181,11 @@ class RoundRules:
             if observers and senders:
                 src = f["src"] if f["src"] in senders else senders[0]
                 out.update(observers=observers, heal={"src": src, "dsts": observers})
+                # an observer contributes nothing: its weight is 0 whatever it reported (as
+                # every member sends it; a header or aggregate held to a report would be
+                # "forged")
+                out["weights"].update({str(o): 0.0 for o in observers
+                                       if str(o) in out["weights"]})
         return out
 
     def _recorded_weight(self, worker: int, reported: float) -> float:
@@ -241,17 +247,19 @@ class RoundRules:
     def _job_rule(self):
         """The job's aggregation rule, built from its config fingerprint's ``aggregator.*``
         keys, to check a verifier's evidence against a shard owner; None where the job has no
-        rule a third party can check 16 KiB at a time (the clone filter reads whole rows)."""
+        rule a third party can check 16 KiB at a time (:func:`coordinatewise`; the clone
+        filter, which the engine puts in front of the rule, reads whole rows)."""
         section = {k.partition(".")[2]: v for k, v in self.fingerprint.items()
                    if k.startswith("aggregator.")}
         if not section or section.get("clones") is not None:
             return None
         try:
-            return build_component("aggregator", section).build()
+            rule = build_component("aggregator", section).build()
         except (ConfigError, ValueError, TypeError) as e:
             log.warning("the job's aggregator cannot be built here (%s): a verifier's "
                         "evidence cannot be checked", e)
             return None
+        return rule if coordinatewise(rule) else None
 
     def _blame(self, b: Barrier, here: set[int]) -> tuple[set[int], set[int]]:
         """Judges the accusations of an aborted attempt (:mod:`islands.runtime.evidence`):
@@ -276,7 +284,8 @@ class RoundRules:
             elif isinstance(proof, dict) and accused in self.members:
                 proven, verdict = evidence.judge(
                     proof, key=self.members[accused].key, accused=accused, accuser=reporter,
-                    context=f"{r}/{attempt}", weights=weights, rule=self._job_rule())
+                    context=f"{r}/{attempt}", weights=weights,
+                    job_rule=self._job_rule())
                 if proven:
                     excluded.setdefault(accused, {"by": reporter, "round": r,
                                                   "why": f"{why} (proven: {verdict})"})
