@@ -45,6 +45,35 @@ def test_an_attacker_turning_hostile_is_excluded_on_evidence_not_its_victims(
     assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))
 
 
+def test_a_false_accuser_without_evidence_is_excluded_once_at_odds_with_both_others(
+        tmp_path, procs, coordinator):
+    """Under DiLoCo no header carries a weight, so worker 2's accusations are its word alone:
+    at round 2 it accuses worker 0 (a dispute: both sit out the retry, worker 1 commits the
+    round), at round 3 worker 1. At odds with both others, it is excluded by the
+    coordinator; neither victim is, and they go on together."""
+    coord = coordinator()
+    addr = f"127.0.0.1:{coord.port}"
+    out = tmp_path / "run"
+    over = ["workers=3", *LONG, "algorithm.name=diloco"]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(2)}
+    ws[2] = procs.worker(2, addr, out, [*over, "attack.start_round=2"],
+                         ["--attack", "false_accuser"])
+    assert ws[2].wait(timeout=90) == 3
+    st = coord.status()
+    assert list(st["excluded"]) == ["2"] and st["excluded"]["2"]["by"] == "coordinator"
+    assert "at odds with workers [0, 1]" in st["excluded"]["2"]["why"]
+    assert st["excluded"]["2"]["round"] == 3
+    assert [(d["round"], d["accused"], d["accusers"]) for d in st["disputes"]] == [
+        (2, 0, [2]), (3, 1, [2])]
+    r = last_round(out / "w0")
+    wait_until(lambda: last_round(out / "w0") >= r + 2, 30, "rounds without worker 2")
+    rows = {row["round"]: row["participants"] for row in metrics(out / "w1")}
+    assert rows[2] == [1] and all(rows[k] == [0, 1] for k in rows if k >= 3)
+    for p in (ws[0], ws[1]):
+        p.send_signal(signal.SIGTERM)
+    assert all(ws[i].wait(timeout=30) == 0 for i in (0, 1))
+
+
 def test_a_scaled_contribution_is_clipped_and_pinned_on_its_sender_not_its_victims(
         tmp_path, procs, coordinator):
     """Worker 2 sends -1000 times its pseudo-gradient from round 1. Under the mean its

@@ -111,6 +111,32 @@ def test_an_accusation_without_evidence_is_believed_only_when_seconded(coord):
     assert "sits out the retry" in chs[0].recv()["error"]
 
 
+def test_a_worker_at_odds_with_most_of_the_others_over_the_run_is_excluded(coord):
+    """A false accuser without evidence: worker 2 refuses worker 0 in round 0 (a dispute,
+    both sit out the retry), then worker 1 in round 1. Now at odds with both others, it is
+    excluded; its victims are not (each is at odds with it alone) and do not sit out the
+    retry, which runs with both."""
+    chs, _ = _round(coord)
+    _commit(chs, {2: {"worker": 0, "why": "does not decode"}})
+    done = _ask({1: chs[1]}, {1: {"op": "ready", "round": 0, "attempt": 1, "members": [1],
+                                  "weight": 8.0}})
+    assert done[1]["members"] == [1]
+    _ask({1: chs[1]}, {1: {"op": "commit", "round": 0, "attempt": 1, "ok": True, "hash": "x",
+                           "members": [1]}})
+    _ask(chs, {w: {"op": "start", "round": 1, "hash": "x", "wait_for": 1} for w in chs})
+    _ask(chs, {w: {"op": "ready", "round": 1, "attempt": 0, "members": [0, 1, 2],
+                   "weight": 8.0} for w in chs})
+    out = _ask(chs, {w: {"op": "commit", "round": 1, "attempt": 0, "ok": w != 2,
+                         "hash": None if w == 2 else "y", "members": [0, 1, 2],
+                         **({"blame": {"worker": 1, "why": "wrong size"}} if w == 2 else {})}
+                     for w in chs})
+    assert out[0]["members"] == [0, 1] and [e["worker"] for e in out[0]["excluded"]] == [2]
+    st = coord.status()
+    assert set(st["excluded"]) == {"2"} and st["excluded"]["2"]["by"] == "coordinator"
+    assert "at odds with workers [0, 1]" in st["excluded"]["2"]["why"]
+    assert [d["accused"] for d in st["disputes"]] == [0, 1]
+
+
 def test_two_accusers_without_evidence_exclude_the_accused(coord):
     chs, _ = _round(coord)
     out = _commit(chs, {0: {"worker": 2, "why": "does not decode"},

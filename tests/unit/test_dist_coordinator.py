@@ -11,6 +11,7 @@ import pytest
 from islands.core.errors import AuthError, CommError
 from islands.runtime.auth import client_connect
 from islands.runtime.coordinator import Coordinator
+from islands.runtime.membership import CoordinatorClient
 
 
 def _worker(c: Coordinator, wid: int, token: bytes = b"tok", fp: dict | None = None,
@@ -310,6 +311,30 @@ def test_a_leaving_worker_hears_the_coordinators_view_of_the_job(coord):
     view = a.recv()["job"]
     assert view["epochs"][0]["members"] == [0, 1] and view["epochs"][0]["from_round"] == 0
     assert view["rounds_committed"] == 0 and view["aborted_attempts"] == 0
+
+
+def test_a_worker_that_left_after_its_last_round_is_no_failure_to_its_peers(coord):
+    """A sampled run's last round: a worker not drawn sends the state to a stale one and
+    leaves, finished, while the receiver may still be reading it. Its peers' heartbeats list
+    it as present (no exchange is aborted for it); a worker that left early is gone."""
+    seen: list[set[int]] = []
+    clients = [CoordinatorClient(f"127.0.0.1:{coord.port}", b"tok", w, ["127.0.0.1", 1000 + w],
+                                 heartbeat_s=0.02,
+                                 on_live=(lambda live, _: seen.append(live)) if w == 2 else None)
+               for w in range(3)]
+    try:
+        for c in clients:
+            c.start()
+        clients[0].leave(finished=True)
+        clients[1].leave()
+        assert coord.status()["live"] == [2]
+        deadline = time.monotonic() + 5  # the first heartbeat answered after both left
+        while not (seen and 1 not in seen[-1]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen[-1] == {0, 2}
+    finally:
+        for c in clients:
+            c.close()
 
 
 def test_a_second_process_cannot_take_a_live_workers_id(coord):

@@ -366,9 +366,11 @@ class AttackConfig:
             same update: ``-scale`` times the first attacker's pseudo-gradient),
             ``"lying_aggregator"`` (as a shard's owner in the butterfly, returns ``-scale``
             times the true aggregate), ``"forged_weight"`` (claims aggregation weight
-            ``scale``), ``"false_accuser"`` (accuses the lowest other member of every sync of
-            a forged weight, on real processes with that member's own signed header as the
-            evidence). ``alie``, ``ipm`` and ``sybil`` run in the simulator only.
+            ``scale``), ``"false_accuser"`` (accuses another member of every sync, each in
+            turn from the lowest: on real processes of a forged weight with that member's
+            own signed header as the evidence where the round records weights, otherwise
+            of a payload that does not decode, its word alone). ``alie``, ``ipm`` and
+            ``sybil`` run in the simulator only.
         attackers: how many workers attack (the highest ids: ``workers - attackers`` on), or
             their ids.
         start_round: the first round they attack (honest before: turning malicious).

@@ -99,10 +99,11 @@ class Attack:
         """Whether ``worker`` makes a false accusation in round ``r`` (``false_accuser``)."""
         return self.name == "false_accuser" and self.attacking(worker, r)
 
-    @staticmethod
-    def victim(worker: int, members) -> int:
-        """Whom a false accuser accuses: the lowest other member of the sync."""
-        return min(m for m in members if m != worker)
+    def victim(self, worker: int, members, r: int) -> int:
+        """Whom a false accuser accuses in round ``r``: the other members of the sync in
+        turn, one a round, the lowest at its first accusation (``start_round``)."""
+        others = sorted(m for m in members if m != worker)
+        return others[(r - self.cfg.start_round) % len(others)]
 
     def batch(self, worker: int, r: int, batch):
         """The batch ``worker`` trains on in round ``r`` (flipped labels for a label

@@ -30,7 +30,9 @@ results give both to the members. A member whose contribution another member ref
 (``PeerRefused``) is *excluded* when the refusal holds up (:mod:`islands.runtime.evidence`:
 signed evidence the coordinator checks, or a majority of accusers, or its own contribution
 failed to encode); evidence that proves nothing excludes the accuser; a lone accusation
-without evidence has both sides sit out the retry (``disputes``). A worker named by a
+without evidence has both sides sit out the retry (``disputes``), and a worker at odds in
+such disputes, over the run, with at least two and more than half of its fellow members is
+excluded (an honest majority is at odds only with the dishonest). A worker named by a
 majority of the members' judges (the engine's influence rule) is excluded after the commit.
 The round is retried without the excluded, the exclusion is recorded (``status()``,
 ``metrics.jsonl``), and the excluded process is told why; it can come back only as a new
@@ -84,6 +86,7 @@ class Member:
     store: list
     last_seen: float
     alive: bool = True
+    finished: bool = False  # it left having trained its last round (its exchanges are done)
     key: str = ""  # its Ed25519 public key (hex; an open job's members sign their messages)
 
 
@@ -128,6 +131,7 @@ class Coordinator(RoundRules):
         self.adopt_settings = adopt_settings
         self.excluded: dict[int, dict] = {}  # worker -> {"by", "why", "round"}
         self.disputes: list[dict] = []  # accusations no evidence settled (both sides sat out)
+        self.at_odds: dict[int, set[int]] = {}  # {worker: the others it disputed, over the run}
         self.statistics: dict[int, dict] = {}  # worker -> its latest committed statistics
         self.refusals: deque = deque(maxlen=20)  # the latest refused joins, with why
         self._commits: deque = deque(maxlen=50)  # (unix time, seconds the round took)
@@ -365,10 +369,12 @@ class Coordinator(RoundRules):
                 return {"error": "dropped from the membership; restart to rejoin"}
             if op == "hb":
                 return {"live": sorted(i for i, x in self.members.items() if x.alive),
+                        "finished": sorted(i for i, x in self.members.items() if x.finished),
                         "epoch": self.epoch, "instance": self.instance}
             if op == "leave":
                 m.alive = False
-                log.info("worker %d left", wid)
+                m.finished = req.get("finished") is True
+                log.info("worker %d left%s", wid, " after its last round" if m.finished else "")
                 self._check()
                 self._cond.notify_all()
                 return {"ok": True, "job": self.job_view()}  # for the worker's summary

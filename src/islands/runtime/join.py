@@ -214,7 +214,8 @@ class Job:
         ends = exc_type is None or issubclass(exc_type, (StorageError, Unauthorized))
         try:
             if self.trainer is not None and ends:
-                job = self.membership.leave()
+                job = self.membership.leave(
+                    finished=self.trainer.member.round >= self.trainer.engine.rounds)
                 self.trainer.finish(time.perf_counter() - self.started,
                                     {"coordinator": job} if job else {},
                                     error=None if exc is None else str(exc))

@@ -517,7 +517,8 @@ class Member:
                 ok, why = False, str(e)
             h = self.hash() if ok else None
             if self.engine.attack is not None and self.engine.attack.accuses(self.me, r):
-                ok, h, why, blame = False, None, "an accusation", self._false_accusation(ready)
+                ok, h, why = False, None, "an accusation"
+                blame = self._false_accusation(ready, r)
             judge = self.engine.judge
             said = {"stats": {str(w): v for w, v in judge.latest.items()},
                     "judged": judge.take_verdicts()} if ok else {}
@@ -551,16 +552,17 @@ class Member:
         return self.membership.request("ready", round=r, attempt=attempt, members=members,
                                        **fields)
 
-    def _false_accusation(self, ready: dict) -> dict:
-        """What a false accuser says at commit: the lowest other member sent a forged
-        weight, with that member's own signed header as the "evidence" (it shows no such
-        thing; without signed headers, its word alone)."""
-        victim = self.engine.attack.victim(self.me, ready["members"])
-        blame = {"worker": victim, "why": f"worker {victim} claims a forged weight"}
+    def _false_accusation(self, ready: dict, r: int) -> dict:
+        """What a false accuser says at commit about another member (each in turn, the
+        lowest first): where the round records weights, that it sent a forged one, with its
+        own signed header as the "evidence" (it shows no such thing); otherwise that its
+        payload does not decode, which no evidence can settle (its word alone)."""
+        victim = self.engine.attack.victim(self.me, ready["members"], r)
         claims = [m for m in evidence.signed_by(self.transport.kept, victim) if m.claim]
-        if claims:
-            blame["evidence"] = {"rule": "weight", **claims[0].proof}
-        return blame
+        if not (claims and self.engine.round_weights):
+            return {"worker": victim, "why": f"worker {victim}'s payload does not decode"}
+        return {"worker": victim, "why": f"worker {victim} claims a forged weight",
+                "evidence": {"rule": "weight", **claims[0].proof}}
 
     def _note_exclusions(self, res: dict) -> None:
         """Records the members the coordinator excluded; this one, if it is among them,

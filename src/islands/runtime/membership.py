@@ -52,7 +52,9 @@ class CoordinatorClient:
         store: ``[host, port]`` of this worker's rendezvous store (used when it leads an epoch).
         heartbeat_s: seconds between heartbeats.
         reconnect_s: how long to keep trying a lost coordinator.
-        on_live: called from the heartbeat thread with the set of live workers and the
+        on_live: called from the heartbeat thread with the set of workers present (alive, or
+            gone having trained their last round: a worker leaves only once its sends are
+            done, so its peers' exchanges with it end on their own) and the
             ``time.monotonic()`` at which that heartbeat was sent.
         fingerprint: this worker's config fingerprint (:mod:`islands.runtime.fingerprint`).
         stopping: set by SIGTERM: a request waiting on the coordinator gives up at once
@@ -190,7 +192,7 @@ class CoordinatorClient:
                 if reply.get("error") or ch.incarnation != self.incarnation:
                     raise CommError(reply.get("error", "re-registered"))
                 if self.on_live is not None and "live" in reply:
-                    self.on_live(set(reply["live"]), sent_at)
+                    self.on_live(set(reply["live"]) | set(reply.get("finished", ())), sent_at)
             except (CommError, Unauthorized):  # the main thread reports what is fatal
                 if ch is not None:
                     ch.close()
@@ -199,10 +201,13 @@ class CoordinatorClient:
         if ch is not None:
             ch.close()
 
-    def leave(self) -> dict | None:
+    def leave(self, finished: bool = False) -> dict | None:
         """Leaves the membership gracefully (the others continue without this worker);
         returns the coordinator's view of the job (``Coordinator.job_view``), None if it
         could not be reached.
+
+        ``finished``: this worker trained its last round. Its peers do not take its departure
+        for a failure: a sampled run's last round may still be receiving the state it sent.
 
         On a connection of its own: the control connection may still be held by a barrier
         this worker gave up waiting on (SIGTERM).
@@ -215,7 +220,7 @@ class CoordinatorClient:
                                  "incarnation": self.incarnation, "store": self.store,
                                  "fingerprint": self.fingerprint}, timeout_s=2.0)
             try:
-                ch.send({"op": "leave"})
+                ch.send({"op": "leave", "finished": finished})
                 return ch.recv().get("job")
             finally:
                 ch.close()
@@ -243,7 +248,7 @@ class FixedMembership:
             return {**base, "left_out": []}
         return {**base, "commit": bool(fields["ok"]), "hash": fields["hash"], "mismatched": []}
 
-    def leave(self) -> None:
+    def leave(self, finished: bool = False) -> None:
         """No coordinator: nothing to tell."""
 
     def close(self) -> None:

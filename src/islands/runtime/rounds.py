@@ -295,7 +295,7 @@ class RoundRules:
                                                  f"{verdict}"}
             else:
                 unproven.setdefault(accused, {})[reporter] = why
-        sit_out: set[int] = set()
+        disputes: list[tuple[set[int], int]] = []  # (accusers, accused)
         for accused, whys in sorted(unproven.items()):
             accusers = set(whys) - set(excluded)
             if not accusers or accused in excluded:
@@ -307,7 +307,7 @@ class RoundRules:
                 continue
             if accused in themselves:  # it owned up: no dispute
                 continue
-            sit_out |= accusers | {accused}
+            disputes.append((accusers, accused))
             self.disputes.append({"round": r, "attempt": attempt, "accused": accused,
                                   "accusers": sorted(accusers)})
             log.warning("round %d: worker(s) %s refused worker %d's contribution without "
@@ -315,10 +315,35 @@ class RoundRules:
                         sorted(accusers), accused)
         for w, info in themselves.items():
             excluded.setdefault(w, info)
-            sit_out.discard(w)
+        excluded.update(self._at_odds_with_most(disputes, here, r, excluded))
+        sit_out: set[int] = set()
+        for accusers, accused in disputes:  # a dispute whose one side is excluded is settled
+            if accused not in excluded and accusers - set(excluded):
+                sit_out |= accusers - set(excluded) | {accused}
         for w, info in excluded.items():
             self._exclude(w, info)
-        return set(excluded), sit_out - set(excluded)
+        return set(excluded), sit_out
+
+    def _at_odds_with_most(self, disputes: list[tuple[set[int], int]], here: set[int],
+                           r: int, excluded: dict[int, dict]) -> dict[int, dict]:
+        """Adds this attempt's disputes to each side's record of whom it was at odds with,
+        over the run; returns the workers at odds with at least two and more than half of
+        their fellow members in ``here`` (:func:`evidence.seconded`), as though those had
+        refused it alike. The members are an honest majority, and an honest member is at
+        odds only with the dishonest (a false accuser, a sender of garbage), so a member at
+        odds with most of the others is the liar."""
+        for accusers, accused in disputes:
+            for a in accusers:
+                self.at_odds.setdefault(a, set()).add(accused)
+                self.at_odds.setdefault(accused, set()).add(a)
+        out = {}
+        for w in sorted({w for accusers, accused in disputes for w in accusers | {accused}}):
+            others = (self.at_odds[w] & here) - set(excluded)
+            if w not in excluded and evidence.seconded(others, w, here):
+                out[w] = {"by": "coordinator", "round": r,
+                          "why": f"at odds with workers {sorted(others)}, more than half of "
+                                 "its fellow members, in disputes no evidence settled"}
+        return out
 
     def _judged(self, b: Barrier, here: set[int], r: int) -> list[int]:
         """After a commit: the members each member's judge (the engine's ban rule on its

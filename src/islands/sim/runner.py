@@ -97,17 +97,17 @@ class _EveryRound:
         return {"left_out": list(late)} if late else {}
 
     def _judge_accusations(self, engine: Engine, r: int, synced: tuple[int, ...]) -> None:
-        """A false accuser (``attack.name = "false_accuser"``) accuses the lowest other
-        member of the sync, as on real processes. The simulator sees every message, so it
-        checks the accusation against what the accused sent: unless the sync refused the
-        accused's messages, the accusation is false and the accuser is banned (its own
-        contribution to the round, honest, stays)."""
+        """A false accuser (``attack.name = "false_accuser"``) accuses another member of the
+        sync (each in turn, the lowest first), as on real processes. The simulator sees every
+        message, so it checks the accusation against what the accused sent: unless the sync
+        refused the accused's messages, the accusation is false and the accuser is banned
+        (its own contribution to the round, honest, stays)."""
         attack = engine.attack
         if attack is None:
             return
         refused = {b["worker"] for b in self.banned if b["round"] == r}
         for accuser in (w for w in synced if attack.accuses(w, r)):
-            victim = attack.victim(accuser, synced)
+            victim = attack.victim(accuser, synced, r)
             if victim not in refused:
                 self.ban(r, accuser, f"a false accusation of worker {victim}: its messages of "
                                      f"round {r} passed every check")
