@@ -3,6 +3,8 @@ Nesterov, one-way posts on the timeline clock, staleness, dynamic local steps.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from islands import load_config
 from islands.algorithms.asynchronous import DelayedNesterov
 from islands.core.errors import ConfigError
 from islands.engine import check_config
+from islands.runtime.join import join
 from islands.runtime.member import refuse_simulator_only
 from islands.runtime.state import digest
 from islands.sim.runner import Simulation
@@ -128,6 +131,28 @@ def test_async_settings_are_checked(sets, key):
         check_config(tiny_config(*ASYNC, *sets))
 
 
-def test_real_processes_refuse_async_local_sgd():
-    with pytest.raises(ConfigError, match="async_local_sgd.*simulator only"):
-        refuse_simulator_only(load_config(None, ["algorithm.name=async_local_sgd"]))
+def test_real_processes_take_async_local_sgd_and_the_drop_in_refuses_it(tmp_path):
+    refuse_simulator_only(load_config(None, ["algorithm.name=async_local_sgd"]))
+    with pytest.raises(ConfigError, match="async_local_sgd.*no rounds for the drop-in"):
+        join("127.0.0.1:1", overrides=["algorithm.name=async_local_sgd"], worker_id=0,
+             token="t", out=tmp_path / "w0")
+
+
+def test_the_simulator_replays_a_given_order_of_updates_bit_for_bit(tmp_path):
+    """The order a run's metrics rows record (worker and inner steps of each update),
+    given back as ``post_order``, gives the same parameters; another order does not."""
+    sim = Simulation(tiny_config(*ASYNC, "algorithm.max_staleness=1"), out_dir=tmp_path / "a")
+    summary = sim.run()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    order = [{"worker": r["worker"], "steps": r["inner_steps"]} for r in rows]
+    assert len({o["worker"] for o in order}) == 3 and summary["async_dropped_updates"] > 0
+    again = Simulation(tiny_config(*ASYNC, "algorithm.max_staleness=1"), post_order=order)
+    assert again.run()["async_dropped_updates"] == summary["async_dropped_updates"]
+    assert all(torch.equal(v, again.final_state[k]) for k, v in sim.final_state.items())
+    swapped = [order[1], order[0], *order[2:]]
+    assert order[0]["worker"] != order[1]["worker"]
+    other = Simulation(tiny_config(*ASYNC, "algorithm.max_staleness=1"), post_order=swapped)
+    other.run()
+    assert not all(torch.equal(v, other.final_state[k]) for k, v in sim.final_state.items())
+    with pytest.raises(ConfigError, match="post_order replays an asynchronous run"):
+        Simulation(tiny_config(), post_order=order)

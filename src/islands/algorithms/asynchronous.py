@@ -27,9 +27,10 @@ in which they were posted, so every replica stays bit-identical. A worker sends 
 at once and, before it pulls, waits only for the updates posted before its own that have not
 reached it yet. The run's
 budget is the synchronous run's data: ``workers × steps`` inner steps in all, however they
-are spread over the workers (the fast ones take more). The simulator only for now; its fault
-plan takes crashes, leaves, joins, slowdowns and link changes at virtual times
-(:class:`islands.sim.faults.AsyncFaultPlan`).
+are spread over the workers (the fast ones take more). In the simulator the order is the
+modelled step times' and its fault plan takes crashes, leaves, joins, slowdowns and link
+changes at virtual times (:class:`islands.sim.faults.AsyncFaultPlan`); on real processes the
+coordinator numbers the updates (:mod:`islands.runtime.asynchronous`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,15 @@ class DelayedNesterov(torch.optim.Optimizer):
                     s["window"].zero_()
 
 
+def local_steps(sync_every: int, dynamic: bool, worker: int, rates: dict[int, float]) -> int:
+    """The inner steps of ``worker``'s next update: H (``sync_every``), or with ``dynamic``
+    H times its speed (``rates``: inner steps per second so far, by worker; 0: not measured
+    yet) over the fastest's, at least 1."""
+    if not dynamic or not all(rates.values()):
+        return sync_every
+    return max(1, round(sync_every * rates[worker] / max(rates.values())))
+
+
 class AsyncLocalSGD(Algorithm):
     """Asynchronous local SGD with delayed Nesterov and dynamic local updates.
 
@@ -132,11 +142,8 @@ class AsyncLocalSGD(Algorithm):
         return self.applied(worker) - worker.pulled
 
     def local_steps(self, worker: int, rates: dict[int, float]) -> int:
-        """The inner steps of ``worker``'s next update: H, or with ``dynamic_steps`` H times
-        its speed (inner steps per second so far; 0: not measured yet) over the fastest's."""
-        if not self.dynamic_steps or not all(rates.values()):
-            return self.sync_every
-        return max(1, round(self.sync_every * rates[worker] / max(rates.values())))
+        """The inner steps of ``worker``'s next update (:func:`local_steps`)."""
+        return local_steps(self.sync_every, self.dynamic_steps, worker, rates)
 
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:

@@ -15,8 +15,9 @@ writes one ``metrics.jsonl`` row (its worker's); the evaluation runs when the me
 per worker cross a multiple of ``eval_every``, and after the last update.
 
 The order "first to finish" needs each worker's step time before it trains: the simulator's
-modelled step times. Real processes would post in the order they finish; they refuse the
-algorithm for now (``Transport.posting``).
+modelled step times (:func:`run_async`). Real processes post in the order they finish, which
+the coordinator numbers (:func:`run_posted`, driven by
+:class:`islands.runtime.asynchronous.AsyncMember`): the same steps, one worker per process.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from islands.collectives.butterfly import Group
-from islands.core.errors import ConfigError
+from islands.core.errors import CommError, ConfigError, Stopping
 
 if TYPE_CHECKING:
     from islands.engine.loop import Engine
@@ -53,15 +54,94 @@ class AsyncFaults(Protocol):
         """Whether ``worker`` has left by ``by_s`` (gone now if so)."""
 
 
+@runtime_checkable
+class PostDriver(Protocol):
+    """What :func:`run_posted` needs of a real process's driver: the order of the updates
+    and their delivery (:class:`islands.runtime.asynchronous.AsyncMember`)."""
+
+    def regroup(self, engine: Engine, error: CommError | None) -> int:
+        """Joins (or, after ``error``, rejoins) the members: this worker's replica is the
+        members' latest; returns the inner steps of its next update (0: none left)."""
+
+    def post(self, engine: Engine, worker, steps: int) -> dict:
+        """``worker``'s update after ``steps`` inner steps: sent to the others in its place,
+        or dropped as too stale; the updates before it applied to its replica, then its own.
+        Returns ``{"kept", "stale", "seq", "next"}`` (``next``: its next update's steps)."""
+
+    def end(self, engine: Engine, worker) -> None:
+        """No steps left: applies every update the others post until the last."""
+
+
+def run_posted(engine: Engine, driver: PostDriver,
+               on_round: Callable[[dict], None] | None = None) -> dict:
+    """The asynchronous loop of one real process (its one worker): inner steps, the update
+    posted in its place (:meth:`PostDriver.post`), the pull, until no inner steps are left;
+    then the others' last updates (:meth:`PostDriver.end`). A failure (a peer gone, a joiner
+    waiting) regroups the members, and the worker goes on from their latest replica."""
+    started = time.perf_counter()
+    alg, cfg = engine.algorithm, engine.cfg
+    error: CommError | None = None
+    staleness, dropped, k, steps = [], 0, 0, None
+    while True:
+        try:
+            if steps is None:
+                steps = driver.regroup(engine, error)
+            [w] = engine.workers
+            if engine.evaluator is not None and not engine.curve:
+                engine.curve.append(engine.evaluate(w, 0))
+            while steps:
+                marks = engine.marks()
+                losses = engine.inner_steps([w], range(w.steps, w.steps + steps),
+                                            Group(engine.transport, (w.id,)))
+                out = driver.post(engine, w, steps)
+                alg.restart(w)
+                staleness += [out["stale"]] if out["kept"] else []
+                dropped += not out["kept"]
+                done = w.steps
+                engine.record(k, (w.id,), losses, marks,
+                              {"staleness": out["stale"], "dropped": not out["kept"],
+                               "inner_steps": steps, "seq": out["seq"]},
+                              step=done, at_s=engine.clock.time_s(w.id),
+                              due=done // cfg.eval_every > (done - steps) // cfg.eval_every)
+                k += 1
+                if on_round is not None:
+                    on_round({"round": k, "rounds": engine.rounds, "step": done,
+                              "train_loss": engine.last_loss, "eval_loss": None,
+                              "bytes_sent_per_worker": engine.sent_per_worker()})
+                steps = out["next"]
+            driver.end(engine, w)
+            break
+        except Stopping:  # asked to stop (SIGTERM): it leaves, the others regroup
+            break
+        except CommError as e:
+            error, steps = e, None
+    if not engine.workers:  # stopped before it joined
+        return engine.summary(time.perf_counter() - started)
+    [w] = engine.workers
+    alg.restart(w)  # the final global parameters (every update applied, unless stopped)
+    if engine.evaluator is not None:
+        engine.curve.append({**engine.evaluate(w, w.steps),
+                             "virtual_time_s": engine.clock.time_s(w.id)})
+    summary = engine.summary(time.perf_counter() - started)
+    summary.update({
+        "rounds": k, "async_updates": len(staleness), "async_dropped_updates": dropped,
+        "staleness_mean": statistics.mean(staleness) if staleness else None,
+        "staleness_max": max(staleness, default=None),
+        "inner_steps_by_worker": {str(w.id): w.steps}})
+    return summary
+
+
 def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
-              faults: AsyncFaults | None = None) -> dict:
+              faults: AsyncFaults | None = None, order: list[dict] | None = None) -> dict:
     """Runs an asynchronous algorithm's updates until the budget is spent; returns the summary
     figures (:meth:`Engine.summary` with the updates' own fields). ``faults``: workers that
     crash, leave, join or slow down on the way (the unspent inner steps of the gone go to
-    the live)."""
+    the live). ``order``: the updates to post, ``{"worker", "steps"}`` each, in this order
+    (a real run's, replayed), in place of the budget and the modelled step times."""
     if engine.step_time_s is None:
         raise ConfigError(f"algorithm.name ({engine.cfg.algorithm.name!r}) needs modelled step "
-                          "times to order its updates: the simulator only for now")
+                          "times to order its updates (the simulator), or a driver that "
+                          "orders them (run_posted: real processes)")
     started = time.perf_counter()
     alg, clock, cfg, workers = engine.algorithm, engine.clock, engine.cfg, engine.workers
     alive = faults.alive if faults is not None else {w.id for w in workers}
@@ -73,11 +153,16 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
     while True:
         if faults is not None:
             faults.timing()
-        if (w := budget.next_to_post(engine.step_time_s)) is None:
-            break
-        if faults is not None and _membership(engine, faults, budget, w, k):
-            continue
-        steps = budget.planned[w.id]
+        if order is not None:  # a given order: the next update's worker and steps
+            if k == len(order):
+                break
+            w, steps = engine.local([int(order[k]["worker"])])[0], int(order[k]["steps"])
+        else:
+            if (w := budget.next_to_post(engine.step_time_s)) is None:
+                break
+            if faults is not None and _membership(engine, faults, budget, w, k):
+                continue
+            steps = budget.planned[w.id]
         marks = engine.marks()
         losses = engine.inner_steps([w], range(w.steps, w.steps + steps),
                                     Group(engine.transport, (w.id,)))
@@ -92,7 +177,8 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
         posted_s = clock.time_s(w.id)
         clock.await_posts(w.id)  # the updates posted before its own reach it: it pulls
         alg.restart(w)
-        budget.allot(w)
+        if order is None:
+            budget.allot(w)
         if faults is not None and faults.leaves(w.id, posted_s, k + 1):
             budget.give_back(w.id)  # it posted the update it was computing, and is gone
             budget.reallot()
@@ -101,7 +187,8 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
             k, (w.id,), losses, marks,
             {"staleness": stale, "dropped": not kept, "inner_steps": steps},
             step=done // cfg.workers, at_s=clock.time_s(w.id),
-            due=budget.spent or done // every > (done - steps) // every)
+            due=(budget.spent if order is None else k + 1 == len(order))
+            or done // every > (done - steps) // every)
         k += 1
         if on_round is not None:
             on_round({"round": done * engine.rounds // budget.total, "rounds": engine.rounds,

@@ -44,7 +44,7 @@ from islands.core.config import RunConfig
 from islands.core.errors import CommError
 from islands.core.seeding import derive_seed
 from islands.engine import consensus
-from islands.engine.asynchronous import AsyncFaults, run_async
+from islands.engine.asynchronous import AsyncFaults, PostDriver, run_async, run_posted
 from islands.engine.attacks import Attack
 from islands.engine.judge import Judge, worker_rules
 from islands.metrics.run_dir import RunDir
@@ -748,13 +748,18 @@ class Engine:
     # --- the loop --------------------------------------------------------------------------
 
     def run(self, driver: Driver, on_round: Callable[[dict], None] | None = None, *,
-            async_faults: AsyncFaults | None = None) -> dict:
+            async_faults: AsyncFaults | None = None,
+            async_order: list[dict] | None = None) -> dict:
         """Runs rounds while the driver hands them out; returns the summary figures (the
         caller writes them, with its own fields). An asynchronous algorithm has no rounds:
         its loop runs instead (:func:`~islands.engine.asynchronous.run_async`), with
-        ``async_faults`` (the simulator's fault plan for it)."""
+        ``async_faults`` (the simulator's fault plan for it) or ``async_order`` (the updates
+        in a given order); a real process's (:func:`~islands.engine.asynchronous.run_posted`)
+        when the driver is a :class:`~islands.engine.asynchronous.PostDriver`."""
         if self.algorithm.asynchronous:  # no rounds: updates in the order they are posted
-            return run_async(self, on_round, async_faults)
+            if isinstance(driver, PostDriver):  # a real process: the coordinator's order
+                return run_posted(self, driver, on_round)
+            return run_async(self, on_round, async_faults, async_order)
         started = time.perf_counter()
         while (plan := self.begin(driver)) is not None:
             try:

@@ -50,6 +50,7 @@ network), which releases any barrier waiting on it.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import socket
 import threading
@@ -62,6 +63,7 @@ from islands.core.errors import AuthError, CommError
 from islands.core.sections import SAMPLING_KEYS
 from islands.runtime.auth import MAX_MEMBER_LINE_BYTES, Channel, server_handshake
 from islands.runtime.fingerprint import COORDINATOR_READS, refusal
+from islands.runtime.posts import PostOrder
 from islands.runtime.rounds import Barrier, RoundRules
 
 log = logging.getLogger("islands.coordinator")
@@ -151,6 +153,7 @@ class Coordinator(RoundRules):
         self._open_start: Barrier | None = None
         # the round between its start and its commit: {"round", "members", "src", "joiners"}
         self._in_flight: dict | None = None
+        self._posts: PostOrder | None = None  # an asynchronous job's order (async_posts)
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -196,7 +199,8 @@ class Coordinator(RoundRules):
                     "excluded": {str(w): e for w, e in sorted(self.excluded.items())},
                     "disputes": list(self.disputes),
                     "refused_joins": list(self.refusals),
-                    "hash_mismatches": self.hash_mismatches}
+                    "hash_mismatches": self.hash_mismatches,
+                    **({"async_posts": list(self._posts.log)} if self._posts else {})}
 
     def status(self) -> dict:
         """Members, epoch, the round in flight and for how long, the last commit, the
@@ -380,7 +384,64 @@ class Coordinator(RoundRules):
                 return {"ok": True, "job": self.job_view()}  # for the worker's summary
             if op in ("start", "ready", "commit"):
                 return self._arrive(op, wid, req)
+            if op == "post":
+                return self._post(wid, req)
+            if op == "posts_end":
+                return self._posts_end(wid, req)
         return {"error": f"unknown op {op!r}"}
+
+    # --- an asynchronous job's updates (islands.runtime.posts) ----------------------------
+
+    def async_posts(self) -> PostOrder | None:
+        """The order of an asynchronous job's updates (None: the job has rounds)."""
+        if self.fingerprint.get("algorithm.name") != "async_local_sgd":
+            return None
+        if self._posts is None:
+            self._posts = PostOrder(self.fingerprint)
+        return self._posts
+
+    def _regroup_due(self) -> bool:
+        """An asynchronous job's members must regroup: one of them is gone (not having
+        finished), or a worker waits at ``start`` (a joiner, or a member that failed)."""
+        gone = [i for i in self.current
+                if i not in self.members or not (self.members[i].alive
+                                                 or self.members[i].finished)]
+        return bool(gone) or (self._open_start is not None and bool(self._open_start.arrivals))
+
+    def _post(self, wid: int, req: dict) -> dict:
+        """A member's update is done: its place in the order (:meth:`PostOrder.post`), the
+        posters of the updates before it that it has not applied, its next inner steps; or
+        ``regroup``."""
+        posts = self.async_posts()
+        if posts is None:
+            return {"error": "post: this job has rounds (algorithm.name is not "
+                             "async_local_sgd)"}
+        ints = [req.get(k) for k in ("steps", "pulled", "applied")]
+        rate = req.get("rate")
+        if (not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints)
+                or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0):
+            return {"error": "post: steps, pulled and applied must be integers >= 0, rate a "
+                             "number >= 0"}
+        if wid not in self.current or self._regroup_due():
+            return {"regroup": True}
+        out = posts.post(wid, req["steps"], req["pulled"], float(rate), self.current)
+        if "error" in out:
+            return out
+        upto = out["seq"] if out["kept"] else len(posts.posters)
+        self._cond.notify_all()  # a member waiting for the end
+        return {**out, "posters": posts.posters[req["applied"]:upto]}
+
+    def _posts_end(self, wid: int, req: dict) -> dict:
+        """A member with no inner steps left: held until every member has posted its last
+        update, then the posters of those it has not applied; or ``regroup``."""
+        posts, applied = self.async_posts(), req.get("applied")
+        if posts is None or not isinstance(applied, int) or applied < 0:
+            return {"error": "posts_end: an asynchronous job's member, with applied >= 0"}
+        while not posts.done and not self._regroup_due() and not self._stop.is_set():
+            self._cond.wait(0.2)
+        if not posts.done or wid not in self.current:
+            return {"regroup": True}
+        return {"posters": posts.posters[applied:]}
 
     @staticmethod
     def _malformed(op: str, req: dict) -> str | None:

@@ -40,6 +40,7 @@ from islands.collectives.butterfly import Group
 from islands.core.errors import CommError, ConfigError, Stopping
 from islands.engine import Engine, RoundPlan
 from islands.runtime import state
+from islands.runtime.asynchronous import AsyncMember
 from islands.runtime.member import Member, _keys
 from islands.runtime.membership import CoordinatorRestarted, Removed
 
@@ -151,5 +152,9 @@ class GossipMember(Member):
 
 def member_class(algorithm) -> type[Member]:
     """The driver an algorithm's workers need: :class:`Member` (a shared global state under
-    the coordinator's barriers) or :class:`GossipMember` (parameters of their own)."""
+    the coordinator's barriers), :class:`GossipMember` (parameters of their own) or
+    :class:`~islands.runtime.asynchronous.AsyncMember` (updates in the coordinator's order,
+    no rounds)."""
+    if algorithm.asynchronous:
+        return AsyncMember
     return Member if algorithm.shares_parameters else GossipMember

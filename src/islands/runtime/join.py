@@ -105,6 +105,9 @@ def join(coordinator: str | None = None, *, config: str | Path | RunConfig | Non
     me = parse_worker_id(str(raw))
     check_worker_id(cfg, me)
     refuse_simulator_only(cfg)
+    if cfg.algorithm.name == "async_local_sgd":
+        raise ConfigError("algorithm.name ('async_local_sgd') has no rounds for the drop-in "
+                          "loop to call: run it with islands run or islands launch")
     secret = token.encode() if isinstance(token, str) else token
     if secret is None:
         secret = load_token(token_file)
@@ -214,8 +217,7 @@ class Job:
         ends = exc_type is None or issubclass(exc_type, (StorageError, Unauthorized))
         try:
             if self.trainer is not None and ends:
-                job = self.membership.leave(
-                    finished=self.trainer.member.round >= self.trainer.engine.rounds)
+                job = self.membership.leave(finished=self.trainer.member.finished)
                 self.trainer.finish(time.perf_counter() - self.started,
                                     {"coordinator": job} if job else {},
                                     error=None if exc is None else str(exc))

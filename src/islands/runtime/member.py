@@ -104,10 +104,6 @@ def refuse_simulator_only(cfg: RunConfig) -> None:
         raise ConfigError(f"attack.name ({cfg.attack.name!r}) runs in the simulator only "
                           f"(islands sim): {SIMULATOR_ONLY[cfg.attack.name]}; choose another "
                           "attack for real processes")
-    if cfg.algorithm.name == "async_local_sgd":
-        raise ConfigError("algorithm.name ('async_local_sgd') runs in the simulator only for "
-                          "now (islands sim); for real processes use diloco (with "
-                          "runtime.round_deadline_s for stragglers)")
 
 
 class Member:
@@ -178,6 +174,11 @@ class Member:
     @property
     def worker(self) -> Worker:
         return self.engine.workers[0]
+
+    @property
+    def finished(self) -> bool:
+        """Whether this worker trained its last round (it leaves finished, not gone)."""
+        return self.round >= self.engine.rounds
 
     def hash(self) -> str:
         if self._builder is not None:  # still building: the state is the fresh one

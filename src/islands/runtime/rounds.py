@@ -139,9 +139,15 @@ class RoundRules:
         out = self._new_epoch(tuple(sorted(members)))
         self._in_flight = {"round": top, "members": frozenset(members), "src": good[0],
                            "joiners": set(healing), "since": time.monotonic()}
-        return {**out, "round": top, "src": good[0], "hash": majority, "healing": healing,
-                "keys": self._keys(here),
-                "need_state": [i for i in stale if i not in healing]}
+        out = {**out, "round": top, "src": good[0], "hash": majority, "healing": healing,
+               "keys": self._keys(here), "need_state": [i for i in stale if i not in healing]}
+        if (posts := self.async_posts()) is not None:  # "round": the updates applied
+            grants = posts.regroup(sorted(members), top)
+            out["grants"] = {str(w): n for w, n in grants.items()}
+            log.info("asynchronous members %s from update %d (worker %d's replica); inner "
+                     "steps handed out %s, %d left", sorted(members), top, good[0], grants,
+                     posts.left)
+        return out
 
     def _release_gossip(self, reports: dict, here: set[int]) -> dict:
         """A gossip job's (re)grouping (:mod:`islands.runtime.gossip`): its members hold

@@ -151,7 +151,7 @@ class RuntimeWorker:
             self.error = str(e)
             log.error("worker %d stops: %s", self.me, e)
         finally:
-            job = self.membership.leave(finished=member.round >= self.engine.rounds)
+            job = self.membership.leave(finished=member.finished)
             self.membership.close()
         member._built()
         extra = {"started_unix": started_unix, "removed": self.removed, "error": self.error,

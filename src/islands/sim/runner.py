@@ -19,7 +19,7 @@ from typing import Callable
 from islands.algorithms import build_algorithm
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig
-from islands.core.errors import PeerRefused
+from islands.core.errors import ConfigError, PeerRefused
 from islands.engine import (
     Engine,
     RoundPlan,
@@ -138,16 +138,25 @@ class Simulation:
             ``"resume"`` (this run finished: keep it, nothing runs; unfinished: run it again
             from the start, as a simulation is a function of its config) or ``"overwrite"``
             (remove the run files there first).
+        post_order: an asynchronous run's updates in the order to post them, each
+            ``{"worker", "steps"}`` (a real run's, as its coordinator numbered them:
+            ``summary.json``'s ``coordinator.async_posts``), in place of the order the
+            modelled step times give; the run ends with the real replicas' parameters.
     """
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path | None = None,
                  on_round: Callable[[dict], None] | None = None, *,
-                 task: Task | None = None, existing: str = "refuse") -> None:
+                 task: Task | None = None, existing: str = "refuse",
+                 post_order: list[dict] | None = None) -> None:
         # a task object: the config records it as such, without the sections only the task
         # its name named would read (a user task's config.json has no [model])
         self.cfg = cfg = cfg if task is None else cfg.with_task_object(task.name)
         self.task = check_config(cfg, task)  # every setting checked before anything runs
         self._task_key = None if task is None else f"object:{id(task)}"
+        if post_order is not None and (cfg.algorithm.name != "async_local_sgd" or cfg.faults):
+            raise ConfigError("post_order replays an asynchronous run's updates: it needs "
+                              "algorithm.name = 'async_local_sgd' and no [[faults]]")
+        self.post_order = post_order
         self.out = RunDir(out_dir) if out_dir is not None else None
         self.found = self.out.claim(cfg, existing=existing) if self.out else "fresh"
         self.on_round = on_round
@@ -191,7 +200,8 @@ class Simulation:
         faults = plan(self.cfg, engine) if self.cfg.faults else None
         driver = _EveryRound(everyone, None if asynchronous else faults)
         summary = engine.run(driver, self.on_round,
-                             async_faults=faults if asynchronous else None)
+                             async_faults=faults if asynchronous else None,
+                             async_order=self.post_order)
         if faults is not None:
             summary["epochs"] = faults.epochs
         if engine.attack is not None or driver.banned:

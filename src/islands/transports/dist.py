@@ -326,6 +326,52 @@ class DistTransport(Transport):
         self.wire_bytes_received += volume + 4 * n
         return tensor
 
+    def send_post(self, message: Message, to: tuple[int, ...], phase: str) -> list:
+        """One way, not waited for: ``message`` (its signed header, then its bytes) to each
+        worker of ``to`` (an asynchronous update: each receiver takes it with
+        :meth:`receive_post` when it needs it). Returns the sends' works: the caller keeps
+        them (and so the tensors they read) and waits for them before it leaves."""
+        me, roots = self.worker, {}
+        missing = [p for p in to if p not in self.ranks]
+        if self.group is None or missing:
+            raise CommError(f"{phase}: workers {missing} are not in the current process group")
+        heads = {p: wire.pack_header(message, self.signer, self._ctx(phase, me, p), roots)
+                 for p in to}
+        data = [wire.as_bytes(message.payload.tensors[k]) for k in sorted(message.payload.tensors)]
+        pieces = [(b[x:y], p) for p in to for b in data for x, y in wire.chunks(b.numel())]
+        works = self._post([(heads[p], p) for p in to], [], 0, phase)
+        works += self._post(pieces, [], 1, phase)
+        self.bytes_sent += message.nbytes * len(to)
+        self.wire_bytes_sent += (sum(h.numel() for h in heads.values())
+                                 + len(to) * sum(b.numel() for b in data))
+        return works
+
+    def wait_sends(self, works: list, phase: str) -> None:
+        """Waits for :meth:`send_post`'s works (within ``runtime.collective_timeout_s``)."""
+        self._wait(works, phase)
+
+    def receive_post(self, src: int, phase: str) -> Message:
+        """The next message :meth:`send_post` sent this worker from ``src`` for ``phase``:
+        its header checked (signed by ``src`` for this context), then its bytes, refused
+        naming ``src`` if they hold NaN/Inf."""
+        me = self.worker
+        head = torch.empty(wire.MAX_HEADER_BYTES, dtype=torch.uint8)
+        self._transfer([], [(head, src)], 0, phase)
+        key = None if self.signer is None else self.keys.get(src, "")
+        h = wire.unpack_header(head, src, key, self._ctx(phase, src, me))
+        if h is None:
+            raise PeerRefused(f"{phase}: worker {src} posted no update", src)
+        received = wire.receive_buffers(h, None)
+        recvs = [(wire.as_bytes(t)[a:b], src) for t in received.values()
+                 for a, b in wire.chunks(wire.as_bytes(t).numel())]
+        self._transfer([], recvs, 1, phase)
+        msg = wire.message(h, received)
+        wire.check_finite(msg, src)
+        self.bytes_received += msg.nbytes
+        self.wire_bytes_received += wire.header_length(head) + sum(
+            wire.as_bytes(t).numel() for t in received.values())
+        return msg
+
     def give_up(self, members: tuple[int, ...], phase: str, reason: str) -> None:
         """Tells every other member at once that this worker will send nothing in ``phase``
         (its own contribution could not be encoded, or it refused another's): a header that

@@ -1,0 +1,182 @@
+"""One worker's side of an asynchronous run over real processes (``algorithm.name =
+"async_local_sgd"``): no round, no barrier per update.
+
+The worker trains its inner steps from the global parameters it last pulled, then asks the
+coordinator for its update's place in the order (:mod:`islands.runtime.posts`). It sends the
+update one way to every other member at once (:meth:`DistTransport.send_post`: it does not
+wait for them to take it), takes from their posters, in order, the updates numbered before
+its own that its replica lacks (:meth:`DistTransport.receive_post`), applies them and then its
+own, pulls, and goes on with the inner steps the coordinator handed it. An update too stale
+is dropped (not sent); its worker applies what was numbered and pulls. When no inner steps are
+left, the worker waits for the others' last updates and applies them: every replica ends
+holding every update, in one order, bit for bit (the simulator's replicas too, given the same
+order: :func:`islands.sim.runner.Simulation` with ``post_order``).
+
+**Churn: regrouping.** A transfer that fails (a peer crashed: its stream closed; a peer that
+hangs past ``runtime.collective_timeout_s``; one the heartbeats find gone), or the coordinator
+answering ``regroup`` (a member gone, a joiner waiting at ``start``): the worker closes its
+streams, so that its peers fail at once too, and goes to the coordinator's ``start`` with the
+number of updates its replica holds. The members go on from the replica holding the most (the
+others receive it, a joiner too); updates numbered past it are void, and the inner steps of
+those and of every update in progress are handed out again (their work is lost).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from islands.codecs.cast import Identity
+from islands.collectives.butterfly import MESSAGE_HEADER_BYTES
+from islands.core.errors import CommError, ConfigError, Stopping
+from islands.engine import Engine
+from islands.runtime.member import Member
+from islands.runtime.membership import CoordinatorRestarted, Removed
+from islands.transports.base import Message
+
+log = logging.getLogger("islands.worker")
+
+NO_CHECKPOINTS = ("an asynchronous run (algorithm.name = 'async_local_sgd') on real processes "
+                  "has no checkpoints yet: run it without --checkpoint-dir and --resume (a "
+                  "worker that restarts joins from the members' latest replica)")
+
+
+class AsyncMember(Member):
+    """Drives an asynchronous worker (a :class:`~islands.engine.asynchronous.PostDriver`):
+    the coordinator's ``start`` to (re)group, then ``post`` per update and ``posts_end`` at
+    the end. Shares :class:`Member`'s constructor, state transfers and epochs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("checkpoint_dir"):
+            raise ConfigError(NO_CHECKPOINTS)
+        super().__init__(*args, **kwargs)
+        self.members: tuple[int, ...] = ()
+        self._sends: list = []  # this epoch's sends in flight (they hold their tensors)
+        self._exact = Identity()  # buffers travel as exact fp32
+        self._done = False  # every update applied (``finished``)
+
+    def resume(self, path) -> None:
+        raise ConfigError(NO_CHECKPOINTS)
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def _may_heal(self) -> bool:
+        return False  # no round to observe: a joiner waits for the members to regroup
+
+    def fast_forward(self, round: int) -> None:
+        """No round schedule: a replica received keeps this worker's own step count."""
+
+    def on_live(self, live: set[int], sent_at: float) -> None:
+        """Heartbeat thread: a member gone (not having finished) aborts the transfer in
+        flight, or the next one; the worker regroups."""
+        if not self.members or sent_at < self.transport.group_since:
+            return
+        gone = set(self.members) - live
+        if gone and not self.transport.abort_event.is_set():
+            log.warning("worker %d: members %s gone; regrouping", self.me, sorted(gone))
+            self.transport.abort_event.set()
+
+    def _applied(self) -> int:
+        return 0 if self._builder is not None else self.algorithm.applied(self.worker)
+
+    # --- PostDriver ------------------------------------------------------------------------
+
+    def regroup(self, engine: Engine, error: CommError | None) -> int:
+        if error is not None:
+            log.warning("worker %d: %s; regrouping from update %d", self.me, error,
+                        self._applied())
+            self.transport.close_streams()  # its peers fail now, not at their timeout
+            self.stats.aborted_attempts += 1
+        self._sends, self.members = [], ()
+        for _ in range(3):
+            self.round = self._applied()  # what start compares: the updates it holds
+            try:
+                res = self._start()
+                break
+            except Stopping:
+                raise
+            except CoordinatorRestarted as e:
+                log.warning("worker %d: %s; asking the new coordinator", self.me, e)
+            except CommError as e:
+                raise Removed(f"worker {self.me} could not (re)join the asynchronous run: "
+                              f"{e}") from None
+        else:
+            raise Removed(f"worker {self.me} could not (re)join the asynchronous run: the "
+                          "coordinator kept restarting")
+        self.members = tuple(sorted(res["members"]))
+        self.transport.set_context(f"async/{res['epoch']}",
+                                   {int(k): v for k, v in res.get("keys", {}).items()})
+        self.algorithm.restart(self.worker)  # pull the members' latest global parameters
+        steps = int(res["grants"][str(self.me)])
+        log.info("worker %d: asynchronous with members %s from update %d; next update after "
+                 "%d inner steps", self.me, list(self.members), self._applied(), steps)
+        return steps
+
+    def post(self, engine: Engine, worker, steps: int) -> dict:
+        alg, rate = self.algorithm, engine.clock.compute_s[self.me]
+        reply = self._ask("post", steps=steps, pulled=worker.pulled, applied=self._applied(),
+                          rate=worker.steps / rate if rate > 0 else 0.0)
+        seq, mine, buffers = reply["seq"], None, None
+        if reply["kept"]:
+            [c] = alg.contribute(worker)
+            payload = worker.codec.encode(c.tensor, key=f"w{self.me}/{c.tag}")
+            others = tuple(m for m in self.members if m != self.me)
+            self._send(Message(payload, MESSAGE_HEADER_BYTES), others, f"post/{seq}")
+            mine = worker.codec.decode(payload)
+            if (flat := worker.flat_buffers()) is not None:
+                self._send(Message(self._exact.encode(flat, key=f"w{self.me}/buffers"),
+                                   MESSAGE_HEADER_BYTES), others, f"post/{seq}/buffers")
+                buffers = flat.clone()
+        self._apply(engine, worker, reply["posters"])
+        if mine is not None:
+            alg.apply(worker, [mine])
+            if buffers is not None:
+                worker.global_buffers = buffers
+                worker.load_flat_buffers(buffers)
+        self.round = self._applied()  # (the updates its replica holds)
+        log.info("update %s | worker %d | %s | staleness %d | %d inner steps | sent %d B",
+                 seq if reply["kept"] else "-", self.me,
+                 "posted" if reply["kept"] else "dropped (too stale)", reply["stale"], steps,
+                 self.transport.bytes_sent)
+        return {"kept": reply["kept"], "stale": reply["stale"], "seq": seq,
+                "next": int(reply["next"])}
+
+    def end(self, engine: Engine, worker) -> None:
+        reply = self._ask("posts_end", applied=self._applied())
+        self._apply(engine, worker, reply["posters"])
+        self.transport.wait_sends(self._sends, "post")  # its updates reach every member
+        self._sends = []
+        self._done = True
+        log.info("worker %d: every update applied (%d); done", self.me, self._applied())
+
+    def summary_fields(self) -> dict:
+        return {**super().summary_fields(), "updates_applied": self._applied()}
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _ask(self, op: str, **fields) -> dict:
+        """A request to the coordinator; ``regroup`` in its answer is a failure to regroup
+        on (so is a coordinator restarted meanwhile)."""
+        try:
+            reply = self.membership.request(op, **fields)
+        except CoordinatorRestarted as e:
+            raise CommError(str(e)) from None
+        if reply.get("regroup"):
+            raise CommError(f"{op}: the coordinator asks the members to regroup (a member "
+                            "gone, or a worker waiting to join)")
+        return reply
+
+    def _send(self, message: Message, to: tuple[int, ...], phase: str) -> None:
+        if to:
+            self._sends += self.transport.send_post(message, to, phase)
+
+    def _apply(self, engine: Engine, worker, posters: list[int]) -> None:
+        """Takes the updates numbered from this replica's count on from their ``posters``
+        and applies them in order."""
+        for seq, src in enumerate(posters, start=self._applied()):
+            got = self.transport.receive_post(src, f"post/{seq}")
+            self.algorithm.apply(worker, [worker.codec.decode(got.payload)])
+            if worker.global_buffers is not None:
+                b = self.transport.receive_post(src, f"post/{seq}/buffers")
+                worker.global_buffers = self._exact.decode(b.payload)

@@ -1,0 +1,93 @@
+"""Asynchronous local SGD over real processes: one order of updates, the coordinator's, so
+every replica ends bit for bit equal, and equal to the simulator's replay of that order; the
+members regroup when one is killed and when one joins, and still end equal."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import pytest
+
+from islands.core.config import load_config
+from islands.sim.runner import Simulation
+from tests.integration.conftest import TINY, assert_final_equal, metrics, wait_until
+
+ASYNC = ["algorithm.name=async_local_sgd", "outer.momentum=0.3", "algorithm.max_staleness=2",
+         "runtime.heartbeat_timeout_s=5.0"]
+
+
+DIGITS = ["task.name=digits_cnn", "algorithm.sync_every=5", "eval_every=10", "device=cpu"]
+
+
+@pytest.mark.parametrize("task", [TINY, DIGITS], ids=["byte_gpt", "digits_cnn"])
+def test_an_async_job_ends_with_one_replica_the_simulators_replay_of_its_order(tmp_path,
+                                                                              procs, task):
+    """Three workers post as they finish; some updates arrive too stale and are dropped.
+    Every worker ends with the same parameters, and the simulator, posting the same updates
+    in the coordinator's order, ends with them too, bit for bit (with BatchNorm's running
+    statistics, the poster's, for the CNN)."""
+    overrides = [*task, "workers=3", "steps=40", *ASYNC]
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
+            str(tmp_path / "job")]
+    for o in overrides:
+        argv += ["--set", o]
+    assert procs.start("launch", argv).wait(timeout=120) == 0
+    job = json.loads((tmp_path / "job" / "summary.json").read_text())
+    assert len(job["final_hashes"]) == 1
+    order = json.loads((tmp_path / "job" / "w0" / "summary.json").read_text()
+                       )["coordinator"]["async_posts"]
+    assert sum(p["steps"] for p in order) == 3 * 40  # the budget, spent once
+    assert {p["worker"] for p in order} == {0, 1, 2}
+    rows = [r for i in range(3) for r in metrics(tmp_path / "job" / f"w{i}")]
+    assert sorted(r["seq"] for r in rows if not r["dropped"]) == list(range(
+        sum(p["seq"] is not None for p in order)))
+    sim = Simulation(load_config(None, overrides), post_order=order)
+    summary = sim.run()
+    for i in range(3):
+        assert_final_equal(tmp_path / "job" / f"w{i}", sim.final_state, f"w{i}")
+    assert summary["async_dropped_updates"] == sum(p["seq"] is None for p in order)
+
+
+def test_async_members_regroup_when_one_is_killed_and_when_one_joins(tmp_path, procs,
+                                                                     coordinator):
+    """Worker 2 is killed mid-run: the others' transfers with it fail, they regroup from
+    the replica holding the most updates and go on; a new worker 2 then joins (it receives
+    that replica) and the three finish the budget. Every survivor ends with the same
+    parameters."""
+    coord = coordinator()
+    addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
+    over = ["workers=3", "steps=1500", "algorithm.sync_every=10", "eval_every=100000", *ASYNC,
+            "runtime.heartbeat_timeout_s=1.0"]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
+    wait_until(lambda: len(metrics(out / "w2")) >= 3, 90, "three updates of worker 2")
+    ws[2].send_signal(signal.SIGKILL)
+    ws[2].wait()
+    seen = len(metrics(out / "w0"))
+    wait_until(lambda: len(metrics(out / "w0")) >= seen + 3, 60, "updates without worker 2")
+    ws[2] = procs.worker(2, addr, out / "again", over)
+    assert all(ws[i].wait(timeout=120) == 0 for i in range(3))
+    summaries = [json.loads((d / "summary.json").read_text())
+                 for d in (out / "w0", out / "w1", out / "again" / "w2")]
+    assert len({s["final_hash"] for s in summaries}) == 1
+    assert all(s["aborted_attempts"] >= 2 for s in summaries[:2])  # the kill, the join
+    assert summaries[2]["state_transfers"] == 1
+
+
+def test_an_async_worker_asked_to_stop_leaves_and_the_others_finish(tmp_path, procs,
+                                                                   coordinator):
+    """SIGTERM to worker 1 mid-run: it stops with exit 0 and its files written; the other
+    two regroup without it, finish the budget and end with the same parameters."""
+    coord = coordinator()
+    addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
+    over = ["workers=3", "steps=600", "algorithm.sync_every=10", "eval_every=100000", *ASYNC]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
+    wait_until(lambda: len(metrics(out / "w1")) >= 3, 90, "three updates of worker 1")
+    ws[1].send_signal(signal.SIGTERM)
+    assert ws[1].wait(timeout=60) == 0
+    assert (out / "w1" / "summary.json").exists()
+    assert ws[0].wait(timeout=120) == 0 and ws[2].wait(timeout=120) == 0
+    s0, s2 = (json.loads((out / f"w{i}" / "summary.json").read_text()) for i in (0, 2))
+    assert s0["final_hash"] == s2["final_hash"] and s0["aborted_attempts"] >= 1
+    assert s0["updates_applied"] == s2["updates_applied"]
