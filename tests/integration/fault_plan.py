@@ -7,13 +7,23 @@ worker's ``--hold``), so an event lands in its round however loaded the machine:
 round r kills the worker while all hold in round r, then releases them (the round commits
 without it, as in the simulator); a join at round r restarts the worker while the others hold
 in round r, waits until the coordinator has it healing into that round, then releases them.
-Only ``crash``, ``leave`` and ``join`` at a ``round`` are carried out (``slow``, ``link`` and
-events at a virtual time are the simulator's).
+Only ``crash``, ``leave`` and ``join`` at a ``round`` are carried out so
+(:func:`carry_out`).
+
+An asynchronous run has no rounds: its events come at ``at_s``, read as wall seconds from the
+workers' start (:func:`carry_out_timed`): ``crash``, ``leave``, ``join`` as above, and
+``slow``, a worker made ``factor`` times slower from then on by stopping and continuing its
+process (SIGSTOP for ``1 - 1/factor`` of every 30 ms, SIGCONT for the rest): its inner steps
+take ``factor`` times as long, as measured by its own clock. ``link`` and ``partition``
+events stay the simulator's (the WAN harness shapes links for a whole run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,3 +70,46 @@ def carry_out(faults, coord, out: Path, workers: dict, start: Callable[[int], ob
                 wait_until(lambda: f.worker in coord.status()["healing"], 120,
                            f"worker {f.worker} healing into round {r}")
         (tmp / f"go-{r}").touch()
+
+
+SLOW_PERIOD_S = 0.03
+
+
+def slow_down(process, factor: float) -> threading.Thread:
+    """Makes ``process`` ``factor`` times slower until it ends: stopped (SIGSTOP) for
+    ``1 - 1/factor`` of every :data:`SLOW_PERIOD_S`, running for the rest."""
+    run_s = SLOW_PERIOD_S / factor
+
+    def cycle() -> None:
+        while process.poll() is None:
+            time.sleep(run_s)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGSTOP)
+            time.sleep(SLOW_PERIOD_S - run_s)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGCONT)
+
+    t = threading.Thread(target=cycle, daemon=True, name="slow down")
+    t.start()
+    return t
+
+
+def carry_out_timed(faults, workers: dict, start: Callable[[int], object],
+                    t0: float) -> None:
+    """Runs the plan's events at their ``at_s`` (wall seconds after ``t0``) on ``workers``
+    ({id: process}): ``crash`` (SIGKILL), ``leave`` (SIGTERM), ``join`` (``start(id)``) and
+    ``slow``; returns after the last one."""
+    for f in faults:
+        if f.kind not in ("crash", "leave", "join", "slow") or f.at_s is None:
+            raise ValueError(f"the real-process plan carries out crash, leave, join and slow "
+                             f"at a time (at_s) here, not {f}")
+    for f in sorted(faults, key=lambda f: f.at_s):
+        time.sleep(max(0.0, t0 + f.at_s - time.time()))
+        if f.kind == "crash":
+            workers[f.worker].send_signal(signal.SIGKILL)
+        elif f.kind == "leave":
+            workers[f.worker].send_signal(signal.SIGTERM)
+        elif f.kind == "join":
+            workers[f.worker] = start(f.worker)
+        else:
+            slow_down(workers[f.worker], f.factor)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 
 import pytest
 
@@ -91,3 +92,36 @@ def test_an_async_worker_asked_to_stop_leaves_and_the_others_finish(tmp_path, pr
     s0, s2 = (json.loads((out / f"w{i}" / "summary.json").read_text()) for i in (0, 2))
     assert s0["final_hash"] == s2["final_hash"] and s0["aborted_attempts"] >= 1
     assert s0["updates_applied"] == s2["updates_applied"]
+
+
+def test_a_worker_slowed_3x_by_the_fault_plan_takes_far_less_than_its_share_in_both_worlds(
+        tmp_path, procs, coordinator):
+    """One ``[[faults]]`` plan (worker 2 three times slower from the start), run by the
+    simulator and carried out on three real processes (its process stopped two thirds of the
+    time: ``tests/integration/fault_plan.py``): with ``dynamic_steps`` the slow worker's
+    updates carry fewer inner steps, in proportion to its measured speed, so it takes far
+    less than its even share (1/3) of the budget in both worlds: about 1/7 in the
+    simulator, less on two cores, where the stopped process also loses its turns to the
+    others (0.057 in one run)."""
+    from tests.integration.fault_plan import carry_out_timed
+
+    over = ["workers=3", "steps=300", "algorithm.sync_every=10", "eval_every=100000", *ASYNC]
+    plan = "faults=[{kind = 'slow', worker = 2, at_s = 0.0, factor = 3.0}]"
+    sim = Simulation(load_config(None, [*TINY, *over, plan])).run()
+    sim_share = sim["inner_steps_by_worker"][2] / sum(sim["inner_steps_by_worker"])
+    coord = coordinator()
+    addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
+    t0 = time.time()
+    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
+    carry_out_timed(load_config(None, [plan]).faults, ws, lambda i: None, t0)
+    assert all(ws[i].wait(timeout=180) == 0 for i in range(3))
+    steps = [json.loads((out / f"w{i}" / "summary.json").read_text())["inner_steps_by_worker"]
+             [str(i)] for i in range(3)]
+    real_share = steps[2] / sum(steps)
+    print(f"slow worker's share of the inner steps: simulator {sim_share:.3f}, real "
+          f"{real_share:.3f} ({steps})")
+    assert sum(steps) == 3 * 300 and 0.09 < sim_share < 0.2
+    assert real_share < 0.2
+    rows = {i: [r["inner_steps"] for r in metrics(out / f"w{i}")][1:] for i in range(3)}
+    mean = {i: sum(v) / len(v) for i, v in rows.items()}
+    assert mean[2] < 0.5 * min(mean[0], mean[1]), mean  # its updates carry fewer steps

@@ -116,19 +116,22 @@ def run_posted(engine: Engine, driver: PostDriver,
         except CommError as e:
             error, steps = e, None
     if not engine.workers:  # stopped before it joined
-        return engine.summary(time.perf_counter() - started)
+        return engine.summary(time.perf_counter() - started)  # (nothing of its own)
     [w] = engine.workers
     alg.restart(w)  # the final global parameters (every update applied, unless stopped)
     if engine.evaluator is not None:
         engine.curve.append({**engine.evaluate(w, w.steps),
                              "virtual_time_s": engine.clock.time_s(w.id)})
-    summary = engine.summary(time.perf_counter() - started)
-    summary.update({
-        "rounds": k, "async_updates": len(staleness), "async_dropped_updates": dropped,
-        "staleness_mean": statistics.mean(staleness) if staleness else None,
-        "staleness_max": max(staleness, default=None),
-        "inner_steps_by_worker": {str(w.id): w.steps}})
-    return summary
+    engine.async_summary = _updates_summary(k, staleness, dropped, {str(w.id): w.steps})
+    return engine.summary(time.perf_counter() - started)
+
+
+def _updates_summary(updates: int, staleness: list[int], dropped: int, steps) -> dict:
+    """An asynchronous run's own ``summary.json`` fields (``rounds``: its updates)."""
+    return {"rounds": updates, "async_updates": len(staleness),
+            "async_dropped_updates": dropped,
+            "staleness_mean": statistics.mean(staleness) if staleness else None,
+            "staleness_max": max(staleness, default=None), "inner_steps_by_worker": steps}
 
 
 def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
@@ -197,13 +200,8 @@ def run_async(engine: Engine, on_round: Callable[[dict], None] | None = None,
                       "bytes_sent_per_worker": engine.sent_per_worker()})
     for w in sorted(alive):  # the run ends once every replica holds every update
         clock.await_posts(w)
-    summary = engine.summary(time.perf_counter() - started)
-    summary.update({
-        "rounds": k, "async_updates": len(staleness), "async_dropped_updates": dropped,
-        "staleness_mean": statistics.mean(staleness) if staleness else None,
-        "staleness_max": max(staleness, default=None),
-        "inner_steps_by_worker": [w.steps for w in workers]})
-    return summary
+    engine.async_summary = _updates_summary(k, staleness, dropped, [w.steps for w in workers])
+    return engine.summary(time.perf_counter() - started)
 
 
 def _membership(engine: Engine, faults: AsyncFaults, budget: _Budget, w, k: int) -> bool:

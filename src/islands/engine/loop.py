@@ -221,6 +221,7 @@ class Engine:
         # {member: its aggregation weight this round, as the coordinator recorded it} (the
         # real runtime's other members; the simulator knows every worker's own)
         self.round_weights: dict[int, float] = {}
+        self.async_summary: dict = {}  # an asynchronous run's own summary fields (its loop's)
         self._members = tuple(w.id for w in workers)  # the last recorded round's
 
     # --- a round's pieces ------------------------------------------------------------------
@@ -743,6 +744,7 @@ class Engine:
                if (describe := getattr(self.algorithm, "describe", None)) else {}),
             "wall_time_s": wall_s, "seed": cfg.seed,
             "threads": torch.get_num_threads(),
+            **self.async_summary,
         }
 
     # --- the loop --------------------------------------------------------------------------
