@@ -93,3 +93,26 @@ def test_posts_over_the_control_channel_and_a_joiner_makes_the_members_regroup()
             "0", "1", "2"}
     finally:
         coord.stop()
+
+
+def test_a_worker_keeps_a_bounded_number_of_sends_in_flight(monkeypatch):
+    """Done sends are dropped; beyond the bound the oldest are waited for (gloo's, which
+    cannot be polled, hold their tensors until then)."""
+    from types import SimpleNamespace
+
+    from islands.runtime import asynchronous
+    from islands.transports.dist import DistTransport
+    from islands.transports.streams import Work
+
+    monkeypatch.setattr(asynchronous, "MAX_SENDS_IN_FLIGHT", 4)
+    waited: list = []
+    done, pending = Work(), [object() for _ in range(5)]
+    done.finish()
+    transport = SimpleNamespace(unfinished=DistTransport.unfinished,
+                                wait_sends=lambda works, phase: waited.append(works),
+                                send_post=lambda msg, to, phase: ["new"])
+    me = SimpleNamespace(transport=transport, _sends=[done, *pending])
+    asynchronous.AsyncMember._send(me, None, (1,), "post/7")
+    assert waited == [pending[:1]] and me._sends == [*pending[1:], "new"]
+    asynchronous.AsyncMember._send(me, None, (), "post/8")  # no peer: nothing sent
+    assert me._sends == [*pending[1:], "new"]

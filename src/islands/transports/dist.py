@@ -350,6 +350,12 @@ class DistTransport(Transport):
         """Waits for :meth:`send_post`'s works (within ``runtime.collective_timeout_s``)."""
         self._wait(works, phase)
 
+    @staticmethod
+    def unfinished(works: list) -> list:
+        """The works of ``works`` not known to be done (gloo's cannot be polled: all of
+        them; the streams' that have not completed)."""
+        return [w for w in works if not (hasattr(w, "done") and w.done())]
+
     def receive_post(self, src: int, phase: str) -> Message:
         """The next message :meth:`send_post` sent this worker from ``src`` for ``phase``:
         its header checked (signed by ``src`` for this context), then its bytes, refused

@@ -54,6 +54,9 @@ class Work:
             self._error = error
             self._done.set()
 
+    def done(self) -> bool:
+        return self._done.is_set()
+
     def wait(self) -> None:
         self._done.wait()
         if self._error is not None:
