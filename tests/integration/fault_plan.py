@@ -13,20 +13,19 @@ Only ``crash``, ``leave`` and ``join`` at a ``round`` are carried out so
 An asynchronous run has no rounds: its events come at ``at_s``, read as wall seconds from the
 workers' start (:func:`carry_out_timed`): ``crash``, ``leave``, ``join`` as above, and
 ``slow``, a worker made ``factor`` times slower from then on by stopping and continuing its
-process (SIGSTOP for ``1 - 1/factor`` of every 30 ms, SIGCONT for the rest): its inner steps
-take ``factor`` times as long, as measured by its own clock. ``link`` and ``partition``
-events stay the simulator's (the WAN harness shapes links for a whole run).
+process (:func:`islands.runtime.launch.throttle`, as ``islands launch --emulate-compute``):
+its inner steps take ``factor`` times as long, as measured by its own clock. ``link`` and
+``partition`` events stay the simulator's (the WAN harness shapes links for a whole run).
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from islands.runtime.launch import throttle
 from tests.integration.conftest import last_round, wait_until
 
 
@@ -72,28 +71,6 @@ def carry_out(faults, coord, out: Path, workers: dict, start: Callable[[int], ob
         (tmp / f"go-{r}").touch()
 
 
-SLOW_PERIOD_S = 0.03
-
-
-def slow_down(process, factor: float) -> threading.Thread:
-    """Makes ``process`` ``factor`` times slower until it ends: stopped (SIGSTOP) for
-    ``1 - 1/factor`` of every :data:`SLOW_PERIOD_S`, running for the rest."""
-    run_s = SLOW_PERIOD_S / factor
-
-    def cycle() -> None:
-        while process.poll() is None:
-            time.sleep(run_s)
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGSTOP)
-            time.sleep(SLOW_PERIOD_S - run_s)
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGCONT)
-
-    t = threading.Thread(target=cycle, daemon=True, name="slow down")
-    t.start()
-    return t
-
-
 def carry_out_timed(faults, workers: dict, start: Callable[[int], object],
                     t0: float) -> None:
     """Runs the plan's events at their ``at_s`` (wall seconds after ``t0``) on ``workers``
@@ -112,4 +89,4 @@ def carry_out_timed(faults, workers: dict, start: Callable[[int], object],
         elif f.kind == "join":
             workers[f.worker] = start(f.worker)
         else:
-            slow_down(workers[f.worker], f.factor)
+            throttle(workers[f.worker], f.factor)

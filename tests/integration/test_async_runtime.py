@@ -125,3 +125,25 @@ def test_a_worker_slowed_3x_by_the_fault_plan_takes_far_less_than_its_share_in_b
     rows = {i: [r["inner_steps"] for r in metrics(out / f"w{i}")][1:] for i in range(3)}
     mean = {i: sum(v) / len(v) for i, v in rows.items()}
     assert mean[2] < 0.5 * min(mean[0], mean[1]), mean  # its updates carry fewer steps
+
+
+def test_launch_emulates_a_slow_worker_from_compute(tmp_path, procs):
+    """``islands launch --emulate-compute`` slows worker 2 by its ``[compute]`` step time
+    over the others' (3x): under asynchronous local SGD it takes far less than its even
+    share of the inner steps; without the flag the same config gives it about its share."""
+    over = [*TINY, "workers=3", "steps=300", "algorithm.sync_every=10", "eval_every=100000",
+            *ASYNC, "compute.worker=[{id = 2, step_time_s = 0.3}]"]
+
+    def share(flags: list[str], name: str) -> float:
+        argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
+                str(tmp_path / name), *flags]
+        for o in over:
+            argv += ["--set", o]
+        assert procs.start(name, argv).wait(timeout=180) == 0
+        steps = json.loads((tmp_path / name / "w2" / "summary.json").read_text()
+                           )["inner_steps_by_worker"]["2"]
+        return steps / (3 * 300)
+
+    slowed, even = share(["--emulate-compute"], "slowed"), share([], "even")
+    print(f"worker 2's share of the inner steps: {slowed:.3f} slowed 3x, {even:.3f} not")
+    assert slowed < 0.2 < even

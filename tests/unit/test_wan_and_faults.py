@@ -13,10 +13,18 @@ import torch
 
 from islands.core.config import load_config
 from islands.core.errors import ConfigError, PeerGaveUp
-from islands.runtime import wan
+from islands.runtime import launch, wan
 from islands.runtime.fingerprint import config_fingerprint, refusal
 from islands.runtime.membership import CoordinatorClient, CoordinatorLost
 from islands.transports import wire
+
+
+def test_emulated_compute_slows_each_worker_by_its_step_time_over_the_fastest():
+    cfg = load_config(None, ["workers=3", "compute.step_time_s=0.2",
+                             "compute.worker=[{id = 1, step_time_s = 0.6}, "
+                             "{id = 2, step_time_s = 0.1}]"])
+    assert launch.compute_factors(cfg) == pytest.approx({0: 2.0, 1: 6.0, 2: 1.0})
+    assert launch.throttle(None, 1.0) is None  # the fastest runs as it is
 
 
 def test_the_harness_says_what_it_needs(monkeypatch):

@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="each worker in a network namespace of its own, its upload and "
                          "download shaped as [network] says (bandwidth; latency stays in the "
                          "simulator); needs root and iproute2")
+    la.add_argument("--emulate-compute", action="store_true",
+                    help="each worker slowed by its [compute] step time over the fastest "
+                         "worker's (its process stopped part of the time)")
     la.set_defaults(func=cmd_launch)
 
     s = sub.add_parser("status", help="a coordinator's members, epoch, rounds, exclusions")
@@ -183,7 +186,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     merged = launch(cfg, out, argv_for, token=load_token(args.token_file),
                     existing="overwrite" if args.overwrite else "refuse",
-                    emulate_network=args.emulate_network)
+                    emulate_network=args.emulate_network,
+                    emulate_compute=args.emulate_compute)
     print(json_line({k: merged[k] for k in ("algorithm", "workers", "rounds",
                                             "final_eval_loss", "bytes_sent_total",
                                             "final_hashes")}), flush=True)

@@ -4,6 +4,11 @@
 4 worker processes on this machine, streams their per-round log lines, and writes
 ``runs/x/w<i>/`` (each worker's run directory) and the merged ``runs/x/summary.json``
 (with the coordinator's view of the job), ``final.safetensors`` and ``loss.png``.
+
+Two emulations make one machine stand in for uneven, poorly connected ones:
+``--emulate-network`` (each worker in a network namespace, its links shaped as ``[network]``
+says: :mod:`islands.runtime.wan`) and ``--emulate-compute`` (each worker slowed by its
+``[compute]`` step time over the fastest worker's: :func:`throttle`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -161,9 +167,45 @@ def query_status(addr: str, token: bytes) -> dict:
         ch.close()
 
 
+THROTTLE_PERIOD_S = 0.03
+
+
+def throttle(process: subprocess.Popen, factor: float) -> threading.Thread | None:
+    """Makes ``process`` ``factor`` times slower until it ends: stopped (SIGSTOP) for
+    ``1 - 1/factor`` of every :data:`THROTTLE_PERIOD_S`, running for the rest, from a thread
+    of this process (None: ``factor <= 1``, nothing to do). Its own clock sees the time it
+    was stopped, as a slower machine's would. Where processes share too few cores, the
+    stopped one also loses its turns to the others: it ends slower than ``factor``."""
+    if factor <= 1:
+        return None
+    run_s = THROTTLE_PERIOD_S / factor
+
+    def cycle() -> None:
+        while process.poll() is None:
+            time.sleep(run_s)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGSTOP)
+            time.sleep(THROTTLE_PERIOD_S - run_s)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGCONT)
+
+    t = threading.Thread(target=cycle, daemon=True, name=f"throttle {process.pid}")
+    t.start()
+    return t
+
+
+def compute_factors(cfg: RunConfig) -> dict[int, float]:
+    """Each worker's slowdown under ``--emulate-compute``: its ``[compute]`` step time over
+    the fastest worker's."""
+    own = {w.id: w.step_time_s for w in cfg.compute.worker}
+    times = [own.get(i, cfg.compute.step_time_s) for i in range(cfg.workers)]
+    return {i: t / min(times) for i, t in enumerate(times)}
+
+
 def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str, str], list[str]], *,
            token: bytes = b"", timeout_s: float | None = None,
-           existing: str = "refuse", emulate_network: bool = False) -> dict:
+           existing: str = "refuse", emulate_network: bool = False,
+           emulate_compute: bool = False) -> dict:
     """Starts a coordinator here and ``cfg.workers`` worker processes; returns the merged summary.
 
     Args:
@@ -178,6 +220,8 @@ def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str, str], list[s
             ``"overwrite"`` it (its files and its workers' are removed first).
         emulate_network: each worker in a network namespace of its own, its upload and
             download shaped as ``[network]`` says (:mod:`islands.runtime.wan`; root only).
+        emulate_compute: each worker slowed by its ``[compute]`` step time over the
+            fastest's (:func:`throttle`).
     """
     from islands.runtime.member import refuse_simulator_only
 
@@ -194,7 +238,8 @@ def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str, str], list[s
     write_json(out / "config.json", cfg.to_dict())
     with contextlib.ExitStack() as stack:
         net = stack.enter_context(emulated(cfg)) if emulate_network else None
-        return _launch(cfg, out, argv_for, token, timeout_s, net)
+        factors = compute_factors(cfg) if emulate_compute else {}
+        return _launch(cfg, out, argv_for, token, timeout_s, net, factors)
 
 
 def emulated(cfg: RunConfig):
@@ -209,7 +254,7 @@ def emulated(cfg: RunConfig):
     return EmulatedNetwork(up, down)
 
 
-def _launch(cfg, out, argv_for, token, timeout_s, net) -> dict:
+def _launch(cfg, out, argv_for, token, timeout_s, net, factors) -> dict:
     host = net.gateway if net is not None else "127.0.0.1"
     # a private bridge on this machine: no token needed, as on loopback
     coord = start_coordinator(cfg, 0, token, host=host, fingerprint=config_fingerprint(cfg),
@@ -224,6 +269,9 @@ def _launch(cfg, out, argv_for, token, timeout_s, net) -> dict:
     relays = [threading.Thread(target=_relay, args=(p.stdout,), daemon=True) for p in procs]
     for t in relays:
         t.start()
+    for i, factor in sorted(factors.items()):
+        if throttle(procs[i], factor) is not None:
+            log.info("worker %d runs %.2fx slower (--emulate-compute: [compute])", i, factor)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         for p in procs:
