@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import threading
 
+from rich.console import Console
+
 from islands.runtime.coordinator import Coordinator
 from islands.runtime.posts import PostOrder
+from islands.runtime.watch import render
 from tests.unit.test_dist_coordinator import _ask, _worker
 
 FP = {"workers": 2, "steps": 10, "algorithm.name": "async_local_sgd",
@@ -70,6 +73,13 @@ def test_posts_over_the_control_channel_and_a_joiner_makes_the_members_regroup()
         second = _ask({1: chs[1]}, {1: {"op": "post", "steps": 4, "pulled": 0, "applied": 0,
                                         "rate": 2.0}})[1]
         assert second["seq"] == 1 and second["posters"] == [0]  # worker 0's comes first
+        st = coord.status()  # islands status: the updates, no round in flight
+        assert st["round_in_flight"] is None and st["async"] == {
+            "updates": 2, "dropped": 0, "steps_left": 4, "in_progress": {"0": 4, "1": 4}}
+        console = Console(width=200, record=True)
+        console.print(render(st, 5.0))
+        assert "2 numbered, 0 dropped as too stale; 4 inner steps to hand out; computing " \
+               "0: 4, 1: 4" in console.export_text()
         bad = _ask({0: chs[0]}, {0: {"op": "post", "steps": -1, "pulled": 0, "applied": 0,
                                      "rate": 1.0}})[0]
         assert "integers >= 0" in bad["error"]

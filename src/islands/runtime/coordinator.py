@@ -225,7 +225,8 @@ class Coordinator(RoundRules):
                     "workers": {str(w): s for w, s in sorted(self.statistics.items())},
                     "refused_joins": list(self.refusals),
                     "refused_connections": self.refused,
-                    "hash_mismatches": self.hash_mismatches}
+                    "hash_mismatches": self.hash_mismatches,
+                    **({"async": self._posts.progress()} if self._posts else {})}
 
     # --- connections ---------------------------------------------------------------------
 

@@ -48,6 +48,14 @@ class PostOrder:
         """Whether every inner step is handed out and every member has posted its last."""
         return self.left == 0 and not any(self.planned.values())
 
+    def progress(self) -> dict:
+        """For ``islands status``: the updates numbered and dropped, the inner steps not
+        handed out yet and those each member is computing."""
+        return {"updates": len(self.posters),
+                "dropped": sum(p["seq"] is None for p in self.log),
+                "steps_left": self.left, "in_progress": {str(w): n for w, n in
+                                                         sorted(self.planned.items()) if n}}
+
     def regroup(self, members: list[int], applied: int) -> dict[int, int]:
         """The members go on from a replica holding the first ``applied`` updates: the
         rest are void; every member's inner steps are handed out again. Returns them."""

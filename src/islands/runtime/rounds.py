@@ -142,6 +142,7 @@ class RoundRules:
         out = {**out, "round": top, "src": good[0], "hash": majority, "healing": healing,
                "keys": self._keys(here), "need_state": [i for i in stale if i not in healing]}
         if (posts := self.async_posts()) is not None:  # "round": the updates applied
+            self._in_flight = None  # no round: islands status shows the updates instead
             grants = posts.regroup(sorted(members), top)
             out["grants"] = {str(w): n for w, n in grants.items()}
             log.info("asynchronous members %s from update %d (worker %d's replica); inner "

@@ -4,8 +4,9 @@
 
 Each refresh shows the members (and who is live), the epoch, the round in flight and for how
 long, the last commit, the median round time, excluded members with who refused them and why,
-refused joins, and hash mismatches. A round in flight for longer than ``stuck`` times the
-median round is flagged STUCK.
+refused joins, and hash mismatches (an asynchronous job: its updates numbered and dropped,
+the inner steps left to hand out and those in progress, in place of a round). A round in
+flight for longer than ``stuck`` times the median round is flagged STUCK.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def render(status: dict, factor: float) -> Table:
     if is_stuck(status, factor):
         flight += f"  [bold red]STUCK[/] (> {factor:g} x the median round)"
     t.add_row("in flight", flight)
+    if (a := status.get("async")) is not None:  # an asynchronous job: updates, no rounds
+        busy = ", ".join(f"{w}: {n}" for w, n in a["in_progress"].items()) or "—"
+        t.add_row("updates", f"{a['updates']} numbered, {a['dropped']} dropped as too stale; "
+                             f"{a['steps_left']} inner steps to hand out; computing {busy}")
     last = status.get("last_commit_unix")
     t.add_row("last commit", "—" if last is None else
               f"round {status['last_round']}, {time.time() - last:.1f} s ago")
