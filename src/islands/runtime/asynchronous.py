@@ -27,10 +27,10 @@ import logging
 
 from islands.codecs.cast import Identity
 from islands.collectives.butterfly import MESSAGE_HEADER_BYTES
-from islands.core.errors import CommError, ConfigError, Stopping
+from islands.core.errors import CommError, ConfigError
 from islands.engine import Engine
 from islands.runtime.member import Member
-from islands.runtime.membership import CoordinatorRestarted, Removed
+from islands.runtime.membership import CoordinatorRestarted
 from islands.transports.base import Message
 
 log = logging.getLogger("islands.worker")
@@ -93,21 +93,8 @@ class AsyncMember(Member):
             self.transport.close_streams()  # its peers fail now, not at their timeout
             self.stats.aborted_attempts += 1
         self._sends, self.members = [], ()
-        for _ in range(3):
-            self.round = self._applied()  # what start compares: the updates it holds
-            try:
-                res = self._start()
-                break
-            except Stopping:
-                raise
-            except CoordinatorRestarted as e:
-                log.warning("worker %d: %s; asking the new coordinator", self.me, e)
-            except CommError as e:
-                raise Removed(f"worker {self.me} could not (re)join the asynchronous run: "
-                              f"{e}") from None
-        else:
-            raise Removed(f"worker {self.me} could not (re)join the asynchronous run: the "
-                          "coordinator kept restarting")
+        self.round = self._applied()  # what start compares: the updates it holds
+        res = self._start_retrying("the asynchronous run")
         self.members = tuple(sorted(res["members"]))
         self.transport.set_context(f"async/{res['epoch']}",
                                    {int(k): v for k, v in res.get("keys", {}).items()})

@@ -42,7 +42,6 @@ from islands.engine import Engine, RoundPlan
 from islands.runtime import state
 from islands.runtime.asynchronous import AsyncMember
 from islands.runtime.member import Member, _keys
-from islands.runtime.membership import CoordinatorRestarted, Removed
 
 log = logging.getLogger("islands.worker")
 
@@ -112,20 +111,8 @@ class GossipMember(Member):
 
     def _regroup(self) -> dict:
         """The coordinator's ``start``: builds the worker (the first time), forms the group
-        and opens its streams. A coordinator restarted meanwhile (it forgot the members; this
-        client has registered again) is asked again."""
-        for _ in range(3):
-            try:
-                return self._start()
-            except Stopping:
-                raise
-            except CoordinatorRestarted as e:
-                log.warning("worker %d: %s; asking the new coordinator", self.me, e)
-            except CommError as e:
-                raise Removed(f"worker {self.me} could not (re)join the gossip run: {e}"
-                              ) from None
-        raise Removed(f"worker {self.me} could not (re)join the gossip run: the coordinator "
-                      "kept restarting")
+        and opens its streams."""
+        return self._start_retrying("the gossip run")
 
     def sync(self, engine: Engine, plan: RoundPlan, losses) -> dict:
         """The round's neighbour exchange (and, after the last round, the final merge)."""

@@ -366,6 +366,23 @@ class Member:
             self.stats.joined_round = res["round"]
         return res
 
+    def _start_retrying(self, run: str) -> dict:
+        """The coordinator's ``start`` for a (re)grouping without rounds to repeat (gossip,
+        asynchronous): a coordinator restarted meanwhile (it forgot the members; this client
+        has registered again) is asked again, up to three times; any other failure removes
+        this worker from ``run`` (e.g. "the gossip run")."""
+        for _ in range(3):
+            try:
+                return self._start()
+            except Stopping:
+                raise
+            except CoordinatorRestarted as e:
+                log.warning("worker %d: %s; asking the new coordinator", self.me, e)
+            except CommError as e:
+                raise Removed(f"worker {self.me} could not (re)join {run}: {e}") from None
+        raise Removed(f"worker {self.me} could not (re)join {run}: the coordinator kept "
+                      "restarting")
+
     def _start_extra(self) -> dict:
         """What else this driver tells the coordinator at ``start`` (nothing)."""
         return {}
