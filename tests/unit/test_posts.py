@@ -126,3 +126,18 @@ def test_a_worker_keeps_a_bounded_number_of_sends_in_flight(monkeypatch):
     assert waited == [pending[:1]] and me._sends == [*pending[1:], "new"]
     asynchronous.AsyncMember._send(me, None, (), "post/8")  # no peer: nothing sent
     assert me._sends == [*pending[1:], "new"]
+
+
+def test_an_asynchronous_worker_without_a_coordinator_is_refused():
+    """torchrun alone (a fixed group) has nobody to number the updates."""
+    import pytest
+
+    from islands.core.config import load_config
+    from islands.core.errors import ConfigError
+    from islands.runtime.asynchronous import AsyncMember
+    from islands.runtime.membership import FixedMembership
+
+    cfg = load_config(None, ["algorithm.name=async_local_sgd"])
+    with pytest.raises(ConfigError, match="needs a coordinator, which numbers the updates"):
+        AsyncMember(cfg, 0, FixedMembership(2), None, None, None, None, None,
+                    background=False)

@@ -30,7 +30,7 @@ from islands.collectives.butterfly import MESSAGE_HEADER_BYTES
 from islands.core.errors import CommError, ConfigError
 from islands.engine import Engine
 from islands.runtime.member import Member
-from islands.runtime.membership import CoordinatorRestarted
+from islands.runtime.membership import CoordinatorRestarted, FixedMembership
 from islands.transports.base import Message
 
 log = logging.getLogger("islands.worker")
@@ -49,10 +49,15 @@ class AsyncMember(Member):
     the coordinator's ``start`` to (re)group, then ``post`` per update and ``posts_end`` at
     the end. Shares :class:`Member`'s constructor, state transfers and epochs."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, cfg, me, membership, *args, **kwargs) -> None:
         if kwargs.get("checkpoint_dir"):
             raise ConfigError(NO_CHECKPOINTS)
-        super().__init__(*args, **kwargs)
+        if isinstance(membership, FixedMembership):
+            raise ConfigError("algorithm.name = 'async_local_sgd' needs a coordinator, which "
+                              "numbers the updates: run the workers with --coordinator "
+                              "HOST:PORT (islands coordinator), or use islands launch, not "
+                              "torchrun alone")
+        super().__init__(cfg, me, membership, *args, **kwargs)
         self.members: tuple[int, ...] = ()
         self._sends: list = []  # this epoch's sends in flight (they hold their tensors)
         self._exact = Identity()  # buffers travel as exact fp32
