@@ -13,7 +13,13 @@ import pytest
 
 from islands.core.config import load_config
 from islands.sim.runner import Simulation
-from tests.integration.conftest import TINY, assert_final_equal, metrics, wait_until
+from tests.integration.conftest import (
+    TINY,
+    assert_final_equal,
+    free_port,
+    metrics,
+    wait_until,
+)
 
 ASYNC = ["algorithm.name=async_local_sgd", "outer.momentum=0.3", "algorithm.max_staleness=2",
          "runtime.heartbeat_timeout_s=5.0"]
@@ -147,3 +153,33 @@ def test_launch_emulates_a_slow_worker_from_compute(tmp_path, procs):
     slowed, even = share(["--emulate-compute"], "slowed"), share([], "even")
     print(f"worker 2's share of the inner steps: {slowed:.3f} slowed 3x, {even:.3f} not")
     assert slowed < 0.2 < even
+
+
+def test_async_members_go_on_with_a_coordinator_started_anew(tmp_path, procs):
+    """The coordinator is killed mid-run and a new one starts on the same port: the members
+    regroup with it, which numbers on from their replica and hands out only what is left of
+    the budget; every worker ends with the same parameters, the budget spent once."""
+    port = free_port()
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "coordinator", "--port",
+            str(port), "--host", "127.0.0.1"]
+    coord = procs.start("coordinator", argv)
+    addr, out = f"127.0.0.1:{port}", tmp_path / "run"
+    over = ["workers=3", "steps=600", "algorithm.sync_every=10", "eval_every=100000", *ASYNC]
+    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
+    wait_until(lambda: min(len(metrics(out / f"w{i}")) for i in range(3)) >= 3, 90,
+               "three updates of every worker")
+    coord.send_signal(signal.SIGKILL)
+    coord.wait()
+    before = max(r["seq"] for i in range(3) for r in metrics(out / f"w{i}") if not r["dropped"])
+    time.sleep(1.0)
+    procs.start("coordinator2", argv)
+    assert all(ws[i].wait(timeout=180) == 0 for i in range(3))
+    runs = [json.loads((out / f"w{i}" / "summary.json").read_text()) for i in range(3)]
+    assert len({r["final_hash"] for r in runs}) == 1
+    assert all(r["aborted_attempts"] >= 1 for r in runs)  # each regrouped
+    rows = [r for i in range(3) for r in metrics(out / f"w{i}")]
+    # the new coordinator numbered on: updates past the kill's were applied, every number
+    # once; the steps trained cover the budget (updates lost to the kill are trained again)
+    assert runs[0]["updates_applied"] == len({r["seq"] for r in rows if not r["dropped"]})
+    assert runs[0]["updates_applied"] > before + 3
+    assert sum(r["inner_steps"] for r in rows) >= 3 * 600

@@ -55,6 +55,16 @@ def test_a_regrouping_voids_the_updates_past_the_replica_kept_and_hands_out_thei
     assert grants == {0: 4} and order.left == 20 - 4 - 4
 
 
+def test_a_coordinator_started_anew_numbers_on_from_the_replica_and_keeps_the_budget():
+    """The members held 5 updates (40 inner steps) when their coordinator died: the new one
+    numbers the next update 5 and hands out only what is left of the budget."""
+    order = PostOrder(FP)
+    assert order.regroup([0, 1], 5, spent=12) == {0: 4, 1: 4}
+    assert len(order.posters) == 5 and order.spent(5) == 12 and order.left == 20 - 12 - 8
+    out = order.post(0, 4, pulled=5, rate=1.0, members=(0, 1))
+    assert out["seq"] == 5 and out["stale"] == 0 and order.spent(6) == 16
+
+
 def _async_coordinator() -> Coordinator:
     return Coordinator("127.0.0.1", 0, token=b"tok", heartbeat_timeout_s=5.0,
                        handshake_timeout_s=0.5, fingerprint=dict(FP)).start()
@@ -69,7 +79,7 @@ def test_posts_over_the_control_channel_and_a_joiner_makes_the_members_regroup()
         assert out[0]["grants"] == {"0": 4, "1": 4}
         first = _ask({0: chs[0]}, {0: {"op": "post", "steps": 4, "pulled": 0, "applied": 0,
                                        "rate": 2.0}})[0]
-        assert first["seq"] == 0 and first["posters"] == []
+        assert first["seq"] == 0 and first["posters"] == [] and first["spent"] == 4
         second = _ask({1: chs[1]}, {1: {"op": "post", "steps": 4, "pulled": 0, "applied": 0,
                                         "rate": 2.0}})[1]
         assert second["seq"] == 1 and second["posters"] == [0]  # worker 0's comes first

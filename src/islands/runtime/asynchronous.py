@@ -62,6 +62,7 @@ class AsyncMember(Member):
         self._sends: list = []  # this epoch's sends in flight (they hold their tensors)
         self._exact = Identity()  # buffers travel as exact fp32
         self._done = False  # every update applied (``finished``)
+        self._spent = 0  # the inner steps in the updates its replica holds
 
     def resume(self, path) -> None:
         raise ConfigError(NO_CHECKPOINTS)
@@ -69,6 +70,10 @@ class AsyncMember(Member):
     @property
     def finished(self) -> bool:
         return self._done
+
+    def _start_extra(self) -> dict:
+        """Its replica's inner steps, for a coordinator started anew (the budget left)."""
+        return {"spent": self._spent}
 
     def _may_heal(self) -> bool:
         return False  # no round to observe: a joiner waits for the members to regroup
@@ -101,6 +106,7 @@ class AsyncMember(Member):
         self.round = self._applied()  # what start compares: the updates it holds
         res = self._start_retrying("the asynchronous run")
         self.members = tuple(sorted(res["members"]))
+        self._spent = int(res.get("spent", self._spent))
         self.transport.set_context(f"async/{res['epoch']}",
                                    {int(k): v for k, v in res.get("keys", {}).items()})
         self.algorithm.restart(self.worker)  # pull the members' latest global parameters
@@ -125,6 +131,7 @@ class AsyncMember(Member):
                                    MESSAGE_HEADER_BYTES), others, f"post/{seq}/buffers")
                 buffers = flat.clone()
         self._apply(engine, worker, reply["posters"])
+        self._spent = int(reply["spent"])
         if mine is not None:
             alg.apply(worker, [mine])
             if buffers is not None:
@@ -141,6 +148,7 @@ class AsyncMember(Member):
     def end(self, engine: Engine, worker) -> None:
         reply = self._ask("posts_end", applied=self._applied())
         self._apply(engine, worker, reply["posters"])
+        self._spent = int(reply["spent"])
         self.transport.wait_sends(self._sends, "post")  # its updates reach every member
         self._sends = []
         self._done = True

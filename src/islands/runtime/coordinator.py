@@ -430,7 +430,8 @@ class Coordinator(RoundRules):
             return out
         upto = out["seq"] if out["kept"] else len(posts.posters)
         self._cond.notify_all()  # a member waiting for the end
-        return {**out, "posters": posts.posters[req["applied"]:upto]}
+        return {**out, "posters": posts.posters[req["applied"]:upto],
+                "spent": posts.spent(upto + out["kept"])}
 
     def _posts_end(self, wid: int, req: dict) -> dict:
         """A member with no inner steps left: held until every member has posted its last
@@ -442,7 +443,7 @@ class Coordinator(RoundRules):
             self._cond.wait(0.2)
         if not posts.done or wid not in self.current:
             return {"regroup": True}
-        return {"posters": posts.posters[applied:]}
+        return {"posters": posts.posters[applied:], "spent": posts.spent(len(posts.posters))}
 
     @staticmethod
     def _malformed(op: str, req: dict) -> str | None:

@@ -56,9 +56,25 @@ class PostOrder:
                 "steps_left": self.left, "in_progress": {str(w): n for w, n in
                                                          sorted(self.planned.items()) if n}}
 
-    def regroup(self, members: list[int], applied: int) -> dict[int, int]:
-        """The members go on from a replica holding the first ``applied`` updates: the
-        rest are void; every member's inner steps are handed out again. Returns them."""
+    def spent(self, updates: int) -> int:
+        """The inner steps in the first ``updates`` numbered updates."""
+        return sum(self.steps[:updates])
+
+    def regroup(self, members: list[int], applied: int, spent: int | None = None
+                ) -> dict[int, int]:
+        """The members go on from a replica holding the first ``applied`` updates (with
+        ``spent`` inner steps in them, as its worker reports): the rest are void; every
+        member's inner steps are handed out again. Returns them.
+
+        A coordinator started anew has numbered none of a replica's updates: it numbers on
+        from ``applied`` (their posters unknown, -1) and takes their ``spent`` inner steps
+        from the budget."""
+        if applied > len(self.posters):
+            unseen = max(0, int(spent or 0) - sum(self.steps))
+            missing = applied - len(self.posters)
+            self.posters += [-1] * missing
+            self.steps += [unseen] + [0] * (missing - 1)
+            self.left = max(0, self.left - unseen)
         void = self.steps[applied:]
         del self.posters[applied:], self.steps[applied:]
         self.log = [p for p in self.log if p["seq"] is None or p["seq"] < applied]

@@ -143,8 +143,9 @@ class RoundRules:
                "keys": self._keys(here), "need_state": [i for i in stale if i not in healing]}
         if (posts := self.async_posts()) is not None:  # "round": the updates applied
             self._in_flight = None  # no round: islands status shows the updates instead
-            grants = posts.regroup(sorted(members), top)
+            grants = posts.regroup(sorted(members), top, reports[good[0]].get("spent"))
             out["grants"] = {str(w): n for w, n in grants.items()}
+            out["spent"] = posts.spent(top)
             log.info("asynchronous members %s from update %d (worker %d's replica); inner "
                      "steps handed out %s, %d left", sorted(members), top, good[0], grants,
                      posts.left)
