@@ -141,7 +141,9 @@ class Simulation:
         post_order: an asynchronous run's updates in the order to post them, each
             ``{"worker", "steps"}`` (a real run's, as its coordinator numbered them:
             ``summary.json``'s ``coordinator.async_posts``), in place of the order the
-            modelled step times give; the run ends with the real replicas' parameters.
+            modelled step times give; the run ends with the real replicas' parameters. A
+            coordinator lists only the updates it numbered itself: a run whose coordinator
+            was started anew cannot be replayed whole.
     """
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path | None = None,
