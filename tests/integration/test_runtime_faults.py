@@ -14,6 +14,7 @@ import time
 import torch
 
 from islands.runtime import checkpoint, state
+from islands.runtime.launch import throttle
 from tests.integration.conftest import (
     TINY,
     last_round,
@@ -116,17 +117,8 @@ def test_a_straggler_under_a_deadline_holds_nobody_and_ends_when_the_job_does(tm
             "runtime.heartbeat_timeout_s=10.0", "runtime.round_deadline_s=0.5"]
     ws = {i: procs.worker(i, addr, out, over) for i in range(2)}
     wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 1, 90, "round 1")
-    stop = threading.Event()
-
-    def duty_cycle():  # worker 1 runs a third of the time: 3x slower
-        while not stop.is_set() and ws[1].poll() is None:
-            ws[1].send_signal(signal.SIGSTOP)
-            time.sleep(0.3)
-            ws[1].send_signal(signal.SIGCONT)
-            time.sleep(0.15)
-
-    cycler = threading.Thread(target=duty_cycle)
-    cycler.start()
+    stop = threading.Event()  # worker 1 runs a third of the time: 3x slower
+    cycler = throttle(ws[1], 3.0, period_s=0.45, stop=stop)
     try:
         assert ws[0].wait(timeout=120) == 0
         t_done = time.time()

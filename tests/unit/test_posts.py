@@ -60,9 +60,9 @@ def test_a_coordinator_started_anew_numbers_on_from_the_replica_and_keeps_the_bu
     numbers the next update 5 and hands out only what is left of the budget."""
     order = PostOrder(FP)
     assert order.regroup([0, 1], 5, spent=12) == {0: 4, 1: 4}
-    assert len(order.posters) == 5 and order.spent(5) == 12 and order.left == 20 - 12 - 8
+    assert len(order.posters) == 5 and order.spent == 12 and order.left == 20 - 12 - 8
     out = order.post(0, 4, pulled=5, rate=1.0, members=(0, 1))
-    assert out["seq"] == 5 and out["stale"] == 0 and order.spent(6) == 16
+    assert out["seq"] == 5 and out["stale"] == 0 and order.spent == 16
 
 
 def _async_coordinator() -> Coordinator:

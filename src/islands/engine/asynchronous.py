@@ -95,8 +95,10 @@ def run_posted(engine: Engine, driver: PostDriver,
                                             Group(engine.transport, (w.id,)))
                 out = driver.post(engine, w, steps)
                 alg.restart(w)
-                staleness += [out["stale"]] if out["kept"] else []
-                dropped += not out["kept"]
+                if out["kept"]:
+                    staleness.append(out["stale"])
+                else:
+                    dropped += 1
                 done = w.steps
                 engine.record(k, (w.id,), losses, marks,
                               {"staleness": out["stale"], "dropped": not out["kept"],

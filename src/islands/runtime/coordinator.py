@@ -430,8 +430,7 @@ class Coordinator(RoundRules):
             return out
         upto = out["seq"] if out["kept"] else len(posts.posters)
         self._cond.notify_all()  # a member waiting for the end
-        return {**out, "posters": posts.posters[req["applied"]:upto],
-                "spent": posts.spent(upto + out["kept"])}
+        return {**out, "posters": posts.posters[req["applied"]:upto], "spent": posts.spent}
 
     def _posts_end(self, wid: int, req: dict) -> dict:
         """A member with no inner steps left: held until every member has posted its last
@@ -440,10 +439,10 @@ class Coordinator(RoundRules):
         if posts is None or not isinstance(applied, int) or applied < 0:
             return {"error": "posts_end: an asynchronous job's member, with applied >= 0"}
         while not posts.done and not self._regroup_due() and not self._stop.is_set():
-            self._cond.wait(0.2)
+            self._cond.wait(WAIT_S)
         if not posts.done or wid not in self.current:
             return {"regroup": True}
-        return {"posters": posts.posters[applied:], "spent": posts.spent(len(posts.posters))}
+        return {"posters": posts.posters[applied:], "spent": posts.spent}
 
     @staticmethod
     def _malformed(op: str, req: dict) -> str | None:

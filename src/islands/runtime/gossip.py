@@ -83,7 +83,7 @@ class GossipMember(Member):
         ``start``) makes this member regroup: its exchange in flight, or its next one,
         aborts. Departures are not read here (see the module)."""
         if (not self.members or sent_at < self.transport.group_since
-                or self.round >= self.engine.rounds):
+                or self.finished):
             return
         if live - set(self.members) and not self.transport.abort_event.is_set():
             log.info("worker %d: workers %s wait to join; regrouping", self.me,

@@ -170,24 +170,26 @@ def query_status(addr: str, token: bytes) -> dict:
 THROTTLE_PERIOD_S = 0.03
 
 
-def throttle(process: subprocess.Popen, factor: float) -> threading.Thread | None:
-    """Makes ``process`` ``factor`` times slower until it ends: stopped (SIGSTOP) for
-    ``1 - 1/factor`` of every :data:`THROTTLE_PERIOD_S`, running for the rest, from a thread
-    of this process (None: ``factor <= 1``, nothing to do). Its own clock sees the time it
-    was stopped, as a slower machine's would. Where processes share too few cores, the
-    stopped one also loses its turns to the others: it ends slower than ``factor``."""
+def throttle(process: subprocess.Popen, factor: float, *, period_s: float = THROTTLE_PERIOD_S,
+             stop: threading.Event | None = None) -> threading.Thread | None:
+    """Makes ``process`` ``factor`` times slower until it ends (or ``stop`` is set): stopped
+    (SIGSTOP) for ``1 - 1/factor`` of every ``period_s``, running for the rest, from a thread
+    of this process, which it returns (None: ``factor <= 1``, nothing to do). Its own clock
+    sees the time it was stopped, as a slower machine's would. Where processes share too few
+    cores, the stopped one also loses its turns to the others: it ends slower than
+    ``factor``."""
     if factor <= 1:
         return None
-    run_s = THROTTLE_PERIOD_S / factor
+    run_s = period_s / factor
 
     def cycle() -> None:
-        while process.poll() is None:
-            time.sleep(run_s)
+        while process.poll() is None and not (stop is not None and stop.is_set()):
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGSTOP)
-            time.sleep(THROTTLE_PERIOD_S - run_s)
+            time.sleep(period_s - run_s)
             with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGCONT)
+                process.send_signal(signal.SIGCONT)  # each cycle ends running
+            time.sleep(run_s)
 
     t = threading.Thread(target=cycle, daemon=True, name=f"throttle {process.pid}")
     t.start()

@@ -274,7 +274,7 @@ class Member:
         A reply to a heartbeat sent before the group formed is stale (it may predate a
         joiner's registration) and is ignored.
         """
-        if sent_at < self.transport.group_since or self.round >= self.engine.rounds:
+        if sent_at < self.transport.group_since or self.finished:
             return  # a stale reply, or the run is over (the others leave as they finish)
         gone = set(self.transport.ranks) - live
         if gone and not self.transport.abort_event.is_set():

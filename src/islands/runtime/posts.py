@@ -39,6 +39,7 @@ class PostOrder:
         self.max_staleness = int(fingerprint.get("algorithm.max_staleness", 8))
         self.posters: list[int] = []  # the poster of each numbered update, in order
         self.steps: list[int] = []  # the inner steps of each numbered update
+        self.spent = 0  # their sum: the inner steps in a replica holding every one
         self.planned: dict[int, int] = {}  # each member's inner steps in progress
         self.rates: dict[int, float] = {}  # inner steps per second, as last reported
         self.log: list[dict] = []  # every post, dropped ones included (the job's view)
@@ -56,10 +57,6 @@ class PostOrder:
                 "steps_left": self.left, "in_progress": {str(w): n for w, n in
                                                          sorted(self.planned.items()) if n}}
 
-    def spent(self, updates: int) -> int:
-        """The inner steps in the first ``updates`` numbered updates."""
-        return sum(self.steps[:updates])
-
     def regroup(self, members: list[int], applied: int, spent: int | None = None
                 ) -> dict[int, int]:
         """The members go on from a replica holding the first ``applied`` updates (with
@@ -70,14 +67,16 @@ class PostOrder:
         from ``applied`` (their posters unknown, -1) and takes their ``spent`` inner steps
         from the budget."""
         if applied > len(self.posters):
-            unseen = max(0, int(spent or 0) - sum(self.steps))
+            unseen = max(0, int(spent or 0) - self.spent)
             missing = applied - len(self.posters)
             self.posters += [-1] * missing
             self.steps += [unseen] + [0] * (missing - 1)
+            self.spent += unseen
             self.left = max(0, self.left - unseen)
         void = self.steps[applied:]
         del self.posters[applied:], self.steps[applied:]
         self.log = [p for p in self.log if p["seq"] is None or p["seq"] < applied]
+        self.spent -= sum(void)
         self.left += sum(void) + sum(self.planned.values())
         self.planned = {}
         for w in sorted(members):
@@ -98,6 +97,7 @@ class PostOrder:
         if kept:
             self.posters.append(worker)
             self.steps.append(steps)
+            self.spent += steps
         self.log.append({"worker": worker, "steps": steps, "seq": seq, "stale": stale})
         self.planned[worker] = 0
         self._allot(worker, members)

@@ -145,7 +145,7 @@ class RoundRules:
             self._in_flight = None  # no round: islands status shows the updates instead
             grants = posts.regroup(sorted(members), top, reports[good[0]].get("spent"))
             out["grants"] = {str(w): n for w, n in grants.items()}
-            out["spent"] = posts.spent(top)
+            out["spent"] = posts.spent
             log.info("asynchronous members %s from update %d (worker %d's replica); inner "
                      "steps handed out %s, %d left", sorted(members), top, good[0], grants,
                      posts.left)
@@ -326,8 +326,8 @@ class RoundRules:
         excluded.update(self._at_odds_with_most(disputes, here, r, excluded))
         sit_out: set[int] = set()
         for accusers, accused in disputes:  # a dispute whose one side is excluded is settled
-            if accused not in excluded and accusers - set(excluded):
-                sit_out |= accusers - set(excluded) | {accused}
+            if accused not in excluded and (left := accusers - set(excluded)):
+                sit_out |= left | {accused}
         for w, info in excluded.items():
             self._exclude(w, info)
         return set(excluded), sit_out
