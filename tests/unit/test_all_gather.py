@@ -11,7 +11,7 @@ from islands.algorithms import Contribution, DiLoCo
 from islands.algorithms.base import COLLECTIVES
 from islands.codecs import Identity, build_codec, codec_config
 from islands.collectives.butterfly import MESSAGE_HEADER_BYTES, Group
-from islands.sim import runner
+from islands.engine import build
 from islands.sim.runner import Simulation
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 from tests.conftest import tiny_config
@@ -65,14 +65,14 @@ def test_an_algorithm_asks_the_engine_for_an_all_gather(monkeypatch):
             "algorithm.sync_every=4")
     reduced = Simulation(tiny_config(*sets))
     s_reduced = reduced.run()
-    real_build = runner.build_algorithm
+    real_build = build.build_algorithm
 
     def gathered_algorithm(cfg):
         a = real_build(cfg)
         a.__class__ = _GatheredDiLoCo
         return a
 
-    monkeypatch.setattr(runner, "build_algorithm", gathered_algorithm)
+    monkeypatch.setattr(build, "build_algorithm", gathered_algorithm)
     gathered = Simulation(tiny_config(*sets))
     s_gathered = gathered.run()
     torch.testing.assert_close(gathered.final_params, reduced.final_params)

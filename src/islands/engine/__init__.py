@@ -3,6 +3,8 @@ metrics, run directory) that the simulator and the real runtime both drive, and 
 of a run's pieces from its config."""
 
 from islands.engine.build import (
+    Assembly,
+    assemble,
     attach,
     build_worker,
     check_config,
@@ -17,6 +19,7 @@ from islands.engine.build import (
 )
 from islands.engine.loop import Driver, Engine, RoundPlan, Sync, WallClock
 
-__all__ = ["Driver", "Engine", "RoundPlan", "Sync", "WallClock", "attach", "build_worker",
+__all__ = ["Assembly", "Driver", "Engine", "RoundPlan", "Sync", "WallClock", "assemble", "attach",
+           "build_worker",
            "check_config", "fresh_state", "initial_model", "inner_optimizer", "resolve_device",
            "resolve_threads", "run_codec", "threads", "warm_start"]

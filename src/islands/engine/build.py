@@ -1,6 +1,8 @@
 """Building a run's pieces from its config: the task, the device, the workers' initial model,
-inner optimizers and codecs, the shared warm start; and :func:`check_config`, which builds each
-component once so a bad setting fails before anything runs, naming its key.
+inner optimizers and codecs, the shared warm start; :func:`check_config`, which builds each
+component once so a bad setting fails before anything runs, naming its key; and
+:func:`assemble`, the one builder of a run's engine and workers, for the simulator, a runtime
+worker and the drop-in alike.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import copy
 import json
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from islands.algorithms import Algorithm, Worker, check_algorithm
+from islands.algorithms import Algorithm, Worker, build_algorithm, check_algorithm
 from islands.algorithms.schedule import h_at
 from islands.codecs import Codec, build_codec
 from islands.core.config import RunConfig
@@ -22,8 +26,11 @@ from islands.core.errors import ConfigError, IslandsWarning
 from islands.core.sections import InnerConfig
 from islands.core.seeding import derive_seed
 from islands.engine.attacks import Attack
+from islands.engine.loop import Engine
 from islands.engine.muon import MuonAdamW, hidden_matrices
-from islands.tasks import Task, build_task, checked_loss, to_device
+from islands.metrics.run_dir import RunDir
+from islands.tasks import Partition, Task, build_task, checked_loss, to_device
+from islands.transports.base import Transport
 
 
 def resolve_device(name: str) -> torch.device:
@@ -270,3 +277,76 @@ def attach(algorithm: Algorithm, worker: Worker) -> None:
     algorithm.attach(worker)
     flat = worker.flat_buffers()
     worker.global_buffers = None if flat is None else flat.clone()
+
+
+@dataclass
+class Assembly:
+    """A run's pieces, built once from its config by :func:`assemble`, the same way wherever
+    the run happens: the simulator (every worker in one process), a runtime worker (one) and
+    the drop-in (the user's model and optimizer).
+
+    Attributes:
+        algorithm: the run's algorithm; every worker built here is attached to it.
+        base: the model every worker starts from (the drop-in: the user's model itself).
+        device: where the model and batches live.
+        task: trains and evaluates (None: the user's own loop).
+        partition: the task's training data for ``cfg.workers`` workers (None without one).
+    """
+
+    cfg: RunConfig
+    algorithm: Algorithm
+    base: nn.Module
+    device: torch.device
+    task: Task | None = None
+    partition: Partition | None = None
+
+    def worker(self, worker_id: int) -> Worker:
+        """Worker ``worker_id`` of a task's run: a copy of the initial model with the run's
+        inner optimizer and codec, attached to the algorithm."""
+        w = build_worker(self.cfg, worker_id, self.base,
+                         data_size=self.partition.size(worker_id))
+        attach(self.algorithm, w)
+        return w
+
+    def user_worker(self, worker_id: int, optimizer: torch.optim.Optimizer, scheduler, *,
+                    data_size: int) -> Worker:
+        """The drop-in's worker: the user's model (``base``, not a copy) and optimizer, with
+        the run's codec, attached to the algorithm."""
+        codec = run_codec(self.cfg)
+        codec.bind_layout([p.shape for p in self.base.parameters() if p.requires_grad])
+        w = Worker(worker_id, self.base, optimizer, codec, scheduler=scheduler,
+                   grad_clip=self.cfg.inner.grad_clip, data_size=data_size)
+        attach(self.algorithm, w)
+        return w
+
+    def engine(self, transport: Transport, workers: list[Worker], clock, *,
+               out: RunDir | None = None, step_time_s: dict[int, float] | None = None,
+               evaluate: Callable[[nn.Module], dict] | None = None) -> Engine:
+        """The run's engine over ``workers`` (those this process drives; a runtime worker
+        adds its own once built), with a copy of the initial model to evaluate on (the
+        user's loop: only with ``evaluate``)."""
+        evaluates = self.task is not None or evaluate is not None
+        return Engine(self.cfg, self.algorithm, transport, workers, task=self.task,
+                      partition=self.partition, device=self.device, clock=clock,
+                      step_time_s=step_time_s,
+                      eval_model=copy.deepcopy(self.base) if evaluates else None, out=out,
+                      evaluate=evaluate)
+
+
+def assemble(cfg: RunConfig, task: Task | None = None, *, model: nn.Module | None = None,
+             task_key: str | None = None) -> Assembly:
+    """A run's pieces from its config: with a ``task`` (checked by :func:`check_config`), its
+    data for ``cfg.workers`` workers and the initial model (seeded, warm-started); with the
+    user's ``model`` instead (the drop-in), that model on its own device.
+
+    Args:
+        task_key: identifies the task for the warm-start cache (default: its config).
+    """
+    if (task is None) == (model is None):
+        raise ValueError("assemble() takes a task or the user's model, exactly one")
+    if model is not None:
+        return Assembly(cfg, build_algorithm(cfg), model, next(model.parameters()).device)
+    device = resolve_device(cfg.device)
+    partition = task.data(cfg.workers, cfg.seed, cfg.data)
+    base = initial_model(cfg, task, device, task_key=task_key)
+    return Assembly(cfg, build_algorithm(cfg), base, device, task, partition)

@@ -30,7 +30,6 @@ trains just as well, but is another run.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import signal
@@ -42,12 +41,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from islands.algorithms import Worker, build_algorithm
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig, load_config, parse_overrides
 from islands.core.errors import CommError, ConfigError, StorageError, TaskError
 from islands.core.sections import SAMPLING_KEYS
-from islands.engine import Engine, WallClock, attach, fresh_state, inner_optimizer, run_codec
+from islands.engine import WallClock, assemble, fresh_state, inner_optimizer
 from islands.metrics.run_dir import RunDir, check_writable
 from islands.runtime import outputs
 from islands.runtime.auth import load_token
@@ -234,21 +232,14 @@ class Trainer:
                  scheduler, evaluate) -> None:
         cfg, me = job.cfg, job.me
         self.job, self.cfg = job, cfg
-        codec = run_codec(cfg)
-        codec.bind_layout([p.shape for p in model.parameters() if p.requires_grad])
-        worker = Worker(me, model, optimizer, codec, scheduler=scheduler,
-                        grad_clip=cfg.inner.grad_clip, data_size=job.data_size)
-        algorithm = build_algorithm(cfg)
-        attach(algorithm, worker)
-        device = next(model.parameters()).device
+        run = assemble(cfg, model=model)
+        worker = run.user_worker(me, optimizer, scheduler, data_size=job.data_size)
         if isinstance(cfg.threads, int):  # the user's process: only a count changes it
             torch.set_num_threads(int(cfg.threads))
         self.transport = member_transport(cfg, me, job.membership, job.stopping)
-        self.engine = Engine(cfg, algorithm, self.transport, [worker], task=None,
-                             partition=None, device=device, clock=WallClock((me,)),
-                             eval_model=copy.deepcopy(model) if evaluate else None,
-                             out=job.out, evaluate=evaluate)
-        self.member = member_class(algorithm)(
+        self.engine = run.engine(self.transport, [worker], WallClock((me,)), out=job.out,
+                                 evaluate=evaluate)
+        self.member = member_class(run.algorithm)(
             cfg, me, job.membership, job.store, self.transport, self.engine, lambda: worker,
             fresh_state(model), background=False, token=job.token,
             checkpoint_dir=job.checkpoint_dir, stopping=job.stopping)
@@ -274,9 +265,14 @@ class Trainer:
 
     def _begin(self) -> None:
         """Passes the next round's ``start`` (a joiner receives the state here, before its
-        first forward pass); sets :attr:`done` when the run is over."""
+        first forward pass; a round it joins in flight as an observer, trained by the others,
+        is synced and committed here too); sets :attr:`done` when the run is over."""
         try:
-            self._plan = self.engine.begin(self.member)
+            while (plan := self.engine.begin(self.member)) is not None:
+                if self.member.me in plan.participants:
+                    break
+                self.engine.finish(self.member, plan, {})  # no steps of its own in it
+            self._plan = plan
         except Removed as e:
             self._remove(e)
             return

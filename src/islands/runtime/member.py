@@ -296,9 +296,12 @@ class Member:
                 self.algorithm, self.worker)
             try:
                 res = self._start()
-                if res.get("heal"):
-                    self._heal(res)
-                    continue
+                if res.get("heal"):  # a round in flight to join as an observer
+                    self._built()  # its row counts this worker's bytes from here
+                    return RoundPlan(res["round"], (self.me,), (),
+                                     Group(self.transport, tuple(sorted(res["members"]))),
+                                     info={"t0": time.perf_counter(),
+                                           "heal": tuple(res["members"])})
             except CommError as e:  # Excluded, CoordinatorRestarted, a failed transfer
                 self.abort(engine, None, e)
                 continue
@@ -313,6 +316,8 @@ class Member:
 
     def sync(self, engine: Engine, plan: RoundPlan, losses) -> dict:
         """The round's sync under ``ready``/``commit``; returns the row's runtime fields."""
+        if "heal" in plan.info:
+            return self._heal(plan)
         t_sync = time.perf_counter()
         outcome = (self._sync(plan.round, plan.participants, self._snap)
                    if self.me in plan.participants else {"members": list(plan.participants)})
@@ -320,23 +325,28 @@ class Member:
         return self._row(plan.round, outcome, plan.info["t0"], t_sync)
 
     def abort(self, engine: Engine, plan: RoundPlan | None, error: CommError) -> None:
-        """Restores the last committed shared state; an exclusion is counted."""
+        """Restores the last committed shared state; an exclusion is counted. (A round it
+        was healing into as an observer: nothing to restore or count.)"""
+        if isinstance(error, Stopping):
+            self.stopping.set()
+        if plan is not None and "heal" in plan.info:  # still behind: the next start finds it
+            log.warning("worker %d: healing into round %d failed (%s); joining at the next "
+                        "round instead", self.me, plan.round, error)  # so and sends the state
+            return
         if isinstance(error, CoordinatorRestarted):
             self._wait_for = max(1, len(self.transport.ranks))
         if isinstance(error, (Excluded, CoordinatorRestarted)):
             self.stats.excluded_rounds += 1
-        if isinstance(error, Stopping):
-            self.stopping.set()
         self.engine.void_overlap()  # a sync in flight ends before the state is restored
         if self._snap is not None:  # None: failed before this fresh worker was even built
             state.load(self.algorithm, self.worker, self._snap, reset_params=True)
         log.warning("worker %d: round %d aborted (%s); parameters restored to the last "
                     "committed global state", self.me, self.round, error)
 
-    def committed(self, engine: Engine, plan: RoundPlan | None, point: dict | None) -> None:
+    def committed(self, engine: Engine, plan: RoundPlan, point: dict | None) -> None:
         if self.stats.first_commit_unix is None:
             self.stats.first_commit_unix = time.time()
-        if plan is None or self.me in plan.participants:  # (None: an observer round)
+        if self.me in plan.participants or "heal" in plan.info:  # (not: one it sat out)
             self.stats.rounds_committed += 1
         self._maybe_checkpoint(self.round - 1, engine.rounds)
 
@@ -406,24 +416,18 @@ class Member:
         return (self.stats.first_commit_unix is None and not self.resumed
                 and self.algorithm.can_observe())
 
-    def _heal(self, res: dict) -> None:
-        """Joins the round in flight as an observer: receives the committed state at its
-        ``ready``, contributes nothing (weight 0) to its collective, and commits it."""
-        r, r0 = res["round"], time.perf_counter()
-        marks = {self.me: (self.transport.bytes_sent, self.transport.bytes_received)}
-        try:
-            outcome = self._sync(r, tuple(res["members"]), None, observer=True)
-        except CommError as e:  # Excluded, CoordinatorRestarted, a failed collective
-            # still at round 0: the next start finds this worker behind and sends the state
-            log.warning("worker %d: healing into round %d failed (%s); joining at the next "
-                        "round instead", self.me, r, e)
-            return
+    def _heal(self, plan: RoundPlan) -> dict:
+        """The sync of a round joined in flight as an observer (a round the engine's loop
+        drives like any other, trained by others only): receives the committed state at its
+        ``ready``, contributes nothing (weight 0) to its collective, and commits it; returns
+        the row's runtime fields. A failure (Excluded, CoordinatorRestarted, a failed
+        collective) aborts it as a round: this worker joins at the next start instead."""
+        r = plan.round
+        outcome = self._sync(r, plan.info["heal"], None, observer=True)
         self.fast_forward(r + 1)
         self.round = r + 1
         self.stats.joined_round = r
-        extra = self._row(r, outcome, r0, time.perf_counter(), observer=True)
-        point = self.engine.record(r, (self.me,), {}, marks, extra)
-        self.committed(self.engine, None, point)
+        return self._row(r, outcome, plan.info["t0"], time.perf_counter(), observer=True)
 
     def _receive_heal(self, r: int, ready: dict, snap: dict, local: torch.Tensor
                       ) -> tuple[dict, torch.Tensor]:

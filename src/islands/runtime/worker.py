@@ -12,7 +12,6 @@ commit/abort, hash repair, checkpoints).
 
 from __future__ import annotations
 
-import copy
 import logging
 import socket
 import threading
@@ -21,17 +20,13 @@ from pathlib import Path
 
 import torch
 
-from islands.algorithms import build_algorithm
 from islands.core.config import RunConfig
 from islands.core.errors import ConfigError, Stopping, StorageError
 from islands.engine import (
-    Engine,
     WallClock,
-    attach,
-    build_worker,
+    assemble,
     check_config,
     fresh_state,
-    initial_model,
     resolve_device,
     resolve_threads,
 )
@@ -91,32 +86,22 @@ class RuntimeWorker:
         unless resuming (a joiner does it while it waits for the coordinator)."""
         cfg, me = self.cfg, self.me
         task = check_config(cfg)
-        device = resolve_device(cfg.device)
-        if (count := resolve_threads(cfg, device)) is not None:  # one worker per process
-            torch.set_num_threads(count)
-        partition = task.data(cfg.workers, cfg.seed, cfg.data)
-        base = initial_model(cfg, task, device)
-        algorithm = build_algorithm(cfg)
-        if getattr(algorithm, "remember", False):
+        if (count := resolve_threads(cfg, resolve_device(cfg.device))) is not None:
+            torch.set_num_threads(count)  # one worker per process (before the warm start)
+        run = assemble(cfg, task)
+        if getattr(run.algorithm, "remember", False):
             # MoDeST: a process that joins mid-run has not seen the earlier draws, so every
             # process recomputes the last round's draw over the current members instead
-            algorithm.remember = False
-        self.engine = Engine(cfg, algorithm, self.transport, [], task=task, partition=partition,
-                             device=device, clock=WallClock((me,)),
-                             eval_model=copy.deepcopy(base), out=self.out)
-
-        def build():
-            w = build_worker(cfg, me, base, data_size=partition.size(me))
-            attach(algorithm, w)
-            return w
-
+            run.algorithm.remember = False
+        self.engine = run.engine(self.transport, [], WallClock((me,)), out=self.out)
         if hasattr(self.membership, "fingerprint"):  # checked by the coordinator at join
             self.membership.fingerprint = fingerprint(
-                cfg, base, rounds=self.engine.rounds,
-                data_sizes=[partition.size(w) for w in range(cfg.workers)])
-        self.member = member_class(algorithm)(
-            cfg, me, self.membership, self.store, self.transport, self.engine, build,
-            fresh_state(base), background=not self.resume, token=self.token,
+                cfg, run.base, rounds=self.engine.rounds,
+                data_sizes=[run.partition.size(w) for w in range(cfg.workers)])
+        self.member = member_class(run.algorithm)(
+            cfg, me, self.membership, self.store, self.transport, self.engine,
+            lambda: run.worker(me), fresh_state(run.base), background=not self.resume,
+            token=self.token,
             checkpoint_dir=self.checkpoint_dir, stopping=self.stopping)
         if self.resume:
             self.member.resume(self.resume)

@@ -11,22 +11,18 @@ Run it: ``islands sim CONFIG.toml --out runs/x`` or ``islands.simulate(cfg, out_
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Callable
 
-from islands.algorithms import build_algorithm
 from islands.collectives.butterfly import Group
 from islands.core.config import RunConfig
 from islands.core.errors import ConfigError, PeerRefused
 from islands.engine import (
     Engine,
     RoundPlan,
-    attach,
-    build_worker,
+    assemble,
     check_config,
-    initial_model,
     resolve_device,
     threads,
 )
@@ -165,23 +161,15 @@ class Simulation:
 
     def build(self) -> Engine:
         """Wires the run: data, the initial model, workers, network, clock and engine."""
-        cfg, task = self.cfg, self.task
-        device = resolve_device(cfg.device)
-        partition = task.data(cfg.workers, cfg.seed, cfg.data)
-        base = initial_model(cfg, task, device, task_key=self._task_key)
-        algorithm = build_algorithm(cfg)
-        self.workers = [build_worker(cfg, i, base, data_size=partition.size(i))
-                        for i in range(cfg.workers)]
-        for w in self.workers:
-            attach(algorithm, w)
+        cfg = self.cfg
+        run = assemble(cfg, self.task, task_key=self._task_key)
+        self.workers = [run.worker(i) for i in range(cfg.workers)]
         clock = VirtualClock(cfg.workers)
         transport = SimTransport(cfg.workers, NetworkModel.from_config(cfg.network), clock)
         step_time = {w.id: w.step_time_s for w in cfg.compute.worker}
-        return Engine(cfg, algorithm, transport, self.workers, task=task, partition=partition,
-                      device=device, clock=clock,
-                      step_time_s={i: step_time.get(i, cfg.compute.step_time_s)
-                                   for i in range(cfg.workers)},
-                      eval_model=copy.deepcopy(base), out=self.out)
+        return run.engine(transport, self.workers, clock, out=self.out,
+                          step_time_s={i: step_time.get(i, cfg.compute.step_time_s)
+                                       for i in range(cfg.workers)})
 
     def run(self) -> dict:
         """Runs the simulation and writes its run directory; returns the summary (a finished
