@@ -48,6 +48,8 @@ VARIANTS: dict[str, list[str]] = {
     "blocking": [],
     "delayed": ["algorithm.overlap=delayed", "outer.momentum=0.6"],
     "eager": ["algorithm.overlap=eager", "outer.momentum=0.6"],
+    # the worker's whole pseudo-gradient in place of the average (not its 1/M share)
+    "eager, whole": ["algorithm.overlap=eager", "algorithm.eager=whole", "outer.momentum=0.6"],
     "delayed, momentum 0.9": ["algorithm.overlap=delayed"],
     # H = 50 per fragment: 5 fragments, a round of 10 steps, each sync landing 5 steps late
     "streaming": ["algorithm.name=streaming_diloco", "algorithm.fragments=5",
@@ -87,17 +89,17 @@ WEATHER: dict[str, list[str]] = {
 }
 
 
-def run_one(variant: str, mbit: float, seed: int, threads: int) -> dict:
+def run_one(variant: str, mbit: float, seed: int, threads: int, sync_every: int) -> dict:
     import torch
 
     from islands import load_config, simulate
 
     torch.set_num_threads(threads)
     sets = [*MAIN_JOB, *{**VARIANTS, **WEATHER}[variant], f"network.bandwidth_bps={mbit * 1e6}",
-            f"seed={seed}"]
+            f"seed={seed}", *([f"algorithm.sync_every={sync_every}"] if sync_every != 50 else [])]
     t0 = time.perf_counter()
     s = simulate(load_config(None, sets))
-    return {"variant": variant, "mbit": mbit, "seed": seed,
+    return {"variant": variant, "mbit": mbit, "seed": seed, "sync_every": sync_every,
             "overrides": {**VARIANTS, **WEATHER}[variant],
             "final_eval_loss": s["final_eval_loss"], "virtual_time_s": s["virtual_time_s"],
             "compute_utilization": s["compute_utilization"],
@@ -109,6 +111,12 @@ def run_one(variant: str, mbit: float, seed: int, threads: int) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
+def link(r: dict) -> str:
+    """The link, and H where it is not the main job's (rows written before H was a knob: 50)."""
+    h = r.get("sync_every", 50)
+    return f"{r['mbit']:g} Mbit/s" + (f", H = {h}" if h != 50 else "")
+
+
 def add_comparisons(rows: list[dict]) -> None:
     """Loss change against the baseline on the same link and seed (blocking DiLoCo; in the
     weather rows, DiLoCo waiting for the straggler); time to its loss + 2%."""
@@ -117,9 +125,9 @@ def add_comparisons(rows: list[dict]) -> None:
             return f"{variant.split(':')[0]}: DiLoCo waits"
         return "straggler: DiLoCo waits" if variant.startswith("straggler") else "blocking"
 
-    base = {(r["variant"], r["mbit"], r["seed"]): r for r in rows}
+    base = {(r["variant"], link(r), r["seed"]): r for r in rows}
     for r in rows:
-        b = base.get((baseline(r["variant"]), r["mbit"], r["seed"]))
+        b = base.get((baseline(r["variant"]), link(r), r["seed"]))
         if b is None:
             r["loss_vs_blocking_pct"] = r["time_to_target_s"] = None
             continue
@@ -138,15 +146,15 @@ def table(rows: list[dict]) -> Table:
         t.add_column(col, justify="left" if col in ("link", "variant") else "right")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["mbit"], r["variant"]), []).append(r)
-    for (mbit, variant), rs in groups.items():
+        groups.setdefault((link(r), r["variant"]), []).append(r)
+    for (where, variant), rs in groups.items():
         def stat(key, fmt):
             xs = [r[key] for r in rs if r[key] is not None]
             if not xs:
                 return "-"
             sd = (f" ± {statistics.stdev(xs):{fmt.lstrip('+')}}" if len(xs) > 1 else "")
             return f"{statistics.mean(xs):{fmt}}{sd}"
-        t.add_row(f"{mbit:g} Mbit/s", variant, str(len(rs)), stat("final_eval_loss", ".4f"),
+        t.add_row(where, variant, str(len(rs)), stat("final_eval_loss", ".4f"),
                   stat("loss_vs_blocking_pct", "+.2f") + "%", stat("virtual_time_s", ".1f"),
                   stat("compute_utilization", ".3f"), stat("comm_hidden_s", ".2f"),
                   stat("comm_exposed_s", ".2f"),
@@ -162,13 +170,13 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    links = sorted({r["mbit"] for r in rows})
+    links = sorted({link(r) for r in rows}, key=lambda w: float(w.split()[0]))
     fig, axes = plt.subplots(1, len(links), figsize=(6 * len(links), 4.5), squeeze=False)
-    for ax, mbit in zip(axes[0], links):
+    for ax, where in zip(axes[0], links):
         for r in rows:
-            if r["mbit"] == mbit and r["seed"] == min(x["seed"] for x in rows):
+            if link(r) == where and r["seed"] == min(x["seed"] for x in rows):
                 ax.plot(*zip(*r["eval_curve"]), marker=".", label=r["variant"])
-        ax.set(title=f"{mbit:g} Mbit/s, 50 ms", xlabel="virtual time (s)",
+        ax.set(title=f"{where}, 50 ms", xlabel="virtual time (s)",
                ylabel="eval loss", yscale="log", xscale="log" if any(
                    r["variant"].startswith(("straggler", "crashes", "losses"))
                    for r in rows) else "linear")
@@ -187,6 +195,8 @@ def main() -> None:
     p.add_argument("--weather", action="store_true",
                    help="the straggler and fault-plan scenarios instead (100 Mbit/s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--sync-every", type=int, default=50, metavar="H",
+                   help="inner steps per round (algorithm.sync_every; streaming: per fragment)")
     p.add_argument("--jobs", type=int, default=1, help="simulations at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per simulation")
     p.add_argument("--json", default="bench-results/overlap.json")
@@ -206,7 +216,7 @@ def main() -> None:
         for path in args.report:
             rows += json.loads(Path(path).read_text())["rows"]
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_one, v, m, s, args.threads) for v, m, s in todo]
+        futures = [pool.submit(run_one, v, m, s, args.threads, args.sync_every) for v, m, s in todo]
         for i, f in enumerate(futures, 1):
             r = f.result()
             rows.append(r)

@@ -52,7 +52,7 @@ def test_int_accepted_for_float_and_resolved_config_roundtrips():
     ("inner.lr=-1", "inner.lr (-1.0) must be > 0"),
     ("algorithm.sync_every_steps=3", "unknown key algorithm.sync_every_steps in [algorithm] (did "
                                      "you mean algorithm.sync_every?); allowed: collective, "
-                                     "ddp_steps, grace_s, min_quorum, name, overlap, "
+                                     "ddp_steps, eager, grace_s, min_quorum, name, overlap, "
                                      "sync_every"),
     ("modle.n_layer=3", "unknown key modle in the top level (did you mean model?)"),
     ("inner.l=0.1", "unknown key inner.l in [inner] (did you mean inner.lr?)"),

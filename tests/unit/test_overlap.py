@@ -93,6 +93,43 @@ def test_delayed_applies_each_average_one_round_late():
     assert not torch.equal(_globals_after(1, "algorithm.overlap=delayed"), blocking)
 
 
+def test_eager_share_starts_each_round_where_the_papers_recursion_puts_each_worker():
+    """Kale et al.'s eager update with a plain outer SGD (lr η, no momentum): worker m's
+    parameters after outer step t are ``θ_m(t) = θ_m(t-1) - η (Δ_m(t) / M + Σ_{k≠m} Δ_k(t-1) /
+    M)``, its fresh pseudo-gradient's share mixed with the others' one round old. Each round's
+    start here (the settled averages plus a tentative step with the worker's own share) is
+    that recursion, worked out in the test from the pseudo-gradients each worker sent."""
+    lr, n, rounds = 0.7, 3, 3
+    sim = Simulation(tiny_config(f"workers={n}", "steps=12", "eval_every=100",
+                                 "algorithm.name=diloco", "algorithm.sync_every=4",
+                                 "algorithm.overlap=eager", f"outer.lr={lr}",
+                                 "outer.momentum=0.0", "outer.nesterov=false"))
+    engine = sim.build()
+    sent: list[dict[int, torch.Tensor]] = []
+    contribute = engine.algorithm.contribute
+
+    def recording(worker, observers=()):
+        plan = contribute(worker, observers)
+        if not sent or worker.id in sent[-1]:
+            sent.append({})
+        sent[-1][worker.id] = plan[0].tensor.clone()
+        return plan
+
+    engine.algorithm.contribute = recording
+    driver = _EveryRound(Group(engine.transport, tuple(range(n))))
+    theta = {w.id: w.flat_params().clone() for w in sim.workers}
+    for t in range(rounds - 1):  # the last round waits for its own average: no eager step
+        plan = engine.begin(driver)
+        engine.finish(driver, plan, engine.train(plan.round, plan.participants))
+        old = sent[t - 1] if t else {m: torch.zeros_like(theta[m]) for m in theta}
+        for m in theta:
+            others = sum(old[k] for k in theta if k != m)
+            theta[m] = theta[m] - lr * (sent[t][m] / n + others / n)
+        for w in sim.workers:  # where the next round starts
+            torch.testing.assert_close(w.flat_params(), theta[w.id], rtol=0, atol=1e-6)
+    assert len(sent) == rounds - 1
+
+
 def test_overlap_hides_the_sync_behind_the_next_round():
     """A link slow enough that blocking DiLoCo waits for it: overlapped, each round's sync
     crosses it while the next round trains (only the last one is exposed); every worker ends
@@ -116,6 +153,8 @@ def test_overlap_hides_the_sync_behind_the_next_round():
 def test_overlap_is_checked_and_runs_on_real_processes_too():
     with pytest.raises(ConfigError, match="algorithm.overlap"):
         tiny_config("algorithm.name=diloco", "algorithm.overlap=later")
+    with pytest.raises(ConfigError, match="algorithm.eager.*'share', 'whole'"):
+        tiny_config("algorithm.name=diloco", "algorithm.overlap=eager", "algorithm.eager=half")
     from islands.runtime.member import refuse_simulator_only
 
     for overlap in ("none", "delayed", "eager"):

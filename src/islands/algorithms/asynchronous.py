@@ -157,7 +157,7 @@ class AsyncLocalSGD(Algorithm):
         worker.global_params.grad = None
 
     @torch.no_grad()
-    def restart(self, worker: Worker, settled: bool = True) -> None:
+    def restart(self, worker: Worker, settled: bool = True, averaged: int = 1) -> None:
         """The worker pulls: its parameters become the global ones, its next update counts
         from here."""
         worker.load_flat(worker.global_params.detach())

@@ -303,10 +303,11 @@ class Algorithm(ABC):
         False by default."""
         return False
 
-    def restart(self, worker: Worker, settled: bool) -> None:
+    def restart(self, worker: Worker, settled: bool, averaged: int = 1) -> None:
         """An overlapped algorithm (``overlaps``), after its round's contribution is issued:
         puts the worker where the next round starts. ``settled``: the round's own result has
-        landed (the run's last round); otherwise only the previous round's has."""
+        landed (the run's last round); otherwise only the previous round's has, and the
+        sync in flight combines ``averaged`` members' contributions."""
         raise NotImplementedError(f"{self.name} does not overlap its sync")
 
     def adopt_in_flight(self, joiner: Worker, member: Worker) -> None:

@@ -27,9 +27,16 @@ average not there yet:
   own drift is replaced by the outer step of everyone's when that arrives. (Restarting from
   ``θ_t`` alone, a textbook one-step delay, trains round ``t + 1`` on the direction round
   ``t`` already took, which the late outer step then applies again.)
-* ``"eager"`` (after Kale et al. 2025): a tentative outer step from ``θ_t`` with the worker's
-  own fresh pseudo-gradient in place of the average (on a copy of the outer optimizer's
-  state); the real outer step with the average replaces it when it lands.
+* ``"eager"`` (Kale et al. 2025): a tentative outer step from ``θ_t`` (on a copy of the outer
+  optimizer's state) in which the worker's own fresh pseudo-gradient stands in for the
+  average that has not arrived; the real outer step with the average replaces it when it
+  lands. ``eager = "share"`` (the paper's update) steps with ``Δ_i / M``, the worker's own
+  share of the average of ``M`` members: the paper's eager outer gradient, its fresh share
+  plus the others' one-round-old shares, summed over the rounds, is the settled averages
+  plus that fresh share, so with a plain outer SGD (no momentum) each worker starts every
+  round exactly where the paper's recursion puts it (a test); with momentum the momentum
+  runs over the settled averages here, over the mixed gradients there. ``eager = "whole"``
+  steps with all of ``Δ_i``, as if it were the average.
 
 The run's last round waits for its own average, so a run ends on the complete global state.
 """
@@ -51,6 +58,7 @@ from islands.core.sections import AlgorithmConfig, check
 OuterFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 OVERLAPS = ("none", "delayed", "eager")  # algorithm.overlap
+EAGER = ("share", "whole")  # algorithm.eager: what of its own pseudo-gradient stands in
 
 
 def nesterov_sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -72,6 +80,8 @@ class DiLoCo(Algorithm):
             outer step 0 (None: the optimizer's own settings throughout). Overlapped, round
             ``t``'s outer step runs at the end of round ``t + 1``, with that round's settings.
         overlap: ``"none"`` (blocking), ``"delayed"`` or ``"eager"`` (see the module).
+        eager: with ``overlap = "eager"``, what of its own pseudo-gradient stands in for the
+            average: ``"share"`` (``Δ_i / M``, the paper's) or ``"whole"`` (``Δ_i``).
         min_quorum, grace_s: the straggler policy (see :class:`DiLoCoConfig`).
         collective: how the pseudo-gradients are combined: ``"all_reduce"`` (the butterfly)
             or ``"all_gather"`` (each worker's whole encoded pseudo-gradient to every other,
@@ -84,13 +94,15 @@ class DiLoCo(Algorithm):
     def __init__(self, sync_every: SyncEvery, *, outer: OuterFactory = nesterov_sgd,
                  ddp_steps: int = 0,
                  outer_schedule: Callable[[int], dict[str, float]] | None = None,
-                 overlap: str = "none", min_quorum: int = 0, grace_s: float = 0.0,
-                 collective: str = "all_reduce", **kwargs) -> None:
+                 overlap: str = "none", eager: str = "share", min_quorum: int = 0,
+                 grace_s: float = 0.0, collective: str = "all_reduce", **kwargs) -> None:
         super().__init__(sync_every, **kwargs)
         if ddp_steps < 0:
             raise ValueError(f"ddp_steps ({ddp_steps}) must be >= 0")
         if overlap not in OVERLAPS:
             raise ValueError(f"overlap ({overlap!r}) must be one of {', '.join(OVERLAPS)}")
+        if eager not in EAGER:
+            raise ValueError(f"eager ({eager!r}) must be one of {', '.join(EAGER)}")
         if collective not in GLOBAL_COLLECTIVES:
             raise ValueError(f"collective ({collective!r}) must be one of {GLOBAL_COLLECTIVES}")
         self.collective = collective
@@ -99,6 +111,7 @@ class DiLoCo(Algorithm):
         self.outer_schedule = outer_schedule
         self.overlap = overlap
         self.overlaps = overlap != "none"
+        self.eager = eager
         self.min_quorum, self.grace_s = min_quorum, grace_s
 
     def syncs_gradients_at(self, step: int) -> bool:
@@ -147,14 +160,15 @@ class DiLoCo(Algorithm):
         worker.samples = 0
 
     @torch.no_grad()
-    def restart(self, worker: Worker, settled: bool) -> None:
+    def restart(self, worker: Worker, settled: bool, averaged: int = 1) -> None:
         theta = worker.global_params.detach()
         if settled:
             start = theta
         elif self.overlap == "delayed":
             start = theta - worker.fresh
         else:
-            start = self._tentative(worker, worker.fresh)
+            share = 1 / averaged if self.eager == "share" else 1.0
+            start = self._tentative(worker, worker.fresh * share)
         worker.load_flat(start)
         worker.round_start = worker.flat_params().clone()
         worker.fresh = None
@@ -216,6 +230,9 @@ class DiLoCoConfig(AlgorithmConfig):
             or ``"eager"``: round t's average crosses the wire while round t+1 trains and
             its outer step lands one round late (see :mod:`islands.algorithms.diloco`; on
             real processes the sync runs on a thread).
+        eager: with ``overlap = "eager"``, what of the worker's own fresh pseudo-gradient
+            stands in for the average not yet arrived: ``"share"`` (``Δ_i / M`` over ``M``
+            members: Kale et al.'s eager update) or ``"whole"`` (all of ``Δ_i``).
         min_quorum: the straggler policy (0: off, every round waits for every member). A
             round's sync goes ahead once ``min_quorum`` members are ready and ``grace_s``
             more seconds have passed; a member later than that is left out of the round
@@ -233,6 +250,7 @@ class DiLoCoConfig(AlgorithmConfig):
     sync_every: int | tuple[tuple[int, int], ...] = 50
     ddp_steps: int = 0
     overlap: str = "none"
+    eager: str = "share"
     min_quorum: int = 0
     grace_s: float = 0.0
     collective: str = "all_reduce"
@@ -243,6 +261,9 @@ class DiLoCoConfig(AlgorithmConfig):
               "must be >= 0 (0: no data-parallel phase)")
         check(self.overlap in OVERLAPS, "algorithm.overlap", self.overlap,
               f"must be one of {', '.join(repr(o) for o in OVERLAPS)}")
+        check(self.eager in EAGER, "algorithm.eager", self.eager,
+              f"must be one of {', '.join(repr(e) for e in EAGER)} (with overlap = 'eager': "
+              "what of a worker's own pseudo-gradient stands in for the average)")
         check(self.min_quorum >= 0, "algorithm.min_quorum", self.min_quorum,
               "must be >= 0 (0: no straggler policy)")
         check(self.grace_s >= 0, "algorithm.grace_s", self.grace_s, "must be >= 0")
@@ -256,5 +277,5 @@ class DiLoCoConfig(AlgorithmConfig):
                       ddp_steps=self.ddp_steps,
                       outer_schedule=outer_schedule(lr=run.outer.lr,
                                                     momentum=run.outer.momentum),
-                      overlap=self.overlap, min_quorum=self.min_quorum,
+                      overlap=self.overlap, eager=self.eager, min_quorum=self.min_quorum,
                       grace_s=self.grace_s, collective=self.collective)

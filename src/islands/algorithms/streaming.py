@@ -107,7 +107,7 @@ class StreamingDiLoCo(Algorithm):
     def adopt_in_flight(self, joiner: Worker, member: Worker) -> None:
         joiner.in_flight = member.in_flight  # the fragment whose average it will apply
 
-    def restart(self, worker: Worker, settled: bool) -> None:
+    def restart(self, worker: Worker, settled: bool, averaged: int = 1) -> None:
         """The worker trains on from its own parameters (the landing mixes them)."""
         worker.samples = 0
 

@@ -358,7 +358,7 @@ class Engine:
         (group, workers), self._to_issue = self._to_issue, None
         self._pending = self._in_background(group, workers)
         for w in workers:
-            self.algorithm.restart(w, settled=False)
+            self.algorithm.restart(w, settled=False, averaged=len(group.members))
         delay = self.algorithm.overlap_steps
         self._due = None if delay is None else workers[0].steps + delay
 
