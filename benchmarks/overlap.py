@@ -48,8 +48,9 @@ VARIANTS: dict[str, list[str]] = {
     "blocking": [],
     "delayed": ["algorithm.overlap=delayed", "outer.momentum=0.6"],
     "eager": ["algorithm.overlap=eager", "outer.momentum=0.6"],
-    # the worker's whole pseudo-gradient in place of the average (not its 1/M share)
-    "eager, whole": ["algorithm.overlap=eager", "algorithm.eager=whole", "outer.momentum=0.6"],
+    # Kale et al.'s update: the worker's fresh share of the average mixed with the others'
+    # one-round-old shares, each worker on its own outer SGD
+    "eager, paper": ["algorithm.overlap=eager", "algorithm.eager=share", "outer.momentum=0.6"],
     "delayed, momentum 0.9": ["algorithm.overlap=delayed"],
     # H = 50 per fragment: 5 fragments, a round of 10 steps, each sync landing 5 steps late
     "streaming": ["algorithm.name=streaming_diloco", "algorithm.fragments=5",

@@ -39,8 +39,11 @@ STREAMING = ["algorithm.name=streaming_diloco", "algorithm.sync_every=6",
 
 
 @pytest.mark.parametrize("variant", [
-    ["algorithm.name=diloco", "algorithm.overlap=delayed", "outer.momentum=0.6"], STREAMING],
-    ids=["delayed", "streaming"])
+    ["algorithm.name=diloco", "algorithm.overlap=delayed", "outer.momentum=0.6"],
+    # the paper's eager update: each worker's parameters differ by its private difference
+    ["algorithm.name=diloco", "algorithm.overlap=eager", "algorithm.eager=share",
+     "outer.momentum=0.6"], STREAMING],
+    ids=["delayed", "eager-share", "streaming"])
 def test_launch_overlapped_diloco_ends_with_the_simulators_parameters(tmp_path, procs,
                                                                       variant):
     overrides = [*TINY, "workers=3", *variant, "runtime.heartbeat_timeout_s=5.0"]

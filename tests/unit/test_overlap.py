@@ -93,17 +93,21 @@ def test_delayed_applies_each_average_one_round_late():
     assert not torch.equal(_globals_after(1, "algorithm.overlap=delayed"), blocking)
 
 
-def test_eager_share_starts_each_round_where_the_papers_recursion_puts_each_worker():
-    """Kale et al.'s eager update with a plain outer SGD (lr η, no momentum): worker m's
-    parameters after outer step t are ``θ_m(t) = θ_m(t-1) - η (Δ_m(t) / M + Σ_{k≠m} Δ_k(t-1) /
-    M)``, its fresh pseudo-gradient's share mixed with the others' one round old. Each round's
-    start here (the settled averages plus a tentative step with the worker's own share) is
-    that recursion, worked out in the test from the pseudo-gradients each worker sent."""
-    lr, n, rounds = 0.7, 3, 3
-    sim = Simulation(tiny_config(f"workers={n}", "steps=12", "eval_every=100",
+@pytest.mark.parametrize("outer", [["outer.momentum=0.6"],
+                                   ["outer.momentum=0.0", "outer.nesterov=false"],
+                                   ["outer.momentum=0.5", "outer.nesterov=false",
+                                    "outer.kwargs={weight_decay = 0.1}"]])
+def test_eager_share_starts_each_round_where_the_papers_recursion_puts_each_worker(outer):
+    """Kale et al.'s eager update: worker m steps its own outer SGD with ``Δ̃_m(t) = Δ_m(t) / M
+    + Σ_{k≠m} Δ_k(t-1) / M``, its fresh pseudo-gradient's share mixed with the others' one
+    round old. Each round's start here (the settled state plus the worker's private
+    difference) is that recursion, run in the test with a torch SGD per worker on the
+    pseudo-gradients each worker sent."""
+    lr, n, rounds = 0.7, 3, 4
+    sim = Simulation(tiny_config(f"workers={n}", "steps=16", "eval_every=100",
                                  "algorithm.name=diloco", "algorithm.sync_every=4",
-                                 "algorithm.overlap=eager", f"outer.lr={lr}",
-                                 "outer.momentum=0.0", "outer.nesterov=false"))
+                                 "algorithm.overlap=eager", "algorithm.eager=share",
+                                 f"outer.lr={lr}", *outer))
     engine = sim.build()
     sent: list[dict[int, torch.Tensor]] = []
     contribute = engine.algorithm.contribute
@@ -117,17 +121,28 @@ def test_eager_share_starts_each_round_where_the_papers_recursion_puts_each_work
 
     engine.algorithm.contribute = recording
     driver = _EveryRound(Group(engine.transport, tuple(range(n))))
-    theta = {w.id: w.flat_params().clone() for w in sim.workers}
+    paper = {w.id: torch.nn.Parameter(w.flat_params().clone()) for w in sim.workers}
+    opts = {m: type(sim.workers[0].outer)([p], **sim.workers[0].outer.defaults)
+            for m, p in paper.items()}
     for t in range(rounds - 1):  # the last round waits for its own average: no eager step
         plan = engine.begin(driver)
         engine.finish(driver, plan, engine.train(plan.round, plan.participants))
-        old = sent[t - 1] if t else {m: torch.zeros_like(theta[m]) for m in theta}
-        for m in theta:
-            others = sum(old[k] for k in theta if k != m)
-            theta[m] = theta[m] - lr * (sent[t][m] / n + others / n)
+        old = sent[t - 1] if t else {m: torch.zeros_like(paper[m]) for m in paper}
+        for m, p in paper.items():
+            p.grad = sent[t][m] / n + sum(old[k] for k in paper if k != m) / n
+            opts[m].step()
         for w in sim.workers:  # where the next round starts
-            torch.testing.assert_close(w.flat_params(), theta[w.id], rtol=0, atol=1e-6)
+            torch.testing.assert_close(w.flat_params(), paper[w.id].detach(), rtol=0,
+                                       atol=1e-6)
     assert len(sent) == rounds - 1
+    assert not torch.equal(sim.workers[0].flat_params(), sim.workers[1].flat_params())
+
+
+def test_eager_share_needs_an_sgd_outer_optimizer():
+    with pytest.raises(ConfigError, match="algorithm.eager.*outer.optimizer = 'sgd'"):
+        Simulation(tiny_config("algorithm.name=diloco", "algorithm.overlap=eager",
+                               "algorithm.eager=share", "outer.optimizer=adam",
+                               "outer.momentum=0.0", "outer.nesterov=false"))
 
 
 def test_overlap_hides_the_sync_behind_the_next_round():
@@ -153,7 +168,7 @@ def test_overlap_hides_the_sync_behind_the_next_round():
 def test_overlap_is_checked_and_runs_on_real_processes_too():
     with pytest.raises(ConfigError, match="algorithm.overlap"):
         tiny_config("algorithm.name=diloco", "algorithm.overlap=later")
-    with pytest.raises(ConfigError, match="algorithm.eager.*'share', 'whole'"):
+    with pytest.raises(ConfigError, match="algorithm.eager.*'whole', 'share'"):
         tiny_config("algorithm.name=diloco", "algorithm.overlap=eager", "algorithm.eager=half")
     from islands.runtime.member import refuse_simulator_only
 

@@ -27,16 +27,21 @@ average not there yet:
   own drift is replaced by the outer step of everyone's when that arrives. (Restarting from
   ``θ_t`` alone, a textbook one-step delay, trains round ``t + 1`` on the direction round
   ``t`` already took, which the late outer step then applies again.)
-* ``"eager"`` (Kale et al. 2025): a tentative outer step from ``θ_t`` (on a copy of the outer
-  optimizer's state) in which the worker's own fresh pseudo-gradient stands in for the
-  average that has not arrived; the real outer step with the average replaces it when it
-  lands. ``eager = "share"`` (the paper's update) steps with ``Δ_i / M``, the worker's own
-  share of the average of ``M`` members: the paper's eager outer gradient, its fresh share
-  plus the others' one-round-old shares, summed over the rounds, is the settled averages
-  plus that fresh share, so with a plain outer SGD (no momentum) each worker starts every
-  round exactly where the paper's recursion puts it (a test); with momentum the momentum
-  runs over the settled averages here, over the mixed gradients there. ``eager = "whole"``
-  steps with all of ``Δ_i``, as if it were the average.
+* ``"eager"`` (Kale et al. 2025): the worker's own fresh pseudo-gradient stands in for what
+  has not arrived. ``eager = "whole"`` (the default): a tentative outer step from ``θ_t`` with
+  all of ``Δ_i`` in place of the average, on a copy of the outer optimizer's state; the real
+  outer step with the average replaces it when it lands. ``eager = "share"`` (the paper's
+  update): worker ``i`` steps its own copy of the outer SGD with
+  ``Δ̃_i(t) = Δ_i(t) / M + Σ_{k≠i} Δ_k(t-1) / M``, its fresh share of the average mixed with
+  the others' one-round-old shares, so the members' parameters differ by their own shares.
+  The shared state stays the settled one (the outer step of each average, alike on every
+  member: the state a joiner receives and the hash covers), and each worker keeps, as private
+  state, the exact difference between its paper trajectory and it: the SGD step is linear in
+  its gradient, so with ``e(t) = Δ_i(t) / M(t) − Δ_i(t-1) / M(t-1)`` (plus the weight decay
+  of the difference) the momentum difference is ``c ← μ c + e`` and the parameter difference
+  ``d ← d − lr (e + μ c)`` (Nesterov; ``d ← d − lr c`` without), and round ``t + 1`` starts
+  at ``θ_t + d``. It needs ``outer.optimizer = "sgd"``. A worker that receives the state (a
+  joiner, a repair) starts its difference at zero.
 
 The run's last round waits for its own average, so a run ends on the complete global state.
 """
@@ -58,7 +63,7 @@ from islands.core.sections import AlgorithmConfig, check
 OuterFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 OVERLAPS = ("none", "delayed", "eager")  # algorithm.overlap
-EAGER = ("share", "whole")  # algorithm.eager: what of its own pseudo-gradient stands in
+EAGER = ("whole", "share")  # algorithm.eager: what of its own pseudo-gradient stands in
 
 
 def nesterov_sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -80,8 +85,8 @@ class DiLoCo(Algorithm):
             outer step 0 (None: the optimizer's own settings throughout). Overlapped, round
             ``t``'s outer step runs at the end of round ``t + 1``, with that round's settings.
         overlap: ``"none"`` (blocking), ``"delayed"`` or ``"eager"`` (see the module).
-        eager: with ``overlap = "eager"``, what of its own pseudo-gradient stands in for the
-            average: ``"share"`` (``Δ_i / M``, the paper's) or ``"whole"`` (``Δ_i``).
+        eager: with ``overlap = "eager"``: ``"whole"`` (a tentative outer step with all of
+            ``Δ_i``) or ``"share"`` (the paper's update; an SGD outer optimizer).
         min_quorum, grace_s: the straggler policy (see :class:`DiLoCoConfig`).
         collective: how the pseudo-gradients are combined: ``"all_reduce"`` (the butterfly)
             or ``"all_gather"`` (each worker's whole encoded pseudo-gradient to every other,
@@ -94,7 +99,7 @@ class DiLoCo(Algorithm):
     def __init__(self, sync_every: SyncEvery, *, outer: OuterFactory = nesterov_sgd,
                  ddp_steps: int = 0,
                  outer_schedule: Callable[[int], dict[str, float]] | None = None,
-                 overlap: str = "none", eager: str = "share", min_quorum: int = 0,
+                 overlap: str = "none", eager: str = "whole", min_quorum: int = 0,
                  grace_s: float = 0.0, collective: str = "all_reduce", **kwargs) -> None:
         super().__init__(sync_every, **kwargs)
         if ddp_steps < 0:
@@ -123,6 +128,7 @@ class DiLoCo(Algorithm):
         if self.overlaps:  # where the worker's round started (its drift is measured from it)
             worker.round_start = worker.flat_params().clone()
             worker.fresh = None  # its pseudo-gradient of the round just issued
+            self._settle_eager(worker)
 
     def begin_round(self, group, workers: list[Worker], round: int) -> None:
         # The data-parallel phase's steps are one round each, so outer step k is round
@@ -155,6 +161,7 @@ class DiLoCo(Algorithm):
         worker.outer.step()
         worker.global_params.grad = None  # the outer optimizer's one parameter
         if self.overlaps:  # the worker is a round further on: restart() places it
+            worker.landed = True  # (the settled state took an outer step this round)
             return
         worker.load_flat(worker.global_params.detach())
         worker.samples = 0
@@ -164,15 +171,46 @@ class DiLoCo(Algorithm):
         theta = worker.global_params.detach()
         if settled:
             start = theta
+            self._settle_eager(worker)
         elif self.overlap == "delayed":
             start = theta - worker.fresh
+        elif self.eager == "share":
+            start = theta + self._paper_offset(worker, worker.fresh / averaged, theta)
         else:
-            share = 1 / averaged if self.eager == "share" else 1.0
-            start = self._tentative(worker, worker.fresh * share)
+            start = self._tentative(worker, worker.fresh)
         worker.load_flat(start)
         worker.round_start = worker.flat_params().clone()
         worker.fresh = None
         worker.samples = 0
+
+    @staticmethod
+    def _settle_eager(worker: Worker) -> None:
+        """The paper's eager difference back to zero: the worker is on the settled state."""
+        worker.eager_offset = worker.eager_momentum = worker.eager_share = None
+        worker.landed = False
+
+    @staticmethod
+    def _paper_offset(worker: Worker, share: torch.Tensor, theta: torch.Tensor
+                      ) -> torch.Tensor:
+        """``d``, the worker's paper trajectory less the settled state ``theta``, after this
+        round's outer step with the fresh ``share`` (see the module; SGD with the outer
+        optimizer's current settings, the ones the settled state's step just used). In the
+        first round no average has landed: the settled state took no step (exact while every
+        round's average lands; a sync lost to a failure leaves the difference approximate)."""
+        g = worker.outer.param_groups[0]
+        lr, mu, decay = g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0)
+        d = worker.eager_offset if worker.eager_offset is not None else torch.zeros_like(share)
+        e = share - worker.eager_share if worker.eager_share is not None else share.clone()
+        if decay:  # the decay of the difference, or all of the paper's own if nothing landed
+            e += decay * (d if worker.landed else theta + d)
+        worker.landed = False
+        if mu:
+            c = e if worker.eager_momentum is None else mu * worker.eager_momentum + e
+            worker.eager_momentum = c
+            e = e + mu * c if g.get("nesterov") else c
+        worker.eager_offset = d - lr * e
+        worker.eager_share = share
+        return worker.eager_offset
 
     @staticmethod
     def _tentative(worker: Worker, delta: torch.Tensor) -> torch.Tensor:
@@ -230,9 +268,10 @@ class DiLoCoConfig(AlgorithmConfig):
             or ``"eager"``: round t's average crosses the wire while round t+1 trains and
             its outer step lands one round late (see :mod:`islands.algorithms.diloco`; on
             real processes the sync runs on a thread).
-        eager: with ``overlap = "eager"``, what of the worker's own fresh pseudo-gradient
-            stands in for the average not yet arrived: ``"share"`` (``Δ_i / M`` over ``M``
-            members: Kale et al.'s eager update) or ``"whole"`` (all of ``Δ_i``).
+        eager: with ``overlap = "eager"``, how the worker's own fresh pseudo-gradient stands
+            in for the average not yet arrived: ``"whole"`` (a tentative outer step with all
+            of it) or ``"share"`` (Kale et al.'s update: its share ``Δ_i / M`` mixed with the
+            others' one-round-old shares; needs ``outer.optimizer = "sgd"``).
         min_quorum: the straggler policy (0: off, every round waits for every member). A
             round's sync goes ahead once ``min_quorum`` members are ready and ``grace_s``
             more seconds have passed; a member later than that is left out of the round
@@ -250,7 +289,7 @@ class DiLoCoConfig(AlgorithmConfig):
     sync_every: int | tuple[tuple[int, int], ...] = 50
     ddp_steps: int = 0
     overlap: str = "none"
-    eager: str = "share"
+    eager: str = "whole"
     min_quorum: int = 0
     grace_s: float = 0.0
     collective: str = "all_reduce"
@@ -273,6 +312,11 @@ class DiLoCoConfig(AlgorithmConfig):
               f"must be one of {', '.join(repr(c) for c in GLOBAL_COLLECTIVES)}")
 
     def build(self, run, aggregator) -> DiLoCo:
+        if self.overlap == "eager" and self.eager == "share":  # its difference is SGD's
+            check(run.outer.optimizer.lower() == "sgd"
+                  and not run.outer.kwargs.get("dampening"), "algorithm.eager", self.eager,
+                  f"needs outer.optimizer = 'sgd' without dampening (got "
+                  f"{run.outer.optimizer!r}): use eager = 'whole' with another optimizer")
         return DiLoCo(self.sync_every, outer=outer_factory(run.outer), aggregator=aggregator,
                       ddp_steps=self.ddp_steps,
                       outer_schedule=outer_schedule(lr=run.outer.lr,
