@@ -16,6 +16,7 @@ from islands.sim.runner import Simulation
 from tests.integration.conftest import (
     TINY,
     assert_final_equal,
+    final_state,
     free_port,
     metrics,
     wait_until,
@@ -183,3 +184,66 @@ def test_async_members_go_on_with_a_coordinator_started_anew(tmp_path, procs):
     assert runs[0]["updates_applied"] == len({r["seq"] for r in rows if not r["dropped"]})
     assert runs[0]["updates_applied"] > before + 3
     assert sum(r["inner_steps"] for r in rows) >= 3 * 600
+
+
+def test_an_async_run_resumed_from_its_checkpoints_ends_where_the_whole_run_does(tmp_path,
+                                                                              procs,
+                                                                              coordinator):
+    """One worker (its updates' order is its own: the run is deterministic) with a checkpoint
+    after every update: the run resumed from its fourth checkpoint under a new coordinator
+    ends with the whole run's parameters, bit for bit, posting only the updates after it (the
+    replica, the delayed Nesterov state, the inner optimizer and the budget spent are all in
+    the checkpoint)."""
+    over = ["workers=1", "steps=40", "algorithm.sync_every=5", "eval_every=100000", *ASYNC]
+    full, part, ck = tmp_path / "full", tmp_path / "part", tmp_path / "ck"
+    c1 = coordinator()
+    w = procs.worker(0, f"127.0.0.1:{c1.port}", full,
+                     over + ["runtime.checkpoint_every=1", "runtime.keep_checkpoints=off"],
+                     ["--checkpoint-dir", str(ck)])
+    assert w.wait(timeout=90) == 0
+    assert sorted(int(f.stem.split("-")[1]) for f in (ck / "w0").iterdir()) == list(range(1, 9))
+    c2 = coordinator()
+    w = procs.worker(0, f"127.0.0.1:{c2.port}", part, over,
+                     ["--resume", str(ck / "w0" / "round-4.safetensors")])
+    assert w.wait(timeout=90) == 0
+    assert_final_equal(part / "w0", final_state(full / "w0"), "resumed")
+    assert [r["seq"] for r in metrics(part / "w0")] == [4, 5, 6, 7]
+    resumed = json.loads((part / "w0" / "summary.json").read_text())
+    assert resumed["updates_applied"] == 8
+
+
+def test_async_workers_resumed_from_unequal_checkpoints_go_on_from_the_newest(tmp_path, procs,
+                                                                             coordinator):
+    """Three workers resumed under a new coordinator, each from a checkpoint of its own at a
+    different update: the members go on from the replica holding the most updates (the
+    others receive it), the new coordinator hands out only what is left of the budget, and
+    every worker ends with the same parameters."""
+    over = ["workers=3", "steps=60", "algorithm.sync_every=5", "eval_every=100000", *ASYNC]
+    full, part, ck = tmp_path / "full", tmp_path / "part", tmp_path / "ck"
+    c1 = coordinator()
+    ws = [procs.worker(i, f"127.0.0.1:{c1.port}", full,
+                       over + ["runtime.checkpoint_every=2", "runtime.keep_checkpoints=off"],
+                       ["--checkpoint-dir", str(ck)]) for i in range(3)]
+    assert all(p.wait(timeout=120) == 0 for p in ws)
+    # each worker's second checkpoint (its 4th update): the replicas hold unequal counts
+    picks = [sorted((ck / f"w{i}").iterdir(), key=lambda f: int(f.stem.split("-")[1]))[1]
+             for i in range(3)]
+    held = [int(f.stem.split("-")[1]) for f in picks]
+    c2 = coordinator()
+    ws = [procs.worker(i, f"127.0.0.1:{c2.port}", part, over, ["--resume", str(picks[i])])
+          for i in range(3)]
+    assert all(p.wait(timeout=120) == 0 for p in ws)
+    runs = [json.loads((part / f"w{i}" / "summary.json").read_text()) for i in range(3)]
+    assert len({r["final_hash"] for r in runs}) == 1
+    rows = [r for i in range(3) for r in metrics(part / f"w{i}")]
+    numbered = sorted(r["seq"] for r in rows if not r["dropped"])
+    assert numbered == list(range(max(held), max(held) + len(numbered)))  # on from the newest
+    assert runs[0]["updates_applied"] == max(held) + len(numbered)
+    behind = [i for i in range(3) if held[i] < max(held)]
+    assert behind and all(runs[i]["state_transfers"] >= 1 for i in behind)
+    # the budget: the inner steps in the newest replica, and those handed out since, once
+    from islands.runtime.checkpoint import load
+
+    spent = load(picks[held.index(max(held))])[1]["spent"]
+    order = runs[0]["coordinator"]["async_posts"]
+    assert spent + sum(p["steps"] for p in order) == 3 * 60

@@ -39,19 +39,12 @@ log = logging.getLogger("islands.worker")
 # oldest are waited for: about 70 updates of 4 MB to 7 peers, 15 of 128 MB to 2
 MAX_SENDS_IN_FLIGHT = 1024
 
-NO_CHECKPOINTS = ("an asynchronous run (algorithm.name = 'async_local_sgd') on real processes "
-                  "has no checkpoints yet: run it without --checkpoint-dir and --resume (a "
-                  "worker that restarts joins from the members' latest replica)")
-
-
 class AsyncMember(Member):
     """Drives an asynchronous worker (a :class:`~islands.engine.asynchronous.PostDriver`):
     the coordinator's ``start`` to (re)group, then ``post`` per update and ``posts_end`` at
     the end. Shares :class:`Member`'s constructor, state transfers and epochs."""
 
     def __init__(self, cfg, me, membership, *args, **kwargs) -> None:
-        if kwargs.get("checkpoint_dir"):
-            raise ConfigError(NO_CHECKPOINTS)
         if isinstance(membership, FixedMembership):
             raise ConfigError("algorithm.name = 'async_local_sgd' needs a coordinator, which "
                               "numbers the updates: run the workers with --coordinator "
@@ -63,9 +56,30 @@ class AsyncMember(Member):
         self._exact = Identity()  # buffers travel as exact fp32
         self._done = False  # every update applied (``finished``)
         self._spent = 0  # the inner steps in the updates its replica holds
+        self._posted = 0  # updates of its own posted (checkpoints count them)
 
-    def resume(self, path) -> None:
-        raise ConfigError(NO_CHECKPOINTS)
+    def resume(self, path) -> dict:
+        """Its replica from a checkpoint of an asynchronous run (``round``: the updates it
+        holds, ``spent``: their inner steps), and its own state; at its first ``start``
+        the members go on from the replica holding the most (a coordinator started anew
+        numbers on from it, its budget less ``spent``)."""
+        facts = super().resume(path)
+        if "spent" not in facts:
+            raise ConfigError(f"checkpoint {str(path)!r} was not written by an asynchronous "
+                              "run (it has no 'spent' inner steps): resume an asynchronous "
+                              "run from its own checkpoints")
+        self._spent = int(facts["spent"])
+        return facts
+
+    def _most_rounds(self) -> int:
+        return self.cfg.workers * self.cfg.steps  # updates: at least an inner step each
+
+    def _checkpoint(self, final: bool = False) -> None:
+        """After every ``runtime.checkpoint_every``-th update of its own, and once every
+        update is applied: its replica (``round``: the updates it holds) and its own state."""
+        every = self.cfg.runtime.checkpoint_every
+        if self.checkpoint_dir is not None and (final or (every and self._posted % every == 0)):
+            self._write_checkpoint(self._applied(), spent=self._spent)
 
     @property
     def finished(self) -> bool:
@@ -138,6 +152,8 @@ class AsyncMember(Member):
                 worker.global_buffers = buffers
                 worker.load_flat_buffers(buffers)
         self.round = self._applied()  # (the updates its replica holds)
+        self._posted += 1
+        self._checkpoint()
         log.info("update %s | worker %d | %s | staleness %d | %d inner steps | sent %d B",
                  seq if reply["kept"] else "-", self.me,
                  "posted" if reply["kept"] else "dropped (too stale)", reply["stale"], steps,
@@ -152,6 +168,7 @@ class AsyncMember(Member):
         self.transport.wait_sends(self._sends, "post")  # its updates reach every member
         self._sends = []
         self._done = True
+        self._checkpoint(final=True)
         log.info("worker %d: every update applied (%d); done", self.me, self._applied())
 
     def summary_fields(self) -> dict:

@@ -185,11 +185,12 @@ class Member:
             return self._fresh_hash
         return state.digest(self.algorithm.shared_state(self.worker))
 
-    def resume(self, path) -> None:
-        """Loads a checkpoint of the shared state (and this worker's own state, if it is its)."""
+    def resume(self, path) -> dict:
+        """Loads a checkpoint of the shared state (and this worker's own state, if it is its);
+        returns its facts."""
         tensors, facts = checkpoint.load(path)
         shared = checkpoint.shared_part(tensors)
-        checkpoint.verify(path, shared, facts, self.engine.rounds,
+        checkpoint.verify(path, shared, facts, self._most_rounds(),
                           private=checkpoint.worker_part(tensors))
         try:
             state.check(shared, state.snapshot(self.algorithm, self.worker), src=self.me)
@@ -204,6 +205,11 @@ class Member:
             self.fast_forward(int(facts["round"]))
         self.round, self.resumed = int(facts["round"]), True
         log.info("worker %d resumed from %s at round %d", self.me, path, self.round)
+        return facts
+
+    def _most_rounds(self) -> int:
+        """The most a checkpoint's ``round`` can be in this run."""
+        return self.engine.rounds
 
     def fast_forward(self, round: int) -> None:
         """Puts a fresh worker's lr schedule where the run is (a joiner, a resume)."""
@@ -623,17 +629,21 @@ class Member:
         if self.checkpoint_dir is None:
             return
         if (every and (r + 1) % every == 0) or r == rounds - 1:
-            facts = {"round": r + 1, "hash": self.hash(), "worker_id": self.me,
-                     "seed": self.cfg.seed}
-            try:
-                checkpoint.save_round(self.checkpoint_dir, r + 1,
-                                      self.algorithm.shared_state(self.worker), facts,
-                                      self.worker, self.cfg.runtime.keep_checkpoints)
-            except StorageError as e:
-                last = checkpoint.latest(self.checkpoint_dir)
-                raise StorageError(f"{e}; the last good checkpoint is "
-                                   f"{str(last) if last else 'none'}", path=e.path,
-                                   needed=e.needed, free=e.free) from None
+            self._write_checkpoint(r + 1)
+
+    def _write_checkpoint(self, r: int, **facts) -> None:
+        """``round-<r>.safetensors``: the shared state and this worker's own, with ``facts``."""
+        facts = {"round": r, "hash": self.hash(), "worker_id": self.me, "seed": self.cfg.seed,
+                 **facts}
+        try:
+            checkpoint.save_round(self.checkpoint_dir, r,
+                                  self.algorithm.shared_state(self.worker), facts,
+                                  self.worker, self.cfg.runtime.keep_checkpoints)
+        except StorageError as e:
+            last = checkpoint.latest(self.checkpoint_dir)
+            raise StorageError(f"{e}; the last good checkpoint is "
+                               f"{str(last) if last else 'none'}", path=e.path,
+                               needed=e.needed, free=e.free) from None
 
     def summary_fields(self) -> dict:
         """The runtime's fields of ``summary.json`` (beside the engine's)."""
