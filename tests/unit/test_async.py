@@ -124,7 +124,6 @@ def test_an_update_staler_than_max_staleness_is_dropped_unsent():
     (["algorithm.sync_every=[[0, 2], [8, 4]]"], "algorithm.sync_every"),
     (["algorithm.max_staleness=-1"], "algorithm.max_staleness"),
     (['faults=[{kind = "crash", worker = 1, round = 2}]'], "faults[0].round"),
-    (['faults=[{kind = "heal", at_s = 2.0}]'], "kind = 'heal'"),
 ])
 def test_async_settings_are_checked(sets, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[")):

@@ -46,7 +46,8 @@ from islands.core.errors import ConfigError
 from islands.core.registry import register
 from islands.core.sections import AlgorithmConfig, check
 
-ASYNC_FAULTS = ("crash", "leave", "join", "slow", "link")  # the fault kinds its loop carries out
+# the fault kinds its loop carries out (a partition cuts its side from the coordinator)
+ASYNC_FAULTS = ("crash", "leave", "join", "slow", "link", "partition", "heal")
 
 
 class DelayedNesterov(torch.optim.Optimizer):

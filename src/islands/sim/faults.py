@@ -154,10 +154,16 @@ class AsyncFaultPlan:
       configured step time.
     * ``link``: its link changes for the transfers that start at or after ``at_s`` (applied
       once every live worker's clock has passed it).
+    * ``partition``: the side listed in ``workers`` is cut from the coordinator, which sits
+      with the others: a post goes to every member and needs the coordinator's number, so
+      the cut workers are out of the run from ``at_s`` as if crashed (their updates in
+      progress lost, their unspent steps back to the budget), and the others go on.
+    * ``heal``: the cut workers join back at ``at_s``, each as a joiner (the newest replica
+      from the lowest live worker).
 
-    ``partition`` (a post goes to every worker) and events at a ``round`` are refused when
-    the config is checked (``AsyncLocalSGDConfig.build``), naming the entry. ``epochs``
-    lists each membership from the update it began at, with its virtual time.
+    Events at a ``round`` are refused when the config is checked
+    (``AsyncLocalSGDConfig.build``), naming the entry. ``epochs`` lists each membership from
+    the update it began at, with its virtual time.
 
     Args:
         cfg: the run's config.
@@ -170,6 +176,8 @@ class AsyncFaultPlan:
         self.alive = present_at_start(self.faults, cfg.workers)
         self.base_step_s = dict(engine.step_time_s)
         self.applied: set[int] = set()
+        self.cut: set[int] = set()  # the workers a partition cut, until its heal
+        self.joining: set[int] = set()  # those back in the last membership(): not sources
         self.epochs = [{"epoch": 1, "members": sorted(self.alive), "from_update": 0,
                         "at_s": 0.0}]
 
@@ -193,20 +201,28 @@ class AsyncFaultPlan:
         """The crashes and joins before ``before_s`` (the time of post number ``update``),
         in time order: ``(kind, worker, at_s)``, the live set changed for each (a crash of a
         worker not live, or a join of one that is, changes nothing and is not listed)."""
-        out = []
-        due = sorted(self._due(("crash", "join")), key=lambda e: (e[1].at_s, e[0]))
+        out, self.joining = [], set()
+        due = sorted(self._due(("crash", "join", "partition", "heal")),
+                     key=lambda e: (e[1].at_s, e[0]))
         for i, f in due:
             if f.at_s >= before_s:
                 break
             self.applied.add(i)
-            if f.kind == "crash" and f.worker in self.alive:
-                self._gone(f.worker, f.at_s, update)
+            if f.kind == "partition":  # the cut side crashes, as far as the run can tell
+                gone = sorted(set(f.workers) & self.alive)
+                self.cut |= set(gone)
+                self._gone(gone, f.at_s, update)
+                out += [("crash", w, f.at_s) for w in gone]
+            elif f.kind == "heal":
+                back, self.cut = sorted(self.cut - self.alive), set()
+                self._back(back, f.at_s, update)
+                out += [("join", w, f.at_s) for w in back]
+            elif f.kind == "crash" and f.worker in self.alive:
+                self._gone([f.worker], f.at_s, update)
+                out.append((f.kind, f.worker, f.at_s))
             elif f.kind == "join" and f.worker not in self.alive:
-                self.alive.add(f.worker)
-                self._epoch(f.at_s, update)
-            else:
-                continue
-            out.append((f.kind, f.worker, f.at_s))
+                self._back([f.worker], f.at_s, update)
+                out.append((f.kind, f.worker, f.at_s))
         return out
 
     def leaves(self, worker: int, by_s: float, update: int) -> bool:
@@ -216,16 +232,24 @@ class AsyncFaultPlan:
         for i, f in self._due(("leave",), worker):
             if f.at_s <= by_s:
                 self.applied.add(i)
-                self._gone(worker, by_s, update)
+                self._gone([worker], by_s, update)
                 return True
         return False
 
-    def _gone(self, worker: int, at_s: float, update: int) -> None:
-        self.alive.discard(worker)
+    def _gone(self, workers: list[int], at_s: float, update: int) -> None:
+        if not workers:
+            return
+        self.alive -= set(workers)
         if not self.alive:
             raise ConfigError(f"the fault plan leaves no worker at {at_s:g} s: keep one alive "
                               "to the end of the run, or add a join before")
         self._epoch(at_s, update)
+
+    def _back(self, workers: list[int], at_s: float, update: int) -> None:
+        if workers:
+            self.alive |= set(workers)
+            self.joining |= set(workers)
+            self._epoch(at_s, update)
 
     def _epoch(self, at_s: float, update: int) -> None:
         self.epochs.append({"epoch": len(self.epochs) + 1, "members": sorted(self.alive),
@@ -236,8 +260,8 @@ class AsyncFaultPlan:
         state from the lowest other live worker (every live replica holds every update posted
         so far), one way from ``at_s`` (bytes counted), and that worker's inner optimizer
         moments and lr schedule; then it pulls and trains."""
-        join_from(self.engine, self.engine.local([min(self.alive - {w.id})])[0], w,
-                  at_s=at_s)
+        src = min(self.alive - self.joining - {w.id})  # one that holds the newest replica
+        join_from(self.engine, self.engine.local([src])[0], w, at_s=at_s)
 
 
 def change_worker(engine, base_step_s: dict[int, float], f) -> None:
