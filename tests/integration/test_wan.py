@@ -47,6 +47,32 @@ def test_workers_in_namespaces_form_their_group_at_their_own_address(tmp_path, p
 
 
 @needs_root
+def test_launch_carries_out_the_fault_plans_link_and_slow_events(tmp_path, procs):
+    """islands launch --emulate-network with a [[faults]] plan: worker 1's link shaped anew
+    when round 2 is in flight (tc holds the new rates after), worker 0 slowed 2x from 0.5 s
+    on. The workers run without the plan (the coordinator's fingerprint is theirs); the
+    events change timing only, so the job ends with the simulator's parameters for the same
+    config, plan included, and summary.json lists each event with when it happened."""
+    sets = [*TINY, "workers=2", "network.bandwidth_bps=50e6",
+            'faults=[{kind = "link", worker = 1, round = 2, upload_bps = 5e6, '
+            'download_bps = 7e6}, {kind = "slow", worker = 0, at_s = 0.5, factor = 2.0}]']
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
+            "--out", str(tmp_path / "plan")]
+    p = procs.start("launch", argv + [a for s in sets for a in ("--set", s)])
+    sim = Simulation(load_config(None, sets))
+    sim.run()
+    assert p.wait(timeout=120) == 0
+    assert_final_equal(tmp_path / "plan", sim.final_state, "with the fault plan")
+    done = json.loads((tmp_path / "plan" / "summary.json").read_text())["faults_carried_out"]
+    link = next(d for d in done if d["kind"] == "link")
+    assert (link["worker"], link["upload_bps"], link["download_bps"]) == (1, 5_000_000, 7_000_000)
+    assert link["round"] >= 2
+    slow = next(d for d in done if d["kind"] == "slow")
+    assert (slow["worker"], slow["factor"]) == (0, 2.0) and slow["at_s"] >= 0.5
+    assert "worker 1's link is now 5 Mbit/s up, 7 Mbit/s down" in procs.stderr(p)
+
+
+@needs_root
 def test_the_harness_removes_its_namespaces_when_its_owner_is_killed(tmp_path):
     script = ("import sys, time\nfrom islands.runtime.wan import EmulatedNetwork\n"
               "net = EmulatedNetwork([10e6] * 2, [10e6] * 2).start()\n"

@@ -94,3 +94,19 @@ def test_every_worker_must_run_the_same_collective():
     assert "runtime.trust is 'open' in the job and 'cluster' here" in refusal(job, mine)
     assert refusal(job, config_fingerprint(load_config(None, ["runtime.heartbeat_s=0.2"]))) \
         is None
+
+
+@pytest.mark.parametrize("event, emulate, match", [
+    ('kind = "crash", worker = 1, round = 2', True,
+     r"faults\[0\] \(kind = 'crash'\).*'slow' and 'link'"),
+    ('kind = "link", worker = 1, round = 2, upload_bps = 1e6', False, "--emulate-network"),
+    ('kind = "link", worker = 1, round = 2, latency_s = 0.05', True, r"faults\[0\].latency_s"),
+])
+def test_launch_refuses_a_fault_it_cannot_carry_out_before_anything_starts(event, emulate,
+                                                                          match, tmp_path):
+    cfg = load_config(None, ["workers=2", f"faults=[{{{event}}}]"])
+    with pytest.raises(ConfigError, match=match):
+        launch.launch(cfg, tmp_path / "out", lambda *a: [], emulate_network=emulate)
+    assert not (tmp_path / "out").exists()  # nothing written
+    launch.check_launch_faults(load_config(None, [
+        "workers=2", 'faults=[{kind = "slow", worker = 0, at_s = 1.0, factor = 3.0}]']), False)

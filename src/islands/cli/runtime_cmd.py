@@ -182,7 +182,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
                  "--host", host]
         argv += ["--token-file", args.token_file] if args.token_file else []
         argv += ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
-        return argv
+        # the fault plan is the launch's to carry out, not the workers'
+        return argv + (["--set", "faults=[]"] if cfg.faults else [])
 
     merged = launch(cfg, out, argv_for, token=load_token(args.token_file),
                     existing="overwrite" if args.overwrite else "refuse",

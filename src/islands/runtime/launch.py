@@ -196,6 +196,117 @@ def throttle(process: subprocess.Popen, factor: float, *, period_s: float = THRO
     return t
 
 
+class Throttles:
+    """One :func:`throttle` per worker process, changed as a fault plan slows a worker."""
+
+    def __init__(self, procs: list[subprocess.Popen]) -> None:
+        self.procs, self.factors = procs, {}
+        self._stops: dict[int, threading.Event] = {}
+
+    def set(self, i: int, factor: float) -> None:
+        """Worker ``i`` runs ``factor`` times slower from now on (1 or less: unthrottled)."""
+        if i in self._stops:
+            self._stops.pop(i).set()
+        self.factors[i] = factor
+        stop = threading.Event()
+        if throttle(self.procs[i], factor, stop=stop) is not None:
+            self._stops[i] = stop
+
+
+# the fault plan's events islands launch carries out on real processes (a crash, a leave or a
+# join happens for real there: kill a worker, SIGTERM it, start one; a partition stays the
+# simulator's)
+LAUNCH_FAULTS = ("slow", "link")
+POLL_S = 0.05  # how often the fault plan looks at the coordinator's round
+
+
+def check_launch_faults(cfg: RunConfig, emulate_network: bool) -> None:
+    """Refuses, before anything starts, a ``[[faults]]`` event ``islands launch`` cannot carry
+    out, naming it and what to do."""
+    for i, f in enumerate(cfg.faults):
+        key = f"faults[{i}]"
+        if f.kind not in LAUNCH_FAULTS:
+            raise ConfigError(f"{key} (kind = {f.kind!r}): islands launch carries out the fault "
+                              "plan's 'slow' and 'link' events; on real processes a crash, a "
+                              "leave or a join happens for real (kill a worker, SIGTERM it, "
+                              "start one), and a partition runs in the simulator (islands "
+                              "sim): remove it")
+        if f.kind == "link" and not emulate_network:
+            raise ConfigError(f"{key} (kind = 'link') changes a shaped link: launch with "
+                              "--emulate-network")
+        if f.kind == "link" and f.latency_s is not None:
+            raise ConfigError(f"{key}.latency_s ({f.latency_s}): real processes' latency is "
+                              "not emulated (netem is not in this kernel: see "
+                              "islands.runtime.wan); remove it, or run the plan in the "
+                              "simulator")
+
+
+class FaultRunner:
+    """Carries out the fault plan's ``slow`` and ``link`` events on launched workers, each
+    when due: at its ``at_s`` (wall seconds from the job's start, when the coordinator formed
+    its first group: the simulator's virtual time starts there too) or as soon as the
+    coordinator has its ``round`` in flight (polled every :data:`POLL_S`; the workers do not
+    wait for it, so it lands a little into that round). A ``slow`` worker runs ``factor``
+    times slower than its ``--emulate-compute`` share (:class:`Throttles`); a ``link`` is
+    shaped anew (:meth:`~islands.runtime.wan.EmulatedNetwork.set_link`). Each is logged, and
+    listed in :attr:`carried_out` with when it happened (and a link's rates as ``tc`` holds
+    them after)."""
+
+    def __init__(self, faults, throttles: Throttles, net, coord: Coordinator) -> None:
+        self.pending = list(enumerate(faults))
+        self.throttles, self.net, self.coord = throttles, net, coord
+        self.carried_out: list[dict] = []
+        self._stop = threading.Event()
+        self._started: float | None = None  # when the first group formed
+        self._thread = threading.Thread(target=self._run, daemon=True, name="fault plan")
+
+    def start(self) -> FaultRunner:
+        if self.pending:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while self.pending and not self._stop.wait(POLL_S):
+            s = self.coord.status()
+            if self._started is None:
+                if s["epoch"] == 0:
+                    continue
+                self._started = time.monotonic()
+            at_s = time.monotonic() - self._started
+            now = max(s["last_round"], s["round_in_flight"] if s["round_in_flight"] is not None
+                      else -1)
+            for i, f in [(i, f) for i, f in self.pending
+                         if (f.round is not None and now >= f.round)
+                         or (f.at_s is not None and at_s >= f.at_s)]:
+                self.pending.remove((i, f))
+                self._carry_out(i, f, at_s, now)
+
+    def _carry_out(self, i: int, f, at_s: float, round_now: int) -> None:
+        done = {"fault": i, "kind": f.kind, "worker": f.worker, "at_s": round(at_s, 3),
+                "round": round_now}
+        if f.kind == "slow":
+            factor = self.throttles.factors.get(f.worker, 1.0) * f.factor
+            self.throttles.set(f.worker, factor)
+            done["factor"] = factor
+            log.info("fault plan: worker %d runs %.2fx slower from now on (faults[%d], round "
+                     "%d, %.1f s)", f.worker, factor, i, round_now, at_s)
+        else:
+            done.update(self.net.set_link(f.worker, f.upload_bps, f.download_bps))
+            log.info("fault plan: worker %d's link is now %s up, %s down (faults[%d], round "
+                     "%d, %.1f s)", f.worker, _mbit(done["upload_bps"]),
+                     _mbit(done["download_bps"]), i, round_now, at_s)
+        self.carried_out.append(done)
+
+
+def _mbit(bps: int | None) -> str:
+    return "unshaped" if bps is None else f"{bps / 1e6:g} Mbit/s"
+
+
 def compute_factors(cfg: RunConfig) -> dict[int, float]:
     """Each worker's slowdown under ``--emulate-compute``: its ``[compute]`` step time over
     the fastest worker's."""
@@ -227,7 +338,8 @@ def launch(cfg: RunConfig, out: Path, argv_for: Callable[[int, str, str], list[s
     """
     from islands.runtime.member import refuse_simulator_only
 
-    refuse_simulator_only(cfg)  # before anything starts
+    check_launch_faults(cfg, emulate_network)  # before anything starts
+    refuse_simulator_only(cfg.replace(faults=[]))  # (the workers run without the plan)
     if emulate_network:
         from islands.runtime.wan import check_available
 
@@ -258,8 +370,10 @@ def emulated(cfg: RunConfig):
 
 def _launch(cfg, out, argv_for, token, timeout_s, net, factors) -> dict:
     host = net.gateway if net is not None else "127.0.0.1"
-    # a private bridge on this machine: no token needed, as on loopback
-    coord = start_coordinator(cfg, 0, token, host=host, fingerprint=config_fingerprint(cfg),
+    # a private bridge on this machine: no token needed, as on loopback; the fault plan is
+    # this process's to carry out (argv_for gives the workers none)
+    coord = start_coordinator(cfg, 0, token, host=host,
+                              fingerprint=config_fingerprint(cfg.replace(faults=[])),
                               insecure=net is not None)
     addr = f"{host}:{coord.port}"
     wrap = net.command if net is not None else (lambda i, argv: argv)
@@ -271,9 +385,12 @@ def _launch(cfg, out, argv_for, token, timeout_s, net, factors) -> dict:
     relays = [threading.Thread(target=_relay, args=(p.stdout,), daemon=True) for p in procs]
     for t in relays:
         t.start()
+    throttles = Throttles(procs)
     for i, factor in sorted(factors.items()):
-        if throttle(procs[i], factor) is not None:
+        throttles.set(i, factor)
+        if factor > 1:
             log.info("worker %d runs %.2fx slower (--emulate-compute: [compute])", i, factor)
+    faults = FaultRunner(cfg.faults, throttles, net, coord).start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         for p in procs:
@@ -282,6 +399,7 @@ def _launch(cfg, out, argv_for, token, timeout_s, net, factors) -> dict:
     except subprocess.TimeoutExpired:
         raise CommError(f"launch: workers still running after {timeout_s} s; killed") from None
     finally:
+        faults.stop()
         for p in procs:
             if p.poll() is None:
                 p.kill()
@@ -291,7 +409,11 @@ def _launch(cfg, out, argv_for, token, timeout_s, net, factors) -> dict:
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
         raise CommError(f"launch: workers {failed} exited with an error (see their log above)")
-    return write_job(out, coord.job_view(), title=f"{cfg.label} (islands launch)")
+    merged = write_job(out, coord.job_view(), title=f"{cfg.label} (islands launch)")
+    if cfg.faults:  # what the plan asked, and when it happened
+        merged["faults_carried_out"] = faults.carried_out
+        write_json(out / "summary.json", merged)
+    return merged
 
 
 _STDOUT = threading.Lock()

@@ -162,6 +162,21 @@ class EmulatedNetwork:
         if self.download_bps[i]:
             _shape([], outer, self.download_bps[i])
 
+    def set_link(self, i: int, upload_bps: float | None = None,
+                 download_bps: float | None = None) -> dict[str, int | None]:
+        """Host ``i``'s upload and/or download shaped anew, the other direction unchanged
+        (a fault plan's ``link`` event, mid-run). Returns the rates the kernel holds now,
+        read back from ``tc`` (None: that direction is unshaped)."""
+        ns, outer = self.namespace(i), f"{self.prefix}v{i}"
+        if upload_bps is not None:
+            _shape(["ip", "netns", "exec", ns], INTERFACE, upload_bps, op="replace")
+            self.upload_bps[i] = upload_bps
+        if download_bps is not None:
+            _shape([], outer, download_bps, op="replace")
+            self.download_bps[i] = download_bps
+        return {"upload_bps": _rate(["ip", "netns", "exec", ns], INTERFACE),
+                "download_bps": _rate([], outer)}
+
     def stop(self) -> None:
         """Deletes every namespace and link this network made (the guardian checks again)."""
         if self._guard is None:
@@ -180,9 +195,20 @@ class EmulatedNetwork:
         self.stop()
 
 
-def _shape(prefix: list[str], dev: str, rate_bps: float) -> None:
-    _run(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(rate_bps)}bit",
+def _shape(prefix: list[str], dev: str, rate_bps: float, op: str = "add") -> None:
+    _run(*prefix, "tc", "qdisc", op, "dev", dev, "root", "tbf", "rate", f"{int(rate_bps)}bit",
          "burst", str(tbf_burst(rate_bps)), "latency", "100ms")
+
+
+_RATE = re.compile(r"\btbf\b.*?\brate (\d+(?:\.\d+)?)([KMG]?)bit")
+
+
+def _rate(prefix: list[str], dev: str) -> int | None:
+    """The rate of ``dev``'s root tbf in bits per second, as ``tc`` reports it (None: none)."""
+    m = _RATE.search(_run(*prefix, "tc", "qdisc", "show", "dev", dev))
+    if m is None:
+        return None
+    return round(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)])
 
 
 def _base36(n: int) -> str:
