@@ -14,8 +14,15 @@ token bucket (``islands.runtime.wan``; root only). Latency is not emulated (see 
    same ``[network]``, with ``[compute] step_time_s`` set from the measured inner steps
    (batch, forward, backward, optimizer step), and the ratio.
 
+3. ``--link-event``: a fault plan on real processes: the main job's DiLoCo (400 steps, H = 50,
+   8 rounds) through ``islands launch --emulate-network`` with ``[[faults]]``: worker 1's
+   link falls to a tenth of the bandwidth (both directions) at round 4. The wall time per
+   round before and after the event (commit to commit, median) beside the simulator's, the
+   same plan in its config.
+
 Run it (as root): ``python benchmarks/wan.py`` (about 40 minutes on 2 cores), ``--quick`` for
-one bandwidth, two sizes and fewer repeats. Writes ``bench-results/wan.json``.
+one bandwidth, two sizes and fewer repeats; ``--link-event --no-collectives --jobs`` for the
+fault plan alone. Writes ``bench-results/wan.json``.
 """
 
 from __future__ import annotations
@@ -88,6 +95,47 @@ def job(algo: str, mbit: float, workdir: Path, workers: int = 4) -> dict:
             "predicted_round_s": per_round, "predicted_over_measured": per_round / measured}
 
 
+LINK_EVENT_ROUND = 4
+
+
+def link_event(mbit: float, workdir: Path, workers: int = 4) -> list[dict]:
+    """The main job's DiLoCo as real processes with worker 1's link cut to a tenth at round
+    :data:`LINK_EVENT_ROUND`, and the simulator's prediction for the same plan: s/round before
+    and after, measured and predicted."""
+    from islands.core.config import load_config
+    from islands.metrics.run_dir import read_metrics
+    from islands.sim.runner import Simulation
+
+    slow = mbit * 1e5
+    plan = (f'faults=[{{kind = "link", worker = 1, round = {LINK_EVENT_ROUND}, '
+            f'upload_bps = {slow}, download_bps = {slow}}}]')
+    sets = [f"workers={workers}", *MAIN_JOB, "algorithm.name=diloco", "algorithm.sync_every=50",
+            "steps=400", f"network.bandwidth_bps={mbit * 1e6}", plan]
+    out = workdir / f"link-{mbit:g}-{workers}"
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
+            "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = load_config(None, sets)
+    summary = json.loads((out / "w0" / "summary.json").read_text())
+    step_s = summary["compute_s_by_worker"][0] / cfg.steps
+    sim = workdir / f"link-sim-{mbit:g}-{workers}"
+    Simulation(cfg.replace(**{"compute.step_time_s": step_s}), out_dir=sim).run()
+
+    def per_round(times: list[float]) -> dict[str, float]:  # round k: its commit - k-1's
+        d = {k: b - a for k, (a, b) in enumerate(zip(times, times[1:]), start=1)}
+        return {"before": statistics.median(v for k, v in d.items() if k < LINK_EVENT_ROUND),
+                "after": statistics.median(v for k, v in d.items() if k >= LINK_EVENT_ROUND)}
+
+    measured = per_round([r["commit_unix"] for r in read_metrics(out / "w0")])
+    predicted = per_round([r["virtual_time_s"] for r in read_metrics(sim) if r["worker"] == 0])
+    carried = json.loads((out / "summary.json").read_text())["faults_carried_out"]
+    return [{"phase": phase, "mbit": mbit, "link_mbit": slow / 1e6, "workers": workers,
+             "step_s": step_s, "measured_round_s": measured[phase],
+             "predicted_round_s": predicted[phase],
+             "predicted_over_measured": predicted[phase] / measured[phase],
+             "carried_out": carried} for phase in ("before", "after")]
+
+
 def print_tables(coll: list[dict], jobs: list[dict]) -> None:
     t = Table(title="collectives over shaped links (medians, one torch thread per worker)")
     for col in ("Mbit/s", "workers", "MB", "codec", "gloo s", "bfly s", "vs gloo",
@@ -111,6 +159,19 @@ def print_tables(coll: list[dict], jobs: list[dict]) -> None:
     console.print(j)
 
 
+def print_link_event(rows: list[dict]) -> None:
+    t = Table(title=f"a link event on real processes: worker 1's link falls to a tenth at "
+                    f"round {LINK_EVENT_ROUND} (DiLoCo, H = 50)")
+    for col in ("Mbit/s", "worker 1 after", "workers", "phase", "measured s/round",
+                "predicted s/round", "predicted / measured"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(f"{r['mbit']:g}", f"{r['link_mbit']:g}", str(r["workers"]), r["phase"],
+                  f"{r['measured_round_s']:.3f}", f"{r['predicted_round_s']:.3f}",
+                  f"{r['predicted_over_measured']:.2f}")
+    Console(width=160).print(t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bandwidths", type=float, nargs="+", default=[100.0, 1000.0],
@@ -123,6 +184,8 @@ def main() -> None:
     p.add_argument("--job-workers", type=int, nargs="+", default=[4], metavar="N",
                    help="the main job's worker counts (4: two processes per core here)")
     p.add_argument("--no-collectives", action="store_true")
+    p.add_argument("--link-event", action="store_true",
+                   help="also the fault plan's link event on real processes (3. above)")
     p.add_argument("--quick", action="store_true",
                    help="100 Mbit/s only, 2 workers, 16 MB, 3 repeats")
     p.add_argument("--json", default="bench-results/wan.json")
@@ -134,10 +197,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [job(a, m, Path(tmp), n) for n in args.job_workers for m in args.bandwidths
                 for a in args.jobs]
+        link = [r for n in args.job_workers for m in args.bandwidths
+                for r in link_event(m, Path(tmp), n)] if args.link_event else []
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"argv": sys.argv, "collectives": coll,
-                                           "jobs": jobs}, indent=2) + "\n")
+                                           "jobs": jobs, "link_event": link}, indent=2) + "\n")
     print_tables(coll, jobs)
+    if link:
+        print_link_event(link)
     print(f"wrote {args.json}")
 
 

@@ -228,3 +228,31 @@ def test_sigterm_is_honoured_while_waiting_to_join_and_in_a_collective(tmp_path,
     assert metrics(out / "w0")[-1]["participants"] == [0]
     ws[0].send_signal(signal.SIGTERM)
     assert ws[0].wait(timeout=30) == 0
+
+
+def test_launch_carries_out_a_crash_and_a_join_of_the_fault_plan(tmp_path, procs):
+    """islands launch with a [[faults]] plan: worker 2 killed when round 2 is in flight, a
+    new worker 2 started when round 3 is: the coordinator commits the simulator's sequence of
+    memberships for the same plan (the rounds differ: a process takes seconds to start), the
+    killed worker's folder is kept aside, and the survivors and the joiner end on one
+    state."""
+    from islands.core.config import load_config
+    from islands.sim.runner import Simulation
+
+    plan = ('faults=[{kind = "crash", worker = 2, round = 2}, '
+            '{kind = "join", worker = 2, round = 3}]')
+    sets = [*TINY, "workers=3", "steps=1200", "eval_every=100000", plan]
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
+            str(tmp_path / "plan")]
+    p = procs.start("launch", argv + [a for s in sets for a in ("--set", s)])
+    sim = Simulation(load_config(None, [*sets, "steps=60"])).run()  # its memberships
+    assert p.wait(timeout=180) == 0
+    job = json.loads((tmp_path / "plan" / "summary.json").read_text())
+    real = [e["members"] for e in job["coordinator"]["epochs"]]
+    assert real == [e["members"] for e in sim["epochs"]] == [[0, 1, 2], [0, 1], [0, 1, 2]]
+    done = job["faults_carried_out"]
+    assert [(d["kind"], d["worker"], "skipped" in d) for d in done] == [
+        ("crash", 2, False), ("join", 2, False)]
+    assert done[0]["round"] >= 2 and done[1]["round"] >= 3
+    assert (tmp_path / "plan" / "w2-crashed-1").is_dir()
+    assert len(job["final_hashes"]) == 1 and job["workers_merged"] == [0, 1, 2]

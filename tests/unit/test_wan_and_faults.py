@@ -97,8 +97,9 @@ def test_every_worker_must_run_the_same_collective():
 
 
 @pytest.mark.parametrize("event, emulate, match", [
-    ('kind = "crash", worker = 1, round = 2', True,
-     r"faults\[0\] \(kind = 'crash'\).*'slow' and 'link'"),
+    ('kind = "partition", workers = [0], round = 2', True,
+     r"faults\[0\] \(kind = 'partition'\).*simulator only"),
+    ('kind = "join", worker = 1, round = 2', True, r"faults\[0\]: worker 1 joins without"),
     ('kind = "link", worker = 1, round = 2, upload_bps = 1e6', False, "--emulate-network"),
     ('kind = "link", worker = 1, round = 2, latency_s = 0.05', True, r"faults\[0\].latency_s"),
 ])
@@ -108,5 +109,7 @@ def test_launch_refuses_a_fault_it_cannot_carry_out_before_anything_starts(event
     with pytest.raises(ConfigError, match=match):
         launch.launch(cfg, tmp_path / "out", lambda *a: [], emulate_network=emulate)
     assert not (tmp_path / "out").exists()  # nothing written
-    launch.check_launch_faults(load_config(None, [
-        "workers=2", 'faults=[{kind = "slow", worker = 0, at_s = 1.0, factor = 3.0}]']), False)
+    launch.check_launch_faults(load_config(None, [  # what it carries out
+        "workers=2", 'faults=[{kind = "slow", worker = 0, at_s = 1.0, factor = 3.0}, '
+        '{kind = "crash", worker = 1, round = 2}, {kind = "join", worker = 1, round = 4}, '
+        '{kind = "leave", worker = 0, at_s = 9.0}]']), False)

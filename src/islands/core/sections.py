@@ -423,6 +423,16 @@ class AttackConfig:
 # the [algorithm] keys with which a round draws a sample of the members (FedAvg's C, MoDeST)
 SAMPLING_KEYS = ("participation", "sample_fraction")
 
+def present_at_start(faults, workers: int) -> set[int]:
+    """The workers a fault plan has present from the start: all but those whose first
+    membership event in the plan is a join."""
+    first: dict[int, str] = {}
+    for f in faults:
+        if f.kind in ("crash", "leave", "join"):
+            first.setdefault(f.worker, f.kind)
+    return {i for i in range(workers) if first.get(i) != "join"}
+
+
 FAULT_KINDS = ("crash", "leave", "join", "slow", "link", "partition", "heal")
 NETWORK_WIDE = ("partition", "heal")  # events of the whole network, not of one worker
 

@@ -28,6 +28,7 @@ from typing import Callable
 
 from islands.core.config import RunConfig
 from islands.core.errors import CommError, ConfigError
+from islands.core.sections import present_at_start
 from islands.metrics.run_dir import RunDir, check_writable, clear_job, write_json
 from islands.runtime.auth import client_connect
 from islands.runtime.coordinator import Coordinator
@@ -196,10 +197,50 @@ def throttle(process: subprocess.Popen, factor: float, *, period_s: float = THRO
     return t
 
 
+class Workers:
+    """The launched worker processes, one per worker id; a fault plan's crash kills one (its
+    folder kept as ``w<i>-crashed-<k>``), its join starts one anew.
+
+    Args:
+        argv: ``worker id -> command line`` of one worker process.
+        out: the launch's folder (``w<i>/`` per worker).
+    """
+
+    def __init__(self, argv: Callable[[int], list[str]], out: Path) -> None:
+        self.argv, self.out = argv, out
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.crashed: set[int] = set()  # killed by the plan, not started again
+        self.relays: list[threading.Thread] = []
+        self._crashes = 0
+
+    def start(self, i: int) -> subprocess.Popen:
+        """Starts worker ``i``; its stdout comes through here line by line, so no two lines
+        ever share one."""
+        p = subprocess.Popen(self.argv(i), stdout=subprocess.PIPE, text=True)
+        relay = threading.Thread(target=_relay, args=(p.stdout,), daemon=True)
+        relay.start()
+        self.procs[i], self.crashed = p, self.crashed - {i}
+        self.relays.append(relay)
+        return p
+
+    def crash(self, i: int) -> None:
+        """Kills worker ``i`` (SIGKILL) and keeps its folder aside."""
+        p = self.procs[i]
+        p.kill()
+        p.wait()
+        self._crashes += 1
+        if (self.out / f"w{i}").exists():
+            (self.out / f"w{i}").rename(self.out / f"w{i}-crashed-{self._crashes}")
+        self.crashed.add(i)
+
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs.values())
+
+
 class Throttles:
     """One :func:`throttle` per worker process, changed as a fault plan slows a worker."""
 
-    def __init__(self, procs: list[subprocess.Popen]) -> None:
+    def __init__(self, procs: dict[int, subprocess.Popen]) -> None:
         self.procs, self.factors = procs, {}
         self._stops: dict[int, threading.Event] = {}
 
@@ -213,24 +254,28 @@ class Throttles:
             self._stops[i] = stop
 
 
-# the fault plan's events islands launch carries out on real processes (a crash, a leave or a
-# join happens for real there: kill a worker, SIGTERM it, start one; a partition stays the
-# simulator's)
-LAUNCH_FAULTS = ("slow", "link")
+# the fault plan's events islands launch carries out on real processes (a partition stays the
+# simulator's: the runtime's gossip cannot keep exchanging within each side of a cut)
+LAUNCH_FAULTS = ("crash", "leave", "join", "slow", "link")
 POLL_S = 0.05  # how often the fault plan looks at the coordinator's round
 
 
 def check_launch_faults(cfg: RunConfig, emulate_network: bool) -> None:
     """Refuses, before anything starts, a ``[[faults]]`` event ``islands launch`` cannot carry
     out, naming it and what to do."""
+    absent = set(range(cfg.workers)) - present_at_start(cfg.faults, cfg.workers)
     for i, f in enumerate(cfg.faults):
         key = f"faults[{i}]"
         if f.kind not in LAUNCH_FAULTS:
             raise ConfigError(f"{key} (kind = {f.kind!r}): islands launch carries out the fault "
-                              "plan's 'slow' and 'link' events; on real processes a crash, a "
-                              "leave or a join happens for real (kill a worker, SIGTERM it, "
-                              "start one), and a partition runs in the simulator (islands "
-                              "sim): remove it")
+                              f"plan's {', '.join(LAUNCH_FAULTS)} events; a partition runs in "
+                              "the simulator only (islands sim): remove it")
+        if f.kind == "join" and f.worker in absent:
+            raise ConfigError(f"{key}: worker {f.worker} joins without having been there "
+                              "(its first membership event): islands launch starts every "
+                              "worker with the job (the job's start waits for all of them); "
+                              f"give it a leave or a crash before, or run the plan in the "
+                              "simulator")
         if f.kind == "link" and not emulate_network:
             raise ConfigError(f"{key} (kind = 'link') changes a shaped link: launch with "
                               "--emulate-network")
@@ -242,19 +287,23 @@ def check_launch_faults(cfg: RunConfig, emulate_network: bool) -> None:
 
 
 class FaultRunner:
-    """Carries out the fault plan's ``slow`` and ``link`` events on launched workers, each
-    when due: at its ``at_s`` (wall seconds from the job's start, when the coordinator formed
-    its first group: the simulator's virtual time starts there too) or as soon as the
-    coordinator has its ``round`` in flight (polled every :data:`POLL_S`; the workers do not
-    wait for it, so it lands a little into that round). A ``slow`` worker runs ``factor``
-    times slower than its ``--emulate-compute`` share (:class:`Throttles`); a ``link`` is
-    shaped anew (:meth:`~islands.runtime.wan.EmulatedNetwork.set_link`). Each is logged, and
-    listed in :attr:`carried_out` with when it happened (and a link's rates as ``tc`` holds
-    them after)."""
+    """Carries out the fault plan on launched workers, each event when due: at its ``at_s``
+    (wall seconds from the job's start, when the coordinator formed its first group: the
+    simulator's virtual time starts there too) or as soon as the coordinator has its
+    ``round`` in flight (polled every :data:`POLL_S`; the workers do not wait for it, so it
+    lands a little into that round). A ``crash`` kills the worker (SIGKILL), a ``leave`` asks
+    it to stop (SIGTERM: it leaves with its files written), a ``join`` starts it anew (it
+    receives the committed state, healing into the round in flight or at the next start); a
+    ``slow`` worker runs ``factor`` times slower than its ``--emulate-compute`` share
+    (:class:`Throttles`); a ``link`` is shaped anew
+    (:meth:`~islands.runtime.wan.EmulatedNetwork.set_link`). Each is logged, and listed in
+    :attr:`carried_out` with when it happened (and a link's rates as ``tc`` holds them
+    after)."""
 
-    def __init__(self, faults, throttles: Throttles, net, coord: Coordinator) -> None:
+    def __init__(self, faults, workers: Workers, throttles: Throttles, net,
+                 coord: Coordinator) -> None:
         self.pending = list(enumerate(faults))
-        self.throttles, self.net, self.coord = throttles, net, coord
+        self.workers, self.throttles, self.net, self.coord = workers, throttles, net, coord
         self.carried_out: list[dict] = []
         self._stop = threading.Event()
         self._started: float | None = None  # when the first group formed
@@ -289,7 +338,24 @@ class FaultRunner:
     def _carry_out(self, i: int, f, at_s: float, round_now: int) -> None:
         done = {"fault": i, "kind": f.kind, "worker": f.worker, "at_s": round(at_s, 3),
                 "round": round_now}
-        if f.kind == "slow":
+        w, running = f.worker, self.workers.procs[f.worker].poll() is None
+        if f.kind in ("crash", "leave") and running:
+            if f.kind == "crash":
+                self.workers.crash(w)
+            else:
+                self.workers.procs[w].send_signal(signal.SIGTERM)
+            log.info("fault plan: worker %d %s (faults[%d], round %d, %.1f s)", w,
+                     "killed" if f.kind == "crash" else "asked to leave", i, round_now, at_s)
+        elif f.kind == "join" and not running:
+            self.workers.start(w)
+            self.throttles.set(w, self.throttles.factors.get(w, 1.0))
+            log.info("fault plan: worker %d started anew (faults[%d], round %d, %.1f s)", w, i,
+                     round_now, at_s)
+        elif f.kind in ("crash", "leave", "join"):
+            done["skipped"] = "running" if f.kind == "join" else "not running"
+            log.info("fault plan: faults[%d] (%s of worker %d) skipped: it is %s", i, f.kind, w,
+                     done["skipped"])
+        elif f.kind == "slow":
             factor = self.throttles.factors.get(f.worker, 1.0) * f.factor
             self.throttles.set(f.worker, factor)
             done["factor"] = factor
@@ -378,35 +444,32 @@ def _launch(cfg, out, argv_for, token, timeout_s, net, factors) -> dict:
     addr = f"{host}:{coord.port}"
     wrap = net.command if net is not None else (lambda i, argv: argv)
     own = net.addr if net is not None else (lambda i: "127.0.0.1")
-    # each worker sets its torch threads from the config's `threads` (auto: 1 on the CPU);
-    # their stdout comes through here line by line, so no two lines ever share one
-    procs = [subprocess.Popen(wrap(i, argv_for(i, addr, own(i))), stdout=subprocess.PIPE,
-                              text=True) for i in range(cfg.workers)]
-    relays = [threading.Thread(target=_relay, args=(p.stdout,), daemon=True) for p in procs]
-    for t in relays:
-        t.start()
-    throttles = Throttles(procs)
+    # each worker sets its torch threads from the config's `threads` (auto: 1 on the CPU)
+    workers = Workers(lambda i: wrap(i, argv_for(i, addr, own(i))), out)
+    for i in range(cfg.workers):
+        workers.start(i)
+    throttles = Throttles(workers.procs)
     for i, factor in sorted(factors.items()):
         throttles.set(i, factor)
         if factor > 1:
             log.info("worker %d runs %.2fx slower (--emulate-compute: [compute])", i, factor)
-    faults = FaultRunner(cfg.faults, throttles, net, coord).start()
+    faults = FaultRunner(cfg.faults, workers, throttles, net, coord).start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        for p in procs:
-            left = None if deadline is None else max(0.1, deadline - time.monotonic())
-            p.wait(timeout=left)
-    except subprocess.TimeoutExpired:
-        raise CommError(f"launch: workers still running after {timeout_s} s; killed") from None
+        while workers.running():  # (a joiner started meanwhile included)
+            if deadline is not None and time.monotonic() > deadline:
+                raise CommError(f"launch: workers still running after {timeout_s} s; killed")
+            time.sleep(0.1)
     finally:
         faults.stop()
-        for p in procs:
+        for p in workers.procs.values():
             if p.poll() is None:
                 p.kill()
-        for t in relays:
+        for t in workers.relays:
             t.join(timeout=5)
         coord.stop()
-    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    failed = [i for i, p in sorted(workers.procs.items())
+              if p.returncode != 0 and i not in workers.crashed]
     if failed:
         raise CommError(f"launch: workers {failed} exited with an error (see their log above)")
     merged = write_job(out, coord.job_view(), title=f"{cfg.label} (islands launch)")

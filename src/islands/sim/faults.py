@@ -37,16 +37,7 @@ import copy
 from dataclasses import replace
 
 from islands.core.errors import ConfigError
-
-
-def present_at_start(faults, workers: int) -> set[int]:
-    """The workers present from the start: all but those whose first membership event in
-    the plan is a join."""
-    first: dict[int, str] = {}
-    for f in faults:
-        if f.kind in ("crash", "leave", "join"):
-            first.setdefault(f.worker, f.kind)
-    return {i for i in range(workers) if first.get(i) != "join"}
+from islands.core.sections import present_at_start
 
 
 class FaultPlan:
