@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "and attack.scale tune it (attack.* may differ between workers)")
     r.set_defaults(func=cmd_run)
 
-    la = sub.add_parser("launch", help="coordinator and N workers on this machine")
+    la = sub.add_parser("launch", help="coordinator and N workers on this machine (a config's "
+                        "[[faults]] plan carried out on them)")
     _common(la)
     la.add_argument("--workers", type=int, default=None, help="number of workers")
     la.add_argument("--out", default=None, help="launch folder (default: runs/<name>-launch)")

@@ -8,7 +8,9 @@
 Two emulations make one machine stand in for uneven, poorly connected ones:
 ``--emulate-network`` (each worker in a network namespace, its links shaped as ``[network]``
 says: :mod:`islands.runtime.wan`) and ``--emulate-compute`` (each worker slowed by its
-``[compute]`` step time over the fastest worker's: :func:`throttle`).
+``[compute]`` step time over the fastest worker's: :func:`throttle`). A config's ``[[faults]]``
+plan is carried out on the launched processes (:class:`FaultRunner`: crashes, leaves, joins,
+slowdowns and link changes, at a round or a time).
 """
 
 from __future__ import annotations
