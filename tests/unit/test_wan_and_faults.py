@@ -113,3 +113,71 @@ def test_launch_refuses_a_fault_it_cannot_carry_out_before_anything_starts(event
         "workers=2", 'faults=[{kind = "slow", worker = 0, at_s = 1.0, factor = 3.0}, '
         '{kind = "crash", worker = 1, round = 2}, {kind = "join", worker = 1, round = 4}, '
         '{kind = "leave", worker = 0, at_s = 9.0}]']), False)
+
+
+class _Proc:
+    def __init__(self) -> None:
+        self.signals, self.alive = [], True
+
+    def poll(self):
+        return None if self.alive else 0
+
+    def send_signal(self, sig) -> None:
+        self.signals.append(sig)
+
+
+class _Workers:
+    def __init__(self, n: int) -> None:
+        self.procs = {i: _Proc() for i in range(n)}
+        self.calls: list[tuple[str, int]] = []
+
+    def crash(self, i: int) -> None:
+        self.procs[i].alive = False
+        self.calls.append(("crash", i))
+
+    def start(self, i: int) -> None:
+        self.procs[i] = _Proc()
+        self.calls.append(("start", i))
+
+
+class _Coord:
+    def __init__(self) -> None:
+        self.now = {"epoch": 0, "last_round": -1, "round_in_flight": None}
+
+    def status(self) -> dict:
+        return dict(self.now)
+
+
+def test_launch_s_fault_runner_carries_out_each_event_at_its_round_in_order():
+    """A crash at round 2 and a join at round 4 happen once the coordinator has those rounds
+    in flight, not before; a leave whose time never comes is listed as skipped at the end."""
+    import signal as signals
+
+    cfg = load_config(None, ["workers=2", 'faults=[{kind = "join", worker = 1, round = 4}, '
+                             '{kind = "crash", worker = 1, round = 2}, '
+                             '{kind = "leave", worker = 0, at_s = 1000.0}]'])
+    workers, coord = _Workers(2), _Coord()
+    runner = launch.FaultRunner(cfg.faults, workers, launch.Throttles(workers.procs), None,
+                                coord).start()
+    try:
+        coord.now.update(epoch=1, round_in_flight=1)
+        time.sleep(3 * launch.POLL_S)
+        assert workers.calls == []  # round 1: nothing due yet
+        coord.now.update(last_round=1, round_in_flight=2)
+        _wait(lambda: workers.calls == [("crash", 1)])
+        coord.now.update(last_round=3, round_in_flight=4)
+        _wait(lambda: workers.calls == [("crash", 1), ("start", 1)])
+    finally:
+        runner.stop()
+    assert [(d["kind"], d["round"]) for d in runner.carried_out[:2]] == [("crash", 2),
+                                                                       ("join", 4)]
+    assert runner.carried_out[2] == {"fault": 2, "kind": "leave", "worker": 0,
+                                     "skipped": "the job ended first"}
+    assert signals.SIGTERM not in workers.procs[0].signals
+
+
+def _wait(ok, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not ok():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)

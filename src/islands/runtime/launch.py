@@ -276,7 +276,7 @@ def check_launch_faults(cfg: RunConfig, emulate_network: bool) -> None:
             raise ConfigError(f"{key}: worker {f.worker} joins without having been there "
                               "(its first membership event): islands launch starts every "
                               "worker with the job (the job's start waits for all of them); "
-                              f"give it a leave or a crash before, or run the plan in the "
+                              "give it a leave or a crash before, or run the plan in the "
                               "simulator")
         if f.kind == "link" and not emulate_network:
             raise ConfigError(f"{key} (kind = 'link') changes a shaped link: launch with "
@@ -317,9 +317,17 @@ class FaultRunner:
         return self
 
     def stop(self) -> None:
+        """Stops looking; the events not due by then are listed as skipped (the job ended
+        first)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        for i, f in self.pending:
+            self.carried_out.append({"fault": i, "kind": f.kind, "worker": f.worker,
+                                     "skipped": "the job ended first"})
+            log.warning("fault plan: faults[%d] (%s of worker %s) not carried out: the job "
+                        "ended first", i, f.kind, f.worker)
+        self.pending = []
 
     def _run(self) -> None:
         while self.pending and not self._stop.wait(POLL_S):
