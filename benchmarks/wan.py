@@ -155,8 +155,9 @@ def print_tables(coll: list[dict], jobs: list[dict]) -> None:
                   f"{r['measured_round_s']:.3f}", f"{r['predicted_round_s']:.3f}",
                   f"{r['predicted_over_measured']:.2f}")
     console = Console(width=160)
-    console.print(t)
-    console.print(j)
+    for table, rows in ((t, coll), (j, jobs)):
+        if rows:
+            console.print(table)
 
 
 def print_link_event(rows: list[dict]) -> None:
