@@ -166,6 +166,18 @@ def wait_exit(p: subprocess.Popen, timeout_s: float = 90) -> int:
     return p.wait(timeout=timeout_s)
 
 
+def checkpointed_run(procs: "Procs", coordinator, workers: int, out: Path, ck: Path,
+                     overrides, every: int = 1, timeout_s: float = 120) -> None:
+    """``workers`` workers under a coordinator of their own, each writing a checkpoint every
+    ``every`` rounds (updates) into ``ck/w<i>/``, all kept; returns once each exited 0."""
+    c = coordinator()
+    ws = [procs.worker(i, f"127.0.0.1:{c.port}", out,
+                       [*overrides, f"runtime.checkpoint_every={every}",
+                        "runtime.keep_checkpoints=off"], ["--checkpoint-dir", str(ck)])
+          for i in range(workers)]
+    assert all(p.wait(timeout=timeout_s) == 0 for p in ws)
+
+
 def wait_until(pred, timeout_s: float = 60, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():

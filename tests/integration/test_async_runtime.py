@@ -16,6 +16,7 @@ from islands.sim.runner import Simulation
 from tests.integration.conftest import (
     TINY,
     assert_final_equal,
+    checkpointed_run,
     final_state,
     free_port,
     metrics,
@@ -196,11 +197,7 @@ def test_an_async_run_resumed_from_its_checkpoints_ends_where_the_whole_run_does
     the checkpoint)."""
     over = ["workers=1", "steps=40", "algorithm.sync_every=5", "eval_every=100000", *ASYNC]
     full, part, ck = tmp_path / "full", tmp_path / "part", tmp_path / "ck"
-    c1 = coordinator()
-    w = procs.worker(0, f"127.0.0.1:{c1.port}", full,
-                     over + ["runtime.checkpoint_every=1", "runtime.keep_checkpoints=off"],
-                     ["--checkpoint-dir", str(ck)])
-    assert w.wait(timeout=90) == 0
+    checkpointed_run(procs, coordinator, 1, full, ck, over)
     assert sorted(int(f.stem.split("-")[1]) for f in (ck / "w0").iterdir()) == list(range(1, 9))
     c2 = coordinator()
     w = procs.worker(0, f"127.0.0.1:{c2.port}", part, over,
@@ -220,11 +217,7 @@ def test_async_workers_resumed_from_unequal_checkpoints_go_on_from_the_newest(tm
     every worker ends with the same parameters."""
     over = ["workers=3", "steps=60", "algorithm.sync_every=5", "eval_every=100000", *ASYNC]
     full, part, ck = tmp_path / "full", tmp_path / "part", tmp_path / "ck"
-    c1 = coordinator()
-    ws = [procs.worker(i, f"127.0.0.1:{c1.port}", full,
-                       over + ["runtime.checkpoint_every=2", "runtime.keep_checkpoints=off"],
-                       ["--checkpoint-dir", str(ck)]) for i in range(3)]
-    assert all(p.wait(timeout=120) == 0 for p in ws)
+    checkpointed_run(procs, coordinator, 3, full, ck, over, every=2)
     # each worker's second checkpoint (its 4th update): the replicas hold unequal counts
     picks = [sorted((ck / f"w{i}").iterdir(), key=lambda f: int(f.stem.split("-")[1]))[1]
              for i in range(3)]

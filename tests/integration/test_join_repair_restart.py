@@ -17,6 +17,7 @@ from islands.tasks import build_task
 from tests.integration.conftest import (
     TINY,
     assert_final_equal,
+    checkpointed_run,
     final_state,
     free_port,
     last_round,
@@ -87,11 +88,7 @@ def test_coordinator_restart(tmp_path, procs):
 def test_stop_and_resume_gives_identical_results(tmp_path, procs, coordinator):
     over = ["workers=2", "steps=30"]
     full, part, ck = tmp_path / "full", tmp_path / "part", tmp_path / "ck"
-    c1 = coordinator()
-    ws = [procs.worker(i, f"127.0.0.1:{c1.port}", full,
-                       over + ["runtime.checkpoint_every=1", "runtime.keep_checkpoints=off"],
-                       ["--checkpoint-dir", str(ck)]) for i in range(2)]
-    assert all(p.wait(timeout=90) == 0 for p in ws)
+    checkpointed_run(procs, coordinator, 2, full, ck, over)
     c2 = coordinator()
     ws = [procs.worker(i, f"127.0.0.1:{c2.port}", part, over,
                        ["--resume", str(ck / f"w{i}" / "round-3.safetensors")]) for i in range(2)]

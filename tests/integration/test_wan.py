@@ -35,15 +35,22 @@ def test_workers_in_namespaces_form_their_group_at_their_own_address(tmp_path, p
     """islands launch --emulate-network: each worker in its own namespace on a bridge, links
     shaped to 50 Mbit/s; gloo binds where each worker is reached (--host), so the group forms
     and the run ends with the simulator's parameters."""
-    sets = [*TINY, "workers=2", "network.bandwidth_bps=50e6"]
+    p = _emulated_launch(procs, tmp_path / "emu", [*TINY, "workers=2",
+                                                   "network.bandwidth_bps=50e6"])
+    assert not [n for n in wan.owned()["namespaces"] if str(p.pid) in n]
+
+
+def _emulated_launch(procs, out, sets):
+    """``islands launch --emulate-network`` of ``sets`` into ``out``; it ends with the
+    simulator's parameters for the same config. Returns the launch's process."""
     argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
-            "--out", str(tmp_path / "emu")]
+            "--out", str(out)]
     p = procs.start("launch", argv + [a for s in sets for a in ("--set", s)])
     sim = Simulation(load_config(None, sets))
     sim.run()
     assert p.wait(timeout=120) == 0
-    assert_final_equal(tmp_path / "emu", sim.final_state, "emulated network")
-    assert not [n for n in wan.owned()["namespaces"] if str(p.pid) in n]
+    assert_final_equal(out, sim.final_state, str(out))
+    return p
 
 
 @needs_root
@@ -53,16 +60,10 @@ def test_launch_carries_out_the_fault_plans_link_and_slow_events(tmp_path, procs
     on. The workers run without the plan (the coordinator's fingerprint is theirs); the
     events change timing only, so the job ends with the simulator's parameters for the same
     config, plan included, and summary.json lists each event with when it happened."""
-    sets = [*TINY, "workers=2", "network.bandwidth_bps=50e6",
-            'faults=[{kind = "link", worker = 1, round = 2, upload_bps = 5e6, '
-            'download_bps = 7e6}, {kind = "slow", worker = 0, at_s = 0.5, factor = 2.0}]']
-    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
-            "--out", str(tmp_path / "plan")]
-    p = procs.start("launch", argv + [a for s in sets for a in ("--set", s)])
-    sim = Simulation(load_config(None, sets))
-    sim.run()
-    assert p.wait(timeout=120) == 0
-    assert_final_equal(tmp_path / "plan", sim.final_state, "with the fault plan")
+    p = _emulated_launch(procs, tmp_path / "plan", [
+        *TINY, "workers=2", "network.bandwidth_bps=50e6",
+        'faults=[{kind = "link", worker = 1, round = 2, upload_bps = 5e6, '
+        'download_bps = 7e6}, {kind = "slow", worker = 0, at_s = 0.5, factor = 2.0}]'])
     done = json.loads((tmp_path / "plan" / "summary.json").read_text())["faults_carried_out"]
     link = next(d for d in done if d["kind"] == "link")
     assert (link["worker"], link["upload_bps"], link["download_bps"]) == (1, 5_000_000, 7_000_000)
