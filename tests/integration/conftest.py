@@ -166,6 +166,12 @@ def wait_exit(p: subprocess.Popen, timeout_s: float = 90) -> int:
     return p.wait(timeout=timeout_s)
 
 
+def launch_argv(out: Path, sets, *flags: str) -> list[str]:
+    """``islands launch --out OUT FLAGS --set S ...``'s command line."""
+    return [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out", str(out),
+            *flags, *(a for s in sets for a in ("--set", s))]
+
+
 def checkpointed_run(procs: "Procs", coordinator, workers: int, out: Path, ck: Path,
                      overrides, every: int = 1, timeout_s: float = 120) -> None:
     """``workers`` workers under a coordinator of their own, each writing a checkpoint every

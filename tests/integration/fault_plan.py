@@ -8,24 +8,17 @@ round r kills the worker while all hold in round r, then releases them (the roun
 without it, as in the simulator); a join at round r restarts the worker while the others hold
 in round r, waits until the coordinator has it healing into that round, then releases them.
 Only ``crash``, ``leave`` and ``join`` at a ``round`` are carried out so
-(:func:`carry_out`).
-
-An asynchronous run has no rounds: its events come at ``at_s``, read as wall seconds from the
-workers' start (:func:`carry_out_timed`): ``crash``, ``leave``, ``join`` as above, and
-``slow``, a worker made ``factor`` times slower from then on by stopping and continuing its
-process (:func:`islands.runtime.launch.throttle`, as ``islands launch --emulate-compute``):
-its inner steps take ``factor`` times as long, as measured by its own clock. ``link`` and
-``partition`` events stay the simulator's (the WAN harness shapes links for a whole run).
+(:func:`carry_out`). ``islands launch`` carries out a whole plan (events at a time, ``slow``
+and ``link`` too: :class:`islands.runtime.launch.FaultRunner`) without holding the workers,
+so its events land a little into their rounds.
 """
 
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from islands.runtime.launch import throttle
 from tests.integration.conftest import last_round, wait_until
 
 
@@ -70,23 +63,3 @@ def carry_out(faults, coord, out: Path, workers: dict, start: Callable[[int], ob
                            f"worker {f.worker} healing into round {r}")
         (tmp / f"go-{r}").touch()
 
-
-def carry_out_timed(faults, workers: dict, start: Callable[[int], object],
-                    t0: float) -> None:
-    """Runs the plan's events at their ``at_s`` (wall seconds after ``t0``) on ``workers``
-    ({id: process}): ``crash`` (SIGKILL), ``leave`` (SIGTERM), ``join`` (``start(id)``) and
-    ``slow``; returns after the last one."""
-    for f in faults:
-        if f.kind not in ("crash", "leave", "join", "slow") or f.at_s is None:
-            raise ValueError(f"the real-process plan carries out crash, leave, join and slow "
-                             f"at a time (at_s) here, not {f}")
-    for f in sorted(faults, key=lambda f: f.at_s):
-        time.sleep(max(0.0, t0 + f.at_s - time.time()))
-        if f.kind == "crash":
-            workers[f.worker].send_signal(signal.SIGKILL)
-        elif f.kind == "leave":
-            workers[f.worker].send_signal(signal.SIGTERM)
-        elif f.kind == "join":
-            workers[f.worker] = start(f.worker)
-        else:
-            throttle(workers[f.worker], f.factor)

@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     checkpointed_run,
     final_state,
     free_port,
+    launch_argv,
     metrics,
     wait_until,
 )
@@ -38,11 +39,7 @@ def test_an_async_job_ends_with_one_replica_the_simulators_replay_of_its_order(t
     in the coordinator's order, ends with them too, bit for bit (with BatchNorm's running
     statistics, the poster's, for the CNN)."""
     overrides = [*task, "workers=3", "steps=40", *ASYNC]
-    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
-            str(tmp_path / "job")]
-    for o in overrides:
-        argv += ["--set", o]
-    assert procs.start("launch", argv).wait(timeout=120) == 0
+    assert procs.start("launch", launch_argv(tmp_path / "job", overrides)).wait(timeout=120) == 0
     job = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert len(job["final_hashes"]) == 1
     order = json.loads((tmp_path / "job" / "w0" / "summary.json").read_text()
@@ -103,26 +100,22 @@ def test_an_async_worker_asked_to_stop_leaves_and_the_others_finish(tmp_path, pr
 
 
 def test_a_worker_slowed_3x_by_the_fault_plan_takes_far_less_than_its_share_in_both_worlds(
-        tmp_path, procs, coordinator):
+        tmp_path, procs):
     """One ``[[faults]]`` plan (worker 2 three times slower from the start), run by the
-    simulator and carried out on three real processes (its process stopped two thirds of the
-    time: ``tests/integration/fault_plan.py``): with ``dynamic_steps`` the slow worker's
-    updates carry fewer inner steps, in proportion to its measured speed, so it takes far
-    less than its even share (1/3) of the budget in both worlds: about 1/7 in the
-    simulator, less on two cores, where the stopped process also loses its turns to the
-    others (0.057 in one run)."""
-    from tests.integration.fault_plan import carry_out_timed
-
-    over = ["workers=3", "steps=300", "algorithm.sync_every=10", "eval_every=100000", *ASYNC]
-    plan = "faults=[{kind = 'slow', worker = 2, at_s = 0.0, factor = 3.0}]"
-    sim = Simulation(load_config(None, [*TINY, *over, plan])).run()
+    simulator and carried out by ``islands launch`` on three real processes (its process
+    stopped two thirds of the time): with ``dynamic_steps`` the slow worker's updates carry
+    fewer inner steps, in proportion to its measured speed, so it takes far less than its
+    even share (1/3) of the budget in both worlds: about 1/7 in the simulator, less on two
+    cores, where the stopped process also loses its turns to the others (0.057 in one
+    run)."""
+    sets = [*TINY, "workers=3", "steps=300", "algorithm.sync_every=10", "eval_every=100000",
+            *ASYNC, "faults=[{kind = 'slow', worker = 2, at_s = 0.0, factor = 3.0}]"]
+    sim = Simulation(load_config(None, sets)).run()
     sim_share = sim["inner_steps_by_worker"][2] / sum(sim["inner_steps_by_worker"])
-    coord = coordinator()
-    addr, out = f"127.0.0.1:{coord.port}", tmp_path / "run"
-    t0 = time.time()
-    ws = {i: procs.worker(i, addr, out, over) for i in range(3)}
-    carry_out_timed(load_config(None, [plan]).faults, ws, lambda i: None, t0)
-    assert all(ws[i].wait(timeout=180) == 0 for i in range(3))
+    out = tmp_path / "run"
+    assert procs.start("launch", launch_argv(out, sets)).wait(timeout=180) == 0
+    done = json.loads((out / "summary.json").read_text())["faults_carried_out"]
+    assert [(d["kind"], d["worker"], d["factor"]) for d in done] == [("slow", 2, 3.0)]
     steps = [json.loads((out / f"w{i}" / "summary.json").read_text())["inner_steps_by_worker"]
              [str(i)] for i in range(3)]
     real_share = steps[2] / sum(steps)
@@ -143,11 +136,8 @@ def test_launch_emulates_a_slow_worker_from_compute(tmp_path, procs):
             *ASYNC, "compute.worker=[{id = 2, step_time_s = 0.3}]"]
 
     def share(flags: list[str], name: str) -> float:
-        argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
-                str(tmp_path / name), *flags]
-        for o in over:
-            argv += ["--set", o]
-        assert procs.start(name, argv).wait(timeout=180) == 0
+        assert procs.start(name, launch_argv(tmp_path / name, over, *flags)
+                           ).wait(timeout=180) == 0
         steps = json.loads((tmp_path / name / "w2" / "summary.json").read_text()
                            )["inner_steps_by_worker"]["2"]
         return steps / (3 * 300)

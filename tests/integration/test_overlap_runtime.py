@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from tests.integration.conftest import (
     assert_final_equal,
     kill,
     last_round,
+    launch_argv,
     metrics,
     wait_until,
 )
@@ -47,9 +47,7 @@ STREAMING = ["algorithm.name=streaming_diloco", "algorithm.sync_every=6",
 def test_launch_overlapped_diloco_ends_with_the_simulators_parameters(tmp_path, procs,
                                                                       variant):
     overrides = [*TINY, "workers=3", *variant, "runtime.heartbeat_timeout_s=5.0"]
-    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
-            str(tmp_path / "launch")] + [a for o in overrides for a in ("--set", o)]
-    p = procs.start("launch", argv)
+    p = procs.start("launch", launch_argv(tmp_path / "launch", overrides))
     sim, summary = _sim(overrides)  # while the workers run
     assert p.wait(timeout=150) == 0
     merged = json.loads((tmp_path / "launch" / "summary.json").read_text())

@@ -18,6 +18,7 @@ from islands.runtime.launch import throttle
 from tests.integration.conftest import (
     TINY,
     last_round,
+    launch_argv,
     metrics,
     wait_until,
     workers_in_a_collective,
@@ -242,9 +243,7 @@ def test_launch_carries_out_a_crash_and_a_join_of_the_fault_plan(tmp_path, procs
     plan = ('faults=[{kind = "crash", worker = 2, round = 2}, '
             '{kind = "join", worker = 2, round = 3}]')
     sets = [*TINY, "workers=3", "steps=1200", "eval_every=100000", plan]
-    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--out",
-            str(tmp_path / "plan")]
-    p = procs.start("launch", argv + [a for s in sets for a in ("--set", s)])
+    p = procs.start("launch", launch_argv(tmp_path / "plan", sets))
     sim = Simulation(load_config(None, [*sets, "steps=60"])).run()  # its memberships
     assert p.wait(timeout=180) == 0
     job = json.loads((tmp_path / "plan" / "summary.json").read_text())

@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     assert_final_equal,
     free_port,
     last_round,
+    launch_argv,
     metrics,
     wait_until,
 )
@@ -43,9 +44,7 @@ def test_workers_in_namespaces_form_their_group_at_their_own_address(tmp_path, p
 def _emulated_launch(procs, out, sets):
     """``islands launch --emulate-network`` of ``sets`` into ``out``; it ends with the
     simulator's parameters for the same config. Returns the launch's process."""
-    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
-            "--out", str(out)]
-    p = procs.start("launch", argv + [a for s in sets for a in ("--set", s)])
+    p = procs.start("launch", launch_argv(out, sets, "--emulate-network"))
     sim = Simulation(load_config(None, sets))
     sim.run()
     assert p.wait(timeout=120) == 0

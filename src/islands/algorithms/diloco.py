@@ -316,7 +316,8 @@ class DiLoCoConfig(AlgorithmConfig):
             check(run.outer.optimizer.lower() == "sgd"
                   and not run.outer.kwargs.get("dampening"), "algorithm.eager", self.eager,
                   f"needs outer.optimizer = 'sgd' without dampening (got "
-                  f"{run.outer.optimizer!r}): use eager = 'whole' with another optimizer")
+                  f"{run.outer.optimizer!r}, dampening "
+                  f"{run.outer.kwargs.get('dampening', 0)}): use eager = 'whole' otherwise")
         return DiLoCo(self.sync_every, outer=outer_factory(run.outer), aggregator=aggregator,
                       ddp_steps=self.ddp_steps,
                       outer_schedule=outer_schedule(lr=run.outer.lr,

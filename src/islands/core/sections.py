@@ -423,6 +423,7 @@ class AttackConfig:
 # the [algorithm] keys with which a round draws a sample of the members (FedAvg's C, MoDeST)
 SAMPLING_KEYS = ("participation", "sample_fraction")
 
+
 def present_at_start(faults, workers: int) -> set[int]:
     """The workers a fault plan has present from the start: all but those whose first
     membership event in the plan is a join."""

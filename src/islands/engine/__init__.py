@@ -19,7 +19,7 @@ from islands.engine.build import (
 )
 from islands.engine.loop import Driver, Engine, RoundPlan, Sync, WallClock
 
-__all__ = ["Assembly", "Driver", "Engine", "RoundPlan", "Sync", "WallClock", "assemble", "attach",
-           "build_worker",
-           "check_config", "fresh_state", "initial_model", "inner_optimizer", "resolve_device",
-           "resolve_threads", "run_codec", "threads", "warm_start"]
+__all__ = ["Assembly", "Driver", "Engine", "RoundPlan", "Sync", "WallClock", "assemble",
+           "attach", "build_worker", "check_config", "fresh_state", "initial_model",
+           "inner_optimizer", "resolve_device", "resolve_threads", "run_codec", "threads",
+           "warm_start"]

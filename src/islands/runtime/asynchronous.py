@@ -39,6 +39,7 @@ log = logging.getLogger("islands.worker")
 # oldest are waited for: about 70 updates of 4 MB to 7 peers, 15 of 128 MB to 2
 MAX_SENDS_IN_FLIGHT = 1024
 
+
 class AsyncMember(Member):
     """Drives an asynchronous worker (a :class:`~islands.engine.asynchronous.PostDriver`):
     the coordinator's ``start`` to (re)group, then ``post`` per update and ``posts_end`` at

@@ -39,7 +39,6 @@ class PostOrder:
         self.max_staleness = int(fingerprint.get("algorithm.max_staleness", 8))
         self.posters: list[int] = []  # the poster of each numbered update, in order
         self.steps: list[int] = []  # the inner steps of each numbered update
-        self.spent = 0  # their sum: the inner steps in a replica holding every one
         self.planned: dict[int, int] = {}  # each member's inner steps in progress
         self.rates: dict[int, float] = {}  # inner steps per second, as last reported
         self.log: list[dict] = []  # every post, dropped ones included (the job's view)
@@ -48,6 +47,11 @@ class PostOrder:
     def done(self) -> bool:
         """Whether every inner step is handed out and every member has posted its last."""
         return self.left == 0 and not any(self.planned.values())
+
+    @property
+    def spent(self) -> int:
+        """The inner steps in a replica holding every numbered update."""
+        return sum(self.steps)
 
     def progress(self) -> dict:
         """For ``islands status``: the updates numbered and dropped, the inner steps not
@@ -71,12 +75,10 @@ class PostOrder:
             missing = applied - len(self.posters)
             self.posters += [-1] * missing
             self.steps += [unseen] + [0] * (missing - 1)
-            self.spent += unseen
             self.left = max(0, self.left - unseen)
         void = self.steps[applied:]
         del self.posters[applied:], self.steps[applied:]
         self.log = [p for p in self.log if p["seq"] is None or p["seq"] < applied]
-        self.spent -= sum(void)
         self.left += sum(void) + sum(self.planned.values())
         self.planned = {}
         for w in sorted(members):
@@ -97,7 +99,6 @@ class PostOrder:
         if kept:
             self.posters.append(worker)
             self.steps.append(steps)
-            self.spent += steps
         self.log.append({"worker": worker, "steps": steps, "seq": seq, "stale": stale})
         self.planned[worker] = 0
         self._allot(worker, members)

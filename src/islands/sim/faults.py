@@ -150,7 +150,7 @@ class AsyncFaultPlan:
       the cut workers are out of the run from ``at_s`` as if crashed (their updates in
       progress lost, their unspent steps back to the budget), and the others go on.
     * ``heal``: the cut workers join back at ``at_s``, each as a joiner (the newest replica
-      from the lowest live worker).
+      from the lowest live worker that was not cut).
 
     Events at a ``round`` are refused when the config is checked
     (``AsyncLocalSGDConfig.build``), naming the entry. ``epochs`` lists each membership from
@@ -191,7 +191,9 @@ class AsyncFaultPlan:
     def membership(self, before_s: float, update: int) -> list[tuple[str, int, float]]:
         """The crashes and joins before ``before_s`` (the time of post number ``update``),
         in time order: ``(kind, worker, at_s)``, the live set changed for each (a crash of a
-        worker not live, or a join of one that is, changes nothing and is not listed)."""
+        worker not live, or a join of one that is, changes nothing and is not listed); a
+        partition's cut workers are listed as crashes, a heal's as joins. :meth:`join` then
+        takes each joiner's state from a live worker not among those listed."""
         out, self.joining = [], set()
         due = sorted(self._due(("crash", "join", "partition", "heal")),
                      key=lambda e: (e[1].at_s, e[0]))
