@@ -22,8 +22,9 @@ from tests.integration.test_runtime_faults import LONG, _two_honest_and
 def test_an_attacker_turning_hostile_is_excluded_on_evidence_not_its_victims(
         tmp_path, procs, coordinator, attack, algorithm, verdict):
     """Worker 2 is honest for two rounds, then attacks: a forged weight (LocalSGD weighs by
-    samples), NaN values past its own codec's check, or an accusation of worker 0 that shows
-    worker 0's own signed header as a forged weight."""
+    samples; 1e9 reported at ``ready`` and claimed in its headers, where the coordinator
+    records at most a whole round's samples), NaN values past its own codec's check, or an
+    accusation of worker 0 that shows worker 0's own signed header as a forged weight."""
     coord = coordinator()
     addr = f"127.0.0.1:{coord.port}"
     out = tmp_path / "run"

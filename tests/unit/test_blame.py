@@ -21,16 +21,16 @@ from tests.unit.test_dist_transport import received
 KEYS = {w: signing.Signer() for w in range(3)}
 
 
-def _worker(c, wid: int):
+def _worker(c, wid: int, fingerprint: dict | None = None):
     return client_connect(f"127.0.0.1:{c.port}", b"tok",
                           {"role": "worker", "id": wid, "channel": "control",
                            "incarnation": f"i{wid}", "store": ["127.0.0.1", 1000 + wid],
-                           "fingerprint": {}, "key": KEYS[wid].public})
+                           "fingerprint": fingerprint or {}, "key": KEYS[wid].public})
 
 
-def _round(c, weights=(8.0, 8.0, 8.0)):
+def _round(c, weights=(8.0, 8.0, 8.0), fingerprint: dict | None = None):
     """Three workers at round 0's ready, each with its weight; the ready's result."""
-    chs = {w: _worker(c, w) for w in range(3)}
+    chs = {w: _worker(c, w, fingerprint) for w in range(3)}
     _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
     ready = _ask(chs, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2],
                            "weight": weights[w]} for w in chs})
@@ -57,6 +57,27 @@ def test_the_ready_names_every_members_key_and_recorded_weight(coord):
     _, ready = _round(coord, weights=(8.0, 4.0, 2.0))
     assert ready[0]["keys"] == {str(w): KEYS[w].public for w in range(3)}
     assert ready[0]["weights"] == {"0": 8.0, "1": 4.0, "2": 2.0}
+
+
+# LocalSGD weighing by samples on the built-in task and data: 8 samples a step, H = 10
+SAMPLES_JOB = {"task.name": "byte_gpt", "algorithm.name": "local_sgd",
+               "algorithm.weighting": "samples", "algorithm.sync_every": 10,
+               "data.batch_size": 8, "data.sizes": [100, 100, 100]}
+
+
+@pytest.mark.parametrize("job, recorded", [
+    (SAMPLES_JOB, {"0": 80.0, "1": 0.0, "2": 80.0}),
+    ({**SAMPLES_JOB, "algorithm.sync_every": [[0, 5], [100, 20]]},
+     {"0": 80.0, "1": 0.0, "2": 160.0}),
+    # a task of the user's counts its own samples: no upper bound, never below 0
+    ({**SAMPLES_JOB, "task.name": "mypkg.tasks:make"}, {"0": 80.0, "1": 0.0, "2": 1e9}),
+])
+def test_a_samples_report_is_recorded_within_what_a_round_can_hold(coord, job, recorded):
+    """A member that reports more samples than a round of the job's batches holds (a weight
+    forged at ``ready``, where its headers would then agree with it) counts as a whole
+    round's; a negative report counts 0."""
+    _, ready = _round(coord, weights=(80.0, -5.0, 1e9), fingerprint=job)
+    assert ready[0]["weights"] == recorded
 
 
 def test_a_proven_forged_weight_excludes_its_sender(coord):

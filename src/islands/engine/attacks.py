@@ -113,7 +113,9 @@ class Attack:
         return batch
 
     def claims(self, worker: int, r: int, weight: float | None) -> float | None:
-        """The weight ``worker`` puts in its headers (``forged_weight``: ``scale``)."""
+        """The weight ``worker`` puts in its headers (``forged_weight``: ``scale``), and
+        with real processes reports at ``ready`` (where the coordinator records a samples
+        count within what a round can hold, so the headers still lie)."""
         if self.name == "forged_weight" and self.attacking(worker, r):
             return self.scale
         return weight

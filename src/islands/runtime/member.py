@@ -510,7 +510,10 @@ class Member:
         samples, codec_state = self.worker.samples, copy.deepcopy(self.worker.codec.state_dict())
         while True:
             if ready is None:
-                ready = self._ready(r, attempt, members, self.algorithm.weight(self.worker))
+                weight, attack = self.algorithm.weight(self.worker), self.engine.attack
+                if attack is not None:  # a forger reports the weight its headers claim
+                    weight = attack.claims(self.me, r, weight)
+                ready = self._ready(r, attempt, members, weight)
             if self.me not in ready["members"]:
                 raise Excluded(f"round {r}: left out ({ready.get('left_out')})")
             if observer and self.me not in ready.get("heal", {}).get("dsts", []):

@@ -17,6 +17,7 @@ from statistics import median
 from islands.aggregators import coordinatewise
 from islands.core.config import build_component
 from islands.core.errors import ConfigError
+from islands.core.sections import BUILT_IN_TASKS
 from islands.runtime import evidence
 
 log = logging.getLogger("islands.coordinator")
@@ -201,8 +202,10 @@ class RoundRules:
         job's config fixes it (its fingerprint), whatever the member says: ``uniform`` 1,
         ``dataset`` its share's size (``data.sizes``, a built-in worker's). Every receiver
         holds the sender's header to it, so a forged claim is refused by name. ``samples``
-        (what it trained this round) stays its report: a task's batches may hold any number
-        of samples, which the coordinator cannot know."""
+        (what it trained this round) stays its report, within what it could have trained:
+        never below 0 and, where the job's built-in data fixes a batch's size, never above a
+        whole round's batches (:meth:`_most_samples`); a report outside is recorded at the
+        bound and logged."""
         fp = self.fingerprint
         rule = fp.get("algorithm.weighting") if fp.get("algorithm.name") == "local_sgd" else None
         sizes = fp.get("data.sizes")
@@ -210,7 +213,30 @@ class RoundRules:
             return 1.0
         if rule == "dataset" and isinstance(sizes, list) and worker < len(sizes):
             return float(sizes[worker])
-        return float(reported)
+        if rule != "samples":
+            return float(reported)
+        most = self._most_samples()
+        bounded = min(max(float(reported), 0.0), math.inf if most is None else most)
+        if bounded != reported:
+            log.warning("worker %d reported %g samples trained this round; recorded %g (a "
+                        "round holds at most %s)", worker, reported, bounded,
+                        "0" if most is None else f"{most:g}")
+        return bounded
+
+    def _most_samples(self) -> float | None:
+        """The most samples a member can train in one round, where the job fixes it: a
+        built-in task on built-in data (the fingerprint holds ``data.sizes``, which only its
+        workers send) takes ``data.batch_size`` samples an inner step, for at most the
+        largest ``algorithm.sync_every`` steps a round. None where the member's own loop
+        decides (a task of the user's, a drop-in ``Trainer``)."""
+        fp = self.fingerprint
+        batch, h = fp.get("data.batch_size"), fp.get("algorithm.sync_every")
+        if (fp.get("task.name") not in BUILT_IN_TASKS or not isinstance(fp.get("data.sizes"), list)
+                or not isinstance(batch, int)):
+            return None
+        if isinstance(h, list) and h:
+            h = max(int(pair[1]) for pair in h)
+        return float(batch * h) if isinstance(h, int) else None
 
     def _release_commit(self, b: Barrier, here: set[int]) -> dict:
         r, attempt = b.key[1], b.key[2]
