@@ -1,5 +1,6 @@
-"""SparseLoCo, MuLoCo and the robust rules on real processes: ``islands launch`` ends with the
-simulator's global parameters and bytes (the all-gather's upload and download per worker),
+"""SparseLoCo, MuLoCo and the robust rules on real processes (and Sybil attackers, who share
+their update through a folder): ``islands launch`` ends with the simulator's global
+parameters and bytes (the all-gather's upload and download per worker),
 and a worker that joins mid-run, with an empty accumulator, is taken in and ends on the same
 state as the others."""
 
@@ -31,13 +32,17 @@ KRUM = ["algorithm.name=diloco", "aggregator.name=krum", "aggregator.f=0"]
 VERIFIED = ["algorithm.name=diloco", "aggregator.name=median", "aggregator.verify=1.0"]
 # every message over islands' framed streams instead of gloo's pairs
 STREAMS = ["algorithm.name=diloco", "aggregator.name=median", "runtime.wire=streams"]
+# two Sybil identities (workers 1 and 2) sending one update, which they share through the
+# launch's folder; the clone filter in front of CenteredClip
+SYBIL = ["algorithm.name=diloco", "aggregator.name=centered_clip", "aggregator.clones=0.999",
+         "attack.name=sybil", "attack.attackers=2"]
 
 
 @pytest.mark.parametrize("method, workers", [(SPARSELOCO, 3), (MULOCO, 2), (MEDIAN, 3),
                                              (CENTERED_CLIP, 3), (KRUM, 3), (VERIFIED, 3),
-                                             (STREAMS, 3)],
+                                             (STREAMS, 3), (SYBIL, 3)],
                          ids=["sparseloco", "muloco", "median", "centered_clip", "krum",
-                              "median+verify", "streams"])
+                              "median+verify", "streams", "sybil"])
 def test_launch_ends_with_the_simulators_parameters_and_bytes(tmp_path, procs, method, workers):
     overrides = [*TINY, f"workers={workers}", *method]
     argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch"]

@@ -96,9 +96,69 @@ def test_label_flip_and_attacks_real_processes_cannot_carry_out_are_refused_clea
     assert attack.batch(1, 0, (x, y))[1].tolist() == [3, 0]  # honest: unchanged
     with pytest.raises(ConfigError, match="classes"):
         Attack(AttackConfig(name="label_flip", attackers=1), 3)
-    for name in ("alie", "ipm", "sybil"):
-        with pytest.raises(ConfigError, match="simulator only"):
+    for name in ("alie", "ipm", "sybil"):  # they read others' updates: a shared folder
+        with pytest.raises(ConfigError, match="attack.shared_dir"):
             refuse_simulator_only(from_dict({"workers": 3, "attack": {"name": name}}))
+        refuse_simulator_only(from_dict({"workers": 3, "attack": {"name": name,
+                                                                  "shared_dir": "x"}}))
+
+
+def _colluding(name, tmp_path, rows, attackers=(2, 3), members=(0, 1, 2, 3)):
+    """What each attacker of ``attackers`` sends when each is a process of its own (its own
+    Attack, its own plans) and they share ``tmp_path``: {attacker: sent}."""
+    import threading
+
+    out = {}
+
+    def one(w):
+        attack = _attack(name, attackers=attackers, workers=len(members))
+        attack.collude(tmp_path, w)
+        plans = _plans({w: rows[w]})
+        attack.corrupt(0, plans, members)
+        out[w] = plans[w][0].tensor
+
+    threads = [threading.Thread(target=one, args=(w,)) for w in attackers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return out
+
+
+def test_real_attackers_share_their_honest_updates_through_the_folder(tmp_path):
+    """Each attacker a process of its own: Sybil identities all send the first attacker's
+    update (the simulator's result), IPM and ALIE estimate the honest updates from the
+    attackers' own; the folder keeps no more than two rounds."""
+    rows = {0: [1.0, 1.0], 1: [2.0, 5.0], 2: [3.0, 4.0], 3: [5.0, 8.0]}
+    sybil = _colluding("sybil", tmp_path / "s", rows)
+    sim = _plans(rows)
+    _attack("sybil", attackers=(2, 3), workers=4).corrupt(0, sim)
+    assert all(torch.equal(sybil[w], sim[w][0].tensor) for w in (2, 3))
+    assert sybil[3].tolist() == [-3.0, -4.0]
+    ipm = _colluding("ipm", tmp_path / "i", rows)
+    assert ipm[2].tolist() == ipm[3].tolist() == pytest.approx([-2.0, -3.0])  # -0.5 x (4, 6)
+    alie = _colluding("alie", tmp_path / "a", rows)
+    z, std = alie_z(4, 2), torch.tensor([[3.0, 4.0], [5.0, 8.0]]).std(dim=0)
+    assert alie[2].tolist() == pytest.approx((torch.tensor([4.0, 6.0]) - z * std).tolist())
+    (tmp_path / "r").mkdir()
+    for stale in ("r9-c0-w2.pt", "r9-c0-w1.pt"):  # an earlier run's: its own go at its start
+        torch.save(torch.zeros(2), tmp_path / "r" / stale)
+    attack = _attack("sybil", attackers=(2,), workers=4)
+    attack.collude(tmp_path / "r", 2)
+    for r in range(4):
+        attack.corrupt(r, _plans({2: [float(r)]}), (0, 1, 2))
+    assert sorted(f.name for f in (tmp_path / "r").iterdir()) == [
+        "r2-c0-w2.pt", "r3-c0-w2.pt", "r9-c0-w1.pt"]
+
+
+def test_an_accomplice_that_never_shares_is_left_out_after_the_timeout(tmp_path, caplog):
+    attack = _attack("sybil", attackers=(2, 3), workers=4)
+    attack.collude(tmp_path, 3)
+    attack._shared.timeout_s = 0.2
+    plans = _plans({3: [1.0, 2.0]})
+    attack.corrupt(0, plans, (0, 1, 2, 3))  # worker 2 never writes
+    assert plans[3][0].tensor.tolist() == [-1.0, -2.0]  # its own, as the first it has
+    assert "without its accomplices [2]" in caplog.text
 
 
 def test_a_nan_sender_is_banned_at_once_and_the_run_goes_on(tmp_path):

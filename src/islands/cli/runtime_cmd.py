@@ -166,6 +166,9 @@ def exit_now(code: int) -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    import json
+
+    from islands.engine.attacks import COLLUDING
     from islands.runtime.auth import load_token
     from islands.runtime.launch import launch, setup_logging
 
@@ -173,6 +176,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"workers={args.workers}"] if args.workers else [])
     cfg = load_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.label}-launch")
+    if cfg.attack.name in COLLUDING and cfg.attack.shared_dir is None:
+        # the attackers' accomplices meet in the launch's folder
+        overrides.append(f"attack.shared_dir={json.dumps(str(out / 'attack'))}")
+        cfg = load_config(args.config, overrides)
 
     def argv_for(i: int, addr: str, host: str) -> list[str]:
         argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "run"]

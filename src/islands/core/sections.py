@@ -374,13 +374,19 @@ class AttackConfig:
             turn from the lowest: on real processes of a forged weight with that member's
             own signed header as the evidence where the round records weights, otherwise
             of a payload that does not decode, its word alone). ``alie``, ``ipm`` and
-            ``sybil`` run in the simulator only.
+            ``sybil`` read other workers' updates: in the simulator the honest ones; with
+            real processes only the attackers' own, shared through ``shared_dir``.
         attackers: how many workers attack (the highest ids: ``workers - attackers`` on), or
             their ids.
         start_round: the first round they attack (honest before: turning malicious).
         scale: the attack's strength (None: its default, :data:`ATTACK_SCALES`).
         delay_rounds: ``"stale"``: how old its pseudo-gradient is, in rounds.
         seed: draws the attacks' randomness (noise, the constant direction).
+        shared_dir: real processes: a folder every attacker can read and write (the
+            identities of one adversary colluding), through which ``alie``, ``ipm`` and
+            ``sybil`` share each round's honest updates of the attackers (``islands
+            launch`` sets one in its run folder). Unused in the simulator, where every
+            worker is in one process.
     """
 
     name: str = "none"
@@ -389,6 +395,7 @@ class AttackConfig:
     scale: float | None = None
     delay_rounds: int = 10
     seed: int = 0
+    shared_dir: str | None = None
 
     def __post_init__(self) -> None:
         check(self.name in ATTACKS, "attack.name", self.name,

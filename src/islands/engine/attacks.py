@@ -18,17 +18,25 @@ of an attacker's batches (:meth:`Attack.batch`), and for the header weight an at
   aggregate: :meth:`Attack.rule`).
 
 In the simulator the attacker is omniscient where the attack needs it: ALIE and IPM read the
-honest contributions of the round (every worker is local); an attacking real process sees
-only its own and takes it for the honest mean. Buffers (BatchNorm statistics) travel
+honest contributions of the round (every worker is local). Real processes see only their own;
+the attackers of one adversary collude through a folder they share (``attack.shared_dir``,
+:class:`SharedFolder`): each publishes the honest update it would have sent and reads the
+others', so ALIE and IPM estimate the honest mean and spread from the attackers' own honest
+updates (Baruch et al.'s threat model: the attackers train on data like everyone's), and a
+Sybil's identities all send the first attacker's. Buffers (BatchNorm statistics) travel
 untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import statistics
+import time
 from collections import deque
+from pathlib import Path
 
 import torch
 
@@ -39,15 +47,19 @@ from islands.core.errors import ConfigError
 from islands.core.sections import AttackConfig
 from islands.core.seeding import derive_seed
 
+log = logging.getLogger("islands.attack")
+
 # attacks that send their contributions as they are (they lie elsewhere)
 LEAVE_CONTRIBUTIONS = frozenset({"none", "label_flip", "forged_weight", "lying_aggregator",
                                  "false_accuser"})
-# attacks one world cannot carry out, and why
-SIMULATOR_ONLY = {
-    "alie": "it reads the honest workers' updates, which a real process never sees",
-    "ipm": "it reads the honest workers' updates, which a real process never sees",
-    "sybil": "its identities send one update, which separate real processes cannot share",
+# attacks that read other workers' updates, and what real processes share for them
+COLLUDING = {
+    "alie": "it estimates the honest updates from the attackers' own",
+    "ipm": "it estimates the honest mean from the attackers' own updates",
+    "sybil": "its identities all send the first attacker's update",
 }
+# how long an attacker waits for its accomplices' updates of a round (real processes)
+COLLUDE_TIMEOUT_S = 60.0
 
 
 def alie_z(n: int, f: int) -> float:
@@ -90,6 +102,13 @@ class Attack:
                                         if cfg.name == "stale" else {})
         self._direction: torch.Tensor | None = None
         self._gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "attack"))
+        self._shared: SharedFolder | None = None  # real processes' accomplices (collude)
+
+    def collude(self, folder: str | Path, me: int) -> None:
+        """Real processes: this process's attacker ``me`` shares its honest updates with the
+        other attackers through ``folder`` (``alie``, ``ipm``, ``sybil``)."""
+        if self.name in COLLUDING and me in self.ids:
+            self._shared = SharedFolder(folder, me)
 
     def attacking(self, worker: int, r: int) -> bool:
         """Whether ``worker`` attacks in round ``r``."""
@@ -135,11 +154,14 @@ class Attack:
         return codec
 
     @torch.no_grad()
-    def corrupt(self, r: int, plans: dict[int, list[Contribution]]) -> None:
+    def corrupt(self, r: int, plans: dict[int, list[Contribution]],
+                members: tuple[int, ...] | None = None) -> None:
         """Rewrites the attackers' contributions of round ``r`` in ``plans`` (every
-        contribution but the buffers)."""
+        contribution but the buffers); ``members``: the sync's (None: the workers of
+        ``plans``, every one local)."""
         if self.name in LEAVE_CONTRIBUTIONS:
             return
+        members = tuple(sorted(plans)) if members is None else tuple(members)
         count = len(next(iter(plans.values())))
         for k in range(count):
             items = {wid: p[k] for wid, p in plans.items()}
@@ -152,12 +174,19 @@ class Attack:
             if not bad:
                 continue
             honest = [items[w].tensor for w in sorted(items) if w not in bad]
-            forged = {wid: self._forged(wid, items, honest, bad) for wid in bad}
+            pool, n, f = None, len(items), len(bad)  # in the simulator, every worker
+            if self._shared is not None:  # real processes: the attackers' honest updates
+                accomplices = [m for m in members if self.attacking(m, r)]
+                pool = self._shared.share(r, k, {w: items[w].tensor for w in bad},
+                                          accomplices)
+                n, f = len(members), len(accomplices)
+            forged = {wid: self._forged(wid, items, honest, bad, n, f, pool) for wid in bad}
             for wid, tensor in forged.items():  # a new tensor: the honest one may be kept
                 plans[wid][k] = dataclasses.replace(items[wid], tensor=tensor)
 
     def _forged(self, wid: int, items: dict[int, Contribution], honest: list[torch.Tensor],
-                bad: list[int]) -> torch.Tensor:
+                bad: list[int], n: int, f: int,
+                pool: dict[int, torch.Tensor] | None) -> torch.Tensor:
         own, s = items[wid].tensor, self.scale
         if self.name == "sign_flip":
             return -s * own
@@ -173,16 +202,75 @@ class Attack:
             return torch.full_like(own, float("nan"))
         if self.name == "stale":
             return self._past[wid][0]
-        if self.name == "sybil":
-            return -s * items[bad[0]].tensor
-        # the omniscient attacks: (honest, numel); a real process sees only its own
-        stacked = torch.stack(honest or [own])
+        if self.name == "sybil":  # the first attacker's, as every identity sends it
+            return -s * (items[bad[0]].tensor if pool is None else pool[min(pool)])
+        # the omniscient attacks: the honest updates (in the simulator), or the attackers'
+        # own honest ones (real processes, shared)
+        rows = (honest or [own]) if pool is None else [pool[w] for w in sorted(pool)]
+        stacked = torch.stack(rows)
         mu = stacked.mean(dim=0)
         if self.name == "ipm":
             return -s * mu
         assert self.name == "alie", self.name
-        std = stacked.std(dim=0) if len(honest) > 1 else torch.zeros_like(mu)
-        return mu - s * alie_z(len(items), len(bad)) * std
+        std = stacked.std(dim=0) if len(rows) > 1 else torch.zeros_like(mu)
+        return mu - s * alie_z(n, f) * std
+
+
+class SharedFolder:
+    """The attackers' side channel with real processes: a folder they all read and write.
+
+    Each attacker writes the honest update it would have sent in round ``r`` (its ``k``-th
+    contribution) as ``r{r}-c{k}-w{id}.pt`` (written whole, then renamed) and reads the
+    other attackers' of the same round, waiting for those in the sync up to
+    :data:`COLLUDE_TIMEOUT_S`; one that never comes is left out (and logged). Each deletes its
+    own files of earlier runs when it starts and of its rounds before the last as it goes, so
+    the folder holds at most two rounds of each attacker.
+
+    Args:
+        folder: the shared folder (made if missing).
+        me: this process's attacker.
+        timeout_s: how long to wait for the others' updates of a round.
+    """
+
+    def __init__(self, folder: str | Path, me: int,
+                 timeout_s: float = COLLUDE_TIMEOUT_S) -> None:
+        self.folder, self.me, self.timeout_s = Path(folder), me, timeout_s
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob(f"r*-c*-w{me}.pt"):  # an earlier run's
+            old.unlink(missing_ok=True)
+        self._written: list[tuple[int, Path]] = []
+
+    def _file(self, r: int, k: int, worker: int) -> Path:
+        return self.folder / f"r{r}-c{k}-w{worker}.pt"
+
+    def share(self, r: int, k: int, mine: dict[int, torch.Tensor],
+              attackers: list[int]) -> dict[int, torch.Tensor]:
+        """Publishes ``mine`` ({local attacker: its honest update}) and returns every one of
+        ``attackers``' updates that arrived in time, by id (``mine`` at least)."""
+        for wid, t in mine.items():
+            path = self._file(r, k, wid)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save(t.detach().clone(), tmp)
+            os.replace(tmp, path)
+            self._written.append((r, path))
+        for rr, path in [e for e in self._written if e[0] < r - 1]:
+            path.unlink(missing_ok=True)
+        self._written = [e for e in self._written if e[0] >= r - 1]
+        out = dict(mine)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            for wid in attackers:
+                path = self._file(r, k, wid)
+                if wid not in out and path.exists():
+                    out[wid] = torch.load(path, weights_only=True)
+            if len(out) >= len(set(attackers) | set(mine)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        missing = sorted(set(attackers) - set(out))
+        if missing:
+            log.warning("round %d: attacker %d goes on without its accomplices %s (nothing "
+                        "in %s within %g s)", r, self.me, missing, self.folder, self.timeout_s)
+        return out
 
 
 class _Unchecked:

@@ -435,7 +435,7 @@ class Engine:
         r, attack = self.round, self.attack
         claims = [None] * count
         if attack is not None:  # what the Byzantine among the local workers send instead
-            attack.corrupt(r, plans)
+            attack.corrupt(r, plans, tuple(group.members))
             claims = [{w.id: c for w in workers
                        if (c := attack.claims(w.id, r, plans[w.id][k].weight))
                        != plans[w.id][k].weight} or None for k in range(count)]

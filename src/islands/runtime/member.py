@@ -48,7 +48,7 @@ from islands.core.errors import (
 )
 from islands.core.files import remove_temp
 from islands.engine import Engine, RoundPlan
-from islands.engine.attacks import SIMULATOR_ONLY
+from islands.engine.attacks import COLLUDING
 from islands.runtime import checkpoint, evidence, state
 from islands.runtime.auth import derive
 from islands.runtime.membership import CoordinatorRestarted, Removed
@@ -100,10 +100,11 @@ def refuse_simulator_only(cfg: RunConfig) -> None:
     if cfg.faults:
         raise ConfigError("[[faults]] is the simulator's fault plan (islands sim); real "
                           "processes fail for real: remove it")
-    if cfg.attack.name in SIMULATOR_ONLY:
-        raise ConfigError(f"attack.name ({cfg.attack.name!r}) runs in the simulator only "
-                          f"(islands sim): {SIMULATOR_ONLY[cfg.attack.name]}; choose another "
-                          "attack for real processes")
+    if cfg.attack.name in COLLUDING and cfg.attack.shared_dir is None:
+        raise ConfigError(f"attack.name ({cfg.attack.name!r}) reads other workers' updates "
+                          f"({COLLUDING[cfg.attack.name]}): with real processes set "
+                          "attack.shared_dir to a folder every attacker can read and write "
+                          "(islands launch sets one), or run it in the simulator (islands sim)")
 
 
 class Member:
@@ -135,6 +136,8 @@ class Member:
         self.cfg, self.me, self.membership, self.store = cfg, me, membership, store
         self.transport, self.engine, self.token = transport, engine, token
         self.algorithm = engine.algorithm
+        if engine.attack is not None and cfg.attack.shared_dir is not None:
+            engine.attack.collude(cfg.attack.shared_dir, me)  # an attacker's accomplices
         self.checkpoint_dir = Path(checkpoint_dir) / f"w{me}" if checkpoint_dir else None
         if self.checkpoint_dir is not None and remove_temp(self.checkpoint_dir):
             log.info("worker %d: removed temp files a killed checkpoint write left", me)
