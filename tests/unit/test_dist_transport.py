@@ -235,3 +235,82 @@ def test_every_codec_s_payload_crosses_the_wire_format(name):
         wire.as_bytes(t).copy_(wire.as_bytes(e.tensors[k]))
     assert torch.equal(make(name, layout).decode(wire.message(h, tensors).payload),
                        codec.decode(e))
+
+
+def test_rotation_sends_to_one_peer_a_step_from_the_next_member_on():
+    from islands.transports.dist import rotation
+
+    t = torch.zeros(1)
+    sends = [(t, 0), (t, 3), (t, 0), (t, 2), (t, 9)]
+    steps = rotation(sends, 1, (0, 1, 2, 3))
+    assert [[p for _, p in step] for step in steps] == [[2], [3], [0, 0], [9]]
+    assert rotation([], 1, (0, 1)) == [[]]
+
+
+class _HeldWork:
+    """A send that completes when the test says so; counts its waits."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.done, self.waits = threading.Event(), 0
+
+    def wait(self) -> None:
+        self.waits += 1
+        assert self.done.wait(10), "never released"
+
+
+class _Posts:
+    """A stand-in for DistTransport's posting: records each call's send peers."""
+
+    worker, stopwatch = 1, None
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[int], list[_HeldWork]]] = []
+        self._waits: list = []
+
+    def drop_scratch(self) -> None:
+        pass
+
+    def _post(self, sends, recvs, tag, phase):
+        works = [_HeldWork() for _ in [*sends, *recvs]]
+        self.calls.append(([p for _, p in sends], works[:len(sends)]))
+        return works
+
+
+def test_an_exchange_posts_each_peers_sends_once_the_step_before_has_gone():
+    """Worker 1 of (0, 1, 2, 3) sends to 2, then 3, then 0: each step posted only once the
+    one before completed; every send is waited for once, whoever asks."""
+    import time
+
+    from islands.transports.dist import _Arriving
+
+    def wait_until(pred, what):
+        deadline = time.monotonic() + 10
+        while not pred():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.005)
+
+    posts = _Posts()
+    arriving = _Arriving(posts, "x", {}, {}, False, (0, 1, 2, 3))
+    arriving.post([(torch.zeros(8, dtype=torch.uint8), p) for p in (0, 2, 3)])
+    for step, peer in enumerate((2, 3, 0)):
+        wait_until(lambda: len(posts.calls) > step, f"step {step}")
+        assert posts.calls[step][0] == [peer] and len(posts.calls) == step + 1
+        for w in posts.calls[step][1]:
+            w.done.set()
+    for w in arriving.sends:  # as the exchange's wait does
+        w.wait()
+    assert [w.waits for _, works in posts.calls for w in works] == [1, 1, 1]
+
+
+def test_an_abandoned_exchange_posts_every_send_left_at_once():
+    from islands.transports.dist import _Arriving
+
+    posts = _Posts()
+    arriving = _Arriving(posts, "x", {}, {}, False, (0, 1, 2, 3))
+    arriving.post([(torch.zeros(8, dtype=torch.uint8), p) for p in (0, 2, 3)])
+    arriving.abandon()  # (its first step still going)
+    assert [peers for peers, _ in posts.calls] == [[2], [3], [0]]
+    for _, works in posts.calls:
+        works[0].done.set()
