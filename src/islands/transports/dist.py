@@ -257,7 +257,7 @@ class DistTransport(Transport):
                 for p, h in specs.items()}
             sends = [(wire.as_bytes(m.payload.tensors[k]), dst) for (_, dst), m in out.items()
                      if dst != me and dst not in refused for k in sorted(m.payload.tensors)]
-        arriving = _Arriving(self, phase, specs, received, check_finite, members)
+        arriving = _Arriving(self, phase, specs, received, check_finite)
         if self.signer is not None:
             self.kept.update({(phase, src): m for (src, _), m in arriving.messages.items()})
         arriving.post(sends)
@@ -465,32 +465,17 @@ class _InContext(ThreadedFlight):
 
 
 class _Arriving(Exchange):
-    """Round 2 of an exchange in flight: the tensors' chunks, sent and received in order.
-
-    Every receive is posted at once; the sends go one peer at a time, in a rotation
-    (:func:`rotation`): in step ``s`` each member sends to the member ``s`` places after it
-    and receives from the one ``s`` places before, so each link carries one transfer at a
-    time. Three transfers sharing a link at once do not end together, and the exchange waits
-    for the last: over a 100 Mbit/s link, 4 processes, 32 MB to each of 3 peers took
-    10.7 s at once against 8.7 s in rotation (7.7 s at the link's rate); over loopback and
-    1 Gbit/s, where the CPU bounds it, the two took the same time.
-    """
+    """Round 2 of an exchange in flight: the tensors' chunks, sent and received in order."""
 
     def __init__(self, transport: DistTransport, phase: str, specs: dict,
-                 received: dict[int, dict[str, torch.Tensor]], check_finite: bool,
-                 members: tuple[int, ...] = ()) -> None:
+                 received: dict[int, dict[str, torch.Tensor]], check_finite: bool) -> None:
         me = transport.worker
         super().__init__({(p, me): wire.message(h, received[p]) for p, h in specs.items()})
         self.transport, self.phase, self.check_finite = transport, phase, check_finite
-        self.members = tuple(members)
         self.received = received
         self.sends: list = []
         self.counts: dict[str, int] = {}
         self.finished = False
-        # the sends by step of the rotation, and how many steps are posted
-        self._pieces: list[list] = []
-        self._steps: list[list[_Once]] = []
-        self._stepping, self._steps_posted = threading.Lock(), 1
         # (peer, tensor name) -> [(end byte, work)] in arrival order, and how many were waited
         self.chunks: dict[tuple[int, str], list] = {}
         self.waited: dict[tuple[int, str], int] = {}
@@ -502,49 +487,11 @@ class _Arriving(Exchange):
                 for a, b in wire.chunks(wire.as_bytes(t).numel()):
                     recvs.append((wire.as_bytes(t)[a:b], p))
                     owners.append(((p, name), b))
-        pieces = rotation([(b[x:y], p) for b, p in sends for x, y in wire.chunks(b.numel())],
-                          self.transport.worker, self.members)
-        works = self.transport._post(pieces[0], recvs, 1, self.phase)
-        # each send is waited for once, by whoever asks first (a gloo send cannot be waited
-        # for twice); the later steps' are posted by a helper as the step before ends
-        self._pieces = pieces
-        self._steps = [[_Once(w) for w in works[:len(pieces[0])]]] + [
-            [_Once() for _ in step] for step in pieces[1:]]
-        self.sends = [w for step in self._steps for w in step]
-        for (key, end), work in zip(owners, works[len(pieces[0]):]):
+        pieces = [(b[x:y], p) for b, p in sends for x, y in wire.chunks(b.numel())]
+        works = self.transport._post(pieces, recvs, 1, self.phase)
+        self.sends = works[:len(pieces)]
+        for (key, end), work in zip(owners, works[len(pieces):]):
             self.chunks.setdefault(key, []).append((end, work))
-        if len(self._steps) > 1:
-            _in_waiter(self._post_in_turn)
-
-    def _post_in_turn(self) -> None:
-        """Posts each step's sends once the step before has gone (on a helper, so it must
-        not raise: a failure fails the sends not yet posted, whose waits report it)."""
-        for k in range(1, len(self._steps)):
-            try:
-                for w in self._steps[k - 1]:
-                    w.wait()
-            except BaseException as e:  # noqa: BLE001 (reported by the sends' waits)
-                self._post_upto(len(self._steps) - 1, error=e)
-                return
-            self._post_upto(k)
-
-    def _post_upto(self, k: int, error: BaseException | None = None) -> None:
-        """Posts the sends of every step up to ``k`` not posted yet, in order (or fails them
-        with ``error``)."""
-        with self._stepping:
-            for j in range(self._steps_posted, k + 1):
-                if error is None:
-                    try:
-                        works = self.transport._post(self._pieces[j], [], 1, self.phase)
-                    except BaseException as e:  # noqa: BLE001 (reported by their waits)
-                        error = e
-                if error is not None:
-                    for w in self._steps[j]:
-                        w.posted(error=error)
-                else:
-                    for w, work in zip(self._steps[j], works):
-                        w.posted(work)
-            self._steps_posted = max(self._steps_posted, k + 1)
 
     def wait_for(self, key: tuple[int, int], name: str, nbytes: int) -> None:
         src = key[0]
@@ -570,9 +517,6 @@ class _Arriving(Exchange):
         # timeout guarantees. Works already handed to _wait are its helper's.
         if self.finished:
             return
-        # every send posted at once, as though there were no rotation: the peers' receives
-        # for them are posted, and are held with these until they end
-        self._post_upto(len(self._steps) - 1)
         works = self.sends + [w for key, chunks in self.chunks.items()
                               for _, w in chunks[self.waited.get(key, 0):]]
         self.finished = True
@@ -612,48 +556,6 @@ class _Arriving(Exchange):
             t.wire_bytes_received += sum(b.numel() for b in map(wire.as_bytes,
                                                                  msg.payload.tensors.values()))
         return self.messages
-
-
-def rotation(sends: list[tuple[torch.Tensor, int]], me: int, members: tuple[int, ...]
-             ) -> list[list[tuple[torch.Tensor, int]]]:
-    """``(tensor, peer)`` sends in steps, one peer a step: step ``s`` holds those to the
-    member ``s`` places after ``me`` in ``members`` (wrapping around), in their order; a
-    peer outside ``members`` last. At least one step, maybe empty."""
-    n = len(members)
-    place = {m: i for i, m in enumerate(members)}
-    mine = place.get(me, 0)
-    steps: dict[int, list] = {}
-    for t, peer in sends:
-        steps.setdefault((place[peer] - mine) % n if peer in place else n, []).append((t, peer))
-    return [steps[s] for s in sorted(steps)] or [[]]
-
-
-class _Once:
-    """A send (posted now, or later by :meth:`_Arriving._post_in_turn`) that the first to
-    call :meth:`wait` waits for; later calls get the same outcome."""
-
-    def __init__(self, work=None) -> None:
-        self._posted = threading.Event()
-        self._lock = threading.Lock()
-        self._work, self._error, self._waited = work, None, False
-        if work is not None:
-            self._posted.set()
-
-    def posted(self, work=None, error: BaseException | None = None) -> None:
-        self._work, self._error = work, error
-        self._posted.set()
-
-    def wait(self) -> None:
-        self._posted.wait()
-        with self._lock:
-            if not self._waited and self._error is None:
-                self._waited = True
-                try:
-                    self._work.wait()
-                except BaseException as e:  # noqa: BLE001 (every waiter gets it)
-                    self._error = e
-        if self._error is not None:
-            raise self._error
 
 
 # Idle waiter threads, each by its inbox. A wait abandoned on a dead group keeps its thread
