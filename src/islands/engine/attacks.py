@@ -253,7 +253,7 @@ class SharedFolder:
             torch.save(t.detach().clone(), tmp)
             os.replace(tmp, path)
             self._written.append((r, path))
-        for rr, path in [e for e in self._written if e[0] < r - 1]:
+        for _, path in [e for e in self._written if e[0] < r - 1]:
             path.unlink(missing_ok=True)
         self._written = [e for e in self._written if e[0] >= r - 1]
         out = dict(mine)

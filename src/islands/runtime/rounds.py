@@ -216,12 +216,16 @@ class RoundRules:
         if rule != "samples":
             return float(reported)
         most = self._most_samples()
-        bounded = min(max(float(reported), 0.0), math.inf if most is None else most)
-        if bounded != reported:
-            log.warning("worker %d reported %g samples trained this round; recorded %g (a "
-                        "round holds at most %s)", worker, reported, bounded,
-                        "0" if most is None else f"{most:g}")
-        return bounded
+        if reported < 0:
+            log.warning("worker %d reported %g samples trained this round; recorded 0 (a "
+                        "count is never negative)", worker, reported)
+            return 0.0
+        if most is not None and reported > most:
+            log.warning("worker %d reported %g samples trained this round; recorded %g, a "
+                        "whole round's (data.batch_size x algorithm.sync_every)", worker,
+                        reported, most)
+            return most
+        return float(reported)
 
     def _most_samples(self) -> float | None:
         """The most samples a member can train in one round, where the job fixes it: a
