@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 
 import pytest
 
 from islands.core.config import load_config
 from islands.sim.runner import Simulation
-from tests.integration.conftest import TINY, assert_final_equal, last_round, metrics, wait_until
+from tests.integration.conftest import (
+    TINY,
+    assert_final_equal,
+    last_round,
+    launch_argv,
+    metrics,
+    wait_until,
+)
 from tests.integration.test_churn import assert_hashes_agree
 
 SPARSELOCO = ["algorithm.name=sparseloco", "algorithm.chunk=256", "algorithm.density=0.05"]
@@ -45,10 +51,7 @@ SYBIL = ["algorithm.name=diloco", "aggregator.name=centered_clip", "aggregator.c
                               "median+verify", "streams", "sybil"])
 def test_launch_ends_with_the_simulators_parameters_and_bytes(tmp_path, procs, method, workers):
     overrides = [*TINY, f"workers={workers}", *method]
-    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch"]
-    for o in overrides:
-        argv += ["--set", o]
-    p = procs.start("launch", argv + ["--out", str(tmp_path / "launch")])
+    p = procs.start("launch", launch_argv(tmp_path / "launch", overrides))
     sim = Simulation(load_config(None, overrides))
     summary = sim.run()  # while the workers start
     assert p.wait(timeout=150) == 0

@@ -21,16 +21,16 @@ from tests.unit.test_dist_transport import received
 KEYS = {w: signing.Signer() for w in range(3)}
 
 
-def _worker(c, wid: int, fingerprint: dict | None = None):
+def _worker(c, wid: int):
     return client_connect(f"127.0.0.1:{c.port}", b"tok",
                           {"role": "worker", "id": wid, "channel": "control",
                            "incarnation": f"i{wid}", "store": ["127.0.0.1", 1000 + wid],
-                           "fingerprint": fingerprint or {}, "key": KEYS[wid].public})
+                           "fingerprint": {}, "key": KEYS[wid].public})
 
 
-def _round(c, weights=(8.0, 8.0, 8.0), fingerprint: dict | None = None):
+def _round(c, weights=(8.0, 8.0, 8.0)):
     """Three workers at round 0's ready, each with its weight; the ready's result."""
-    chs = {w: _worker(c, w, fingerprint) for w in range(3)}
+    chs = {w: _worker(c, w) for w in range(3)}
     _ask(chs, {w: {"op": "start", "round": 0, "hash": "h", "wait_for": 3} for w in chs})
     ready = _ask(chs, {w: {"op": "ready", "round": 0, "attempt": 0, "members": [0, 1, 2],
                            "weight": weights[w]} for w in chs})
@@ -57,27 +57,6 @@ def test_the_ready_names_every_members_key_and_recorded_weight(coord):
     _, ready = _round(coord, weights=(8.0, 4.0, 2.0))
     assert ready[0]["keys"] == {str(w): KEYS[w].public for w in range(3)}
     assert ready[0]["weights"] == {"0": 8.0, "1": 4.0, "2": 2.0}
-
-
-# LocalSGD weighing by samples on the built-in task and data: 8 samples a step, H = 10
-SAMPLES_JOB = {"task.name": "byte_gpt", "algorithm.name": "local_sgd",
-               "algorithm.weighting": "samples", "algorithm.sync_every": 10,
-               "data.batch_size": 8, "data.sizes": [100, 100, 100]}
-
-
-@pytest.mark.parametrize("job, recorded", [
-    (SAMPLES_JOB, {"0": 80.0, "1": 0.0, "2": 80.0}),
-    ({**SAMPLES_JOB, "algorithm.sync_every": [[0, 5], [100, 20]]},
-     {"0": 80.0, "1": 0.0, "2": 160.0}),
-    # a task of the user's counts its own samples: no upper bound, never below 0
-    ({**SAMPLES_JOB, "task.name": "mypkg.tasks:make"}, {"0": 80.0, "1": 0.0, "2": 1e9}),
-])
-def test_a_samples_report_is_recorded_within_what_a_round_can_hold(coord, job, recorded):
-    """A member that reports more samples than a round of the job's batches holds (a weight
-    forged at ``ready``, where its headers would then agree with it) counts as a whole
-    round's; a negative report counts 0."""
-    _, ready = _round(coord, weights=(80.0, -5.0, 1e9), fingerprint=job)
-    assert ready[0]["weights"] == recorded
 
 
 def test_a_proven_forged_weight_excludes_its_sender(coord):
@@ -257,20 +236,28 @@ def test_no_aggregate_evidence_where_the_owner_signed_for_other_inputs_or_the_ru
     assert evidence.gather({}, 2, {}, Mismatch(out, inputs, (0, 1, 2), (0,)), Median())
 
 
+# the data's samples a step (a built-in partition's, in its workers' fingerprints) and H
+FIXED = {"data.samples_per_step": 8, "algorithm.sync_every": 10}
+
+
 @pytest.mark.parametrize("weighting, fp, recorded", [
     ("dataset", {"data.sizes": [100, 50, 70]}, {"0": 100.0, "1": 50.0, "2": 70.0}),
     ("uniform", {}, {"0": 1.0, "1": 1.0, "2": 1.0}),
-    ("dataset", {}, {"0": 40.0, "1": 24.0, "2": 1e9}),  # a drop-in's: its own data
-    ("samples", {"data.sizes": [100] * 3}, {"0": 40.0, "1": 24.0, "2": 1e9}),
+    ("dataset", {}, {"0": 40.0, "1": 0.0, "2": 1e9}),  # a drop-in's: its own data
+    ("samples", {"data.sizes": [100] * 3}, {"0": 40.0, "1": 0.0, "2": 1e9}),  # a loader's
+    ("samples", FIXED, {"0": 40.0, "1": 0.0, "2": 80.0}),  # at most 8 x 10
+    ("samples", {**FIXED, "algorithm.sync_every": [[0, 5], [100, 20]]},
+     {"0": 40.0, "1": 0.0, "2": 160.0}),  # the largest H
 ])
 def test_the_recorded_weight_is_the_algorithms_rule_where_the_config_fixes_it(
         coord, weighting, fp, recorded):
     """LocalSGD weighs by each worker's share of the data or alike: the coordinator records
     that, not a member's word, so a member that claims 1e9 at ready as well as in its
-    headers is still refused. Samples trained stay each member's report (a task's batches
-    may hold any number), as does a drop-in's share (its data is its own)."""
+    headers is still refused. Samples trained stay each member's report, within a whole
+    round's batches where the data fixes a batch's samples (a loader's batches may hold any
+    number), as does a drop-in's share (its data is its own); a negative report counts 0."""
     coord.fingerprint = {"algorithm.name": "local_sgd", "algorithm.weighting": weighting, **fp}
-    _, ready = _round(coord, weights=(40.0, 24.0, 1e9))
+    _, ready = _round(coord, weights=(40.0, -5.0, 1e9))
     assert ready[0]["weights"] == recorded
 
 

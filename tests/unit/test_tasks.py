@@ -145,6 +145,23 @@ def test_dataset_batches_are_a_function_of_seed_worker_step_and_cover_each_epoch
     assert sorted(seen.tolist()) == sorted(x[a.parts[0]].reshape(-1).tolist())
 
 
+def test_the_partitions_that_fix_a_batch_say_its_samples_and_a_loader_says_none():
+    """What the coordinator bounds a samples report with (``data.samples_per_step``): every
+    batch of the text's and a dataset's partitions holds that many samples, as the task
+    counts them; a loader's batches may vary, so it says nothing."""
+    text = islands.tasks.ByteGPT(tiny_config().model, tiny_config().data, seed=0)
+    x, y = torch.arange(30.0)[:, None], torch.zeros(30, dtype=torch.long)  # 15 a worker
+    dataset = islands.from_dataset(nn.Linear(1, 2), TensorDataset(x, y), TensorDataset(x, y),
+                                   criterion=nn.CrossEntropyLoss())
+    for task, part in ((text, text.data(2, 0, tiny_config().data)),
+                       (dataset, dataset.data(2, 0, DataConfig(batch_size=4)))):
+        assert {task.batch_size(part.batch(w, s)) for w in (0, 1) for s in range(6)} == {
+            part.samples_per_step}
+    loader = islands.from_loader(nn.Linear(1, 1), lambda w, n, seed: [(x,)], [(x,)],
+                                 loss=lambda m, b: m(b[0]).pow(2).mean())
+    assert getattr(loader.data(2, 0, DataConfig()), "samples_per_step", None) is None
+
+
 def test_dirichlet_without_labels_is_a_clear_error():
     data = [torch.randn(3) for _ in range(50)]  # items without labels
     task = islands.from_dataset(nn.Linear(3, 1), data, data, loss=lambda m, b: m(b).mean())

@@ -178,8 +178,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{cfg.label}-launch")
     if cfg.attack.name in COLLUDING and cfg.attack.shared_dir is None:
         # the attackers' accomplices meet in the launch's folder
-        overrides.append(f"attack.shared_dir={json.dumps(str(out / 'attack'))}")
-        cfg = load_config(args.config, overrides)
+        shared = str(out / "attack")
+        overrides.append(f"attack.shared_dir={json.dumps(shared)}")
+        cfg = cfg.replace(**{"attack.shared_dir": shared})
 
     def argv_for(i: int, addr: str, host: str) -> list[str]:
         argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "run"]

@@ -45,10 +45,6 @@ def points(key: str, value, what: str, kind: type) -> tuple:
 # --- the bases of the components' sections ---------------------------------------------------
 
 
-# the tasks islands ships: each takes ``data.batch_size`` samples an inner step
-BUILT_IN_TASKS = ("byte_gpt", "digits_cnn")
-
-
 @dataclass(frozen=True, kw_only=True)
 class TaskConfig:
     """What is trained: a built-in task or the user's own (see ``islands.tasks``).

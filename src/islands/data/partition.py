@@ -113,6 +113,11 @@ class ByteData:
         """Bytes in a worker's partition (FedAvg's n_k)."""
         return int(self.lengths[self.parts[worker]].sum())
 
+    @property
+    def samples_per_step(self) -> int:
+        """Samples in every batch: ``data.batch_size`` windows."""
+        return self.cfg.batch_size
+
     def _windows(self, data: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, ...]:
         idx = starts[:, None] + torch.arange(self.block_size + 1)[None, :]
         batch = data[idx].long()  # (B, T+1)

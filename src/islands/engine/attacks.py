@@ -161,7 +161,6 @@ class Attack:
         ``plans``, every one local)."""
         if self.name in LEAVE_CONTRIBUTIONS:
             return
-        members = tuple(sorted(plans)) if members is None else tuple(members)
         count = len(next(iter(plans.values())))
         for k in range(count):
             items = {wid: p[k] for wid, p in plans.items()}
@@ -176,10 +175,11 @@ class Attack:
             honest = [items[w].tensor for w in sorted(items) if w not in bad]
             pool, n, f = None, len(items), len(bad)  # in the simulator, every worker
             if self._shared is not None:  # real processes: the attackers' honest updates
-                accomplices = [m for m in members if self.attacking(m, r)]
+                sync = sorted(plans) if members is None else members
+                accomplices = [m for m in sync if self.attacking(m, r)]
                 pool = self._shared.share(r, k, {w: items[w].tensor for w in bad},
                                           accomplices)
-                n, f = len(members), len(accomplices)
+                n, f = len(sync), len(accomplices)
             forged = {wid: self._forged(wid, items, honest, bad, n, f, pool) for wid in bad}
             for wid, tensor in forged.items():  # a new tensor: the honest one may be kept
                 plans[wid][k] = dataclasses.replace(items[wid], tensor=tensor)
@@ -236,12 +236,16 @@ class SharedFolder:
                  timeout_s: float = COLLUDE_TIMEOUT_S) -> None:
         self.folder, self.me, self.timeout_s = Path(folder), me, timeout_s
         self.folder.mkdir(parents=True, exist_ok=True)
-        for old in self.folder.glob(f"r*-c*-w{me}.pt"):  # an earlier run's
-            old.unlink(missing_ok=True)
-        self._written: list[tuple[int, Path]] = []
+        self._forget(me, before=None)  # an earlier run's
 
     def _file(self, r: int, k: int, worker: int) -> Path:
         return self.folder / f"r{r}-c{k}-w{worker}.pt"
+
+    def _forget(self, worker: int, before: int | None) -> None:
+        """Deletes ``worker``'s files of the rounds before ``before`` (None: all)."""
+        for path in self.folder.glob(f"r*-c*-w{worker}.pt"):
+            if before is None or int(path.name[1:path.name.index("-")]) < before:
+                path.unlink(missing_ok=True)
 
     def share(self, r: int, k: int, mine: dict[int, torch.Tensor],
               attackers: list[int]) -> dict[int, torch.Tensor]:
@@ -250,12 +254,9 @@ class SharedFolder:
         for wid, t in mine.items():
             path = self._file(r, k, wid)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            torch.save(t.detach().clone(), tmp)
+            torch.save(t.detach().clone(), tmp)  # (a clone: a view would save its storage)
             os.replace(tmp, path)
-            self._written.append((r, path))
-        for _, path in [e for e in self._written if e[0] < r - 1]:
-            path.unlink(missing_ok=True)
-        self._written = [e for e in self._written if e[0] >= r - 1]
+            self._forget(wid, before=r - 1)
         out = dict(mine)
         deadline = time.monotonic() + self.timeout_s
         while True:

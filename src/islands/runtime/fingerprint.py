@@ -59,13 +59,17 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
 
 
 def fingerprint(cfg: RunConfig, model: torch.nn.Module, *, rounds: int,
-                data_sizes: list[int] | None = None) -> dict[str, Any]:
+                data_sizes: list[int] | None = None,
+                samples_per_step: int | None = None) -> dict[str, Any]:
     """A worker's fingerprint: :func:`config_fingerprint`, then the derived
-    ``model.shapes``, ``data.sizes`` and ``rounds``."""
+    ``model.shapes``, ``data.sizes``, ``data.samples_per_step`` (the samples in every batch,
+    where the data fixes it) and ``rounds``."""
     out = config_fingerprint(cfg)
     out["model.shapes"] = _shapes(model)
     if data_sizes is not None:
         out["data.sizes"] = list(data_sizes)
+    if samples_per_step is not None:
+        out["data.samples_per_step"] = int(samples_per_step)
     out["rounds"] = rounds
     return out
 

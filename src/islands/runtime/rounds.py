@@ -17,7 +17,6 @@ from statistics import median
 from islands.aggregators import coordinatewise
 from islands.core.config import build_component
 from islands.core.errors import ConfigError
-from islands.core.sections import BUILT_IN_TASKS
 from islands.runtime import evidence
 
 log = logging.getLogger("islands.coordinator")
@@ -201,11 +200,11 @@ class RoundRules:
         """The aggregation weight recorded for ``worker``'s report: LocalSGD's rule where the
         job's config fixes it (its fingerprint), whatever the member says: ``uniform`` 1,
         ``dataset`` its share's size (``data.sizes``, a built-in worker's). Every receiver
-        holds the sender's header to it, so a forged claim is refused by name. ``samples``
-        (what it trained this round) stays its report, within what it could have trained:
-        never below 0 and, where the job's built-in data fixes a batch's size, never above a
-        whole round's batches (:meth:`_most_samples`); a report outside is recorded at the
-        bound and logged."""
+        holds the sender's header to it, so a forged claim is refused by name. Otherwise the
+        report stands, within what it can be: never below 0 and, for ``samples`` (what it
+        trained this round) where the data fixes a batch's samples, never above a whole
+        round's batches (:meth:`_most_samples`); a report outside is recorded at the bound
+        and logged."""
         fp = self.fingerprint
         rule = fp.get("algorithm.weighting") if fp.get("algorithm.name") == "local_sgd" else None
         sizes = fp.get("data.sizes")
@@ -213,34 +212,28 @@ class RoundRules:
             return 1.0
         if rule == "dataset" and isinstance(sizes, list) and worker < len(sizes):
             return float(sizes[worker])
-        if rule != "samples":
-            return float(reported)
-        most = self._most_samples()
+        most = self._most_samples() if rule == "samples" else None
         if reported < 0:
-            log.warning("worker %d reported %g samples trained this round; recorded 0 (a "
-                        "count is never negative)", worker, reported)
+            log.warning("worker %d reported weight %g; recorded 0 (a weight is never "
+                        "negative)", worker, reported)
             return 0.0
         if most is not None and reported > most:
             log.warning("worker %d reported %g samples trained this round; recorded %g, a "
-                        "whole round's (data.batch_size x algorithm.sync_every)", worker,
+                        "whole round's (data.samples_per_step x algorithm.sync_every)", worker,
                         reported, most)
             return most
         return float(reported)
 
     def _most_samples(self) -> float | None:
-        """The most samples a member can train in one round, where the job fixes it: a
-        built-in task on built-in data (the fingerprint holds ``data.sizes``, which only its
-        workers send) takes ``data.batch_size`` samples an inner step, for at most the
-        largest ``algorithm.sync_every`` steps a round. None where the member's own loop
-        decides (a task of the user's, a drop-in ``Trainer``)."""
-        fp = self.fingerprint
-        batch, h = fp.get("data.batch_size"), fp.get("algorithm.sync_every")
-        if (fp.get("task.name") not in BUILT_IN_TASKS or not isinstance(fp.get("data.sizes"), list)
-                or not isinstance(batch, int)):
-            return None
+        """The most samples a member can train in one round, where the job fixes it: its
+        data's samples a step (``data.samples_per_step``, in the fingerprint of a worker
+        whose partition fixes it) times the largest ``algorithm.sync_every``. None where
+        the member's own loop decides (a loader's batches, a drop-in ``Trainer``)."""
+        per_step, h = (self.fingerprint.get(k)
+                       for k in ("data.samples_per_step", "algorithm.sync_every"))
         if isinstance(h, list) and h:
             h = max(int(pair[1]) for pair in h)
-        return float(batch * h) if isinstance(h, int) else None
+        return float(per_step * h) if isinstance(per_step, int) and isinstance(h, int) else None
 
     def _release_commit(self, b: Barrier, here: set[int]) -> dict:
         r, attempt = b.key[1], b.key[2]

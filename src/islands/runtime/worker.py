@@ -36,6 +36,7 @@ from islands.runtime.fingerprint import fingerprint
 from islands.runtime.gossip import member_class
 from islands.runtime.member import Member, member_transport, refuse_simulator_only
 from islands.runtime.membership import Removed, Unauthorized
+from islands.tasks import Task
 
 log = logging.getLogger("islands.worker")
 
@@ -95,9 +96,14 @@ class RuntimeWorker:
             run.algorithm.remember = False
         self.engine = run.engine(self.transport, [], WallClock((me,)), out=self.out)
         if hasattr(self.membership, "fingerprint"):  # checked by the coordinator at join
+            # samples a step, where the data fixes it and the task counts them as usual (the
+            # leading dimension of a batch: Task.batch_size)
+            fixed = (getattr(run.partition, "samples_per_step", None)
+                     if type(task).batch_size is Task.batch_size else None)
             self.membership.fingerprint = fingerprint(
                 cfg, run.base, rounds=self.engine.rounds,
-                data_sizes=[run.partition.size(w) for w in range(cfg.workers)])
+                data_sizes=[run.partition.size(w) for w in range(cfg.workers)],
+                samples_per_step=fixed)
         self.member = member_class(run.algorithm)(
             cfg, me, self.membership, self.store, self.transport, self.engine,
             lambda: run.worker(me), fresh_state(run.base), background=not self.resume,

@@ -41,6 +41,10 @@ class Partition(Protocol):
     def size(self, worker: int) -> int:
         """The size of ``worker``'s share (samples or bytes): FedAvg's ``n_k``."""
 
+    # Optionally, ``samples_per_step``: the samples in every batch, where the partition fixes
+    # it (the built-in partitions do; a loader's batches may vary). The runtime puts it in the
+    # job's fingerprint, and the coordinator bounds a member's samples report with it.
+
 
 class Task(ABC):
     """What islands trains. Subclass it, or build one with :func:`islands.tasks.from_dataset`.

@@ -80,6 +80,11 @@ class IndexPartition:
     def size(self, worker: int) -> int:
         return len(self.parts[worker])
 
+    @property
+    def samples_per_step(self) -> int:
+        """Samples in every batch (:meth:`indices` always fills ``batch_size``)."""
+        return self.batch_size
+
     def _order(self, worker: int, epoch: int) -> np.ndarray:
         key = (worker, epoch)
         if key not in self._orders:
