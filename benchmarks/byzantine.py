@@ -7,6 +7,13 @@ aggregated by the plain mean.
     python benchmarks/byzantine.py --workers 16 --attackers 7 --attacks sign_flip \\
         --aggregators mean,centered_clip --json bench-results/byzantine_16.json
     python benchmarks/byzantine.py --report bench-results/byzantine*.json   # merge, run nothing
+    python benchmarks/byzantine.py --aggregators krum,sybil \\
+        --skip-done docs/results/byzantine/*.json --list        # the cells still to run
+
+A grid too long for one sitting is run in batches: ``--skip-done`` leaves out every cell an
+earlier batch's JSON holds (without an error), so the same command resumes an interrupted
+batch (its own ``--json`` among them: its rows are kept) or fills in the blanks of a merged
+one; ``--list`` prints the cells and runs nothing.
 
 A row is one simulation (``islands.simulate``, one torch thread each); the clean run of each
 aggregator (no attacker) is run once and shared by every attack. Prints the table of final
@@ -83,9 +90,10 @@ def run_one(workers: int, aggregator: str, attack: str, attackers: int, seed: in
     return row
 
 
-def jobs_for(args) -> list[tuple]:
+def jobs_for(args, done: set[tuple] = frozenset()) -> list[tuple]:
     """The clean run of each aggregator (the mean's is the baseline: list it, or merge a
-    report that has it), then each attack x aggregator x attackers > 0."""
+    report that has it), then each attack x aggregator x attackers > 0; a cell in ``done``
+    (``(workers, aggregator, attack, attackers, seed)``, :func:`cells_done`) is left out."""
     aggs = [a.strip() for a in args.aggregators.split(",")]
     attacks = [a.strip() for a in args.attacks.split(",")]
     out = []
@@ -96,7 +104,13 @@ def jobs_for(args) -> list[tuple]:
             for attack in attacks:
                 for agg in aggs:
                     out.append((args.workers, agg, attack, k, seed))
-    return out
+    return [job for job in out if job not in done]
+
+
+def cells_done(files: list[str]) -> set[tuple]:
+    """The cells the rows of these JSON files ran without an error."""
+    return {(r["workers"], r["aggregator"], r["attack"], r["attackers"], r["seed"])
+            for f in files for r in json.loads(Path(f).read_text())["rows"] if not r["error"]}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -284,6 +298,9 @@ def main() -> None:
     p.add_argument("--json", default="bench-results/byzantine.json")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="run nothing: merge the rows of earlier --json files")
+    p.add_argument("--skip-done", nargs="+", default=[], metavar="JSON",
+                   help="leave out the cells these earlier --json files ran without an error")
+    p.add_argument("--list", action="store_true", help="print the cells to run; run nothing")
     args = p.parse_args()
     out = Path(args.json)
     if args.report:
@@ -294,9 +311,16 @@ def main() -> None:
     unknown += sorted(set(args.attacks.split(",")) - set(ATTACKS))
     if unknown:
         p.error(f"unknown {unknown}; aggregators: {list(AGGREGATORS)}; attacks: {ATTACKS}")
-    jobs = jobs_for(args)
+    jobs = jobs_for(args, cells_done(args.skip_done))
+    if args.list or not jobs:
+        for w, agg, attack, k, seed in jobs:
+            print(f"{w}w {agg} {attack} x{k} seed {seed}")
+        print(f"{len(jobs)} cells to run" + (" (none: every cell is done)" if not jobs else ""))
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    # resuming into the same file keeps what it holds
+    resumed = out.exists() and any(Path(f).resolve() == out.resolve() for f in args.skip_done)
+    rows: list[dict] = json.loads(out.read_text())["rows"] if resumed else []
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_one, *job, args.threads) for job in jobs]
         for i, f in enumerate(futures):
