@@ -11,7 +11,7 @@ import torch
 
 from islands.algorithms import Contribution
 from islands.core.config import from_dict
-from islands.core.errors import ConfigError
+from islands.core.errors import ConfigError, IslandsWarning
 from islands.core.sections import AttackConfig
 from islands.engine.attacks import Attack, alie_z
 from islands.runtime.member import refuse_simulator_only
@@ -173,6 +173,22 @@ def test_a_nan_sender_is_banned_at_once_and_the_run_goes_on(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert sorted(r["round"] for r in rows if r["worker"] == 4) == [0, 1]
     assert sorted(r["round"] for r in rows if r["worker"] == 0) == list(range(6))
+
+
+def test_a_ban_that_leaves_fewer_rows_than_the_rules_f_needs_does_not_end_the_run():
+    """Multi-Krum with f = 1 needs 5 rows: 5 workers start, the NaN sender is banned, and the
+    4 left go on with f = 0 (a warning says so) instead of the run failing."""
+    with pytest.warns(IslandsWarning, match="multi_krum with f = 1 needs n >= 5 rows and got 4"):
+        sim, s = _sim("aggregator.name='multi_krum'", "aggregator.f=1", "attack.name='nan'",
+                      "attack.attackers=1", "attack.start_round=2")
+    assert [b["worker"] for b in s["banned"]] == [4] and s["rounds"] == 6
+    assert torch.isfinite(sim.final_params).all()
+
+
+def test_a_rule_the_workers_cannot_carry_from_the_start_is_refused_before_it_runs():
+    with pytest.raises(ConfigError, match="aggregator.name = 'bulyan' with workers = 5: bulyan "
+                                          "with f = 1 needs n >= 7"):
+        _sim("aggregator.name='bulyan'", "aggregator.f=1")
 
 
 def test_a_forged_weight_is_refused_by_its_receivers_and_its_sender_banned():

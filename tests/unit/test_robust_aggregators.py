@@ -37,7 +37,7 @@ from islands.aggregators import (
 from islands.aggregators.coordinate import NETWORK_MAX_ROWS, BlockSorter, network
 from islands.aggregators.rule import capped
 from islands.core.config import from_dict
-from islands.core.errors import ConfigError
+from islands.core.errors import ConfigError, IslandsWarning
 
 CONFIGS = [MeanConfig(clip_norm=1.0), MedianConfig(), TrimmedMeanConfig(), KrumConfig(),
            MultiKrumConfig(), BulyanConfig(), CenteredClipConfig(), SybilConfig()]
@@ -116,12 +116,36 @@ def test_breakdown_points():
     (lambda x: krum_scores(x, 2), "krum with f = 2 needs n >= 7 rows .* n = 6"),
     (lambda x: bulyan(x, f=1), "bulyan with f = 1 needs n >= 7 rows .* n = 6"),
     (lambda x: trimmed_mean(x, trim=0.5), r"trim \(0.5\) cuts b = .* = 3 of n = 6"),
-    (lambda x: Krum(f=1)(x[:3]), "krum with f = 1 needs n >= 5 .* lower f or aggregate more"),
     (lambda x: centered_clip(x, tau=0.0, iters=1), r"tau \(0.0\) must be > 0"),
 ])
 def test_too_few_rows_are_refused_with_what_is_needed(call, fragment):
     with pytest.raises(ValueError, match=fragment):
         call(torch.randn(6, 3))
+
+
+@pytest.mark.parametrize("rule, fit, pure", [
+    (Krum(f=2), 1, lambda x, f: multi_krum(x, f=f, m=1)),
+    (MultiKrum(f=2), 1, lambda x, f: multi_krum(x, f=f, m=None)),
+    (MultiKrum(f=2, m=6), 1, lambda x, f: multi_krum(x, f=f, m=5)),  # m: at most n - f
+    (Bulyan(f=1), 0, lambda x, f: bulyan(x, f=f)),
+])
+def test_a_rule_given_fewer_rows_than_its_f_needs_tolerates_what_they_allow(rule, fit, pure):
+    """Workers banned mid-run leave 6 rows where f = 2 (Krum) or f = 1 (Bulyan) needs 7: the
+    rule goes on with the largest f the rows allow, and says so, instead of ending the run."""
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(IslandsWarning, match=f"got 6 .* tolerates f = {fit}|averages 5"):
+        got = rule(x)
+    assert torch.equal(got, pure(x, fit))
+    with pytest.raises(ValueError, match="needs n >= 7"):
+        pure(x, rule.f)  # the pure functions still refuse: the rule chose the fallback
+
+
+def test_two_rows_leave_krum_nothing_to_tolerate_and_a_rule_that_fits_is_silent(recwarn):
+    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(MultiKrum(f=0)(x), mean(x)) and torch.equal(Bulyan(f=0)(x), mean(x))
+    assert torch.equal(Krum(f=0)(x), x[0])  # tied scores: the lower index
+    Krum(f=1)(torch.randn(5, 5))  # exactly 2f + 3 rows
+    assert not [w for w in recwarn if issubclass(w.category, IslandsWarning)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)

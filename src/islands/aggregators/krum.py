@@ -19,6 +19,7 @@ closer than about 1e-8 of their norms tie, and ties go to the lower row index.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from islands.aggregators.clipping import BLOCK, gram
 from islands.aggregators.coordinate import BlockSorter
 from islands.aggregators.rule import Rule, check_rows
+from islands.core.errors import IslandsWarning
 from islands.core.registry import register
 from islands.core.sections import AggregatorConfig, check
 
@@ -38,9 +40,27 @@ def sq_distances(stacked: torch.Tensor) -> torch.Tensor:
 
 
 def _need(rule: str, n: int, f: int, *, rows: int) -> None:
-    if f < 0 or n < rows:
+    # (f = 0 tolerates no Byzantine row: any n >= 1 will do)
+    if f < 0 or (f > 0 and n < rows):
         raise ValueError(f"{rule} with f = {f} needs n >= {rows} rows and f >= 0, got n = {n}:"
                          f" lower f or aggregate more workers")
+
+
+def tolerated(rule: str, f: int, n: int, *, per: int) -> int:
+    """The ``f`` a rule that needs ``n >= per·f + 3`` rows can keep for a call on ``n`` rows:
+    ``f`` itself where they suffice, else the largest ``f`` that does (0 at least), with a
+    warning. A run's rows fall below what it started with when workers are banned, left out
+    of a round or dropped as clones; the ones banned or dropped were among those to tolerate,
+    so going on with fewer is what the rule can still promise, where refusing would end the
+    run."""
+    fit = max(0, (n - 3) // per)
+    if f <= fit or n == 1:  # (one row is the result, whatever f)
+        return min(f, fit)
+    warnings.warn(IslandsWarning(
+        f"{rule} with f = {f} needs n >= {per * f + 3} rows and got {n} (workers banned, left "
+        f"out or dropped as clones): it tolerates f = {fit} of them until enough rows return"),
+        stacklevel=3)
+    return fit
 
 
 def _scores(d: torch.Tensor, k: int) -> torch.Tensor:
@@ -198,8 +218,8 @@ def _closest_window(values: list[torch.Tensor], beta: int, starts: int, *,
 
 class Krum(Rule):
     """Krum (Blanchard et al. 2017): the row of lowest Krum score. Breakdown: ``f`` of
-    ``n >= 2f + 3`` rows. ``weights`` are ignored. ``influence``: 1 for the selected row, 0
-    for the others.
+    ``n >= 2f + 3`` rows (a call on fewer tolerates the most they allow: :func:`tolerated`).
+    ``weights`` are ignored. ``influence``: 1 for the selected row, 0 for the others.
 
     Args:
         f: the Byzantine rows tolerated.
@@ -213,7 +233,8 @@ class Krum(Rule):
         self.f = f
 
     def _aggregate(self, stacked, weights, key):
-        return _selected(stacked, multi_krum_rows(stacked, self.f, 1))
+        f = tolerated("krum", self.f, stacked.shape[0], per=2)
+        return _selected(stacked, multi_krum_rows(stacked, f, 1))
 
     def breakdown(self, n: int) -> int:
         _need("krum", n, self.f, rows=2 * self.f + 3)
@@ -225,8 +246,9 @@ class Krum(Rule):
 
 class MultiKrum(Rule):
     """Multi-Krum (Blanchard et al. 2017): the mean of the ``m`` rows of lowest Krum score.
-    Breakdown: ``f`` of ``n >= 2f + 3`` rows. ``weights`` are ignored. ``influence``: 1 for
-    the selected rows, 0 for the others.
+    Breakdown: ``f`` of ``n >= 2f + 3`` rows (a call on fewer tolerates the most they allow,
+    :func:`tolerated`, and averages at most ``n - f``). ``weights`` are ignored.
+    ``influence``: 1 for the selected rows, 0 for the others.
 
     Args:
         f: the Byzantine rows tolerated.
@@ -242,7 +264,14 @@ class MultiKrum(Rule):
         self.f, self.m = f, m
 
     def _aggregate(self, stacked, weights, key):
-        return _selected(stacked, multi_krum_rows(stacked, self.f, self.m))
+        n = stacked.shape[0]
+        f, m = tolerated("multi_krum", self.f, n, per=2), self.m
+        if m is not None and m > n - f:
+            warnings.warn(IslandsWarning(
+                f"multi_krum with m = {m} averages at most n - f = {n - f} of {n} rows (workers "
+                f"banned, left out or dropped as clones): it averages {n - f}"), stacklevel=2)
+            m = n - f
+        return _selected(stacked, multi_krum_rows(stacked, f, m))
 
     def breakdown(self, n: int) -> int:
         _need("multi_krum", n, self.f, rows=2 * self.f + 3)
@@ -259,9 +288,10 @@ def _selected(stacked: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, tor
 
 
 class Bulyan(Rule):
-    """Bulyan over Krum (El Mhamdi et al. 2018). Breakdown: ``f`` of ``n >= 4f + 3`` rows.
-    ``weights`` are ignored. ``influence``: each row's share of coordinates whose value lies
-    within the values averaged there (0 for a row Krum did not select).
+    """Bulyan over Krum (El Mhamdi et al. 2018). Breakdown: ``f`` of ``n >= 4f + 3`` rows (a
+    call on fewer tolerates the most they allow: :func:`tolerated`). ``weights`` are ignored.
+    ``influence``: each row's share of coordinates whose value lies within the values averaged
+    there (0 for a row Krum did not select).
 
     Args:
         f: the Byzantine rows tolerated.
@@ -275,7 +305,7 @@ class Bulyan(Rule):
         self.f = f
 
     def _aggregate(self, stacked, weights, key):
-        return bulyan_influence(stacked, self.f)
+        return bulyan_influence(stacked, tolerated("bulyan", self.f, stacked.shape[0], per=4))
 
     def breakdown(self, n: int) -> int:
         _need("bulyan", n, self.f, rows=4 * self.f + 3)

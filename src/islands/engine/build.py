@@ -75,6 +75,7 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     """
     run_codec(cfg)
     check_algorithm(cfg)
+    _check_rows(cfg)
     _check_verify(cfg)
     resolve_device(cfg.device)
     _warn_rounds(cfg)
@@ -83,6 +84,21 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
         _check_attack(cfg)
         Attack(cfg.attack, cfg.workers, classes=getattr(task, "classes", None))
     return task
+
+
+def _check_rows(cfg: RunConfig) -> None:
+    """Refuses a rule that the run's workers cannot carry from the start (Krum's ``f`` with
+    fewer than ``2f + 3`` workers, a trim that cuts every row); with fewer rows later (bans,
+    clones) the rule tolerates what they allow."""
+    breakdown = getattr(cfg.aggregator.build(), "breakdown", None)  # (the mean: a function)
+    try:
+        if breakdown is not None:
+            breakdown(cfg.workers)
+    except NotImplementedError:  # a rule that does not say
+        pass
+    except ValueError as e:
+        raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} with workers = "
+                          f"{cfg.workers}: {e}") from None
 
 
 def _check_attack(cfg: RunConfig) -> None:
