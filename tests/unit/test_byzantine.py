@@ -186,9 +186,13 @@ def test_a_ban_that_leaves_fewer_rows_than_the_rules_f_needs_does_not_end_the_ru
 
 
 def test_a_rule_the_workers_cannot_carry_from_the_start_is_refused_before_it_runs():
-    with pytest.raises(ConfigError, match="aggregator.name = 'bulyan' with workers = 5: bulyan "
-                                          "with f = 1 needs n >= 7"):
+    with pytest.raises(ConfigError, match=r"'bulyan' with 5 rows a sync \(workers = 5\): "
+                                          "bulyan with f = 1 needs n >= 7"):
         _sim("aggregator.name='bulyan'", "aggregator.f=1")
+    # FedAvg's sample of half the 8 workers: 4 rows a sync, where Krum with f = 1 needs 5
+    with pytest.raises(ConfigError, match=r"'krum' with 4 rows a sync \(workers = 8\)"):
+        _sim("algorithm.name=local_sgd", "algorithm.participation=0.5",
+             "aggregator.name='krum'", "aggregator.f=1", workers=8)
 
 
 def test_a_forged_weight_is_refused_by_its_receivers_and_its_sender_banned():

@@ -149,11 +149,12 @@ def test_the_partitions_that_fix_a_batch_say_its_samples_and_a_loader_says_none(
     """What the coordinator bounds a samples report with (``data.samples_per_step``): every
     batch of the text's and a dataset's partitions holds that many samples, as the task
     counts them; a loader's batches may vary, so it says nothing."""
-    text = islands.tasks.ByteGPT(tiny_config().model, tiny_config().data, seed=0)
+    cfg = tiny_config()
+    text = islands.tasks.ByteGPT(cfg.model, cfg.data, seed=0)
     x, y = torch.arange(30.0)[:, None], torch.zeros(30, dtype=torch.long)  # 15 a worker
     dataset = islands.from_dataset(nn.Linear(1, 2), TensorDataset(x, y), TensorDataset(x, y),
                                    criterion=nn.CrossEntropyLoss())
-    for task, part in ((text, text.data(2, 0, tiny_config().data)),
+    for task, part in ((text, text.data(2, 0, cfg.data)),
                        (dataset, dataset.data(2, 0, DataConfig(batch_size=4)))):
         assert {task.batch_size(part.batch(w, s)) for w in (0, 1) for s in range(6)} == {
             part.samples_per_step}

@@ -34,9 +34,9 @@ def build_algorithm(cfg) -> Algorithm:
     return cfg.algorithm.build(cfg, build_aggregator(cfg.aggregator))
 
 
-def check_algorithm(cfg) -> None:
+def check_algorithm(cfg) -> Algorithm:
     """Builds what the algorithm section names once (refusing settings it would ignore)."""
-    build_algorithm(cfg)
+    return build_algorithm(cfg)
 
 
 __all__ = ["Algorithm", "AsyncLocalSGD", "AsyncLocalSGDConfig", "Contribution", "DDP",

@@ -74,8 +74,7 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
         ConfigError: naming the key, the value and the fix.
     """
     run_codec(cfg)
-    check_algorithm(cfg)
-    _check_rows(cfg)
+    _check_rows(cfg, check_algorithm(cfg))
     _check_verify(cfg)
     resolve_device(cfg.device)
     _warn_rounds(cfg)
@@ -86,19 +85,21 @@ def check_config(cfg: RunConfig, task: Task | None = None) -> Task:
     return task
 
 
-def _check_rows(cfg: RunConfig) -> None:
-    """Refuses a rule that the run's workers cannot carry from the start (Krum's ``f`` with
-    fewer than ``2f + 3`` workers, a trim that cuts every row); with fewer rows later (bans,
-    clones) the rule tolerates what they allow."""
+def _check_rows(cfg: RunConfig, algorithm) -> None:
+    """Refuses a rule that a sync's rows cannot carry from the start (Krum's ``f`` with
+    fewer than ``2f + 3`` of them, a trim that cuts every row): a sync aggregates the round's
+    participants (all workers, or FedAvg's sample). With fewer rows later (bans, clones) the
+    rule tolerates what they allow."""
+    rows = len(algorithm.participants(0, tuple(range(cfg.workers))))
     breakdown = getattr(cfg.aggregator.build(), "breakdown", None)  # (the mean: a function)
     try:
         if breakdown is not None:
-            breakdown(cfg.workers)
+            breakdown(rows)
     except NotImplementedError:  # a rule that does not say
         pass
     except ValueError as e:
-        raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} with workers = "
-                          f"{cfg.workers}: {e}") from None
+        raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} with {rows} rows a sync "
+                          f"(workers = {cfg.workers}): {e}") from None
 
 
 def _check_attack(cfg: RunConfig) -> None:
