@@ -60,6 +60,26 @@ ATTACKS = ["sign_flip", "noise", "alie", "ipm", "constant", "label_flip", "stale
 DEFAULT_AGGREGATORS = ["mean", "median", "trimmed_mean", "krum", "centered_clip", "sybil"]
 
 
+def machine() -> str:
+    """The CPU a row ran on, as far as results depend on it: the math library's kernels differ
+    from one CPU to another (the same clean run ends at 1.6440 on one machine, 1.6481 on
+    another), so a cell is compared with the clean mean run of its own machine."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = (f"{info.get('model name', cpu)} family {info.get('cpu family', '?')} "
+               f"model {info.get('model', '?')} stepping {info.get('stepping', '?')}")
+    except OSError:
+        pass
+    return f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
+
+
 def run_one(workers: int, aggregator: str, attack: str, attackers: int, seed: int,
             threads: int) -> dict:
     """One simulation; a failure is a row too, with its error."""
@@ -73,7 +93,7 @@ def run_one(workers: int, aggregator: str, attack: str, attackers: int, seed: in
         overrides += [f"attack.name='{attack}'", f"attack.attackers={attackers}"]
     row = {"workers": workers, "aggregator": aggregator,
            "attack": attack if attackers else "none", "attackers": attackers, "seed": seed,
-           "overrides": overrides}
+           "overrides": overrides, "machine": machine()}
     started = time.perf_counter()
     try:
         s = simulate(load_config(None, overrides), out_dir=None)
@@ -107,27 +127,36 @@ def jobs_for(args, done: set[tuple] = frozenset()) -> list[tuple]:
     return [job for job in out if job not in done]
 
 
-def cells_done(files: list[str]) -> set[tuple]:
-    """The cells the rows of these JSON files ran without an error."""
+def cells_done(files: list[str], own: Path | None = None) -> set[tuple]:
+    """The cells the rows of these JSON files ran without an error. ``own`` (the batch's
+    ``--json``) may be missing: a batch resumed before its first cell ended."""
+    missing = [f for f in files if not Path(f).exists()
+               and (own is None or Path(f).resolve() != own.resolve())]
+    if missing:
+        raise SystemExit(f"--skip-done: no such file {missing}; name the --json files of "
+                         "earlier batches")
     return {(r["workers"], r["aggregator"], r["attack"], r["attackers"], r["seed"])
-            for f in files for r in json.loads(Path(f).read_text())["rows"] if not r["error"]}
+            for f in files if Path(f).exists()
+            for r in json.loads(Path(f).read_text())["rows"] if not r["error"]}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """One line per (workers, attack, attackers, aggregator): the change of final eval loss
-    against the clean mean run of the same workers and seed (mean over seeds), and whether
-    only attackers were banned."""
+    against the clean mean run of the same workers, seed and machine (:func:`machine`; rows
+    that do not record one share theirs), mean over seeds, and whether only attackers were
+    banned. A cell with no clean mean run on its machine has no change (``baseline``
+    False)."""
     latest = {(r["workers"], r["attack"], r["attackers"], r["aggregator"], r["seed"]): r
               for r in rows}
-    clean = {(w, seed): r["final_eval_loss"] for (w, attack, k, agg, seed), r in latest.items()
-             if k == 0 and agg == "mean"}
+    clean = {(r["workers"], r["seed"], r.get("machine")): r["final_eval_loss"]
+             for r in rows if r["attackers"] == 0 and r["aggregator"] == "mean"}
     groups: dict[tuple, list[dict]] = {}
     for (w, attack, k, agg, _), r in latest.items():
         groups.setdefault((w, attack, k, agg), []).append(r)
     lines = []
     for (w, attack, k, agg), runs in sorted(groups.items()):
-        pct = [100 * (r["final_eval_loss"] / clean[(w, r["seed"])] - 1) for r in runs
-               if (w, r["seed"]) in clean]
+        base = [clean.get((w, r["seed"], r.get("machine"))) for r in runs]
+        pct = [100 * (r["final_eval_loss"] / b - 1) for r, b in zip(runs, base) if b]
         finite = [p for p in pct if math.isfinite(p)]
         wrongly = sorted({b["worker"] for r in runs for b in r["banned"]
                           if b["worker"] not in r["attacker_ids"]})
@@ -135,7 +164,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                       "seeds": len(runs),
                       "pct": sum(finite) / len(finite) if finite and len(finite) == len(pct)
                       else float("nan"),
-                      "loss": runs[0]["final_eval_loss"],
+                      "loss": runs[0]["final_eval_loss"], "baseline": all(base),
+                      "machines": sorted({str(r.get("machine")) for r in runs}),
                       "banned": sorted({b["worker"] for r in runs for b in r["banned"]}),
                       "honest_banned": wrongly,
                       "sent": runs[0]["bytes_sent_per_worker"],
@@ -158,7 +188,8 @@ def table(lines: list[dict]) -> str:
         cell = {(x["attack"], x["attackers"], x["aggregator"]): x for x in lines
                 if x["workers"] == w}
         out.append(f"\n{w} workers: final eval loss vs the clean mean run (%); "
-                   "'div' = diverged (NaN), 'error' = could not run (listed below)")
+                   "'div' = diverged (NaN), 'error' = could not run (listed below), "
+                   "'no clean' = no clean mean run on its machine")
         out.append(f"{'attack':15} {'k':>2} " + " ".join(f"{a:>13}" for a in aggs))
         for attack, k in sorted({(a, k) for a, k, _ in cell}, key=lambda t: (t[1], t[0])):
             vals = []
@@ -187,6 +218,8 @@ def table(lines: list[dict]) -> str:
 def _pct(x: dict) -> str:
     if x["errors"]:
         return "error"
+    if not x.get("baseline", True):
+        return "no clean"
     return "div" if not math.isfinite(x["pct"]) else f"{x['pct']:+.1f}"
 
 
@@ -216,7 +249,8 @@ def verdicts(lines: list[dict], default: str) -> list[str]:
                     need = attack in ("sign_flip", "noise")
                     parts.append(f"mean {_pct(m)}%" + (
                         f" (>= +10%: {'MET' if bad else 'MISSED'})" if need else ""))
-                out.append(f"{w} workers, {k} x {attack}: " + ", ".join(parts))
+                if parts:
+                    out.append(f"{w} workers, {k} x {attack}: " + ", ".join(parts))
     honest = [x for x in lines if x["honest_banned"]]
     out.append("honest workers banned: " + ("none" if not honest else "; ".join(
         f"{x['attack']}/{x['attackers']}/{x['aggregator']}: {x['honest_banned']}"
@@ -244,7 +278,8 @@ def plot(lines: list[dict], path: Path) -> None:
     axes = [fig.add_subplot(grid_spec[0, :])] + [
         fig.add_subplot(grid_spec[1 + i // 2, i % 2]) for i in range(len(panels) - 1)]
     for ax, (w, k) in zip(axes, panels):
-        here = [x for x in lines if (x["workers"], x["attackers"]) == (w, k)]
+        here = [x for x in lines if (x["workers"], x["attackers"]) == (w, k)
+                and x.get("baseline", True)]
         aggs = _order(x["aggregator"] for x in here)
         attacks = sorted({x["attack"] for x in here})
         cell = {(x["attack"], x["aggregator"]): x["pct"] for x in here}
@@ -269,9 +304,18 @@ def plot(lines: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def baselines(rows: list[dict]) -> list[str]:
+    """The clean mean runs the changes are against, one per workers, seed and machine."""
+    clean = {(r["workers"], r["seed"], r.get("machine")): r for r in rows
+             if r["attackers"] == 0 and r["aggregator"] == "mean"}
+    return [f"clean mean run, {w} workers, seed {seed}: {r['final_eval_loss']:.4f} on "
+            f"{where or 'a machine not recorded'}" for (w, seed, where), r in clean.items()]
+
+
 def finish(rows: list[dict], out: Path, default: str) -> None:
     lines = summarize(rows)
     print(table(lines))
+    print("\n".join(baselines(rows)))
     for v in verdicts(lines, default):
         print(v)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +355,7 @@ def main() -> None:
     unknown += sorted(set(args.attacks.split(",")) - set(ATTACKS))
     if unknown:
         p.error(f"unknown {unknown}; aggregators: {list(AGGREGATORS)}; attacks: {ATTACKS}")
-    jobs = jobs_for(args, cells_done(args.skip_done))
+    jobs = jobs_for(args, cells_done(args.skip_done, out))
     if args.list or not jobs:
         for w, agg, attack, k, seed in jobs:
             print(f"{w}w {agg} {attack} x{k} seed {seed}")
