@@ -118,8 +118,12 @@ def test_a_straggler_under_a_deadline_holds_nobody_and_ends_when_the_job_does(tm
             "runtime.heartbeat_timeout_s=10.0", "runtime.round_deadline_s=0.5"]
     ws = {i: procs.worker(i, addr, out, over) for i in range(2)}
     wait_until(lambda: min(last_round(out / f"w{i}") for i in range(2)) >= 1, 90, "round 1")
-    stop = threading.Event()  # worker 1 runs a third of the time: 3x slower
-    cycler = throttle(ws[1], 3.0, period_s=0.45, stop=stop)
+    # worker 1 runs a third of the time: 3x slower. Each stop (1 s) outlasts the deadline
+    # (0.5 s) plus a round's inner steps, so the fast worker, reaching the sync while worker 1
+    # is stopped, goes on alone however fast this machine is (with 0.3 s stops and 0.15 s
+    # rounds the fast worker always found it within the deadline)
+    stop = threading.Event()
+    cycler = throttle(ws[1], 3.0, period_s=1.5, stop=stop)
     try:
         assert ws[0].wait(timeout=120) == 0
         t_done = time.time()
