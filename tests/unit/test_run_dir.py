@@ -120,3 +120,17 @@ def test_the_dropin_refuses_what_it_cannot_honour_before_it_connects(tmp_path):
         islands.join(config=tiny_config(*RUN, "init.warm_start_steps=5"), worker_id=0,
                      token=b"", out=tmp_path / "w0")
     assert not (tmp_path / "w0").exists()  # refused before anything was written
+
+
+def test_a_row_still_being_written_is_left_out_until_it_is_whole(tmp_path):
+    """A live run's reader (``islands status``, the integration tests) may catch the writer
+    in the middle of a line."""
+    path = tmp_path / "metrics.jsonl"
+    whole = '{"round": 5, "worker": 0}\n{"round": 6, "worker": 0}\n'
+    path.write_text(whole + '{"round": 7, "worker": 0, "train_loss"')
+    assert [r["round"] for r in read_metrics(tmp_path)] == [5, 6]
+    path.write_text(whole + '{"round": 7, "worker": 0}')  # whole, though with no newline
+    assert [r["round"] for r in read_metrics(tmp_path)] == [5, 6, 7]
+    path.write_text('{"round": 5, "wor\n' + whole)  # a bad line before the last is an error
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(tmp_path)

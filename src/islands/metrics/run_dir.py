@@ -99,11 +99,20 @@ def check_writable(path: str | Path, what: str) -> Path:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of ``run_dir/metrics.jsonl`` so far ([] before the run writes one)."""
+    """The rows of ``run_dir/metrics.jsonl`` so far ([] before the run writes one). A live
+    run may be writing its last line: a last line with no newline that is not yet whole JSON
+    is left out (read again later, it is there); any other bad line raises."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    *lines, last = path.read_text().split("\n")
+    rows = [json.loads(line) for line in lines if line.strip()]
+    if last.strip():
+        try:
+            rows.append(json.loads(last))
+        except json.JSONDecodeError:
+            pass  # still being written
+    return rows
 
 
 def read_summary(run_dir: str | Path) -> dict:
