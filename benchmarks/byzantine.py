@@ -130,14 +130,20 @@ def jobs_for(args, done: set[tuple] = frozenset()) -> list[tuple]:
 def cells_done(files: list[str], own: Path | None = None) -> set[tuple]:
     """The cells the rows of these JSON files ran without an error. ``own`` (the batch's
     ``--json``) may be missing: a batch resumed before its first cell ended."""
-    missing = [f for f in files if not Path(f).exists()
+    present = [f for f in files if Path(f).exists()]
+    missing = [f for f in files if f not in present
                and (own is None or Path(f).resolve() != own.resolve())]
     if missing:
         raise SystemExit(f"--skip-done: no such file {missing}; name the --json files of "
                          "earlier batches")
     return {(r["workers"], r["aggregator"], r["attack"], r["attackers"], r["seed"])
-            for f in files if Path(f).exists()
-            for r in json.loads(Path(f).read_text())["rows"] if not r["error"]}
+            for f in present for r in json.loads(Path(f).read_text())["rows"] if not r["error"]}
+
+
+def clean_runs(rows: list[dict]) -> dict[tuple, dict]:
+    """The clean mean runs, the baselines: ``{(workers, seed, machine): row}``."""
+    return {(r["workers"], r["seed"], r.get("machine")): r for r in rows
+            if r["attackers"] == 0 and r["aggregator"] == "mean"}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -148,8 +154,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     False)."""
     latest = {(r["workers"], r["attack"], r["attackers"], r["aggregator"], r["seed"]): r
               for r in rows}
-    clean = {(r["workers"], r["seed"], r.get("machine")): r["final_eval_loss"]
-             for r in rows if r["attackers"] == 0 and r["aggregator"] == "mean"}
+    clean = {key: r["final_eval_loss"] for key, r in clean_runs(rows).items()}
     groups: dict[tuple, list[dict]] = {}
     for (w, attack, k, agg, _), r in latest.items():
         groups.setdefault((w, attack, k, agg), []).append(r)
@@ -165,7 +170,6 @@ def summarize(rows: list[dict]) -> list[dict]:
                       "pct": sum(finite) / len(finite) if finite and len(finite) == len(pct)
                       else float("nan"),
                       "loss": runs[0]["final_eval_loss"], "baseline": all(base),
-                      "machines": sorted({str(r.get("machine")) for r in runs}),
                       "banned": sorted({b["worker"] for r in runs for b in r["banned"]}),
                       "honest_banned": wrongly,
                       "sent": runs[0]["bytes_sent_per_worker"],
@@ -218,7 +222,7 @@ def table(lines: list[dict]) -> str:
 def _pct(x: dict) -> str:
     if x["errors"]:
         return "error"
-    if not x.get("baseline", True):
+    if not x["baseline"]:
         return "no clean"
     return "div" if not math.isfinite(x["pct"]) else f"{x['pct']:+.1f}"
 
@@ -279,7 +283,7 @@ def plot(lines: list[dict], path: Path) -> None:
         fig.add_subplot(grid_spec[1 + i // 2, i % 2]) for i in range(len(panels) - 1)]
     for ax, (w, k) in zip(axes, panels):
         here = [x for x in lines if (x["workers"], x["attackers"]) == (w, k)
-                and x.get("baseline", True)]
+                and x["baseline"]]
         aggs = _order(x["aggregator"] for x in here)
         attacks = sorted({x["attack"] for x in here})
         cell = {(x["attack"], x["aggregator"]): x["pct"] for x in here}
@@ -306,10 +310,9 @@ def plot(lines: list[dict], path: Path) -> None:
 
 def baselines(rows: list[dict]) -> list[str]:
     """The clean mean runs the changes are against, one per workers, seed and machine."""
-    clean = {(r["workers"], r["seed"], r.get("machine")): r for r in rows
-             if r["attackers"] == 0 and r["aggregator"] == "mean"}
     return [f"clean mean run, {w} workers, seed {seed}: {r['final_eval_loss']:.4f} on "
-            f"{where or 'a machine not recorded'}" for (w, seed, where), r in clean.items()]
+            f"{where or 'a machine not recorded'}"
+            for (w, seed, where), r in clean_runs(rows).items()]
 
 
 def finish(rows: list[dict], out: Path, default: str) -> None:

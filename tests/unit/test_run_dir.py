@@ -123,7 +123,7 @@ def test_the_dropin_refuses_what_it_cannot_honour_before_it_connects(tmp_path):
 
 
 def test_a_row_still_being_written_is_left_out_until_it_is_whole(tmp_path):
-    """A live run's reader (``islands status``, the integration tests) may catch the writer
+    """A reader polling a run still going (as the integration tests do) may catch the writer
     in the middle of a line."""
     path = tmp_path / "metrics.jsonl"
     whole = '{"round": 5, "worker": 0}\n{"round": 6, "worker": 0}\n'

@@ -91,7 +91,7 @@ def _check_rows(cfg: RunConfig, algorithm) -> None:
     participants (all workers, or FedAvg's sample). With fewer rows later (bans, clones) the
     rule tolerates what they allow."""
     rows = len(algorithm.participants(0, tuple(range(cfg.workers))))
-    breakdown = getattr(cfg.aggregator.build(), "breakdown", None)  # (the mean: a function)
+    breakdown = getattr(algorithm.aggregator, "breakdown", None)  # (the mean: a function)
     try:
         if breakdown is not None:
             breakdown(rows)

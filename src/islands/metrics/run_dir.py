@@ -99,9 +99,10 @@ def check_writable(path: str | Path, what: str) -> Path:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of ``run_dir/metrics.jsonl`` so far ([] before the run writes one). A live
-    run may be writing its last line: a last line with no newline that is not yet whole JSON
-    is left out (read again later, it is there); any other bad line raises."""
+    """The rows of ``run_dir/metrics.jsonl`` so far ([] before the run writes one). A run
+    still going may be writing its last line (a reader polling it, as the integration tests
+    do): a last line with no newline that is not yet whole JSON is left out (read again
+    later, it is there); any other bad line raises."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
