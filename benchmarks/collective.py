@@ -22,6 +22,11 @@ table gives medians over the repeats.
   verifiers, recomputes one shard it does not own, and each owner signs its inputs' Merkle
   roots with its aggregate), its time over the same unverified: the cost of checking the
   shard owners, side by side.
+* ``bfly vs 2-phase`` (identity rows up to 4 workers, where the mean streams): the butterfly
+  with its all-gather sent as each step of the shard's mean is computed (the default over
+  gloo's pairs without signatures: ``DistTransport.start_relay``), its time over the same
+  with the all-gather after the whole reduce (``DistTransport.pipeline = False``), side by
+  side.
 * ``native vs gloo`` (identity rows): gloo's time over that of the path a trusted job takes
   (``runtime.trust = "cluster"``: the contribution divided by n and checked finite in one
   pass, a vector of who found NaN shared, then gloo's ``all_reduce``), side by side.
@@ -139,6 +144,7 @@ def worker_main(args: argparse.Namespace) -> None:
             codec = make_codec(label, numel)
             row = {"size_mb": size_mb, "codec": label, "gloo_s": [], "butterfly_s": [],
                    "native_s": [], "signed_s": [], "streams_s": [], "verified_s": [],
+                   "two_phase_s": [],
                    "breakdown": []}
             # Each collective's repeats in a block of their own, after its own warm-up: over a
             # shaped link a collective run right after another inherits the TCP state the
@@ -171,10 +177,19 @@ def worker_main(args: argparse.Namespace) -> None:
                     row["breakdown"].append(dict(transport.stopwatch.seconds))
                 row["bytes_sent"] = transport.bytes_sent - sent
                 del out
+            transport.pipeline = False  # the all-gather after the whole reduce
+            for rep in range(args.repeats + 1 if label == "identity" else 0):
+                pg.barrier().wait()
+                start = time.perf_counter()
+                out = group.all_reduce({rank: x}, codecs={rank: codec}, tag="bench")[rank]
+                if rep:
+                    row["two_phase_s"].append(time.perf_counter() - start)
+                del out
+            transport.pipeline = True
             for wire, key in ((None, "signed_s"), (streams, "streams_s")):
                 # the same, every header signed and checked; over gloo, then over streams
                 transport.signer, transport._epoch = signer, wire
-                for rep in range(args.repeats + 1):
+                for rep in range(0 if args.unsigned_only else args.repeats + 1):
                     transport.set_context(f"bench/{key}/{rep}", keys)
                     pg.barrier().wait()
                     start = time.perf_counter()
@@ -185,7 +200,8 @@ def worker_main(args: argparse.Namespace) -> None:
                 transport.signer, transport._epoch = None, None
             # the same over streams with every sync verified (lossless codecs only)
             transport.signer, transport._epoch = signer, streams
-            for rep in range(args.repeats + 1 if label == "identity" and n > 1 else 0):
+            verify = label == "identity" and n > 1 and not args.unsigned_only
+            for rep in range(args.repeats + 1 if verify else 0):
                 transport.set_context(f"bench/verified/{rep}", keys)
                 pg.barrier().wait()
                 start = time.perf_counter()
@@ -249,7 +265,8 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
         files = [Path(tmp) / f"rank{r}.json" for r in range(n)]
         common = ["--world", str(n), "--port", str(port), "--repeats", str(args.repeats),
                   "--chunk-mb", str(args.chunk_mb or 0), "--store-host", host(0),
-                  "--sizes-mb", *map(str, args.sizes_mb), "--codecs", *args.codecs]
+                  "--sizes-mb", *map(str, args.sizes_mb), "--codecs", *args.codecs,
+                  *(["--unsigned-only"] if args.unsigned_only else [])]
         procs = [subprocess.Popen(wrap(r, [sys.executable, __file__, "--rank", str(r),
                                            "--host", host(r), "--result", str(files[r]),
                                            *common]), env=env, stderr=subprocess.PIPE,
@@ -275,21 +292,22 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
         g, b = statistics.median(gloo), statistics.median(bfly)
         native = ([max(r["native_s"][i] for r in parts) for i in range(args.repeats)]
                   if parts[0].get("native_s") else None)
-        signed, over_streams = (statistics.median(max(r[k][i] for r in parts)
-                                                  for i in range(args.repeats))
-                                for k in ("signed_s", "streams_s"))
-        verified = (statistics.median(max(r["verified_s"][i] for r in parts)
-                                      for i in range(args.repeats))
-                    if parts[0].get("verified_s") else None)
+        signed, over_streams, verified, two_phase = (
+            statistics.median(max(r[k][i] for r in parts) for i in range(args.repeats))
+            if parts[0].get(k) else None
+            for k in ("signed_s", "streams_s", "verified_s", "two_phase_s"))
         rows.append({"workers": n, "size_mb": parts[0]["size_mb"], "codec": parts[0]["codec"],
                      "gloo_s": g, "butterfly_s": b, "gloo_gbps": 4 * numel / g / 1e9,
                      "butterfly_gbps": 4 * numel / b / 1e9, "vs_gloo": g / b,
                      "breakdown_s": breakdown, "gloo_repeats_s": gloo,
-                     "butterfly_repeats_s": bfly, "signed_s": signed, "signed_vs_butterfly":
-                     b / signed, "streams_s": over_streams,
-                     "streams_vs_signed": signed / over_streams,
+                     "butterfly_repeats_s": bfly,
+                     **({"signed_s": signed, "signed_vs_butterfly": b / signed,
+                         "streams_s": over_streams, "streams_vs_signed": signed / over_streams}
+                        if signed else {}),
                      **({"verified_s": verified, "verified_vs_streams": over_streams / verified}
                         if verified else {}),
+                     **({"two_phase_s": two_phase, "butterfly_vs_two_phase": two_phase / b}
+                        if two_phase else {}),
                      **({"native_s": statistics.median(native), "native_repeats_s": native,
                          "native_vs_gloo": g / statistics.median(native)} if native else {}),
                      "bytes_sent_per_worker": parts[0]["bytes_sent"],
@@ -340,17 +358,19 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
 
     t = Table(title="butterfly over DistTransport vs gloo all_reduce (medians, 1 thread each)")
     for col in ("workers", "MB", "codec", "gloo s", "gloo GB/s", "bfly s", "bfly GB/s",
-                "vs gloo", "native vs gloo", "signed vs bfly", "streams vs signed",
-                "verified vs streams", *ACTIVITIES,
-                "other", "same"):
+                "vs gloo", "bfly vs 2-phase", "native vs gloo", "signed vs bfly",
+                "streams vs signed", "verified vs streams", *ACTIVITIES, "other", "same"):
         t.add_column(col, justify="right")
     for r in dist_rows:
         bd = r["breakdown_s"]
         t.add_row(str(r["workers"]), f"{r['size_mb']:g}", r["codec"], f"{r['gloo_s']:.3f}",
                   f"{r['gloo_gbps']:.2f}", f"{r['butterfly_s']:.3f}",
                   f"{r['butterfly_gbps']:.2f}", f"{r['vs_gloo']:.2f}x",
+                  f"{r['butterfly_vs_two_phase']:.2f}x" if "butterfly_vs_two_phase" in r
+                  else "—",
                   f"{r['native_vs_gloo']:.3f}x" if "native_vs_gloo" in r else "—",
-                  f"{r['signed_vs_butterfly']:.2f}x", f"{r['streams_vs_signed']:.2f}x",
+                  *((f"{r['signed_vs_butterfly']:.2f}x", f"{r['streams_vs_signed']:.2f}x")
+                    if "signed_s" in r else ("—", "—")),
                   f"{r['verified_vs_streams']:.2f}x" if "verified_vs_streams" in r else "—",
                   *(f"{1e3 * bd[a]:.0f}" for a in (*ACTIVITIES, "other")),
                   "yes" if r["identical_on_every_worker"] else "NO")
@@ -375,6 +395,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help=f"{QUICK}")
     p.add_argument("--no-sim", action="store_true", help="skip the simulator's rows")
     p.add_argument("--no-dist", action="store_true", help="skip the real transport's rows")
+    p.add_argument("--unsigned-only", action="store_true",
+                   help="skip the signed, streams and verified columns (a slow link's runs)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per worker count")
     p.add_argument("--chunk-mb", type=float, default=None,
                    help="the real transport's chunk size (default: wire.CHUNK_BYTES)")

@@ -115,3 +115,70 @@ def test_a_message_longer_than_posted_over_streams_is_refused_naming_its_sender_
         assert e["clean"] is None
         for how in ("long-header", "long-payload"):
             assert "worker 1 sent a message of" in e[how] and "refused" in e[how], (how, e)
+
+
+RELAY = """
+import json, sys, torch
+sys.path.insert(0, ".")
+from islands.transports.dist import DistTransport, open_store, new_group
+from islands.collectives.butterfly import Group
+from islands.codecs.base import Codec
+from islands.codecs.cast import Identity
+from islands.core.errors import CodecError, CommError
+from islands.cli.runtime_cmd import exit_now
+import islands.collectives.butterfly as butterfly, islands.transports.wire as wire
+rank, n, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+wire.CHUNK_BYTES, butterfly.STEP = 4096, 1000  # shards of many steps and chunks
+store = open_store("127.0.0.1", port, is_master=rank == 0, timeout_s=30)
+t = DistTransport(rank, timeout_s=10)
+t.use_group(new_group(store, "test/", rank, n, 30), tuple(range(n)))
+relays = []
+start_relay = t.start_relay
+t.start_relay = lambda *a: relays.append(a[1]) or start_relay(*a)
+if rank == 1:  # a worker that skips its own check: its rows reach their owners as they are
+    Identity.encode = lambda self, x, key="", offset=0, finite=False: Codec.encode(
+        self, x, key, offset, finite=True)
+numel = 30_001  # shards of 10,001 and 10,000 values
+errors = {}
+for how in sys.argv[4:]:
+    x = torch.randn(numel)
+    if how.startswith("nan-shard-") and rank == 1:  # a NaN deep in its row of that shard
+        x[int(how[-1]) * 10_000 + 7_777] = float("nan")
+    if how == "overflow":  # finite rows whose mean overflows on shard 0's owner
+        x[5_000] = 3e38
+    try:
+        Group(t, tuple(range(n))).all_reduce({rank: x}, codecs={rank: Identity()}, tag=how)
+        errors[how] = None
+    except (CommError, CodecError) as e:
+        errors[how] = [type(e).__name__, getattr(e, "sender", None), str(e)]
+print(json.dumps({"errors": errors, "relays": relays}), flush=True)
+exit_now(0)
+"""
+
+
+def test_a_relayed_all_gather_ends_at_once_naming_the_sender_of_a_bad_row():
+    """The all-gather of a streamed mean leaves its owner step by step, before the whole
+    shard is known; a row found NaN on the way (or a mean that overflows) voids the shard,
+    and the owner's verdict makes every member name the same worker without a timeout."""
+    n, port = 3, free_port()
+    kinds = ["nan-shard-0", "nan-shard-2", "nan-shard-1", "overflow", "clean"]
+    ran = run_ranks(RELAY, n, str(port), *kinds)
+    for p, _, err in ran:
+        assert p.returncode == 0, err
+    got = [json.loads(o.strip().splitlines()[-1]) for _, o, _ in ran]
+    for r in range(n):
+        errors = got[r]["errors"]
+        assert [k.split("/")[0] for k in got[r]["relays"]] == kinds, got[r]["relays"]
+        for how in ("nan-shard-0", "nan-shard-2", "nan-shard-1"):
+            if how == "nan-shard-1" and r == 1:
+                continue  # its own shard: checks off, it sends the NaN mean as it is
+            kind, sender, text = errors[how]
+            assert (kind, sender) == ("PeerRefused", 1), (r, how, errors[how])
+            assert "worker 1" in text and "within" not in text, (r, how, text)
+        owner = 0  # its own mean overflows: it blames itself, the others name it
+        kind, sender, text = errors["overflow"]
+        if r == owner:
+            assert kind == "CodecError", text
+        else:
+            assert (kind, sender) == ("PeerRefused", owner), (r, errors["overflow"])
+        assert errors["clean"] is None, errors["clean"]

@@ -1,6 +1,7 @@
 """Over real gloo processes the butterfly gives the simulator's result and byte counts (every
 codec path: lossless rows read in place or received into a stack, lossy codecs, weights;
-payloads in many chunks, worked on as they arrive), and
+payloads in many chunks, worked on as they arrive; a streamed mean's all-gather relayed as it
+is computed, and the same after the whole reduce), and
 the bytes that go through gloo's send are the transport's ``wire_bytes_sent``, within gloo's
 own framing of what the kernel was asked to write, and exceed the reported bytes by at most
 the documented serialization overhead."""
@@ -15,6 +16,7 @@ import torch
 from islands.aggregators import mean
 from islands.codecs import Cast, Identity, Int8
 from islands.collectives.butterfly import Group
+from islands.transports.dist import RELAY_TAG
 from islands.transports.sim import NetworkModel, SimTransport, VirtualClock
 from islands.transports.wire import MAX_HEADER_OVERHEAD_BYTES
 from tests.integration.conftest import free_port, run_ranks
@@ -29,6 +31,7 @@ def a_robust_rule(stacked, weights=None):
 CASES = {
     "fp16-weighted": (lambda: Cast(torch.float16), mean, True),
     "identity": (Identity, mean, False),
+    "identity-after-reduce": (Identity, mean, False),  # DistTransport.pipeline = False
     "identity-weighted": (Identity, mean, True),
     "identity-stacked": (Identity, a_robust_rule, True),
     "int8": (lambda: Int8(block=64), mean, False),
@@ -56,14 +59,15 @@ for name, (codec, aggregator, weighted) in CASES.items():
     torch.manual_seed(rank)
     x = torch.randn(NUMEL)
     before = (t.bytes_sent, t.wire_bytes_sent, kernel_bytes_written())
-    ops = counting.ops
+    ops, relayed = counting.ops, counting.relayed
+    t.pipeline = name != "identity-after-reduce"
     out = g.all_reduce({rank: x}, codecs={rank: codec()}, aggregator=aggregator,
                        weights={rank: rank + 1.0} if weighted else None, tag=name)
     written = kernel_bytes_written()
     report[name] = {"bits": out[rank].view(torch.int32).tolist(),
                     "sent": t.bytes_sent - before[0], "wire": t.wire_bytes_sent - before[1],
                     "kernel": None if written is None else written - before[2],
-                    "ops": counting.ops - ops}
+                    "ops": counting.ops - ops, "relayed": counting.relayed - relayed}
 b = g.broadcast(0, torch.arange(5.0) if rank == 0 else None, Identity(), (1, 2))
 print(json.dumps({"cases": report, "sent": t.bytes_sent, "recv": t.bytes_received,
                   "wire_sent": t.wire_bytes_sent, "wire_recv": t.wire_bytes_received,
@@ -72,14 +76,16 @@ print(json.dumps({"cases": report, "sent": t.bytes_sent, "recv": t.bytes_receive
 
 
 class Counting:
-    """A process group that counts what goes through ``send`` (bytes) and every op posted."""
+    """A process group that counts what goes through ``send`` (bytes), every op posted, and
+    the sends of a relay (``dist.RELAY_TAG``)."""
 
     def __init__(self, group) -> None:
-        self.group, self.bytes, self.ops = group, 0, 0
+        self.group, self.bytes, self.ops, self.relayed = group, 0, 0, 0
 
     def send(self, tensors, rank, tag):
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         self.ops += 1
+        self.relayed += tag == RELAY_TAG
         return self.group.send(tensors, rank, tag)
 
     def recv(self, tensors, rank, tag):
@@ -135,6 +141,8 @@ def test_butterfly_over_gloo_matches_the_simulator_and_counts_its_wire_bytes():
             case = got[r]["cases"][name]
             assert case["bits"] == want[name][r].view(torch.int32).tolist(), (name, r)
             assert case["sent"] == sent[name][r], name
+            # a streamed mean of lossless rows is relayed (its all-gather sent as computed)
+            assert (case["relayed"] > 0) == (name in ("identity", "identity-weighted")), name
             overhead = case["wire"] - case["sent"]
             assert 0 < overhead <= messages * MAX_HEADER_OVERHEAD_BYTES, (name, overhead)
             if case["kernel"] is not None:

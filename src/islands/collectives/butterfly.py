@@ -137,6 +137,43 @@ def _finished(pending: Exchange) -> Iterator[None]:
     pending.wait()
 
 
+@contextlib.contextmanager
+def _relaying(relay, me: int) -> Iterator[None]:
+    """Runs the block that computes the shard a relay sends (None: no relay), then sends the
+    relay's verdict: nobody blamed, or, if the block refused a row, its sender (this worker
+    for its own contribution or an aggregate it cannot encode), so the peers end the
+    collective now, naming the same worker; the relay is then completed before the error
+    goes on (transfers left pending on gloo's pairs would stall the next collective). After
+    a failure of the wire itself the relay is abandoned."""
+    if relay is None:
+        yield
+        return
+
+    def void(blame: int) -> None:
+        relay.finish(blame)
+        with contextlib.suppress(CommError):
+            relay.wait()
+
+    try:
+        yield
+    except PeerRefused as e:
+        void(e.sender)
+        raise
+    except CommError:
+        relay.abandon()
+        raise
+    except BaseException:
+        void(me)
+        raise
+    relay.finish()
+
+
+def _blamed(relay, sender: int) -> int:
+    """Whom ``sender``'s non-finite shard is blamed on: the row's sender it names, or itself."""
+    who = relay.blame(sender)
+    return sender if who is None else who
+
+
 def same_weight(claimed: float, recorded: float) -> bool:
     """Whether a header's weight is the round's: compared as the f32 the header carries
     (``MESSAGE_HEADER_BYTES``)."""
@@ -228,6 +265,14 @@ class Group:
         # transport receives lossless gathered shards straight into theirs.
         out = {k: memory.empty(numel, dtype, device) for k in self.local}
 
+        stream = plain and streams(len(self.members), dtype)
+        # A lossless shard's streamed mean can go to the peers step by step as it is
+        # computed (the all-gather overlapping the reduce-scatter, as a ring's phases do),
+        # over a transport that can relay: offered in the rows' headers, used if all offer.
+        relaying = (stream and verifiers is None and len(self.local) == 1
+                    and all(type(c) is Identity for c in codecs.values())
+                    and self.transport.relays(device))
+
         # Phase 1: member i sends shard j to member j; its own shard is encoded while the
         # others travel.
         def scattered(i: int, j: int) -> Message:
@@ -236,14 +281,13 @@ class Group:
                 payload = codecs[i].encode(contributions[i][a:b], key=f"w{i}/{tag}/scatter",
                                            offset=a)
             return Message(payload, MESSAGE_HEADER_BYTES, weight=_claim(weights, claims, i),
-                           claim=True)
+                           claim=True, relay=relaying)
 
         scatter = f"{tag}/reduce-scatter"
         with self._or_give_up(scatter):  # a NaN contribution: the peers hear it at once
             outgoing = {(i, j): scattered(i, j) for i in self.local for j in self.members
                         if i != j}
         sent = dict(outgoing)  # a verified sync sends them again
-        stream = plain and streams(len(self.members), dtype)
         rank = {m: r for r, m in enumerate(self.members)}
 
         def row_place(src, dst):  # the kept buffer of a streamed row, or its row of the stack
@@ -255,11 +299,13 @@ class Group:
         pending = self.transport.start_exchange(
             outgoing, self.members, scatter, check_finite=False,
             place=self._place(codecs, f"{tag}/scatter", row_place))
+        gather = f"{tag}/all-gather"
+        relay = self._relay(pending, relaying, owner, out, gather)
 
         # Aggregate each local shard in member order; re-encode for the gather.
         outgoing = {}
-        gather = f"{tag}/all-gather"
-        with self._or_give_up(gather), _finished(pending):
+        with (self._or_give_up(gather) if relay is None else contextlib.nullcontext()), \
+                _finished(pending), _relaying(relay, self.local[0]):
             for i in self.local:
                 pending.messages[(i, i)] = sent[(i, i)] = scattered(i, i)
             for j in self.local:
@@ -269,16 +315,23 @@ class Group:
                                                                   weights, scatter)
                 reduced, rows, finite = self._reduce(pending, j, codecs[j],
                                                      rule_of(aggregator, j), wts, stream,
-                                                     out[j][a:b], a, tag)
+                                                     out[j][a:b], a, tag,
+                                                     None if relay is None else relay.release)
                 with timed(sw, "encode"):
                     payload = self._encode_reduced(codecs[j], reduced, rows, finite,
                                                    f"w{j}/{tag}/gather", a, scatter)
+                if relay is not None and reduced.data_ptr() != out[j][a:b].data_ptr():
+                    out[j][a:b].copy_(reduced)  # not streamed: the relay sends it from there
                 # a verified sync's owner vouches for its inputs (signed with the aggregate)
                 src = None if verifiers is None else Sources(
                     self.members, tuple(msgs), None if wts is None else tuple(wts.tolist()))
                 for k in self.members:
                     outgoing[(j, k)] = Message(payload, MESSAGE_HEADER_BYTES, sources=src)
 
+        if relay is not None:  # already on the wire
+            with _finished(relay):
+                self._gather_relayed(relay, owner, out[self.local[0]], gather)
+            return Work(out)
         pending = self.transport.start_exchange(
             outgoing, self.members, gather, check_finite=False,
             place=self._place(codecs, f"{tag}/gather",
@@ -359,6 +412,42 @@ class Group:
             self.transport.give_up(self.members, phase, str(e))
             raise
 
+    def _relay(self, pending: Exchange, relaying: bool, owner: dict[int, tuple[int, int]],
+               out: dict[int, torch.Tensor], gather: str):
+        """The all-gather started before the reduce (the transport's relay: each step of the
+        local shard's mean goes to every peer as soon as it is computed), where this member
+        offered it (``relaying``) and every peer's row offered it too; None otherwise (the
+        all-gather follows the reduce, as every member then decides alike)."""
+        me = self.local[0]
+        if not relaying or not all(
+                (m := pending.messages.get((p, me))) is not None and m.relay
+                for p in self.members if p != me):
+            return None
+        size = out[me].element_size()
+        return self.transport.start_relay(
+            self.members, gather, out[me][slice(*owner[me])],
+            {m: out[me][slice(*owner[m])] for m in self.members},
+            {m: (b - a) * size + MESSAGE_HEADER_BYTES for m, (a, b) in owner.items()})
+
+    def _gather_relayed(self, relay, owner: dict[int, tuple[int, int]], out: torch.Tensor,
+                        what: str) -> None:
+        """Every peer's aggregated shard, received in place by the relay: each step checked
+        for NaN/Inf as it arrives, and the peer's verdict read before the shard is trusted (a
+        peer that refused one of its rows sent void values and names that row's sender)."""
+        me, sw = self.local[0], self.transport.stopwatch
+        for j in self.members:
+            if j == me:
+                continue
+            a, b = owner[j]
+            for lo, hi in _steps(b - a):
+                relay.wait_for((j, me), "values", hi * out.element_size())
+                with timed(sw, "decode"):
+                    if not all_finite(out[a + lo:a + hi]):
+                        raise non_finite(_blamed(relay, j), what)
+            if (who := relay.blame(j)) is not None:
+                raise PeerRefused(f"{what}: worker {j} refused worker {who}'s payload; its "
+                                  "shard is void", who)
+
     def _place(self, codecs: dict[int, Codec], tag: str, where):
         """Where the real transport receives a payload tensor for a local worker: the raw
         (lossless) values where ``where(src, dst)`` says they belong, any other tensor into a
@@ -379,7 +468,8 @@ class Group:
 
     def _reduce(self, pending: Exchange, j: int, codec: Codec, aggregator: Aggregator,
                 weights: torch.Tensor | None, stream: bool, into: torch.Tensor, a: int,
-                tag: str) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
+                tag: str, release: Callable[[int], None] | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
         """Member ``j``'s shard (``into``, its slice of its result, starting at ``a``): the
         aggregate of the rows in member order, the rows, and whether the aggregate was found
         finite already; refusals name the sender.
@@ -390,7 +480,8 @@ class Group:
         returns a new tensor. Rows from other workers (in the simulator too, where one may
         play a Byzantine worker) are checked for NaN/Inf before a robust rule sees them; the
         mean needs no pass of its own: the streamed one is checked step by step while in
-        cache, the stacked one by its re-encode (:meth:`_encode_reduced`).
+        cache, the stacked one by its re-encode (:meth:`_encode_reduced`). ``release``
+        (a relay's) is told each streamed step's end, in bytes, once it is computed.
         """
         sw, n, what = self.transport.stopwatch, into.numel(), f"{tag}/reduce-scatter"
         keys = [(i, j) for i in self.members]
@@ -406,6 +497,8 @@ class Group:
                 with timed(sw, "reduce"):
                     mean_of_rows([v[lo:hi] for v in views], weights, into[lo:hi])
                     finite = finite and all_finite(into[lo:hi])  # while it is in cache
+                if release is not None:
+                    release(hi * into.element_size())
             return into, views, finite
         stacked = self._stack(tag, n, into.dtype, into.device)
         for i, key, row, p in zip(self.members, keys, stacked, payloads):

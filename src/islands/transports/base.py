@@ -38,6 +38,9 @@ class Message:
             :func:`islands.transports.wire.pack_header`), shown as evidence against it.
         sources: what an aggregate was computed from (a verified sync's shard owner): an
             open job's header signs their Merkle roots and weights with the aggregate.
+        relay: the sender (of a reduce-scatter row) can send its shard of the all-gather as
+            it computes it (:meth:`Transport.start_relay`); the members relay only if every
+            member's row says so.
     """
 
     payload: Encoded
@@ -46,6 +49,7 @@ class Message:
     claim: bool = False
     proof: dict | None = None
     sources: Sources | None = None
+    relay: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -252,6 +256,18 @@ class Transport(ABC):
         own collective (gloo's or NCCL's ``all_reduce``), in place; None where the transport
         has none (the simulator's), and the caller runs the butterfly instead."""
         return None
+
+    def relays(self, device: torch.device) -> bool:
+        """Whether :meth:`start_relay` works here for tensors on ``device``."""
+        return False
+
+    def start_relay(self, members: tuple[int, ...], phase: str, shard: torch.Tensor,
+                    places: dict[int, torch.Tensor], message_bytes: dict[int, int]):
+        """An all-gather of lossless shards whose sends start before the local shard is
+        computed (the real transport's ``_Relay``: ``release``, ``finish``, ``wait_for``,
+        ``blame``), where :meth:`relays`; the simulator's hands every message over at once
+        and has none."""
+        raise NotImplementedError(f"{type(self).__name__} has no relay")
 
     def give_up(self, members: tuple[int, ...], phase: str, reason: str) -> None:
         """Tells the other members at once that this worker sends nothing in ``phase`` (a

@@ -122,6 +122,7 @@ class DistTransport(Transport):
         self.bytes_received = 0
         self.wire_bytes_sent = 0
         self.wire_bytes_received = 0
+        self.pipeline = True  # the all-gather starts while the shard is reduced (start_relay)
         self._waits: list[threading.Event] = []  # waits on the current group, set when done
         # replaced groups with a wait still pending on them: (group, its waits)
         self._abandoned: list[tuple[dist.ProcessGroup, list[threading.Event]]] = []
@@ -325,6 +326,30 @@ class DistTransport(Transport):
         self.wire_bytes_sent += volume + 4 * n
         self.wire_bytes_received += volume + 4 * n
         return tensor
+
+    def relays(self, device: torch.device) -> bool:
+        return (self.pipeline and self.signer is None and self._epoch is None
+                and torch.device(device).type == "cpu")
+
+    def start_relay(self, members: tuple[int, ...], phase: str, shard: torch.Tensor,
+                    places: dict[int, torch.Tensor], message_bytes: dict[int, int]
+                    ) -> _Relay:
+        """An all-gather whose sends start before their values exist (:class:`_Relay`): the
+        receives of every peer's shard are posted now, straight into ``places`` (its slice of
+        this worker's result), and :meth:`_Relay.release` sends ``shard``'s values to every
+        peer as they are computed. No header: both sides know what travels (a lossless
+        shard of known length). Only over gloo's pairs without signatures (a signed header
+        covers the payload's hash, which does not exist yet), for CPU tensors (:meth:`relays`;
+        ``pipeline = False`` turns it off: the all-gather follows the reduce).
+
+        Args:
+            message_bytes: {member: the bytes its message counts, ``Message.nbytes``}.
+        """
+        assert self.relays(shard.device), "start_relay where relays() is False"
+        missing = [m for m in members if m not in self.ranks]
+        if self.group is None or missing:
+            raise CommError(f"{phase}: workers {missing} are not in the current process group")
+        return _Relay(self, phase, shard, places, message_bytes)
 
     def send_post(self, message: Message, to: tuple[int, ...], phase: str) -> list:
         """One way, not waited for: ``message`` (its signed header, then its bytes) to each
@@ -577,3 +602,86 @@ def _waiter(inbox: queue.SimpleQueue) -> None:
     while True:
         inbox.get()()
         _idle.put(inbox)
+
+
+# gloo's tag of a relay's transfers (headers 0, an exchange's payloads 1)
+RELAY_TAG = 2
+# a relay's trailer when its sender found nothing wrong
+NO_BLAME = -1
+
+
+class _Relay(_Arriving):
+    """A pipelined all-gather in flight (:meth:`DistTransport.start_relay`).
+
+    The sender computes its shard step by step and sends each step's values to every peer at
+    once (:meth:`release`), then a trailer (:meth:`finish`): ``NO_BLAME``, or the worker it
+    blames for a shard it could not compute (a peer's malformed or non-finite row: the values
+    sent are void). A receiver reads each peer's values where they belong as they arrive
+    (:meth:`wait_for`, tensor name ``"values"``) and that peer's verdict (:meth:`blame`)
+    before it trusts them.
+    """
+
+    def __init__(self, transport: DistTransport, phase: str, shard: torch.Tensor,
+                 places: dict[int, torch.Tensor], message_bytes: dict[int, int]) -> None:
+        super().__init__(transport, phase, {}, {}, check_finite=False)
+        me = transport.worker
+        self.shard = wire.as_bytes(shard)
+        self.peers = [p for p in places if p != me]
+        self.released = 0
+        self.done_releasing = False
+        self.verdicts = {p: torch.empty(1, dtype=torch.int64) for p in self.peers}
+        recvs, owners = [], []
+        for p in self.peers:
+            b = wire.as_bytes(places[p])
+            for x, y in wire.chunks(b.numel()):
+                recvs.append((b[x:y], p))
+                owners.append(((p, "values"), y))
+            recvs.append((self.verdicts[p], p))
+            owners.append(((p, "verdict"), 8))
+        for (key, end), work in zip(owners, transport._post([], recvs, RELAY_TAG, phase)):
+            self.chunks.setdefault(key, []).append((end, work))
+        data = sum(wire.as_bytes(places[p]).numel() for p in self.peers)
+        self.counts = {
+            "bytes_sent": message_bytes[me] * len(self.peers),
+            "bytes_received": sum(message_bytes[p] for p in self.peers),
+            "wire_bytes_sent": (self.shard.numel() + 8) * len(self.peers),
+            "wire_bytes_received": data + 8 * len(self.peers)}
+
+    def release(self, nbytes: int) -> None:
+        """Sends the shard's bytes up to ``nbytes`` (computed since the last call) to every
+        peer, in the transport's chunks."""
+        nbytes = min(nbytes, self.shard.numel())
+        ends = [y for _, y in wire.chunks(self.shard.numel()) if y <= nbytes]
+        if self.done_releasing or not ends or ends[-1] <= self.released:
+            return
+        lo, hi = self.released, ends[-1]
+        pieces = [(self.shard[x:y], p) for p in self.peers for x, y in wire.chunks(hi)
+                  if x >= lo]
+        self.sends += self.transport._post(pieces, [], RELAY_TAG, self.phase)
+        self.released = hi
+
+    def finish(self, blame: int | None = None) -> None:
+        """Sends what is left of the shard, then the trailer: ``blame`` (the worker this one
+        refused while computing it; None: none)."""
+        if self.done_releasing:
+            return
+        self.release(self.shard.numel())
+        verdict = torch.tensor([NO_BLAME if blame is None else blame], dtype=torch.int64)
+        self.sends += self.transport._post([(verdict, p) for p in self.peers], [], RELAY_TAG,
+                                           self.phase)
+        self.done_releasing = True
+
+    def wait_for(self, key: tuple[int, int], name: str, nbytes: int) -> None:
+        # its last wait completes the whole relay, own sends included: they must all be out
+        assert self.done_releasing, "a relay's receives are awaited once its shard is sent"
+        super().wait_for(key, name, nbytes)
+
+    def blame(self, src: int) -> int | None:
+        """Whom ``src`` blamed for its shard (None: nobody), once its trailer is in."""
+        self.wait_for((src, self.transport.worker), "verdict", 8)
+        who = int(self.verdicts[src].item())
+        return None if who == NO_BLAME else who
+
+    def wait(self) -> dict[tuple[int, int], Message]:
+        self.finish()  # a sender that stopped early still owes its peers the rest
+        return super().wait()

@@ -65,6 +65,7 @@ class Header:
     tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]
     proof: dict | None = None  # a signed header: {"h": the signed JSON, "s": its signature}
     claim: bool = False  # the weight is the sender's claim for its own contribution
+    relay: bool = False  # the sender can relay its all-gather shard (Message.relay)
 
 
 def pack_header(msg: Message | None, signer: signing.Signer | None = None,
@@ -88,6 +89,8 @@ def pack_header(msg: Message | None, signer: signing.Signer | None = None,
                         for k in sorted(p.tensors)]}
         if msg.claim:
             fields["c"] = 1
+        if msg.relay:
+            fields["r"] = 1
         if signer is not None:
             roots = {} if roots is None else roots
             fields["ctx"] = ctx
@@ -179,7 +182,8 @@ def unpack_header(buf: torch.Tensor, peer: int, key: str | None = None,
         if total > MAX_MESSAGE_BYTES:
             raise ValueError(f"a payload of {total} bytes (at most {MAX_MESSAGE_BYTES})")
         h = Header(float(raw["w"]), int(raw["hb"]), int(raw["n"]), PAYLOAD_DTYPES[raw["dt"]],
-                   int(raw["eh"]), dict(raw["meta"]), tensors, proof, raw.get("c") == 1)
+                   int(raw["eh"]), dict(raw["meta"]), tensors, proof, raw.get("c") == 1,
+                   raw.get("r") == 1)
     except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
         raise PeerRefused(f"malformed message from worker {peer}: {e}", peer) from None
     if h.numel < 0 or h.header_bytes < 0 or h.codec_header_bytes < 0 \
@@ -246,7 +250,8 @@ def chunks(nbytes: int) -> list[tuple[int, int]]:
 def message(h: Header, tensors: dict[str, torch.Tensor]) -> Message:
     payload = Encoded(tensors, numel=h.numel, dtype=h.dtype, header_bytes=h.codec_header_bytes,
                       meta=h.meta)
-    return Message(payload, h.header_bytes, weight=h.weight, claim=h.claim, proof=h.proof)
+    return Message(payload, h.header_bytes, weight=h.weight, claim=h.claim, proof=h.proof,
+                   relay=h.relay)
 
 
 def check_finite(msg: Message, peer: int) -> None:
