@@ -12,7 +12,11 @@ token bucket (``islands.runtime.wan``; root only). Latency is not emulated (see 
    workers (``--job-workers``), through ``islands launch --emulate-network``: the wall time
    per round (commit to commit, median) beside the simulator's virtual time per round for the
    same ``[network]``, with ``[compute] step_time_s`` set from the measured inner steps
-   (batch, forward, backward, optimizer step), and the ratio.
+   (batch, forward, backward, optimizer step), and the ratio; twice: from the network model
+   alone (``wire only``), and with ``[compute] sync_time_s``, the time a sync costs besides
+   the wire, measured once per job and worker count by the same job on loopback (its time
+   per round less its inner steps: barriers, hashes, the collective's passes, loopback's
+   copies).
 
 3. ``--link-event``: a fault plan on real processes: the main job's DiLoCo (400 steps, H = 50,
    8 rounds) through ``islands launch --emulate-network`` with ``[[faults]]``: worker 1's
@@ -68,31 +72,61 @@ def collectives(mbit: float, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def job(algo: str, mbit: float, workdir: Path, workers: int = 4) -> dict:
-    """One real run of the main job's model over the shaped link, and the simulator's
-    prediction of its time per round."""
+def launch(sets: list[str], out: Path, *, emulate: bool) -> tuple[float, float, int]:
+    """One real run of the main job (``islands launch``, over the shaped link with
+    ``emulate``, else on loopback): its wall time per round (commit to commit, median), the
+    measured compute of an inner step (its batch, forward, backward and optimizer step: what
+    ``[compute] step_time_s`` stands for; a DDP step's all-reduce is not in it) and the
+    rounds it committed."""
     from islands.core.config import load_config
     from islands.metrics.run_dir import read_metrics
-    from islands.sim.runner import simulate
 
-    sets = [f"workers={workers}", *MAIN_JOB, *JOBS[algo], f"network.bandwidth_bps={mbit * 1e6}"]
-    out = workdir / f"{algo}-{mbit:g}-{workers}"
-    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch",
+            *(["--emulate-network"] if emulate else []),
             "--out", str(out)] + [a for s in sets for a in ("--set", s)]
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = read_metrics(out / "w0")
     commits = [r["commit_unix"] for r in rows]
-    measured = statistics.median(b - a for a, b in zip(commits, commits[1:]))
-    cfg = load_config(None, sets)
-    # the measured compute of an inner step (its batch, forward and backward: what
-    # [compute] step_time_s stands for; a DDP step's all-reduce is not in it)
     summary = json.loads((out / "w0" / "summary.json").read_text())
-    step_s = summary["compute_s_by_worker"][0] / cfg.steps
-    predicted = simulate(cfg.replace(**{"compute.step_time_s": step_s}))
-    per_round = predicted["virtual_time_s"] / predicted["rounds"]
-    return {"algorithm": algo, "mbit": mbit, "workers": cfg.workers, "rounds": len(rows),
-            "measured_round_s": measured, "step_s": step_s,
-            "predicted_round_s": per_round, "predicted_over_measured": per_round / measured}
+    step_s = summary["compute_s_by_worker"][0] / load_config(None, sets).steps
+    return statistics.median(b - a for a, b in zip(commits, commits[1:])), step_s, len(rows)
+
+
+def sync_time(algo: str, workdir: Path, workers: int) -> float:
+    """``[compute] sync_time_s`` for the job, measured on loopback (no link to speak of): its
+    time per round less its inner steps' compute. What a sync costs besides the wire (the
+    coordinator's barriers, the state's hashes, the collective's passes over the bytes,
+    loopback's own copies), which the network model does not see."""
+    from islands.core.config import load_config
+
+    sets = [f"workers={workers}", *MAIN_JOB, *JOBS[algo]]
+    round_s, step_s, rounds = launch(sets, workdir / f"{algo}-loopback-{workers}",
+                                     emulate=False)
+    return max(0.0, round_s - load_config(None, sets).steps / rounds * step_s)
+
+
+def job(algo: str, mbit: float, workdir: Path, workers: int = 4, sync_s: float = 0.0) -> dict:
+    """One real run of the main job's model over the shaped link, and the simulator's
+    prediction of its time per round: from the network model alone, and with the sync's own
+    time measured on loopback (``sync_s``: :func:`sync_time`)."""
+    from islands.core.config import load_config
+    from islands.sim.runner import simulate
+
+    sets = [f"workers={workers}", *MAIN_JOB, *JOBS[algo], f"network.bandwidth_bps={mbit * 1e6}"]
+    measured, step_s, rounds = launch(sets, workdir / f"{algo}-{mbit:g}-{workers}",
+                                      emulate=True)
+    cfg = load_config(None, sets)
+    wire_only, with_sync = (
+        simulate(cfg.replace(**{"compute.step_time_s": step_s, "compute.sync_time_s": s}))
+        for s in (0.0, sync_s))
+    per_round = {k: p["virtual_time_s"] / p["rounds"]
+                 for k, p in (("wire", wire_only), ("sync", with_sync))}
+    return {"algorithm": algo, "mbit": mbit, "workers": cfg.workers, "rounds": rounds,
+            "measured_round_s": measured, "step_s": step_s, "sync_s": sync_s,
+            "predicted_round_s": per_round["sync"],
+            "predicted_over_measured": per_round["sync"] / measured,
+            "predicted_wire_only_round_s": per_round["wire"],
+            "predicted_wire_only_over_measured": per_round["wire"] / measured}
 
 
 LINK_EVENT_ROUND = 4
@@ -147,13 +181,14 @@ def print_tables(coll: list[dict], jobs: list[dict]) -> None:
                   f"{100 * r['utilization']:.0f}%", f"{100 * r['gloo_utilization']:.0f}%",
                   "yes" if r["identical_on_every_worker"] else "NO")
     j = Table(title="the main job's model as real processes vs the simulator's prediction")
-    for col in ("algorithm", "Mbit/s", "workers", "step s", "measured s/round",
-                "predicted s/round", "predicted / measured"):
+    for col in ("algorithm", "Mbit/s", "workers", "step s", "sync s", "measured s/round",
+                "predicted s/round", "predicted / measured", "wire only / measured"):
         j.add_column(col, justify="right")
     for r in jobs:
         j.add_row(r["algorithm"], f"{r['mbit']:g}", str(r["workers"]), f"{r['step_s']:.3f}",
-                  f"{r['measured_round_s']:.3f}", f"{r['predicted_round_s']:.3f}",
-                  f"{r['predicted_over_measured']:.2f}")
+                  f"{r['sync_s']:.3f}", f"{r['measured_round_s']:.3f}",
+                  f"{r['predicted_round_s']:.3f}", f"{r['predicted_over_measured']:.2f}",
+                  f"{r['predicted_wire_only_over_measured']:.2f}")
     console = Console(width=160)
     for table, rows in ((t, coll), (j, jobs)):
         if rows:
@@ -196,8 +231,10 @@ def main() -> None:
     coll = [] if args.no_collectives else [r for m in args.bandwidths
                                           for r in collectives(m, args)]
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [job(a, m, Path(tmp), n) for n in args.job_workers for m in args.bandwidths
-                for a in args.jobs]
+        syncs = {(a, n): sync_time(a, Path(tmp), n) for n in args.job_workers
+                 for a in args.jobs}
+        jobs = [job(a, m, Path(tmp), n, syncs[a, n]) for n in args.job_workers
+                for m in args.bandwidths for a in args.jobs]
         link = [r for n in args.job_workers for m in args.bandwidths
                 for r in link_event(m, Path(tmp), n)] if args.link_event else []
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,19 @@ def test_slow_worker_is_a_config_value():
     assert slow["final_eval_loss"] == even["final_eval_loss"]  # time does not change math
 
 
+def test_a_sync_s_own_time_is_a_config_value_each_sync_waits_for():
+    """``compute.sync_time_s``: every worker spends it on each sync (DDP: every step; DiLoCo:
+    every round), waited for (communication), and the math does not change."""
+    for algo, steps, syncs in (("ddp", 4, 4), ("diloco", 8, 2)):
+        common = [f"algorithm.name={algo}", "workers=2", f"steps={steps}",
+                  "algorithm.sync_every=4", "eval_every=100"]
+        base = Simulation(tiny_config(*common)).run()
+        slow = Simulation(tiny_config(*common, "compute.sync_time_s=0.25")).run()
+        assert slow["virtual_time_s"] == pytest.approx(base["virtual_time_s"] + 0.25 * syncs)
+        assert slow["compute_utilization"] < base["compute_utilization"]
+        assert slow["final_eval_loss"] == base["final_eval_loss"]
+
+
 def test_warm_start_is_shared_deterministic_and_trained():
     """Every algorithm starts from the same warm-started parameters: the seed's initialization
     trained ``init.warm_start_steps`` steps alone; recomputed from scratch, bit-identical."""

@@ -324,15 +324,24 @@ class ComputeConfig:
 
     Attributes:
         step_time_s: virtual seconds one inner step takes on every worker.
+        sync_time_s: virtual seconds each worker spends on each sync besides the wire (real
+            processes: the coordinator's barriers, the state's hashes, the collective's own
+            passes over the bytes), counted as communication before the sync is issued;
+            0 models none. Measure it on a fast link as the real job's time per round less
+            its inner steps (``benchmarks/wan.py`` does). Real processes spend what they
+            spend: the runtime ignores it.
         worker: per-worker overrides (``[[compute.worker]]`` tables with ``id``); a slow
             worker is a config value.
     """
 
     step_time_s: float = 0.1
+    sync_time_s: float = 0.0
     worker: tuple[WorkerCompute, ...] = ()
 
     def __post_init__(self) -> None:
         check(self.step_time_s > 0, "compute.step_time_s", self.step_time_s, "must be > 0")
+        check(self.sync_time_s >= 0, "compute.sync_time_s", self.sync_time_s,
+              "must be >= 0 (0: no time besides the wire)")
         for i, w in enumerate(self.worker):
             check(w.step_time_s > 0, f"compute.worker[{i}].step_time_s", w.step_time_s,
                   "must be > 0")

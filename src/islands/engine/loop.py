@@ -422,6 +422,9 @@ class Engine:
         Args:
             flight: issue the collectives in the background (``transport.in_background``);
                 the contributions are taken here, at once."""
+        if self.step_time_s is not None and self.cfg.compute.sync_time_s:
+            for w in workers:  # modelled compute: the sync's own work is modelled too
+                self.clock.sync_work(w.id, self.cfg.compute.sync_time_s)
         plans = {w.id: self.algorithm.contribute(w, observers) for w in workers}
         for w in workers:
             flat = w.flat_buffers()

@@ -106,6 +106,12 @@ class VirtualClock:
     def time_s(self, worker: int) -> float:
         return self.now[worker]
 
+    def sync_work(self, worker: int, seconds: float) -> None:
+        """``worker`` spends ``seconds`` on a sync besides the wire (``compute.sync_time_s``):
+        waited for, so counted as communication."""
+        self.now[worker] += seconds
+        self.comm_s[worker] += seconds
+
     def barrier(self, members: tuple[int, ...], duration_s: float) -> None:
         """All ``members`` wait for the last one and for their links, then spend
         ``duration_s`` together (in the background: their links do; they go on)."""
