@@ -311,10 +311,11 @@ class DistTransport(Transport):
         for piece in tensor.chunk(max(1, min(NATIVE_PIECES, tensor.numel() >> 23))):
             torch._amp_foreach_non_finite_check_and_unscale_([piece], found, inv)
             works.append(self.group.allreduce([piece]))
-        self._wait(works, phase)
+        # the flags follow the pieces at once (every piece is checked by now): one wait
         flags = torch.zeros(n, dtype=torch.float32)
         flags[self.ranks[me]] = float(found.item())
-        self._wait([self.group.allreduce([flags])], phase)
+        works.append(self.group.allreduce([flags]))
+        self._wait(works, phase)
         bad = [m for m in sorted(self.ranks) if flags[self.ranks[m]] > 0]
         if me in bad:
             raise CodecError(f"{phase}: worker {me}'s own contribution holds NaN/Inf")
