@@ -11,12 +11,12 @@ token bucket (``islands.runtime.wan``; root only). Latency is not emulated (see 
    DDP on gloo's own all_reduce (``runtime.trust = "cluster"``), 4
    workers (``--job-workers``), through ``islands launch --emulate-network``: the wall time
    per round (commit to commit, median) beside the simulator's virtual time per round for the
-   same ``[network]``, with ``[compute] step_time_s`` set from the measured inner steps
-   (batch, forward, backward, optimizer step), and the ratio; twice: from the network model
-   alone (``wire only``), and with ``[compute] sync_time_s``, the time a sync costs besides
-   the wire, measured once per job and worker count by the same job on loopback (its time
-   per round less its inner steps: barriers, hashes, the collective's passes, loopback's
-   copies).
+   same ``[network]`` (``framing`` TCP over Ethernet's), with ``[compute] step_time_s`` set
+   from the measured inner steps (batch, forward, backward, optimizer step), and the ratio;
+   twice: from the network model alone (``wire only``), and with ``[compute]
+   commit_time_s``, a round's commit (the coordinator's barriers, the state's hashes),
+   measured once per worker count as the commit of real DDP rounds on loopback
+   (:func:`commit_time`).
 
 3. ``--link-event``: a fault plan on real processes: the main job's DiLoCo (400 steps, H = 50,
    8 rounds) through ``islands launch --emulate-network`` with ``[[faults]]``: worker 1's
@@ -43,8 +43,10 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+# The bridge's latency, and TCP/IPv4 over Ethernet's framing (1514 bytes per 1448 of
+# payload, what tbf counts) for the simulator: the real runs' links are shaped at line rate.
 MAIN_JOB = ["device=cpu", "eval_every=1000000", "init.warm_start_steps=0",
-            "network.latency_s=0.0001"]
+            "network.latency_s=0.0001", f"network.framing={1514 / 1448}"]
 JOBS = {"ddp": ["algorithm.name=ddp", "steps=30"],
         "diloco": ["algorithm.name=diloco", "algorithm.sync_every=50", "steps=250"],
         # DDP's steps on gloo's own all_reduce (runtime.trust = "cluster")
@@ -72,12 +74,13 @@ def collectives(mbit: float, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def launch(sets: list[str], out: Path, *, emulate: bool) -> tuple[float, float, int]:
+def launch(sets: list[str], out: Path, *, emulate: bool) -> dict:
     """One real run of the main job (``islands launch``, over the shaped link with
-    ``emulate``, else on loopback): its wall time per round (commit to commit, median), the
-    measured compute of an inner step (its batch, forward, backward and optimizer step: what
-    ``[compute] step_time_s`` stands for; a DDP step's all-reduce is not in it) and the
-    rounds it committed."""
+    ``emulate``, else on loopback): its wall time per round (``round_s``: commit to commit,
+    median), the measured compute of an inner step (``step_s``: its batch, forward, backward
+    and optimizer step, what ``[compute] step_time_s`` stands for; a DDP step's all-reduce is
+    not in it), and the median of its rows' ``sync_s`` (``commit_s``: from the round's last
+    inner step to its commit)."""
     from islands.core.config import load_config
     from islands.metrics.run_dir import read_metrics
 
@@ -88,43 +91,45 @@ def launch(sets: list[str], out: Path, *, emulate: bool) -> tuple[float, float, 
     rows = read_metrics(out / "w0")
     commits = [r["commit_unix"] for r in rows]
     summary = json.loads((out / "w0" / "summary.json").read_text())
-    step_s = summary["compute_s_by_worker"][0] / load_config(None, sets).steps
-    return statistics.median(b - a for a, b in zip(commits, commits[1:])), step_s, len(rows)
+    return {"round_s": statistics.median(b - a for a, b in zip(commits, commits[1:])),
+            "step_s": summary["compute_s_by_worker"][0] / load_config(None, sets).steps,
+            "commit_s": statistics.median(r["sync_s"] for r in rows[1:]),
+            "rounds": len(rows)}
 
 
-def sync_time(algo: str, workdir: Path, workers: int) -> float:
-    """``[compute] sync_time_s`` for the job, measured on loopback (no link to speak of): its
-    time per round less its inner steps' compute. What a sync costs besides the wire (the
-    coordinator's barriers, the state's hashes, the collective's passes over the bytes,
-    loopback's own copies), which the network model does not see."""
-    from islands.core.config import load_config
-
-    sets = [f"workers={workers}", *MAIN_JOB, *JOBS[algo]]
-    round_s, step_s, rounds = launch(sets, workdir / f"{algo}-loopback-{workers}",
-                                     emulate=False)
-    return max(0.0, round_s - load_config(None, sets).steps / rounds * step_s)
+def commit_time(workdir: Path, workers: int) -> float:
+    """``[compute] commit_time_s`` for the main job with ``workers`` workers: a real DDP run
+    on loopback, the median of its rows' ``sync_s``. A DDP round is one step whose
+    all-reduce is done before the step ends, so what is left is the commit alone: the
+    coordinator's barriers and the shared state's hashes, the time per round the network
+    model does not see. The collective's own passes over the bytes overlap the transfer
+    on a real link and are not in it."""
+    sets = [f"workers={workers}", *MAIN_JOB, *JOBS["ddp"]]
+    return launch(sets, workdir / f"commit-{workers}", emulate=False)["commit_s"]
 
 
-def job(algo: str, mbit: float, workdir: Path, workers: int = 4, sync_s: float = 0.0) -> dict:
+def job(algo: str, mbit: float, workdir: Path, workers: int = 4,
+        commit_s: float = 0.0) -> dict:
     """One real run of the main job's model over the shaped link, and the simulator's
-    prediction of its time per round: from the network model alone, and with the sync's own
-    time measured on loopback (``sync_s``: :func:`sync_time`)."""
+    prediction of its time per round: from the network model alone, and with the commit's
+    time measured on loopback (``commit_s``: :func:`commit_time`)."""
     from islands.core.config import load_config
     from islands.sim.runner import simulate
 
     sets = [f"workers={workers}", *MAIN_JOB, *JOBS[algo], f"network.bandwidth_bps={mbit * 1e6}"]
-    measured, step_s, rounds = launch(sets, workdir / f"{algo}-{mbit:g}-{workers}",
-                                      emulate=True)
+    run = launch(sets, workdir / f"{algo}-{mbit:g}-{workers}", emulate=True)
     cfg = load_config(None, sets)
-    wire_only, with_sync = (
-        simulate(cfg.replace(**{"compute.step_time_s": step_s, "compute.sync_time_s": s}))
-        for s in (0.0, sync_s))
+    wire_only, with_commit = (
+        simulate(cfg.replace(**{"compute.step_time_s": run["step_s"],
+                                "compute.commit_time_s": s}))
+        for s in (0.0, commit_s))
     per_round = {k: p["virtual_time_s"] / p["rounds"]
-                 for k, p in (("wire", wire_only), ("sync", with_sync))}
-    return {"algorithm": algo, "mbit": mbit, "workers": cfg.workers, "rounds": rounds,
-            "measured_round_s": measured, "step_s": step_s, "sync_s": sync_s,
-            "predicted_round_s": per_round["sync"],
-            "predicted_over_measured": per_round["sync"] / measured,
+                 for k, p in (("wire", wire_only), ("commit", with_commit))}
+    measured = run["round_s"]
+    return {"algorithm": algo, "mbit": mbit, "workers": cfg.workers, "rounds": run["rounds"],
+            "measured_round_s": measured, "step_s": run["step_s"], "commit_s": commit_s,
+            "predicted_round_s": per_round["commit"],
+            "predicted_over_measured": per_round["commit"] / measured,
             "predicted_wire_only_round_s": per_round["wire"],
             "predicted_wire_only_over_measured": per_round["wire"] / measured}
 
@@ -181,12 +186,12 @@ def print_tables(coll: list[dict], jobs: list[dict]) -> None:
                   f"{100 * r['utilization']:.0f}%", f"{100 * r['gloo_utilization']:.0f}%",
                   "yes" if r["identical_on_every_worker"] else "NO")
     j = Table(title="the main job's model as real processes vs the simulator's prediction")
-    for col in ("algorithm", "Mbit/s", "workers", "step s", "sync s", "measured s/round",
+    for col in ("algorithm", "Mbit/s", "workers", "step s", "commit s", "measured s/round",
                 "predicted s/round", "predicted / measured", "wire only / measured"):
         j.add_column(col, justify="right")
     for r in jobs:
         j.add_row(r["algorithm"], f"{r['mbit']:g}", str(r["workers"]), f"{r['step_s']:.3f}",
-                  f"{r['sync_s']:.3f}", f"{r['measured_round_s']:.3f}",
+                  f"{r['commit_s']:.3f}", f"{r['measured_round_s']:.3f}",
                   f"{r['predicted_round_s']:.3f}", f"{r['predicted_over_measured']:.2f}",
                   f"{r['predicted_wire_only_over_measured']:.2f}")
     console = Console(width=160)
@@ -231,9 +236,9 @@ def main() -> None:
     coll = [] if args.no_collectives else [r for m in args.bandwidths
                                           for r in collectives(m, args)]
     with tempfile.TemporaryDirectory() as tmp:
-        syncs = {(a, n): sync_time(a, Path(tmp), n) for n in args.job_workers
-                 for a in args.jobs}
-        jobs = [job(a, m, Path(tmp), n, syncs[a, n]) for n in args.job_workers
+        commits = {n: commit_time(Path(tmp), n) for n in args.job_workers} if args.jobs \
+            else {}
+        jobs = [job(a, m, Path(tmp), n, commits[n]) for n in args.job_workers
                 for m in args.bandwidths for a in args.jobs]
         link = [r for n in args.job_workers for m in args.bandwidths
                 for r in link_event(m, Path(tmp), n)] if args.link_event else []

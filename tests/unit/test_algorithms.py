@@ -109,17 +109,33 @@ def test_slow_worker_is_a_config_value():
     assert slow["final_eval_loss"] == even["final_eval_loss"]  # time does not change math
 
 
-def test_a_sync_s_own_time_is_a_config_value_each_sync_waits_for():
-    """``compute.sync_time_s``: every worker spends it on each sync (DDP: every step; DiLoCo:
-    every round), waited for (communication), and the math does not change."""
-    for algo, steps, syncs in (("ddp", 4, 4), ("diloco", 8, 2)):
+def test_a_commit_s_time_is_a_config_value_each_round_waits_for():
+    """``compute.commit_time_s``: every worker spends it on each round (DDP: every step;
+    DiLoCo: every ``sync_every`` steps), waited for (communication), and the math does not
+    change."""
+    for algo, steps, rounds in (("ddp", 4, 4), ("diloco", 8, 2)):
         common = [f"algorithm.name={algo}", "workers=2", f"steps={steps}",
                   "algorithm.sync_every=4", "eval_every=100"]
         base = Simulation(tiny_config(*common)).run()
-        slow = Simulation(tiny_config(*common, "compute.sync_time_s=0.25")).run()
-        assert slow["virtual_time_s"] == pytest.approx(base["virtual_time_s"] + 0.25 * syncs)
+        slow = Simulation(tiny_config(*common, "compute.commit_time_s=0.25")).run()
+        assert slow["virtual_time_s"] == pytest.approx(base["virtual_time_s"] + 0.25 * rounds)
         assert slow["compute_utilization"] < base["compute_utilization"]
         assert slow["final_eval_loss"] == base["final_eval_loss"]
+
+
+def test_framing_stretches_the_time_a_link_takes_not_the_bytes():
+    """``network.framing``: the headers a link carries besides the payload make each transfer
+    last that many times longer; bytes and math stay the payload's."""
+    common = ["algorithm.name=ddp", "workers=2", "steps=3", "eval_every=100",
+              "network.latency_s=0"]
+    runs = {f: Simulation(tiny_config(*common, f"network.framing={f}")).run()
+            for f in (1.0, 1514 / 1448)}
+    plain, framed = runs[1.0], runs[1514 / 1448]
+    compute = 3 * 0.1  # compute.step_time_s per step, no wait on a peer (same speeds)
+    assert framed["virtual_time_s"] - compute == pytest.approx(
+        (plain["virtual_time_s"] - compute) * 1514 / 1448)
+    assert framed["bytes_sent_per_worker"] == plain["bytes_sent_per_worker"]
+    assert framed["final_eval_loss"] == plain["final_eval_loss"]
 
 
 def test_warm_start_is_shared_deterministic_and_trained():

@@ -287,16 +287,25 @@ class NetworkConfig:
     Attributes:
         bandwidth_bps: default upload and download capacity of every worker, bits per second.
         latency_s: default one-way latency of every message.
+        framing: bytes a link carries per payload byte: 1.0 (the default) counts the payload
+            alone; TCP/IPv4 over Ethernet at a 1500-byte MTU sends 1448 payload bytes in
+            1514 (TCP with timestamps 32, IP 20, Ethernet 14: what a Linux shaper such as
+            ``tc``'s ``tbf`` counts), ``framing = 1.0456``. Byte counts stay the payload's;
+            only the time a link takes grows. ACKs on the reverse path are not counted.
         worker: per-worker overrides (``[[network.worker]]`` tables with ``id``).
     """
 
     bandwidth_bps: float = 100e6
     latency_s: float = 0.05
+    framing: float = 1.0
     worker: tuple[WorkerLink, ...] = ()
 
     def __post_init__(self) -> None:
         check(self.bandwidth_bps > 0, "network.bandwidth_bps", self.bandwidth_bps, "must be > 0")
         check(self.latency_s >= 0, "network.latency_s", self.latency_s, "must be >= 0")
+        check(self.framing >= 1, "network.framing", self.framing,
+              "must be >= 1 (bytes on the wire per payload byte; 1514/1448 for TCP over "
+              "Ethernet)")
         for i, w in enumerate(self.worker):
             for name in ("upload_bps", "download_bps"):
                 v = getattr(w, name)
@@ -324,24 +333,25 @@ class ComputeConfig:
 
     Attributes:
         step_time_s: virtual seconds one inner step takes on every worker.
-        sync_time_s: virtual seconds each worker spends on each sync besides the wire (real
-            processes: the coordinator's barriers, the state's hashes, the collective's own
-            passes over the bytes), counted as communication before the sync is issued;
-            0 models none. Measure it on a fast link as the real job's time per round less
-            its inner steps (``benchmarks/wan.py`` does). Real processes spend what they
+        commit_time_s: virtual seconds each worker spends on each round's commit besides
+            its steps and the wire (real processes: the coordinator's barriers, the shared
+            state's hashes), waited for, so counted as communication; 0 models none.
+            Measure it as a real job's ``sync_s`` in ``metrics.jsonl`` under DDP (whose
+            round is one step that has synced already: what is left is the commit), on any
+            link (``benchmarks/wan.py`` does, on loopback). Real processes spend what they
             spend: the runtime ignores it.
         worker: per-worker overrides (``[[compute.worker]]`` tables with ``id``); a slow
             worker is a config value.
     """
 
     step_time_s: float = 0.1
-    sync_time_s: float = 0.0
+    commit_time_s: float = 0.0
     worker: tuple[WorkerCompute, ...] = ()
 
     def __post_init__(self) -> None:
         check(self.step_time_s > 0, "compute.step_time_s", self.step_time_s, "must be > 0")
-        check(self.sync_time_s >= 0, "compute.sync_time_s", self.sync_time_s,
-              "must be >= 0 (0: no time besides the wire)")
+        check(self.commit_time_s >= 0, "compute.commit_time_s", self.commit_time_s,
+              "must be >= 0 (0: a commit takes no time)")
         for i, w in enumerate(self.worker):
             check(w.step_time_s > 0, f"compute.worker[{i}].step_time_s", w.step_time_s,
                   "must be > 0")

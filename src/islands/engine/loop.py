@@ -317,6 +317,9 @@ class Engine:
         issued by :meth:`issue_overlapped` once the round is committed; the run's last round
         waits for its own, so the run ends on the complete global state."""
         self._to_issue = None
+        if self.step_time_s is not None and self.cfg.compute.commit_time_s:
+            for w in workers:  # modelled compute: the round's commit is modelled too
+                self.clock.commit(w.id, self.cfg.compute.commit_time_s)
         if self.algorithm.syncs_gradients_at(workers[0].steps - 1):
             self.land()  # an overlapped round before a data-parallel one
             for w in workers:
@@ -422,9 +425,6 @@ class Engine:
         Args:
             flight: issue the collectives in the background (``transport.in_background``);
                 the contributions are taken here, at once."""
-        if self.step_time_s is not None and self.cfg.compute.sync_time_s:
-            for w in workers:  # modelled compute: the sync's own work is modelled too
-                self.clock.sync_work(w.id, self.cfg.compute.sync_time_s)
         plans = {w.id: self.algorithm.contribute(w, observers) for w in workers}
         for w in workers:
             flat = w.flat_buffers()

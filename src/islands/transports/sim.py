@@ -6,12 +6,13 @@ each worker has a clock advanced by the compute cost model (``compute``) and by 
 Exchange cost model (full-duplex links): an exchange starts when the last member arrives and
 every member's link is free, then lasts
 ``max latency of the senders + max over members of max(sent_i / upload_i, recv_i / download_i)``
-with bytes counted in bits. This is the usual per-worker-NIC bound: it charges each worker for
-its own upload and download, so a slow link slows everyone waiting on it, as in a real
-all-reduce. A blocking exchange moves every member to its end; one issued in the background
-(an overlapped algorithm's sync, :meth:`SimTransport.in_background`) occupies the links while
-the members go on computing, and each waits only for what is left of it when it needs the
-result (:class:`VirtualClock`). A one-way post (an asynchronous algorithm's update,
+with bytes counted in bits, each payload byte times the link's framing (``network.framing``: the
+packet headers a link carries besides the payload). This is the usual per-worker-NIC bound: it
+charges each worker for its own upload and download, so a slow link slows everyone waiting on
+it, as in a real all-reduce. A blocking exchange moves every member to its end; one issued in
+the background (an overlapped algorithm's sync, :meth:`SimTransport.in_background`) occupies the
+links while the members go on computing, and each waits only for what is left of it when it
+needs the result (:class:`VirtualClock`). A one-way post (an asynchronous algorithm's update,
 :meth:`SimTransport.posting`) occupies the sender's upload and each receiver's download; the
 sender goes on at once, a receiver waits for it only at :meth:`VirtualClock.await_posts`.
 """
@@ -42,13 +43,16 @@ class NetworkModel:
         bandwidth_bps: default upload and download capacity.
         latency_s: default one-way latency.
         overrides: ``{worker: {"upload_bps"|"download_bps"|"latency_s": value}}``.
+        framing: bytes a link carries per payload byte (``network.framing``).
     """
 
     def __init__(self, bandwidth_bps: float = 100e6, latency_s: float = 0.05,
-                 overrides: dict[int, dict[str, float]] | None = None) -> None:
-        if bandwidth_bps <= 0 or latency_s < 0:
-            raise ValueError(f"bandwidth_bps ({bandwidth_bps}) must be > 0 and latency_s "
-                             f"({latency_s}) >= 0")
+                 overrides: dict[int, dict[str, float]] | None = None,
+                 framing: float = 1.0) -> None:
+        if bandwidth_bps <= 0 or latency_s < 0 or framing < 1:
+            raise ValueError(f"bandwidth_bps ({bandwidth_bps}) must be > 0, latency_s "
+                             f"({latency_s}) >= 0 and framing ({framing}) >= 1")
+        self.framing = framing
         self.default = Link(bandwidth_bps, bandwidth_bps, latency_s)
         self.overrides = {w: Link(**{**self.default.__dict__, **o})
                           for w, o in (overrides or {}).items()}
@@ -62,10 +66,18 @@ class NetworkModel:
     def from_config(cls, cfg) -> NetworkModel:
         over = {w.id: {k: getattr(w, k) for k in ("upload_bps", "download_bps", "latency_s")
                        if getattr(w, k) is not None} for w in cfg.worker}
-        return cls(cfg.bandwidth_bps, cfg.latency_s, over)
+        return cls(cfg.bandwidth_bps, cfg.latency_s, over, cfg.framing)
 
     def link(self, worker: int) -> Link:
         return self.overrides.get(worker, self.default)
+
+    def upload_s(self, worker: int, nbytes: float) -> float:
+        """Seconds ``worker``'s upload takes to carry ``nbytes`` of payload."""
+        return 8 * nbytes * self.framing / self.link(worker).upload_bps
+
+    def download_s(self, worker: int, nbytes: float) -> float:
+        """Seconds ``worker``'s download takes to carry ``nbytes`` of payload."""
+        return 8 * nbytes * self.framing / self.link(worker).download_bps
 
 
 class VirtualClock:
@@ -106,8 +118,8 @@ class VirtualClock:
     def time_s(self, worker: int) -> float:
         return self.now[worker]
 
-    def sync_work(self, worker: int, seconds: float) -> None:
-        """``worker`` spends ``seconds`` on a sync besides the wire (``compute.sync_time_s``):
+    def commit(self, worker: int, seconds: float) -> None:
+        """``worker`` spends ``seconds`` on a round's commit (``compute.commit_time_s``):
         waited for, so counted as communication."""
         self.now[worker] += seconds
         self.comm_s[worker] += seconds
@@ -175,11 +187,11 @@ class VirtualClock:
         and its download are through, plus the sender's latency."""
         up = network.link(src)
         start = max(self.now[src], self.up_free[src])
-        sent = start + 8 * nbytes / up.upload_bps
+        sent = start + network.upload_s(src, nbytes)
         self.up_free[src] = sent
         self.hidden_s[src] += sent - start
         for d, got in receivers.items():
-            down_s = 8 * got / network.link(d).download_bps
+            down_s = network.download_s(d, got)
             done = max(sent, max(start, self.down_free[d]) + down_s)
             self.down_free[d] = done
             self.arrives[d] = max(self.arrives[d], done + up.latency_s)
@@ -295,9 +307,9 @@ class SimTransport(Transport):
             self.clock.barrier((src, dst), self._duration({src: nbytes, dst: 0},
                                                           {src: 0, dst: nbytes}))
             return
-        up, down = self.network.link(src), self.network.link(dst)
-        self.clock.fetch(src, dst, at_s, 8 * nbytes / min(up.upload_bps, down.download_bps),
-                         up.latency_s)
+        self.clock.fetch(src, dst, at_s, max(self.network.upload_s(src, nbytes),
+                                             self.network.download_s(dst, nbytes)),
+                         self.network.link(src).latency_s)
 
     @contextlib.contextmanager
     def in_background(self) -> Iterator[Flight]:
@@ -324,6 +336,6 @@ class SimTransport(Transport):
         if not any(sent.values()):
             return 0.0
         latency = max(self.network.link(m).latency_s for m, b in sent.items() if b)
-        transfer = max(max(8 * sent[m] / self.network.link(m).upload_bps,
-                           8 * received[m] / self.network.link(m).download_bps) for m in sent)
+        transfer = max(max(self.network.upload_s(m, sent[m]),
+                           self.network.download_s(m, received[m])) for m in sent)
         return latency + transfer
