@@ -158,8 +158,10 @@ exit_now(0)
 
 def test_a_relayed_all_gather_ends_at_once_naming_the_sender_of_a_bad_row():
     """The all-gather of a streamed mean leaves its owner step by step, before the whole
-    shard is known; a row found NaN on the way (or a mean that overflows) voids the shard,
-    and the owner's verdict makes every member name the same worker without a timeout."""
+    shard is known; a row found NaN on the way (or a mean that overflows) voids the shard:
+    the owner blames the row's sender, and its verdict ends the attempt for the others at
+    once, without blame on the owner (as when it gives up before sending), never a
+    timeout. A NaN mean sent without a verdict is its sender's own."""
     n, port = 3, free_port()
     kinds = ["nan-shard-0", "nan-shard-2", "nan-shard-1", "overflow", "clean"]
     ran = run_ranks(RELAY, n, str(port), *kinds)
@@ -169,16 +171,19 @@ def test_a_relayed_all_gather_ends_at_once_naming_the_sender_of_a_bad_row():
     for r in range(n):
         errors = got[r]["errors"]
         assert [k.split("/")[0] for k in got[r]["relays"]] == kinds, got[r]["relays"]
-        for how in ("nan-shard-0", "nan-shard-2", "nan-shard-1"):
-            if how == "nan-shard-1" and r == 1:
-                continue  # its own shard: checks off, it sends the NaN mean as it is
+        for how in ("nan-shard-0", "nan-shard-2"):
+            owner = int(how[-1])
             kind, sender, text = errors[how]
-            assert (kind, sender) == ("PeerRefused", 1), (r, how, errors[how])
+            want = ("PeerRefused", 1) if r == owner else ("PeerGaveUp", owner)
+            assert (kind, sender) == want, (r, how, errors[how])
             assert "worker 1" in text and "within" not in text, (r, how, text)
-        owner = 0  # its own mean overflows: it blames itself, the others name it
+        if r != 1:  # worker 1's own shard: its checks off, it sends the NaN mean as it is
+            assert errors["nan-shard-1"][:2] == ["PeerRefused", 1], errors["nan-shard-1"]
+        owner = 0  # its own mean overflows: it refuses it, the others learn it gave up
         kind, sender, text = errors["overflow"]
         if r == owner:
             assert kind == "CodecError", text
         else:
-            assert (kind, sender) == ("PeerRefused", owner), (r, errors["overflow"])
+            assert (kind, sender) == ("PeerGaveUp", owner), (r, errors["overflow"])
+            assert "its own values" in text, text
         assert errors["clean"] is None, errors["clean"]

@@ -58,7 +58,7 @@ from islands.collectives.checks import (
 )
 from islands.collectives.verify import verify_shards
 from islands.core import memory
-from islands.core.errors import CodecError, CommError, PeerRefused
+from islands.core.errors import CodecError, CommError, PeerGaveUp, PeerRefused
 from islands.core.shards import shard_bounds
 from islands.core.timing import timed
 from islands.transports.base import Exchange, Message, Sources, Transport
@@ -168,10 +168,13 @@ def _relaying(relay, me: int) -> Iterator[None]:
     relay.finish()
 
 
-def _blamed(relay, sender: int) -> int:
-    """Whom ``sender``'s non-finite shard is blamed on: the row's sender it names, or itself."""
-    who = relay.blame(sender)
-    return sender if who is None else who
+def _verdict(relay, sender: int, what: str) -> None:
+    """Raises :class:`PeerGaveUp` if ``sender``'s relayed shard ended with a verdict against
+    a worker (``sender`` itself for its own contribution or an aggregate it cannot encode)."""
+    if (who := relay.blame(sender)) is not None:
+        whose = "its own values" if who == sender else f"worker {who}'s payload"
+        raise PeerGaveUp(f"{what}: worker {sender} gave up its shard: it refused {whose}",
+                         sender)
 
 
 def same_weight(claimed: float, recorded: float) -> bool:
@@ -432,8 +435,10 @@ class Group:
     def _gather_relayed(self, relay, owner: dict[int, tuple[int, int]], out: torch.Tensor,
                         what: str) -> None:
         """Every peer's aggregated shard, received in place by the relay: each step checked
-        for NaN/Inf as it arrives, and the peer's verdict read before the shard is trusted (a
-        peer that refused one of its rows sent void values and names that row's sender)."""
+        for NaN/Inf as it arrives, and the peer's verdict read before the shard is trusted. A
+        peer that refused one of its rows sent void values: the attempt is void, without
+        blame on it (:class:`PeerGaveUp`, as when it gives up before sending; it blames the
+        row's sender itself); non-finite values without such a verdict are its own."""
         me, sw = self.local[0], self.transport.stopwatch
         for j in self.members:
             if j == me:
@@ -443,10 +448,9 @@ class Group:
                 relay.wait_for((j, me), "values", hi * out.element_size())
                 with timed(sw, "decode"):
                     if not all_finite(out[a + lo:a + hi]):
-                        raise non_finite(_blamed(relay, j), what)
-            if (who := relay.blame(j)) is not None:
-                raise PeerRefused(f"{what}: worker {j} refused worker {who}'s payload; its "
-                                  "shard is void", who)
+                        _verdict(relay, j, what)
+                        raise non_finite(j, what)
+            _verdict(relay, j, what)
 
     def _place(self, codecs: dict[int, Codec], tag: str, where):
         """Where the real transport receives a payload tensor for a local worker: the raw
