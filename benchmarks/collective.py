@@ -150,67 +150,53 @@ def worker_main(args: argparse.Namespace) -> None:
             # shaped link a collective run right after another inherits the TCP state the
             # other left on the pairs (gloo's ring grows the neighbours' windows and leaves
             # the others cold), which cost the butterfly 10-25% when the two alternated.
-            for rep in range(args.repeats + 1):
-                t = x.clone()
-                pg.barrier().wait()
-                start = time.perf_counter()
-                pg.allreduce([t]).wait()
-                if rep:
-                    row["gloo_s"].append(time.perf_counter() - start)
-                del t
-            for rep in range(args.repeats + 1 if label == "identity" else 0):
-                t = x.clone()  # runtime.trust = "cluster": gloo's, the mean, checked
-                pg.barrier().wait()
-                start = time.perf_counter()
-                transport.all_reduce_mean(t, tuple(range(n)), "bench/native")
-                if rep:
-                    row["native_s"].append(time.perf_counter() - start)
-                del t
+            def block(key: str, call, prepare=lambda rep: None, runs: bool = True) -> None:
+                """``call(prepare(rep))`` after a barrier, timed, a warm-up and then
+                ``args.repeats`` times (none unless ``runs``)."""
+                for rep in range(args.repeats + 1 if runs else 0):
+                    arg = prepare(rep)
+                    pg.barrier().wait()
+                    start = time.perf_counter()
+                    call(arg)
+                    if rep:
+                        row[key].append(time.perf_counter() - start)
+                    del arg
+
+            def butterfly(_=None, **kw) -> None:
+                group.start_all_reduce({rank: x}, codecs={rank: codec}, tag="bench",
+                                       **kw).wait()
+
+            identity = label == "identity"
+            block("gloo_s", lambda t: pg.allreduce([t]).wait(), lambda rep: x.clone())
+            # runtime.trust = "cluster": gloo's, the mean, checked
+            block("native_s", lambda t: transport.all_reduce_mean(t, tuple(range(n)),
+                                                                  "bench/native"),
+                  lambda rep: x.clone(), runs=identity)
             for rep in range(args.repeats + 1):
                 pg.barrier().wait()
                 transport.stopwatch.reset()
                 sent = transport.bytes_sent
                 start = time.perf_counter()
-                out = group.all_reduce({rank: x}, codecs={rank: codec}, tag="bench")[rank]
+                butterfly()
                 if rep:
                     row["butterfly_s"].append(time.perf_counter() - start)
                     row["breakdown"].append(dict(transport.stopwatch.seconds))
                 row["bytes_sent"] = transport.bytes_sent - sent
-                del out
             transport.pipeline = False  # the all-gather after the whole reduce
-            for rep in range(args.repeats + 1 if label == "identity" else 0):
-                pg.barrier().wait()
-                start = time.perf_counter()
-                out = group.all_reduce({rank: x}, codecs={rank: codec}, tag="bench")[rank]
-                if rep:
-                    row["two_phase_s"].append(time.perf_counter() - start)
-                del out
+            block("two_phase_s", butterfly, runs=identity)
             transport.pipeline = True
+            signed = not args.unsigned_only
             for wire, key in ((None, "signed_s"), (streams, "streams_s")):
                 # the same, every header signed and checked; over gloo, then over streams
                 transport.signer, transport._epoch = signer, wire
-                for rep in range(0 if args.unsigned_only else args.repeats + 1):
-                    transport.set_context(f"bench/{key}/{rep}", keys)
-                    pg.barrier().wait()
-                    start = time.perf_counter()
-                    out = group.all_reduce({rank: x}, codecs={rank: codec}, tag="bench")[rank]
-                    if rep:
-                        row[key].append(time.perf_counter() - start)
-                    del out
-                transport.signer, transport._epoch = None, None
+                block(key, butterfly,
+                      lambda rep, key=key: transport.set_context(f"bench/{key}/{rep}", keys),
+                      runs=signed)
             # the same over streams with every sync verified (lossless codecs only)
-            transport.signer, transport._epoch = signer, streams
-            verify = label == "identity" and n > 1 and not args.unsigned_only
-            for rep in range(args.repeats + 1 if verify else 0):
-                transport.set_context(f"bench/verified/{rep}", keys)
-                pg.barrier().wait()
-                start = time.perf_counter()
-                out = group.start_all_reduce({rank: x}, codecs={rank: codec}, tag="bench",
-                                             verifiers=verifiers_for(group.members, 1))
-                out = out.wait()[rank]
-                if rep:
-                    row["verified_s"].append(time.perf_counter() - start)
-                del out
+            transport._epoch = streams
+            block("verified_s", lambda _: butterfly(verifiers=verifiers_for(group.members, 1)),
+                  lambda rep: transport.set_context(f"bench/verified/{rep}", keys),
+                  runs=identity and n > 1 and signed)
             transport.signer, transport._epoch = None, None
             # Every worker must hold the same result: compared by the parent through a digest.
             row["digest"] = digest(group.all_reduce({rank: x}, codecs={rank: codec},

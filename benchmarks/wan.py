@@ -84,10 +84,7 @@ def launch(sets: list[str], out: Path, *, emulate: bool) -> dict:
     from islands.core.config import load_config
     from islands.metrics.run_dir import read_metrics
 
-    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch",
-            *(["--emulate-network"] if emulate else []),
-            "--out", str(out)] + [a for s in sets for a in ("--set", s)]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    islands_launch(sets, out, emulate=emulate)
     rows = read_metrics(out / "w0")
     commits = [r["commit_unix"] for r in rows]
     summary = json.loads((out / "w0" / "summary.json").read_text())
@@ -95,6 +92,15 @@ def launch(sets: list[str], out: Path, *, emulate: bool) -> dict:
             "step_s": summary["compute_s_by_worker"][0] / load_config(None, sets).steps,
             "commit_s": statistics.median(r["sync_s"] for r in rows[1:]),
             "rounds": len(rows)}
+
+
+def islands_launch(sets: list[str], out: Path, *, emulate: bool = True) -> None:
+    """``islands launch`` of the main job with ``sets``, into ``out``, silent; over the
+    shaped link with ``emulate``, else on loopback."""
+    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch",
+            *(["--emulate-network"] if emulate else []),
+            "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def commit_time(workdir: Path, workers: int) -> float:
@@ -151,9 +157,7 @@ def link_event(mbit: float, workdir: Path, workers: int = 4) -> list[dict]:
     sets = [f"workers={workers}", *MAIN_JOB, "algorithm.name=diloco", "algorithm.sync_every=50",
             "steps=400", f"network.bandwidth_bps={mbit * 1e6}", plan]
     out = workdir / f"link-{mbit:g}-{workers}"
-    argv = [sys.executable, "-m", "islands.cli.runtime_cmd", "launch", "--emulate-network",
-            "--out", str(out)] + [a for s in sets for a in ("--set", s)]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    islands_launch(sets, out)
     cfg = load_config(None, sets)
     summary = json.loads((out / "w0" / "summary.json").read_text())
     step_s = summary["compute_s_by_worker"][0] / cfg.steps

@@ -141,10 +141,10 @@ def _finished(pending: Exchange) -> Iterator[None]:
 def _relaying(relay, me: int) -> Iterator[None]:
     """Runs the block that computes the shard a relay sends (None: no relay), then sends the
     relay's verdict: nobody blamed, or, if the block refused a row, its sender (this worker
-    for its own contribution or an aggregate it cannot encode), so the peers end the
-    collective now, naming the same worker; the relay is then completed before the error
-    goes on (transfers left pending on gloo's pairs would stall the next collective). After
-    a failure of the wire itself the relay is abandoned."""
+    for its own contribution or an aggregate it cannot encode), so the peers end the attempt
+    now (:func:`_verdict`); the relay is then completed before the error goes on (transfers
+    left pending on gloo's pairs would stall the next collective). After a failure of the
+    wire itself the relay is abandoned."""
     if relay is None:
         yield
         return
@@ -303,7 +303,7 @@ class Group:
             outgoing, self.members, scatter, check_finite=False,
             place=self._place(codecs, f"{tag}/scatter", row_place))
         gather = f"{tag}/all-gather"
-        relay = self._relay(pending, relaying, owner, out, gather)
+        relay = self._relay(pending, relaying, codecs, owner, out, gather)
 
         # Aggregate each local shard in member order; re-encode for the gather.
         outgoing = {}
@@ -323,8 +323,8 @@ class Group:
                 with timed(sw, "encode"):
                     payload = self._encode_reduced(codecs[j], reduced, rows, finite,
                                                    f"w{j}/{tag}/gather", a, scatter)
-                if relay is not None and reduced.data_ptr() != out[j][a:b].data_ptr():
-                    out[j][a:b].copy_(reduced)  # not streamed: the relay sends it from there
+                # relayed from there as it was computed (lossless rows always stream)
+                assert relay is None or reduced.data_ptr() == out[j][a:b].data_ptr()
                 # a verified sync's owner vouches for its inputs (signed with the aggregate)
                 src = None if verifiers is None else Sources(
                     self.members, tuple(msgs), None if wts is None else tuple(wts.tolist()))
@@ -333,7 +333,7 @@ class Group:
 
         if relay is not None:  # already on the wire
             with _finished(relay):
-                self._gather_relayed(relay, owner, out[self.local[0]], gather)
+                self._gather_relayed(relay, codecs, owner, out, gather)
             return Work(out)
         pending = self.transport.start_exchange(
             outgoing, self.members, gather, check_finite=False,
@@ -415,8 +415,8 @@ class Group:
             self.transport.give_up(self.members, phase, str(e))
             raise
 
-    def _relay(self, pending: Exchange, relaying: bool, owner: dict[int, tuple[int, int]],
-               out: dict[int, torch.Tensor], gather: str):
+    def _relay(self, pending: Exchange, relaying: bool, codecs: dict[int, Codec],
+               owner: dict[int, tuple[int, int]], out: dict[int, torch.Tensor], gather: str):
         """The all-gather started before the reduce (the transport's relay: each step of the
         local shard's mean goes to every peer as soon as it is computed), where this member
         offered it (``relaying``) and every peer's row offered it too; None otherwise (the
@@ -426,31 +426,29 @@ class Group:
                 (m := pending.messages.get((p, me))) is not None and m.relay
                 for p in self.members if p != me):
             return None
-        size = out[me].element_size()
-        return self.transport.start_relay(
-            self.members, gather, out[me][slice(*owner[me])],
-            {m: out[me][slice(*owner[m])] for m in self.members},
-            {m: (b - a) * size + MESSAGE_HEADER_BYTES for m, (a, b) in owner.items()})
+        def shard(m: int) -> Message:  # m's aggregated shard, where it lies in the result
+            payload = codecs[me].encode(out[me][slice(*owner[m])], finite=True)  # not yet
+            return Message(payload, MESSAGE_HEADER_BYTES)
 
-    def _gather_relayed(self, relay, owner: dict[int, tuple[int, int]], out: torch.Tensor,
+        return self.transport.start_relay(self.members, gather, shard(me),
+                                          {p: shard(p) for p in self.members if p != me})
+
+    def _gather_relayed(self, relay: Exchange, codecs: dict[int, Codec],
+                        owner: dict[int, tuple[int, int]], out: dict[int, torch.Tensor],
                         what: str) -> None:
-        """Every peer's aggregated shard, received in place by the relay: each step checked
-        for NaN/Inf as it arrives, and the peer's verdict read before the shard is trusted. A
-        peer that refused one of its rows sent void values: the attempt is void, without
-        blame on it (:class:`PeerGaveUp`, as when it gives up before sending; it blames the
-        row's sender itself); non-finite values without such a verdict are its own."""
-        me, sw = self.local[0], self.transport.stopwatch
+        """:meth:`_gather` over the relay's messages (each peer's shard received in place,
+        checked step by step as it arrives), and each peer's verdict read before its shard
+        is trusted. A peer that refused one of its rows sent void values: the attempt is
+        void, without blame on it (:func:`_verdict`; it blames the row's sender itself);
+        non-finite values without such a verdict are its own."""
+        try:
+            self._gather(relay, codecs, owner, out, what)
+        except PeerRefused as e:
+            _verdict(relay, e.sender, what)
+            raise
         for j in self.members:
-            if j == me:
-                continue
-            a, b = owner[j]
-            for lo, hi in _steps(b - a):
-                relay.wait_for((j, me), "values", hi * out.element_size())
-                with timed(sw, "decode"):
-                    if not all_finite(out[a + lo:a + hi]):
-                        _verdict(relay, j, what)
-                        raise non_finite(j, what)
-            _verdict(relay, j, what)
+            if j not in self.local:
+                _verdict(relay, j, what)
 
     def _place(self, codecs: dict[int, Codec], tag: str, where):
         """Where the real transport receives a payload tensor for a local worker: the raw

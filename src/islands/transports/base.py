@@ -261,12 +261,12 @@ class Transport(ABC):
         """Whether :meth:`start_relay` works here for tensors on ``device``."""
         return False
 
-    def start_relay(self, members: tuple[int, ...], phase: str, shard: torch.Tensor,
-                    places: dict[int, torch.Tensor], message_bytes: dict[int, int]):
+    def start_relay(self, members: tuple[int, ...], phase: str, own: Message,
+                    incoming: dict[int, Message]) -> Exchange:
         """An all-gather of lossless shards whose sends start before the local shard is
-        computed (the real transport's ``_Relay``: ``release``, ``finish``, ``wait_for``,
-        ``blame``), where :meth:`relays`; the simulator's hands every message over at once
-        and has none."""
+        computed (the real transport's ``_Relay``, an :class:`Exchange` with ``release``,
+        ``finish`` and ``blame``), where :meth:`relays`; the simulator's hands every message
+        over at once and has none."""
         raise NotImplementedError(f"{type(self).__name__} has no relay")
 
     def give_up(self, members: tuple[int, ...], phase: str, reason: str) -> None:

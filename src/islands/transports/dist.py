@@ -332,25 +332,22 @@ class DistTransport(Transport):
         return (self.pipeline and self.signer is None and self._epoch is None
                 and torch.device(device).type == "cpu")
 
-    def start_relay(self, members: tuple[int, ...], phase: str, shard: torch.Tensor,
-                    places: dict[int, torch.Tensor], message_bytes: dict[int, int]
-                    ) -> _Relay:
+    def start_relay(self, members: tuple[int, ...], phase: str, own: Message,
+                    incoming: dict[int, Message]) -> _Relay:
         """An all-gather whose sends start before their values exist (:class:`_Relay`): the
-        receives of every peer's shard are posted now, straight into ``places`` (its slice of
-        this worker's result), and :meth:`_Relay.release` sends ``shard``'s values to every
-        peer as they are computed. No header: both sides know what travels (a lossless
-        shard of known length). Only over gloo's pairs without signatures (a signed header
-        covers the payload's hash, which does not exist yet), for CPU tensors (:meth:`relays`;
-        ``pipeline = False`` turns it off: the all-gather follows the reduce).
-
-        Args:
-            message_bytes: {member: the bytes its message counts, ``Message.nbytes``}.
-        """
+        receives of every peer's message are posted now, straight into its payload's tensors
+        (``incoming``: where each peer's shard belongs in this worker's result), and
+        :meth:`_Relay.release` sends ``own``'s one payload tensor to every peer as its values
+        are computed. No header: both sides know what travels (a lossless shard of known
+        length). Only over gloo's pairs without signatures (a signed header covers the
+        payload's hash, which does not exist yet), for CPU tensors (:meth:`relays`;
+        ``pipeline = False`` turns it off: the all-gather follows the reduce)."""
+        (shard,) = own.payload.tensors.values()
         assert self.relays(shard.device), "start_relay where relays() is False"
         missing = [m for m in members if m not in self.ranks]
         if self.group is None or missing:
             raise CommError(f"{phase}: workers {missing} are not in the current process group")
-        return _Relay(self, phase, shard, places, message_bytes)
+        return _Relay(self, phase, own, incoming)
 
     def send_post(self, message: Message, to: tuple[int, ...], phase: str) -> list:
         """One way, not waited for: ``message`` (its signed header, then its bytes) to each
@@ -617,47 +614,46 @@ class _Relay(_Arriving):
     The sender computes its shard step by step and sends each step's values to every peer at
     once (:meth:`release`), then a trailer (:meth:`finish`): ``NO_BLAME``, or the worker it
     blames for a shard it could not compute (a peer's malformed or non-finite row: the values
-    sent are void). A receiver reads each peer's values where they belong as they arrive
-    (:meth:`wait_for`, tensor name ``"values"``) and that peer's verdict (:meth:`blame`)
-    before it trusts them.
+    sent are void). A receiver reads each peer's message (:attr:`messages`: its tensors where
+    they belong) as it arrives (:meth:`wait_for`) and that peer's verdict (:meth:`blame`)
+    before it trusts it; :meth:`wait` counts the messages' bytes as any exchange's.
     """
 
-    def __init__(self, transport: DistTransport, phase: str, shard: torch.Tensor,
-                 places: dict[int, torch.Tensor], message_bytes: dict[int, int]) -> None:
+    def __init__(self, transport: DistTransport, phase: str, own: Message,
+                 incoming: dict[int, Message]) -> None:
         super().__init__(transport, phase, {}, {}, check_finite=False)
         me = transport.worker
+        self.messages = {**{(p, me): m for p, m in incoming.items()}, (me, me): own}
+        (shard,) = own.payload.tensors.values()
         self.shard = wire.as_bytes(shard)
-        self.peers = [p for p in places if p != me]
+        self.peers = list(incoming)
         self.released = 0
         self.done_releasing = False
         self.verdicts = {p: torch.empty(1, dtype=torch.int64) for p in self.peers}
         recvs, owners = [], []
-        for p in self.peers:
-            b = wire.as_bytes(places[p])
-            for x, y in wire.chunks(b.numel()):
-                recvs.append((b[x:y], p))
-                owners.append(((p, "values"), y))
+        for p, m in incoming.items():
+            for name, t in m.payload.tensors.items():
+                b = wire.as_bytes(t)
+                for x, y in wire.chunks(b.numel()):
+                    recvs.append((b[x:y], p))
+                    owners.append(((p, name), y))
             recvs.append((self.verdicts[p], p))
             owners.append(((p, "verdict"), 8))
         for (key, end), work in zip(owners, transport._post([], recvs, RELAY_TAG, phase)):
             self.chunks.setdefault(key, []).append((end, work))
-        data = sum(wire.as_bytes(places[p]).numel() for p in self.peers)
-        self.counts = {
-            "bytes_sent": message_bytes[me] * len(self.peers),
-            "bytes_received": sum(message_bytes[p] for p in self.peers),
-            "wire_bytes_sent": (self.shard.numel() + 8) * len(self.peers),
-            "wire_bytes_received": data + 8 * len(self.peers)}
+        self.counts = {"bytes_sent": own.nbytes * len(self.peers),  # payloads: see wait
+                       "wire_bytes_sent": (self.shard.numel() + 8) * len(self.peers),
+                       "wire_bytes_received": 8 * len(self.peers)}
 
     def release(self, nbytes: int) -> None:
-        """Sends the shard's bytes up to ``nbytes`` (computed since the last call) to every
-        peer, in the transport's chunks."""
-        nbytes = min(nbytes, self.shard.numel())
-        ends = [y for _, y in wire.chunks(self.shard.numel()) if y <= nbytes]
-        if self.done_releasing or not ends or ends[-1] <= self.released:
+        """Sends the shard's whole chunks up to byte ``nbytes`` (all of it at its end) not
+        sent yet to every peer."""
+        total = self.shard.numel()
+        hi = total if nbytes >= total else nbytes - nbytes % wire.CHUNK_BYTES
+        if self.done_releasing or hi <= self.released:
             return
-        lo, hi = self.released, ends[-1]
-        pieces = [(self.shard[x:y], p) for p in self.peers for x, y in wire.chunks(hi)
-                  if x >= lo]
+        pieces = [(self.shard[x:min(hi, x + wire.CHUNK_BYTES)], p) for p in self.peers
+                  for x in range(self.released, hi, wire.CHUNK_BYTES)]
         self.sends += self.transport._post(pieces, [], RELAY_TAG, self.phase)
         self.released = hi
 
