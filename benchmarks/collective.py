@@ -3,14 +3,19 @@ side by side in the same processes, and the simulator's in-process butterfly aga
 
 For each worker count this spawns that many processes on 127.0.0.1 (a ``TCPStore`` on a free
 port, one gloo process group, one torch thread each). In every process, for each size and
-codec, gloo's ``all_reduce`` (a sum, in place, on a copy of the tensor), then islands'
-butterfly (:class:`~islands.collectives.butterfly.Group` over
-:class:`~islands.transports.dist.DistTransport`) run their repeats each in a block of their own
-after a warm-up, every call after a barrier. A collective's time is the slowest worker's; the
+codec, gloo's ``all_reduce`` (a sum, in place, on a copy of the tensor in a kept buffer) and
+islands' butterfly (:class:`~islands.collectives.butterfly.Group` over
+:class:`~islands.transports.dist.DistTransport`) take turns, one call of each per repeat after
+a warm-up (``--blocks``, and the default with ``--network``: each runs its repeats in a block
+of its own), every call after a barrier. A collective's time is the slowest worker's; the
 table gives medians over the repeats.
 
 * ``goodput``: fp32 bytes of the tensor (``4 · numel``) over the time, in GB/s.
-* ``vs gloo``: gloo's time over the butterfly's (> 1: the butterfly is faster).
+* ``vs gloo``: gloo's time over the butterfly's (> 1: the butterfly is faster). gloo reduces
+  in place into a copy of the tensor made before the clock starts; the butterfly writes its
+  result into a buffer the caller keeps from call to call (``out=``).
+* ``fresh vs gloo``: the same with a new result tensor at each call (no ``out=``): the price
+  of 128 MB of new pages, side by side.
 * ``streams vs signed``: the signed butterfly over gloo's pairs, its time over the same
   over islands' framed TCP streams (``runtime.wire = "streams"``: a peer cannot make the
   receiver abort), side by side.
@@ -66,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,6 +120,7 @@ def worker_main(args: argparse.Namespace) -> None:
     """One process of the group: every (size, codec) in order, gloo then the butterfly."""
     from islands.collectives.butterfly import Group
     from islands.collectives.verify import verifiers_for
+    from islands.core import memory
     from islands.core.signing import Signer
     from islands.transports.dist import DistTransport, new_group, open_store
     from islands.transports.streams import Listener
@@ -140,64 +147,92 @@ def worker_main(args: argparse.Namespace) -> None:
     for size_mb in args.sizes_mb:
         numel = numel_of(size_mb)
         x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+        result = memory.empty(numel)
+        inplace = memory.empty(numel)  # what gloo reduces in place: x copied in, untimed
         for label in args.codecs:
             codec = make_codec(label, numel)
             row = {"size_mb": size_mb, "codec": label, "gloo_s": [], "butterfly_s": [],
                    "native_s": [], "signed_s": [], "streams_s": [], "verified_s": [],
-                   "two_phase_s": [],
+                   "two_phase_s": [], "fresh_s": [],
                    "breakdown": []}
-            # Each collective's repeats in a block of their own, after its own warm-up: over a
-            # shaped link a collective run right after another inherits the TCP state the
+            # Over loopback the collectives take turns, one call of each per repeat, so a
+            # change in the machine's load during the run reaches all of them alike. Over a
+            # shaped link (``--network``) each runs its repeats in a block of its own after its
+            # own warm-up: a collective run right after another inherits the TCP state the
             # other left on the pairs (gloo's ring grows the neighbours' windows and leaves
             # the others cold), which cost the butterfly 10-25% when the two alternated.
-            def block(key: str, call, prepare=lambda rep: None, runs: bool = True) -> None:
-                """``call(prepare(rep))`` after a barrier, timed, a warm-up and then
+            turns: list[tuple[str, Callable, Callable]] = []
+
+            def measure(key: str, call, prepare=lambda rep: None, runs: bool = True) -> None:
+                """``call(prepare(rep))`` after a barrier, timed: a warm-up, then
                 ``args.repeats`` times (none unless ``runs``)."""
-                for rep in range(args.repeats + 1 if runs else 0):
-                    arg = prepare(rep)
-                    pg.barrier().wait()
-                    start = time.perf_counter()
-                    call(arg)
-                    if rep:
-                        row[key].append(time.perf_counter() - start)
-                    del arg
+                if runs:
+                    turns.append((key, call, prepare))
 
-            def butterfly(_=None, **kw) -> None:
+            def butterfly(_=None, **kw) -> None:  # into a result buffer kept by the caller
                 group.start_all_reduce({rank: x}, codecs={rank: codec}, tag="bench",
-                                       **kw).wait()
+                                       **{"out": {rank: result}, **kw}).wait()
 
-            identity = label == "identity"
-            block("gloo_s", lambda t: pg.allreduce([t]).wait(), lambda rep: x.clone())
-            # runtime.trust = "cluster": gloo's, the mean, checked
-            block("native_s", lambda t: transport.all_reduce_mean(t, tuple(range(n)),
-                                                                  "bench/native"),
-                  lambda rep: x.clone(), runs=identity)
-            for rep in range(args.repeats + 1):
-                pg.barrier().wait()
+            def breakdown(_=None) -> None:  # the butterfly, its breakdown and bytes recorded
                 transport.stopwatch.reset()
                 sent = transport.bytes_sent
-                start = time.perf_counter()
                 butterfly()
-                if rep:
-                    row["butterfly_s"].append(time.perf_counter() - start)
-                    row["breakdown"].append(dict(transport.stopwatch.seconds))
+                row["breakdown"].append(dict(transport.stopwatch.seconds))
                 row["bytes_sent"] = transport.bytes_sent - sent
-            transport.pipeline = False  # the all-gather after the whole reduce
-            block("two_phase_s", butterfly, runs=identity)
-            transport.pipeline = True
+
+            @contextlib.contextmanager
+            def setting(**attrs):  # transport attributes for one collective's calls
+                saved = {k: getattr(transport, k) for k in attrs}
+                for k, v in attrs.items():
+                    setattr(transport, k, v)
+                try:
+                    yield
+                finally:
+                    for k, v in saved.items():
+                        setattr(transport, k, v)
+
+            def under(call, **attrs):
+                def run(arg):
+                    with setting(**attrs):
+                        call(arg)
+                return run
+
+            identity = label == "identity"
+            measure("gloo_s", lambda t: pg.allreduce([t]).wait(), lambda rep: inplace.copy_(x))
+            # runtime.trust = "cluster": gloo's, the mean, checked
+            measure("native_s", lambda t: transport.all_reduce_mean(t, tuple(range(n)),
+                                                                    "bench/native"),
+                    lambda rep: inplace.copy_(x), runs=identity)
+            measure("butterfly_s", breakdown)
+            measure("fresh_s", lambda _: butterfly(out=None))  # a new result tensor each call
+            # the all-gather after the whole reduce
+            measure("two_phase_s", under(butterfly, pipeline=False), runs=identity)
             signed = not args.unsigned_only
             for wire, key in ((None, "signed_s"), (streams, "streams_s")):
                 # the same, every header signed and checked; over gloo, then over streams
-                transport.signer, transport._epoch = signer, wire
-                block(key, butterfly,
-                      lambda rep, key=key: transport.set_context(f"bench/{key}/{rep}", keys),
-                      runs=signed)
+                measure(key, under(butterfly, signer=signer, _epoch=wire),
+                        lambda rep, key=key: transport.set_context(f"bench/{key}/{rep}", keys),
+                        runs=signed)
             # the same over streams with every sync verified (lossless codecs only)
-            transport._epoch = streams
-            block("verified_s", lambda _: butterfly(verifiers=verifiers_for(group.members, 1)),
-                  lambda rep: transport.set_context(f"bench/verified/{rep}", keys),
-                  runs=identity and n > 1 and signed)
-            transport.signer, transport._epoch = None, None
+            measure("verified_s", under(lambda _: butterfly(
+                        verifiers=verifiers_for(group.members, 1)), signer=signer,
+                        _epoch=streams),
+                    lambda rep: transport.set_context(f"bench/verified/{rep}", keys),
+                    runs=identity and n > 1 and signed)
+            reps = range(args.repeats + 1)
+            order = ([(rep, turn) for rep in reps for turn in turns] if args.interleave
+                     else [(rep, turn) for turn in turns for rep in reps])
+            for rep, (key, call, prepare) in order:
+                arg = prepare(rep)
+                pg.barrier().wait()
+                start = time.perf_counter()
+                call(arg)
+                elapsed = time.perf_counter() - start
+                if rep:
+                    row[key].append(elapsed)
+                elif key == "butterfly_s":
+                    row["breakdown"].pop()  # the warm-up's
+                del arg
             # Every worker must hold the same result: compared by the parent through a digest.
             row["digest"] = digest(group.all_reduce({rank: x}, codecs={rank: codec},
                                                     tag="bench")[rank])
@@ -252,7 +287,8 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
         common = ["--world", str(n), "--port", str(port), "--repeats", str(args.repeats),
                   "--chunk-mb", str(args.chunk_mb or 0), "--store-host", host(0),
                   "--sizes-mb", *map(str, args.sizes_mb), "--codecs", *args.codecs,
-                  *(["--unsigned-only"] if args.unsigned_only else [])]
+                  *(["--unsigned-only"] if args.unsigned_only else []),
+                  *([] if args.interleave else ["--blocks"])]
         procs = [subprocess.Popen(wrap(r, [sys.executable, __file__, "--rank", str(r),
                                            "--host", host(r), "--result", str(files[r]),
                                            *common]), env=env, stderr=subprocess.PIPE,
@@ -278,10 +314,10 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
         g, b = statistics.median(gloo), statistics.median(bfly)
         native = ([max(r["native_s"][i] for r in parts) for i in range(args.repeats)]
                   if parts[0].get("native_s") else None)
-        signed, over_streams, verified, two_phase = (
+        signed, over_streams, verified, two_phase, fresh = (
             statistics.median(max(r[k][i] for r in parts) for i in range(args.repeats))
             if parts[0].get(k) else None
-            for k in ("signed_s", "streams_s", "verified_s", "two_phase_s"))
+            for k in ("signed_s", "streams_s", "verified_s", "two_phase_s", "fresh_s"))
         rows.append({"workers": n, "size_mb": parts[0]["size_mb"], "codec": parts[0]["codec"],
                      "gloo_s": g, "butterfly_s": b, "gloo_gbps": 4 * numel / g / 1e9,
                      "butterfly_gbps": 4 * numel / b / 1e9, "vs_gloo": g / b,
@@ -294,6 +330,8 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
                         if verified else {}),
                      **({"two_phase_s": two_phase, "butterfly_vs_two_phase": two_phase / b}
                         if two_phase else {}),
+                     **({"fresh_s": fresh, "fresh_vs_gloo": g / fresh,
+                         "kept_vs_fresh": fresh / b} if fresh else {}),
                      **({"native_s": statistics.median(native), "native_repeats_s": native,
                          "native_vs_gloo": g / statistics.median(native)} if native else {}),
                      "bytes_sent_per_worker": parts[0]["bytes_sent"],
@@ -344,7 +382,7 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
 
     t = Table(title="butterfly over DistTransport vs gloo all_reduce (medians, 1 thread each)")
     for col in ("workers", "MB", "codec", "gloo s", "gloo GB/s", "bfly s", "bfly GB/s",
-                "vs gloo", "bfly vs 2-phase", "native vs gloo", "signed vs bfly",
+                "vs gloo", "fresh vs gloo", "bfly vs 2-phase", "native vs gloo", "signed vs bfly",
                 "streams vs signed", "verified vs streams", *ACTIVITIES, "other", "same"):
         t.add_column(col, justify="right")
     for r in dist_rows:
@@ -352,6 +390,7 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
         t.add_row(str(r["workers"]), f"{r['size_mb']:g}", r["codec"], f"{r['gloo_s']:.3f}",
                   f"{r['gloo_gbps']:.2f}", f"{r['butterfly_s']:.3f}",
                   f"{r['butterfly_gbps']:.2f}", f"{r['vs_gloo']:.2f}x",
+                  f"{r['fresh_vs_gloo']:.2f}x" if "fresh_vs_gloo" in r else "—",
                   f"{r['butterfly_vs_two_phase']:.2f}x" if "butterfly_vs_two_phase" in r
                   else "—",
                   f"{r['native_vs_gloo']:.3f}x" if "native_vs_gloo" in r else "—",
@@ -389,6 +428,9 @@ def main() -> None:
     p.add_argument("--network", type=float, default=None, metavar="MBIT",
                    help="each worker in a network namespace of its own, its upload and "
                         "download shaped to MBIT Mbit/s (root; islands.runtime.wan)")
+    p.add_argument("--blocks", action="store_true",
+                   help="each collective's repeats in a block of their own (the default with "
+                        "--network; over loopback they take turns)")
     p.add_argument("--json", default="bench-results/collective.json")
     # set by the parent for a worker process
     p.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
@@ -398,6 +440,7 @@ def main() -> None:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.interleave = not (args.blocks or args.network)
     if args.rank is not None:
         return worker_main(args)
     if args.quick:

@@ -32,6 +32,7 @@ CASES = {
     "fp16-weighted": (lambda: Cast(torch.float16), mean, True),
     "identity": (Identity, mean, False),
     "identity-after-reduce": (Identity, mean, False),  # DistTransport.pipeline = False
+    "identity-kept": (Identity, mean, False),  # into a result buffer the caller keeps (out=)
     "identity-weighted": (Identity, mean, True),
     "identity-stacked": (Identity, a_robust_rule, True),
     "int8": (lambda: Int8(block=64), mean, False),
@@ -61,8 +62,10 @@ for name, (codec, aggregator, weighted) in CASES.items():
     before = (t.bytes_sent, t.wire_bytes_sent, kernel_bytes_written())
     ops, relayed = counting.ops, counting.relayed
     t.pipeline = name != "identity-after-reduce"
+    kept = {rank: torch.full((NUMEL,), float("nan"))} if name == "identity-kept" else None
     out = g.all_reduce({rank: x}, codecs={rank: codec()}, aggregator=aggregator,
-                       weights={rank: rank + 1.0} if weighted else None, tag=name)
+                       weights={rank: rank + 1.0} if weighted else None, tag=name, out=kept)
+    assert kept is None or out[rank] is kept[rank]
     written = kernel_bytes_written()
     report[name] = {"bits": out[rank].view(torch.int32).tolist(),
                     "sent": t.bytes_sent - before[0], "wire": t.wire_bytes_sent - before[1],
@@ -142,7 +145,8 @@ def test_butterfly_over_gloo_matches_the_simulator_and_counts_its_wire_bytes():
             assert case["bits"] == want[name][r].view(torch.int32).tolist(), (name, r)
             assert case["sent"] == sent[name][r], name
             # a streamed mean of lossless rows is relayed (its all-gather sent as computed)
-            assert (case["relayed"] > 0) == (name in ("identity", "identity-weighted")), name
+            assert (case["relayed"] > 0) == (
+                name in ("identity", "identity-weighted", "identity-kept")), name
             overhead = case["wire"] - case["sent"]
             assert 0 < overhead <= messages * MAX_HEADER_OVERHEAD_BYTES, (name, overhead)
             if case["kernel"] is not None:

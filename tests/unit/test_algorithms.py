@@ -41,6 +41,29 @@ def test_local_sgd_every_step_with_sgd_equals_ddp():
     assert (rare - ddp).abs().max() > 1e-4
 
 
+def test_ddp_writes_each_mean_into_one_kept_buffer_with_the_same_bits(monkeypatch):
+    """DDP's gradient means go into a buffer each worker keeps (``Contribution.out``): the
+    same buffer at every step, and the run ends with the bits of new tensors per step."""
+    from islands.collectives.butterfly import Group
+
+    cfg = tiny_config("workers=3", "steps=4", "eval_every=100", "algorithm.name=ddp")
+    given = []
+    start = Group.start_all_reduce
+
+    def spy(self, contributions, **kw):
+        given.append(kw.get("out"))
+        return start(self, contributions, **kw)
+
+    monkeypatch.setattr(Group, "start_all_reduce", spy)
+    kept = final_params(cfg)
+    assert len(given) == 4 and all(o is not None and sorted(o) == [0, 1, 2] for o in given)
+    assert len({o[0].data_ptr() for o in given}) == 1  # one buffer, step after step
+    monkeypatch.setattr(Group, "start_all_reduce",
+                        lambda self, c, **kw: spy(self, c, **{**kw, "out": None}))
+    fresh = final_params(cfg)
+    assert torch.equal(kept, fresh)
+
+
 def test_all_workers_hold_identical_shared_state():
     for name in ("ddp", "local_sgd", "diloco"):
         sim = Simulation(tiny_config("workers=3", "steps=10", "algorithm.sync_every=4",

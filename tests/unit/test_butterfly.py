@@ -51,6 +51,44 @@ def test_equals_the_stacked_mean_bit_for_bit_and_bytes_formula(n, numel, weighte
     assert total_payload == 2 * (n - 1) * 4 * numel  # = n · 2(n-1)/n · S
 
 
+@pytest.mark.parametrize("n", [1, 3, 5])
+@pytest.mark.parametrize("codec", [Identity, lambda: Cast(torch.float16)])
+def test_a_kept_result_buffer_receives_the_same_bits_call_after_call(n, codec):
+    """``out=``: the result written into the caller's buffers, the same bits as fresh ones,
+    and a second call overwrites every value of the first."""
+    numel = 1001
+    group, _ = make_group(n)
+    kept = {i: torch.full((numel,), float("nan")) for i in range(n)}
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        xs = {i: torch.randn(numel) for i in range(n)}
+        fresh = group.all_reduce(xs, codecs={i: codec() for i in range(n)}, tag=f"f{seed}")
+        got = group.all_reduce(xs, codecs={i: codec() for i in range(n)}, tag=f"k{seed}",
+                               out=kept)
+        for i in range(n):
+            assert got[i].data_ptr() == kept[i].data_ptr()
+            assert torch.equal(bits(got[i]), bits(fresh[i]))
+
+
+@pytest.mark.parametrize("bad, words", [
+    (lambda xs: {0: torch.empty(10)}, "give one for each local contributor [0, 1]"),
+    (lambda xs: {0: torch.empty(10), 1: torch.empty(9)}, "out[1] is a torch.float32 tensor "
+                                                        "of shape (9,)"),
+    (lambda xs: {0: torch.empty(10), 1: torch.empty(10, dtype=torch.float64)},
+     "values of torch.float32"),
+    (lambda xs: {0: torch.empty(20)[::2], 1: torch.empty(10)}, "must be contiguous"),
+    (lambda xs: {0: xs[0], 1: torch.empty(10)}, "out[0] shares the contribution's memory"),
+    (lambda xs: (b := torch.empty(10)) is None or {0: b, 1: b}, "the same buffer"),
+])
+def test_a_result_buffer_that_does_not_fit_is_refused_naming_it(bad, words):
+    group, transport = make_group(2)
+    xs = {i: torch.randn(10) for i in range(2)}
+    with pytest.raises(ValueError, match="out") as e:
+        group.all_reduce(xs, codecs={i: Identity() for i in range(2)}, out=bad(xs))
+    assert words in str(e.value)
+    assert transport.bytes_sent == [0, 0]  # refused before anything was sent
+
+
 def test_bytes_per_worker_is_two_n_minus_one_over_n_of_encoded_size():
     n, numel = 4, 4000  # divisible: every shard has 1000 values
     group, transport = make_group(n)

@@ -44,6 +44,7 @@ from islands.aggregators import mean
 from islands.algorithms import schedule
 from islands.algorithms.schedule import SyncEvery
 from islands.codecs.base import Codec
+from islands.core import memory
 
 Aggregator = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -110,6 +111,18 @@ class Worker:
         self.outer: torch.optim.Optimizer | None = None
         self.samples = 0  # samples trained since the last sync
         self.steps = 0  # inner steps taken in total
+        self._kept: dict[str, torch.Tensor] = {}
+
+    def kept(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of ``like``'s length, dtype and device, the same one at each call for
+        ``name`` (a new one when those change): a collective's result written into it
+        spares new pages at every sync (:attr:`Contribution.out`). Its values are the last
+        writer's."""
+        buf = self._kept.get(name)
+        if (buf is None or buf.numel() != like.numel() or buf.dtype != like.dtype
+                or buf.device != like.device):
+            buf = self._kept[name] = memory.empty(like.numel(), like.dtype, like.device)
+        return buf
 
     def flat_params(self) -> torch.Tensor:
         return parameters_to_vector(self.params).detach()
@@ -179,6 +192,10 @@ class Contribution:
         steps: ``"neighbours"``: gossip steps (each one exchange on the last one's result).
         segments: ``"neighbours"``: the lengths of the tensors ``tensor`` joins, to correct
             each one's variance after mixing (variance-corrected averaging); empty: none.
+        out: ``"all_reduce"``: a buffer of ``tensor``'s length the result may be written
+            into, kept by the algorithm from sync to sync (:meth:`Worker.kept`), where its
+            ``apply`` holds nothing of the result after it returns and no other sync of the
+            tag is in flight; None: a new tensor each sync.
     """
 
     tensor: torch.Tensor
@@ -189,6 +206,7 @@ class Contribution:
     send_to: tuple[int, ...] = ()
     steps: int = 1
     segments: tuple[int, ...] = ()
+    out: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.collective not in COLLECTIVES:

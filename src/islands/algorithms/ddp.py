@@ -29,7 +29,9 @@ class DDP(Algorithm):
 
     def contribute(self, worker: Worker, observers: tuple[int, ...] = ()
                    ) -> list[Contribution]:
-        return [Contribution(worker.flat_grads(), tag="gradient")]
+        grads = worker.flat_grads()
+        # the mean is copied into the gradients at once (apply): its buffer is kept
+        return [Contribution(grads, tag="gradient", out=worker.kept("gradient", grads))]
 
     def apply(self, worker: Worker, reduced: list[torch.Tensor]) -> None:
         """Replicas stay identical because they apply identical gradients."""

@@ -200,6 +200,28 @@ def _arrived(pending: Exchange, key: tuple[int, int], payload: Encoded) -> None:
         pending.wait_for(key, name, t.numel() * t.element_size())
 
 
+def _result_buffers(out: dict[int, torch.Tensor], contributions: dict[int, torch.Tensor]
+                    ) -> dict[int, torch.Tensor]:
+    """``out`` checked against the contributions (:meth:`Group.start_all_reduce`)."""
+    if set(out) != set(contributions):
+        raise ValueError(f"out has buffers for workers {sorted(out)}; give one for each local "
+                         f"contributor {sorted(contributions)}")
+    for k, t in out.items():
+        x = contributions[k]
+        if (t.dim() != 1 or t.numel() != x.numel() or t.dtype != x.dtype
+                or t.device != x.device or not t.is_contiguous()):
+            raise ValueError(f"out[{k}] is a {t.dtype} tensor of shape {tuple(t.shape)} on "
+                             f"{t.device}; it must be contiguous, 1-D, {x.numel()} values of "
+                             f"{x.dtype} on {x.device}, as the contribution")
+        if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            raise ValueError(f"out[{k}] shares the contribution's memory; give a buffer of "
+                             "its own (the contribution is still read while the result is "
+                             "written)")
+    if len({t.untyped_storage().data_ptr() for t in out.values()}) < len(out):
+        raise ValueError("out gives two workers the same buffer; give each one of its own")
+    return dict(out)
+
+
 def _steps(n: int) -> list[tuple[int, int]]:
     return [(a, min(n, a + STEP)) for a in range(0, n, STEP)]
 
@@ -222,16 +244,18 @@ class Group:
 
     def all_reduce(self, contributions: dict[int, torch.Tensor], *, codecs: dict[int, Codec],
                    aggregator: Aggregators = mean, weights: dict[int, float] | None = None,
-                   tag: str = "all-reduce", native: bool = False) -> dict[int, torch.Tensor]:
+                   tag: str = "all-reduce", native: bool = False,
+                   out: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """:meth:`start_all_reduce`, waited on."""
         return self.start_all_reduce(contributions, codecs=codecs, aggregator=aggregator,
-                                     weights=weights, tag=tag, native=native).wait()
+                                     weights=weights, tag=tag, native=native, out=out).wait()
 
     def start_all_reduce(self, contributions: dict[int, torch.Tensor], *,
                          codecs: dict[int, Codec], aggregator: Aggregators = mean,
                          weights: dict[int, float] | None = None, tag: str = "all-reduce",
                          native: bool = False, claims: dict[int, float] | None = None,
-                         verifiers: dict[int, int] | None = None) -> Work:
+                         verifiers: dict[int, int] | None = None,
+                         out: dict[int, torch.Tensor] | None = None) -> Work:
         """Reduces one flat tensor per member; the handle gives each local member's result.
 
         Args:
@@ -266,7 +290,8 @@ class Group:
         sw = self.transport.stopwatch
         # Allocated first: the mean is written into the owner's own slice, and the real
         # transport receives lossless gathered shards straight into theirs.
-        out = {k: memory.empty(numel, dtype, device) for k in self.local}
+        out = (_result_buffers(out, contributions) if out is not None
+               else {k: memory.empty(numel, dtype, device) for k in self.local})
 
         stream = plain and streams(len(self.members), dtype)
         # A lossless shard's streamed mean can go to the peers step by step as it is

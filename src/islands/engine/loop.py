@@ -431,7 +431,8 @@ class Engine:
             if flat is not None:
                 first = plans[w.id][0]
                 plans[w.id].append(
-                    dataclasses.replace(first, tensor=flat, tag="buffers", segments=())
+                    dataclasses.replace(first, tensor=flat, tag="buffers", segments=(),
+                                        out=None)
                     if first.collective == "neighbours"
                     else Contribution(flat, first.weight, tag="buffers"))
         count = len(plans[workers[0].id])
@@ -475,10 +476,12 @@ class Engine:
                         tensors, codecs=codecs, aggregator=rules, weights=weights,
                         tag=first.tag, claims=claims[k]))
                 else:
+                    out = {wid: c.out for wid, c in items.items()}
                     works.append(group.start_all_reduce(
                         tensors, codecs=codecs, aggregator=rules, weights=weights,
                         tag=first.tag, native=self._native, claims=claims[k],
-                        verifiers=self._verifiers(r, first.tag, group.members)))
+                        verifiers=self._verifiers(r, first.tag, group.members),
+                        out=None if None in out.values() else out))
             return works
 
         has_buffers = workers[0].buffers != []
