@@ -14,8 +14,10 @@ table gives medians over the repeats.
 * ``vs gloo``: gloo's time over the butterfly's (> 1: the butterfly is faster). gloo reduces
   in place into a copy of the tensor made before the clock starts; the butterfly writes its
   result into a buffer the caller keeps from call to call (``out=``).
-* ``fresh vs gloo``: the same with a new result tensor at each call (no ``out=``): the price
-  of 128 MB of new pages, side by side.
+* ``fresh vs gloo`` (``--fresh``): the same with a new result tensor at each call (no
+  ``out=``): the price of 128 MB of new pages, side by side. Off by default: taking its turn
+  among the others, it slows the calls after it too (3 workers: the butterfly's 0.75-0.86 of
+  gloo's goodput in six runs with it, 0.82-0.87 in three without).
 * ``streams vs signed``: the signed butterfly over gloo's pairs, its time over the same
   over islands' framed TCP streams (``runtime.wire = "streams"``: a peer cannot make the
   receiver abort), side by side.
@@ -204,7 +206,8 @@ def worker_main(args: argparse.Namespace) -> None:
                                                                     "bench/native"),
                     lambda rep: inplace.copy_(x), runs=identity)
             measure("butterfly_s", breakdown)
-            measure("fresh_s", lambda _: butterfly(out=None))  # a new result tensor each call
+            measure("fresh_s", lambda _: butterfly(out=None),  # a new result tensor each call
+                    runs=args.fresh)
             # the all-gather after the whole reduce
             measure("two_phase_s", under(butterfly, pipeline=False), runs=identity)
             signed = not args.unsigned_only
@@ -288,7 +291,8 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
                   "--chunk-mb", str(args.chunk_mb or 0), "--store-host", host(0),
                   "--sizes-mb", *map(str, args.sizes_mb), "--codecs", *args.codecs,
                   *(["--unsigned-only"] if args.unsigned_only else []),
-                  *([] if args.interleave else ["--blocks"])]
+                  *([] if args.interleave else ["--blocks"]),
+                  *(["--fresh"] if args.fresh else [])]
         procs = [subprocess.Popen(wrap(r, [sys.executable, __file__, "--rank", str(r),
                                            "--host", host(r), "--result", str(files[r]),
                                            *common]), env=env, stderr=subprocess.PIPE,
@@ -431,6 +435,10 @@ def main() -> None:
     p.add_argument("--blocks", action="store_true",
                    help="each collective's repeats in a block of their own (the default with "
                         "--network; over loopback they take turns)")
+    p.add_argument("--fresh", action="store_true",
+                   help="also the butterfly with a new result tensor at each call (the 'fresh "
+                        "vs gloo' column; freeing 128 MB of pages slows the calls after it, so "
+                        "off by default)")
     p.add_argument("--json", default="bench-results/collective.json")
     # set by the parent for a worker process
     p.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
