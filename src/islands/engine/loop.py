@@ -481,7 +481,7 @@ class Engine:
                         tensors, codecs=codecs, aggregator=rules, weights=weights,
                         tag=first.tag, native=self._native, claims=claims[k],
                         verifiers=self._verifiers(r, first.tag, group.members),
-                        out=None if None in out.values() else out))
+                        out=None if any(o is None for o in out.values()) else out))
             return works
 
         has_buffers = workers[0].buffers != []
