@@ -465,6 +465,7 @@ def main() -> None:
         loads["sim"] = {"before": before, "after": os.getloadavg()}
     print_tables(dist_rows, sim_rows)
     env = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "order": "turns" if args.interleave else "blocks", "fresh": args.fresh,
            "threads_per_process": 1, "islands": str(Path(islands.__file__).parent),
            "chunk_bytes": int(args.chunk_mb * 2**20) if args.chunk_mb else chunk_bytes(),
            "torch": torch.__version__, "cpus": os.cpu_count(),
