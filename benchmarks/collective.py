@@ -175,11 +175,12 @@ def worker_main(args: argparse.Namespace) -> None:
                 group.start_all_reduce({rank: x}, codecs={rank: codec}, tag="bench",
                                        **{"out": {rank: result}, **kw}).wait()
 
-            def breakdown(_=None) -> None:  # the butterfly, its breakdown and bytes recorded
+            def breakdown(rep: int) -> None:  # the butterfly; its breakdown and bytes recorded
                 transport.stopwatch.reset()
                 sent = transport.bytes_sent
                 butterfly()
-                row["breakdown"].append(dict(transport.stopwatch.seconds))
+                if rep:  # not the warm-up's
+                    row["breakdown"].append(dict(transport.stopwatch.seconds))
                 row["bytes_sent"] = transport.bytes_sent - sent
 
             @contextlib.contextmanager
@@ -205,7 +206,7 @@ def worker_main(args: argparse.Namespace) -> None:
             measure("native_s", lambda t: transport.all_reduce_mean(t, tuple(range(n)),
                                                                     "bench/native"),
                     lambda rep: inplace.copy_(x), runs=identity)
-            measure("butterfly_s", breakdown)
+            measure("butterfly_s", breakdown, lambda rep: rep)
             measure("fresh_s", lambda _: butterfly(out=None),  # a new result tensor each call
                     runs=args.fresh)
             # the all-gather after the whole reduce
@@ -233,8 +234,6 @@ def worker_main(args: argparse.Namespace) -> None:
                 elapsed = time.perf_counter() - start
                 if rep:
                     row[key].append(elapsed)
-                elif key == "butterfly_s":
-                    row["breakdown"].pop()  # the warm-up's
                 del arg
             # Every worker must hold the same result: compared by the parent through a digest.
             row["digest"] = digest(group.all_reduce({rank: x}, codecs={rank: codec},

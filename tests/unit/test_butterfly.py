@@ -70,15 +70,21 @@ def test_a_kept_result_buffer_receives_the_same_bits_call_after_call(n, codec):
             assert torch.equal(bits(got[i]), bits(fresh[i]))
 
 
+def _one_buffer_twice(xs):
+    b = torch.empty(10)
+    return {0: b, 1: b}
+
+
 @pytest.mark.parametrize("bad, words", [
     (lambda xs: {0: torch.empty(10)}, "give one for each local contributor [0, 1]"),
     (lambda xs: {0: torch.empty(10), 1: torch.empty(9)}, "out[1] is a torch.float32 tensor "
                                                         "of shape (9,)"),
     (lambda xs: {0: torch.empty(10), 1: torch.empty(10, dtype=torch.float64)},
-     "values of torch.float32"),
-    (lambda xs: {0: torch.empty(20)[::2], 1: torch.empty(10)}, "must be contiguous"),
+     "out[1] is a torch.float64 tensor"),
+    (lambda xs: {0: torch.empty(20)[::2], 1: torch.empty(10)},
+     "out[0] is a non-contiguous torch.float32 tensor"),
     (lambda xs: {0: xs[0], 1: torch.empty(10)}, "out[0] shares the contribution's memory"),
-    (lambda xs: (b := torch.empty(10)) is None or {0: b, 1: b}, "the same buffer"),
+    (_one_buffer_twice, "out gives two workers the same buffer"),
 ])
 def test_a_result_buffer_that_does_not_fit_is_refused_naming_it(bad, words):
     group, transport = make_group(2)

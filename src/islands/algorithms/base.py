@@ -118,11 +118,7 @@ class Worker:
         ``name`` (a new one when those change): a collective's result written into it
         spares new pages at every sync (:attr:`Contribution.out`). Its values are the last
         writer's."""
-        buf = self._kept.get(name)
-        if (buf is None or buf.numel() != like.numel() or buf.dtype != like.dtype
-                or buf.device != like.device):
-            buf = self._kept[name] = memory.empty(like.numel(), like.dtype, like.device)
-        return buf
+        return memory.kept(self._kept, name, like.numel(), like.dtype, like.device)
 
     def flat_params(self) -> torch.Tensor:
         return parameters_to_vector(self.params).detach()

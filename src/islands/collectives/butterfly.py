@@ -210,9 +210,11 @@ def _result_buffers(out: dict[int, torch.Tensor], contributions: dict[int, torch
         x = contributions[k]
         if (t.dim() != 1 or t.numel() != x.numel() or t.dtype != x.dtype
                 or t.device != x.device or not t.is_contiguous()):
-            raise ValueError(f"out[{k}] is a {t.dtype} tensor of shape {tuple(t.shape)} on "
-                             f"{t.device}; it must be contiguous, 1-D, {x.numel()} values of "
-                             f"{x.dtype} on {x.device}, as the contribution")
+            layout = "" if t.is_contiguous() else "non-contiguous "
+            raise ValueError(f"out[{k}] is a {layout}{t.dtype} tensor of shape "
+                             f"{tuple(t.shape)} on {t.device}; it must be contiguous, 1-D, "
+                             f"{x.numel()} values of {x.dtype} on {x.device}, as the "
+                             "contribution")
         if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             raise ValueError(f"out[{k}] shares the contribution's memory; give a buffer of "
                              "its own (the contribution is still read while the result is "

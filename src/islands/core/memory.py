@@ -50,3 +50,16 @@ def empty(shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32,
         if end > start:
             _MADVISE(start, end - start, _MADV_HUGEPAGE)  # advice only: a failure is harmless
     return t
+
+
+def kept(buffers: dict, key, shape: int | tuple[int, ...], dtype: torch.dtype,
+         device: torch.device | str = "cpu") -> torch.Tensor:
+    """The buffer ``buffers`` keeps under ``key`` (a new one, from :func:`empty`, when the
+    shape, dtype or device changes; the old one released first), for memory that is written
+    again and again: fresh pages cost a fault each on their first write, a kept buffer once."""
+    shape, device = (shape,) if isinstance(shape, int) else tuple(shape), torch.device(device)
+    t = buffers.get(key)
+    if t is None or tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+        buffers.pop(key, None)  # released before its replacement is allocated
+        t = buffers[key] = empty(shape, dtype, device)
+    return t

@@ -284,12 +284,7 @@ class Transport(ABC):
         allocated while the transport lives. The caller must not keep a buffer past its call,
         nor use one key for two collectives in flight at once.
         """
-        kept, device = self.__dict__.setdefault("_scratch", {}), torch.device(device)
-        t = kept.get(key)
-        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
-            kept.pop(key, None)  # released before its replacement is allocated
-            t = kept[key] = memory.empty(shape, dtype, device)
-        return t
+        return memory.kept(self.__dict__.setdefault("_scratch", {}), key, shape, dtype, device)
 
     def drop_scratch(self) -> None:
         """Forgets every kept buffer. A transport that gives up on transfers still in flight
