@@ -6,8 +6,10 @@ port, one gloo process group, one torch thread each). In every process, for each
 codec, gloo's ``all_reduce`` (a sum, in place, on a copy of the tensor in a kept buffer) and
 islands' butterfly (:class:`~islands.collectives.butterfly.Group` over
 :class:`~islands.transports.dist.DistTransport`) take turns, one call of each per repeat after
-a warm-up (``--blocks``, and the default with ``--network``: each runs its repeats in a block
-of its own), every call after a barrier. A collective's time is the slowest worker's; the
+a warm-up, in an order drawn anew for each repeat (the same in every process), so that each
+follows each of the others alike (``--fixed-turns``: the same order in every repeat;
+``--blocks``, and the default with ``--network``: each runs its repeats in a block of its
+own), every call after a barrier. A collective's time is the slowest worker's; the
 table gives medians over the repeats.
 
 * ``goodput``: fp32 bytes of the tensor (``4 · numel``) over the time, in GB/s.
@@ -37,6 +39,13 @@ table gives medians over the repeats.
 * ``native vs gloo`` (identity rows): gloo's time over that of the path a trusted job takes
   (``runtime.trust = "cluster"``: the contribution divided by n and checked finite in one
   pass, a vector of who found NaN shared, then gloo's ``all_reduce``), side by side.
+* ``check+gloo vs gloo`` and ``native vs check+gloo`` (identity rows): gloo's ``all_reduce``
+  after the cheapest complete check that the contribution is finite
+  (``codecs.base.all_finite``: one read of every value), the floor of any path that checks
+  what it sends, against gloo alone and against the native path.
+* ``native vs div+gloo`` (identity rows): PyTorch DDP's ``allreduce_hook`` (the contribution
+  divided by n in place, then gloo's ``all_reduce``: the mean without a check), its time over
+  the native path's.
 * ``--network MBIT``: each worker in a network namespace of its own with its upload and
   download shaped to MBIT Mbit/s (``islands.runtime.wan``; root only).
 * breakdown (median over repeats of the mean over workers, in ms): ``encode`` and ``decode``
@@ -67,6 +76,7 @@ import functools
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -80,6 +90,7 @@ import torch
 
 import islands
 from islands.codecs import build_codec, codec_config
+from islands.codecs.base import all_finite
 from islands.core.timing import Stopwatch
 
 # label -> CodecConfig fields (every codec the [codec] section builds, and the wrappers)
@@ -154,8 +165,8 @@ def worker_main(args: argparse.Namespace) -> None:
         for label in args.codecs:
             codec = make_codec(label, numel)
             row = {"size_mb": size_mb, "codec": label, "gloo_s": [], "butterfly_s": [],
-                   "native_s": [], "signed_s": [], "streams_s": [], "verified_s": [],
-                   "two_phase_s": [], "fresh_s": [],
+                   "native_s": [], "checked_s": [], "divided_s": [], "signed_s": [],
+                   "streams_s": [], "verified_s": [], "two_phase_s": [], "fresh_s": [],
                    "breakdown": []}
             # Over loopback the collectives take turns, one call of each per repeat, so a
             # change in the machine's load during the run reaches all of them alike. Over a
@@ -206,6 +217,12 @@ def worker_main(args: argparse.Namespace) -> None:
             measure("native_s", lambda t: transport.all_reduce_mean(t, tuple(range(n)),
                                                                     "bench/native"),
                     lambda rep: inplace.copy_(x), runs=identity)
+            # gloo's after one read proving every value finite: what checking costs at least
+            measure("checked_s", lambda t: (all_finite(t), pg.allreduce([t]).wait()),
+                    lambda rep: inplace.copy_(x), runs=identity)
+            # PyTorch DDP's allreduce_hook: divide, then gloo's (the mean, unchecked)
+            measure("divided_s", lambda t: (t.div_(n), pg.allreduce([t]).wait()),
+                    lambda rep: inplace.copy_(x), runs=identity)
             measure("butterfly_s", breakdown, lambda rep: rep)
             measure("fresh_s", lambda _: butterfly(out=None),  # a new result tensor each call
                     runs=args.fresh)
@@ -224,8 +241,14 @@ def worker_main(args: argparse.Namespace) -> None:
                     lambda rep: transport.set_context(f"bench/verified/{rep}", keys),
                     runs=identity and n > 1 and signed)
             reps = range(args.repeats + 1)
-            order = ([(rep, turn) for rep in reps for turn in turns] if args.interleave
-                     else [(rep, turn) for turn in turns for rep in reps])
+            if not args.interleave:
+                order = [(rep, turn) for turn in turns for rep in reps]
+            else:
+                # What runs just before a call changes its time (caches, the pairs' TCP
+                # state): in an order drawn per repeat, each follows each of the others alike.
+                order = [(rep, turn) for rep in reps
+                         for turn in (turns if args.fixed_turns
+                                      else random.Random(rep).sample(turns, len(turns)))]
             for rep, (key, call, prepare) in order:
                 arg = prepare(rep)
                 pg.barrier().wait()
@@ -291,6 +314,7 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
                   "--sizes-mb", *map(str, args.sizes_mb), "--codecs", *args.codecs,
                   *(["--unsigned-only"] if args.unsigned_only else []),
                   *([] if args.interleave else ["--blocks"]),
+                  *(["--fixed-turns"] if args.fixed_turns else []),
                   *(["--fresh"] if args.fresh else [])]
         procs = [subprocess.Popen(wrap(r, [sys.executable, __file__, "--rank", str(r),
                                            "--host", host(r), "--result", str(files[r]),
@@ -317,10 +341,11 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
         g, b = statistics.median(gloo), statistics.median(bfly)
         native = ([max(r["native_s"][i] for r in parts) for i in range(args.repeats)]
                   if parts[0].get("native_s") else None)
-        signed, over_streams, verified, two_phase, fresh = (
+        signed, over_streams, verified, two_phase, fresh, checked, divided = (
             statistics.median(max(r[k][i] for r in parts) for i in range(args.repeats))
             if parts[0].get(k) else None
-            for k in ("signed_s", "streams_s", "verified_s", "two_phase_s", "fresh_s"))
+            for k in ("signed_s", "streams_s", "verified_s", "two_phase_s", "fresh_s",
+                      "checked_s", "divided_s"))
         rows.append({"workers": n, "size_mb": parts[0]["size_mb"], "codec": parts[0]["codec"],
                      "gloo_s": g, "butterfly_s": b, "gloo_gbps": 4 * numel / g / 1e9,
                      "butterfly_gbps": 4 * numel / b / 1e9, "vs_gloo": g / b,
@@ -337,6 +362,12 @@ def _run_group(n: int, args: argparse.Namespace, net) -> list[dict]:
                          "kept_vs_fresh": fresh / b} if fresh else {}),
                      **({"native_s": statistics.median(native), "native_repeats_s": native,
                          "native_vs_gloo": g / statistics.median(native)} if native else {}),
+                     **({"checked_s": checked, "checked_vs_gloo": g / checked,
+                         "native_vs_checked": checked / statistics.median(native)}
+                        if checked and native else {}),
+                     **({"divided_s": divided,
+                         "native_vs_divided": divided / statistics.median(native)}
+                        if divided and native else {}),
                      "bytes_sent_per_worker": parts[0]["bytes_sent"],
                      "identical_on_every_worker": len({r["digest"] for r in parts}) == 1})
     return rows
@@ -385,7 +416,9 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
 
     t = Table(title="butterfly over DistTransport vs gloo all_reduce (medians, 1 thread each)")
     for col in ("workers", "MB", "codec", "gloo s", "gloo GB/s", "bfly s", "bfly GB/s",
-                "vs gloo", "fresh vs gloo", "bfly vs 2-phase", "native vs gloo", "signed vs bfly",
+                "vs gloo", "fresh vs gloo", "bfly vs 2-phase", "native vs gloo",
+                "check+gloo vs gloo", "native vs check+gloo", "native vs div+gloo",
+                "signed vs bfly",
                 "streams vs signed", "verified vs streams", *ACTIVITIES, "other", "same"):
         t.add_column(col, justify="right")
     for r in dist_rows:
@@ -397,6 +430,9 @@ def print_tables(dist_rows: list[dict], sim_rows: list[dict]) -> None:
                   f"{r['butterfly_vs_two_phase']:.2f}x" if "butterfly_vs_two_phase" in r
                   else "—",
                   f"{r['native_vs_gloo']:.3f}x" if "native_vs_gloo" in r else "—",
+                  *((f"{r['checked_vs_gloo']:.3f}x", f"{r['native_vs_checked']:.3f}x")
+                    if "checked_vs_gloo" in r else ("—", "—")),
+                  f"{r['native_vs_divided']:.3f}x" if "native_vs_divided" in r else "—",
                   *((f"{r['signed_vs_butterfly']:.2f}x", f"{r['streams_vs_signed']:.2f}x")
                     if "signed_s" in r else ("—", "—")),
                   f"{r['verified_vs_streams']:.2f}x" if "verified_vs_streams" in r else "—",
@@ -434,6 +470,9 @@ def main() -> None:
     p.add_argument("--blocks", action="store_true",
                    help="each collective's repeats in a block of their own (the default with "
                         "--network; over loopback they take turns)")
+    p.add_argument("--fixed-turns", action="store_true",
+                   help="over loopback, the collectives' turns in the same order in every "
+                        "repeat (default: an order drawn anew for each)")
     p.add_argument("--fresh", action="store_true",
                    help="also the butterfly with a new result tensor at each call (the 'fresh "
                         "vs gloo' column; freeing 128 MB of pages slows the calls after it, so "
@@ -464,7 +503,8 @@ def main() -> None:
         loads["sim"] = {"before": before, "after": os.getloadavg()}
     print_tables(dist_rows, sim_rows)
     env = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "order": "turns" if args.interleave else "blocks", "fresh": args.fresh,
+           "order": ("blocks" if not args.interleave else
+                     "turns" if args.fixed_turns else "shuffled turns"), "fresh": args.fresh,
            "threads_per_process": 1, "islands": str(Path(islands.__file__).parent),
            "chunk_bytes": int(args.chunk_mb * 2**20) if args.chunk_mb else chunk_bytes(),
            "torch": torch.__version__, "cpus": os.cpu_count(),
