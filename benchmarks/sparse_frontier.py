@@ -26,6 +26,15 @@ DEMO = ["algorithm.collective='all_gather'", "codec.name='chain'",
 # would start from another, better, checkpoint)
 MUON = ["inner.optimizer='muon'", "init.warm_start_optimizer='adamw'"]
 
+OUTER_SGD = ["outer.lr=1.0", "outer.momentum=0.0", "outer.nesterov=false"]
+
+
+def random_k(fraction: float, values: str) -> list[str]:
+    """Random-k positions shared by every worker, then ``values``' codec, with error feedback."""
+    return ["codec.name='chain'", f"codec.stages=[{{name='randomk', fraction={fraction}}}, "
+            f"{values}]", "codec.error_feedback=true"]
+
+
 # label -> overrides; "diloco" is the baseline every ratio is taken against
 METHODS: dict[str, list[str]] = {
     "ddp": ["algorithm.ddp_steps=0", "algorithm.name='ddp'", "codec.name='identity'"],
@@ -33,6 +42,10 @@ METHODS: dict[str, list[str]] = {
     "diloco int8": ["codec.name='int8'"],
     "diloco int4": ["codec.name='int4'"],
     "diloco fp4": ["codec.name='fp4'"],
+    # SparseLoCo's outer step (plain SGD) on dense fp32 pseudo-gradients: what the outer
+    # optimizer alone costs or gains
+    "diloco outer sgd": ["codec.name='identity'", *OUTER_SGD],
+    "diloco outer sgd lr 1.5": ["codec.name='identity'", *OUTER_SGD, "outer.lr=1.5"],
     "sparseloco 1.6%": SPARSE,
     "sparseloco 3%": [*SPARSE, "algorithm.density=0.03"],
     "sparseloco 6%": [*SPARSE, "algorithm.density=0.0625"],
@@ -52,6 +65,13 @@ METHODS: dict[str, list[str]] = {
     # SparseLoCo's compressor on Muon's pseudo-gradients
     "sparseloco+muon 1.6%": [*SPARSE, *MUON],
     "sparseloco+muon 3%": [*SPARSE, *MUON, "algorithm.density=0.03"],
+    # the same random positions at every worker (a seed travels, no indices): the mean is
+    # exact there and the butterfly all-reduces it (the all-gather's n - 1 uploads avoided)
+    "muloco sign ef": [*MUON, "codec.name='sign'", "codec.error_feedback=true"],
+    "muloco randomk 25% 2-bit ef": [*MUON, *random_k(0.25, "{name='quant', bits=2}")],
+    "muloco randomk 50% sign ef": [*MUON, *random_k(0.5, "{name='sign'}")],
+    "muloco randomk 25% 2-bit ef sgd": [*MUON, *random_k(0.25, "{name='quant', bits=2}"),
+                                        *OUTER_SGD],
 }
 DEFAULT = ["ddp", "diloco", "diloco int8", "diloco int4", "diloco fp4", "sparseloco 1.6%",
            "sparseloco 3%", "sparseloco 6%", "sparseloco 12%", "demo dct 4/64 sign", "muloco",
