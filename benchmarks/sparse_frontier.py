@@ -65,9 +65,10 @@ METHODS: dict[str, list[str]] = {
     # SparseLoCo's compressor on Muon's pseudo-gradients
     "sparseloco+muon 1.6%": [*SPARSE, *MUON],
     "sparseloco+muon 3%": [*SPARSE, *MUON, "algorithm.density=0.03"],
+    # 1-bit signs (one scale per tensor) with error feedback
+    "muloco sign ef": [*MUON, "codec.name='sign'", "codec.error_feedback=true"],
     # the same random positions at every worker (a seed travels, no indices): the mean is
     # exact there and the butterfly all-reduces it (the all-gather's n - 1 uploads avoided)
-    "muloco sign ef": [*MUON, "codec.name='sign'", "codec.error_feedback=true"],
     "muloco randomk 25% 2-bit ef": [*MUON, *random_k(0.25, "{name='quant', bits=2}")],
     "muloco randomk 50% sign ef": [*MUON, *random_k(0.5, "{name='sign'}")],
     "muloco randomk 25% 2-bit ef sgd": [*MUON, *random_k(0.25, "{name='quant', bits=2}"),
