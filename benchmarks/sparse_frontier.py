@@ -16,17 +16,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 SPARSE = ["algorithm.ddp_steps=0", "codec.name='identity'", "algorithm.name='sparseloco'"]
+# SparseLoCo's outer step: plain SGD, lr 1, no momentum
+OUTER_SGD = ["outer.lr=1.0", "outer.momentum=0.0", "outer.nesterov=false"]
 # DeMo's compressor on DiLoCo's pseudo-gradients: 4 of every 64 DCT coefficients, signs with
 # one scale per tensor, the rest owed by a decaying accumulator that replaces the momentum
 DEMO = ["algorithm.collective='all_gather'", "codec.name='chain'",
         "codec.stages=[{name='dct_topk', count=4, chunk=64}, {name='sign'}]",
-        "codec.error_feedback=true", "codec.error_feedback_beta=0.95", "outer.lr=1.0",
-        "outer.momentum=0.0", "outer.nesterov=false"]
+        "codec.error_feedback=true", "codec.error_feedback_beta=0.95", *OUTER_SGD]
 # Muon's runs start from the warm start the AdamW runs share (warm-started with Muon, they
 # would start from another, better, checkpoint)
 MUON = ["inner.optimizer='muon'", "init.warm_start_optimizer='adamw'"]
-
-OUTER_SGD = ["outer.lr=1.0", "outer.momentum=0.0", "outer.nesterov=false"]
 
 
 def random_k(fraction: float, values: str) -> list[str]:

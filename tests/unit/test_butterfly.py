@@ -95,6 +95,31 @@ def test_a_result_buffer_that_does_not_fit_is_refused_naming_it(bad, words):
     assert transport.bytes_sent == [0, 0]  # refused before anything was sent
 
 
+class _WithNativeCollective(SimTransport):
+    """A transport with a collective of its own (the real one's gloo ``all_reduce``)."""
+
+    def all_reduce_mean(self, tensor, members, phase):
+        return tensor.div_(len(members))
+
+
+def test_a_trusted_job_checks_its_result_buffer_too_and_uses_it_without_a_native_collective():
+    """``native=True``: a buffer that does not fit is refused before the transport's own
+    collective runs; a transport without one (the simulator's) runs the butterfly, which
+    writes into the caller's buffer as without ``native``."""
+    x = torch.randn(10)
+    native = Group(_WithNativeCollective(1, NetworkModel(), VirtualClock(1)), (0,))
+    with pytest.raises(ValueError, match=r"out\[0\] is a torch.float32 tensor of shape \(9,\)"):
+        native.all_reduce({0: x.clone()}, codecs={0: Identity()}, native=True,
+                          out={0: torch.empty(9)})
+    got = native.all_reduce({0: x.clone()}, codecs={0: Identity()}, native=True,
+                            out={0: torch.empty(10)})
+    assert torch.equal(got[0], x)  # the contribution, divided by n = 1 in place
+    group, _ = make_group(1)
+    kept = {0: torch.full((10,), float("nan"))}
+    got = group.all_reduce({0: x}, codecs={0: Identity()}, native=True, out=kept)
+    assert got[0].data_ptr() == kept[0].data_ptr() and torch.equal(got[0], x)
+
+
 def test_bytes_per_worker_is_two_n_minus_one_over_n_of_encoded_size():
     n, numel = 4, 4000  # divisible: every shard has 1000 values
     group, transport = make_group(n)

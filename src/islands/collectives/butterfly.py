@@ -277,23 +277,29 @@ class Group:
                 lossless, the rule the plain mean and the transport has a collective of its
                 own, that collective computes it, in place (the contribution is overwritten:
                 the engine's are fresh tensors). Otherwise the butterfly.
+            out: {local worker: a contiguous 1-D buffer of the contribution's length, dtype
+                and device} the result is written into (None: new tensors); checked before
+                anything is sent (``ValueError`` naming the buffer). The native collective
+                leaves it unwritten: its result is the contribution itself.
         """
         assert set(contributions) == set(self.local), (sorted(contributions), self.local)
+        if out is not None:
+            out = _result_buffers(out, contributions)
         plain = all(rule_of(aggregator, j) is mean for j in self.local)
         if native and weights is None and plain and len(self.local) == 1 and all(
                 type(c) is Identity for c in codecs.values()):
             (me, x), = contributions.items()
-            out = self.transport.all_reduce_mean(x, self.members, f"{tag}/all-reduce")
-            if out is not None:
-                return Work({me: out})
+            reduced = self.transport.all_reduce_mean(x, self.members, f"{tag}/all-reduce")
+            if reduced is not None:
+                return Work({me: reduced})
         x0 = next(iter(contributions.values()))
         numel, dtype, device = x0.numel(), x0.dtype, x0.device
         owner = dict(zip(self.members, shard_bounds(numel, len(self.members))))
         sw = self.transport.stopwatch
         # Allocated first: the mean is written into the owner's own slice, and the real
         # transport receives lossless gathered shards straight into theirs.
-        out = (_result_buffers(out, contributions) if out is not None
-               else {k: memory.empty(numel, dtype, device) for k in self.local})
+        if out is None:
+            out = {k: memory.empty(numel, dtype, device) for k in self.local}
 
         stream = plain and streams(len(self.members), dtype)
         # A lossless shard's streamed mean can go to the peers step by step as it is
